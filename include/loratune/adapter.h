@@ -1,0 +1,56 @@
+// Adapter files: a directory with adapter_model.safetensors and adapter_config.json, readable by PEFT where PEFT
+// has an equivalent. The safetensors file alone is complete: its __metadata__ holds everything loratune needs.
+// Format: docs/adapter-format.md.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "loratune/lora.h"
+#include "loratune/model.h"
+
+namespace loratune {
+
+inline constexpr const char* kAdapterWeightsName = "adapter_model.safetensors";
+inline constexpr const char* kAdapterConfigName = "adapter_config.json";
+inline constexpr const char* kAdapterFormat = "loratune.adapter/1";
+
+struct Adapter {
+  std::string method = "lora";  // lora | full | linear_probe
+  LoraSettings lora;            // as trained
+  // Module paths here are those of the original Python model (the bundle's module_prefix removed).
+  std::vector<LoraTarget> targets;
+  at::Tensor head_weight, head_bias;  // [classes, features], [classes]
+  std::vector<std::string> classes;
+  std::map<std::string, at::Tensor> full_weights;  // method "full": every base parameter, by path
+  std::string base_fingerprint;  // empty for adapters written by other tools
+  std::string base_name;
+  nlohmann::json training = nlohmann::json::object();  // settings that produced it (no timestamps: reproducible bytes)
+};
+
+// Writes `dir` atomically (a directory replaced as a whole).
+void save_adapter(const std::filesystem::path& dir, const Adapter& adapter);
+// Reads an adapter directory or a bare .safetensors file (loratune's, or PEFT's with adapter_config.json beside it).
+Adapter load_adapter(const std::filesystem::path& path);
+
+// What a trained model holds, as an adapter for its base.
+Adapter adapter_from_model(const Model& model, const std::vector<std::string>& classes, nlohmann::json training);
+
+// Refuses an adapter made for another base: different fingerprint, or weights of other shapes. The message says which.
+void check_adapter_base(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
+
+// The adapter's targets with bundle paths and row ranges, checked against the model's weights.
+std::vector<LoraTarget> bind_targets(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
+
+// Puts the adapter onto the model: LoRA tensors, head and (method full) base weights.
+void apply_adapter(Model& model, const Adapter& adapter, const std::string& adapter_origin);
+
+// Maps a module path of the bundle to the original model's path and back.
+std::string strip_prefix(const std::string& path, const std::string& prefix);
+std::string add_prefix(const std::string& path, const std::string& prefix);
+
+}  // namespace loratune

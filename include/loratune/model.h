@@ -1,0 +1,97 @@
+// A bundle with adapters and a classification head: what `train`, `eval`, `predict` and `merge` work on.
+#pragma once
+
+#include <torch/script.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "loratune/bundle.h"
+#include "loratune/lora.h"
+
+namespace loratune {
+
+enum class Method {
+  kLora,         // adapters on the base, base frozen
+  kFull,         // every base weight trained
+  kLinearProbe,  // only the head trained, base frozen
+};
+Method parse_method(const std::string& name);
+std::string method_name(Method method);
+
+// A named tensor that training updates and adapter files store.
+struct NamedTensor {
+  std::string name;
+  at::Tensor tensor;
+};
+
+class Model {
+ public:
+  explicit Model(Bundle bundle);
+
+  const Bundle& bundle() const { return bundle_; }
+  torch::jit::Module& module() { return bundle_.module; }
+  const c10::Device& device() const { return device_; }
+
+  // Adapters: prepares the model's types (before the first forward) and binds the tensors.
+  void set_adapters(std::vector<LoraTarget> targets, double dropout);
+  // Prepares module types for targets that will be attached later (several adapters for one base).
+  void prepare_adapters(const std::vector<LoraTarget>& targets);
+  void clear_adapters();
+  const std::vector<LoraTarget>& adapters() const { return targets_; }
+  std::vector<LoraTarget>& adapters() { return targets_; }
+  AdapterHost& host() { return host_; }
+
+  // Classification head: logits = features @ W^T + b.
+  void init_head(int64_t num_classes);  // nn.Linear's default initialisation, global generator
+  void set_head(at::Tensor weight, at::Tensor bias);
+  bool has_head() const { return head_weight_.defined(); }
+  const at::Tensor& head_weight() const { return head_weight_; }
+  const at::Tensor& head_bias() const { return head_bias_; }
+
+  // Which tensors train; the rest of the base gets requires_grad = false.
+  void set_method(Method method);
+  Method method() const { return method_; }
+  std::vector<NamedTensor> trainable() const;
+  int64_t trainable_count() const;
+  int64_t total_count() const;  // base + adapters + head
+
+  // Moves everything to `device`; frozen base weights are stored as `frozen_dtype` (fp16/bf16 halves them).
+  void to(const c10::Device& device, at::ScalarType frozen_dtype = at::kFloat);
+
+  // LoRA dropout on/off (the base always runs in eval mode: no dropout, BatchNorm statistics frozen).
+  void set_training(bool training);
+
+  // Forward. With `checkpoint`, each block that needs gradients is recomputed in backward instead of keeping
+  // its activations.
+  at::Tensor features(const at::Tensor& images, bool checkpoint = false);
+  at::Tensor logits(const at::Tensor& images, bool checkpoint = false);
+
+  // Parameter counts for reports.
+  int64_t base_parameter_count() const;
+
+ private:
+  void refresh_block_parameters();
+
+  Bundle bundle_;
+  AdapterHost host_;
+  std::vector<LoraTarget> targets_;
+  double dropout_ = 0.0;
+  at::Tensor head_weight_, head_bias_;
+  Method method_ = Method::kLora;
+  c10::Device device_{c10::kCPU};
+  std::vector<torch::jit::Module> blocks_;
+  std::vector<std::string> block_paths_;
+  std::vector<std::vector<at::Tensor>> block_parameters_;  // trainable tensors inside each block
+};
+
+// Runs `block` on `input` without keeping its activations; recomputes them in backward with the same random
+// state and autocast state. `parameters`: the trainable tensors the block uses (their gradients are returned).
+at::Tensor checkpointed_block(const torch::jit::Module& block, const at::Tensor& input,
+                              const std::vector<at::Tensor>& parameters);
+
+// Output of a block: a tensor, or the first element of a tuple (HF layers return tuples).
+at::Tensor run_block(const torch::jit::Module& block, const at::Tensor& input);
+
+}  // namespace loratune

@@ -1,0 +1,29 @@
+// Small text helpers shared by config parsing, error messages and reports.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace loratune {
+
+// Edit distance between two strings (bytes).
+size_t edit_distance(const std::string& a, const std::string& b);
+
+// The candidate closest to `word`, or "" when nothing is reasonably close.
+std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
+
+// "a, b, c" (at most `limit` items, then "... (N more)").
+std::string join(const std::vector<std::string>& items, const std::string& sep = ", ", size_t limit = 0);
+
+// Human readable counts and sizes: 1.2M, 3.4 GB, 1m05s.
+std::string human_count(double n);
+std::string human_bytes(double bytes);
+std::string human_duration(double seconds);
+
+// Number of display columns of a UTF-8 string (East Asian wide characters count as two).
+size_t display_width(const std::string& utf8);
+
+// True when the bytes are valid UTF-8.
+bool is_valid_utf8(const std::string& s);
+
+}  // namespace loratune

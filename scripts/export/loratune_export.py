@@ -1,0 +1,162 @@
+"""Writes loratune model bundles: a TorchScript file plus its metadata (docs/bundle-format.md).
+
+A bundle's forward maps a normalised image batch [N,3,H,W] to pooled features [N,D]. It also has the methods
+`stem(images) -> hidden` and `head(hidden) -> features`; the transformer blocks between them sit at the module path
+named by the metadata field "blocks", so loratune can checkpoint block by block.
+
+Wrappers keep the original model's module names, so adapter files use the same paths as PEFT on that model.
+"""
+import json
+
+import torch
+from torch import nn
+from torch._jit_internal import FunctionModifiers
+
+METADATA_NAME = "loratune.json"
+FORMAT_VERSION = 1
+
+
+class BundleWrapper(nn.Module):
+    """Base class: subclasses define forward() = head(blocks(stem(images))), stem(), head() and blocks_path."""
+
+    blocks_path = ""
+
+    def block_list(self):
+        m = self
+        for part in self.blocks_path.split("."):
+            m = getattr(m, part)
+        return m
+
+
+def _script(wrapper):
+    cls = type(wrapper)
+    exported = [cls.stem, cls.head]
+    for fn in exported:
+        fn._torchscript_modifier = FunctionModifiers.EXPORT
+    try:
+        return torch.jit.script(wrapper)
+    finally:
+        for fn in exported:
+            del fn._torchscript_modifier
+
+
+def export_bundle(wrapper, metadata, path, mode="trace", example=None):
+    """Scripts or traces `wrapper` and saves it with `metadata`. Returns the TorchScript module.
+
+    Tracing happens with gradients enabled and the model in eval mode: traced under torch.no_grad(), PyTorch records
+    fused inference-only attention kernels that have no backward, and training the bundle would fail.
+    """
+    wrapper = wrapper.eval()
+    size = metadata["image_size"]
+    if example is None:
+        example = torch.randn(2, 3, size, size)
+    with torch.enable_grad():
+        if mode == "script":
+            module = _script(wrapper)
+        elif mode == "trace":
+            hidden = wrapper.stem(example)
+            module = torch.jit.trace_module(
+                wrapper, {"forward": example, "stem": example, "head": _last_hidden(wrapper, hidden)}, check_trace=False
+            )
+        else:
+            raise ValueError(f"mode must be 'script' or 'trace', not {mode!r}")
+    with torch.no_grad():
+        expected = wrapper(example)
+        got = module(example)
+    if expected.shape[-1] != metadata["feature_dim"]:
+        raise ValueError(f"features have {expected.shape[-1]} dimensions, metadata says {metadata['feature_dim']}")
+    err = (expected - got).abs().max().item()
+    if err > 1e-4:
+        raise RuntimeError(f"exported module differs from the eager model by {err}")
+    if mode == "trace" and "aten::_native_multi_head_attention" in str(module.inlined_graph):
+        raise RuntimeError("the trace recorded aten::_native_multi_head_attention (no backward); trace with grad enabled")
+    meta = {"format": FORMAT_VERSION, "kind": "backbone", "blocks": wrapper.blocks_path, **metadata}
+    torch.jit.save(module, path, _extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
+    return module
+
+
+def _last_hidden(wrapper, hidden):
+    with torch.no_grad():
+        h = hidden
+        for block in wrapper.block_list():
+            h = block(h)
+            if isinstance(h, tuple):
+                h = h[0]
+    return h.detach()
+
+
+def read_metadata(path):
+    files = {METADATA_NAME: ""}
+    torch.jit.load(path, _extra_files=files)
+    return json.loads(files[METADATA_NAME])
+
+
+# ---- wrappers for the supported layouts ---------------------------------------------------------------------------
+
+
+class HFViT(BundleWrapper):
+    """Hugging Face transformers ViTModel (e.g. from ViTForImageClassification.vit). Paths: vit.encoder.layer.N..."""
+
+    blocks_path = "vit.encoder.layer"
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images):
+        h = self.stem(images)
+        for layer in self.vit.encoder.layer:
+            out = layer(h)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.head(h)
+
+    def stem(self, images):
+        return self.vit.embeddings(images)
+
+    def head(self, hidden):
+        return self.vit.layernorm(hidden)[:, 0]
+
+
+class TimmViT(BundleWrapper):
+    """timm VisionTransformer (fused qkv Linear). Paths: model.blocks.N.attn.qkv (PEFT on timm: blocks.N.attn.qkv)."""
+
+    blocks_path = "model.blocks"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.head(self.model.blocks(self.stem(images)))
+
+    def stem(self, images):
+        x = self.model.patch_embed(images)
+        x = self.model._pos_embed(x)
+        x = self.model.patch_drop(x)
+        return self.model.norm_pre(x)
+
+    def head(self, hidden):
+        return self.model.forward_head(self.model.norm(hidden), pre_logits=True)
+
+
+class TorchvisionViT(BundleWrapper):
+    """torchvision VisionTransformer (nn.MultiheadAttention, fused in_proj_weight). Paths: model.encoder.layers..."""
+
+    blocks_path = "model.encoder.layers"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.head(self.model.encoder.layers(self.stem(images)))
+
+    def stem(self, images):
+        m = self.model
+        x = m._process_input(images)
+        cls = m.class_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        return m.encoder.dropout(x + m.encoder.pos_embedding)
+
+    def head(self, hidden):
+        return self.model.encoder.ln(hidden)[:, 0]

@@ -1,0 +1,173 @@
+#include "loratune/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "loratune/errors.h"
+#include "loratune/files.h"
+
+namespace loratune::safetensors {
+namespace {
+
+using nlohmann::json;
+
+struct DtypeName {
+  const char* name;
+  at::ScalarType type;
+};
+
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},   {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort},  {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool},
+};
+
+const char* dtype_name(at::ScalarType type) {
+  for (const auto& d : kDtypes)
+    if (d.type == type) return d.name;
+  throw InputError(std::string("safetensors cannot store tensors of type ") + c10::toString(type));
+}
+
+at::ScalarType dtype_from_name(const std::string& name, const std::string& where) {
+  for (const auto& d : kDtypes)
+    if (name == d.name) return d.type;
+  throw InputError(where + ": unsupported dtype \"" + name + "\" (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)");
+}
+
+uint64_t read_u64_le(const char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(p[i]);
+  return v;
+}
+
+struct Entry {
+  std::string name;
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin, end;
+};
+
+Entry parse_entry(const std::string& name, const json& value, const std::string& origin) {
+  const std::string where = origin + ": tensor \"" + name + "\"";
+  if (!value.is_object()) throw InputError(where + ": header entry is not an object");
+  if (!value.contains("dtype") || !value["dtype"].is_string()) throw InputError(where + ": missing dtype");
+  if (!value.contains("shape") || !value["shape"].is_array()) throw InputError(where + ": missing shape");
+  if (!value.contains("data_offsets") || !value["data_offsets"].is_array() || value["data_offsets"].size() != 2)
+    throw InputError(where + ": data_offsets must be [begin, end]");
+  Entry e{name, dtype_from_name(value["dtype"].get<std::string>(), where), {}, 0, 0};
+  uint64_t numel = 1;
+  for (const auto& d : value["shape"]) {
+    if (!d.is_number_unsigned()) throw InputError(where + ": shape must hold non-negative integers");
+    const uint64_t dim = d.get<uint64_t>();
+    if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+        (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim))
+      throw InputError(where + ": shape is too large");
+    numel *= dim;
+    e.shape.push_back(static_cast<int64_t>(dim));
+  }
+  for (const auto& o : value["data_offsets"])
+    if (!o.is_number_unsigned()) throw InputError(where + ": data_offsets must be non-negative integers");
+  e.begin = value["data_offsets"][0].get<uint64_t>();
+  e.end = value["data_offsets"][1].get<uint64_t>();
+  if (e.end < e.begin) throw InputError(where + ": data_offsets end before they begin");
+  const uint64_t item = c10::elementSize(e.dtype);
+  if (numel > std::numeric_limits<uint64_t>::max() / item || numel * item != e.end - e.begin)
+    throw InputError(where + ": " + std::to_string(e.end - e.begin) + " data bytes do not match its shape and dtype");
+  return e;
+}
+
+}  // namespace
+
+Contents parse(const std::string& bytes, const std::string& origin) {
+  if (bytes.size() < 8) throw InputError(origin + ": not a safetensors file (shorter than its 8-byte header length)");
+  const uint64_t header_len = read_u64_le(bytes.data());
+  if (header_len > kMaxHeaderBytes)
+    throw InputError(origin + ": not a safetensors file (header length " + std::to_string(header_len) +
+                     " is over the 100 MB limit)");
+  if (header_len > bytes.size() - 8)
+    throw InputError(origin + ": truncated or not a safetensors file (header length " + std::to_string(header_len) +
+                     " runs past the end of the " + std::to_string(bytes.size()) + "-byte file)");
+  json header;
+  try {
+    header = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_len));
+  } catch (const json::exception& e) {
+    throw InputError(origin + ": header is not valid JSON (" + std::string(e.what()) + ")");
+  }
+  if (!header.is_object()) throw InputError(origin + ": header is not a JSON object");
+
+  const uint64_t data_size = bytes.size() - 8 - header_len;
+  const char* data = bytes.data() + 8 + header_len;
+  Contents out;
+  std::vector<Entry> entries;
+  for (const auto& [name, value] : header.items()) {
+    if (name == "__metadata__") {
+      if (!value.is_object()) throw InputError(origin + ": __metadata__ must be an object of strings");
+      for (const auto& [k, v] : value.items()) {
+        if (!v.is_string()) throw InputError(origin + ": __metadata__ value of \"" + k + "\" is not a string");
+        out.metadata[k] = v.get<std::string>();
+      }
+      continue;
+    }
+    entries.push_back(parse_entry(name, value, origin));
+  }
+  // Offsets must tile the data region exactly: no overlaps, no holes, nothing after the last tensor.
+  std::vector<const Entry*> by_offset;
+  for (const auto& e : entries) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(), [](const Entry* a, const Entry* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t expected = 0;
+  for (const Entry* e : by_offset) {
+    if (e->begin < expected)
+      throw InputError(origin + ": tensor \"" + e->name + "\" overlaps another tensor's data");
+    if (e->begin > expected) throw InputError(origin + ": unused bytes before tensor \"" + e->name + "\"");
+    if (e->end > data_size)
+      throw InputError(origin + ": truncated file (tensor \"" + e->name + "\" ends at byte " + std::to_string(e->end) +
+                       " of a " + std::to_string(data_size) + "-byte data section)");
+    expected = e->end;
+  }
+  if (expected != data_size)
+    throw InputError(origin + ": " + std::to_string(data_size - expected) + " unused bytes after the last tensor");
+
+  for (const auto& e : entries) {
+    at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype));
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, e.end - e.begin);
+    out.tensors.emplace(e.name, std::move(t));
+  }
+  return out;
+}
+
+Contents read(const std::filesystem::path& path) { return parse(read_file(path), path.string()); }
+
+std::string serialize(const Tensors& tensors, const Metadata& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<at::Tensor> cpu;
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    if (name == "__metadata__") throw InputError("a tensor cannot be named __metadata__");
+    at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    const uint64_t size = t.numel() * t.element_size();
+    header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + size}}};
+    offset += size;
+    cpu.push_back(std::move(t));
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((text.size() >> (8 * i)) & 0xff);
+  out += text;
+  out.reserve(out.size() + offset);
+  for (const auto& t : cpu) out.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  return out;
+}
+
+void write(const std::filesystem::path& path, const Tensors& tensors, const Metadata& metadata) {
+  write_file_atomic(path, serialize(tensors, metadata));
+}
+
+}  // namespace loratune::safetensors

@@ -1,0 +1,237 @@
+// Adds adapter slots to TorchScript module types by rewriting their graphs.
+//
+// Scripted models share one ClassType (and one graph) among modules of the same Python class, so adapter
+// attributes go onto every instance of a prepared type (disabled where there is no adapter), and the graph is
+// rewritten once per type. Traced models have one type per instance; the same code handles both.
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/runtime/graph_iterator.h>
+
+#include "common/torch_compat.h"
+#include "loratune/errors.h"
+#include "loratune/lora.h"
+#include "loratune/text.h"
+
+namespace loratune {
+namespace {
+
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+
+constexpr const char* kAttributes[] = {"lora_enabled", "lora_training", "lora_dropout", "lora_A",
+                                       "lora_B",       "lora_scale",    "lora_rows"};
+
+// TorchScript methods added to each prepared type. Slices of a fused weight are placed at their rows
+// (`lora_rows`); a single adapter over the whole weight is added directly.
+constexpr const char* kActivationMethods = R"(
+def lora_forward(self, x: Tensor, y: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return y
+    if self.lora_training and self.lora_dropout > 0.0:
+        x = torch.dropout(x, self.lora_dropout, True)
+    for i in range(len(self.lora_A)):
+        d = torch.linear(torch.linear(x, self.lora_A[i]) * self.lora_scale[i], self.lora_B[i])
+        if len(self.lora_A) == 1 and d.size(-1) == y.size(-1):
+            y = y + d
+        else:
+            y.narrow(-1, self.lora_rows[i], d.size(-1)).add_(d)
+    return y
+)";
+
+constexpr const char* kWeightDeltaMethods = R"(
+def lora_weight(self, w: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return w
+    parts: List[Tensor] = []
+    pos = 0
+    for i in range(len(self.lora_A)):
+        d = torch.mm(self.lora_B[i], self.lora_A[i]) * self.lora_scale[i]
+        start = self.lora_rows[i]
+        if start > pos:
+            parts.append(torch.zeros([start - pos, w.size(1)], dtype=d.dtype, device=d.device))
+        parts.append(d)
+        pos = start + d.size(0)
+    if pos < w.size(0):
+        parts.append(torch.zeros([w.size(0) - pos, w.size(1)], dtype=parts[0].dtype, device=parts[0].device))
+    return w + torch.cat(parts, 0)
+)";
+
+bool is_lora_method(const std::string& name) { return name.rfind("lora_", 0) == 0; }
+
+// Every node, nested blocks included.
+template <typename F>
+void for_each_node(std::shared_ptr<Graph> graph, F&& f) {
+  torch::jit::DepthFirstGraphNodeIterator it(graph);
+  for (Node* n = it.next(); n != nullptr; n = it.next()) f(n);
+}
+
+bool reads_attribute(const Node* n, const std::string& name) {
+  return n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == name;
+}
+
+}  // namespace
+
+AdapterHost::AdapterHost(torch::jit::Module root) : root_(std::move(root)) {
+  for (const auto& nm : root_.named_modules()) modules_.emplace_back(nm.name, nm.value);
+}
+
+void AdapterHost::prepare(const std::vector<LoraTarget>& targets) {
+  for (const auto& t : targets) {
+    auto it = std::find_if(modules_.begin(), modules_.end(), [&](const auto& m) { return m.first == t.module; });
+    if (it == modules_.end()) throw InputError("the model has no module " + t.module);
+    const auto type = it->second.type();
+    auto done = prepared_param_.find(type.get());
+    if (done != prepared_param_.end()) {
+      if (done->second != t.param)
+        throw InputError("cannot adapt " + t.param + " of " + t.module + ": modules of its type already carry "
+                         "adapters on " + done->second);
+      continue;
+    }
+    prepare_type(type, t.param, t.module);
+  }
+}
+
+void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string& param, const std::string& example) {
+  for (const char* name : kAttributes)
+    if (type->hasAttribute(name))
+      throw InputError("module " + example + " already has an attribute " + name +
+                       "; export the base model without adapters (merge them first)");
+
+  // Where is the weight read? Only the type's own methods may read it, and how they read it decides the wiring.
+  bool only_linear = true;
+  size_t reads = 0;
+  std::set<const c10::ClassType*> seen;
+  for (const auto& [path, module] : modules_) {
+    if (!seen.insert(module.type().get()).second) continue;
+    for (const auto& method : module.get_methods()) {
+      if (is_lora_method(method.name())) continue;
+      auto graph = compat::method_graph(method.function());
+      for_each_node(graph, [&](Node* n) {
+        if (!reads_attribute(n, param) || n->input(0)->type() != type) return;
+        if (module.type() != type || n->input(0) != graph->inputs()[0])
+          throw InputError("cannot adapt " + example + ": its " + param + " is read by the code of " +
+                           (path.empty() ? std::string("the root module") : path) +
+                           ", not by its own forward; adapt a module that uses its own weight");
+        ++reads;
+        for (const auto& use : n->output()->uses())
+          if (use.user->kind() != c10::aten::linear || use.offset != 1) only_linear = false;
+      });
+    }
+  }
+  if (reads == 0) throw InputError("cannot adapt " + example + ": its code never reads " + param);
+  const LoraWiring wiring = only_linear ? LoraWiring::kActivation : LoraWiring::kWeightDelta;
+
+  // Attribute slots on every instance of the type, disabled until `attach`.
+  for (auto& [path, module] : modules_) {
+    if (module.type() != type) continue;
+    module.register_attribute("lora_enabled", c10::BoolType::get(), false);
+    module.register_attribute("lora_training", c10::BoolType::get(), false);
+    module.register_attribute("lora_dropout", c10::FloatType::get(), 0.0);
+    module.register_attribute("lora_A", c10::ListType::ofTensors(), c10::List<at::Tensor>());
+    module.register_attribute("lora_B", c10::ListType::ofTensors(), c10::List<at::Tensor>());
+    module.register_attribute("lora_scale", c10::ListType::ofFloats(), c10::List<double>());
+    module.register_attribute("lora_rows", c10::ListType::ofInts(), c10::List<int64_t>());
+  }
+  auto owner = std::find_if(modules_.begin(), modules_.end(), [&](const auto& m) { return m.second.type() == type; });
+  owner->second.define(wiring == LoraWiring::kActivation ? kActivationMethods : kWeightDeltaMethods);
+
+  for (torch::jit::Function* fn : type->methods()) {
+    if (is_lora_method(fn->name())) continue;
+    auto graph = compat::method_graph(*fn);
+    Value* self = graph->inputs()[0];
+    std::vector<Node*> getters;
+    for_each_node(graph, [&](Node* n) {
+      if (reads_attribute(n, param) && n->input(0) == self) getters.push_back(n);
+    });
+    if (getters.empty()) continue;
+    if (wiring == LoraWiring::kActivation) {
+      for (Node* get : getters) {
+        std::vector<Node*> linears;
+        for (const auto& use : get->output()->uses()) linears.push_back(use.user);
+        for (Node* linear : linears) {
+          Node* call = graph->create(c10::prim::CallMethod, {self, linear->input(0), linear->output()}, 1);
+          call->s_(c10::attr::name, "lora_forward");
+          call->output()->setType(c10::TensorType::get());
+          call->insertAfter(linear);
+          linear->output()->replaceAllUsesAfterNodeWith(call, call->output());
+        }
+      }
+    } else {
+      // One W + s*B@A per call of the method, at its top, seen by every read.
+      Node* first = *graph->nodes().begin();
+      Node* get = graph->create(c10::prim::GetAttr, {self}, 1);
+      get->s_(c10::attr::name, param);
+      get->output()->setType(c10::TensorType::get());
+      get->insertBefore(first);
+      Node* call = graph->create(c10::prim::CallMethod, {self, get->output()}, 1);
+      call->s_(c10::attr::name, "lora_weight");
+      call->output()->setType(c10::TensorType::get());
+      call->insertAfter(get);
+      for (Node* old : getters) {
+        old->output()->replaceAllUsesWith(call->output());
+        old->destroy();
+      }
+    }
+    graph->lint();
+  }
+  prepared_[type.get()] = wiring;
+  prepared_param_[type.get()] = param;
+  if (wiring == LoraWiring::kWeightDelta)
+    notes_.push_back("modules of type " + type->name()->name() + " (e.g. " + example + ") read " + param +
+                     " outside nn.Linear: adapters there change the weight itself (W + s*B@A), so LoRA dropout "
+                     "does not apply to them");
+}
+
+void AdapterHost::attach(const std::vector<LoraTarget>& targets, double dropout) {
+  std::map<std::string, std::vector<const LoraTarget*>> by_module;
+  for (const auto& t : targets) by_module[t.module].push_back(&t);
+  attached_.clear();
+  for (auto& [path, module] : modules_) {
+    if (!prepared_.count(module.type().get())) continue;
+    c10::List<at::Tensor> A, B;
+    c10::List<double> scale;
+    c10::List<int64_t> rows;
+    auto it = by_module.find(path);
+    if (it != by_module.end()) {
+      auto slices = it->second;
+      std::sort(slices.begin(), slices.end(), [](auto* a, auto* b) { return a->row_begin < b->row_begin; });
+      for (const LoraTarget* t : slices) {
+        A.push_back(t->A);
+        B.push_back(t->B);
+        scale.push_back(t->scale());
+        rows.push_back(t->row_begin);
+      }
+      attached_.insert(path);
+    }
+    module.setattr("lora_A", A);
+    module.setattr("lora_B", B);
+    module.setattr("lora_scale", scale);
+    module.setattr("lora_rows", rows);
+    module.setattr("lora_dropout", dropout);
+    module.setattr("lora_enabled", it != by_module.end());
+  }
+  for (const auto& [path, list] : by_module)
+    if (!attached_.count(path)) throw InputError("adapter module " + path + " was not prepared");
+}
+
+void AdapterHost::detach() {
+  for (auto& [path, module] : modules_)
+    if (prepared_.count(module.type().get())) module.setattr("lora_enabled", false);
+  attached_.clear();
+}
+
+void AdapterHost::set_training(bool training) {
+  for (auto& [path, module] : modules_)
+    if (prepared_.count(module.type().get())) module.setattr("lora_training", training);
+}
+
+LoraWiring AdapterHost::wiring(const std::string& module_path) const {
+  for (const auto& [path, module] : modules_)
+    if (path == module_path) {
+      auto it = prepared_.find(module.type().get());
+      if (it != prepared_.end()) return it->second;
+    }
+  throw InputError("module " + module_path + " carries no adapter");
+}
+
+}  // namespace loratune

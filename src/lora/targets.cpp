@@ -1,0 +1,216 @@
+#include <cmath>
+#include <regex>
+
+#include "loratune/errors.h"
+#include "loratune/lora.h"
+#include "loratune/text.h"
+
+namespace loratune {
+namespace {
+
+struct Pattern {
+  std::string text;  // as written
+  std::string name;  // suffix or regex
+  bool regex = false;
+  std::vector<std::string> slices;
+
+  bool matches(const std::string& path) const {
+    if (regex) return std::regex_match(path, std::regex(name));
+    return path == name || (path.size() > name.size() && path.compare(path.size() - name.size(), name.size(), name) == 0 &&
+                            path[path.size() - name.size() - 1] == '.');
+  }
+};
+
+Pattern parse_pattern(const std::string& text) {
+  Pattern p;
+  p.text = text;
+  std::string body = text;
+  const size_t colon = text.rfind(':');
+  if (colon != std::string::npos) {
+    const std::string tail = text.substr(colon + 1);
+    bool all_slices = !tail.empty();
+    std::vector<std::string> slices;
+    size_t start = 0;
+    while (start <= tail.size()) {
+      const size_t comma = tail.find(',', start);
+      const std::string s = tail.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      if (s != "q" && s != "k" && s != "v") all_slices = false;
+      slices.push_back(s);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+    if (all_slices) body = text.substr(0, colon), p.slices = slices;
+  }
+  if (body.compare(0, 3, "re:") == 0) {
+    p.regex = true;
+    p.name = body.substr(3);
+    try {
+      std::regex check(p.name);
+    } catch (const std::regex_error& e) {
+      throw InputError("LoRA target \"" + text + "\": invalid regular expression (" + e.what() + ")");
+    }
+  } else {
+    p.name = body;
+  }
+  if (p.name.empty()) throw InputError("LoRA target \"" + text + "\" names no module");
+  return p;
+}
+
+// A weight that can carry an adapter.
+struct Weight {
+  std::string module, param;
+  int64_t rows, cols;
+};
+
+std::string last_name(const std::string& path) {
+  const size_t dot = path.rfind('.');
+  return dot == std::string::npos ? path : path.substr(dot + 1);
+}
+
+std::vector<Weight> adaptable_weights(const torch::jit::Module& root) {
+  std::vector<Weight> out;
+  for (const auto& nm : root.named_modules()) {
+    for (const char* param : {"weight", "in_proj_weight"}) {
+      if (!nm.value.hasattr(param)) continue;
+      const auto v = nm.value.attr(param);
+      if (!v.isTensor()) continue;
+      const at::Tensor w = v.toTensor();
+      if (w.dim() != 2 || !w.is_floating_point()) continue;
+      out.push_back({nm.name, param, w.size(0), w.size(1)});
+    }
+  }
+  return out;
+}
+
+const std::set<std::string> kSeparateQV = {"query", "value", "q_proj", "v_proj"};
+const std::set<std::string> kFusedQKV = {"qkv", "qkv_proj", "in_proj", "c_attn"};
+
+bool fused(const Weight& w) { return w.rows == 3 * w.cols; }
+
+}  // namespace
+
+double LoraTarget::scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank; }
+
+std::string LoraTarget::describe() const {
+  return module + (param == "weight" ? "" : "." + param) + (slice.empty() ? "" : "[" + slice + "]") + " [" +
+         std::to_string(rows) + "x" + std::to_string(in_features) + "] r=" + std::to_string(rank);
+}
+
+std::vector<std::string> candidate_modules(const torch::jit::Module& module) {
+  std::vector<std::string> out;
+  for (const auto& w : adaptable_weights(module))
+    out.push_back(w.module + (w.param == "weight" ? "" : " (" + w.param + ")") + " [" + std::to_string(w.rows) + "x" +
+                  std::to_string(w.cols) + "]");
+  return out;
+}
+
+std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings) {
+  if (settings.rank <= 0) throw InputError("lora.rank must be a positive integer");
+  if (!(settings.alpha > 0)) throw InputError("lora.alpha must be positive");
+  if (settings.dropout < 0 || settings.dropout >= 1) throw InputError("lora.dropout must be in [0, 1)");
+  const auto weights = adaptable_weights(module);
+
+  // (weight, slices) pairs chosen
+  std::vector<std::pair<Weight, std::vector<std::string>>> chosen;
+  if (settings.targets.empty()) {
+    for (const auto& w : weights) {
+      const std::string name = last_name(w.module);
+      if (w.param == "weight" && kSeparateQV.count(name)) chosen.push_back({w, {}});
+      else if (fused(w) && (w.param == "in_proj_weight" || kFusedQKV.count(name))) chosen.push_back({w, {"q", "v"}});
+    }
+    if (chosen.empty())
+      throw InputError("found no attention query/value projections to adapt (looked for modules named query/value, "
+                       "q_proj/v_proj, or fused qkv/in_proj weights); set lora.targets. Candidates: " +
+                       join(candidate_modules(module), ", ", 12));
+  } else {
+    for (const auto& text : settings.targets) {
+      const Pattern p = parse_pattern(text);
+      size_t matched = 0;
+      for (const auto& w : weights) {
+        if (!p.matches(w.module)) continue;
+        // A module with both `weight` and `in_proj_weight` is adapted through in_proj_weight.
+        if (w.param == "weight" &&
+            std::any_of(weights.begin(), weights.end(),
+                        [&](const Weight& o) { return o.module == w.module && o.param == "in_proj_weight"; }))
+          continue;
+        if (!p.slices.empty() && !fused(w))
+          throw InputError("LoRA target \"" + text + "\" asks for q/k/v slices, but " + w.module + " has a [" +
+                           std::to_string(w.rows) + "x" + std::to_string(w.cols) +
+                           "] weight, not a fused [3C x C] one; drop the \":" + join(p.slices, ",") + "\"");
+        chosen.push_back({w, p.slices});
+        ++matched;
+      }
+      if (matched == 0) {
+        std::vector<std::string> names;
+        for (const auto& w : weights) names.push_back(w.module), names.push_back(last_name(w.module));
+        const std::string close = nearest(p.name, names);
+        throw InputError("LoRA target \"" + text + "\" matches no module" +
+                         (close.empty() ? "" : " (did you mean \"" + close + "\"?)") +
+                         ". Candidates: " + join(candidate_modules(module), ", ", 12));
+      }
+    }
+  }
+
+  std::vector<Pattern> rank_patterns, alpha_patterns;
+  for (const auto& [k, v] : settings.rank_pattern) {
+    if (v <= 0) throw InputError("lora.rank_pattern[\"" + k + "\"] must be a positive integer");
+    rank_patterns.push_back(parse_pattern(k));
+  }
+  for (const auto& [k, v] : settings.alpha_pattern) {
+    if (!(v > 0)) throw InputError("lora.alpha_pattern[\"" + k + "\"] must be positive");
+    alpha_patterns.push_back(parse_pattern(k));
+  }
+  auto pattern_applies = [](const Pattern& p, const std::string& module, const std::string& slice) {
+    return p.matches(module) && (p.slices.empty() || std::find(p.slices.begin(), p.slices.end(), slice) != p.slices.end());
+  };
+
+  std::vector<LoraTarget> out;
+  std::set<std::string> seen;
+  for (const auto& [w, slices] : chosen) {
+    std::vector<std::string> parts = slices.empty() ? std::vector<std::string>{""} : slices;
+    for (const auto& slice : parts) {
+      LoraTarget t;
+      t.module = w.module;
+      t.param = w.param;
+      t.slice = slice;
+      t.in_features = w.cols;
+      t.rows = slice.empty() ? w.rows : w.rows / 3;
+      t.row_begin = slice.empty() ? 0 : (slice == "q" ? 0 : slice == "k" ? 1 : 2) * t.rows;
+      t.rank = settings.rank;
+      t.alpha = settings.alpha;
+      t.rslora = settings.rslora;
+      for (const auto& p : rank_patterns)
+        if (pattern_applies(p, w.module, slice)) t.rank = settings.rank_pattern.at(p.text);
+      for (const auto& p : alpha_patterns)
+        if (pattern_applies(p, w.module, slice)) t.alpha = settings.alpha_pattern.at(p.text);
+      const std::string key = t.module + "|" + t.param + "|" + t.slice;
+      if (!seen.insert(key).second) continue;  // several patterns may select the same weight
+      if (!slice.empty() && std::any_of(out.begin(), out.end(), [&](const LoraTarget& o) {
+            return o.module == t.module && o.param == t.param && o.slice.empty();
+          }))
+        throw InputError("LoRA targets select " + w.module + " both whole and by slices; choose one");
+      out.push_back(std::move(t));
+    }
+  }
+  for (const auto& t : out) {
+    if (std::any_of(out.begin(), out.end(), [&](const LoraTarget& o) { return o.module == t.module && o.param != t.param; }))
+      throw InputError("LoRA targets select two different weights of module " + t.module + "; adapt one of them");
+    if (t.rank > std::min(t.rows, t.in_features))
+      throw InputError("LoRA rank " + std::to_string(t.rank) + " is larger than the weight " + t.describe() + " allows");
+  }
+  std::sort(out.begin(), out.end(), [](const LoraTarget& a, const LoraTarget& b) {
+    return std::tie(a.module, a.row_begin) < std::tie(b.module, b.row_begin);
+  });
+  return out;
+}
+
+void init_adapter_tensors(std::vector<LoraTarget>& targets) {
+  at::NoGradGuard no_grad;
+  for (auto& t : targets) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(t.in_features));
+    t.A = at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(true);
+    t.B = at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(true);
+  }
+}
+
+}  // namespace loratune

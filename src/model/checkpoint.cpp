@@ -1,0 +1,117 @@
+// Gradient checkpointing for TorchScript blocks: C++ has no torch.utils.checkpoint.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "common/torch_compat.h"
+#include "loratune/model.h"
+
+namespace loratune {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct AutocastState {
+  bool cpu = false, cuda = false;
+  at::ScalarType cpu_dtype = at::kBFloat16, cuda_dtype = at::kHalf;
+
+  static AutocastState current() {
+    AutocastState s;
+    s.cpu = compat::autocast_enabled(c10::DeviceType::CPU);
+    s.cuda = compat::autocast_enabled(c10::DeviceType::CUDA);
+    s.cpu_dtype = compat::autocast_dtype(c10::DeviceType::CPU);
+    s.cuda_dtype = compat::autocast_dtype(c10::DeviceType::CUDA);
+    return s;
+  }
+  void apply() const {
+    compat::set_autocast_enabled(c10::DeviceType::CPU, cpu);
+    compat::set_autocast_enabled(c10::DeviceType::CUDA, cuda);
+    compat::set_autocast_dtype(c10::DeviceType::CPU, cpu_dtype);
+    compat::set_autocast_dtype(c10::DeviceType::CUDA, cuda_dtype);
+  }
+};
+
+struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
+  static variable_list forward(AutogradContext* ctx, at::Tensor input, at::TensorList parameters,
+                               torch::jit::Module block) {
+    const AutocastState autocast = AutocastState::current();
+    ctx->saved_data["block"] = block._ivalue();
+    ctx->saved_data["autocast"] = std::vector<int64_t>{autocast.cpu, autocast.cuda, static_cast<int64_t>(autocast.cpu_dtype),
+                                                       static_cast<int64_t>(autocast.cuda_dtype)};
+    ctx->saved_data["rng_cpu"] = compat::default_generator(c10::Device(c10::kCPU)).get_state();
+    if (input.is_cuda()) ctx->saved_data["rng_device"] = compat::default_generator(input.device()).get_state();
+    ctx->saved_data["input_requires_grad"] = input.requires_grad();
+    std::vector<at::Tensor> saved{input};
+    saved.insert(saved.end(), parameters.begin(), parameters.end());
+    ctx->save_for_backward(saved);
+    return {run_block(block, input)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const std::vector<at::Tensor> parameters(saved.begin() + 1, saved.end());
+    torch::jit::Module block(ctx->saved_data["block"].toObject());
+    const auto flags = ctx->saved_data["autocast"].toIntVector();
+    AutocastState recorded{flags[0] != 0, flags[1] != 0, static_cast<at::ScalarType>(flags[2]),
+                           static_cast<at::ScalarType>(flags[3])};
+
+    // Replay the random state of the forward pass (LoRA dropout), then put the current state back.
+    auto cpu_gen = compat::default_generator(c10::Device(c10::kCPU));
+    const at::Tensor cpu_now = cpu_gen.get_state();
+    cpu_gen.set_state(ctx->saved_data["rng_cpu"].toTensor());
+    at::Tensor device_now;
+    std::optional<at::Generator> device_gen;
+    if (input.is_cuda()) {
+      device_gen = compat::default_generator(input.device());
+      device_now = device_gen->get_state();
+      device_gen->set_state(ctx->saved_data["rng_device"].toTensor());
+    }
+
+    const AutocastState outer = AutocastState::current();
+    const bool input_requires_grad = ctx->saved_data["input_requires_grad"].toBool();
+    at::Tensor x = input.detach().requires_grad_(input_requires_grad);
+    at::Tensor out;
+    {
+      at::AutoGradMode enable_grad(true);
+      recorded.apply();
+      compat::clear_autocast_cache();  // casts cached elsewhere may be of older weights
+      out = run_block(block, x);
+      outer.apply();
+      compat::clear_autocast_cache();
+    }
+    cpu_gen.set_state(cpu_now);
+    if (device_gen) device_gen->set_state(device_now);
+
+    std::vector<at::Tensor> wrt;
+    if (input_requires_grad) wrt.push_back(x);
+    for (const auto& p : parameters)
+      if (p.requires_grad()) wrt.push_back(p);
+    std::vector<at::Tensor> grads;
+    if (!wrt.empty() && out.requires_grad())
+      grads = torch::autograd::grad({out}, wrt, {grad_outputs[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+                                    /*allow_unused=*/true);
+    variable_list result;
+    size_t next = 0;
+    result.push_back(input_requires_grad && !grads.empty() ? grads[next++] : at::Tensor());
+    for (const auto& p : parameters) result.push_back(p.requires_grad() && !grads.empty() ? grads[next++] : at::Tensor());
+    result.push_back(at::Tensor());  // the block itself
+    return result;
+  }
+};
+
+}  // namespace
+
+at::Tensor run_block(const torch::jit::Module& block, const at::Tensor& input) {
+  auto m = block;  // forward() is non-const
+  const c10::IValue out = m.forward({input});
+  if (out.isTuple()) return out.toTuple()->elements().at(0).toTensor();
+  return out.toTensor();
+}
+
+at::Tensor checkpointed_block(const torch::jit::Module& block, const at::Tensor& input,
+                              const std::vector<at::Tensor>& parameters) {
+  return BlockCheckpoint::apply(input, at::TensorList(parameters), block)[0];
+}
+
+}  // namespace loratune

@@ -1,0 +1,190 @@
+#include "loratune/model.h"
+
+#include <cmath>
+
+#include "loratune/errors.h"
+
+namespace loratune {
+
+Method parse_method(const std::string& name) {
+  if (name == "lora") return Method::kLora;
+  if (name == "full") return Method::kFull;
+  if (name == "linear_probe") return Method::kLinearProbe;
+  throw InputError("unknown method \"" + name + "\" (expected lora, full or linear_probe)");
+}
+
+std::string method_name(Method method) {
+  switch (method) {
+    case Method::kLora: return "lora";
+    case Method::kFull: return "full";
+    case Method::kLinearProbe: return "linear_probe";
+  }
+  return "?";
+}
+
+Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(bundle_.module) {
+  if (bundle_.info.kind != "backbone")
+    throw InputError(bundle_.path.string() + " is a merged classifier, not a backbone bundle; train and merge on the "
+                     "original model file");
+  if (bundle_.has_block_structure()) {
+    const auto blocks_module = bundle_.blocks_module();
+    for (const auto& child : blocks_module.named_children()) {
+      blocks_.push_back(child.value);
+      block_paths_.push_back(bundle_.info.blocks + "." + child.name);
+    }
+  }
+  set_method(Method::kLora);
+}
+
+void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_.prepare(targets); }
+
+void Model::set_adapters(std::vector<LoraTarget> targets, double dropout) {
+  for (auto& t : targets) {
+    if (!t.A.defined() || !t.B.defined()) throw InputError("adapter " + t.describe() + " has no tensors");
+    if (t.A.sizes() != at::IntArrayRef{t.rank, t.in_features} || t.B.sizes() != at::IntArrayRef{t.rows, t.rank})
+      throw InputError("adapter " + t.describe() + " has tensors of the wrong shape");
+    if (t.A.device() != device_) t.A = t.A.to(device_).detach().requires_grad_(t.A.requires_grad());
+    if (t.B.device() != device_) t.B = t.B.to(device_).detach().requires_grad_(t.B.requires_grad());
+  }
+  host_.prepare(targets);
+  host_.attach(targets, dropout);
+  targets_ = std::move(targets);
+  dropout_ = dropout;
+  set_method(method_);
+}
+
+void Model::clear_adapters() {
+  host_.detach();
+  targets_.clear();
+  set_method(method_);
+}
+
+void Model::init_head(int64_t num_classes) {
+  const int64_t d = bundle_.info.feature_dim;
+  const double bound = 1.0 / std::sqrt(static_cast<double>(d));
+  at::NoGradGuard no_grad;
+  set_head(at::empty({num_classes, d}, at::kFloat).uniform_(-bound, bound),
+           at::empty({num_classes}, at::kFloat).uniform_(-bound, bound));
+}
+
+void Model::set_head(at::Tensor weight, at::Tensor bias) {
+  const int64_t d = bundle_.info.feature_dim;
+  if (weight.dim() != 2 || weight.size(1) != d || bias.dim() != 1 || bias.size(0) != weight.size(0))
+    throw InputError("classification head has shape [" + c10::str(weight.sizes()) + "] + [" + c10::str(bias.sizes()) +
+                     "], but the model's features have " + std::to_string(d) + " dimensions");
+  head_weight_ = weight.to(device_, at::kFloat).detach().requires_grad_(true);
+  head_bias_ = bias.to(device_, at::kFloat).detach().requires_grad_(true);
+}
+
+void Model::set_method(Method method) {
+  method_ = method;
+  for (const auto& p : bundle_.module.parameters()) p.requires_grad_(method == Method::kFull);
+  for (auto& t : targets_) {
+    t.A.requires_grad_(method == Method::kLora);
+    t.B.requires_grad_(method == Method::kLora);
+  }
+  refresh_block_parameters();
+}
+
+void Model::refresh_block_parameters() {
+  block_parameters_.assign(blocks_.size(), {});
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (method_ == Method::kFull)
+      for (const auto& p : blocks_[i].parameters()) block_parameters_[i].push_back(p);
+    if (method_ == Method::kLora)
+      for (const auto& t : targets_)
+        if (t.module.compare(0, block_paths_[i].size() + 1, block_paths_[i] + ".") == 0)
+          block_parameters_[i].insert(block_parameters_[i].end(), {t.A, t.B});
+  }
+}
+
+std::vector<NamedTensor> Model::trainable() const {
+  std::vector<NamedTensor> out;
+  if (method_ == Method::kFull)
+    for (const auto& p : bundle_.module.named_parameters()) out.push_back({"base." + p.name, p.value});
+  if (method_ == Method::kLora)
+    for (const auto& t : targets_) {
+      const std::string key = t.module + "." + t.param + (t.slice.empty() ? "" : "." + t.slice);
+      out.push_back({"lora." + key + ".A", t.A});
+      out.push_back({"lora." + key + ".B", t.B});
+    }
+  if (has_head()) {
+    out.push_back({"head.weight", head_weight_});
+    out.push_back({"head.bias", head_bias_});
+  }
+  return out;
+}
+
+int64_t Model::trainable_count() const {
+  int64_t n = 0;
+  for (const auto& t : trainable()) n += t.tensor.numel();
+  return n;
+}
+
+int64_t Model::base_parameter_count() const {
+  int64_t n = 0;
+  for (const auto& p : bundle_.module.parameters()) n += p.numel();
+  return n;
+}
+
+int64_t Model::total_count() const {
+  int64_t n = base_parameter_count();
+  for (const auto& t : targets_) n += t.A.numel() + t.B.numel();
+  if (has_head()) n += head_weight_.numel() + head_bias_.numel();
+  return n;
+}
+
+void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
+  device_ = device;
+  bundle_.module.to(device);
+  if (frozen_dtype != at::kFloat && method_ != Method::kFull) {
+    at::NoGradGuard no_grad;
+    for (auto p : bundle_.module.parameters())
+      if (p.is_floating_point()) p.set_data(p.data().to(frozen_dtype));
+    for (auto b : bundle_.module.buffers())
+      if (b.is_floating_point()) b.set_data(b.data().to(frozen_dtype));
+  }
+  for (auto& t : targets_) {
+    t.A = t.A.to(device).detach().requires_grad_(t.A.requires_grad());
+    t.B = t.B.to(device).detach().requires_grad_(t.B.requires_grad());
+  }
+  if (!targets_.empty()) host_.attach(targets_, dropout_);
+  if (has_head()) set_head(head_weight_, head_bias_);
+  refresh_block_parameters();
+}
+
+void Model::set_training(bool training) { host_.set_training(training); }
+
+at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
+  const bool grad = at::GradMode::is_enabled();
+  if (blocks_.empty()) {
+    // No per-block structure: one call, gradients only if something in the base trains.
+    at::AutoGradMode mode(grad && method_ != Method::kLinearProbe);
+    return bundle_.module.forward({images}).toTensor();
+  }
+  at::Tensor h;
+  {
+    at::AutoGradMode mode(grad && method_ == Method::kFull);
+    h = bundle_.module.get_method("stem")({images}).toTensor();
+  }
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const bool needs_grad = grad && (h.requires_grad() || !block_parameters_[i].empty());
+    if (!needs_grad) {
+      at::NoGradGuard no_grad;  // frozen prefix: nothing to differentiate, keep no activations
+      h = run_block(blocks_[i], h);
+    } else if (checkpoint) {
+      h = checkpointed_block(blocks_[i], h, block_parameters_[i]);
+    } else {
+      h = run_block(blocks_[i], h);
+    }
+  }
+  at::AutoGradMode mode(grad && (h.requires_grad() || method_ == Method::kFull));
+  return bundle_.module.get_method("head")({h}).toTensor();
+}
+
+at::Tensor Model::logits(const at::Tensor& images, bool checkpoint) {
+  if (!has_head()) throw InputError("the model has no classification head");
+  return at::linear(features(images, checkpoint), head_weight_, head_bias_);
+}
+
+}  // namespace loratune

@@ -1,0 +1,185 @@
+// LoRA on every layout and export mode, compared with eager PyTorch on the same weights and inputs
+// (tests/fixtures/make_vit_fixtures.py computes the reference with W + s*B@A).
+#include <gtest/gtest.h>
+
+#include "loratune/adapter.h"
+#include "loratune/errors.h"
+#include "loratune/model.h"
+#include "loratune/safetensors.h"
+#include "test_support.h"
+
+namespace loratune {
+namespace {
+
+using test::fixture;
+using test::max_abs_diff;
+
+class LoraReference : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::filesystem::path bundle_path() const { return fixture("vit/vit_" + GetParam() + ".pt"); }
+  std::filesystem::path adapter_path() const { return fixture("vit/adapter_" + GetParam()); }
+  safetensors::Tensors reference() const { return safetensors::read(fixture("vit/ref_" + GetParam() + ".safetensors")).tensors; }
+};
+
+// PEFT key of an adapter tensor, as the reference names its gradients.
+std::string peft_key(const LoraTarget& t, const std::string& prefix, char which) {
+  return "base_model.model." + t.module.substr(prefix.size()) + (t.param == "weight" ? "" : "." + t.param) + ".lora_" +
+         which + (t.slice.empty() ? "" : "." + t.slice) + ".weight";
+}
+
+TEST_P(LoraReference, BaseOutputMatchesPython) {
+  Model model(load_bundle(bundle_path()));
+  const auto ref = reference();
+  at::NoGradGuard no_grad;
+  EXPECT_LT(max_abs_diff(model.features(ref.at("input")), ref.at("base_features")), 1e-6);
+}
+
+TEST_P(LoraReference, AdaptedAtInitEqualsBaseExactly) {
+  const auto ref = reference();
+  at::Tensor base;
+  {
+    Model plain(load_bundle(bundle_path()));
+    at::NoGradGuard no_grad;
+    base = plain.features(ref.at("input"));
+  }
+  Model model(load_bundle(bundle_path()));
+  auto targets = resolve_targets(model.module(), LoraSettings{});
+  ASSERT_EQ(targets.size(), 4u);  // q and v in each of 2 blocks
+  init_adapter_tensors(targets);
+  model.set_adapters(targets, 0.0);
+  at::NoGradGuard no_grad;
+  EXPECT_TRUE(at::equal(model.features(ref.at("input")), base));
+}
+
+TEST_P(LoraReference, ForwardAndGradientsMatchPython) {
+  const auto ref = reference();
+  for (bool checkpoint : {false, true}) {
+    SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
+    Model model(load_bundle(bundle_path()));
+    apply_adapter(model, load_adapter(adapter_path()), adapter_path().string());
+    ASSERT_EQ(model.adapters().size(), 4u);
+    const at::Tensor logits = model.logits(ref.at("input"), checkpoint);
+    EXPECT_LT(max_abs_diff(logits, ref.at("adapted_logits")), 1e-5);
+    (logits * ref.at("probe")).sum().backward();
+    const std::string& prefix = model.bundle().info.module_prefix;
+    for (const auto& t : model.adapters()) {
+      SCOPED_TRACE(t.describe());
+      ASSERT_TRUE(t.A.grad().defined());
+      EXPECT_LT(max_abs_diff(t.A.grad(), ref.at("grad." + peft_key(t, prefix, 'A'))), 1e-5);
+      EXPECT_LT(max_abs_diff(t.B.grad(), ref.at("grad." + peft_key(t, prefix, 'B'))), 1e-5);
+    }
+    EXPECT_LT(max_abs_diff(model.head_weight().grad(), ref.at("grad.head.weight")), 1e-5);
+    EXPECT_LT(max_abs_diff(model.head_bias().grad(), ref.at("grad.head.bias")), 1e-5);
+    for (const auto& p : model.module().parameters()) EXPECT_FALSE(p.grad().defined());
+  }
+}
+
+TEST_P(LoraReference, OnlyAdaptersAndHeadTrainAndLossFalls) {
+  const auto ref = reference();
+  torch::manual_seed(0);
+  Model model(load_bundle(bundle_path()));
+  auto targets = resolve_targets(model.module(), LoraSettings{});
+  init_adapter_tensors(targets);
+  model.set_adapters(targets, 0.0);
+  model.init_head(3);
+  const at::Tensor x = ref.at("input");
+  const at::Tensor labels = at::tensor({0, 2}, at::kLong);
+  auto loss_now = [&] { return at::cross_entropy_loss(model.logits(x), labels); };
+
+  at::Tensor first = loss_now();
+  first.backward();
+  for (const auto& t : model.adapters()) {
+    EXPECT_EQ(t.A.grad().abs().max().item<float>(), 0.0f) << "B = 0 at init, so grad(A) = 0";
+    EXPECT_GT(t.B.grad().abs().max().item<float>(), 0.0f);
+  }
+  for (const auto& p : model.module().parameters()) EXPECT_FALSE(p.grad().defined());
+  const double initial = first.item<double>();
+  for (int step = 0; step < 8; ++step) {
+    {
+      at::NoGradGuard no_grad;
+      for (auto& nt : model.trainable()) {
+        nt.tensor.sub_(nt.tensor.grad() * 0.5);
+        nt.tensor.mutable_grad().zero_();
+      }
+    }
+    loss_now().backward();
+  }
+  EXPECT_LT(loss_now().item<double>(), 0.5 * initial);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, LoraReference,
+                         ::testing::Values("hf_script", "hf_trace", "timm_script", "timm_trace", "torchvision_script",
+                                           "torchvision_trace"));
+
+TEST(LoraTargets, DefaultTargetsPerLayout) {
+  Model hf(load_bundle(fixture("vit/vit_hf_script.pt")));
+  auto t = resolve_targets(hf.module(), LoraSettings{});
+  EXPECT_EQ(t[0].module, "vit.encoder.layer.0.attention.attention.query");
+  EXPECT_EQ(t[0].slice, "");
+  Model timm(load_bundle(fixture("vit/vit_timm_trace.pt")));
+  t = resolve_targets(timm.module(), LoraSettings{});
+  EXPECT_EQ(t[0].module, "model.blocks.0.attn.qkv");
+  EXPECT_EQ(t[0].slice, "q");
+  EXPECT_EQ(t[1].slice, "v");
+  EXPECT_EQ(t[1].row_begin, 64);
+  EXPECT_EQ(t[1].rows, 32);
+  Model tv(load_bundle(fixture("vit/vit_torchvision_script.pt")));
+  t = resolve_targets(tv.module(), LoraSettings{});
+  EXPECT_EQ(t[0].param, "in_proj_weight");
+}
+
+TEST(LoraTargets, PatternsSlicesAndOverrides) {
+  Model timm(load_bundle(fixture("vit/vit_timm_script.pt")));
+  LoraSettings s;
+  s.targets = {"qkv:q,k,v", "fc1"};
+  s.rank_pattern = {{"blocks.1.attn.qkv:v", 2}};
+  s.alpha_pattern = {{"fc1", 4.0}};
+  s.rslora = true;
+  const auto t = resolve_targets(timm.module(), s);
+  ASSERT_EQ(t.size(), 8u);  // 2 blocks x (q, k, v, fc1)
+  for (const auto& target : t) {
+    const bool overridden = target.module == "model.blocks.1.attn.qkv" && target.slice == "v";
+    EXPECT_EQ(target.rank, overridden ? 2 : 8) << target.describe();
+    EXPECT_DOUBLE_EQ(target.alpha, target.module.find("fc1") != std::string::npos ? 4.0 : 16.0);
+    EXPECT_DOUBLE_EQ(target.scale(), target.alpha / std::sqrt(static_cast<double>(target.rank)));
+  }
+  s = LoraSettings{};
+  s.targets = {"re:model\\.blocks\\.0\\..*qkv:v"};
+  const auto only = resolve_targets(timm.module(), s);
+  ASSERT_EQ(only.size(), 1u);
+  EXPECT_EQ(only[0].module, "model.blocks.0.attn.qkv");
+}
+
+TEST(LoraTargets, ErrorsSayWhatWouldWork) {
+  Model hf(load_bundle(fixture("vit/vit_hf_script.pt")));
+  LoraSettings s;
+  s.targets = {"qeury"};
+  EXPECT_THROW_WITH(resolve_targets(hf.module(), s), InputError,
+                    "LoRA target \"qeury\" matches no module (did you mean \"query\"?). Candidates: ");
+  s.targets = {"query:q,v"};
+  EXPECT_THROW_WITH(resolve_targets(hf.module(), s), InputError, "asks for q/k/v slices, but");
+  s.targets = {"query"};
+  s.rank = 64;
+  EXPECT_THROW_WITH(resolve_targets(hf.module(), s), InputError, "LoRA rank 64 is larger than the weight");
+}
+
+TEST(Bundles, RefuseNoGradTracedAttentionWithAFix) {
+  // The Python side writes this file (traced under no_grad) next to the other fixtures.
+  EXPECT_THROW_WITH(load_bundle(fixture("vit/vit_torchvision_nograd.pt")), InputError,
+                    "runs aten::_native_multi_head_attention, which has no backward");
+}
+
+TEST(Bundles, MissingOrForeignFilesAreClearErrors) {
+  EXPECT_THROW_WITH(load_bundle(fixture("vit/does_not_exist.pt")), InputError, "does not exist");
+  EXPECT_THROW_WITH(load_bundle(fixture("vit/ref_hf_script.safetensors")), InputError, "is not a TorchScript file");
+}
+
+TEST(Adapters, RefusedOnAnotherBase) {
+  Model timm(load_bundle(fixture("vit/vit_timm_script.pt")));
+  const auto path = fixture("vit/adapter_hf_script");
+  EXPECT_THROW_WITH(apply_adapter(timm, load_adapter(path), path.string()), InputError,
+                    path.string() + " was made for another base: it adapts vit.encoder.layer.0.attention.attention.query");
+}
+
+}  // namespace
+}  // namespace loratune
