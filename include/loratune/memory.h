@@ -28,4 +28,7 @@ int64_t peak_memory(const c10::Device& device);
 
 bool cuda_available();
 
+// "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+c10::Device resolve_device(const std::string& name);
+
 }  // namespace loratune

@@ -44,7 +44,11 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     std::vector<at::Tensor> saved{input};
     saved.insert(saved.end(), parameters.begin(), parameters.end());
     ctx->save_for_backward(saved);
-    return {run_block(block, input)};
+    // Same code path as the recompute: some modules pick other kernels without grad mode (nn.MultiheadAttention's
+    // inference fast path), which would make the forward and the recomputed activations differ. The graph built
+    // here covers one block and is dropped at once.
+    at::AutoGradMode enable_grad(true);
+    return {run_block(block, input.detach()).detach()};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {

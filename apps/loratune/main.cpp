@@ -1,0 +1,135 @@
+// loratune: LoRA fine-tuning of pretrained vision models on your own photos. This file only maps command-line flags
+// onto the command structs of include/loratune/commands.h; defaults live there.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+
+#include "loratune/commands.h"
+#include "loratune/errors.h"
+
+namespace {
+
+constexpr const char* kExitCodes =
+    "\nExit codes: 0 ok, 2 bad command line, 3 bad input (files, config, data), 4 the work failed, 130 interrupted.";
+
+std::string footer(const std::string& examples) { return "\nExamples:\n" + examples + kExitCodes; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"loratune " LORATUNE_VERSION
+               ": adapt pretrained vision models (ViT, MobileCLIP) to your own photos with LoRA, on one consumer GPU or "
+               "a CPU."};
+  app.set_version_flag("--version", std::string("loratune ") + LORATUNE_VERSION);
+  app.require_subcommand(1);
+  app.footer(footer(
+      "  loratune train --config configs/vit_base.json\n"
+      "  loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test\n"
+      "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output vit_base_photos.pt\n"
+      "Run `loratune <command> --help` for the options of each command."));
+
+  loratune::TrainCommand train;
+  bool help_config = false;
+  auto* t = app.add_subcommand("train", "train LoRA adapters (or a full fine-tune / linear probe) on a photo folder");
+  t->add_option("-c,--config", train.config, "JSON configuration (see --help-config for every key and default)")
+      ->check(CLI::ExistingFile);
+  t->add_option("--set", train.overrides, "override a config key: --set lora.rank=16 (repeatable)")->type_name("KEY=VALUE")->allow_extra_args(false);
+  t->add_flag("--resume", train.resume, "continue the interrupted run in the config's output_dir");
+  t->add_flag("--help-config", help_config, "list every config key with its type, default and meaning");
+  t->footer(footer(
+      "  loratune train --config configs/vit_base.json\n"
+      "  loratune train --config configs/vit_base.json --set data.train=~/photos --set epochs=5\n"
+      "  loratune train --config configs/vit_base.json --resume      # after Ctrl-C\n"
+      "Output (output_dir): best/ and adapter/ (adapters), checkpoint.safetensors, metrics.jsonl, config.json,\n"
+      "summary.json, train.log. Ctrl-C finishes the current step, saves a checkpoint and prints how to resume."));
+
+  loratune::EvalCommand eval;
+  auto* e = app.add_subcommand("eval", "accuracy, per-class metrics and a confusion matrix on a held-out photo folder");
+  e->add_option("-m,--model", eval.model, "backbone bundle (with --adapter) or merged classifier")->required()->check(CLI::ExistingFile);
+  e->add_option("-a,--adapter", eval.adapter, "adapter folder or .safetensors from loratune train");
+  e->add_option("-d,--data", eval.data, "held-out photo folder: one subfolder per class")->required();
+  e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
+  e->add_option("--device", eval.device, "auto | cpu | cuda[:N]")->capture_default_str();
+  e->add_option("--precision", eval.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
+  e->add_option("--batch-size", eval.batch_size, "images per batch")->capture_default_str();
+  e->add_option("--workers", eval.workers, "decoding threads (0: one per core)")->capture_default_str();
+  e->footer(footer(
+      "  loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test\n"
+      "  loratune eval --model vit_base_photos.pt --data photos/test --output eval_merged"));
+
+  loratune::PredictCommand predict;
+  auto* p = app.add_subcommand("predict", "top-k labels for images, with one or several adapters on one base");
+  p->add_option("-m,--model", predict.model, "backbone bundle (with --adapter) or merged classifier")->required()->check(CLI::ExistingFile);
+  p->add_option("-a,--adapter", predict.adapters, "adapter(s); several are switched on one loaded base (repeatable)")->allow_extra_args(false);
+  p->add_option("inputs", predict.inputs, "image files or folders")->required();
+  p->add_option("-k,--top-k", predict.top_k, "labels per image")->capture_default_str();
+  p->add_option("-f,--format", predict.format, "table | json | csv")->capture_default_str();
+  p->add_option("-o,--output", predict.output, "write to this file instead of the terminal");
+  p->add_option("--device", predict.device, "auto | cpu | cuda[:N]")->capture_default_str();
+  p->add_option("--precision", predict.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
+  p->add_option("--batch-size", predict.batch_size, "images per batch")->capture_default_str();
+  p->footer(footer(
+      "  loratune predict --model models/vit_base.pt --adapter runs/cats/best photo1.jpg photo2.jpg\n"
+      "  loratune predict --model models/vit_base.pt --adapter runs/cats/best --adapter runs/styles/best photos/ -f json"));
+
+  loratune::MergeCommand merge;
+  auto* m = app.add_subcommand("merge", "fold an adapter into its base: a drop-in TorchScript classifier");
+  m->add_option("-b,--base", merge.base, "the base model bundle the adapter was trained on")->required()->check(CLI::ExistingFile);
+  m->add_option("-a,--adapter", merge.adapter, "adapter folder or .safetensors")->required();
+  m->add_option("-o,--output", merge.output, "TorchScript file to write")->required();
+  m->add_option("-s,--strength", merge.strength, "0..1: scale of the weight update (WiSE-FT style interpolation)")
+      ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  m->add_flag("--features-only", merge.features_only, "write a backbone bundle (images -> features) instead of a classifier");
+  m->footer(footer(
+      "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output vit_base_photos.pt\n"
+      "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output half.pt --strength 0.5\n"
+      "The merged file loads in Python with torch.jit.load(path) and maps normalised images [N,3,H,W] to logits."));
+
+  loratune::InfoCommand info;
+  auto* i = app.add_subcommand("info", "describe a model bundle or an adapter; show what a config would adapt");
+  i->add_option("path", info.path, "model bundle (.pt), merged classifier, or adapter (folder or .safetensors)")->required();
+  i->add_option("-c,--config", info.config, "training config whose LoRA settings to resolve on this model")->check(CLI::ExistingFile);
+  i->add_option("--set", info.overrides, "config overrides, e.g. --set lora.targets='[\"qkv:q,k,v\"]'")->type_name("KEY=VALUE")->allow_extra_args(false);
+  i->footer(footer(
+      "  loratune info models/vit_base.pt\n"
+      "  loratune info models/vit_base.pt --set lora.rank=16 --set 'lora.targets=[\"query\",\"value\",\"dense\"]'\n"
+      "  loratune info runs/vit_base/best"));
+
+  loratune::ReportCommand report;
+  auto* r = app.add_subcommand("report", "plots (loss, learning rate, validation accuracy) and a summary of a run");
+  r->add_option("run_dir", report.run_dir, "the output_dir of a training run")->required();
+  r->add_option("-o,--output", report.output, "folder for the PNG plots (default: the run folder)");
+  r->footer(footer("  loratune report runs/vit_base"));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& ex) {
+    return app.exit(ex);
+  } catch (const CLI::CallForAllHelp& ex) {
+    return app.exit(ex);
+  } catch (const CLI::CallForVersion& ex) {
+    return app.exit(ex);
+  } catch (const CLI::ParseError& ex) {
+    std::fprintf(stderr, "error: %s\nRun `loratune --help` or `loratune <command> --help` for usage.\n", ex.what());
+    return loratune::exit_code::kUsage;
+  }
+
+  if (app.got_subcommand(t)) {
+    if (help_config) {
+      std::printf("Training configuration keys (JSON; nested keys as objects, e.g. {\"lora\": {\"rank\": 16}}):\n\n%s",
+                  loratune::train_config_help().c_str());
+      return loratune::exit_code::kOk;
+    }
+    if (train.config.empty() && train.overrides.empty()) {
+      std::fprintf(stderr, "error: train needs --config FILE (or --set model=... --set data.train=...)\n");
+      return loratune::exit_code::kUsage;
+    }
+    return loratune::run_train(train);
+  }
+  if (app.got_subcommand(e)) return loratune::run_eval(eval);
+  if (app.got_subcommand(p)) return loratune::run_predict(predict);
+  if (app.got_subcommand(m)) return loratune::run_merge(merge);
+  if (app.got_subcommand(i)) return loratune::run_info(info);
+  return loratune::run_report(report);
+}

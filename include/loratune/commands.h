@@ -1,0 +1,68 @@
+// The commands behind `loratune <command>`: each takes its options as a struct (defaults here) and returns the
+// process exit code (see errors.h). apps/loratune/main.cpp only maps command-line flags onto these structs.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace loratune {
+
+struct TrainCommand {
+  std::string config;                 // JSON config (may be empty when --set gives everything)
+  std::vector<std::string> overrides; // --set key=value
+  bool resume = false;
+};
+
+struct EvalCommand {
+  std::string model;    // backbone bundle (with --adapter) or merged classifier
+  std::string adapter;  // adapter directory or .safetensors
+  std::string data;     // held-out photo folder
+  std::string output = "eval";
+  std::string device = "auto", precision = "auto";
+  int64_t batch_size = 32;
+  int workers = 0;
+};
+
+struct PredictCommand {
+  std::string model;
+  std::vector<std::string> adapters;  // several: the base is loaded once and adapters are switched
+  std::vector<std::string> inputs;    // image files or folders
+  int64_t top_k = 3;
+  std::string format = "table";       // table | json | csv
+  std::string output;                 // file; empty: standard output
+  std::string device = "auto", precision = "auto";
+  int64_t batch_size = 32;
+};
+
+struct MergeCommand {
+  std::string base, adapter, output;
+  double strength = 1.0;
+  bool features_only = false;
+};
+
+struct InfoCommand {
+  std::string path;                   // model bundle, merged classifier or adapter
+  std::string config;                 // optional: show what this config would adapt
+  std::vector<std::string> overrides;
+};
+
+struct ReportCommand {
+  std::string run_dir;
+  std::string output;  // default: the run folder
+};
+
+int run_train(const TrainCommand& command);
+int run_eval(const EvalCommand& command);
+int run_predict(const PredictCommand& command);
+int run_merge(const MergeCommand& command);
+int run_info(const InfoCommand& command);
+int run_report(const ReportCommand& command);
+
+// Runs `body` and turns exceptions into one line on stderr and the documented exit code.
+int guarded(const std::function<int()>& body);
+
+// Reference of every training config key, for `loratune train --help-config`.
+std::string train_config_help();
+
+}  // namespace loratune

@@ -1,0 +1,76 @@
+// Training configuration: JSON with documented defaults. Unknown keys are errors that suggest the nearest valid
+// key; wrong types name the JSON path; `--set key=value` overrides any key.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "loratune/lora.h"
+
+namespace loratune {
+
+struct AugmentConfig {
+  bool enabled = true;
+  double scale_min = 0.35, scale_max = 1.0;  // random resized crop: area fraction
+  double ratio_min = 0.75, ratio_max = 4.0 / 3.0;
+  bool hflip = true;
+};
+
+struct DataConfig {
+  std::string train;              // photo folder: <root>/<class>/...
+  std::string val;                // held-out folder; empty: split `train` by `val_fraction`
+  double val_fraction = 0.1;
+  uint64_t split_seed = 0;
+  int workers = 0;                // 0: one per CPU core
+  int prefetch_batches = 4;
+  std::string cache = "auto";     // auto | memory | off
+  AugmentConfig augment;
+};
+
+struct TrainConfig {
+  std::string model;
+  DataConfig data;
+  std::string method = "lora";
+  LoraSettings lora;
+  double lr = 1e-3;
+  double head_lr = -1;            // < 0: same as lr
+  double weight_decay = 0.01;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double grad_clip = 1.0;
+  double warmup_fraction = 0.05;
+  double min_lr_ratio = 0.0;
+  int64_t batch_size = 16;
+  int64_t grad_accum_steps = 1;
+  int64_t epochs = 10;
+  int64_t max_steps = -1;         // optimiser steps; < 0: from epochs
+  double label_smoothing = 0.0;
+  std::string precision = "auto";
+  std::string frozen_dtype = "auto";  // auto | fp32 | compute
+  bool gradient_checkpointing = true;
+  double loss_scale_init = 65536.0;
+  int64_t loss_scale_growth_interval = 2000;
+  std::string device = "auto";
+  int threads = 0;                // 0: all cores
+  uint64_t seed = 0;
+  std::string output_dir = "runs/default";
+  int64_t eval_every_epochs = 1;
+  int64_t checkpoint_every_steps = 0;  // 0: at the end of each epoch only
+  int64_t log_every_steps = 10;
+
+  nlohmann::json json;  // the resolved configuration, every key present
+};
+
+// The full configuration with defaults, as JSON.
+nlohmann::json default_config_json();
+// One line per key: path, type, default, description (for --help and docs).
+std::string config_reference();
+
+// Reads `path` (may be empty: defaults only), applies `overrides` ("lora.rank=16", "data.val=null"), validates.
+TrainConfig load_train_config(const std::filesystem::path& path, const std::vector<std::string>& overrides);
+// Validates a JSON document against the schema and fills in defaults.
+TrainConfig parse_train_config(const nlohmann::json& user, const std::string& origin);
+
+}  // namespace loratune

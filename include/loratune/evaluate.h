@@ -1,0 +1,25 @@
+// Running a model over a whole batch source: logits for evaluation, validation and prediction.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "loratune/amp.h"
+#include "loratune/data.h"
+
+namespace loratune {
+
+struct Predictions {
+  at::Tensor logits;  // [N,C] float32, CPU
+  at::Tensor labels;  // [N] int64, CPU
+  std::vector<int64_t> indices;
+};
+
+using ForwardFn = std::function<at::Tensor(const at::Tensor& images)>;
+
+// Runs `forward` (no gradients, autocast at `precision`) on every batch of one pass over `source`.
+// With a non-empty `progress_label`, shows a progress bar.
+Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10::Device& device, Precision precision,
+                        const std::string& progress_label = "");
+
+}  // namespace loratune

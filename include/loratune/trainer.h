@@ -1,0 +1,96 @@
+// The training loop: micro-batches with gradient accumulation, mixed precision with loss scaling, gradient
+// checkpointing, AdamW with warm-up + cosine, validation, best/last adapters, checkpoints that resume exactly.
+#pragma once
+
+#include <atomic>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "loratune/amp.h"
+#include "loratune/config.h"
+#include "loratune/data.h"
+#include "loratune/model.h"
+
+namespace loratune {
+
+class AdamW;
+class LossScaler;
+
+struct TrainSummary {
+  std::string method;
+  int64_t steps = 0, epochs = 0, images_seen = 0;
+  int64_t trainable_params = 0, total_params = 0;
+  double best_val_top1 = -1, final_val_top1 = -1, final_val_loss = -1;
+  int64_t best_epoch = -1;
+  double final_train_loss = 0;
+  int64_t peak_memory = 0;  // bytes: CUDA peak allocated, or peak RSS on CPU
+  double seconds = 0, train_images_per_second = 0;
+  std::string precision;
+  std::vector<std::pair<std::string, std::string>> skipped_files;
+
+  nlohmann::json to_json() const;
+};
+
+struct TrainerHooks {
+  // Called after each optimiser step; returning true stops the run as Ctrl-C would (checkpoint, Interrupted).
+  std::function<bool(int64_t step)> stop_after_step;
+};
+
+class Trainer {
+ public:
+  Trainer(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val, std::vector<std::string> classes,
+          const c10::Device& device, Precision precision, TrainerHooks hooks = {});
+  ~Trainer();
+
+  // Trains (or continues the checkpoint in output_dir with `resume`). Throws Interrupted after saving a
+  // checkpoint when a stop was requested.
+  TrainSummary run(bool resume);
+
+  // Asks the loop to stop after the current optimiser step (safe from a signal handler).
+  static void request_stop();
+
+  // Files the run writes, relative to output_dir.
+  static constexpr const char* kLastAdapter = "adapter";
+  static constexpr const char* kBestAdapter = "best";
+  static constexpr const char* kCheckpoint = "checkpoint.safetensors";
+  static constexpr const char* kMetrics = "metrics.jsonl";
+  static constexpr const char* kSummary = "summary.json";
+  static constexpr const char* kConfig = "config.json";
+
+ private:
+  struct Progress {
+    int64_t step = 0, epoch = 0, step_in_epoch = 0, metrics_lines = 0, nonfinite_streak = 0;
+    double best_top1 = -1;
+    int64_t best_epoch = -1;
+  };
+  struct Validation {
+    double loss = 0, top1 = 0;
+  };
+
+  Validation validate();
+  void save_checkpoint(const Progress& p);
+  Progress load_checkpoint();
+  void save_adapter_to(const std::string& name);
+  void append_metrics(const nlohmann::json& line, Progress& p);
+  nlohmann::json adapter_training_record() const;
+  std::string resume_fingerprint() const;
+
+  const TrainConfig& config_;
+  Model& model_;
+  BatchSource& train_;
+  BatchSource* val_;
+  std::vector<std::string> classes_;
+  c10::Device device_;
+  Precision precision_;
+  TrainerHooks hooks_;
+  std::filesystem::path dir_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<LossScaler> scaler_;
+  std::vector<NamedTensor> trainable_;
+};
+
+}  // namespace loratune

@@ -1,0 +1,102 @@
+#include <spdlog/spdlog.h>
+
+#include <fstream>
+
+#include "cli/common.h"
+#include "loratune/commands.h"
+#include "loratune/errors.h"
+#include "loratune/files.h"
+#include "loratune/memory.h"
+#include "loratune/metrics.h"
+#include "loratune/plot.h"
+#include "loratune/text.h"
+
+namespace fs = std::filesystem;
+
+namespace loratune {
+namespace {
+
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return out + "\"";
+}
+
+}  // namespace
+
+int run_eval(const EvalCommand& command) {
+  return guarded([&] {
+    cli::setup_logging();
+    if (command.data.empty()) throw InputError("--data is required: the held-out photo folder");
+    cli::setup_threads(0);
+    const c10::Device device = resolve_device(command.device);
+    const Precision precision = resolve_precision(command.precision, device);
+    cli::InferenceModel model = cli::load_inference_model(command.model, command.adapter, device);
+
+    const ImageFolder folder = scan_image_folder_for(command.data, model.classes);
+    log_skipped(folder.skipped, command.data);
+    const auto counts = folder.class_counts();
+    std::vector<std::string> missing;
+    for (size_t k = 0; k < counts.size(); ++k)
+      if (counts[k] == 0) missing.push_back(model.classes[k]);
+    if (!missing.empty()) spdlog::warn("no images for {} class(es) in {}: {}", missing.size(), command.data, join(missing, ", ", 20));
+
+    LoaderOptions options;
+    options.batch_size = command.batch_size;
+    options.workers = command.workers;
+    options.pin_memory = device.is_cuda();
+    ImageBatchSource source(folder, Preprocess::from_bundle(model.info), options);
+    const Predictions pr = predict_all(model.forward(), source, device, precision, "eval");
+    const ClassificationMetrics m = compute_metrics(pr.logits, pr.labels);
+
+    // Console report.
+    std::vector<std::vector<std::string>> rows;
+    for (size_t k = 0; k < m.per_class.size(); ++k) {
+      const auto& c = m.per_class[k];
+      rows.push_back({model.classes[k], cli::percent(c.precision, 1), cli::percent(c.recall, 1), cli::percent(c.f1, 1),
+                      std::to_string(c.support)});
+    }
+    rows.push_back({"macro average", cli::percent(m.macro_precision, 1), cli::percent(m.macro_recall, 1),
+                    cli::percent(m.macro_f1, 1), std::to_string(m.count)});
+    std::printf("\n%s", cli::format_table({"class", "precision", "recall", "F1", "support"}, rows).c_str());
+    std::printf("\ntop-1 %s", cli::percent(m.top1).c_str());
+    if (m.top5 >= 0) std::printf(", top-5 %s", cli::percent(m.top5).c_str());
+    std::printf(", loss %.4f over %lld images (%s)\n", m.loss, static_cast<long long>(m.count),
+                model.merged ? "merged model" : "base + adapter");
+
+    // Files: metrics.json, confusion_matrix.png, misclassified.csv.
+    const fs::path out = command.output;
+    fs::create_directories(out);
+    nlohmann::json j = m.to_json(model.classes);
+    j["model"] = command.model;
+    j["adapter"] = command.adapter;
+    j["data"] = command.data;
+    j["classes_without_images"] = missing;
+    j["skipped_files"] = folder.skipped.size() + source.skipped().size() - folder.skipped.size();
+    write_file_atomic(out / "metrics.json", j.dump(2) + "\n");
+    const auto legend = write_confusion_matrix(out / "confusion_matrix.png", m.confusion, model.classes,
+                                               "confusion matrix: " + fs::path(command.data).filename().string());
+    if (!legend.empty()) write_file_atomic(out / "confusion_matrix_legend.txt", join(legend, "\n") + "\n");
+
+    const at::Tensor probs = pr.logits.softmax(1);
+    const at::Tensor predicted = probs.argmax(1);
+    std::string csv = "path,true,predicted,confidence\n";
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < pr.logits.size(0); ++i) {
+      const int64_t t = pr.labels[i].item<int64_t>(), p = predicted[i].item<int64_t>();
+      if (t == p) continue;
+      ++wrong;
+      char conf[16];
+      std::snprintf(conf, sizeof conf, "%.4f", probs[i][p].item<float>());
+      csv += csv_field(folder.samples[pr.indices[i]].path.string()) + "," + csv_field(model.classes[t]) + "," +
+             csv_field(model.classes[p]) + "," + conf + "\n";
+    }
+    write_file_atomic(out / "misclassified.csv", csv);
+    std::printf("wrote %s, %s, %s (%lld misclassified)\n", (out / "metrics.json").c_str(),
+                (out / "confusion_matrix.png").c_str(), (out / "misclassified.csv").c_str(), static_cast<long long>(wrong));
+    return exit_code::kOk;
+  });
+}
+
+}  // namespace loratune

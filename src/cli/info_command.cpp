@@ -1,0 +1,92 @@
+#include "cli/common.h"
+#include "loratune/commands.h"
+#include "loratune/errors.h"
+#include "loratune/safetensors.h"
+#include "loratune/text.h"
+
+namespace fs = std::filesystem;
+
+namespace loratune {
+namespace {
+
+bool looks_like_adapter(const fs::path& p) {
+  return fs::is_directory(p) || p.extension() == ".safetensors";
+}
+
+void print_adapter(const fs::path& path) {
+  const Adapter a = load_adapter(path);
+  int64_t params = 0;
+  for (const auto& t : a.targets) params += t.A.numel() + t.B.numel();
+  std::printf("adapter        %s\n", path.c_str());
+  std::printf("method         %s\n", a.method.c_str());
+  std::printf("base           %s (fingerprint %s)\n", a.base_name.c_str(),
+              a.base_fingerprint.empty() ? "not recorded: written by another tool" : a.base_fingerprint.c_str());
+  std::printf("classes        %zu: %s\n", a.classes.size(), join(a.classes, ", ", 20).c_str());
+  if (!a.targets.empty()) {
+    std::printf("LoRA           %zu weights, rank %lld, alpha %g%s, dropout %g, %s parameters\n", a.targets.size(),
+                static_cast<long long>(a.lora.rank), a.lora.alpha, a.lora.rslora ? " (rsLoRA)" : "", a.lora.dropout,
+                human_count(static_cast<double>(params)).c_str());
+    for (const auto& t : a.targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
+  }
+  if (!a.full_weights.empty()) std::printf("full weights   %zu tensors\n", a.full_weights.size());
+  if (a.head_weight.defined())
+    std::printf("head           %lld classes x %lld features\n", static_cast<long long>(a.head_weight.size(0)),
+                static_cast<long long>(a.head_weight.size(1)));
+  if (!a.training.empty()) std::printf("training       %s\n", a.training.dump().c_str());
+}
+
+void print_model(const fs::path& path, const InfoCommand& command) {
+  Bundle b = load_bundle(path);
+  int64_t params = 0;
+  for (const auto& p : b.module.parameters()) params += p.numel();
+  std::printf("model          %s\n", path.c_str());
+  std::printf("kind           %s (%s)\n", b.info.kind.c_str(),
+              b.info.kind == "classifier" ? "images -> logits; merged" : "images -> features");
+  std::printf("family         %s / %s\n", b.info.family.c_str(), b.info.architecture.c_str());
+  if (!b.info.name.empty()) std::printf("name           %s\n", b.info.name.c_str());
+  std::printf("parameters     %s, fingerprint %s\n", human_count(static_cast<double>(params)).c_str(), b.fingerprint.c_str());
+  std::printf("features       %lld\n", static_cast<long long>(b.info.feature_dim));
+  std::printf("preprocessing  resize short side %lld (%s), center crop %lld, mean [%g %g %g], std [%g %g %g]\n",
+              static_cast<long long>(b.info.resize_size), b.info.interpolation.c_str(), static_cast<long long>(b.info.image_size),
+              b.info.mean[0], b.info.mean[1], b.info.mean[2], b.info.std[0], b.info.std[1], b.info.std[2]);
+  if (b.info.kind == "classifier") {
+    std::printf("classes        %zu: %s\n", b.info.classes.size(), join(b.info.classes, ", ", 20).c_str());
+    return;
+  }
+  std::printf("blocks         %s\n", b.has_block_structure()
+                                       ? (b.info.blocks + " (" + std::to_string(b.blocks().size()) + " blocks; checkpointing per block)").c_str()
+                                       : "no stem/blocks/head structure (no per-block checkpointing)");
+  const auto candidates = candidate_modules(b.module);
+  std::printf("candidate LoRA targets (%zu modules with 2-D weights):\n", candidates.size());
+  for (const auto& c : candidates) std::printf("  %s\n", c.c_str());
+  LoraSettings settings;
+  if (!command.config.empty() || !command.overrides.empty()) {
+    auto overrides = command.overrides;
+    if (command.config.empty()) overrides.insert(overrides.begin(), {"model=" + path.string(), "data.train=-"});
+    settings = load_train_config(command.config, overrides).lora;
+  }
+  const auto targets = resolve_targets(b.module, settings);
+  int64_t lora_params = 0;
+  for (const auto& t : targets) lora_params += t.rank * (t.rows + t.in_features);
+  std::printf("%s would adapt %zu weights, %s LoRA parameters (%s of the base):\n",
+              command.config.empty() && command.overrides.empty() ? "the default LoRA settings" : "this config",
+              targets.size(), human_count(static_cast<double>(lora_params)).c_str(),
+              cli::percent(static_cast<double>(lora_params) / params, 3).c_str());
+  for (const auto& t : targets) std::printf("  %s\n", t.describe().c_str());
+}
+
+}  // namespace
+
+int run_info(const InfoCommand& command) {
+  return guarded([&] {
+    cli::setup_logging();
+    if (command.path.empty()) throw InputError("give a model bundle (.pt) or an adapter (folder or .safetensors)");
+    const fs::path path = command.path;
+    if (!fs::exists(path)) throw InputError(path.string() + " does not exist");
+    if (looks_like_adapter(path)) print_adapter(path);
+    else print_model(path, command);
+    return exit_code::kOk;
+  });
+}
+
+}  // namespace loratune

@@ -1,0 +1,25 @@
+#include "cli/common.h"
+#include "loratune/commands.h"
+#include "loratune/errors.h"
+#include "loratune/merge.h"
+
+namespace loratune {
+
+int run_merge(const MergeCommand& command) {
+  return guarded([&] {
+    cli::setup_logging();
+    if (command.base.empty() || command.adapter.empty() || command.output.empty())
+      throw InputError("merge needs --base, --adapter and --output");
+    MergeOptions options;
+    options.strength = command.strength;
+    options.features_only = command.features_only;
+    const MergeReport r = merge_adapter(command.base, command.adapter, command.output, options);
+    for (const auto& line : r.merged) std::printf("merged %s\n", line.c_str());
+    std::printf("wrote %s (%s)\n", r.output.c_str(), command.features_only ? "backbone bundle" : "TorchScript classifier");
+    std::printf("check on a probe batch: max |merged - adapted| = %.3g %s\n", r.max_abs_diff,
+                r.max_abs_diff < 1e-4 ? "(ok)" : "(LARGER THAN EXPECTED)");
+    return r.max_abs_diff < 1e-3 ? exit_code::kOk : exit_code::kRuntime;
+  });
+}
+
+}  // namespace loratune

@@ -1,0 +1,73 @@
+#include "loratune/metrics.h"
+
+#include <ATen/ATen.h>
+
+#include "loratune/errors.h"
+
+namespace loratune {
+
+ClassificationMetrics compute_metrics(const at::Tensor& logits_in, const at::Tensor& labels_in) {
+  const at::Tensor logits = logits_in.detach().to(at::kCPU, at::kDouble);
+  const at::Tensor labels = labels_in.detach().to(at::kCPU, at::kLong);
+  if (logits.dim() != 2 || labels.dim() != 1 || logits.size(0) != labels.size(0))
+    throw InputError("metrics need logits [N,C] and labels [N]");
+  ClassificationMetrics m;
+  const int64_t n = logits.size(0), c = logits.size(1);
+  m.count = n;
+  m.per_class.assign(static_cast<size_t>(c), {});
+  m.confusion.assign(static_cast<size_t>(c), std::vector<int64_t>(static_cast<size_t>(c), 0));
+  if (n == 0) return m;
+  m.loss = at::cross_entropy_loss(logits, labels).item<double>();
+  const at::Tensor predicted = logits.argmax(1);
+  const auto pred = predicted.accessor<int64_t, 1>();
+  const auto truth = labels.accessor<int64_t, 1>();
+  int64_t correct = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (truth[i] < 0 || truth[i] >= c) throw InputError("label " + std::to_string(truth[i]) + " out of range");
+    ++m.confusion[truth[i]][pred[i]];
+    correct += truth[i] == pred[i];
+  }
+  m.top1 = static_cast<double>(correct) / n;
+  if (c > 5) {
+    const at::Tensor top5 = std::get<1>(logits.topk(5, 1));
+    m.top5 = top5.eq(labels.unsqueeze(1)).any(1).to(at::kDouble).mean().item<double>();
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    int64_t tp = m.confusion[k][k], predicted_k = 0, actual_k = 0;
+    for (int64_t j = 0; j < c; ++j) predicted_k += m.confusion[j][k], actual_k += m.confusion[k][j];
+    ClassMetrics& cm = m.per_class[k];
+    cm.support = actual_k;
+    cm.precision = predicted_k ? static_cast<double>(tp) / predicted_k : 0.0;
+    cm.recall = actual_k ? static_cast<double>(tp) / actual_k : 0.0;
+    cm.f1 = cm.precision + cm.recall > 0 ? 2 * cm.precision * cm.recall / (cm.precision + cm.recall) : 0.0;
+  }
+  // Macro averages over the classes that have examples (as scikit-learn does with labels present).
+  int64_t present = 0;
+  for (const auto& cm : m.per_class)
+    if (cm.support > 0) ++present, m.macro_precision += cm.precision, m.macro_recall += cm.recall, m.macro_f1 += cm.f1;
+  if (present) m.macro_precision /= present, m.macro_recall /= present, m.macro_f1 /= present;
+  return m;
+}
+
+nlohmann::json ClassificationMetrics::to_json(const std::vector<std::string>& classes) const {
+  nlohmann::json per = nlohmann::json::array();
+  for (size_t k = 0; k < per_class.size(); ++k)
+    per.push_back({{"class", k < classes.size() ? classes[k] : std::to_string(k)},
+                   {"precision", per_class[k].precision},
+                   {"recall", per_class[k].recall},
+                   {"f1", per_class[k].f1},
+                   {"support", per_class[k].support}});
+  nlohmann::json j = {{"count", count},
+                      {"loss", loss},
+                      {"top1", top1},
+                      {"per_class", per},
+                      {"macro_precision", macro_precision},
+                      {"macro_recall", macro_recall},
+                      {"macro_f1", macro_f1},
+                      {"confusion_matrix", confusion},
+                      {"classes", classes}};
+  if (top5 >= 0) j["top5"] = top5;
+  return j;
+}
+
+}  // namespace loratune

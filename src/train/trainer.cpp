@@ -1,0 +1,352 @@
+#include "loratune/trainer.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+
+#include "common/torch_compat.h"
+#include "loratune/adapter.h"
+#include "loratune/errors.h"
+#include "loratune/evaluate.h"
+#include "loratune/files.h"
+#include "loratune/fingerprint.h"
+#include "loratune/memory.h"
+#include "loratune/metrics.h"
+#include "loratune/optim.h"
+#include "loratune/progress.h"
+#include "loratune/safetensors.h"
+#include "loratune/text.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace loratune {
+namespace {
+
+std::atomic<bool> g_stop_requested{false};
+
+constexpr int64_t kMaxNonFiniteSteps = 3;       // fp32/bf16: NaN/inf this many steps in a row stops the run
+constexpr int64_t kMaxNonFiniteStepsFp16 = 25;  // fp16: the scaler may need a few halvings first
+constexpr const char* kCheckpointFormat = "loratune.checkpoint/1";
+
+// Keys that do not change what training computes (where it runs, how often it reports).
+const std::vector<std::string> kNonResultKeys = {"/output_dir", "/data/workers", "/data/prefetch_batches",
+                                                 "/data/cache", "/device", "/threads", "/log_every_steps",
+                                                 "/checkpoint_every_steps"};
+
+std::string format_percent(double fraction) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f%%", 100.0 * fraction);
+  return buf;
+}
+
+}  // namespace
+
+json TrainSummary::to_json() const {
+  json skipped = json::array();
+  for (const auto& [path, why] : skipped_files) skipped.push_back({{"path", path}, {"reason", why}});
+  return {{"method", method},
+          {"steps", steps},
+          {"epochs", epochs},
+          {"images_seen", images_seen},
+          {"trainable_params", trainable_params},
+          {"total_params", total_params},
+          {"best_val_top1", best_val_top1},
+          {"best_epoch", best_epoch},
+          {"final_val_top1", final_val_top1},
+          {"final_val_loss", final_val_loss},
+          {"final_train_loss", final_train_loss},
+          {"peak_memory_bytes", peak_memory},
+          {"seconds", seconds},
+          {"train_images_per_second", train_images_per_second},
+          {"precision", precision},
+          {"skipped_files", skipped}};
+}
+
+void Trainer::request_stop() { g_stop_requested = true; }
+
+Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val,
+                 std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
+    : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
+      precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()) {
+  optimizer_ = std::make_unique<AdamW>(trainable_, AdamWOptions{config.beta1, config.beta2, config.eps, config.weight_decay});
+  if (config.head_lr > 0) {
+    optimizer_->set_lr_multiplier("head.weight", config.head_lr / config.lr);
+    optimizer_->set_lr_multiplier("head.bias", config.head_lr / config.lr);
+  }
+  LossScaler::Options so;
+  so.init_scale = config.loss_scale_init;
+  so.growth_interval = config.loss_scale_growth_interval;
+  scaler_ = std::make_unique<LossScaler>(precision == Precision::kFp16, so);
+}
+
+Trainer::~Trainer() = default;
+
+json Trainer::adapter_training_record() const {
+  json record = config_.json;
+  for (const auto& key : kNonResultKeys) {
+    const json::json_pointer ptr(key);
+    const auto parent = ptr.parent_pointer();
+    if (record.contains(ptr)) record[parent].erase(ptr.back());
+  }
+  record["precision"] = precision_name(precision_);
+  return record;
+}
+
+std::string Trainer::resume_fingerprint() const {
+  const std::string text = adapter_training_record().dump() + "|" + model_.bundle().fingerprint;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash_bytes(text.data(), text.size(), 7)));
+  return hex;
+}
+
+void Trainer::save_adapter_to(const std::string& name) {
+  save_adapter(dir_ / name, adapter_from_model(model_, classes_, adapter_training_record()));
+}
+
+void Trainer::append_metrics(const json& line, Progress& p) {
+  std::ofstream out(dir_ / kMetrics, std::ios::app);
+  out << line.dump() << "\n";
+  if (!out) throw RuntimeFailure("cannot write " + (dir_ / kMetrics).string());
+  ++p.metrics_lines;
+}
+
+void Trainer::save_checkpoint(const Progress& p) {
+  safetensors::Tensors tensors = optimizer_->state();
+  for (const auto& t : trainable_) tensors["param." + t.name] = t.tensor;
+  tensors["rng.cpu"] = compat::default_generator(c10::Device(c10::kCPU)).get_state();
+  if (device_.is_cuda()) tensors["rng.device"] = compat::default_generator(device_).get_state();
+  const json progress = {{"step", p.step},
+                         {"epoch", p.epoch},
+                         {"step_in_epoch", p.step_in_epoch},
+                         {"metrics_lines", p.metrics_lines},
+                         {"nonfinite_streak", p.nonfinite_streak},
+                         {"best_top1", p.best_top1},
+                         {"best_epoch", p.best_epoch},
+                         {"loss_scale", scaler_->scale()},
+                         {"loss_scale_growth_tracker", scaler_->growth_tracker()}};
+  safetensors::write(dir_ / kCheckpoint, tensors,
+                     {{"format", kCheckpointFormat}, {"progress", progress.dump()}, {"resume_fingerprint", resume_fingerprint()}});
+}
+
+Trainer::Progress Trainer::load_checkpoint() {
+  const fs::path path = dir_ / kCheckpoint;
+  const auto ckpt = safetensors::read(path);
+  if (ckpt.metadata.count("format") == 0 || ckpt.metadata.at("format") != kCheckpointFormat)
+    throw InputError(path.string() + " is not a loratune checkpoint");
+  if (ckpt.metadata.at("resume_fingerprint") != resume_fingerprint())
+    throw InputError(path.string() + " was written with another configuration or base model; resuming needs the same "
+                     "settings (only output_dir, device, threads, data loading and logging may change). Compare with " +
+                     (dir_ / kConfig).string() + ", or start a new run in another output_dir");
+  const json progress = json::parse(ckpt.metadata.at("progress"));
+  {
+    at::NoGradGuard no_grad;
+    for (auto& t : trainable_) {
+      auto it = ckpt.tensors.find("param." + t.name);
+      if (it == ckpt.tensors.end()) throw InputError(path.string() + " has no tensor for " + t.name);
+      t.tensor.copy_(it->second);
+    }
+  }
+  optimizer_->load_state(ckpt.tensors);
+  compat::default_generator(c10::Device(c10::kCPU)).set_state(ckpt.tensors.at("rng.cpu"));
+  if (device_.is_cuda() && ckpt.tensors.count("rng.device"))
+    compat::default_generator(device_).set_state(ckpt.tensors.at("rng.device"));
+  scaler_->restore(progress.at("loss_scale"), progress.at("loss_scale_growth_tracker"));
+  Progress p;
+  p.step = progress.at("step");
+  p.epoch = progress.at("epoch");
+  p.step_in_epoch = progress.at("step_in_epoch");
+  p.metrics_lines = progress.at("metrics_lines");
+  p.nonfinite_streak = progress.at("nonfinite_streak");
+  p.best_top1 = progress.at("best_top1");
+  p.best_epoch = progress.at("best_epoch");
+
+  // Metrics written after the checkpoint belong to the lost part of the run.
+  std::vector<std::string> lines;
+  {
+    std::ifstream in(dir_ / kMetrics);
+    std::string line;
+    while (static_cast<int64_t>(lines.size()) < p.metrics_lines && std::getline(in, line)) lines.push_back(line);
+  }
+  std::string kept;
+  for (const auto& line : lines) kept += line + "\n";
+  write_file_atomic(dir_ / kMetrics, kept);
+  return p;
+}
+
+Trainer::Validation Trainer::validate() {
+  model_.set_training(false);
+  const Predictions pr = predict_all([&](const at::Tensor& x) { return model_.logits(x); }, *val_, device_, precision_,
+                                     "  validate");
+  const ClassificationMetrics m = compute_metrics(pr.logits, pr.labels);
+  return {m.loss, m.top1};
+}
+
+TrainSummary Trainer::run(bool resume) {
+  g_stop_requested = false;
+  const auto start = std::chrono::steady_clock::now();
+  fs::create_directories(dir_);
+  const bool have_checkpoint = fs::exists(dir_ / kCheckpoint);
+  if (resume && !have_checkpoint)
+    throw InputError("nothing to resume: " + (dir_ / kCheckpoint).string() + " does not exist; run without --resume");
+  if (!resume && have_checkpoint)
+    throw InputError(dir_.string() + " already holds a run; continue it with --resume, or set output_dir to a new folder");
+
+  const int64_t accum = config_.grad_accum_steps;
+  const int64_t steps_per_epoch = train_.batches_per_epoch() / accum;
+  if (steps_per_epoch == 0)
+    throw InputError("too few training images (" + std::to_string(train_.num_samples()) + ") for one optimiser step of " +
+                     std::to_string(config_.batch_size * accum) + " (batch_size x grad_accum_steps); lower them");
+  const int64_t total_steps = config_.max_steps > 0 ? config_.max_steps : config_.epochs * steps_per_epoch;
+  const int64_t total_epochs = (total_steps + steps_per_epoch - 1) / steps_per_epoch;
+  const auto warmup = static_cast<int64_t>(std::llround(config_.warmup_fraction * static_cast<double>(total_steps)));
+
+  Progress p;
+  if (resume) {
+    p = load_checkpoint();
+    spdlog::info("resuming at step {} of {} (epoch {})", p.step, total_steps, p.epoch + 1);
+  } else {
+    write_file_atomic(dir_ / kConfig, config_.json.dump(2) + "\n");
+    write_file_atomic(dir_ / kMetrics, "");
+  }
+
+  TrainSummary summary;
+  summary.method = config_.method;
+  summary.trainable_params = model_.trainable_count();
+  summary.total_params = model_.total_count();
+  summary.precision = precision_name(precision_);
+  reset_peak_memory(device_);
+  double train_seconds = 0;
+  int64_t train_images = 0;
+
+  while (p.step < total_steps) {
+    const int64_t steps_this_epoch = std::min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch);
+    const int64_t images_per_step = config_.batch_size * accum;
+    train_.start_epoch(p.epoch, p.step_in_epoch * accum);
+    model_.set_training(true);
+    ProgressBar bar("epoch " + std::to_string(p.epoch + 1) + "/" + std::to_string(total_epochs),
+                    steps_this_epoch * images_per_step, "img");
+    bar.restart_rate(p.step_in_epoch * images_per_step);
+    double window_loss = 0;
+    int64_t window_steps = 0;
+    auto window_start = std::chrono::steady_clock::now();
+    int64_t window_images = 0;
+
+    while (p.step_in_epoch < steps_this_epoch) {
+      const auto step_start = std::chrono::steady_clock::now();
+      double step_loss = 0;
+      for (int64_t k = 0; k < accum; ++k) {
+        auto batch = train_.next();
+        if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
+        const at::Tensor x = batch->images.to(device_, /*non_blocking=*/true);
+        const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
+        at::Tensor logits;
+        {
+          AutocastScope autocast(device_, precision_);
+          logits = model_.logits(x, config_.gradient_checkpointing);
+        }
+        const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100,
+                                                       config_.label_smoothing);
+        scaler_->scale_loss(loss / static_cast<double>(accum)).backward();
+        step_loss += loss.item<double>() / static_cast<double>(accum);
+        window_images += x.size(0);
+      }
+      std::vector<at::Tensor> grads;
+      for (const auto& t : trainable_)
+        if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
+      const bool finite = scaler_->unscale(grads) && std::isfinite(step_loss);
+      double grad_norm = std::nan("");
+      const double lr = scheduled_lr(p.step, total_steps, warmup, config_.lr, config_.min_lr_ratio);
+      if (finite) {
+        grad_norm = clip_grad_norm(trainable_, config_.grad_clip);
+        optimizer_->step(lr);
+        p.nonfinite_streak = 0;
+      } else {
+        ++p.nonfinite_streak;
+      }
+      scaler_->update(!finite);
+      optimizer_->zero_grad();
+      ++p.step;
+      ++p.step_in_epoch;
+      train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+      train_images += images_per_step;
+      window_loss += finite ? step_loss : 0;
+      window_steps += finite;
+      summary.final_train_loss = finite ? step_loss : summary.final_train_loss;
+
+      if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)
+        throw RuntimeFailure("fp16 overflow: " + std::to_string(p.nonfinite_streak) + " steps in a row had inf/NaN "
+                             "gradients (loss scale now " + std::to_string(scaler_->scale()) + "); use precision bf16 "
+                             "or fp32, or lower optim.lr");
+      if (precision_ != Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteSteps)
+        throw RuntimeFailure("the loss was NaN/inf for " + std::to_string(p.nonfinite_streak) + " steps in a row (at step " +
+                             std::to_string(p.step) + "): the learning rate " + std::to_string(config_.lr) +
+                             " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
+
+      if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
+        json line = {{"type", "train"},
+                     {"step", p.step},
+                     {"epoch", p.epoch + 1},
+                     {"loss", window_steps ? window_loss / window_steps : std::nan("")},
+                     {"lr", lr},
+                     {"grad_norm", grad_norm},
+                     {"images_per_second", dt > 0 ? window_images / dt : 0.0},
+                     {"memory_bytes", peak_memory(device_)}};
+        if (scaler_->enabled()) line["loss_scale"] = scaler_->scale();
+        append_metrics(line, p);
+        window_loss = 0, window_steps = 0, window_images = 0;
+        window_start = std::chrono::steady_clock::now();
+      }
+      char status[96];
+      std::snprintf(status, sizeof status, "step %lld loss %.4f lr %.2e ", static_cast<long long>(p.step), step_loss, lr);
+      bar.update(p.step_in_epoch * images_per_step, status + memory_status(device_));
+
+      const bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step));
+      if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
+      if (stop) {
+        bar.finish();
+        throw Interrupted("stopped after step " + std::to_string(p.step) + " of " + std::to_string(total_steps) +
+                          "; checkpoint saved in " + (dir_ / kCheckpoint).string());
+      }
+    }
+    bar.finish();
+
+    ++p.epoch;
+    p.step_in_epoch = 0;
+    if (val_ && (p.epoch % config_.eval_every_epochs == 0 || p.step >= total_steps)) {
+      const Validation v = validate();
+      const bool best = v.top1 > p.best_top1;
+      if (best) {
+        p.best_top1 = v.top1;
+        p.best_epoch = p.epoch;
+        save_adapter_to(kBestAdapter);
+      }
+      summary.final_val_top1 = v.top1;
+      summary.final_val_loss = v.loss;
+      append_metrics({{"type", "val"}, {"step", p.step}, {"epoch", p.epoch}, {"val_loss", v.loss}, {"val_top1", v.top1}}, p);
+      spdlog::info("epoch {}/{}: val loss {:.4f}, top-1 {}{}", p.epoch, total_epochs, v.loss, format_percent(v.top1),
+                   best ? " (best so far)" : "");
+    }
+    save_adapter_to(kLastAdapter);
+    save_checkpoint(p);
+  }
+
+  summary.steps = p.step;
+  summary.epochs = p.epoch;
+  summary.images_seen = p.step * config_.batch_size * accum;
+  summary.best_val_top1 = p.best_top1;
+  summary.best_epoch = p.best_epoch;
+  summary.peak_memory = peak_memory(device_);
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  summary.train_images_per_second = train_seconds > 0 ? train_images / train_seconds : 0.0;
+  summary.skipped_files = train_.skipped();
+  if (val_)
+    for (const auto& s : val_->skipped()) summary.skipped_files.push_back(s);
+  write_file_atomic(dir_ / kSummary, summary.to_json().dump(2) + "\n");
+  return summary;
+}
+
+}  // namespace loratune

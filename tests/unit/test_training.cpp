@@ -1,0 +1,233 @@
+// The training loop on in-memory batches (no OpenCV): accumulation, checkpointing, resume, scaler, NaN handling.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "loratune/adapter.h"
+#include "loratune/config.h"
+#include "loratune/errors.h"
+#include "loratune/files.h"
+#include "loratune/optim.h"
+#include "loratune/safetensors.h"
+#include "loratune/trainer.h"
+#include "test_support.h"
+
+namespace loratune {
+namespace {
+
+using nlohmann::json;
+using test::fixture;
+using test::max_abs_diff;
+
+TrainConfig make_config(const std::filesystem::path& out, json overrides = json::object()) {
+  json j = {{"model", fixture("vit/vit_hf_script.pt").string()},
+            {"data", {{"train", "unused"}}},
+            {"output_dir", out.string()},
+            {"epochs", 2},
+            {"lora", {{"dropout", 0.0}}},
+            {"precision", "fp32"},
+            {"gradient_checkpointing", false},
+            {"log_every_steps", 1}};
+  j.merge_patch(overrides);
+  return parse_train_config(j, "test config");
+}
+
+// A model set up as `loratune train` does: seeded adapters and head.
+std::unique_ptr<Model> make_model(const TrainConfig& c, int64_t classes) {
+  torch::manual_seed(c.seed);
+  auto model = std::make_unique<Model>(load_bundle(c.model));
+  model->set_method(parse_method(c.method));
+  if (c.method == "lora") {
+    auto targets = resolve_targets(model->module(), c.lora);
+    init_adapter_tensors(targets);
+    model->set_adapters(targets, c.lora.dropout);
+  }
+  model->init_head(classes);
+  return model;
+}
+
+struct ToyData {
+  at::Tensor images, labels;
+  ToyData(int64_t n, uint64_t seed) {
+    at::Generator gen = at::detail::createCPUGenerator(seed);
+    labels = at::arange(n, at::kLong) % 3;
+    images = at::randn({n, 3, 32, 32}, gen) * 0.5 + labels.to(at::kFloat).view({n, 1, 1, 1}) - 1.0;
+  }
+};
+
+std::string bytes_of(const std::filesystem::path& p) { return read_file(p); }
+
+TEST(Training, GradientAccumulationMatchesOneLargeBatch) {
+  ToyData data(16, 1);
+  std::vector<at::Tensor> results[2];
+  int run = 0;
+  for (auto [batch, accum] : {std::pair{8, 1}, std::pair{2, 4}}) {
+    const auto dir = test::temp_dir("accum" + std::to_string(batch));
+    const TrainConfig c = make_config(dir, {{"batch_size", batch}, {"grad_accum_steps", accum}, {"max_steps", 3}});
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, true, true, c.seed);
+    Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false);
+    for (const auto& t : model->trainable()) results[run].push_back(t.tensor.detach().clone());
+    ++run;
+  }
+  ASSERT_EQ(results[0].size(), results[1].size());
+  for (size_t i = 0; i < results[0].size(); ++i) EXPECT_LT(max_abs_diff(results[0][i], results[1][i]), 1e-5);
+  // and training did move the adapters
+  EXPECT_GT(results[0][1].abs().max().item<double>(), 0.0);
+}
+
+TEST(Training, CheckpointingGivesIdenticalLossAndGradients) {
+  ToyData data(4, 2);
+  const TrainConfig c = make_config(test::temp_dir("ckpt"), {{"lora", {{"dropout", 0.3}}}});
+  for (const std::string layout : {"hf_script", "timm_trace", "torchvision_script"}) {
+    SCOPED_TRACE(layout);
+    TrainConfig lc = c;
+    lc.model = fixture("vit/vit_" + layout + ".pt").string();
+    std::vector<at::Tensor> grads[2];
+    double losses[2];
+    for (int checkpoint = 0; checkpoint < 2; ++checkpoint) {
+      auto model = make_model(lc, 3);
+      {  // non-zero B so that every adapter tensor gets a gradient
+        at::NoGradGuard no_grad;
+        for (auto& t : model->adapters()) t.B.normal_(0, 0.1);
+      }
+      model->set_training(true);
+      torch::manual_seed(123);  // same dropout masks
+      const at::Tensor loss = at::cross_entropy_loss(model->logits(data.images, checkpoint == 1), data.labels);
+      loss.backward();
+      losses[checkpoint] = loss.item<double>();
+      for (const auto& t : model->trainable()) grads[checkpoint].push_back(t.tensor.grad().clone());
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_LT(max_abs_diff(grads[0][i], grads[1][i]), 1e-7) << i;
+  }
+}
+
+TEST(Training, InterruptedAndResumedEqualsUninterruptedByteForByte) {
+  ToyData data(12, 3), val(6, 4);
+  const json settings = {{"batch_size", 2},  {"grad_accum_steps", 2}, {"epochs", 3},
+                         {"lora", {{"dropout", 0.2}}}, {"gradient_checkpointing", true}};
+  const auto straight = test::temp_dir("straight"), resumed = test::temp_dir("resumed");
+  auto run = [&](const std::filesystem::path& dir, bool resume, TrainerHooks hooks) {
+    const TrainConfig c = make_config(dir, settings);
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, true, true, c.seed);
+    TensorBatchSource validation(val.images, val.labels, 4, false, false, 0);
+    return Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32, hooks).run(resume);
+  };
+  const TrainSummary full = run(straight, false, {});
+  EXPECT_EQ(full.steps, 9);
+  // Interrupt mid-epoch (step 4 of 3 per epoch), then at an epoch boundary (step 6), then finish.
+  EXPECT_THROW(run(resumed, false, {[](int64_t step) { return step == 4; }}), Interrupted);
+  EXPECT_THROW_WITH(run(resumed, false, {}), InputError, "already holds a run; continue it with --resume");
+  EXPECT_THROW(run(resumed, true, {[](int64_t step) { return step == 6; }}), Interrupted);
+  run(resumed, true, {});
+  for (const char* dir : {Trainer::kLastAdapter, Trainer::kBestAdapter})
+    EXPECT_EQ(bytes_of(straight / dir / kAdapterWeightsName), bytes_of(resumed / dir / kAdapterWeightsName)) << dir;
+  EXPECT_EQ(bytes_of(straight / Trainer::kMetrics).size() > 0, true);
+  // The metrics have one line per step and validation, without duplicates from the interrupted attempts.
+  std::ifstream in(resumed / Trainer::kMetrics);
+  int lines = 0;
+  for (std::string line; std::getline(in, line);) ++lines;
+  EXPECT_EQ(lines, 9 + 3);
+}
+
+TEST(Training, ResumeRefusesAChangedConfiguration) {
+  ToyData data(8, 3);
+  const auto dir = test::temp_dir("changed");
+  {
+    const TrainConfig c = make_config(dir, {{"batch_size", 2}});
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, true, true, c.seed);
+    EXPECT_THROW(Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32,
+                         {[](int64_t) { return true; }}).run(false), Interrupted);
+  }
+  const TrainConfig changed = make_config(dir, {{"batch_size", 2}, {"optim", {{"lr", 0.5}}}});
+  auto model = make_model(changed, 3);
+  TensorBatchSource train(data.images, data.labels, 2, true, true, 0);
+  EXPECT_THROW_WITH(Trainer(changed, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(true),
+                    InputError, "was written with another configuration or base model");
+}
+
+TEST(Training, PersistentNanLossStopsWithAHint) {
+  ToyData data(8, 5);
+  data.images[0].fill_(std::nan(""));  // every batch of 8 holds this image
+  const TrainConfig c = make_config(test::temp_dir("nan"), {{"batch_size", 8}, {"epochs", 5}});
+  auto model = make_model(c, 3);
+  const at::Tensor before = model->head_weight().detach().clone();
+  TensorBatchSource train(data.images, data.labels, 8, true, true, 0);
+  EXPECT_THROW_WITH(Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false),
+                    RuntimeFailure, "the loss was NaN/inf for 3 steps in a row (at step 3): the learning rate");
+  EXPECT_TRUE(at::equal(before, model->head_weight())) << "steps with NaN gradients are skipped";
+}
+
+TEST(LossScaler, InfSkipsAndHalvesThenGrowsAfterTheInterval) {
+  LossScaler::Options o;
+  o.init_scale = 1024;
+  o.growth_interval = 3;
+  LossScaler scaler(true, o);
+  EXPECT_EQ(scaler.scale_loss(at::tensor(2.0)).item<double>(), 2048.0);
+  at::Tensor finite = at::full({3}, 1024.0), broken = at::tensor({1.0, INFINITY});
+  EXPECT_TRUE(scaler.unscale({finite}));
+  EXPECT_TRUE(at::allclose(finite, at::ones({3}))) << "gradients are unscaled in place";
+  EXPECT_FALSE(scaler.unscale({finite, broken}));
+  scaler.update(true);
+  EXPECT_EQ(scaler.scale(), 512.0);
+  EXPECT_EQ(scaler.growth_tracker(), 0);
+  scaler.update(false);
+  scaler.update(false);
+  EXPECT_EQ(scaler.scale(), 512.0);
+  scaler.update(false);
+  EXPECT_EQ(scaler.scale(), 1024.0);
+  EXPECT_EQ(scaler.growth_tracker(), 0);
+  LossScaler off(false, o);
+  EXPECT_EQ(off.scale_loss(at::tensor(2.0)).item<double>(), 2.0);
+}
+
+TEST(Optimizer, AdamWMatchesPyTorch) {
+  const auto ref = safetensors::read(fixture("vit/adamw_ref.safetensors")).tensors;
+  at::Tensor w = ref.at("w0").clone().requires_grad_(true), b = ref.at("b0").clone().requires_grad_(true);
+  AdamW opt({{"w", w}, {"b", b}}, AdamWOptions{0.9, 0.99, 1e-8, 0.1});  // decay applies to the matrix only
+  const double lrs[] = {0.01, 0.005, 0.002};
+  for (int i = 0; i < 3; ++i) {
+    w.mutable_grad() = ref.at("gw" + std::to_string(i)).clone();
+    b.mutable_grad() = ref.at("gb" + std::to_string(i)).clone();
+    opt.step(lrs[i]);
+  }
+  EXPECT_LT(max_abs_diff(w, ref.at("w3")), 1e-6);
+  EXPECT_LT(max_abs_diff(b, ref.at("b3")), 1e-6);
+}
+
+TEST(Optimizer, WarmupThenCosine) {
+  EXPECT_DOUBLE_EQ(scheduled_lr(0, 100, 10, 1.0, 0.0), 0.1);
+  EXPECT_DOUBLE_EQ(scheduled_lr(9, 100, 10, 1.0, 0.0), 1.0);
+  EXPECT_DOUBLE_EQ(scheduled_lr(10, 100, 10, 1.0, 0.0), 1.0);
+  EXPECT_NEAR(scheduled_lr(55, 100, 10, 1.0, 0.0), 0.5, 1e-12);
+  EXPECT_NEAR(scheduled_lr(100, 100, 10, 1.0, 0.1), 0.1, 1e-12);
+}
+
+TEST(Config, DefaultsTypesAndSuggestions) {
+  const TrainConfig c = parse_train_config({{"model", "m.pt"}, {"data", {{"train", "photos"}}}}, "c.json");
+  EXPECT_EQ(c.lora.rank, 8);
+  EXPECT_EQ(c.method, "lora");
+  EXPECT_TRUE(c.json.contains("optim"));
+  EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rnak", 4}}}}, "c.json"),
+                    InputError, "c.json: unknown key \"lora.rnak\" (did you mean \"lora.rank\"?)");
+  EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"learning_rate", 1}}, "c.json"),
+                    InputError, "unknown key \"learning_rate\"");
+  EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rank", "8"}}}}, "c.json"),
+                    InputError, "c.json: lora.rank must be a integer, not \"8\"");
+  EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"method", "lorra"}}, "c.json"),
+                    InputError, "method must be lora, full or linear_probe");
+  EXPECT_THROW_WITH(parse_train_config({{"data", {{"train", "p"}}}}, "c.json"), InputError, "\"model\" is required");
+  const auto dir = test::temp_dir("config");
+  write_file_atomic(dir / "c.json", R"({"model": "m.pt", "data": {"train": "p"}, "lora": {"rank": 4}})");
+  const TrainConfig o = load_train_config(dir / "c.json", {"lora.rank=16", "data.val=null", "output_dir=runs/x", "optim.head_lr=0.01"});
+  EXPECT_EQ(o.lora.rank, 16);
+  EXPECT_EQ(o.output_dir, "runs/x");
+  EXPECT_DOUBLE_EQ(o.head_lr, 0.01);
+  EXPECT_THROW_WITH(load_train_config(dir / "c.json", {"lora.rank"}), InputError, "expected key=value");
+}
+
+}  // namespace
+}  // namespace loratune
