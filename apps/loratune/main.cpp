@@ -32,8 +32,7 @@ int main(int argc, char** argv) {
   loratune::TrainCommand train;
   bool help_config = false;
   auto* t = app.add_subcommand("train", "train LoRA adapters (or a full fine-tune / linear probe) on a photo folder");
-  t->add_option("-c,--config", train.config, "JSON configuration (see --help-config for every key and default)")
-      ->check(CLI::ExistingFile);
+  t->add_option("-c,--config", train.config, "JSON configuration (see --help-config for every key and default)");
   t->add_option("--set", train.overrides, "override a config key: --set lora.rank=16 (repeatable)")->type_name("KEY=VALUE")->allow_extra_args(false);
   t->add_flag("--resume", train.resume, "continue the interrupted run in the config's output_dir");
   t->add_flag("--help-config", help_config, "list every config key with its type, default and meaning");
@@ -46,7 +45,7 @@ int main(int argc, char** argv) {
 
   loratune::EvalCommand eval;
   auto* e = app.add_subcommand("eval", "accuracy, per-class metrics and a confusion matrix on a held-out photo folder");
-  e->add_option("-m,--model", eval.model, "backbone bundle (with --adapter) or merged classifier")->required()->check(CLI::ExistingFile);
+  e->add_option("-m,--model", eval.model, "backbone bundle (with --adapter) or merged classifier")->required();
   e->add_option("-a,--adapter", eval.adapter, "adapter folder or .safetensors from loratune train");
   e->add_option("-d,--data", eval.data, "held-out photo folder: one subfolder per class")->required();
   e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
@@ -60,7 +59,7 @@ int main(int argc, char** argv) {
 
   loratune::PredictCommand predict;
   auto* p = app.add_subcommand("predict", "top-k labels for images, with one or several adapters on one base");
-  p->add_option("-m,--model", predict.model, "backbone bundle (with --adapter) or merged classifier")->required()->check(CLI::ExistingFile);
+  p->add_option("-m,--model", predict.model, "backbone bundle (with --adapter) or merged classifier")->required();
   p->add_option("-a,--adapter", predict.adapters, "adapter(s); several are switched on one loaded base (repeatable)")->allow_extra_args(false);
   p->add_option("inputs", predict.inputs, "image files or folders")->required();
   p->add_option("-k,--top-k", predict.top_k, "labels per image")->capture_default_str();
@@ -75,11 +74,11 @@ int main(int argc, char** argv) {
 
   loratune::MergeCommand merge;
   auto* m = app.add_subcommand("merge", "fold an adapter into its base: a drop-in TorchScript classifier");
-  m->add_option("-b,--base", merge.base, "the base model bundle the adapter was trained on")->required()->check(CLI::ExistingFile);
+  m->add_option("-b,--base", merge.base, "the base model bundle the adapter was trained on")->required();
   m->add_option("-a,--adapter", merge.adapter, "adapter folder or .safetensors")->required();
   m->add_option("-o,--output", merge.output, "TorchScript file to write")->required();
   m->add_option("-s,--strength", merge.strength, "0..1: scale of the weight update (WiSE-FT style interpolation)")
-      ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+      ->capture_default_str();
   m->add_flag("--features-only", merge.features_only, "write a backbone bundle (images -> features) instead of a classifier");
   m->footer(footer(
       "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output vit_base_photos.pt\n"
@@ -89,7 +88,7 @@ int main(int argc, char** argv) {
   loratune::InfoCommand info;
   auto* i = app.add_subcommand("info", "describe a model bundle or an adapter; show what a config would adapt");
   i->add_option("path", info.path, "model bundle (.pt), merged classifier, or adapter (folder or .safetensors)")->required();
-  i->add_option("-c,--config", info.config, "training config whose LoRA settings to resolve on this model")->check(CLI::ExistingFile);
+  i->add_option("-c,--config", info.config, "training config whose LoRA settings to resolve on this model");
   i->add_option("--set", info.overrides, "config overrides, e.g. --set lora.targets='[\"qkv:q,k,v\"]'")->type_name("KEY=VALUE")->allow_extra_args(false);
   i->footer(footer(
       "  loratune info models/vit_base.pt\n"

@@ -1,0 +1,246 @@
+"""The loratune command line end to end, on the test fixtures: messages and exit codes of bad input, Ctrl-C and
+resume, eval metrics against a Python computation from the merged file's logits, adapter switching in predict.
+
+usage: test_cli.py LORATUNE_BINARY FIXTURE_DIR
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+import torch
+from PIL import Image
+
+BIN, FIX = sys.argv[1], sys.argv[2]
+IMAGES = os.path.join(FIX, "images")
+BASE = os.path.join(FIX, "vit", "vit_hf_script.pt")
+OTHER_BASE = os.path.join(FIX, "vit", "vit_timm_script.pt")
+TMP = tempfile.mkdtemp(prefix="loratune_cli_")
+
+
+def run(*args, timeout=300):
+    p = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def write_config(name, **extra):
+    cfg = {"model": BASE, "data": {"train": os.path.join(IMAGES, "toy", "train"), "val": os.path.join(IMAGES, "toy", "val"),
+                                   "workers": 2},
+           "epochs": 3, "batch_size": 8, "precision": "fp32", "optim": {"lr": 0.005},
+           "output_dir": os.path.join(TMP, name)}
+    cfg.update(extra)
+    path = os.path.join(TMP, name + ".json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path, cfg["output_dir"]
+
+
+_trained = {}
+
+
+def trained_run():
+    """One small training run shared by the tests that need an adapter."""
+    if "dir" not in _trained:
+        cfg, out = write_config("shared")
+        code, _, err = run("train", "--config", cfg)
+        assert code == 0, err
+        _trained["dir"] = out
+    return _trained["dir"]
+
+
+class Help(unittest.TestCase):
+    def test_every_command_has_help_with_examples(self):
+        code, out, _ = run("--help")
+        self.assertEqual(code, 0)
+        self.assertIn("Exit codes: 0 ok, 2 bad command line, 3 bad input", out)
+        for cmd in ("train", "eval", "predict", "merge", "info", "report"):
+            code, out, _ = run(cmd, "--help")
+            self.assertEqual(code, 0, cmd)
+            self.assertIn("Examples:", out, cmd)
+
+    def test_config_reference(self):
+        code, out, _ = run("train", "--help-config")
+        self.assertEqual(code, 0)
+        self.assertIn("lora.rank", out)
+        self.assertIn("gradient_checkpointing", out)
+
+    def test_usage_errors_exit_2(self):
+        code, _, err = run("train", "--bogus")
+        self.assertEqual(code, 2)
+        self.assertTrue(err.startswith("error: "))
+        self.assertEqual(run("frobnicate")[0], 2)
+        self.assertEqual(run("eval", "--model", BASE)[0], 2)  # --data missing
+
+
+class BadInput(unittest.TestCase):
+    def assert_input_error(self, args, message):
+        code, _, err = run(*args)
+        self.assertEqual(code, 3, err)
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        self.assertEqual(len(errors), 1, "one clear error line: " + err)
+        self.assertEqual(errors[0], err.strip().splitlines()[-1], "the error comes last")
+        self.assertIn(message, errors[0])
+
+    def test_missing_files(self):
+        self.assert_input_error(("train", "--config", os.path.join(TMP, "nope.json")), "nope.json: no such file")
+        self.assert_input_error(("eval", "--model", os.path.join(TMP, "nope.pt"), "--data", IMAGES),
+                                "model file " + os.path.join(TMP, "nope.pt") + " does not exist")
+        self.assert_input_error(("info", os.path.join(TMP, "nothing")), "does not exist")
+        self.assert_input_error(("report", TMP), "is not a training run folder (no metrics.jsonl)")
+        self.assert_input_error(("predict", "--model", BASE, "--adapter", trained_run() + "/best", os.path.join(TMP, "x.png")),
+                                "input " + os.path.join(TMP, "x.png") + " does not exist")
+
+    def test_bad_configs_and_folders(self):
+        cfg, _ = write_config("typo", lora={"rnak": 4})
+        self.assert_input_error(("train", "--config", cfg), 'unknown key "lora.rnak" (did you mean "lora.rank"?)')
+        cfg, _ = write_config("single", data={"train": os.path.join(IMAGES, "single_class")})
+        self.assert_input_error(("train", "--config", cfg), "a classifier needs at least two")
+        cfg, _ = write_config("empty", data={"train": os.path.join(IMAGES, "empty_class")})
+        self.assert_input_error(("train", "--config", cfg), "class folder broken in")
+        cfg, _ = write_config("noresume")
+        self.assert_input_error(("train", "--config", cfg, "--resume"), "nothing to resume")
+        self.assert_input_error(("train", "--config", cfg, "--set", "lora.rank=abc"), "lora.rank must be a integer")
+
+    def test_unknown_classes_and_wrong_base(self):
+        run_dir = trained_run()
+        self.assert_input_error(("eval", "--model", BASE, "--adapter", run_dir + "/best", "--data", os.path.join(IMAGES, "edge")),
+                                "has class folders the model does not know: alpha, beta")
+        self.assert_input_error(("eval", "--model", OTHER_BASE, "--adapter", run_dir + "/best", "--data",
+                                 os.path.join(IMAGES, "toy", "val")), "was trained on a different base model")
+        out = os.path.join(TMP, "refused.pt")
+        self.assert_input_error(("merge", "--base", OTHER_BASE, "--adapter", run_dir + "/best", "--output", out),
+                                "was trained on a different base model")
+        self.assertFalse(os.path.exists(out), "no half-written output")
+        self.assert_input_error(("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output", out, "--strength", "2"),
+                                "merge strength must be between 0 and 1")
+        self.assert_input_error(("eval", "--model", BASE, "--data", os.path.join(IMAGES, "toy", "val")), "pass --adapter")
+
+
+class Interrupt(unittest.TestCase):
+    def test_ctrl_c_checkpoints_and_resume_finishes(self):
+        cfg, out = write_config("interrupt", epochs=40)
+        p = subprocess.Popen([BIN, "train", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = os.path.join(out, "metrics.jsonl")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 130, err)
+        self.assertIn("resume with: loratune train --config " + cfg + " --resume", err)
+        self.assertTrue(os.path.exists(os.path.join(out, "checkpoint.safetensors")))
+        code, _, err = run("train", "--config", cfg, "--resume")
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "summary.json")) as f:
+            self.assertEqual(json.load(f)["epochs"], 40)
+
+
+def python_metrics(logits, labels, classes):
+    pred = logits.argmax(1)
+    c = len(classes)
+    cm = [[int(((labels == t) & (pred == p)).sum()) for p in range(c)] for t in range(c)]
+    per = []
+    for k in range(c):
+        tp, predicted, actual = cm[k][k], sum(cm[j][k] for j in range(c)), sum(cm[k])
+        prec = tp / predicted if predicted else 0.0
+        rec = tp / actual if actual else 0.0
+        per.append((prec, rec, 2 * prec * rec / (prec + rec) if prec + rec else 0.0, actual))
+    return {"top1": float((pred == labels).float().mean()), "confusion": cm, "per_class": per,
+            "loss": float(torch.nn.functional.cross_entropy(logits.double(), labels))}
+
+
+class EvalAgainstPython(unittest.TestCase):
+    def test_merged_and_unmerged_eval_match_python_metrics(self):
+        run_dir = trained_run()
+        merged = os.path.join(TMP, "merged.pt")
+        code, out, err = run("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output", merged)
+        self.assertEqual(code, 0, err)
+        self.assertIn("max |merged - adapted|", out)
+        data = os.path.join(IMAGES, "toy", "eval36")
+        results = {}
+        for name, args in (("merged", ["--model", merged]), ("adapted", ["--model", BASE, "--adapter", run_dir + "/best"])):
+            out_dir = os.path.join(TMP, "eval_" + name)
+            code, _, err = run("eval", *args, "--data", data, "--output", out_dir)
+            self.assertEqual(code, 0, err)
+            with open(os.path.join(out_dir, "metrics.json")) as f:
+                results[name] = json.load(f)
+            with Image.open(os.path.join(out_dir, "confusion_matrix.png")) as im:
+                self.assertGreater(im.size[0], 100)
+        self.assertEqual(results["merged"]["confusion_matrix"], results["adapted"]["confusion_matrix"])
+
+        # Python: the merged file's logits on the same images (already 36x36: preprocessing is a 2-pixel crop).
+        model = torch.jit.load(merged).eval()
+        classes = results["merged"]["classes"]
+        xs, ys = [], []
+        for label, name in enumerate(classes):
+            for fn in sorted(os.listdir(os.path.join(data, name))):
+                with Image.open(os.path.join(data, name, fn)) as im:
+                    rgb = np.asarray(im.convert("RGB"), np.float32)[2:34, 2:34]
+                xs.append(torch.from_numpy((rgb / 255.0 - 0.5) / 0.5).permute(2, 0, 1))
+                ys.append(label)
+        with torch.no_grad():
+            logits = model(torch.stack(xs))
+        ref = python_metrics(logits, torch.tensor(ys), classes)
+        got = results["merged"]
+        self.assertEqual(got["confusion_matrix"], ref["confusion"])
+        self.assertAlmostEqual(got["top1"], ref["top1"], places=9)
+        self.assertAlmostEqual(got["loss"], ref["loss"], places=5)
+        for k, (prec, rec, f1, support) in enumerate(ref["per_class"]):
+            self.assertAlmostEqual(got["per_class"][k]["precision"], prec, places=9)
+            self.assertAlmostEqual(got["per_class"][k]["recall"], rec, places=9)
+            self.assertAlmostEqual(got["per_class"][k]["f1"], f1, places=9)
+            self.assertEqual(got["per_class"][k]["support"], support)
+        self.assertAlmostEqual(got["macro_f1"], sum(p[2] for p in ref["per_class"]) / 3, places=9)
+
+
+class Predict(unittest.TestCase):
+    def test_two_adapters_on_one_base_match_separate_runs(self):
+        run_dir = trained_run()
+        second = os.path.join(FIX, "vit", "adapter_hf_script")  # another adapter for the same base
+        images = [os.path.join(IMAGES, "toy", "val", "circle"), os.path.join(IMAGES, "toy", "val", "stripes", "000.png")]
+        code, both, err = run("predict", "--model", BASE, "--adapter", run_dir + "/best", "--adapter", second, *images,
+                              "--format", "json", "--top-k", "2")
+        self.assertEqual(code, 0, err)
+        both = json.loads(both)
+        for adapter in (run_dir + "/best", second):
+            code, alone, err = run("predict", "--model", BASE, "--adapter", adapter, *images, "--format", "json", "--top-k", "2")
+            self.assertEqual(code, 0, err)
+            alone = json.loads(alone)
+            mine = [r for r in both if r["adapter"] == adapter]
+            self.assertEqual(len(mine), 9)
+            for a, b in zip(mine, alone):
+                self.assertEqual(a["path"], b["path"])
+                self.assertEqual([t["label"] for t in a["top"]], [t["label"] for t in b["top"]])
+                for ta, tb in zip(a["top"], b["top"]):
+                    self.assertAlmostEqual(ta["probability"], tb["probability"], places=6)
+        labels = {r["adapter"]: r["top"][0]["label"] for r in both if r["path"].endswith("000.png") and "stripes" in r["path"]}
+        self.assertEqual(labels[run_dir + "/best"], "stripes")
+        self.assertTrue(labels[second].startswith("class_"), "the second adapter's own class names")
+
+    def test_info_and_report(self):
+        run_dir = trained_run()
+        code, out, _ = run("info", run_dir + "/best")
+        self.assertEqual(code, 0)
+        self.assertIn("빨간_사각형", out)
+        code, out, _ = run("info", BASE, "--set", 'lora.targets=["qkv"]')
+        self.assertEqual(code, 3)
+        code, out, _ = run("info", BASE, "--set", "lora.rank=4")
+        self.assertEqual(code, 0)
+        self.assertIn("would adapt 4 weights, 1024 LoRA parameters", out)
+        code, out, err = run("report", run_dir)
+        self.assertEqual(code, 0, err)
+        for png in ("loss.png", "lr.png", "val_accuracy.png"):
+            with Image.open(os.path.join(run_dir, png)) as im:
+                self.assertGreater(im.size[0], 100)
+
+
+if __name__ == "__main__":
+    result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,219 @@
+// Photo folders, decoding and the threaded loader (needs OpenCV), and training on a generated folder.
+#include <gtest/gtest.h>
+
+#include <opencv2/core.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include <ATen/ATen.h>
+
+#include "loratune/errors.h"
+#include "loratune/image.h"
+#include "loratune/image_folder.h"
+#include "loratune/loader.h"
+#include "loratune/trainer.h"
+#include "test_support.h"
+
+namespace loratune {
+namespace {
+
+using test::fixture;
+
+std::filesystem::path images(const std::string& sub) { return fixture("images/" + sub); }
+
+std::string reason_for(const SkippedFiles& skipped, const std::string& name) {
+  for (const auto& [path, why] : skipped)
+    if (std::filesystem::path(path).filename() == name) return why;
+  return "<not skipped>";
+}
+
+TEST(ImageFolders, ScanKeepsImagesAtAnyDepthAndSkipsBrokenFiles) {
+  const ImageFolder f = scan_image_folder(images("edge"));
+  EXPECT_EQ(f.classes, (std::vector<std::string>{"alpha", "beta"}));
+  EXPECT_EQ(f.class_counts(), (std::vector<int64_t>{4, 4}));
+  ASSERT_EQ(f.skipped.size(), 4u);
+  EXPECT_EQ(reason_for(f.skipped, "empty.jpg"), "empty file (0 bytes)");
+  EXPECT_EQ(reason_for(f.skipped, "truncated.jpg"), "truncated JPEG (no end-of-image marker)");
+  EXPECT_EQ(reason_for(f.skipped, "fake.png"), "not a JPEG, PNG, BMP, WebP or TIFF image (contents do not match)");
+  EXPECT_EQ(reason_for(f.skipped, "notes.txt"), "not an image (extension .txt)");
+}
+
+TEST(ImageFolders, KoreanClassNamesAreKeptAndSorted) {
+  const ImageFolder f = scan_image_folder(images("toy/train"));
+  EXPECT_EQ(f.classes, (std::vector<std::string>{"circle", "stripes", "빨간_사각형"}));
+  EXPECT_EQ(f.samples.size(), 72u);
+}
+
+TEST(ImageFolders, RejectEmptyAndSingleClassFolders) {
+  EXPECT_THROW_WITH(scan_image_folder(images("single_class")), InputError,
+                    "has 1 class folder; a classifier needs at least two");
+  EXPECT_THROW_WITH(scan_image_folder(images("empty_class")), InputError,
+                    "class folder broken in " + images("empty_class").string() + " has no usable images (1 files skipped)");
+  EXPECT_THROW_WITH(scan_image_folder(images("nowhere")), InputError, "does not exist");
+  EXPECT_THROW_WITH(scan_image_folder_for(images("toy/val"), {"circle", "stripes"}), InputError,
+                    "has class folders the model does not know: 빨간_사각형");
+}
+
+TEST(ImageFolders, StratifiedSplitHoldsOutEachClass) {
+  const ImageFolder f = scan_image_folder(images("toy/train"));
+  const auto [train, val] = stratified_split(f, 0.25, 7);
+  EXPECT_EQ(val.class_counts(), (std::vector<int64_t>{6, 6, 6}));
+  EXPECT_EQ(train.class_counts(), (std::vector<int64_t>{18, 18, 18}));
+  const auto [train2, val2] = stratified_split(f, 0.25, 7);
+  for (size_t i = 0; i < val.samples.size(); ++i) EXPECT_EQ(val.samples[i].path, val2.samples[i].path);
+}
+
+TEST(Decoding, GreyRgbaSixteenBitAndExifRotation) {
+  std::string error;
+  const cv::Mat grey = *decode_image(images("edge/alpha/grey.png"), error);
+  EXPECT_EQ(grey.channels(), 3);
+  EXPECT_EQ(grey.at<cv::Vec3b>(5, 5), cv::Vec3b(100, 100, 100));
+  const cv::Mat rgba = *decode_image(images("edge/alpha/rgba.png"), error);
+  EXPECT_EQ(rgba.at<cv::Vec3b>(3, 3), cv::Vec3b(200, 0, 0)) << "RGB order";
+  const cv::Mat sixteen = *decode_image(images("edge/alpha/sixteen.png"), error);
+  EXPECT_EQ(sixteen.type(), CV_8UC3);
+  EXPECT_NEAR(sixteen.at<cv::Vec3b>(2, 2)[0], 40000 / 256, 1);
+  const cv::Mat rotated = *decode_image(images("edge/alpha/rotated.jpg"), error);
+  EXPECT_EQ(rotated.cols, 20);
+  EXPECT_EQ(rotated.rows, 40);
+  EXPECT_GT(rotated.at<cv::Vec3b>(5, 10)[2], 200) << "the blue half is on top after rotation";
+  EXPECT_GT(rotated.at<cv::Vec3b>(35, 10)[0], 200) << "the red half at the bottom";
+  for (const char* name : {"photo.webp", "photo.bmp", "photo.tiff", "UPPER.JPG"})
+    EXPECT_TRUE(decode_image(images(std::string("edge/beta/nested/deeper/") + name), error).has_value()) << name;
+  EXPECT_FALSE(decode_image(images("edge/alpha/fake.png"), error).has_value());
+  EXPECT_FALSE(error.empty());
+}
+
+TEST(Transforms, EvalTransformNormalisesExactly) {
+  Preprocess p;
+  p.image_size = 8;
+  p.resize_size = 10;
+  p.interpolation = cv::INTER_LINEAR;
+  p.mean = {0.5f, 0.25f, 0.0f};
+  p.std = {0.5f, 0.25f, 1.0f};
+  const cv::Mat flat(30, 20, CV_8UC3, cv::Scalar(255, 0, 51));
+  const cv::Mat out = eval_transform(flat, p);
+  EXPECT_EQ(out.cols, 8);
+  EXPECT_EQ(out.rows, 8);
+  at::Tensor t = at::empty({3, 8, 8});
+  to_normalized_chw(out, p, t);
+  EXPECT_FLOAT_EQ(t[0][3][3].item<float>(), 1.0f);
+  EXPECT_FLOAT_EQ(t[1][0][7].item<float>(), -1.0f);
+  EXPECT_NEAR(t[2][7][0].item<float>(), 0.2f, 1e-6);
+}
+
+LoaderOptions training_options(int workers, const std::string& cache) {
+  LoaderOptions o;
+  o.batch_size = 5;
+  o.shuffle = o.drop_last = o.augment = true;
+  o.seed = 3;
+  o.workers = workers;
+  o.prefetch_batches = 2;
+  o.cache = cache;
+  return o;
+}
+
+std::vector<Batch> epoch_batches(ImageBatchSource& source, int64_t epoch, int64_t first = 0) {
+  std::vector<Batch> out;
+  source.start_epoch(epoch, first);
+  while (auto b = source.next()) out.push_back(std::move(*b));
+  return out;
+}
+
+Preprocess toy_preprocess() {
+  Preprocess p;
+  p.image_size = 32;
+  p.resize_size = 36;
+  p.interpolation = cv::INTER_LINEAR;
+  p.mean = {0.5f, 0.5f, 0.5f};
+  p.std = {0.5f, 0.5f, 0.5f};
+  return p;
+}
+
+TEST(Loader, SameBatchesWhateverTheNumberOfWorkers) {
+  const ImageFolder f = scan_image_folder(images("toy/train"));
+  ImageBatchSource one(f, toy_preprocess(), training_options(1, "off"));
+  ImageBatchSource many(f, toy_preprocess(), training_options(3, "off"));
+  for (int64_t epoch : {0, 1}) {
+    const auto a = epoch_batches(one, epoch), b = epoch_batches(many, epoch);
+    ASSERT_EQ(a.size(), 14u);  // 72 images, batches of 5, last incomplete one dropped
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i].indices, b[i].indices);
+      EXPECT_TRUE(at::equal(a[i].images, b[i].images));
+    }
+  }
+  const auto e0 = epoch_batches(one, 0), e1 = epoch_batches(one, 1);
+  EXPECT_NE(e0[0].indices, e1[0].indices) << "each epoch is shuffled anew";
+  const auto tail = epoch_batches(many, 1, 10);
+  ASSERT_EQ(tail.size(), 4u);
+  EXPECT_TRUE(at::equal(tail[0].images, e1[10].images)) << "a resumed epoch continues with the same batches";
+}
+
+TEST(Loader, CacheGivesTheSameEvalBatches) {
+  const ImageFolder f = scan_image_folder(images("toy/val"));
+  LoaderOptions o;
+  o.batch_size = 7;
+  o.workers = 2;
+  ImageBatchSource plain(f, toy_preprocess(), o);
+  o.cache = "memory";
+  ImageBatchSource cached(f, toy_preprocess(), o);
+  EXPECT_TRUE(cached.caching());
+  for (int pass = 0; pass < 2; ++pass) {
+    const auto a = epoch_batches(plain, 0), b = epoch_batches(cached, 0);
+    ASSERT_EQ(a.size(), 4u);
+    EXPECT_EQ(a.back().images.size(0), 3) << "the last batch of an eval pass is kept";
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].images, b[i].images));
+  }
+}
+
+TEST(Loader, BrokenFilesFoundWhileDecodingAreSkippedAndListed) {
+  ImageFolder f = scan_image_folder(images("edge"));
+  f.samples.push_back({images("edge/alpha/fake.png"), 0});  // slipped past the scan
+  LoaderOptions o;
+  o.batch_size = 16;
+  ImageBatchSource source(f, toy_preprocess(), o);
+  const auto batches = epoch_batches(source, 0);
+  EXPECT_EQ(batches[0].images.size(0), 8);
+  const auto skipped = source.skipped();
+  ASSERT_EQ(skipped.size(), f.skipped.size() + 1);
+  EXPECT_EQ(skipped.back(), std::make_pair(images("edge/alpha/fake.png").string(),
+                                           std::string("cannot decode (damaged or unsupported image)")));
+}
+
+TEST(TrainingOnPhotos, LossFallsAndValidationBeatsChance) {
+  const ImageFolder train_folder = scan_image_folder(images("toy/train"));
+  const ImageFolder val_folder = scan_image_folder_for(images("toy/val"), train_folder.classes);
+  const auto dir = test::temp_dir("photos");
+  const TrainConfig c = parse_train_config({{"model", fixture("vit/vit_timm_script.pt").string()},
+                                            {"data", {{"train", "-"}}},
+                                            {"output_dir", dir.string()},
+                                            {"epochs", 4},
+                                            {"batch_size", 8},
+                                            {"precision", "fp32"},
+                                            {"optim", {{"lr", 0.005}}}},
+                                           "test");
+  torch::manual_seed(0);
+  Model model(load_bundle(c.model));
+  auto targets = resolve_targets(model.module(), c.lora);
+  init_adapter_tensors(targets);
+  model.set_adapters(targets, c.lora.dropout);
+  model.init_head(3);
+  LoaderOptions o = training_options(2, "auto");
+  o.batch_size = 8;
+  ImageBatchSource train(train_folder, toy_preprocess(), o);
+  LoaderOptions vo;
+  ImageBatchSource val(val_folder, toy_preprocess(), vo);
+  const TrainSummary s = Trainer(c, model, train, &val, train_folder.classes, c10::Device(c10::kCPU), Precision::kFp32).run(false);
+  EXPECT_GT(s.best_val_top1, 0.8) << "chance is 1/3";
+  std::ifstream metrics(dir / Trainer::kMetrics);
+  std::vector<double> losses;
+  for (std::string line; std::getline(metrics, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j["type"] == "train") losses.push_back(j["loss"]);
+  }
+  ASSERT_GE(losses.size(), 2u);
+  EXPECT_LT(losses.back(), 0.5 * losses.front());
+}
+
+}  // namespace
+}  // namespace loratune
