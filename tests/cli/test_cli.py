@@ -121,6 +121,17 @@ class BadInput(unittest.TestCase):
         self.assert_input_error(("eval", "--model", BASE, "--data", os.path.join(IMAGES, "toy", "val")), "pass --adapter")
 
 
+class Presets(unittest.TestCase):
+    def test_every_shipped_config_parses(self):
+        configs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+        names = sorted(n for n in os.listdir(configs) if n.endswith(".json"))
+        self.assertGreaterEqual(len(names), 7)
+        for name in names:
+            code, out, err = run("info", OTHER_BASE, "--config", os.path.join(configs, name))
+            self.assertEqual(code, 0, name + ": " + err)
+            self.assertIn("this config would adapt", out)
+
+
 class Interrupt(unittest.TestCase):
     def test_ctrl_c_checkpoints_and_resume_finishes(self):
         cfg, out = write_config("interrupt", epochs=40)
