@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "loratune/commands.h"
+#include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
 
 namespace {
@@ -18,6 +19,7 @@ std::string footer(const std::string& examples) { return "\nExamples:\n" + examp
 }  // namespace
 
 int main(int argc, char** argv) {
+  loratune::install_caching_cpu_allocator();
   CLI::App app{"loratune " LORATUNE_VERSION
                ": adapt pretrained vision models (ViT, MobileCLIP) to your own photos with LoRA, on one consumer GPU or "
                "a CPU."};
@@ -48,6 +50,9 @@ int main(int argc, char** argv) {
   e->add_option("-m,--model", eval.model, "backbone bundle (with --adapter) or merged classifier")->required();
   e->add_option("-a,--adapter", eval.adapter, "adapter folder or .safetensors from loratune train");
   e->add_option("-d,--data", eval.data, "held-out photo folder: one subfolder per class")->required();
+  e->add_flag("--zero-shot", eval.zero_shot, "classify with a CLIP text encoder's class embeddings (no adapter)");
+  e->add_option("--text-model", eval.text_model, "zero-shot: text encoder bundle (default: the one the model names)");
+  e->add_option("--class-names", eval.class_names, "zero-shot: JSON file {\"folder\": \"name\" or [names]}");
   e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
   e->add_option("--device", eval.device, "auto | cpu | cuda[:N]")->capture_default_str();
   e->add_option("--precision", eval.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
@@ -55,7 +60,8 @@ int main(int argc, char** argv) {
   e->add_option("--workers", eval.workers, "decoding threads (0: one per core)")->capture_default_str();
   e->footer(footer(
       "  loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test\n"
-      "  loratune eval --model vit_base_photos.pt --data photos/test --output eval_merged"));
+      "  loratune eval --model vit_base_photos.pt --data photos/test --output eval_merged\n"
+      "  loratune eval --model models/mobileclip_s0_image.pt --zero-shot --data photos/test   # before any training"));
 
   loratune::PredictCommand predict;
   auto* p = app.add_subcommand("predict", "top-k labels for images, with one or several adapters on one base");

@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "loratune/amp.h"
+#include "loratune/cpu_allocator.h"
 #include "loratune/image.h"
 #include "loratune/loader.h"
 #include "loratune/memory.h"
@@ -35,6 +37,7 @@ int step_benchmark(const std::string& model_path, int64_t batch, const std::stri
   const int64_t s = model.bundle().info.image_size;
   const at::Tensor x = at::randn({batch, 3, s, s});
   const at::Tensor y = at::arange(batch, at::kLong) % 10;
+  const int64_t setup_peak = read_memory(cpu).peak_rss;
   std::vector<double> times;
   for (int i = 0; i < steps; ++i) {
     const auto t0 = Clock::now();
@@ -51,8 +54,9 @@ int step_benchmark(const std::string& model_path, int64_t batch, const std::stri
   }
   std::vector<double> timed(times.begin() + std::min<size_t>(2, times.size() - 1), times.end());
   std::sort(timed.begin(), timed.end());
-  std::printf("{\"median_step_s\": %.5f, \"steps\": %zu, \"peak_rss\": %lld}\n", timed[timed.size() / 2], timed.size(),
-              static_cast<long long>(read_memory(cpu).peak_rss));
+  std::printf("{\"median_step_s\": %.5f, \"steps\": %zu, \"peak_rss\": %lld, \"setup_peak_rss\": %lld}\n",
+              timed[timed.size() / 2], timed.size(), static_cast<long long>(read_memory(cpu).peak_rss),
+              static_cast<long long>(setup_peak));
   return 0;
 }
 
@@ -88,6 +92,7 @@ int loader_benchmark(const std::string& folder, int64_t batch, int workers, int 
 int main(int argc, char** argv) {
   const std::vector<std::string> a(argv + 1, argv + argc);
   at::set_num_threads(2);
+  if (!std::getenv("LORATUNE_PLAIN_ALLOCATOR")) install_caching_cpu_allocator();
   if (a.size() == 6 && a[0] == "step") return step_benchmark(a[1], std::stoll(a[2]), a[3], a[4] == "1", std::stoi(a[5]));
   if (a.size() == 5 && a[0] == "loader") return loader_benchmark(a[1], std::stoll(a[2]), std::stoi(a[3]), std::stoi(a[4]));
   std::fprintf(stderr, "usage: loratune_bench step MODEL BATCH fp32|bf16 CHECKPOINT(0|1) STEPS\n"

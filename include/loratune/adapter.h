@@ -25,6 +25,7 @@ struct Adapter {
   // Module paths here are those of the original Python model (the bundle's module_prefix removed).
   std::vector<LoraTarget> targets;
   at::Tensor head_weight, head_bias;  // [classes, features], [classes]
+  bool normalize_features = false;    // cosine head on L2-normalised features (zero-shot initialised)
   std::vector<std::string> classes;
   std::map<std::string, at::Tensor> full_weights;  // method "full": every base parameter, by path
   std::string base_fingerprint;  // empty for adapters written by other tools

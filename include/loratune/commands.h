@@ -18,6 +18,9 @@ struct EvalCommand {
   std::string model;    // backbone bundle (with --adapter) or merged classifier
   std::string adapter;  // adapter directory or .safetensors
   std::string data;     // held-out photo folder
+  bool zero_shot = false;       // no adapter: classify with the text encoder's class embeddings (CLIP models)
+  std::string text_model;       // zero-shot: text encoder bundle (default: the one the model names)
+  std::string class_names;      // zero-shot: JSON file mapping folder names to prompt names
   std::string output = "eval";
   std::string device = "auto", precision = "auto";
   int64_t batch_size = 32;

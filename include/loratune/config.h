@@ -27,6 +27,7 @@ struct DataConfig {
   int workers = 0;                // 0: one per CPU core
   int prefetch_batches = 4;
   std::string cache = "auto";     // auto | memory | off
+  std::string prefix_cache = "auto";  // auto | memory | off: reuse the frozen prefix's output across epochs
   AugmentConfig augment;
 };
 
@@ -35,6 +36,10 @@ struct TrainConfig {
   DataConfig data;
   std::string method = "lora";
   LoraSettings lora;
+  std::string head_init = "random";   // random | zero_shot
+  std::string text_model;             // zero_shot: text encoder bundle (empty: the one the model names)
+  std::string class_names;            // zero_shot: JSON file mapping folder names to prompt names
+  std::vector<std::string> templates; // zero_shot: prompt templates (empty: defaults)
   double lr = 1e-3;
   double head_lr = -1;            // < 0: same as lr
   double weight_decay = 0.01;

@@ -29,6 +29,10 @@ class BatchSource {
   virtual std::optional<Batch> next() = 0;
   // Files that could not be used so far: path and reason.
   virtual std::vector<std::pair<std::string, std::string>> skipped() const { return {}; }
+  // Samples that can be used (those that failed to decode excluded, as far as known).
+  virtual int64_t num_usable() const { return num_samples(); }
+  // With false, batches carry indices and labels only (the images are cached elsewhere); decoding stops.
+  virtual void set_images_needed(bool needed) {}
 };
 
 // Deterministic random numbers (SplitMix64): the same on every platform and standard library.

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -39,6 +40,8 @@ class ImageBatchSource : public BatchSource {
   void start_epoch(int64_t epoch, int64_t first_batch) override;
   std::optional<Batch> next() override;
   std::vector<std::pair<std::string, std::string>> skipped() const override;
+  void set_images_needed(bool needed) override;
+  int64_t num_usable() const override;
 
   const ImageFolder& folder() const { return folder_; }
   bool caching() const { return cache_enabled_; }
@@ -65,6 +68,8 @@ class ImageBatchSource : public BatchSource {
   std::map<int64_t, Batch> ready_;
   std::exception_ptr failure_;
   std::vector<std::pair<std::string, std::string>> skipped_;
+  std::set<int64_t> broken_;  // samples that failed to decode
+  std::atomic<bool> images_needed_{true};
 };
 
 }  // namespace loratune

@@ -47,6 +47,9 @@ class Model {
   void init_head(int64_t num_classes);  // nn.Linear's default initialisation, global generator
   void set_head(at::Tensor weight, at::Tensor bias);
   bool has_head() const { return head_weight_.defined(); }
+  // Cosine classifier: features are L2-normalised before the head (zero-shot CLIP heads).
+  void set_normalize_features(bool on) { normalize_features_ = on; }
+  bool normalize_features() const { return normalize_features_; }
   const at::Tensor& head_weight() const { return head_weight_; }
   const at::Tensor& head_bias() const { return head_bias_; }
 
@@ -68,6 +71,13 @@ class Model {
   at::Tensor features(const at::Tensor& images, bool checkpoint = false);
   at::Tensor logits(const at::Tensor& images, bool checkpoint = false);
 
+  // The frozen prefix: the stem and the leading blocks without trainable tensors (and the head too for a linear
+  // probe). Its output depends on the image only, so it can be computed once and cached. Empty for method full.
+  bool has_frozen_prefix() const;
+  int64_t frozen_prefix_blocks() const { return prefix_blocks_; }
+  at::Tensor prefix(const at::Tensor& images);
+  at::Tensor logits_from_prefix(const at::Tensor& prefix_output, bool checkpoint = false);
+
   // Parameter counts for reports.
   int64_t base_parameter_count() const;
 
@@ -79,11 +89,15 @@ class Model {
   std::vector<LoraTarget> targets_;
   double dropout_ = 0.0;
   at::Tensor head_weight_, head_bias_;
+  bool normalize_features_ = false;
   Method method_ = Method::kLora;
   c10::Device device_{c10::kCPU};
   std::vector<torch::jit::Module> blocks_;
   std::vector<std::string> block_paths_;
   std::vector<std::vector<at::Tensor>> block_parameters_;  // trainable tensors inside each block
+  int64_t prefix_blocks_ = 0;                               // leading blocks with nothing to train
+  at::Tensor features_from_prefix(const at::Tensor& hidden, bool checkpoint);
+  at::Tensor classify(const at::Tensor& features);
 };
 
 // Runs `block` on `input` without keeping its activations; recomputes them in backward with the same random

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -71,7 +72,15 @@ class Trainer {
     double loss = 0, top1 = 0;
   };
 
+  // Outputs of the model's frozen prefix by sample index, reused across epochs (no augmentation only).
+  struct PrefixCache {
+    std::unordered_map<int64_t, at::Tensor> rows;
+  };
+
   Validation validate();
+  bool decide_prefix_cache() const;
+  at::Tensor prefix_for(PrefixCache& cache, const Batch& batch);
+  at::Tensor forward_logits(const Batch& batch, PrefixCache* cache);
   void save_checkpoint(const Progress& p);
   Progress load_checkpoint();
   void save_adapter_to(const std::string& name);
@@ -91,6 +100,8 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<LossScaler> scaler_;
   std::vector<NamedTensor> trainable_;
+  bool use_prefix_cache_ = false;
+  PrefixCache train_cache_, val_cache_;
 };
 
 }  // namespace loratune

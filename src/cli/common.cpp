@@ -10,6 +10,7 @@
 #include "loratune/commands.h"
 #include "loratune/errors.h"
 #include "loratune/text.h"
+#include "loratune/zero_shot.h"
 
 namespace fs = std::filesystem;
 
@@ -88,6 +89,20 @@ InferenceModel load_inference_model(const std::string& model, const std::string&
   m.adapted->set_training(false);
   m.classes = a.classes;
   return m;
+}
+
+void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
+                          const std::string& class_names, const std::vector<std::string>& templates) {
+  const fs::path text_path = text_model.empty() ? text_model_for(model.bundle()) : fs::path(text_model);
+  TextEncoder text = load_text_encoder(text_path);
+  if (text.embed_dim != model.bundle().info.feature_dim)
+    throw InputError(text_path.string() + " gives " + std::to_string(text.embed_dim) + "-d embeddings, but " +
+                     model.bundle().path.string() + " gives " + std::to_string(model.bundle().info.feature_dim) + "-d ones");
+  const auto names = class_prompt_names(classes, class_names);
+  auto [weight, bias] = zero_shot_head(text, classes, names, templates.empty() ? default_templates() : templates);
+  model.set_head(weight, bias);
+  model.set_normalize_features(true);
+  spdlog::info("zero-shot head from {} ({} classes, logit scale {})", text_path.string(), classes.size(), text.logit_scale);
 }
 
 std::string format_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {

@@ -32,7 +32,17 @@ int run_eval(const EvalCommand& command) {
     cli::setup_threads(0);
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
-    cli::InferenceModel model = cli::load_inference_model(command.model, command.adapter, device);
+    cli::InferenceModel model;
+    if (command.zero_shot) {
+      if (!command.adapter.empty()) throw InputError("--zero-shot evaluates the base model without an adapter; drop --adapter");
+      model.adapted = std::make_unique<Model>(load_bundle(command.model));
+      model.info = model.adapted->bundle().info;
+      model.classes = scan_image_folder(command.data).classes;
+      cli::apply_zero_shot_head(*model.adapted, model.classes, command.text_model, command.class_names, {});
+      model.adapted->to(device);
+    } else {
+      model = cli::load_inference_model(command.model, command.adapter, device);
+    }
 
     const ImageFolder folder = scan_image_folder_for(command.data, model.classes);
     log_skipped(folder.skipped, command.data);
@@ -63,7 +73,7 @@ int run_eval(const EvalCommand& command) {
     std::printf("\ntop-1 %s", cli::percent(m.top1).c_str());
     if (m.top5 >= 0) std::printf(", top-5 %s", cli::percent(m.top5).c_str());
     std::printf(", loss %.4f over %lld images (%s)\n", m.loss, static_cast<long long>(m.count),
-                model.merged ? "merged model" : "base + adapter");
+                command.zero_shot ? "zero-shot" : model.merged ? "merged model" : "base + adapter");
 
     // Files: metrics.json, confusion_matrix.png, misclassified.csv.
     const fs::path out = command.output;

@@ -21,7 +21,7 @@ void on_interrupt(int) {
 }
 
 // The model as `train` sets it up: seeded adapters and head, frozen weights in `frozen_dtype`, on `device`.
-std::unique_ptr<Model> build_model(const TrainConfig& c, int64_t classes, const c10::Device& device,
+std::unique_ptr<Model> build_model(const TrainConfig& c, const std::vector<std::string>& classes, const c10::Device& device,
                                    at::ScalarType frozen_dtype, bool report) {
   torch::manual_seed(c.seed);
   auto model = std::make_unique<Model>(load_bundle(c.model));
@@ -37,7 +37,8 @@ std::unique_ptr<Model> build_model(const TrainConfig& c, int64_t classes, const 
       for (const auto& note : model->host().notes()) spdlog::warn("{}", note);
     }
   }
-  model->init_head(classes);
+  model->init_head(static_cast<int64_t>(classes.size()));
+  if (c.head_init == "zero_shot") cli::apply_zero_shot_head(*model, classes, c.text_model, c.class_names, c.templates);
   model->to(device, frozen_dtype);
   if (report) {
     const int64_t trainable = model->trainable_count(), total = model->total_count();
@@ -102,7 +103,7 @@ int run_train(const TrainCommand& command) {
     const bool mixed = precision != Precision::kFp32;
     const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && mixed && device.is_cuda());
     at::ScalarType frozen = compact && mixed && c.method != "full" ? compute_dtype(precision) : at::kFloat;
-    const auto classes = static_cast<int64_t>(train_folder.classes.size());
+    const auto& classes = train_folder.classes;
     auto model = build_model(c, classes, device, frozen, true);
     if (frozen != at::kFloat) {
       const std::string problem = probe_training_step(*model, device, precision, c.gradient_checkpointing);

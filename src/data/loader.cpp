@@ -114,6 +114,14 @@ Batch ImageBatchSource::build_batch(int64_t epoch, int64_t batch_index) {
   const int64_t s = preprocess_.image_size;
   std::vector<cv::Mat> images;
   std::vector<int64_t> kept, labels;
+  if (!images_needed_) {
+    Batch b;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int64_t idx : indices)
+      if (!broken_.count(idx)) b.indices.push_back(idx), labels.push_back(folder_.samples[static_cast<size_t>(idx)].label);
+    b.labels = at::tensor(labels, at::kLong);
+    return b;
+  }
   for (int64_t idx : indices) {
     const ImageSample& sample = folder_.samples[static_cast<size_t>(idx)];
     cv::Mat rgb;
@@ -130,6 +138,7 @@ Batch ImageBatchSource::build_batch(int64_t epoch, int64_t batch_index) {
     }
     if (rgb.empty()) {
       std::lock_guard<std::mutex> lock(mutex_);
+      broken_.insert(idx);
       if (std::none_of(skipped_.begin(), skipped_.end(), [&](const auto& s) { return s.first == sample.path.string(); })) {
         skipped_.push_back({sample.path.string(), error});
         spdlog::warn("skipping {}: {}", sample.path.string(), error);
@@ -163,6 +172,13 @@ std::optional<Batch> ImageBatchSource::next() {
   lock.unlock();
   space_ready_.notify_all();
   return b;
+}
+
+void ImageBatchSource::set_images_needed(bool needed) { images_needed_ = needed; }
+
+int64_t ImageBatchSource::num_usable() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return num_samples() - static_cast<int64_t>(broken_.size());
 }
 
 std::vector<std::pair<std::string, std::string>> ImageBatchSource::skipped() const {

@@ -98,6 +98,7 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
                      {"targets", targets},     {"classes", a.classes},
                      {"base_fingerprint", a.base_fingerprint}, {"base_name", a.base_name},
                      {"training", a.training}, {"head_module", kHeadModule},
+                     {"normalize_features", a.normalize_features},
                      {"full_weights", a.full_weights.size()}};
   const safetensors::Metadata metadata = {{"format", kAdapterFormat}, {"loratune", meta.dump()}};
   const std::string weights = safetensors::serialize(tensors, metadata);
@@ -142,6 +143,7 @@ Adapter load_adapter(const fs::path& path) {
       a.base_fingerprint = meta.at("base_fingerprint");
       a.base_name = meta.at("base_name");
       a.training = meta.at("training");
+      a.normalize_features = meta.value("normalize_features", false);
     } catch (const json::exception& e) {
       throw InputError(origin + ": loratune metadata is damaged (" + std::string(e.what()) + ")");
     }
@@ -253,6 +255,7 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
     for (const auto& p : module.named_parameters()) a.full_weights[strip_prefix(p.name, prefix)] = p.value.detach().to(at::kCPU);
   }
   a.head_weight = model.head_weight().detach().to(at::kCPU);
+  a.normalize_features = model.normalize_features();
   a.head_bias = model.head_bias().detach().to(at::kCPU);
   a.classes = classes;
   a.base_fingerprint = model.bundle().fingerprint;
@@ -322,6 +325,7 @@ void apply_adapter(Model& model, const Adapter& a, const std::string& origin) {
   if (!a.targets.empty()) model.set_adapters(bind_targets(a, model.bundle(), origin), a.lora.dropout);
   else model.clear_adapters();
   if (a.head_weight.defined()) model.set_head(a.head_weight, a.head_bias);
+  model.set_normalize_features(a.normalize_features);
 }
 
 }  // namespace loratune

@@ -9,12 +9,19 @@ namespace loratune {
 namespace {
 
 // A TorchScript classifier around a backbone: images -> logits.
-torch::jit::Module make_classifier(const torch::jit::Module& backbone, const at::Tensor& weight, const at::Tensor& bias) {
+torch::jit::Module make_classifier(const torch::jit::Module& backbone, const at::Tensor& weight, const at::Tensor& bias,
+                                   bool normalize_features) {
   torch::jit::Module classifier("loratune.Classifier");
   classifier.register_module("backbone", backbone);
   classifier.register_parameter("head_weight", weight.detach().clone(), false);
   classifier.register_parameter("head_bias", bias.detach().clone(), false);
-  classifier.define(R"(
+  classifier.define(normalize_features ? R"(
+def forward(self, images: Tensor) -> Tensor:
+    features = self.backbone.forward(images)
+    features = features / features.pow(2).sum(-1, keepdim=True).sqrt()
+    return torch.linear(features, self.head_weight, self.head_bias)
+)"
+                                        : R"(
 def forward(self, images: Tensor) -> Tensor:
     return torch.linear(self.backbone.forward(images), self.head_weight, self.head_bias)
 )");
@@ -66,7 +73,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     info.classes = adapter.classes;
     info.blocks = info.blocks.empty() ? "" : "backbone." + info.blocks;
     info.module_prefix = "backbone." + info.module_prefix;
-    auto classifier = make_classifier(fresh.module, adapter.head_weight, adapter.head_bias);
+    auto classifier = make_classifier(fresh.module, adapter.head_weight, adapter.head_bias, adapter.normalize_features);
     save_bundle(classifier, info, output);
   }
   report.output = output.string();

@@ -71,9 +71,13 @@ BundleInfo BundleInfo::from_json(const json& j, const std::string& origin) {
   info.blocks = field<std::string>(j, "blocks", "", origin);
   info.module_prefix = field<std::string>(j, "module_prefix", "", origin);
   info.classes = field<std::vector<std::string>>(j, "classes", {}, origin);
-  if (info.kind != "backbone" && info.kind != "classifier")
-    throw InputError(origin + ": metadata kind must be \"backbone\" or \"classifier\", not \"" + info.kind + "\"");
+  if (info.kind != "backbone" && info.kind != "classifier" && info.kind != "text_encoder")
+    throw InputError(origin + ": metadata kind must be \"backbone\", \"classifier\" or \"text_encoder\", not \"" +
+                     info.kind + "\"");
   if (info.feature_dim <= 0) throw InputError(origin + ": metadata feature_dim must be a positive integer");
+  for (const auto& [key, value] : j.items())
+    if (!kKnownFields.count(key)) info.extra[key] = value;
+  if (info.kind == "text_encoder") return info;
   if (info.image_size <= 0 || info.resize_size < info.image_size)
     throw InputError(origin + ": metadata needs 0 < image_size <= resize_size");
   const std::set<std::string> interpolations = {"bilinear", "bicubic", "nearest", "area"};
@@ -82,8 +86,6 @@ BundleInfo BundleInfo::from_json(const json& j, const std::string& origin) {
                      "\" is not one of bilinear, bicubic, nearest, area");
   for (float s : info.std)
     if (!(s > 0)) throw InputError(origin + ": metadata std values must be positive");
-  for (const auto& [key, value] : j.items())
-    if (!kKnownFields.count(key)) info.extra[key] = value;
   return info;
 }
 

@@ -88,6 +88,7 @@ void Model::set_method(Method method) {
 
 void Model::refresh_block_parameters() {
   block_parameters_.assign(blocks_.size(), {});
+  prefix_blocks_ = 0;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     if (method_ == Method::kFull)
       for (const auto& p : blocks_[i].parameters()) block_parameters_[i].push_back(p);
@@ -96,6 +97,8 @@ void Model::refresh_block_parameters() {
         if (t.module.compare(0, block_paths_[i].size() + 1, block_paths_[i] + ".") == 0)
           block_parameters_[i].insert(block_parameters_[i].end(), {t.A, t.B});
   }
+  if (method_ != Method::kFull)
+    while (prefix_blocks_ < static_cast<int64_t>(blocks_.size()) && block_parameters_[prefix_blocks_].empty()) ++prefix_blocks_;
 }
 
 std::vector<NamedTensor> Model::trainable() const {
@@ -155,6 +158,26 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
 
 void Model::set_training(bool training) { host_.set_training(training); }
 
+bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Method::kFull; }
+
+at::Tensor Model::prefix(const at::Tensor& images) {
+  if (!has_frozen_prefix()) throw RuntimeFailure("internal: the model has no frozen prefix");
+  at::NoGradGuard no_grad;  // nothing here trains: keep no activations
+  at::Tensor h = bundle_.module.get_method("stem")({images}).toTensor();
+  for (int64_t i = 0; i < prefix_blocks_; ++i) h = run_block(blocks_[i], h);
+  if (method_ == Method::kLinearProbe) h = bundle_.module.get_method("head")({h}).toTensor();
+  return h;
+}
+
+at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint) {
+  if (method_ == Method::kLinearProbe) return hidden;
+  const bool grad = at::GradMode::is_enabled();
+  at::Tensor h = hidden;
+  for (size_t i = static_cast<size_t>(prefix_blocks_); i < blocks_.size(); ++i)
+    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i]) : run_block(blocks_[i], h);
+  return bundle_.module.get_method("head")({h}).toTensor();
+}
+
 at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
   const bool grad = at::GradMode::is_enabled();
   if (blocks_.empty()) {
@@ -162,29 +185,24 @@ at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
     at::AutoGradMode mode(grad && method_ != Method::kLinearProbe);
     return bundle_.module.forward({images}).toTensor();
   }
-  at::Tensor h;
-  {
-    at::AutoGradMode mode(grad && method_ == Method::kFull);
-    h = bundle_.module.get_method("stem")({images}).toTensor();
-  }
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    const bool needs_grad = grad && (h.requires_grad() || !block_parameters_[i].empty());
-    if (!needs_grad) {
-      at::NoGradGuard no_grad;  // frozen prefix: nothing to differentiate, keep no activations
-      h = run_block(blocks_[i], h);
-    } else if (checkpoint) {
-      h = checkpointed_block(blocks_[i], h, block_parameters_[i]);
-    } else {
-      h = run_block(blocks_[i], h);
-    }
-  }
-  at::AutoGradMode mode(grad && (h.requires_grad() || method_ == Method::kFull));
+  if (has_frozen_prefix()) return features_from_prefix(prefix(images), checkpoint);
+  // Method full: everything trains.
+  at::Tensor h = bundle_.module.get_method("stem")({images}).toTensor();
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i]) : run_block(blocks_[i], h);
   return bundle_.module.get_method("head")({h}).toTensor();
 }
 
-at::Tensor Model::logits(const at::Tensor& images, bool checkpoint) {
+at::Tensor Model::classify(const at::Tensor& features) {
   if (!has_head()) throw InputError("the model has no classification head");
-  return at::linear(features(images, checkpoint), head_weight_, head_bias_);
+  const at::Tensor f = normalize_features_ ? features / features.pow(2).sum(-1, true).sqrt() : features;
+  return at::linear(f, head_weight_, head_bias_);
+}
+
+at::Tensor Model::logits(const at::Tensor& images, bool checkpoint) { return classify(features(images, checkpoint)); }
+
+at::Tensor Model::logits_from_prefix(const at::Tensor& prefix_output, bool checkpoint) {
+  return classify(features_from_prefix(prefix_output, checkpoint));
 }
 
 }  // namespace loratune

@@ -32,6 +32,10 @@ const std::vector<Key>& schema() {
       {"data.workers", Kind::kInt, 0, false, "decoding threads; 0: one per CPU core"},
       {"data.prefetch_batches", Kind::kInt, 4, false, "batches decoded ahead of training"},
       {"data.cache", Kind::kString, "auto", false, "keep decoded, resized images in memory: auto (if they fit in 2 GB) | memory | off"},
+      {"data.prefix_cache", Kind::kString, "auto", false,
+       "keep the output of the frozen prefix (stem and blocks without adapters; whole backbone for linear_probe) per "
+       "image and reuse it in later epochs; valid only without augmentation: auto (on when augmentation is off and a "
+       "block or more is frozen) | memory | off"},
       {"data.augment.enabled", Kind::kBool, true, false, "training augmentation on/off"},
       {"data.augment.scale", Kind::kNumberPair, json::array({0.35, 1.0}), false, "random resized crop: area fraction range"},
       {"data.augment.ratio", Kind::kNumberPair, json::array({0.75, 4.0 / 3.0}), false, "random resized crop: aspect ratio range"},
@@ -45,6 +49,11 @@ const std::vector<Key>& schema() {
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv; []: query and value of every block"},
       {"lora.rank_pattern", Kind::kIntMap, json::object(), false, "pattern -> rank overrides"},
       {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, "pattern -> alpha overrides"},
+      {"head.init", Kind::kString, "random", false,
+       "random | zero_shot: start from the text encoder's class embeddings (cosine classifier, CLIP models)"},
+      {"head.text_model", Kind::kString, nullptr, true, "zero_shot: text encoder bundle; null: the one the model names"},
+      {"head.class_names", Kind::kString, nullptr, true, "zero_shot: JSON file {\"folder\": \"name\" or [names]}"},
+      {"head.templates", Kind::kStringList, json::array(), false, "zero_shot: prompt templates with {}; []: defaults"},
       {"optim.lr", Kind::kNumber, 1e-3, false, "peak learning rate (AdamW)"},
       {"optim.head_lr", Kind::kNumber, nullptr, true, "learning rate of the classification head; null: optim.lr"},
       {"optim.weight_decay", Kind::kNumber, 0.01, false, "decoupled weight decay on matrices"},
@@ -161,6 +170,7 @@ TrainConfig to_struct(const json& j) {
   c.data.workers = at("data.workers");
   c.data.prefetch_batches = at("data.prefetch_batches");
   c.data.cache = at("data.cache");
+  c.data.prefix_cache = at("data.prefix_cache");
   c.data.augment.enabled = at("data.augment.enabled");
   c.data.augment.scale_min = at("data.augment.scale")[0];
   c.data.augment.scale_max = at("data.augment.scale")[1];
@@ -175,6 +185,10 @@ TrainConfig to_struct(const json& j) {
   c.lora.targets = at("lora.targets").get<std::vector<std::string>>();
   c.lora.rank_pattern = at("lora.rank_pattern").get<std::map<std::string, int64_t>>();
   c.lora.alpha_pattern = at("lora.alpha_pattern").get<std::map<std::string, double>>();
+  c.head_init = at("head.init");
+  c.text_model = at("head.text_model").is_null() ? "" : at("head.text_model").get<std::string>();
+  c.class_names = at("head.class_names").is_null() ? "" : at("head.class_names").get<std::string>();
+  c.templates = at("head.templates").get<std::vector<std::string>>();
   c.lr = at("optim.lr");
   c.head_lr = at("optim.head_lr").is_null() ? -1.0 : at("optim.head_lr").get<double>();
   c.weight_decay = at("optim.weight_decay");
@@ -213,6 +227,14 @@ void check_values(const TrainConfig& c, const std::string& origin) {
     fail("data.val_fraction must be between 0 and 1 (exclusive) when data.val is null");
   if (c.data.workers < 0 || c.data.prefetch_batches < 1) fail("data.workers must be >= 0 and data.prefetch_batches >= 1");
   if (c.data.cache != "auto" && c.data.cache != "memory" && c.data.cache != "off") fail("data.cache must be auto, memory or off");
+  if (c.data.prefix_cache != "auto" && c.data.prefix_cache != "memory" && c.data.prefix_cache != "off")
+    fail("data.prefix_cache must be auto, memory or off");
+  if (c.data.prefix_cache == "memory" && c.data.augment.enabled)
+    fail("data.prefix_cache memory needs data.augment.enabled false: augmented images differ every epoch, so their "
+         "prefix outputs cannot be reused");
+  if (c.head_init != "random" && c.head_init != "zero_shot") fail("head.init must be random or zero_shot");
+  for (const auto& t : c.templates)
+    if (t.find("{}") == std::string::npos) fail("head.templates: \"" + t + "\" has no {} for the class name");
   const auto& a = c.data.augment;
   if (!(0 < a.scale_min && a.scale_min <= a.scale_max && a.scale_max <= 1)) fail("data.augment.scale must be [min, max] with 0 < min <= max <= 1");
   if (!(0 < a.ratio_min && a.ratio_min <= a.ratio_max)) fail("data.augment.ratio must be [min, max] with 0 < min <= max");
@@ -301,7 +323,11 @@ TrainConfig load_train_config(const std::filesystem::path& path, const std::vect
     } catch (const json::parse_error&) {
       value = text;  // a bare string
     }
-    user[pointer(key)] = value;
+    try {
+      user[pointer(key)] = value;
+    } catch (const json::exception&) {
+      throw InputError("--set " + o + ": " + key + " is not a key inside an object of the configuration");
+    }
   }
   return parse_train_config(user, origin);
 }

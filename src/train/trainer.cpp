@@ -9,7 +9,6 @@
 #include "common/torch_compat.h"
 #include "loratune/adapter.h"
 #include "loratune/errors.h"
-#include "loratune/evaluate.h"
 #include "loratune/files.h"
 #include "loratune/fingerprint.h"
 #include "loratune/memory.h"
@@ -33,7 +32,8 @@ constexpr const char* kCheckpointFormat = "loratune.checkpoint/1";
 
 // Keys that do not change what training computes (where it runs, how often it reports).
 const std::vector<std::string> kNonResultKeys = {"/output_dir", "/data/workers", "/data/prefetch_batches",
-                                                 "/data/cache", "/device", "/threads", "/log_every_steps",
+                                                 "/data/cache", "/data/prefix_cache", "/device", "/threads",
+                                                 "/log_every_steps",
                                                  "/checkpoint_every_steps"};
 
 std::string format_percent(double fraction) {
@@ -176,11 +176,56 @@ Trainer::Progress Trainer::load_checkpoint() {
   return p;
 }
 
+bool Trainer::decide_prefix_cache() const {
+  const std::string& mode = config_.data.prefix_cache;
+  if (mode == "off" || !model_.has_frozen_prefix() || config_.data.augment.enabled) return false;
+  return mode == "memory" || model_.frozen_prefix_blocks() > 0 || model_.method() == Method::kLinearProbe;
+}
+
+at::Tensor Trainer::prefix_for(PrefixCache& cache, const Batch& batch) {
+  const bool cached = std::all_of(batch.indices.begin(), batch.indices.end(),
+                                  [&](int64_t i) { return cache.rows.count(i) > 0; });
+  if (cached) {
+    std::vector<at::Tensor> rows;
+    for (int64_t i : batch.indices) rows.push_back(cache.rows.at(i));
+    return at::stack(rows).to(device_, /*non_blocking=*/true);
+  }
+  at::Tensor h;
+  {
+    AutocastScope autocast(device_, precision_);
+    h = model_.prefix(batch.images.to(device_, /*non_blocking=*/true));
+  }
+  for (size_t k = 0; k < batch.indices.size(); ++k) cache.rows[batch.indices[k]] = h[static_cast<int64_t>(k)].to(at::kCPU).clone();
+  return h;
+}
+
+at::Tensor Trainer::forward_logits(const Batch& batch, PrefixCache* cache) {
+  if (cache) {
+    const at::Tensor h = prefix_for(*cache, batch);
+    AutocastScope autocast(device_, precision_);
+    return model_.logits_from_prefix(h, config_.gradient_checkpointing);
+  }
+  AutocastScope autocast(device_, precision_);
+  return model_.logits(batch.images.to(device_, /*non_blocking=*/true), config_.gradient_checkpointing);
+}
+
 Trainer::Validation Trainer::validate() {
   model_.set_training(false);
-  const Predictions pr = predict_all([&](const at::Tensor& x) { return model_.logits(x); }, *val_, device_, precision_,
-                                     "  validate");
-  const ClassificationMetrics m = compute_metrics(pr.logits, pr.labels);
+  at::NoGradGuard no_grad;
+  PrefixCache* cache = use_prefix_cache_ ? &val_cache_ : nullptr;
+  if (cache && static_cast<int64_t>(cache->rows.size()) >= val_->num_usable()) val_->set_images_needed(false);
+  ProgressBar bar("  validate", val_->num_samples(), "img");
+  std::vector<at::Tensor> logits, labels;
+  int64_t done = 0;
+  val_->start_epoch(0, 0);
+  while (auto batch = val_->next()) {
+    logits.push_back(forward_logits(*batch, cache).to(at::kCPU, at::kFloat));
+    labels.push_back(batch->labels);
+    done += static_cast<int64_t>(batch->indices.size());
+    bar.update(done, memory_status(device_));
+  }
+  bar.finish(memory_status(device_));
+  const ClassificationMetrics m = compute_metrics(at::cat(logits), at::cat(labels));
   return {m.loss, m.top1};
 }
 
@@ -212,6 +257,11 @@ TrainSummary Trainer::run(bool resume) {
     write_file_atomic(dir_ / kMetrics, "");
   }
 
+  use_prefix_cache_ = decide_prefix_cache();
+  if (use_prefix_cache_)
+    spdlog::info("caching the frozen prefix ({} block{} before the first adapter{}) per image: later epochs skip it",
+                 model_.frozen_prefix_blocks(), model_.frozen_prefix_blocks() == 1 ? "" : "s",
+                 model_.method() == Method::kLinearProbe ? ", and the head: the whole backbone" : "");
   TrainSummary summary;
   summary.method = config_.method;
   summary.trainable_params = model_.trainable_count();
@@ -224,6 +274,8 @@ TrainSummary Trainer::run(bool resume) {
   while (p.step < total_steps) {
     const int64_t steps_this_epoch = std::min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch);
     const int64_t images_per_step = config_.batch_size * accum;
+    if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
+      train_.set_images_needed(false);
     train_.start_epoch(p.epoch, p.step_in_epoch * accum);
     model_.set_training(true);
     ProgressBar bar("epoch " + std::to_string(p.epoch + 1) + "/" + std::to_string(total_epochs),
@@ -240,18 +292,13 @@ TrainSummary Trainer::run(bool resume) {
       for (int64_t k = 0; k < accum; ++k) {
         auto batch = train_.next();
         if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
-        const at::Tensor x = batch->images.to(device_, /*non_blocking=*/true);
         const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
-        at::Tensor logits;
-        {
-          AutocastScope autocast(device_, precision_);
-          logits = model_.logits(x, config_.gradient_checkpointing);
-        }
+        const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
         const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100,
                                                        config_.label_smoothing);
         scaler_->scale_loss(loss / static_cast<double>(accum)).backward();
         step_loss += loss.item<double>() / static_cast<double>(accum);
-        window_images += x.size(0);
+        window_images += static_cast<int64_t>(batch->indices.size());
       }
       std::vector<at::Tensor> grads;
       for (const auto& t : trainable_)

@@ -18,8 +18,8 @@ from PIL import Image
 
 BIN, FIX = sys.argv[1], sys.argv[2]
 IMAGES = os.path.join(FIX, "images")
-BASE = os.path.join(FIX, "vit", "vit_hf_script.pt")
-OTHER_BASE = os.path.join(FIX, "vit", "vit_timm_script.pt")
+BASE = os.path.join(FIX, "models", "hf_script.pt")
+OTHER_BASE = os.path.join(FIX, "models", "timm_script.pt")
 TMP = tempfile.mkdtemp(prefix="loratune_cli_")
 
 
@@ -212,7 +212,7 @@ class EvalAgainstPython(unittest.TestCase):
 class Predict(unittest.TestCase):
     def test_two_adapters_on_one_base_match_separate_runs(self):
         run_dir = trained_run()
-        second = os.path.join(FIX, "vit", "adapter_hf_script")  # another adapter for the same base
+        second = os.path.join(FIX, "models", "adapter_hf_script")  # another adapter for the same base
         images = [os.path.join(IMAGES, "toy", "val", "circle"), os.path.join(IMAGES, "toy", "val", "stripes", "000.png")]
         code, both, err = run("predict", "--model", BASE, "--adapter", run_dir + "/best", "--adapter", second, *images,
                               "--format", "json", "--top-k", "2")

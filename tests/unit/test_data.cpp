@@ -184,7 +184,7 @@ TEST(TrainingOnPhotos, LossFallsAndValidationBeatsChance) {
   const ImageFolder train_folder = scan_image_folder(images("toy/train"));
   const ImageFolder val_folder = scan_image_folder_for(images("toy/val"), train_folder.classes);
   const auto dir = test::temp_dir("photos");
-  const TrainConfig c = parse_train_config({{"model", fixture("vit/vit_timm_script.pt").string()},
+  const TrainConfig c = parse_train_config({{"model", fixture("models/timm_script.pt").string()},
                                             {"data", {{"train", "-"}}},
                                             {"output_dir", dir.string()},
                                             {"epochs", 4},

@@ -18,8 +18,8 @@ using test::max_abs_diff;
 class MergeLayouts : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(MergeLayouts, MergedFileMatchesAdaptedModel) {
-  const auto base = fixture("vit/vit_" + GetParam() + ".pt");
-  const auto adapter = fixture("vit/adapter_" + GetParam());
+  const auto base = fixture("models/" + GetParam() + ".pt");
+  const auto adapter = fixture("models/adapter_" + GetParam());
   const auto out_dir = fixture("merged");
   std::filesystem::create_directories(out_dir);
   const auto merged_path = out_dir / (GetParam() + ".pt");
@@ -28,7 +28,7 @@ TEST_P(MergeLayouts, MergedFileMatchesAdaptedModel) {
   EXPECT_EQ(report.merged.size(), 4u);
 
   // Logits of the unmerged adapted model in C++, for the Python check.
-  const auto ref = safetensors::read(fixture("vit/ref_" + GetParam() + ".safetensors")).tensors;
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + ".safetensors")).tensors;
   Model adapted(load_bundle(base));
   apply_adapter(adapted, load_adapter(adapter), adapter.string());
   at::NoGradGuard no_grad;
@@ -39,16 +39,16 @@ TEST_P(MergeLayouts, MergedFileMatchesAdaptedModel) {
   const Bundle merged = load_bundle(merged_path);
   EXPECT_EQ(merged.info.kind, "classifier");
   EXPECT_EQ(merged.info.classes.size(), 3u);
-  EXPECT_EQ(merged.info.image_size, 32);
+  EXPECT_EQ(merged.info.image_size, load_bundle(base).info.image_size);
   auto module = merged.module;
   EXPECT_LT(max_abs_diff(module.forward({ref.at("input")}).toTensor(), logits), 1e-5);
 }
 
 TEST_P(MergeLayouts, StrengthInterpolatesBetweenBaseAndAdapted) {
-  const auto base = fixture("vit/vit_" + GetParam() + ".pt");
-  const auto adapter = fixture("vit/adapter_" + GetParam());
+  const auto base = fixture("models/" + GetParam() + ".pt");
+  const auto adapter = fixture("models/adapter_" + GetParam());
   const auto dir = test::temp_dir("strength_" + GetParam());
-  const auto ref = safetensors::read(fixture("vit/ref_" + GetParam() + ".safetensors")).tensors;
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + ".safetensors")).tensors;
   MergeOptions zero;
   zero.strength = 0.0;
   merge_adapter(base, adapter, dir / "zero.pt", zero);
@@ -75,18 +75,18 @@ TEST_P(MergeLayouts, StrengthInterpolatesBetweenBaseAndAdapted) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, MergeLayouts,
                          ::testing::Values("hf_script", "hf_trace", "timm_script", "timm_trace", "torchvision_script",
-                                           "torchvision_trace"));
+                                           "torchvision_trace", "mobileclip_trace"));
 
 TEST(Merge, FeaturesOnlyWritesABackboneBundle) {
   const auto dir = test::temp_dir("features_only");
   MergeOptions o;
   o.features_only = true;
-  const auto report = merge_adapter(fixture("vit/vit_timm_trace.pt"), fixture("vit/adapter_timm_trace"), dir / "b.pt", o);
+  const auto report = merge_adapter(fixture("models/timm_trace.pt"), fixture("models/adapter_timm_trace"), dir / "b.pt", o);
   EXPECT_LT(report.max_abs_diff, 1e-5);
   const Bundle b = load_bundle(dir / "b.pt");
   EXPECT_EQ(b.info.kind, "backbone");
   EXPECT_TRUE(b.has_block_structure());
-  const auto ref = safetensors::read(fixture("vit/ref_timm_trace.safetensors")).tensors;
+  const auto ref = safetensors::read(fixture("models/ref_timm_trace.safetensors")).tensors;
   Model m(load_bundle(dir / "b.pt"));
   at::NoGradGuard no_grad;
   EXPECT_LT(max_abs_diff(m.features(ref.at("input")), ref.at("adapted_features")), 1e-5);
@@ -96,9 +96,9 @@ TEST(Merge, RefusesAdapterForAnotherBase) {
   const auto dir = test::temp_dir("merge_refuse");
   // Same architecture, other weights: caught by the fingerprint.
   {
-    Bundle b = load_bundle(fixture("vit/vit_hf_script.pt"));
-    Model m(load_bundle(fixture("vit/vit_hf_script.pt")));
-    apply_adapter(m, load_adapter(fixture("vit/adapter_hf_script")), "adapter");
+    Bundle b = load_bundle(fixture("models/hf_script.pt"));
+    Model m(load_bundle(fixture("models/hf_script.pt")));
+    apply_adapter(m, load_adapter(fixture("models/adapter_hf_script")), "adapter");
     save_adapter(dir / "adapter", adapter_from_model(m, {"a", "b", "c"}, {}));
     {
       at::NoGradGuard no_grad;
@@ -109,17 +109,17 @@ TEST(Merge, RefusesAdapterForAnotherBase) {
   EXPECT_THROW_WITH(merge_adapter(dir / "other.pt", dir / "adapter", dir / "out.pt", MergeOptions{}), InputError,
                     (dir / "adapter").string() + " was trained on a different base model (adapter base fingerprint ");
   // Another architecture: the weights do not fit.
-  EXPECT_THROW_WITH(merge_adapter(fixture("vit/vit_timm_script.pt"), dir / "adapter", dir / "out.pt", MergeOptions{}),
+  EXPECT_THROW_WITH(merge_adapter(fixture("models/timm_script.pt"), dir / "adapter", dir / "out.pt", MergeOptions{}),
                     InputError, "was trained on a different base model");
-  EXPECT_THROW_WITH(merge_adapter(fixture("vit/vit_timm_script.pt"), fixture("vit/adapter_hf_script"), dir / "out.pt", MergeOptions{}),
+  EXPECT_THROW_WITH(merge_adapter(fixture("models/timm_script.pt"), fixture("models/adapter_hf_script"), dir / "out.pt", MergeOptions{}),
                     InputError, "was made for another base: it adapts vit.encoder.layer.0.attention.attention.query");
   EXPECT_FALSE(std::filesystem::exists(dir / "out.pt"));
 }
 
 TEST(Adapters, SaveLoadRoundTripIsExactAndPeftShaped) {
   const auto dir = test::temp_dir("adapter_roundtrip");
-  Model m(load_bundle(fixture("vit/vit_timm_script.pt")));
-  apply_adapter(m, load_adapter(fixture("vit/adapter_timm_script")), "fixture");
+  Model m(load_bundle(fixture("models/timm_script.pt")));
+  apply_adapter(m, load_adapter(fixture("models/adapter_timm_script")), "fixture");
   const std::vector<std::string> classes = {"고양이", "개", "새"};
   save_adapter(dir / "a", adapter_from_model(m, classes, {{"lr", 0.001}}));
   EXPECT_TRUE(std::filesystem::exists(dir / "a" / "adapter_config.json"));

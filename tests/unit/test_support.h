@@ -27,6 +27,12 @@ inline double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
 }
 
+// max |a - b| relative to the size of the reference b (absolute for values up to 1): float32 rounding grows with
+// the magnitude, and gradients of deep models are O(10).
+inline double scaled_diff(const at::Tensor& a, const at::Tensor& reference) {
+  return max_abs_diff(a, reference) / std::max(1.0, reference.abs().max().item<double>());
+}
+
 // Expects `expression` to throw an exception of `type` whose message contains `text`.
 #define EXPECT_THROW_WITH(expression, type, text)                                        \
   do {                                                                                   \

@@ -20,7 +20,7 @@ using test::fixture;
 using test::max_abs_diff;
 
 TrainConfig make_config(const std::filesystem::path& out, json overrides = json::object()) {
-  json j = {{"model", fixture("vit/vit_hf_script.pt").string()},
+  json j = {{"model", fixture("models/hf_script.pt").string()},
             {"data", {{"train", "unused"}}},
             {"output_dir", out.string()},
             {"epochs", 2},
@@ -82,7 +82,7 @@ TEST(Training, CheckpointingGivesIdenticalLossAndGradients) {
   for (const std::string layout : {"hf_script", "timm_trace", "torchvision_script"}) {
     SCOPED_TRACE(layout);
     TrainConfig lc = c;
-    lc.model = fixture("vit/vit_" + layout + ".pt").string();
+    lc.model = fixture("models/" + layout + ".pt").string();
     std::vector<at::Tensor> grads[2];
     double losses[2];
     for (int checkpoint = 0; checkpoint < 2; ++checkpoint) {
@@ -185,7 +185,7 @@ TEST(LossScaler, InfSkipsAndHalvesThenGrowsAfterTheInterval) {
 }
 
 TEST(Optimizer, AdamWMatchesPyTorch) {
-  const auto ref = safetensors::read(fixture("vit/adamw_ref.safetensors")).tensors;
+  const auto ref = safetensors::read(fixture("models/adamw_ref.safetensors")).tensors;
   at::Tensor w = ref.at("w0").clone().requires_grad_(true), b = ref.at("b0").clone().requires_grad_(true);
   AdamW opt({{"w", w}, {"b", b}}, AdamWOptions{0.9, 0.99, 1e-8, 0.1});  // decay applies to the matrix only
   const double lrs[] = {0.01, 0.005, 0.002};

@@ -1,0 +1,23 @@
+// A caching allocator for CPU tensors, as CUDA has one: freed blocks of 256 KB and more are kept by size class and
+// reused. glibc returns large freed blocks to the system and maps them again on the next step, which costs a page
+// fault per 4 KB (training steps ran ~30% slower than in Python) and leaves the resident set far above the memory
+// actually live. Installed by the applications at start-up; library users may install it too.
+#pragma once
+
+#include <cstdint>
+
+namespace loratune {
+
+// Makes the caching allocator LibTorch's CPU allocator (idempotent).
+void install_caching_cpu_allocator();
+
+// Frees every cached block that is not in use (e.g. after training, before a long evaluation).
+void release_cached_cpu_memory();
+
+struct CpuAllocatorStats {
+  int64_t in_use = 0;   // bytes of live cached-size blocks
+  int64_t cached = 0;   // bytes of free blocks kept for reuse
+};
+CpuAllocatorStats cpu_allocator_stats();
+
+}  // namespace loratune

@@ -1,0 +1,46 @@
+// Zero-shot classification with a CLIP text encoder: class names -> prompts -> text embeddings -> a head that
+// scores images by cosine similarity (logit_scale * norm(image) . norm(text)). The same head can start training.
+#pragma once
+
+#include <torch/script.h>
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "loratune/bundle.h"
+#include "loratune/clip_tokenizer.h"
+
+namespace loratune {
+
+struct TextEncoder {
+  torch::jit::Module module;  // tokens [N, context] int64 -> embeddings [N, D]
+  ClipTokenizer tokenizer;
+  int64_t context_length = 77;
+  int64_t embed_dim = 0;
+  double logit_scale = 100.0;
+  std::filesystem::path path;
+};
+
+// Loads a text-encoder bundle (kind "text_encoder") with the merges file inside it.
+TextEncoder load_text_encoder(const std::filesystem::path& path);
+
+// The text encoder an image bundle names in its metadata ("text_model", relative to the image bundle).
+std::filesystem::path text_model_for(const Bundle& image_bundle);
+
+// Prompt templates ("{}" is replaced by a class name).
+const std::vector<std::string>& default_templates();
+
+// Names per class: from a JSON file {"folder name": "name" or ["name", ...]}; classes it does not list use their
+// folder name (underscores as spaces).
+std::map<std::string, std::vector<std::string>> class_prompt_names(const std::vector<std::string>& classes,
+                                                                   const std::filesystem::path& names_file);
+
+// The zero-shot head: weight [C, D] = logit_scale * normalise(mean over names x templates of normalise(text)),
+// bias 0. Use it on L2-normalised image features.
+std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::vector<std::string>& classes,
+                                                 const std::map<std::string, std::vector<std::string>>& names,
+                                                 const std::vector<std::string>& templates);
+
+}  // namespace loratune

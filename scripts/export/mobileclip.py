@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Exports MobileCLIP (apple/ml-mobileclip) as two loratune bundles: the image encoder (what you adapt) and the text
+encoder (for zero-shot classification and a zero-shot initial head), with the BPE merges file inside.
+
+  python3 scripts/export/mobileclip.py --model mobileclip_s0 --checkpoint mobileclip_s0.pt --output models/mobileclip_s0
+
+writes models/mobileclip_s0_image.pt and models/mobileclip_s0_text.pt. The model is reparameterised first (branches
+folded; the fused qkv layers are unchanged), then traced in fp32 with gradients enabled on the CPU (scripting fails on
+these encoders; a trace fixes device and dtype, so use autocast for reduced precision).
+Preprocessing: resize the short side (bilinear), center crop 256 (S0-S2) or 224 (B), scale to [0, 1], mean 0, std 1.
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loratune_export as lx  # noqa: E402
+
+MERGES_NAME = "bpe_merges.txt"
+
+
+class MobileCLIPImage(lx.BundleWrapper):
+    """MCi image encoders (S0, S1, S2): attention only in the last stage, network.7. Paths keep Apple's names."""
+
+    blocks_path = "image_encoder.model.network.7"
+
+    def __init__(self, image_encoder):
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, images):
+        return self.head(self.image_encoder.model.network[7](self.stem(images)))
+
+    def stem(self, images):
+        m = self.image_encoder.model
+        x = m.patch_embed(images)
+        for i in range(7):
+            x = m.network[i](x)
+        return x
+
+    def head(self, hidden):
+        m = self.image_encoder.model
+        return m.head(m.conv_exp(hidden))
+
+
+class MobileCLIPViTImage(lx.BundleWrapper):
+    """MobileCLIP-B image encoder: ViT-B/16 with a convolutional stem."""
+
+    blocks_path = "image_encoder.model.transformer"
+
+    def __init__(self, image_encoder):
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, images):
+        return self.head(self.image_encoder.model.transformer(self.stem(images)))
+
+    def stem(self, images):
+        return self.image_encoder.model.extract_patch_embeddings(images)[0]
+
+    def head(self, hidden):
+        m = self.image_encoder.model
+        return m.classifier(m.post_transformer_norm(hidden)[:, 0])
+
+
+class MobileCLIPText(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, tokens):
+        return self.text_encoder(tokens)
+
+
+def export_image(image_encoder, vit, meta, path):
+    wrapper = (MobileCLIPViTImage if vit else MobileCLIPImage)(image_encoder)
+    meta = {"family": "mobileclip", "architecture": "mobileclip_vit" if vit else "mobileclip_mci",
+            "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3, "module_prefix": "", **meta}
+    return lx.export_bundle(wrapper, meta, path, mode="trace")
+
+
+def export_text(text_encoder, merges_text, meta, path, context_length=77):
+    """Traces the text encoder (tokens [N, context] int64 -> embeddings [N, D]) with the merges file inside."""
+    wrapper = MobileCLIPText(text_encoder).eval()
+    example = torch.zeros(2, context_length, dtype=torch.long)
+    example[:, 0], example[:, 1:4] = meta["sot"], 300
+    example[:, 4] = meta["eot"]
+    with torch.enable_grad():
+        module = torch.jit.trace(wrapper, example, check_trace=False)
+    meta = {"format": lx.FORMAT_VERSION, "kind": "text_encoder", "family": "mobileclip", "tokenizer": "clip_bpe",
+            "context_length": context_length, "merges_file": MERGES_NAME, **meta}
+    torch.jit.save(module, path, _extra_files={lx.METADATA_NAME: json.dumps(meta, indent=2), MERGES_NAME: merges_text})
+    return module
+
+
+def read_merges(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def find_merges():
+    for package in ("mobileclip", "open_clip"):
+        try:
+            mod = __import__(package)
+        except ImportError:
+            continue
+        for root, _, files in os.walk(os.path.dirname(mod.__file__)):
+            if "bpe_simple_vocab_16e6.txt.gz" in files:
+                return os.path.join(root, "bpe_simple_vocab_16e6.txt.gz")
+    raise SystemExit("cannot find bpe_simple_vocab_16e6.txt.gz in mobileclip or open_clip; pass --merges")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="mobileclip_s0, mobileclip_s1, mobileclip_s2 or mobileclip_b")
+    p.add_argument("--checkpoint", required=True, help="the .pt checkpoint from Apple")
+    p.add_argument("--merges", help="bpe_simple_vocab_16e6.txt(.gz); default: the copy in your mobileclip/open_clip")
+    p.add_argument("--output", required=True, help="prefix of the two output files")
+    args = p.parse_args(argv)
+    import mobileclip  # noqa: E402  (the user's install)
+    from mobileclip.modules.common.mobileone import reparameterize_model  # noqa: E402
+
+    model, _, _ = mobileclip.create_model_and_transforms(args.model, pretrained=args.checkpoint)
+    model = reparameterize_model(model.eval()).float()
+    vit = args.model.endswith("_b")
+    size = 224 if vit else 256
+    logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    embed = model.text_encoder.projection_layer.shape[1]
+    merges = read_merges(args.merges or find_merges())
+    n_merges = min(len(merges.split("\n")[1:49152 - 256 - 2 + 1]), 48894)
+    out = args.output
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    text_file = os.path.basename(out) + "_text.pt"
+    export_image(model.image_encoder, vit, {"name": args.model, "feature_dim": embed, "image_size": size,
+                                            "resize_size": size, "text_model": text_file, "logit_scale": logit_scale},
+                 out + "_image.pt")
+    export_text(model.text_encoder, merges, {"name": args.model, "feature_dim": embed, "logit_scale": logit_scale,
+                                             "sot": 512 + n_merges, "eot": 513 + n_merges}, out + "_text.pt")
+    print(f"wrote {out}_image.pt and {out}_text.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+#include "loratune/zero_shot.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include "loratune/errors.h"
+#include "loratune/files.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace loratune {
+
+TextEncoder load_text_encoder(const fs::path& path) {
+  Bundle b = load_bundle(path);
+  if (b.info.kind != "text_encoder")
+    throw InputError(path.string() + " is not a text encoder bundle (kind \"" + b.info.kind +
+                     "\"); export one with scripts/export/mobileclip.py");
+  const std::string merges_name = b.info.extra.value("merges_file", "bpe_merges.txt");
+  torch::jit::ExtraFilesMap extra{{merges_name, ""}};
+  torch::jit::load(path.string(), c10::Device(c10::kCPU), extra);
+  if (extra[merges_name].empty()) throw InputError(path.string() + " carries no BPE merges file (" + merges_name + ")");
+  TextEncoder t{b.module, ClipTokenizer(extra[merges_name]), b.info.extra.value("context_length", int64_t{77}),
+                b.info.feature_dim, b.info.extra.value("logit_scale", 100.0), path};
+  t.module.eval();
+  return t;
+}
+
+fs::path text_model_for(const Bundle& image_bundle) {
+  const std::string name = image_bundle.info.extra.value("text_model", "");
+  if (name.empty())
+    throw InputError(image_bundle.path.string() + " names no text encoder; pass one (--text-model or head.text_model)");
+  return image_bundle.path.parent_path() / name;
+}
+
+const std::vector<std::string>& default_templates() {
+  static const std::vector<std::string> templates = {"a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
+                                                     "a good photo of a {}.", "a photo of my {}."};
+  return templates;
+}
+
+std::map<std::string, std::vector<std::string>> class_prompt_names(const std::vector<std::string>& classes,
+                                                                   const fs::path& names_file) {
+  std::map<std::string, std::vector<std::string>> out;
+  json j = json::object();
+  if (!names_file.empty()) {
+    try {
+      j = json::parse(read_file(names_file));
+    } catch (const json::exception& e) {
+      throw InputError(names_file.string() + ": not valid JSON (" + e.what() + ")");
+    }
+    if (!j.is_object()) throw InputError(names_file.string() + ": expected {\"folder name\": \"prompt name\", ...}");
+  }
+  for (const auto& c : classes) {
+    std::vector<std::string> names;
+    if (j.contains(c)) {
+      const json& v = j[c];
+      if (v.is_string()) names.push_back(v.get<std::string>());
+      else if (v.is_array() && !v.empty() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_string(); }))
+        names = v.get<std::vector<std::string>>();
+      else throw InputError(names_file.string() + ": the names of \"" + c + "\" must be a string or a list of strings");
+    } else {
+      std::string name = c;
+      std::replace(name.begin(), name.end(), '_', ' ');
+      names.push_back(name);
+    }
+    out[c] = names;
+  }
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::vector<std::string>& classes,
+                                                 const std::map<std::string, std::vector<std::string>>& names,
+                                                 const std::vector<std::string>& templates) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> rows;
+  for (const auto& c : classes) {
+    std::vector<std::string> prompts;
+    for (const auto& name : names.at(c))
+      for (const auto& t : templates) {
+        const size_t at_brace = t.find("{}");
+        prompts.push_back(at_brace == std::string::npos ? t + " " + name : t.substr(0, at_brace) + name + t.substr(at_brace + 2));
+      }
+    const at::Tensor tokens = text.tokenizer.tokenize(prompts, text.context_length);
+    at::Tensor emb = text.module.forward({tokens}).toTensor().to(at::kFloat);
+    emb = emb / emb.norm(2, -1, true);
+    at::Tensor mean = emb.mean(0);
+    rows.push_back(mean / mean.norm());
+  }
+  return {at::stack(rows) * text.logit_scale, at::zeros({static_cast<int64_t>(classes.size())})};
+}
+
+}  // namespace loratune

@@ -1,0 +1,198 @@
+// MobileCLIP: the CLIP tokenizer, zero-shot heads, LoRA on fused q/v slices of MCi attention, the frozen-prefix cache.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "loratune/adapter.h"
+#include "loratune/clip_tokenizer.h"
+#include "loratune/errors.h"
+#include "loratune/files.h"
+#include "loratune/loader.h"
+#include "loratune/merge.h"
+#include "loratune/trainer.h"
+#include "loratune/zero_shot.h"
+#include "test_support.h"
+
+namespace loratune {
+namespace {
+
+using nlohmann::json;
+using test::fixture;
+
+ClipTokenizer small_tokenizer() { return ClipTokenizer(read_file(fixture("models/merges_small.txt"))); }
+
+TEST(ClipTokenizer, HandComputedIds) {
+  const ClipTokenizer tok = small_tokenizer();
+  // Vocabulary: 256 byte symbols, the same with </w> (+256), then the 8 merges from 512, then start/end of text.
+  EXPECT_EQ(tok.start_token(), 520);
+  EXPECT_EQ(tok.end_token(), 521);
+  // "a" is byte 97, the 65th printable byte (97 - 33 = 64), alone in its word: "a</w>" = 256 + 64 = 320.
+  // "red": r e -> re (merge 0), re d</w> -> red</w> (merge 1) = 513. "photo": ph, pho, to</w>, photo</w> = 517.
+  EXPECT_EQ(tok.encode("a red photo"), (std::vector<int64_t>{320, 513, 517}));
+  // Lower-cased; "!!" is one punctuation piece: "!" (byte 33 -> 0) and "!</w>" (256).
+  EXPECT_EQ(tok.encode("Red!!"), (std::vector<int64_t>{513, 0, 256}));
+  // 고양이 = EA B3 A0 EC 96 91 EC 9D B4. EA, B3 are printable Latin-1 (166, 111) and merge (merge 7) into 519;
+  // A0 is not printable: the 67th such byte -> 188 + 66 = 254; EC -> 168; 96 -> 244; 91 -> 239; 9D -> 251;
+  // the last byte B4 (112) ends the word: 112 + 256 = 368.
+  EXPECT_EQ(tok.encode("고양이"), (std::vector<int64_t>{519, 254, 168, 244, 239, 168, 251, 368}));
+  // Truncation keeps the end token last.
+  std::string long_text;
+  for (int i = 0; i < 100; ++i) long_text += "a ";
+  const at::Tensor t = tok.tokenize({long_text, ""}, 77);
+  EXPECT_EQ(t.sizes(), (at::IntArrayRef{2, 77}));
+  EXPECT_EQ(t[0][0].item<int64_t>(), 520);
+  EXPECT_EQ(t[0][1].item<int64_t>(), 320);
+  EXPECT_EQ(t[0][76].item<int64_t>(), 521);
+  EXPECT_EQ(t[1][1].item<int64_t>(), 521);
+  EXPECT_EQ(t[1][2].item<int64_t>(), 0) << "zero padding";
+}
+
+TEST(ClipTokenizer, MatchesPythonReference) {
+  const ClipTokenizer tok = small_tokenizer();
+  const json ref = json::parse(read_file(fixture("models/tokens_ref.json")));
+  std::vector<std::string> texts;
+  for (const auto& c : ref["cases"]) {
+    texts.push_back(c["text"]);
+    EXPECT_EQ(tok.encode(c["text"]), c["ids"].get<std::vector<int64_t>>()) << c["text"];
+  }
+  texts.push_back(ref["long_text"]);
+  const at::Tensor rows = tok.tokenize(texts, 77);
+  const auto expected = ref["tokenized"].get<std::vector<std::vector<int64_t>>>();
+  for (size_t r = 0; r < expected.size(); ++r)
+    for (size_t k = 0; k < 77; ++k) ASSERT_EQ(rows[r][k].item<int64_t>(), expected[r][k]) << r << "," << k;
+}
+
+TEST(ClipTokenizer, RejectsDamagedMergesFiles) {
+  EXPECT_THROW_WITH(ClipTokenizer("#version: 0.2\n"), InputError, "holds no merges");
+  EXPECT_THROW_WITH(ClipTokenizer("#version: 0.2\na b c\n"), InputError, "line 2: expected two symbols");
+}
+
+TEST(MobileClip, DefaultTargetsAreQAndVSlicesOfTheLastStage) {
+  Model m(load_bundle(fixture("models/mobileclip_trace.pt")));
+  const auto t = resolve_targets(m.module(), LoraSettings{});
+  ASSERT_EQ(t.size(), 4u);
+  EXPECT_EQ(t[0].module, "image_encoder.model.network.7.0.token_mixer.qkv");
+  EXPECT_EQ(t[0].slice, "q");
+  EXPECT_EQ(t[1].slice, "v");
+  EXPECT_EQ(t[1].row_begin, 96);
+}
+
+TEST(MobileClip, ZeroShotHeadPredictsTheAgreedClasses) {
+  Model model(load_bundle(fixture("models/mobileclip_trace.pt")));
+  const ImageFolder folder = scan_image_folder(fixture("models/zeroshot"));
+  TextEncoder text = load_text_encoder(text_model_for(model.bundle()));
+  EXPECT_EQ(text.tokenizer.end_token(), 521);
+  auto [weight, bias] = zero_shot_head(text, folder.classes, class_prompt_names(folder.classes, {}), default_templates());
+  model.set_head(weight, bias);
+  model.set_normalize_features(true);
+  LoaderOptions o;
+  o.batch_size = 4;
+  ImageBatchSource source(folder, Preprocess::from_bundle(model.bundle().info), o);
+  source.start_epoch(0, 0);
+  at::NoGradGuard no_grad;
+  int64_t seen = 0;
+  while (auto b = source.next()) {
+    const at::Tensor logits = model.logits(b->images);
+    EXPECT_TRUE(at::equal(logits.argmax(1), b->labels));
+    // The text and image embeddings agree: cosine 1, logit = logit_scale.
+    EXPECT_NEAR(std::get<0>(logits.max(1)).min().item<double>(), 100.0, 1e-2);
+    seen += b->images.size(0);
+  }
+  EXPECT_EQ(seen, 9);
+}
+
+TrainConfig mobileclip_config(const std::filesystem::path& out, json extra = json::object()) {
+  json j = {{"model", fixture("models/mobileclip_trace.pt").string()},
+            {"data", {{"train", "-"}, {"augment", {{"enabled", false}}}}},
+            {"output_dir", out.string()},
+            {"epochs", 3},
+            {"batch_size", 4},
+            {"precision", "fp32"},
+            {"optim", {{"lr", 0.01}}},
+            {"lora", {{"rank", 4}, {"dropout", 0.0}}},
+            {"log_every_steps", 1}};
+  j.merge_patch(extra);
+  return parse_train_config(j, "test");
+}
+
+std::unique_ptr<Model> lora_model(const TrainConfig& c) {
+  torch::manual_seed(c.seed);
+  auto model = std::make_unique<Model>(load_bundle(c.model));
+  auto targets = resolve_targets(model->module(), c.lora);
+  init_adapter_tensors(targets);
+  model->set_adapters(targets, c.lora.dropout);
+  model->init_head(3);
+  return model;
+}
+
+struct Images {
+  at::Tensor x, y;
+  Images() {
+    at::Generator gen = at::detail::createCPUGenerator(3);
+    y = at::arange(12, at::kLong) % 3;
+    x = at::rand({12, 3, 64, 64}, gen) * 0.3 + y.to(at::kFloat).view({12, 1, 1, 1}) * 0.3;
+  }
+};
+
+TEST(MobileClip, TrainingTouchesOnlyQAndVRowsAndKeepsBatchNormFrozen) {
+  const auto dir = test::temp_dir("mobileclip_rows");
+  const TrainConfig c = mobileclip_config(dir / "run");
+  auto model = lora_model(c);
+  std::map<std::string, at::Tensor> buffers_before;
+  for (const auto& b : model->module().named_buffers()) buffers_before[b.name] = b.value.clone();
+  Images data;
+  TensorBatchSource train(data.x, data.y, 4, true, true, 0);
+  Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false);
+  for (const auto& b : model->module().named_buffers())
+    EXPECT_TRUE(at::equal(b.value, buffers_before.at(b.name))) << "BatchNorm statistics must not move: " << b.name;
+
+  merge_adapter(c.model, dir / "run" / Trainer::kLastAdapter, dir / "merged.pt", MergeOptions{});
+  const Bundle base = load_bundle(c.model), merged = load_bundle(dir / "merged.pt");
+  std::map<std::string, at::Tensor> merged_params;
+  for (const auto& p : merged.module.named_parameters()) merged_params[p.name] = p.value;
+  int qkv = 0;
+  for (const auto& p : base.module.named_parameters()) {
+    const at::Tensor& after = merged_params.at("backbone." + p.name);
+    if (p.name.find("network.7.") != std::string::npos && p.name.find("token_mixer.qkv.weight") != std::string::npos) {
+      ++qkv;
+      const int64_t n = p.value.size(0) / 3;
+      EXPECT_FALSE(at::equal(after.narrow(0, 0, n), p.value.narrow(0, 0, n))) << p.name << " q rows changed";
+      EXPECT_TRUE(at::equal(after.narrow(0, n, n), p.value.narrow(0, n, n))) << p.name << " k rows untouched";
+      EXPECT_FALSE(at::equal(after.narrow(0, 2 * n, n), p.value.narrow(0, 2 * n, n))) << p.name << " v rows changed";
+    } else {
+      EXPECT_TRUE(at::equal(after, p.value)) << p.name << " must be bit-identical";
+    }
+  }
+  EXPECT_EQ(qkv, 2);
+}
+
+TEST(MobileClip, PrefixCacheGivesIdenticalTrainingWithoutAugmentation) {
+  Images data, val;
+  std::string adapters[2], metrics[2];
+  for (int cached = 0; cached < 2; ++cached) {
+    const auto dir = test::temp_dir(std::string("prefix_cache_") + (cached ? "on" : "off"));
+    const TrainConfig c = mobileclip_config(dir, {{"data", {{"prefix_cache", cached ? "memory" : "off"}}}});
+    auto model = lora_model(c);
+    EXPECT_EQ(model->frozen_prefix_blocks(), 0) << "adapters start in the first attention block";
+    TensorBatchSource train(data.x, data.y, 4, true, true, 0);
+    TensorBatchSource validation(val.x, val.y, 5, false, false, 0);
+    Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false);
+    adapters[cached] = read_file(dir / Trainer::kLastAdapter / kAdapterWeightsName);
+    metrics[cached] = read_file(dir / Trainer::kMetrics);
+  }
+  EXPECT_EQ(adapters[0], adapters[1]);
+  // Losses identical (the lines differ only in timing fields).
+  auto losses = [](const std::string& text) {
+    std::vector<double> out;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      const json j = json::parse(line);
+      out.push_back(j.contains("loss") ? j["loss"].get<double>() : j["val_loss"].get<double>());
+    }
+    return out;
+  };
+  EXPECT_EQ(losses(metrics[0]), losses(metrics[1]));
+}
+
+}  // namespace
+}  // namespace loratune
