@@ -166,7 +166,9 @@ at::Tensor Model::prefix(const at::Tensor& images) {
   at::Tensor h = bundle_.module.get_method("stem")({images}).toTensor();
   for (int64_t i = 0; i < prefix_blocks_; ++i) h = run_block(blocks_[i], h);
   if (method_ == Method::kLinearProbe) h = bundle_.module.get_method("head")({h}).toTensor();
-  return h;
+  // One memory layout, whether the next step gets this tensor or cached rows stacked again: kernels may
+  // differ by layout and the results in their last bits.
+  return h.contiguous();
 }
 
 at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint) {

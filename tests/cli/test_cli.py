@@ -250,6 +250,35 @@ class Predict(unittest.TestCase):
                 self.assertGreater(im.size[0], 100)
 
 
+class MobileClip(unittest.TestCase):
+    IMAGE = os.path.join(FIX, "models", "mobileclip_trace.pt")
+    PHOTOS = os.path.join(FIX, "models", "zeroshot")
+
+    def test_zero_shot_eval_before_training(self):
+        out = os.path.join(TMP, "zeroshot_eval")
+        code, stdout, err = run("eval", "--model", self.IMAGE, "--zero-shot", "--data", self.PHOTOS, "--output", out)
+        self.assertEqual(code, 0, err)
+        self.assertIn("(zero-shot)", stdout)
+        with open(os.path.join(out, "metrics.json")) as f:
+            self.assertEqual(json.load(f)["top1"], 1.0)
+        self.assertEqual(run("eval", "--model", self.IMAGE, "--zero-shot", "--adapter", "x", "--data", self.PHOTOS)[0], 3)
+
+    def test_training_from_the_zero_shot_head_then_merge(self):
+        cfg, out = write_config("zeroshot_train", model=self.IMAGE, data={"train": self.PHOTOS, "val": self.PHOTOS},
+                                head={"init": "zero_shot"}, epochs=1, batch_size=3, optim={"lr": 1e-5})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("zero-shot head from", err)
+        with open(os.path.join(out, "summary.json")) as f:
+            self.assertEqual(json.load(f)["best_val_top1"], 1.0, "starts where zero-shot is")
+        merged = os.path.join(TMP, "zeroshot_merged.pt")
+        self.assertEqual(run("merge", "--base", self.IMAGE, "--adapter", out + "/best", "--output", merged)[0], 0)
+        code, _, err = run("eval", "--model", merged, "--data", self.PHOTOS, "--output", os.path.join(TMP, "zs_merged"))
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(TMP, "zs_merged", "metrics.json")) as f:
+            self.assertEqual(json.load(f)["top1"], 1.0, "the merged cosine classifier normalises features too")
+
+
 if __name__ == "__main__":
     result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
     failed = len(result.failures) + len(result.errors)

@@ -168,20 +168,26 @@ TEST(MobileClip, TrainingTouchesOnlyQAndVRowsAndKeepsBatchNormFrozen) {
 
 TEST(MobileClip, PrefixCacheGivesIdenticalTrainingWithoutAugmentation) {
   Images data, val;
-  std::string adapters[2], metrics[2];
+  std::string metrics[2];
+  std::filesystem::path dir_of[2];
   for (int cached = 0; cached < 2; ++cached) {
     const auto dir = test::temp_dir(std::string("prefix_cache_") + (cached ? "on" : "off"));
-    const TrainConfig c = mobileclip_config(dir, {{"data", {{"prefix_cache", cached ? "memory" : "off"}}}});
+    // Adapters in the last attention block only: the stem and block 0 form the frozen prefix.
+    const TrainConfig c = mobileclip_config(dir, {{"data", {{"prefix_cache", cached ? "memory" : "off"}}},
+                                                  {"lora", {{"targets", {"network.7.1.token_mixer.qkv:q,v"}}}}});
     auto model = lora_model(c);
-    EXPECT_EQ(model->frozen_prefix_blocks(), 0) << "adapters start in the first attention block";
+    EXPECT_EQ(model->frozen_prefix_blocks(), 1);
     TensorBatchSource train(data.x, data.y, 4, true, true, 0);
     TensorBatchSource validation(val.x, val.y, 5, false, false, 0);
     Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false);
-    adapters[cached] = read_file(dir / Trainer::kLastAdapter / kAdapterWeightsName);
+    dir_of[cached] = dir;
     metrics[cached] = read_file(dir / Trainer::kMetrics);
   }
-  EXPECT_EQ(adapters[0], adapters[1]);
-  // Losses identical (the lines differ only in timing fields).
+  // The same computation up to float rounding: BLAS kernels treat a row differently by its position in the batch,
+  // and cached rows are batched with other rows than when they were computed, so the last bits may differ.
+  const auto a0 = load_adapter(dir_of[0] / Trainer::kLastAdapter), a1 = load_adapter(dir_of[1] / Trainer::kLastAdapter);
+  for (size_t i = 0; i < a0.targets.size(); ++i) EXPECT_LT(test::scaled_diff(a1.targets[i].B, a0.targets[i].B), 1e-5);
+  // Losses (the lines differ only in timing fields).
   auto losses = [](const std::string& text) {
     std::vector<double> out;
     std::istringstream in(text);
@@ -191,7 +197,9 @@ TEST(MobileClip, PrefixCacheGivesIdenticalTrainingWithoutAugmentation) {
     }
     return out;
   };
-  EXPECT_EQ(losses(metrics[0]), losses(metrics[1]));
+  const auto l0 = losses(metrics[0]), l1 = losses(metrics[1]);
+  ASSERT_EQ(l0.size(), l1.size());
+  for (size_t i = 0; i < l0.size(); ++i) EXPECT_NEAR(l0[i], l1[i], 1e-6 * std::abs(l0[i])) << "line " << i;
 }
 
 }  // namespace
