@@ -1,70 +1,134 @@
-// Measurements for scripts/bench/run_benchmarks.py (one JSON line on stdout per run):
-//   loratune_bench step   MODEL BATCH PRECISION CHECKPOINT STEPS   training step time and peak RSS
-//   loratune_bench loader FOLDER BATCH WORKERS BATCHES             images/s of the photo loader (train transform)
+// Measurements for scripts/bench/ and scripts/gpu/ (one JSON line on stdout per run). Arguments are key=value.
+//   loratune_bench step   model=M batch=B precision=fp32|bf16|fp16 checkpoint=0|1 steps=N [device=cpu|cuda]
+//                         [threads=2] [save=ADAPTER_DIR] [probe=INPUT.safetensors]
+//       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory; optionally
+//       saves the adapter and writes the trained model's logits on the probe input to <probe>.logits.safetensors.
+//   loratune_bench logits model=M adapter=A input=IN.safetensors out=OUT.safetensors [device=cpu|cuda]
+//       Logits of base + adapter (loratune's or PEFT's) on an input.
+//   loratune_bench loader folder=F batch=B workers=W batches=N        (builds with OpenCV only)
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "loratune/adapter.h"
 #include "loratune/amp.h"
 #include "loratune/cpu_allocator.h"
-#include "loratune/image.h"
-#include "loratune/loader.h"
+#include "loratune/errors.h"
 #include "loratune/memory.h"
 #include "loratune/model.h"
 #include "loratune/optim.h"
+#include "loratune/safetensors.h"
+#ifdef LORATUNE_WITH_VISION
+#include "loratune/image.h"
+#include "loratune/loader.h"
+#endif
 
 using namespace loratune;
 using Clock = std::chrono::steady_clock;
+using Args = std::map<std::string, std::string>;
 
 namespace {
 
-int step_benchmark(const std::string& model_path, int64_t batch, const std::string& precision_name, bool checkpoint,
-                   int steps) {
+std::string get(const Args& a, const std::string& key, const std::string& fallback = "") {
+  auto it = a.find(key);
+  if (it != a.end()) return it->second;
+  if (fallback.empty()) throw InputError("missing argument " + key + "=...");
+  return fallback;
+}
+
+void sync(const c10::Device& device) {
+  if (device.is_cuda()) at::zeros({1}, at::TensorOptions().device(device)).item<float>();
+}
+
+int step_benchmark(const Args& a) {
+  const c10::Device device = resolve_device(get(a, "device", "cpu"));
+  const int64_t batch = std::stoll(get(a, "batch"));
+  const bool checkpoint = get(a, "checkpoint", "0") == "1";
+  const int steps = std::stoi(get(a, "steps"));
+  const Precision precision = resolve_precision(get(a, "precision", "fp32"), device);
   torch::manual_seed(0);
-  Model model(load_bundle(model_path));
+  Model model(load_bundle(get(a, "model")));
   auto targets = resolve_targets(model.module(), LoraSettings{});
   init_adapter_tensors(targets);
   model.set_adapters(targets, 0.0);
   model.init_head(10);
-  const c10::Device cpu(c10::kCPU);
-  const Precision precision = resolve_precision(precision_name, cpu);
+  // As `loratune train` by default: frozen weights in 16 bits with mixed precision on CUDA.
+  model.to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat);
+  const int64_t setup_peak = peak_memory(device);
+  reset_peak_memory(device);
   AdamW optimizer(model.trainable(), AdamWOptions{});
+  LossScaler scaler(precision == Precision::kFp16, LossScaler::Options{});
   const int64_t s = model.bundle().info.image_size;
-  const at::Tensor x = at::randn({batch, 3, s, s});
-  const at::Tensor y = at::arange(batch, at::kLong) % 10;
-  const int64_t setup_peak = read_memory(cpu).peak_rss;
+  const at::Tensor x = at::randn({batch, 3, s, s}).to(device);
+  const at::Tensor y = (at::arange(batch, at::kLong) % 10).to(device);
   std::vector<double> times;
   for (int i = 0; i < steps; ++i) {
+    sync(device);
     const auto t0 = Clock::now();
     at::Tensor logits;
     {
-      AutocastScope autocast(cpu, precision);
+      AutocastScope autocast(device, precision);
       logits = model.logits(x, checkpoint);
     }
-    at::cross_entropy_loss(logits.to(at::kFloat), y).backward();
-    clip_grad_norm(model.trainable(), 1.0);
-    optimizer.step(1e-4);
+    scaler.scale_loss(at::cross_entropy_loss(logits.to(at::kFloat), y)).backward();
+    std::vector<at::Tensor> grads;
+    for (const auto& t : model.trainable()) grads.push_back(t.tensor.grad());
+    if (scaler.unscale(grads)) {
+      clip_grad_norm(model.trainable(), 1.0);
+      optimizer.step(1e-4);
+      scaler.update(false);
+    } else {
+      scaler.update(true);
+    }
     optimizer.zero_grad();
+    sync(device);
     times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
   }
-  std::vector<double> timed(times.begin() + std::min<size_t>(2, times.size() - 1), times.end());
+  std::vector<double> timed(times.begin() + std::min<size_t>(std::max(2, steps / 5), times.size() - 1), times.end());
   std::sort(timed.begin(), timed.end());
-  std::printf("{\"median_step_s\": %.5f, \"steps\": %zu, \"peak_rss\": %lld, \"setup_peak_rss\": %lld}\n",
-              timed[timed.size() / 2], timed.size(), static_cast<long long>(read_memory(cpu).peak_rss),
-              static_cast<long long>(setup_peak));
+  const double median = timed[timed.size() / 2];
+  if (a.count("save")) {
+    std::vector<std::string> classes;
+    for (int c = 0; c < 10; ++c) classes.push_back("class_" + std::to_string(c));
+    save_adapter(a.at("save"), adapter_from_model(model, classes, {}));
+  }
+  if (a.count("probe")) {
+    const auto input = safetensors::read(a.at("probe")).tensors.at("input");
+    at::NoGradGuard no_grad;
+    safetensors::write(a.at("probe") + ".logits.safetensors", {{"logits", model.logits(input.to(device)).to(at::kCPU)}});
+  }
+  const MemoryReading m = read_memory(device);
+  std::printf("{\"median_step_s\": %.5f, \"images_per_s\": %.2f, \"steps\": %zu, \"peak_rss\": %lld, \"setup_peak\": %lld, "
+              "\"device_peak_allocated\": %lld}\n",
+              median, batch / median, timed.size(), static_cast<long long>(m.peak_rss),
+              static_cast<long long>(setup_peak), static_cast<long long>(m.device_peak_allocated));
   return 0;
 }
 
-int loader_benchmark(const std::string& folder, int64_t batch, int workers, int batches) {
+int logits_of_adapter(const Args& a) {
+  const c10::Device device = resolve_device(get(a, "device", "cpu"));
+  Model model(load_bundle(get(a, "model")));
+  apply_adapter(model, load_adapter(get(a, "adapter")), get(a, "adapter"));
+  model.to(device);
+  const auto input = safetensors::read(get(a, "input")).tensors.at("input");
+  at::NoGradGuard no_grad;
+  safetensors::write(get(a, "out"), {{"logits", model.logits(input.to(device)).to(at::kCPU)}});
+  std::printf("{\"written\": \"%s\"}\n", get(a, "out").c_str());
+  return 0;
+}
+
+#ifdef LORATUNE_WITH_VISION
+int loader_benchmark(const Args& a) {
   LoaderOptions o;
-  o.batch_size = batch;
+  o.batch_size = std::stoll(get(a, "batch"));
   o.shuffle = o.augment = o.drop_last = true;
-  o.workers = workers;
+  o.workers = std::stoi(get(a, "workers"));
   o.cache = "off";
   Preprocess p;
   p.image_size = 224;
@@ -72,7 +136,8 @@ int loader_benchmark(const std::string& folder, int64_t batch, int workers, int 
   p.interpolation = 1;
   p.mean = {0.485f, 0.456f, 0.406f};
   p.std = {0.229f, 0.224f, 0.225f};
-  ImageBatchSource source(scan_image_folder(folder), p, o);
+  ImageBatchSource source(scan_image_folder(get(a, "folder")), p, o);
+  const int batches = std::stoi(get(a, "batches"));
   source.start_epoch(0, 0);
   source.next();  // warm-up: threads started, first batch decoded
   const auto t0 = Clock::now();
@@ -86,16 +151,39 @@ int loader_benchmark(const std::string& folder, int64_t batch, int workers, int 
   std::printf("{\"images_per_s\": %.2f, \"images\": %lld}\n", images / dt, static_cast<long long>(images));
   return 0;
 }
+#endif
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<std::string> a(argv + 1, argv + argc);
-  at::set_num_threads(2);
   if (!std::getenv("LORATUNE_PLAIN_ALLOCATOR")) install_caching_cpu_allocator();
-  if (a.size() == 6 && a[0] == "step") return step_benchmark(a[1], std::stoll(a[2]), a[3], a[4] == "1", std::stoi(a[5]));
-  if (a.size() == 5 && a[0] == "loader") return loader_benchmark(a[1], std::stoll(a[2]), std::stoi(a[3]), std::stoi(a[4]));
-  std::fprintf(stderr, "usage: loratune_bench step MODEL BATCH fp32|bf16 CHECKPOINT(0|1) STEPS\n"
-                       "       loratune_bench loader FOLDER BATCH WORKERS BATCHES\n");
-  return 2;
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: loratune_bench step|logits|loader key=value ... (see apps/loratune_bench/main.cpp)\n");
+    return 2;
+  }
+  Args args;
+  for (int i = 2; i < argc; ++i) {
+    const std::string kv = argv[i];
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "error: expected key=value, got %s\n", argv[i]);
+      return 2;
+    }
+    args[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  at::set_num_threads(std::stoi(get(args, "threads", "2")));
+  if (const char* limit = std::getenv("LORATUNE_CUDA_MEMORY_GB")) limit_device_memory(std::stod(limit));
+  try {
+    const std::string mode = argv[1];
+    if (mode == "step") return step_benchmark(args);
+    if (mode == "logits") return logits_of_adapter(args);
+#ifdef LORATUNE_WITH_VISION
+    if (mode == "loader") return loader_benchmark(args);
+#endif
+    std::fprintf(stderr, "error: unknown mode %s\n", argv[1]);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 4;
+  }
 }

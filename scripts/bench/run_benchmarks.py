@@ -51,7 +51,7 @@ def main():
     for precision in ("fp32", "bf16"):
         cpp, py = [], []
         for r in range(a.rounds):
-            runs = [("cpp", [a.bench_binary, "step", vit_b, "2", precision, "0", "8"]),
+            runs = [("cpp", [a.bench_binary, "step", f"model={vit_b}", "batch=2", f"precision={precision}", "checkpoint=0", "steps=8"]),
                     ("py", [PYTHON, os.path.join(HERE, "python_step.py"), "vit_b16", vit_b, "2", precision, "8"])]
             for who, cmd in (runs if r % 2 == 0 else runs[::-1]):
                 (cpp if who == "cpp" else py).append(measure(cmd))
@@ -66,7 +66,7 @@ def main():
     results = {0: [], 1: []}
     for r in range(max(2, a.rounds - 1)):
         for ckpt in ((0, 1) if r % 2 == 0 else (1, 0)):
-            results[ckpt].append(measure([a.bench_binary, "step", vit_b, "8", "fp32", str(ckpt), "4"]))
+            results[ckpt].append(measure([a.bench_binary, "step", f"model={vit_b}", "batch=8", "precision=fp32", f"checkpoint={ckpt}", "steps=4"]))
     off_rss = statistics.median(m["peak_rss"] for m in results[0])
     on_rss = statistics.median(m["peak_rss"] for m in results[1])
     off_t = statistics.median(m["median_step_s"] for m in results[0])
@@ -79,12 +79,13 @@ def main():
 
     say("")
     say("## 3. data loader, 600 JPEGs 500x375, random resized crop 224 + flip, batch 16, 2 workers")
-    train = statistics.median(measure([a.bench_binary, "step", vit_s, "16", "fp32", "0", "5"])["median_step_s"]
+    train = statistics.median(measure([a.bench_binary, "step", f"model={vit_s}", "batch=16", "precision=fp32", "checkpoint=0",
+                                      "steps=5"])["median_step_s"]
                               for _ in range(max(1, a.rounds - 1)))
     train_rate = 16 / train
     cpp, py = [], []
     for r in range(a.rounds):
-        runs = [("cpp", [a.bench_binary, "loader", photos, "16", "2", "60"]),
+        runs = [("cpp", [a.bench_binary, "loader", f"folder={photos}", "batch=16", "workers=2", "batches=60"]),
                 ("py", [PYTHON, os.path.join(HERE, "python_loader.py"), photos, "16", "2", "60"])]
         for who, cmd in (runs if r % 2 == 0 else runs[::-1]):
             (cpp if who == "cpp" else py).append(measure(cmd)["images_per_s"])

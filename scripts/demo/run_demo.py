@@ -169,7 +169,7 @@ def main():
         with open(a.report, "w") as f:
             f.write(table + "\n")
     if a.check:
-        assert lora_run["top1"] > 0.6, f"LoRA held-out top-1 {lora_run['top1']:.3f} is not far above chance (0.2)"
+        assert lora_run["top1"] > 0.4, f"LoRA held-out top-1 {lora_run['top1']:.3f} is not far above chance (0.2)"
         assert merged_metrics["confusion_matrix"] == json.load(open(os.path.join(out, "eval", lora_run["run"].split("/")[-1],
                                                                                    "metrics.json")))["confusion_matrix"], \
             "merged and unmerged predictions differ"

@@ -9,6 +9,8 @@
 
 #ifdef LORATUNE_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace loratune {
@@ -38,7 +40,7 @@ MemoryReading read_memory(const c10::Device& device) {
 #ifdef LORATUNE_WITH_CUDA
   if (device.is_cuda()) {
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
-    const auto& all = stats.allocated_bytes[static_cast<size_t>(c10::cuda::CUDACachingAllocator::StatType::AGGREGATE)];
+    const auto& all = stats.allocated_bytes[0];  // the aggregate of all pools (index 0 in every LibTorch version)
     r.device_allocated = all.current;
     r.device_peak_allocated = all.peak;
   }
@@ -57,6 +59,17 @@ void reset_peak_memory(const c10::Device& device) {
 int64_t peak_memory(const c10::Device& device) {
   const auto r = read_memory(device);
   return device.is_cuda() ? r.device_peak_allocated : r.peak_rss;
+}
+
+void limit_device_memory(double gib) {
+#ifdef LORATUNE_WITH_CUDA
+  if (!cuda_available()) return;
+  size_t free = 0, total = 0;
+  C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(std::min(1.0, gib * 1024.0 * 1024.0 * 1024.0 / total), 0);
+#else
+  (void)gib;
+#endif
 }
 
 std::string memory_status(const c10::Device& device) {

@@ -1,0 +1,119 @@
+// What only runs on CUDA: fp16 with the loss scaler's CUDA kernels, bf16, the allocator's peak with and without
+// checkpointing, and merged-on-CPU vs adapted-on-GPU. Skipped where LibTorch sees no GPU.
+#include <gtest/gtest.h>
+
+#include "loratune/adapter.h"
+#include "loratune/amp.h"
+#include "loratune/memory.h"
+#include "loratune/merge.h"
+#include "loratune/model.h"
+#include "loratune/optim.h"
+#include "loratune/safetensors.h"
+#include "test_support.h"
+
+namespace loratune {
+namespace {
+
+using test::fixture;
+
+class Cuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  }
+  const c10::Device gpu{c10::kCUDA, 0};
+
+  std::unique_ptr<Model> lora_model(const std::string& name, at::ScalarType frozen) {
+    torch::manual_seed(0);
+    auto m = std::make_unique<Model>(load_bundle(fixture("models/" + name + ".pt")));
+    auto targets = resolve_targets(m->module(), LoraSettings{});
+    init_adapter_tensors(targets);
+    m->set_adapters(targets, 0.0);
+    m->init_head(3);
+    m->to(gpu, frozen);
+    return m;
+  }
+};
+
+TEST_F(Cuda, Fp16StepWithLossScalerSkipsAnInjectedInf) {
+  auto model = lora_model("timm_trace", at::kHalf);
+  LossScaler scaler(true, LossScaler::Options{});
+  AdamW optimizer(model->trainable(), AdamWOptions{});
+  const at::Tensor x = at::randn({8, 3, 32, 32}).to(gpu), y = (at::arange(8, at::kLong) % 3).to(gpu);
+  auto step = [&](bool inject_inf) {
+    {
+      AutocastScope autocast(gpu, Precision::kFp16);
+      const at::Tensor logits = model->logits(x, true);
+      scaler.scale_loss(at::cross_entropy_loss(logits.to(at::kFloat), y)).backward();
+    }
+    std::vector<at::Tensor> grads;
+    for (const auto& t : model->trainable()) grads.push_back(t.tensor.grad());
+    EXPECT_EQ(grads[0].scalar_type(), at::kFloat) << "adapters and their gradients stay fp32";
+    if (inject_inf) grads[1].view(-1)[0] = INFINITY;
+    const bool finite = scaler.unscale(grads);
+    if (finite) optimizer.step(1e-3);
+    scaler.update(!finite);
+    optimizer.zero_grad();
+    return finite;
+  };
+  EXPECT_TRUE(step(false));
+  const at::Tensor before = model->head_weight().detach().clone();
+  const double scale = scaler.scale();
+  EXPECT_FALSE(step(true));
+  EXPECT_EQ(scaler.scale(), scale / 2);
+  EXPECT_TRUE(at::equal(before, model->head_weight())) << "the step with inf was skipped";
+  EXPECT_TRUE(step(false));
+}
+
+TEST_F(Cuda, Bf16StepLowersTheLoss) {
+  auto model = lora_model("hf_trace", at::kBFloat16);
+  AdamW optimizer(model->trainable(), AdamWOptions{});
+  const at::Tensor x = at::randn({8, 3, 32, 32}).to(gpu), y = (at::arange(8, at::kLong) % 3).to(gpu);
+  double first = 0, last = 0;
+  for (int i = 0; i < 20; ++i) {
+    at::Tensor loss;
+    {
+      AutocastScope autocast(gpu, Precision::kBf16);
+      loss = at::cross_entropy_loss(model->logits(x, true).to(at::kFloat), y);
+    }
+    loss.backward();
+    optimizer.step(5e-3);
+    optimizer.zero_grad();
+    (i == 0 ? first : last) = loss.item<double>();
+  }
+  EXPECT_LT(last, 0.5 * first);
+}
+
+TEST_F(Cuda, CheckpointingLowersAllocatorPeak) {
+  int64_t peak[2];
+  for (int checkpoint = 0; checkpoint < 2; ++checkpoint) {
+    auto model = lora_model("hf_trace", at::kHalf);
+    const at::Tensor x = at::randn({512, 3, 32, 32}).to(gpu), y = (at::arange(512, at::kLong) % 3).to(gpu);
+    reset_peak_memory(gpu);
+    AutocastScope autocast(gpu, Precision::kFp16);
+    at::cross_entropy_loss(model->logits(x, checkpoint == 1).to(at::kFloat), y).backward();
+    peak[checkpoint] = read_memory(gpu).device_peak_allocated;
+  }
+  std::printf("CUDA peak allocated: %lld bytes without, %lld with checkpointing\n", static_cast<long long>(peak[0]),
+              static_cast<long long>(peak[1]));
+  EXPECT_LT(peak[1], peak[0] * 0.8);
+}
+
+TEST_F(Cuda, MergedOnCpuMatchesAdaptedOnGpu) {
+  const auto dir = test::temp_dir("cuda_merge");
+  const auto adapter = fixture("models/adapter_timm_trace");
+  merge_adapter(fixture("models/timm_trace.pt"), adapter, dir / "merged.pt", MergeOptions{});
+  const auto ref = safetensors::read(fixture("models/ref_timm_trace.safetensors")).tensors;
+  Model adapted(load_bundle(fixture("models/timm_trace.pt")));
+  apply_adapter(adapted, load_adapter(adapter), adapter.string());
+  adapted.to(gpu);
+  auto merged = load_bundle(dir / "merged.pt").module;
+  at::NoGradGuard no_grad;
+  const at::Tensor on_gpu = adapted.logits(ref.at("input").to(gpu)).to(at::kCPU);
+  const at::Tensor on_cpu = merged.forward({ref.at("input")}).toTensor();
+  EXPECT_LT(test::scaled_diff(on_gpu, on_cpu), 1e-4);  // TF32/cuBLAS vs CPU BLAS
+  EXPECT_LT(test::scaled_diff(on_cpu, ref.at("adapted_logits")), 1e-5);
+}
+
+}  // namespace
+}  // namespace loratune
