@@ -94,6 +94,7 @@ class Model {
   c10::Device device_{c10::kCPU};
   std::vector<torch::jit::Module> blocks_;
   std::vector<std::string> block_paths_;
+  std::vector<bool> block_grad_dependent_;  // see has_grad_mode_dependent_kernels
   std::vector<std::vector<at::Tensor>> block_parameters_;  // trainable tensors inside each block
   int64_t prefix_blocks_ = 0;                               // leading blocks with nothing to train
   at::Tensor features_from_prefix(const at::Tensor& hidden, bool checkpoint);
@@ -102,8 +103,14 @@ class Model {
 
 // Runs `block` on `input` without keeping its activations; recomputes them in backward with the same random
 // state and autocast state. `parameters`: the trainable tensors the block uses (their gradients are returned).
+// `forward_with_grad`: run the first pass in grad mode too (dropping its graph), for blocks whose kernels depend on
+// grad mode (see has_grad_mode_dependent_kernels), so that both passes compute the same thing.
 at::Tensor checkpointed_block(const torch::jit::Module& block, const at::Tensor& input,
-                              const std::vector<at::Tensor>& parameters);
+                              const std::vector<at::Tensor>& parameters, bool forward_with_grad);
+
+// True when some code of `module` picks other kernels without grad mode: nn.MultiheadAttention's inference fast
+// path (aten::_native_multi_head_attention) in scripted models.
+bool has_grad_mode_dependent_kernels(const torch::jit::Module& module);
 
 // Output of a block: a tensor, or the first element of a tuple (HF layers return tuples).
 at::Tensor run_block(const torch::jit::Module& block, const at::Tensor& input);

@@ -127,7 +127,7 @@ def main():
         for name, settings in METHODS.items():
             config = {"model": backbone, "data": {"train": photos_train, "val_fraction": 0.1},
                       "epochs": prof["epochs"], "batch_size": 16, "precision": "fp32", "seed": seed,
-                      "gradient_checkpointing": name != "linear_probe", **settings}
+                      "gradient_checkpointing": False, **settings}
             run_name = f"{name}_seed{seed}"
             run_dir, summary = train(a.binary, out, run_name, config)
             stage(f"4/5 held-out evaluation: {run_name}")

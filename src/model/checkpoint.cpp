@@ -1,6 +1,7 @@
 // Gradient checkpointing for TorchScript blocks: C++ has no torch.utils.checkpoint.
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/jit/runtime/graph_iterator.h>
 
 #include "common/torch_compat.h"
 #include "loratune/model.h"
@@ -33,7 +34,7 @@ struct AutocastState {
 
 struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
   static variable_list forward(AutogradContext* ctx, at::Tensor input, at::TensorList parameters,
-                               torch::jit::Module block) {
+                               torch::jit::Module block, bool forward_with_grad) {
     const AutocastState autocast = AutocastState::current();
     ctx->saved_data["block"] = block._ivalue();
     ctx->saved_data["autocast"] = std::vector<int64_t>{autocast.cpu, autocast.cuda, static_cast<int64_t>(autocast.cpu_dtype),
@@ -44,9 +45,9 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     std::vector<at::Tensor> saved{input};
     saved.insert(saved.end(), parameters.begin(), parameters.end());
     ctx->save_for_backward(saved);
-    // Same code path as the recompute: some modules pick other kernels without grad mode (nn.MultiheadAttention's
-    // inference fast path), which would make the forward and the recomputed activations differ. The graph built
-    // here covers one block and is dropped at once.
+    if (!forward_with_grad) return {run_block(block, input)};
+    // Same code path as the recompute: this block picks other kernels without grad mode, which would make the
+    // forward and the recomputed activations differ. The graph built here covers one block and is dropped at once.
     at::AutoGradMode enable_grad(true);
     return {run_block(block, input.detach()).detach()};
   }
@@ -100,6 +101,7 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     result.push_back(input_requires_grad && !grads.empty() ? grads[next++] : at::Tensor());
     for (const auto& p : parameters) result.push_back(p.requires_grad() && !grads.empty() ? grads[next++] : at::Tensor());
     result.push_back(at::Tensor());  // the block itself
+    result.push_back(at::Tensor());  // forward_with_grad
     return result;
   }
 };
@@ -114,8 +116,20 @@ at::Tensor run_block(const torch::jit::Module& block, const at::Tensor& input) {
 }
 
 at::Tensor checkpointed_block(const torch::jit::Module& block, const at::Tensor& input,
-                              const std::vector<at::Tensor>& parameters) {
-  return BlockCheckpoint::apply(input, at::TensorList(parameters), block)[0];
+                              const std::vector<at::Tensor>& parameters, bool forward_with_grad) {
+  return BlockCheckpoint::apply(input, at::TensorList(parameters), block, forward_with_grad)[0];
+}
+
+bool has_grad_mode_dependent_kernels(const torch::jit::Module& module) {
+  const auto fast_path = c10::Symbol::fromQualString("aten::_native_multi_head_attention");
+  for (const auto& m : module.modules())
+    for (const auto& method : m.get_methods()) {
+      auto graph = compat::method_graph(method.function());
+      torch::jit::DepthFirstGraphNodeIterator it(graph);
+      for (torch::jit::Node* n = it.next(); n != nullptr; n = it.next())
+        if (n->kind() == fast_path) return true;
+    }
+  return false;
 }
 
 }  // namespace loratune

@@ -31,6 +31,7 @@ Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(bundle_.module) 
     for (const auto& child : blocks_module.named_children()) {
       blocks_.push_back(child.value);
       block_paths_.push_back(bundle_.info.blocks + "." + child.name);
+      block_grad_dependent_.push_back(has_grad_mode_dependent_kernels(child.value));
     }
   }
   set_method(Method::kLora);
@@ -176,7 +177,8 @@ at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint
   const bool grad = at::GradMode::is_enabled();
   at::Tensor h = hidden;
   for (size_t i = static_cast<size_t>(prefix_blocks_); i < blocks_.size(); ++i)
-    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i]) : run_block(blocks_[i], h);
+    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i], block_grad_dependent_[i])
+                           : run_block(blocks_[i], h);
   return bundle_.module.get_method("head")({h}).toTensor();
 }
 
@@ -191,7 +193,8 @@ at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
   // Method full: everything trains.
   at::Tensor h = bundle_.module.get_method("stem")({images}).toTensor();
   for (size_t i = 0; i < blocks_.size(); ++i)
-    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i]) : run_block(blocks_[i], h);
+    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i], block_grad_dependent_[i])
+                           : run_block(blocks_[i], h);
   return bundle_.module.get_method("head")({h}).toTensor();
 }
 
