@@ -23,21 +23,14 @@ void on_interrupt(int) {
 // The model as `train` sets it up: seeded adapters and head, frozen weights in `frozen_dtype`, on `device`.
 std::unique_ptr<Model> build_model(const TrainConfig& c, const std::vector<std::string>& classes, const c10::Device& device,
                                    at::ScalarType frozen_dtype, bool report) {
-  torch::manual_seed(c.seed);
-  auto model = std::make_unique<Model>(load_bundle(c.model));
-  model->set_method(parse_method(c.method));
-  if (c.method == "lora") {
-    auto targets = resolve_targets(model->module(), c.lora);
-    init_adapter_tensors(targets);
-    model->set_adapters(targets, c.lora.dropout);
-    if (report) {
-      spdlog::info("LoRA on {} weights (rank {}, alpha {}{}):", targets.size(), c.lora.rank, c.lora.alpha,
-                   c.lora.rslora ? ", rsLoRA" : "");
-      for (const auto& t : targets) spdlog::info("  {}", t.describe());
-      for (const auto& note : model->host().notes()) spdlog::warn("{}", note);
-    }
+  auto model = build_training_model(c, static_cast<int64_t>(classes.size()));
+  if (report && c.method == "lora") {
+    const auto& targets = model->adapters();
+    spdlog::info("LoRA on {} weights (rank {}, alpha {}{}):", targets.size(), c.lora.rank, c.lora.alpha,
+                 c.lora.rslora ? ", rsLoRA" : "");
+    for (const auto& t : targets) spdlog::info("  {}", t.describe());
+    for (const auto& note : model->host().notes()) spdlog::warn("{}", note);
   }
-  model->init_head(static_cast<int64_t>(classes.size()));
   if (c.head_init == "zero_shot") cli::apply_zero_shot_head(*model, classes, c.text_model, c.class_names, c.templates);
   model->to(device, frozen_dtype);
   if (report) {
@@ -66,7 +59,11 @@ std::string probe_training_step(Model& model, const c10::Device& device, Precisi
       if (t.tensor.grad().defined()) t.tensor.mutable_grad().zero_();
     return "";
   } catch (const std::exception& e) {
-    return std::string(e.what()).substr(0, 300);
+    // The last line of a TorchScript error says what went wrong; the lines above are its traceback.
+    std::string text = e.what();
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+    const size_t newline = text.rfind('\n');
+    return (newline == std::string::npos ? text : text.substr(newline + 1)).substr(0, 300);
   }
 }
 

@@ -44,6 +44,19 @@ std::string format_percent(double fraction) {
 
 }  // namespace
 
+std::unique_ptr<Model> build_training_model(const TrainConfig& c, int64_t classes) {
+  torch::manual_seed(c.seed);
+  auto model = std::make_unique<Model>(load_bundle(c.model));
+  model->set_method(parse_method(c.method));
+  if (c.method == "lora") {
+    auto targets = resolve_targets(model->module(), c.lora);
+    init_adapter_tensors(targets);
+    model->set_adapters(targets, c.lora.dropout);
+  }
+  model->init_head(classes);
+  return model;
+}
+
 json TrainSummary::to_json() const {
   json skipped = json::array();
   for (const auto& [path, why] : skipped_files) skipped.push_back({{"path", path}, {"reason", why}});

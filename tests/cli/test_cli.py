@@ -250,6 +250,22 @@ class Predict(unittest.TestCase):
                 self.assertGreater(im.size[0], 100)
 
 
+class FrozenWeights(unittest.TestCase):
+    def test_sixteen_bit_frozen_weights_or_a_clear_fallback(self):
+        cfg, _ = write_config("frozen_bf16", precision="bf16", frozen_dtype="compute", epochs=1)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("frozen base weights stored as bf16", err)
+        # This traced graph mixes dtypes with 16-bit weights: the probe step catches it, training goes on in fp32.
+        cfg, _ = write_config("frozen_fallback", model=os.path.join(FIX, "models", "torchvision_trace.pt"),
+                              precision="bf16", frozen_dtype="compute", epochs=1)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        warning = [line for line in err.splitlines() if "frozen weights stay in fp32" in line]
+        self.assertEqual(len(warning), 1, err)
+        self.assertNotIn("Traceback", err)
+
+
 class MobileClip(unittest.TestCase):
     IMAGE = os.path.join(FIX, "models", "mobileclip_trace.pt")
     PHOTOS = os.path.join(FIX, "models", "zeroshot")

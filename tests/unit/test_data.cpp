@@ -192,18 +192,13 @@ TEST(TrainingOnPhotos, LossFallsAndValidationBeatsChance) {
                                             {"precision", "fp32"},
                                             {"optim", {{"lr", 0.005}}}},
                                            "test");
-  torch::manual_seed(0);
-  Model model(load_bundle(c.model));
-  auto targets = resolve_targets(model.module(), c.lora);
-  init_adapter_tensors(targets);
-  model.set_adapters(targets, c.lora.dropout);
-  model.init_head(3);
+  auto model = build_training_model(c, 3);
   LoaderOptions o = training_options(2, "auto");
   o.batch_size = 8;
   ImageBatchSource train(train_folder, toy_preprocess(), o);
   LoaderOptions vo;
   ImageBatchSource val(val_folder, toy_preprocess(), vo);
-  const TrainSummary s = Trainer(c, model, train, &val, train_folder.classes, c10::Device(c10::kCPU), Precision::kFp32).run(false);
+  const TrainSummary s = Trainer(c, *model, train, &val, train_folder.classes, c10::Device(c10::kCPU), Precision::kFp32).run(false);
   EXPECT_GT(s.best_val_top1, 0.8) << "chance is 1/3";
   std::ifstream metrics(dir / Trainer::kMetrics);
   std::vector<double> losses;

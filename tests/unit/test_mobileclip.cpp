@@ -115,15 +115,7 @@ TrainConfig mobileclip_config(const std::filesystem::path& out, json extra = jso
   return parse_train_config(j, "test");
 }
 
-std::unique_ptr<Model> lora_model(const TrainConfig& c) {
-  torch::manual_seed(c.seed);
-  auto model = std::make_unique<Model>(load_bundle(c.model));
-  auto targets = resolve_targets(model->module(), c.lora);
-  init_adapter_tensors(targets);
-  model->set_adapters(targets, c.lora.dropout);
-  model->init_head(3);
-  return model;
-}
+std::unique_ptr<Model> lora_model(const TrainConfig& c) { return build_training_model(c, 3); }
 
 struct Images {
   at::Tensor x, y;

@@ -32,19 +32,7 @@ TrainConfig make_config(const std::filesystem::path& out, json overrides = json:
   return parse_train_config(j, "test config");
 }
 
-// A model set up as `loratune train` does: seeded adapters and head.
-std::unique_ptr<Model> make_model(const TrainConfig& c, int64_t classes) {
-  torch::manual_seed(c.seed);
-  auto model = std::make_unique<Model>(load_bundle(c.model));
-  model->set_method(parse_method(c.method));
-  if (c.method == "lora") {
-    auto targets = resolve_targets(model->module(), c.lora);
-    init_adapter_tensors(targets);
-    model->set_adapters(targets, c.lora.dropout);
-  }
-  model->init_head(classes);
-  return model;
-}
+std::unique_ptr<Model> make_model(const TrainConfig& c, int64_t classes) { return build_training_model(c, classes); }
 
 struct ToyData {
   at::Tensor images, labels;
