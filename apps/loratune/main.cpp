@@ -16,6 +16,14 @@ constexpr const char* kExitCodes =
 
 std::string footer(const std::string& examples) { return "\nExamples:\n" + examples + kExitCodes; }
 
+// Where and how the commands that run a model on images (eval, predict) compute.
+template <typename Command>
+void add_compute_options(CLI::App* command, Command& options) {
+  command->add_option("--device", options.device, "auto | cpu | cuda[:N]")->capture_default_str();
+  command->add_option("--precision", options.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
+  command->add_option("--batch-size", options.batch_size, "images per batch")->capture_default_str();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -54,9 +62,7 @@ int main(int argc, char** argv) {
   e->add_option("--text-model", eval.text_model, "zero-shot: text encoder bundle (default: the one the model names)");
   e->add_option("--class-names", eval.class_names, "zero-shot: JSON file {\"folder\": \"name\" or [names]}");
   e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
-  e->add_option("--device", eval.device, "auto | cpu | cuda[:N]")->capture_default_str();
-  e->add_option("--precision", eval.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
-  e->add_option("--batch-size", eval.batch_size, "images per batch")->capture_default_str();
+  add_compute_options(e, eval);
   e->add_option("--workers", eval.workers, "decoding threads (0: one per core)")->capture_default_str();
   e->footer(footer(
       "  loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test\n"
@@ -71,9 +77,7 @@ int main(int argc, char** argv) {
   p->add_option("-k,--top-k", predict.top_k, "labels per image")->capture_default_str();
   p->add_option("-f,--format", predict.format, "table | json | csv")->capture_default_str();
   p->add_option("-o,--output", predict.output, "write to this file instead of the terminal");
-  p->add_option("--device", predict.device, "auto | cpu | cuda[:N]")->capture_default_str();
-  p->add_option("--precision", predict.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
-  p->add_option("--batch-size", predict.batch_size, "images per batch")->capture_default_str();
+  add_compute_options(p, predict);
   p->footer(footer(
       "  loratune predict --model models/vit_base.pt --adapter runs/cats/best photo1.jpg photo2.jpg\n"
       "  loratune predict --model models/vit_base.pt --adapter runs/cats/best --adapter runs/styles/best photos/ -f json"));

@@ -9,12 +9,13 @@
 
 namespace loratune::compat {
 
-constexpr bool kTorchAtLeast_2_4 =
-    TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4);
+// LibTorch 2.4 replaced the per-device autocast functions with ones taking a device type.
+#define LORATUNE_TORCH_AT_LEAST_2_4 \
+  (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4))
 
 // Autocast state of one device type (CPU or CUDA).
 inline bool autocast_enabled(c10::DeviceType device) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if LORATUNE_TORCH_AT_LEAST_2_4
   return at::autocast::is_autocast_enabled(device);
 #else
   return device == c10::DeviceType::CUDA ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
@@ -22,7 +23,7 @@ inline bool autocast_enabled(c10::DeviceType device) {
 }
 
 inline void set_autocast_enabled(c10::DeviceType device, bool enabled) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if LORATUNE_TORCH_AT_LEAST_2_4
   at::autocast::set_autocast_enabled(device, enabled);
 #else
   if (device == c10::DeviceType::CUDA) at::autocast::set_enabled(enabled);
@@ -31,7 +32,7 @@ inline void set_autocast_enabled(c10::DeviceType device, bool enabled) {
 }
 
 inline at::ScalarType autocast_dtype(c10::DeviceType device) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if LORATUNE_TORCH_AT_LEAST_2_4
   return at::autocast::get_autocast_dtype(device);
 #else
   return device == c10::DeviceType::CUDA ? at::autocast::get_autocast_gpu_dtype()
@@ -40,7 +41,7 @@ inline at::ScalarType autocast_dtype(c10::DeviceType device) {
 }
 
 inline void set_autocast_dtype(c10::DeviceType device, at::ScalarType dtype) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if LORATUNE_TORCH_AT_LEAST_2_4
   at::autocast::set_autocast_dtype(device, dtype);
 #else
   if (device == c10::DeviceType::CUDA) at::autocast::set_autocast_gpu_dtype(dtype);
