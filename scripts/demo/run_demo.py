@@ -136,8 +136,9 @@ def main():
             results.append({"method": name, "seed": seed, "run": run_dir, "summary": summary, "top1": metrics["top1"],
                             "count": metrics["count"]})
 
-    stage("4/5 merge the LoRA adapter and check the merged file")
+    stage("4/5 training curves, merge the LoRA adapter and check the merged file")
     lora_run = next(r for r in results if r["method"] == "lora")
+    run([a.binary, "report", lora_run["run"]])
     merged = os.path.join(models, "fmnist_vit_lora_merged.pt")
     run([a.binary, "merge", "--base", backbone, "--adapter", os.path.join(lora_run["run"], "best"), "--output", merged])
     merged_metrics = evaluate(a.binary, out, "lora_merged", ["--model", merged], photos_test)
@@ -162,7 +163,9 @@ def main():
             accs = [100 * r["top1"] for r in results if r["method"] == name]
             lines.append(f"| {name} | {sum(accs) / len(accs):.2f}% | {min(accs):.2f}% | {max(accs):.2f}% |")
     lines += ["", f"LoRA merged into the backbone: held-out top-1 {100 * merged_metrics['top1']:.2f}% "
-                  f"(unmerged {100 * lora_run['top1']:.2f}%)", f"total time {time.time() - start:.0f} s"]
+                  f"(unmerged {100 * lora_run['top1']:.2f}%)",
+              f"plots: {lora_run['run']}/*.png (training curves), {os.path.join(out, 'eval')}/*/confusion_matrix.png",
+              f"total time {time.time() - start:.0f} s"]
     table = "\n".join(lines)
     print(table)
     if a.report:

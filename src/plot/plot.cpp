@@ -114,7 +114,7 @@ void write_line_chart(const fs::path& path, const std::vector<Series>& series, c
   std::lock_guard<std::mutex> lock(g_text_mutex);
   const Text& text = Text::get();
   cv::Mat img(o.height, o.width, CV_8UC3, kWhite);
-  const int left = 80, right = 20, top = 50, bottom = 60;
+  const int left = 80, right = 20, top = 70, bottom = 60;
   const cv::Rect area(left, top, o.width - left - right, o.height - top - bottom);
   double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
   auto ty = [&](double y) { return o.log_y ? std::log10(y) : y; };
@@ -154,19 +154,38 @@ void write_line_chart(const fs::path& path, const std::vector<Series>& series, c
   text.draw(img, o.x_label, {area.x + area.width / 2 - text.size(o.x_label, 16).width / 2, o.height - 15}, 16, kBlack);
   text.draw(img, o.y_label, {8, area.y - 10}, 16, kBlack);
 
+  std::vector<std::vector<cv::Point>> points(series.size());
   for (size_t k = 0; k < series.size(); ++k) {
     const auto& s = series[k];
     const cv::Scalar color = kPalette[k % std::size(kPalette)];
-    std::vector<cv::Point> pts;
+    auto& pts = points[k];
     for (size_t i = 0; i < s.x.size(); ++i)
       if (std::isfinite(s.y[i]) && (!o.log_y || s.y[i] > 0)) pts.push_back({px(s.x[i]), py(s.y[i])});
     if (pts.size() == 1) cv::circle(img, pts[0], 4, color, cv::FILLED, cv::LINE_AA);
     if (pts.size() > 1) cv::polylines(img, pts, false, color, 2, cv::LINE_AA);
     if (pts.size() <= 40)
       for (const auto& p : pts) cv::circle(img, p, 3, color, cv::FILLED, cv::LINE_AA);
-    const int ly = area.y + 20 + 22 * static_cast<int>(k);
-    cv::line(img, {area.x + area.width - 170, ly - 5}, {area.x + area.width - 145, ly - 5}, color, 3);
-    text.draw(img, s.name, {area.x + area.width - 138, ly}, 15, kBlack);
+  }
+
+  // Legend in the right-hand corner (top or bottom) that covers fewer data points.
+  int legend_w = 0;
+  for (const auto& s : series) legend_w = std::max(legend_w, text.size(s.name, 15).width);
+  legend_w += 45;
+  const int legend_h = 22 * static_cast<int>(series.size()) + 8;
+  const int legend_x = area.x + area.width - legend_w;
+  const cv::Rect top_box(legend_x, area.y, legend_w, legend_h);
+  const cv::Rect bottom_box(legend_x, area.y + area.height - legend_h, legend_w, legend_h);
+  auto covered = [&](const cv::Rect& box) {
+    size_t n = 0;
+    for (const auto& pts : points)
+      for (const auto& p : pts) n += box.contains(p);
+    return n;
+  };
+  const int legend_y = covered(bottom_box) < covered(top_box) ? bottom_box.y : top_box.y;
+  for (size_t k = 0; k < series.size(); ++k) {
+    const int ly = legend_y + 20 + 22 * static_cast<int>(k);
+    cv::line(img, {legend_x + 5, ly - 5}, {legend_x + 30, ly - 5}, kPalette[k % std::size(kPalette)], 3);
+    text.draw(img, series[k].name, {legend_x + 37, ly}, 15, kBlack);
   }
   write_png(path, img);
 }
