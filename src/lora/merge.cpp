@@ -1,5 +1,7 @@
 #include "loratune/merge.h"
 
+#include <sstream>
+
 #include "loratune/errors.h"
 #include "loratune/model.h"
 
@@ -33,8 +35,11 @@ def forward(self, images: Tensor) -> Tensor:
 
 MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_path, const fs::path& output,
                           const MergeOptions& options) {
-  if (!(options.strength >= 0.0 && options.strength <= 1.0))
-    throw InputError("merge strength must be between 0 and 1 (got " + std::to_string(options.strength) + ")");
+  if (!(options.strength >= 0.0 && options.strength <= 1.0)) {
+    std::ostringstream got;
+    got << options.strength;
+    throw InputError("merge strength must be between 0 and 1 (got " + got.str() + ")");
+  }
   const Adapter adapter = load_adapter(adapter_path);
   const std::string origin = adapter_path.string();
   if (!options.features_only && !adapter.head_weight.defined())

@@ -98,6 +98,10 @@ const char* kind_name(Kind k) {
   return "?";
 }
 
+std::string with_article(const std::string& noun) {
+  return (std::string("aeiou").find(noun[0]) == std::string::npos ? "a " : "an ") + noun;
+}
+
 bool has_kind(const json& v, Kind k) {
   switch (k) {
     case Kind::kString: return v.is_string();
@@ -290,7 +294,7 @@ TrainConfig parse_train_config(const json& user, const std::string& origin) {
       continue;
     }
     if (!has_kind(v, k.kind))
-      throw InputError(origin + ": " + k.path + " must be " + (k.nullable ? "null or " : "") + "a " + kind_name(k.kind) +
+      throw InputError(origin + ": " + k.path + " must be " + (k.nullable ? "null or " : "") + with_article(kind_name(k.kind)) +
                        ", not " + v.dump());
     if (k.kind == Kind::kInt && v.get<int64_t>() < 0 && std::string(k.path) != "seed")
       throw InputError(origin + ": " + k.path + " must not be negative");

@@ -104,7 +104,7 @@ class BadInput(unittest.TestCase):
         self.assert_input_error(("train", "--config", cfg), "class folder broken in")
         cfg, _ = write_config("noresume")
         self.assert_input_error(("train", "--config", cfg, "--resume"), "nothing to resume")
-        self.assert_input_error(("train", "--config", cfg, "--set", "lora.rank=abc"), "lora.rank must be a integer")
+        self.assert_input_error(("train", "--config", cfg, "--set", "lora.rank=abc"), "lora.rank must be an integer")
 
     def test_unknown_classes_and_wrong_base(self):
         run_dir = trained_run()

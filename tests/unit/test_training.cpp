@@ -204,7 +204,7 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"learning_rate", 1}}, "c.json"),
                     InputError, "unknown key \"learning_rate\"");
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rank", "8"}}}}, "c.json"),
-                    InputError, "c.json: lora.rank must be a integer, not \"8\"");
+                    InputError, "c.json: lora.rank must be an integer, not \"8\"");
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"method", "lorra"}}, "c.json"),
                     InputError, "method must be lora, full or linear_probe");
   EXPECT_THROW_WITH(parse_train_config({{"data", {{"train", "p"}}}}, "c.json"), InputError, "\"model\" is required");
