@@ -56,7 +56,7 @@ int step_benchmark(const Args& a) {
   Model model(load_bundle(get(a, "model")));
   auto targets = resolve_targets(model.module(), LoraSettings{});
   init_adapter_tensors(targets);
-  model.set_adapters(targets, 0.0);
+  model.set_adapters(targets, LoraSettings{});
   model.init_head(10);
   // As `loratune train` by default: frozen weights in 16 bits with mixed precision on CUDA.
   model.to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat);

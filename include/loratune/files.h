@@ -19,6 +19,10 @@ void write_atomic_with(const std::filesystem::path& path,
 void write_directory_atomic(const std::filesystem::path& path,
                             const std::function<void(const std::filesystem::path&)>& fill);
 
+// "~" or "~/..." with the home folder ($HOME) put in; other paths unchanged (the shell does not expand "~" in
+// "key=~/photos" or inside JSON files).
+std::string expand_home(const std::string& path);
+
 // Whole file as bytes; InputError naming the file if it cannot be read.
 std::string read_file(const std::filesystem::path& path);
 

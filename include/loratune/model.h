@@ -34,13 +34,15 @@ class Model {
   torch::jit::Module& module() { return bundle_.module; }
   const c10::Device& device() const { return device_; }
 
-  // Adapters: prepares the model's types (before the first forward) and binds the tensors.
-  void set_adapters(std::vector<LoraTarget> targets, double dropout);
+  // Adapters: prepares the model's types (before the first forward) and binds the tensors. `settings` are the ones
+  // the adapters were made with (dropout applies in training; adapter files record them).
+  void set_adapters(std::vector<LoraTarget> targets, const LoraSettings& settings);
   // Prepares module types for targets that will be attached later (several adapters for one base).
   void prepare_adapters(const std::vector<LoraTarget>& targets);
   void clear_adapters();
   const std::vector<LoraTarget>& adapters() const { return targets_; }
   std::vector<LoraTarget>& adapters() { return targets_; }
+  const LoraSettings& lora_settings() const { return lora_settings_; }
   AdapterHost& host() { return host_; }
 
   // Classification head: logits = features @ W^T + b.
@@ -87,7 +89,7 @@ class Model {
   Bundle bundle_;
   AdapterHost host_;
   std::vector<LoraTarget> targets_;
-  double dropout_ = 0.0;
+  LoraSettings lora_settings_;
   at::Tensor head_weight_, head_bias_;
   bool normalize_features_ = false;
   Method method_ = Method::kLora;

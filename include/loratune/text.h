@@ -12,6 +12,9 @@ size_t edit_distance(const std::string& a, const std::string& b);
 // The candidate closest to `word`, or "" when nothing is reasonably close.
 std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
 
+// Order in which digit runs compare as numbers: "blocks.2" before "blocks.10".
+bool natural_less(const std::string& a, const std::string& b);
+
 // "a, b, c" (at most `limit` items, then "... (N more)").
 std::string join(const std::vector<std::string>& items, const std::string& sep = ", ", size_t limit = 0);
 

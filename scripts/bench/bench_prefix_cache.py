@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [os.path.join(ROOT, "scripts", "export"), os.path.join(ROOT, "tests", "fixtures")]
 import loratune_export as lx  # noqa: E402
-import mobileclip as export_mobileclip  # noqa: E402
+import apple_mobileclip as export_mobileclip  # noqa: E402
 import tiny_mobileclip as tm  # noqa: E402
 
 

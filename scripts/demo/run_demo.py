@@ -111,7 +111,7 @@ def main():
         print(f"reusing {backbone}")
     else:
         random_init = os.path.join(models, "fmnist_vit_random.pt")
-        run([PYTHON, os.path.join(ROOT, "scripts", "export", "torchvision_vit.py"), "--random-init", *BACKBONE,
+        run([PYTHON, os.path.join(ROOT, "scripts", "export", "torchvision_vit.py"), "--arch", "custom", "--random-init", *BACKBONE,
              "--output", random_init])
         pre_dir, pre = train(a.binary, out, "pretrain", {
             "model": random_init, "data": {"train": os.path.join(data, "pretrain"), "val_fraction": 0.05},

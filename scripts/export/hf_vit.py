@@ -2,6 +2,12 @@
 """Exports a Hugging Face transformers ViT as a loratune model bundle (run where transformers is installed).
 
   python3 scripts/export/hf_vit.py --model google/vit-base-patch16-224 --output models/vit_base.pt
+  python3 scripts/export/hf_vit.py --checkpoint my_vit/ --output models/my_vit.pt      # save_pretrained folder
+  python3 scripts/export/hf_vit.py --model google/vit-base-patch16-224 --random-init --output models/test.pt
+
+Weights: the hub model named by --model (downloaded into the Hugging Face cache), or --checkpoint (a local folder
+with config.json, the weights and preprocessor_config.json, as save_pretrained writes it: no network), or
+--random-init (the --model's architecture and preprocessing with random weights, for testing).
 
 Module paths stay those of ViTForImageClassification (vit.encoder.layer.N.attention.attention.query), so adapter
 files use PEFT's key names for that model. Traced with gradients enabled, in fp32, on the CPU; use autocast for
@@ -39,17 +45,30 @@ def export(vit_model, processor, name, output, mode="trace"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="hub id or local folder of a ViTModel / ViTForImageClassification")
+    p.add_argument("--model", help="hub id (or local folder) of a ViTModel / ViTForImageClassification")
+    p.add_argument("--checkpoint", help="local folder written by save_pretrained (instead of --model); no download")
+    p.add_argument("--random-init", action="store_true", help="no weights: random initialisation, for testing")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation to trace")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    from transformers import AutoImageProcessor, ViTModel  # noqa: E402  (user's install)
+    if bool(args.model) == bool(args.checkpoint):
+        p.error("give exactly one of --model (a hub id) and --checkpoint (a local folder)")
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise SystemExit(f"error: checkpoint folder {args.checkpoint} does not exist")
+    from transformers import AutoConfig, AutoImageProcessor, ViTModel  # noqa: E402  (user's install)
 
-    model = ViTModel.from_pretrained(args.model, add_pooling_layer=False, attn_implementation=args.attn).float()
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    source = args.checkpoint or args.model
+    local = {"local_files_only": True} if args.checkpoint else {}
+    if args.random_init:
+        config = AutoConfig.from_pretrained(source, attn_implementation=args.attn, **local)
+        model = ViTModel(config, add_pooling_layer=False).float()
+    else:
+        model = ViTModel.from_pretrained(source, add_pooling_layer=False, attn_implementation=args.attn, **local).float()
+    processor = AutoImageProcessor.from_pretrained(source, **local)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    export(model, processor, args.model, args.output)
-    print(f"wrote {args.output}")
+    name = f"{source} (random init)" if args.random_init else source
+    export(model, processor, name, args.output)
+    print(f"wrote {args.output}: {name}")
 
 
 if __name__ == "__main__":

@@ -39,13 +39,23 @@ void print_model(const fs::path& path, const InfoCommand& command) {
   Bundle b = load_bundle(path);
   int64_t params = 0;
   for (const auto& p : b.module.parameters()) params += p.numel();
+  const bool text = b.info.kind == "text_encoder";
   std::printf("model          %s\n", path.c_str());
   std::printf("kind           %s (%s)\n", b.info.kind.c_str(),
-              b.info.kind == "classifier" ? "images -> logits; merged" : "images -> features");
-  std::printf("family         %s / %s\n", b.info.family.c_str(), b.info.architecture.c_str());
+              text ? "tokens -> text embeddings; for zero-shot heads, not adapted"
+                   : b.info.kind == "classifier" ? "images -> logits; merged" : "images -> features");
+  std::printf("family         %s%s%s\n", b.info.family.c_str(), b.info.architecture.empty() ? "" : " / ",
+              b.info.architecture.c_str());
   if (!b.info.name.empty()) std::printf("name           %s\n", b.info.name.c_str());
   std::printf("parameters     %s, fingerprint %s\n", human_count(static_cast<double>(params)).c_str(), b.fingerprint.c_str());
-  std::printf("features       %lld\n", static_cast<long long>(b.info.feature_dim));
+  std::printf("%s%lld\n", text ? "embeddings     " : "features       ", static_cast<long long>(b.info.feature_dim));
+  if (text) {
+    const auto& x = b.info.extra;
+    std::printf("tokenizer      %s, context %s tokens, merges file %s inside\n", x.value("tokenizer", "?").c_str(),
+                x.value("context_length", nlohmann::json("?")).dump().c_str(), x.value("merges_file", "?").c_str());
+    if (x.contains("logit_scale")) std::printf("logit scale    %s\n", x["logit_scale"].dump().c_str());
+    return;
+  }
   std::printf("preprocessing  resize short side %lld (%s), center crop %lld, mean [%g %g %g], std [%g %g %g]\n",
               static_cast<long long>(b.info.resize_size), b.info.interpolation.c_str(), static_cast<long long>(b.info.image_size),
               b.info.mean[0], b.info.mean[1], b.info.mean[2], b.info.std[0], b.info.std[1], b.info.std[2]);

@@ -118,7 +118,7 @@ int run_train(const TrainCommand& command) {
     const Preprocess preprocess = Preprocess::from_bundle(model->bundle().info);
     LoaderOptions train_options;
     train_options.batch_size = c.batch_size;
-    train_options.shuffle = train_options.drop_last = train_options.augment = true;
+    train_options.shuffle = train_options.augment = true;  // the last, smaller batch trains too
     train_options.augmentation = c.data.augment;
     train_options.seed = c.seed;
     train_options.workers = c.data.workers;
@@ -126,7 +126,7 @@ int run_train(const TrainCommand& command) {
     train_options.cache = c.data.cache;
     train_options.pin_memory = device.is_cuda();
     LoaderOptions val_options = train_options;
-    val_options.shuffle = val_options.drop_last = val_options.augment = false;
+    val_options.shuffle = val_options.augment = false;
     ImageBatchSource train(train_folder, preprocess, train_options);
     std::unique_ptr<ImageBatchSource> val;
     if (!val_folder.samples.empty()) val = std::make_unique<ImageBatchSource>(val_folder, preprocess, val_options);

@@ -1,5 +1,6 @@
 #include "loratune/files.h"
 
+#include <cstdlib>
 #include <fstream>
 #include <unistd.h>
 
@@ -67,6 +68,13 @@ std::string read_file(const fs::path& path) {
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (in.bad()) throw InputError("cannot read " + path.string());
   return bytes;
+}
+
+std::string expand_home(const std::string& path) {
+  if (path.empty() || path[0] != '~' || (path.size() > 1 && path[1] != '/')) return path;
+  const char* home = std::getenv("HOME");
+  if (home == nullptr || *home == '\0') return path;
+  return std::string(home) + path.substr(1);
 }
 
 }  // namespace loratune

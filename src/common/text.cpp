@@ -1,6 +1,7 @@
 #include "loratune/text.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 
@@ -39,11 +40,35 @@ std::string join(const std::vector<std::string>& items, const std::string& sep, 
   return out;
 }
 
+bool natural_less(const std::string& a, const std::string& b) {
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (std::isdigit(static_cast<unsigned char>(a[i])) && std::isdigit(static_cast<unsigned char>(b[j]))) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && std::isdigit(static_cast<unsigned char>(a[ie]))) ++ie;
+      while (je < b.size() && std::isdigit(static_cast<unsigned char>(b[je]))) ++je;
+      // Compare digit runs by value: strip leading zeros, then shorter is smaller, then lexicographic.
+      size_t is = i, js = j;
+      while (is + 1 < ie && a[is] == '0') ++is;
+      while (js + 1 < je && b[js] == '0') ++js;
+      if (ie - is != je - js) return ie - is < je - js;
+      const int c = a.compare(is, ie - is, b, js, je - js);
+      if (c != 0) return c < 0;
+      i = ie, j = je;
+    } else {
+      if (a[i] != b[j]) return static_cast<unsigned char>(a[i]) < static_cast<unsigned char>(b[j]);
+      ++i, ++j;
+    }
+  }
+  return a.size() - i < b.size() - j;
+}
+
 std::string human_count(double n) {
   char buf[32];
   if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
   else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
   else if (n >= 1e4) std::snprintf(buf, sizeof buf, "%.1fK", n / 1e3);
+  else if (n < 100 && n != std::floor(n)) std::snprintf(buf, sizeof buf, "%.3g", n);  // rates: 0.35, not 0
   else std::snprintf(buf, sizeof buf, "%.0f", n);
   return buf;
 }

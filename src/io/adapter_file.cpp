@@ -242,6 +242,7 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
   Adapter a;
   const std::string& prefix = model.bundle().info.module_prefix;
   a.method = method_name(model.method());
+  a.lora = model.lora_settings();
   if (model.method() == Method::kLora)
     for (const auto& t : model.adapters()) {
       LoraTarget c = t;
@@ -322,7 +323,7 @@ void apply_adapter(Model& model, const Adapter& a, const std::string& origin) {
       if (it != a.full_weights.end()) p.value.copy_(it->second);
     }
   }
-  if (!a.targets.empty()) model.set_adapters(bind_targets(a, model.bundle(), origin), a.lora.dropout);
+  if (!a.targets.empty()) model.set_adapters(bind_targets(a, model.bundle(), origin), a.lora);
   else model.clear_adapters();
   if (a.head_weight.defined()) model.set_head(a.head_weight, a.head_bias);
   model.set_normalize_features(a.normalize_features);

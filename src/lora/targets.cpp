@@ -199,7 +199,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
       throw InputError("LoRA rank " + std::to_string(t.rank) + " is larger than the weight " + t.describe() + " allows");
   }
   std::sort(out.begin(), out.end(), [](const LoraTarget& a, const LoraTarget& b) {
-    return std::tie(a.module, a.row_begin) < std::tie(b.module, b.row_begin);
+    return a.module != b.module ? natural_less(a.module, b.module) : a.row_begin < b.row_begin;
   });
   return out;
 }

@@ -39,7 +39,7 @@ Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(bundle_.module) 
 
 void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_.prepare(targets); }
 
-void Model::set_adapters(std::vector<LoraTarget> targets, double dropout) {
+void Model::set_adapters(std::vector<LoraTarget> targets, const LoraSettings& settings) {
   for (auto& t : targets) {
     if (!t.A.defined() || !t.B.defined()) throw InputError("adapter " + t.describe() + " has no tensors");
     if (t.A.sizes() != at::IntArrayRef{t.rank, t.in_features} || t.B.sizes() != at::IntArrayRef{t.rows, t.rank})
@@ -48,9 +48,9 @@ void Model::set_adapters(std::vector<LoraTarget> targets, double dropout) {
     if (t.B.device() != device_) t.B = t.B.to(device_).detach().requires_grad_(t.B.requires_grad());
   }
   host_.prepare(targets);
-  host_.attach(targets, dropout);
+  host_.attach(targets, settings.dropout);
   targets_ = std::move(targets);
-  dropout_ = dropout;
+  lora_settings_ = settings;
   set_method(method_);
 }
 
@@ -152,7 +152,7 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
     t.A = t.A.to(device).detach().requires_grad_(t.A.requires_grad());
     t.B = t.B.to(device).detach().requires_grad_(t.B.requires_grad());
   }
-  if (!targets_.empty()) host_.attach(targets_, dropout_);
+  if (!targets_.empty()) host_.attach(targets_, lora_settings_.dropout);
   if (has_head()) set_head(head_weight_, head_bias_);
   refresh_block_parameters();
 }

@@ -11,7 +11,7 @@ using nlohmann::json;
 namespace loratune {
 namespace {
 
-enum class Kind { kString, kInt, kNumber, kBool, kStringList, kNumberPair, kIntMap, kNumberMap };
+enum class Kind { kString, kPath, kInt, kNumber, kBool, kStringList, kNumberPair, kIntMap, kNumberMap };
 
 struct Key {
   const char* path;
@@ -24,9 +24,9 @@ struct Key {
 // The schema: every key, its type, default and meaning. Nothing else is accepted.
 const std::vector<Key>& schema() {
   static const std::vector<Key> keys = {
-      {"model", Kind::kString, "", false, "model bundle (.pt) made by scripts/export/*.py"},
-      {"data.train", Kind::kString, "", false, "photo folder: one subfolder per class, images in any depth below"},
-      {"data.val", Kind::kString, nullptr, true, "held-out folder with the same classes; null: split data.train"},
+      {"model", Kind::kPath, "", false, "model bundle (.pt) made by scripts/export/*.py"},
+      {"data.train", Kind::kPath, "", false, "photo folder: one subfolder per class, images in any depth below"},
+      {"data.val", Kind::kPath, nullptr, true, "held-out folder with the same classes; null: split data.train"},
       {"data.val_fraction", Kind::kNumber, 0.1, false, "fraction of each class held out when data.val is null"},
       {"data.split_seed", Kind::kInt, 0, false, "seed of that split"},
       {"data.workers", Kind::kInt, 0, false, "decoding threads; 0: one per CPU core"},
@@ -51,8 +51,8 @@ const std::vector<Key>& schema() {
       {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, "pattern -> alpha overrides"},
       {"head.init", Kind::kString, "random", false,
        "random | zero_shot: start from the text encoder's class embeddings (cosine classifier, CLIP models)"},
-      {"head.text_model", Kind::kString, nullptr, true, "zero_shot: text encoder bundle; null: the one the model names"},
-      {"head.class_names", Kind::kString, nullptr, true, "zero_shot: JSON file {\"folder\": \"name\" or [names]}"},
+      {"head.text_model", Kind::kPath, nullptr, true, "zero_shot: text encoder bundle; null: the one the model names"},
+      {"head.class_names", Kind::kPath, nullptr, true, "zero_shot: JSON file {\"folder\": \"name\" or [names]}"},
       {"head.templates", Kind::kStringList, json::array(), false, "zero_shot: prompt templates with {}; []: defaults"},
       {"optim.lr", Kind::kNumber, 1e-3, false, "peak learning rate (AdamW)"},
       {"optim.head_lr", Kind::kNumber, nullptr, true, "learning rate of the classification head; null: optim.lr"},
@@ -76,7 +76,7 @@ const std::vector<Key>& schema() {
       {"device", Kind::kString, "auto", false, "auto | cpu | cuda | cuda:N"},
       {"threads", Kind::kInt, 0, false, "CPU threads for compute; 0: all cores"},
       {"seed", Kind::kInt, 0, false, "seed of adapter/head initialisation, shuffling, augmentation and dropout"},
-      {"output_dir", Kind::kString, "runs/default", false, "run folder: adapters, checkpoints, metrics, summary"},
+      {"output_dir", Kind::kPath, "runs/default", false, "run folder: adapters, checkpoints, metrics, summary"},
       {"eval_every_epochs", Kind::kInt, 1, false, "validate every N epochs (and at the end)"},
       {"checkpoint_every_steps", Kind::kInt, 0, false, "also checkpoint every N optimiser steps; 0: each epoch only"},
       {"log_every_steps", Kind::kInt, 10, false, "metrics.jsonl line every N optimiser steps"},
@@ -87,6 +87,7 @@ const std::vector<Key>& schema() {
 const char* kind_name(Kind k) {
   switch (k) {
     case Kind::kString: return "string";
+    case Kind::kPath: return "string (a path; ~ is your home folder)";
     case Kind::kInt: return "integer";
     case Kind::kNumber: return "number";
     case Kind::kBool: return "boolean";
@@ -104,7 +105,8 @@ std::string with_article(const std::string& noun) {
 
 bool has_kind(const json& v, Kind k) {
   switch (k) {
-    case Kind::kString: return v.is_string();
+    case Kind::kString:
+    case Kind::kPath: return v.is_string();
     case Kind::kInt: return v.is_number_integer();
     case Kind::kNumber: return v.is_number();
     case Kind::kBool: return v.is_boolean();
@@ -165,10 +167,11 @@ void check_keys(const json& node, const std::string& prefix, const std::string& 
 
 TrainConfig to_struct(const json& j) {
   auto at = [&](const char* path) -> const json& { return j.at(pointer(path)); };
+  auto path_at = [&](const char* path) -> std::string { return at(path).is_null() ? "" : expand_home(at(path).get<std::string>()); };
   TrainConfig c;
-  c.model = at("model");
-  c.data.train = at("data.train");
-  c.data.val = at("data.val").is_null() ? "" : at("data.val").get<std::string>();
+  c.model = path_at("model");
+  c.data.train = path_at("data.train");
+  c.data.val = path_at("data.val");
   c.data.val_fraction = at("data.val_fraction");
   c.data.split_seed = at("data.split_seed");
   c.data.workers = at("data.workers");
@@ -190,8 +193,8 @@ TrainConfig to_struct(const json& j) {
   c.lora.rank_pattern = at("lora.rank_pattern").get<std::map<std::string, int64_t>>();
   c.lora.alpha_pattern = at("lora.alpha_pattern").get<std::map<std::string, double>>();
   c.head_init = at("head.init");
-  c.text_model = at("head.text_model").is_null() ? "" : at("head.text_model").get<std::string>();
-  c.class_names = at("head.class_names").is_null() ? "" : at("head.class_names").get<std::string>();
+  c.text_model = path_at("head.text_model");
+  c.class_names = path_at("head.class_names");
   c.templates = at("head.templates").get<std::vector<std::string>>();
   c.lr = at("optim.lr");
   c.head_lr = at("optim.head_lr").is_null() ? -1.0 : at("optim.head_lr").get<double>();
@@ -215,7 +218,7 @@ TrainConfig to_struct(const json& j) {
   c.device = at("device");
   c.threads = at("threads");
   c.seed = at("seed");
-  c.output_dir = at("output_dir");
+  c.output_dir = path_at("output_dir");
   c.eval_every_epochs = at("eval_every_epochs");
   c.checkpoint_every_steps = at("checkpoint_every_steps");
   c.log_every_steps = at("log_every_steps");
@@ -327,7 +330,10 @@ TrainConfig load_train_config(const std::filesystem::path& path, const std::vect
     } catch (const json::parse_error&) {
       value = text;  // a bare string
     }
+    json alone = json::object();  // a typo is the flag's fault, not the file's: check the key on its own first
     try {
+      alone[pointer(key)] = value;
+      check_keys(alone, "", "--set " + o);
       user[pointer(key)] = value;
     } catch (const json::exception&) {
       throw InputError("--set " + o + ": " + key + " is not a key inside an object of the configuration");

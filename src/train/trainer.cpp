@@ -51,7 +51,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, int64_t classe
   if (c.method == "lora") {
     auto targets = resolve_targets(model->module(), c.lora);
     init_adapter_tensors(targets);
-    model->set_adapters(targets, c.lora.dropout);
+    model->set_adapters(targets, c.lora);
   }
   model->init_head(classes);
   return model;
@@ -253,10 +253,14 @@ TrainSummary Trainer::run(bool resume) {
     throw InputError(dir_.string() + " already holds a run; continue it with --resume, or set output_dir to a new folder");
 
   const int64_t accum = config_.grad_accum_steps;
-  const int64_t steps_per_epoch = train_.batches_per_epoch() / accum;
-  if (steps_per_epoch == 0)
-    throw InputError("too few training images (" + std::to_string(train_.num_samples()) + ") for one optimiser step of " +
-                     std::to_string(config_.batch_size * accum) + " (batch_size x grad_accum_steps); lower them");
+  const int64_t batches_per_epoch = train_.batches_per_epoch();
+  if (batches_per_epoch == 0) throw InputError("no training images");
+  // The last step of an epoch may have fewer micro-batches, and its last micro-batch fewer images.
+  const int64_t steps_per_epoch = (batches_per_epoch + accum - 1) / accum;
+  const int64_t images_per_epoch = std::min(batches_per_epoch * config_.batch_size, train_.num_samples());
+  auto images_before_step = [&](int64_t step_in_epoch) {
+    return std::min(step_in_epoch * accum * config_.batch_size, images_per_epoch);
+  };
   const int64_t total_steps = config_.max_steps > 0 ? config_.max_steps : config_.epochs * steps_per_epoch;
   const int64_t total_epochs = (total_steps + steps_per_epoch - 1) / steps_per_epoch;
   const auto warmup = static_cast<int64_t>(std::llround(config_.warmup_fraction * static_cast<double>(total_steps)));
@@ -286,14 +290,13 @@ TrainSummary Trainer::run(bool resume) {
 
   while (p.step < total_steps) {
     const int64_t steps_this_epoch = std::min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch);
-    const int64_t images_per_step = config_.batch_size * accum;
     if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
       train_.set_images_needed(false);
     train_.start_epoch(p.epoch, p.step_in_epoch * accum);
     model_.set_training(true);
     ProgressBar bar("epoch " + std::to_string(p.epoch + 1) + "/" + std::to_string(total_epochs),
-                    steps_this_epoch * images_per_step, "img");
-    bar.restart_rate(p.step_in_epoch * images_per_step);
+                    images_before_step(steps_this_epoch), "img");
+    bar.restart_rate(images_before_step(p.step_in_epoch));
     double window_loss = 0;
     int64_t window_steps = 0;
     auto window_start = std::chrono::steady_clock::now();
@@ -302,15 +305,20 @@ TrainSummary Trainer::run(bool resume) {
     while (p.step_in_epoch < steps_this_epoch) {
       const auto step_start = std::chrono::steady_clock::now();
       double step_loss = 0;
-      for (int64_t k = 0; k < accum; ++k) {
+      const int64_t micro_batches = std::min(accum, batches_per_epoch - p.step_in_epoch * accum);
+      const int64_t step_images = images_before_step(p.step_in_epoch + 1) - images_before_step(p.step_in_epoch);
+      for (int64_t k = 0; k < micro_batches; ++k) {
         auto batch = train_.next();
         if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
+        if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
         const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
         const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
         const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100,
                                                        config_.label_smoothing);
-        scaler_->scale_loss(loss / static_cast<double>(accum)).backward();
-        step_loss += loss.item<double>() / static_cast<double>(accum);
+        // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
+        const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
+        scaler_->scale_loss(loss / share).backward();
+        step_loss += loss.item<double>() / share;
         window_images += static_cast<int64_t>(batch->indices.size());
       }
       std::vector<at::Tensor> grads;
@@ -331,7 +339,7 @@ TrainSummary Trainer::run(bool resume) {
       ++p.step;
       ++p.step_in_epoch;
       train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
-      train_images += images_per_step;
+      train_images += step_images;
       window_loss += finite ? step_loss : 0;
       window_steps += finite;
       summary.final_train_loss = finite ? step_loss : summary.final_train_loss;
@@ -362,7 +370,7 @@ TrainSummary Trainer::run(bool resume) {
       }
       char status[96];
       std::snprintf(status, sizeof status, "step %lld loss %.4f lr %.2e ", static_cast<long long>(p.step), step_loss, lr);
-      bar.update(p.step_in_epoch * images_per_step, status + memory_status(device_));
+      bar.update(images_before_step(p.step_in_epoch), status + memory_status(device_));
 
       const bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step));
       if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
@@ -396,7 +404,7 @@ TrainSummary Trainer::run(bool resume) {
 
   summary.steps = p.step;
   summary.epochs = p.epoch;
-  summary.images_seen = p.step * config_.batch_size * accum;
+  summary.images_seen = p.step / steps_per_epoch * images_per_epoch + images_before_step(p.step % steps_per_epoch);
   summary.best_val_top1 = p.best_top1;
   summary.best_epoch = p.best_epoch;
   summary.peak_memory = peak_memory(device_);

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+import safetensors_lite  # noqa: E402
+
 BIN, FIX = sys.argv[1], sys.argv[2]
 IMAGES = os.path.join(FIX, "images")
 BASE = os.path.join(FIX, "models", "hf_script.pt")
@@ -130,6 +133,100 @@ class Presets(unittest.TestCase):
             code, out, err = run("info", OTHER_BASE, "--config", os.path.join(configs, name))
             self.assertEqual(code, 0, name + ": " + err)
             self.assertIn("this config would adapt", out)
+
+
+class AdapterSettingsRoundTrip(unittest.TestCase):
+    """Adapter files carry the run's LoRA settings: eval right after training gives the trainer's last validation
+    loss on the same images, and adapter_config.json gives PEFT the scale each module was trained with."""
+    CASES = {  # name: (base, lora settings)
+        "rank_alpha": ("hf_script", {"rank": 4, "alpha": 32.0, "dropout": 0.0}),
+        "rslora_fused": ("timm_script", {"rank": 16, "alpha": 16.0, "rslora": True, "dropout": 0.0}),
+        "dropout": ("hf_script", {"rank": 8, "alpha": 16.0, "dropout": 0.3}),
+        "patterns": ("hf_script", {"rank": 4, "alpha": 8.0, "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 2.0}}),
+        "mha_slices": ("torchvision_script", {"rank": 2, "alpha": 6.0, "targets": ["self_attention:q,v"], "dropout": 0.0}),
+    }
+
+    @staticmethod
+    def expected_scale(lora, module):
+        def pick(patterns, default):
+            return next((v for k, v in patterns.items() if module == k or module.endswith("." + k)), default)
+        rank = pick(lora.get("rank_pattern", {}), lora["rank"])
+        alpha = pick(lora.get("alpha_pattern", {}), lora["alpha"])
+        return rank, alpha / (rank ** 0.5 if lora.get("rslora") else rank)
+
+    def test_eval_reproduces_training_and_peft_config_scales(self):
+        for name, (base, lora) in self.CASES.items():
+            with self.subTest(case=name):
+                cfg, out = write_config("settings_" + name, model=os.path.join(FIX, "models", base + ".pt"), lora=lora,
+                                        epochs=1)
+                code, _, err = run("train", "--config", cfg)
+                self.assertEqual(code, 0, err)
+                with open(os.path.join(out, "summary.json")) as f:
+                    summary = json.load(f)
+                eval_dir = os.path.join(TMP, "settings_eval_" + name)
+                code, _, err = run("eval", "--model", os.path.join(FIX, "models", base + ".pt"), "--adapter",
+                                   os.path.join(out, "adapter"), "--data", os.path.join(IMAGES, "toy", "val"), "--output", eval_dir)
+                self.assertEqual(code, 0, err)
+                with open(os.path.join(eval_dir, "metrics.json")) as f:
+                    self.assertAlmostEqual(json.load(f)["loss"], summary["final_val_loss"], delta=1e-6)
+
+                with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+                    peft = json.load(f)
+                self.assertEqual((peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["use_rslora"]),
+                                 (lora["rank"], lora["alpha"], lora.get("dropout", 0.1), lora.get("rslora", False)))
+                _, meta = safetensors_lite.load(os.path.join(out, "adapter", "adapter_model.safetensors"))
+                modules = {t["module"] for t in json.loads(meta["loratune"])["targets"]}
+                self.assertTrue(modules)
+                for module in modules:
+                    want_rank, want_scale = self.expected_scale(lora, module)
+                    rank = peft["rank_pattern"].get(module, peft["r"])
+                    alpha = peft["alpha_pattern"].get(module, peft["lora_alpha"])
+                    scale = alpha / (rank ** 0.5 if peft["use_rslora"] else rank)
+                    self.assertEqual(rank, want_rank, module)
+                    self.assertAlmostEqual(scale, want_scale, places=12, msg=module)
+                code, info, _ = run("info", os.path.join(out, "adapter"))
+                self.assertEqual(code, 0)
+                self.assertIn(f"rank {lora['rank']}, alpha {lora['alpha']:g}", info)
+                self.assertIn(f"dropout {lora.get('dropout', 0.1):g}", info)
+
+
+class PaperCuts(unittest.TestCase):
+    def test_home_folder_in_set_values_and_config_paths(self):
+        home = tempfile.mkdtemp(prefix="home_", dir=TMP)
+        os.symlink(os.path.abspath(os.path.join(IMAGES, "toy")), os.path.join(home, "photos"))
+        cfg, out = write_config("tilde", epochs=1, max_steps=1)
+        env = dict(os.environ, HOME=home)
+        p = subprocess.run([BIN, "train", "--config", cfg, "--set", "data.train=~/photos/train", "--set",
+                            "data.val=~/photos/val", "--set", "output_dir=~/run"], capture_output=True, text=True, env=env,
+                           timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertTrue(os.path.exists(os.path.join(home, "run", "adapter", "adapter_model.safetensors")))
+
+    def test_a_typo_in_set_is_the_flag_not_the_file(self):
+        cfg, _ = write_config("set_typo")
+        code, _, err = run("train", "--config", cfg, "--set", "lora.rnak=4")
+        self.assertEqual(code, 3)
+        self.assertIn('--set lora.rnak=4: unknown key "lora.rnak" (did you mean "lora.rank"?)', err)
+        self.assertNotIn(cfg, err)
+
+    def test_info_on_a_text_encoder(self):
+        code, out, err = run("info", os.path.join(FIX, "models", "mobileclip_text.pt"))
+        self.assertEqual(code, 0, err)
+        self.assertIn("tokens -> text embeddings", out)
+        self.assertIn("tokenizer      clip_bpe", out)
+        for image_only in ("preprocessing", "LoRA", "would adapt"):
+            self.assertNotIn(image_only, out)
+
+    def test_small_folders_train_their_last_partial_batch(self):
+        # 72 training images, batch 16, 2 micro-batches a step: 5 batches (the last of 8 images), 3 steps an epoch.
+        cfg, out = write_config("partial", epochs=2, batch_size=16, grad_accum_steps=2)
+        code, stdout, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual((summary["steps"], summary["images_seen"]), (6, 144))
+        rate = [line for line in stdout.splitlines() if line.startswith("training done")][0]
+        self.assertNotIn(" 0 train images/s", rate)
 
 
 class Interrupt(unittest.TestCase):

@@ -1,5 +1,6 @@
-"""The export scripts' conversion code on the layout-faithful fixture models (transformers and timm are not
-installed here), and the torchvision script end to end with random weights."""
+"""The export scripts' conversion code on the layout-faithful fixture models (transformers cannot be installed here;
+test_upstream_models.py runs the timm, torchvision and MobileCLIP scripts on the real packages), and the torchvision
+script's custom architecture end to end."""
 import os
 import sys
 import tempfile
@@ -46,7 +47,7 @@ class ExportScripts(unittest.TestCase):
 
     def test_torchvision_random_init_end_to_end(self):
         path = os.path.join(TMP, "tv.pt")
-        torchvision_vit.main(["--random-init", "--image-size", "28", "--patch-size", "4", "--layers", "2", "--heads", "2",
+        torchvision_vit.main(["--arch", "custom", "--random-init", "--image-size", "28", "--patch-size", "4", "--layers", "2", "--heads", "2",
                               "--hidden", "16", "--mlp", "32", "--output", path])
         meta = lx.read_metadata(path)
         self.assertEqual((meta["feature_dim"], meta["image_size"], meta["blocks"]), (16, 28, "model.encoder.layers"))

@@ -28,7 +28,7 @@ class Cuda : public ::testing::Test {
     auto m = std::make_unique<Model>(load_bundle(fixture("models/" + name + ".pt")));
     auto targets = resolve_targets(m->module(), LoraSettings{});
     init_adapter_tensors(targets);
-    m->set_adapters(targets, 0.0);
+    m->set_adapters(targets, LoraSettings{});
     m->init_head(3);
     m->to(gpu, frozen);
     return m;

@@ -47,7 +47,7 @@ TEST_P(LoraReference, AdaptedAtInitEqualsBaseExactly) {
   auto targets = resolve_targets(model.module(), LoraSettings{});
   ASSERT_EQ(targets.size(), 4u);  // q and v in each of 2 blocks
   init_adapter_tensors(targets);
-  model.set_adapters(targets, 0.0);
+  model.set_adapters(targets, LoraSettings{});
   at::NoGradGuard no_grad;
   EXPECT_TRUE(at::equal(model.features(ref.at("input")), base));
 }
@@ -81,7 +81,7 @@ TEST_P(LoraReference, OnlyAdaptersAndHeadTrainAndLossFalls) {
   Model model(load_bundle(bundle_path()));
   auto targets = resolve_targets(model.module(), LoraSettings{});
   init_adapter_tensors(targets);
-  model.set_adapters(targets, 0.0);
+  model.set_adapters(targets, LoraSettings{});
   model.init_head(3);
   const at::Tensor x = ref.at("input");
   const at::Tensor labels = at::tensor({0, 2}, at::kLong);

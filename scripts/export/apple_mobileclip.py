@@ -2,12 +2,15 @@
 """Exports MobileCLIP (apple/ml-mobileclip) as two loratune bundles: the image encoder (what you adapt) and the text
 encoder (for zero-shot classification and a zero-shot initial head), with the BPE merges file inside.
 
-  python3 scripts/export/mobileclip.py --model mobileclip_s0 --checkpoint mobileclip_s0.pt --output models/mobileclip_s0
+  python3 scripts/export/apple_mobileclip.py --model mobileclip_s0 --checkpoint mobileclip_s0.pt --output models/mobileclip_s0
 
-writes models/mobileclip_s0_image.pt and models/mobileclip_s0_text.pt. The model is reparameterised first (branches
-folded; the fused qkv layers are unchanged), then traced in fp32 with gradients enabled on the CPU (scripting fails on
-these encoders; a trace fixes device and dtype, so use autocast for reduced precision).
-Preprocessing: resize the short side (bilinear), center crop 256 (S0-S2) or 224 (B), scale to [0, 1], mean 0, std 1.
+writes models/mobileclip_s0_image.pt and models/mobileclip_s0_text.pt. Weights: Apple's checkpoint (--checkpoint),
+or --random-init (no weights, for testing; the text projection, which Apple leaves uninitialised, gets a normal
+initialisation). `create_model_and_transforms` reparameterises the model (branches folded; the fused qkv layers are
+unchanged); it is then traced in fp32 with gradients enabled on the CPU (scripting fails on these encoders; a trace
+fixes device and dtype, so use autocast for reduced precision). Preprocessing comes from the transforms Apple's
+package returns for the model: resize the short side (bilinear), center crop 256 (S0-S2) or 224 (B), scale to
+[0, 1], no normalisation.
 """
 import argparse
 import gzip
@@ -110,37 +113,63 @@ def find_merges():
             mod = __import__(package)
         except ImportError:
             continue
-        for root, _, files in os.walk(os.path.dirname(mod.__file__)):
-            if "bpe_simple_vocab_16e6.txt.gz" in files:
-                return os.path.join(root, "bpe_simple_vocab_16e6.txt.gz")
-    raise SystemExit("cannot find bpe_simple_vocab_16e6.txt.gz in mobileclip or open_clip; pass --merges")
+        for folder in getattr(mod, "__path__", []):  # a package's folders (a namespace package has no __file__)
+            for root, _, files in os.walk(folder):
+                if "bpe_simple_vocab_16e6.txt.gz" in files:
+                    return os.path.join(root, "bpe_simple_vocab_16e6.txt.gz")
+    raise SystemExit("error: cannot find bpe_simple_vocab_16e6.txt.gz in mobileclip or open_clip; pass --merges")
+
+
+def preprocessing(transforms):
+    """Bundle preprocessing fields from the torchvision transforms Apple's package returns for the model."""
+    meta = {"mean": [0.0] * 3, "std": [1.0] * 3}
+    for t in transforms.transforms:
+        name = type(t).__name__
+        size = getattr(t, "size", None)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if name == "Resize":
+            meta["resize_size"], meta["interpolation"] = int(size), t.interpolation.value
+        elif name == "CenterCrop":
+            meta["image_size"] = int(size)
+        elif name == "Normalize":
+            meta["mean"], meta["std"] = list(t.mean), list(t.std)
+    return meta
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="mobileclip_s0, mobileclip_s1, mobileclip_s2 or mobileclip_b")
-    p.add_argument("--checkpoint", required=True, help="the .pt checkpoint from Apple")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="the .pt checkpoint from Apple")
+    weights.add_argument("--random-init", action="store_true", help="no weights: random initialisation, for testing")
+    p.add_argument("--seed", type=int, default=0, help="--random-init: seed of the initialisation")
     p.add_argument("--merges", help="bpe_simple_vocab_16e6.txt(.gz); default: the copy in your mobileclip/open_clip")
     p.add_argument("--output", required=True, help="prefix of the two output files")
     args = p.parse_args(argv)
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: checkpoint {args.checkpoint} does not exist")
     import mobileclip  # noqa: E402  (the user's install)
-    from mobileclip.modules.common.mobileone import reparameterize_model  # noqa: E402
 
-    model, _, _ = mobileclip.create_model_and_transforms(args.model, pretrained=args.checkpoint)
-    model = reparameterize_model(model.eval()).float()
-    vit = args.model.endswith("_b")
-    size = 224 if vit else 256
-    logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    torch.manual_seed(args.seed)
+    model, _, transforms = mobileclip.create_model_and_transforms(args.model, pretrained=args.checkpoint)
+    model = model.eval().float()
+    if args.random_init:
+        projection = model.text_encoder.projection_layer
+        with torch.no_grad():
+            projection.normal_(0.0, projection.shape[0] ** -0.5)
+    vit = hasattr(model.image_encoder.model, "transformer")
+    logit_scale = min(float(model.logit_scale.exp()), 100.0) if hasattr(model, "logit_scale") else 100.0
     embed = model.text_encoder.projection_layer.shape[1]
     merges = read_merges(args.merges or find_merges())
     n_merges = min(len(merges.split("\n")[1:49152 - 256 - 2 + 1]), 48894)
     out = args.output
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     text_file = os.path.basename(out) + "_text.pt"
-    export_image(model.image_encoder, vit, {"name": args.model, "feature_dim": embed, "image_size": size,
-                                            "resize_size": size, "text_model": text_file, "logit_scale": logit_scale},
-                 out + "_image.pt")
-    export_text(model.text_encoder, merges, {"name": args.model, "feature_dim": embed, "logit_scale": logit_scale,
+    source = "random init" if args.random_init else os.path.basename(args.checkpoint)
+    name = f"{args.model} ({source})"
+    export_image(model.image_encoder, vit, {"name": name, "feature_dim": embed, "text_model": text_file,
+                                            "logit_scale": logit_scale, **preprocessing(transforms)}, out + "_image.pt")
+    export_text(model.text_encoder, merges, {"name": name, "feature_dim": embed, "logit_scale": logit_scale,
                                              "sot": 512 + n_merges, "eot": 513 + n_merges}, out + "_text.pt")
     print(f"wrote {out}_image.pt and {out}_text.pt")
 

@@ -1,0 +1,321 @@
+"""Every export script run as a user runs it (a subprocess with its command-line arguments, PYTHONPATH pointing at the
+unmodified upstream packages in shared/upstream), on random weights saved as a checkpoint file; then `loratune info`,
+a short `train`, `eval` and `merge` on each bundle. References are the upstream models' own forward in Python:
+  - the bundle's features equal the upstream model's pooled features on the same input;
+  - the merged classifier equals the upstream model with the adapter folded in the way PEFT reads adapter files
+    (scale from adapter_config.json: r, lora_alpha, use_rslora, rank_pattern, alpha_pattern) plus the saved head;
+  - `eval` right after training gives the trainer's last validation loss on the same images.
+
+usage: test_upstream_models.py LORATUNE_BINARY FIXTURE_DIR UPSTREAM_DIR   (exit 77: no upstream folder, skipped)
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+BIN, FIX, UPSTREAM = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
+if not os.path.isdir(os.path.join(UPSTREAM, "timm")):
+    print(f"skipped: {UPSTREAM} has no upstream packages (see shared/upstream/README.md)")
+    sys.exit(77)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+EXPORT = os.path.join(ROOT, "scripts", "export")
+PATHS = [os.path.join(UPSTREAM, "timm"), os.path.join(UPSTREAM, "ml-mobileclip"),
+         os.path.join(UPSTREAM, "open_clip_vocab", "src")]  # open_clip: only its merges file (a namespace package)
+sys.path[:0] = PATHS + [HERE]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(PATHS))
+
+import mobileclip  # noqa: E402
+import safetensors_lite  # noqa: E402
+import timm  # noqa: E402
+import torchvision  # noqa: E402
+
+TMP = tempfile.mkdtemp(prefix="loratune_upstream_")
+LORA = {"rank": 4, "alpha": 8.0, "rslora": True, "dropout": 0.1}  # scale 4 (alpha / sqrt(r)); alpha / r would be 2
+
+
+def run(*args, **kwargs):
+    p = subprocess.run(list(args), capture_output=True, text=True, env=ENV, timeout=600, **kwargs)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p.stdout
+
+
+def photos():
+    """3 classes (one Korean name) x 4 training and 2 validation images from the toy fixture folder."""
+    root = os.path.join(TMP, "photos")
+    if not os.path.isdir(root):
+        for split, n in (("train", 4), ("val", 2)):
+            src = os.path.join(FIX, "images", "toy", split)
+            for cls in sorted(os.listdir(src)):
+                os.makedirs(os.path.join(root, split, cls))
+                for fn in sorted(os.listdir(os.path.join(src, cls)))[:n]:
+                    shutil.copy(os.path.join(src, cls, fn), os.path.join(root, split, cls, fn))
+    return root
+
+
+def relative_error(got, ref):
+    return float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+
+
+def peft_scales(config):
+    """Scale of each module as PEFT computes it from adapter_config.json."""
+    def pattern_value(patterns, module, default):
+        for key, value in patterns.items():
+            if module == key or module.endswith("." + key):
+                return value
+        return default
+
+    def scale(module):
+        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return scale
+
+
+def fold_adapter(model, adapter_dir, module_prefix="", rslora_override=None):
+    """Adds s * B @ A into `model`'s weights (rows of a fused q/k/v weight for loratune's q/k/v slice keys) and
+    returns the head (weight, bias, normalise)."""
+    tensors, meta = safetensors_lite.load(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        config = json.load(f)
+    if rslora_override is not None:
+        config = dict(config, use_rslora=rslora_override)
+    scale = peft_scales(config)
+    folded = 0
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A" not in key:
+                continue
+            stem, tail = key[len("base_model.model."):].split(".lora_A")
+            slice_name = tail.split(".")[1] if tail.count(".") == 2 else ""
+            b = tensors[key.replace(".lora_A", ".lora_B")]
+            owner, _, last = stem.rpartition(".")
+            if last.endswith("_weight"):  # nn.MultiheadAttention's in_proj_weight
+                module, weight = model.get_submodule(module_prefix + owner), getattr(model.get_submodule(module_prefix + owner), last)
+                name = owner
+            else:
+                module, weight, name = model.get_submodule(module_prefix + stem), model.get_submodule(module_prefix + stem).weight, stem
+            rows = weight.shape[0] // 3 if slice_name else weight.shape[0]
+            begin = "qkv".index(slice_name) * rows if slice_name else 0
+            weight[begin:begin + rows] += scale(name) * (b.double() @ a.double()).float()
+            folded += 1
+    meta_info = json.loads(meta["loratune"])
+    head = tensors["base_model.model.classifier.weight"], tensors["base_model.model.classifier.bias"]
+    return head, meta_info.get("normalize_features", False), folded
+
+
+def classify(features, head, normalise):
+    if normalise:
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features @ head[0].t() + head[1]
+
+
+class Pipeline:
+    """Export a checkpoint with the script, compare the bundle, train, eval, merge, compare the merged file."""
+
+    def check_bundle(self, bundle_path, reference, size, tol=1e-4):
+        bundle = torch.jit.load(bundle_path).eval()
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            got, ref = bundle(x), reference(x)
+        self.assertEqual(tuple(got.shape), tuple(ref.shape))
+        self.assertGreater(float(ref.std(0).mean()), 1e-4, "features depend on the image, so the comparison means something")
+        self.assertLess(relative_error(got, ref), tol, bundle_path)
+        return x
+
+    def train_eval_merge(self, name, bundle_path, features_of, model, x, expect_targets, module_prefix=""):
+        """Runs loratune on the bundle and checks the merged classifier against `features_of(model, x)` with the
+        adapter folded into `model` (a fresh upstream model with the bundle's weights)."""
+        out = run(BIN, "info", bundle_path)
+        self.assertIn(f"would adapt {expect_targets} weights", out)
+        adapted = out.split("would adapt")[1].splitlines()[1:]
+        numbers = [tuple(int(part) for part in line.split()[0].split(".") if part.isdigit()) for line in adapted]
+        self.assertEqual(numbers, sorted(numbers), "blocks listed in numeric order")
+        data = photos()
+        run_dir = os.path.join(TMP, "run_" + name)
+        config = {"model": bundle_path, "data": {"train": os.path.join(data, "train"), "val": os.path.join(data, "val"),
+                                                 "workers": 2},
+                  "epochs": 1, "batch_size": 4, "precision": "fp32", "optim": {"lr": 5e-3}, "lora": LORA,
+                  "output_dir": run_dir}
+        config_path = run_dir + ".json"
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        run(BIN, "train", "--config", config_path)
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["steps"], 3)
+        eval_dir = os.path.join(TMP, "eval_" + name)
+        run(BIN, "eval", "--model", bundle_path, "--adapter", os.path.join(run_dir, "adapter"), "--data",
+            os.path.join(data, "val"), "--output", eval_dir)
+        with open(os.path.join(eval_dir, "metrics.json")) as f:
+            evaluated = json.load(f)
+        self.assertAlmostEqual(evaluated["loss"], summary["final_val_loss"], delta=1e-5 * max(1.0, summary["final_val_loss"]))
+
+        with open(os.path.join(run_dir, "adapter", "adapter_config.json")) as f:
+            peft_config = json.load(f)
+        self.assertEqual((peft_config["r"], peft_config["lora_alpha"], peft_config["use_rslora"], peft_config["lora_dropout"]),
+                         (LORA["rank"], LORA["alpha"], LORA["rslora"], LORA["dropout"]))
+        self.assertEqual(peft_config["rank_pattern"], {})
+
+        merged = os.path.join(TMP, name + "_merged.pt")
+        run(BIN, "merge", "--base", bundle_path, "--adapter", os.path.join(run_dir, "adapter"), "--output", merged)
+        with torch.no_grad():
+            got = torch.jit.load(merged).eval()(x)
+            base_state = {k: v.clone() for k, v in model.state_dict().items()}
+            head, normalise, folded = fold_adapter(model, os.path.join(run_dir, "adapter"), module_prefix)
+            self.assertEqual(folded, expect_targets)
+            ref = classify(features_of(model, x), head, normalise)
+            model.load_state_dict(base_state)
+            fold_adapter(model, os.path.join(run_dir, "adapter"), module_prefix, rslora_override=False)
+            wrong_scale = classify(features_of(model, x), head, normalise)
+        tol = 1e-4
+        self.assertLess(relative_error(got, ref), tol, "merged file vs the upstream model with the adapter folded in")
+        self.assertGreater(relative_error(got, wrong_scale), 10 * tol, "the adapter's scale is visible in the outputs")
+
+
+def save_checkpoint(model, name):
+    path = os.path.join(TMP, name + ".pth")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+class Timm(unittest.TestCase, Pipeline):
+    CASES = [  # model name, extra export arguments, full pipeline
+        ("vit_tiny_patch16_224", [], True),
+        ("deit_tiny_distilled_patch16_224", [], True),  # distillation token: features average two tokens
+        ("vit_small_patch14_reg4_dinov2", ["--image-size", "224"], True),  # register tokens, resized position table
+        ("vit_base_patch16_224", [], False),
+    ]
+
+    def test_export_and_pipeline(self):
+        for name, extra, pipeline in self.CASES:
+            with self.subTest(model=name):
+                start = time.time()
+                torch.manual_seed(0)
+                kwargs = {"img_size": int(extra[1])} if extra else {}
+                reference = timm.create_model(name, pretrained=False, **kwargs).eval()  # with its 1000-class head
+                checkpoint = save_checkpoint(reference, name)
+                reference.reset_classifier(0)
+                bundle = os.path.join(TMP, name + ".pt")
+                run(sys.executable, os.path.join(EXPORT, "timm_vit.py"), "--model", name, "--checkpoint", checkpoint,
+                    *extra, "--output", bundle)
+                cfg = timm.data.resolve_data_config({"input_size": (3, 224, 224)} if extra else {}, model=reference)
+                x = self.check_bundle(bundle, reference, cfg["input_size"][-1])
+                files = {"loratune.json": ""}
+                torch.jit.load(bundle, _extra_files=files)
+                meta = json.loads(files["loratune.json"])
+                self.assertEqual((meta["image_size"], meta["interpolation"], meta["mean"]),
+                                 (cfg["input_size"][-1], cfg["interpolation"], list(cfg["mean"])))
+                self.assertEqual(meta["resize_size"], int(math.floor(cfg["input_size"][-1] / cfg["crop_pct"])))
+                if pipeline:
+                    depth = len(reference.blocks)
+                    self.train_eval_merge(name, bundle, lambda m, v: m(v), reference, x, 2 * depth)
+                print(f"  {name}: {time.time() - start:.1f} s", flush=True)
+
+    def test_random_init_flag_needs_no_weights(self):
+        bundle = os.path.join(TMP, "random_tiny.pt")
+        out = run(sys.executable, os.path.join(EXPORT, "timm_vit.py"), "--model", "vit_tiny_patch16_224", "--random-init",
+                  "--output", bundle)
+        self.assertIn("random init", out)
+        self.assertEqual(tuple(torch.jit.load(bundle)(torch.randn(1, 3, 224, 224)).shape), (1, 192))
+
+
+class Torchvision(unittest.TestCase, Pipeline):
+    def test_vit_b_16_checkpoint(self):
+        start = time.time()
+        torch.manual_seed(0)
+        reference = torchvision.models.vit_b_16().eval()
+        checkpoint = save_checkpoint(reference, "vit_b_16")
+        reference.heads = torch.nn.Identity()
+        bundle = os.path.join(TMP, "vit_b_16.pt")
+        run(sys.executable, os.path.join(EXPORT, "torchvision_vit.py"), "--arch", "vit_b_16", "--checkpoint", checkpoint,
+            "--output", bundle)
+        files = {"loratune.json": ""}
+        torch.jit.load(bundle, _extra_files=files)
+        meta = json.loads(files["loratune.json"])
+        self.assertEqual((meta["image_size"], meta["resize_size"], meta["interpolation"]), (224, 256, "bilinear"))
+        x = self.check_bundle(bundle, reference, 224)
+        self.train_eval_merge("vit_b_16", bundle, lambda m, v: m(v), reference, x, 24)
+        print(f"  torchvision vit_b_16: {time.time() - start:.1f} s", flush=True)
+
+    def test_random_init_keeps_the_architecture(self):
+        bundle = os.path.join(TMP, "vit_b_32_random.pt")
+        run(sys.executable, os.path.join(EXPORT, "torchvision_vit.py"), "--arch", "vit_b_32", "--random-init",
+            "--output", bundle)
+        files = {"loratune.json": ""}
+        m = torch.jit.load(bundle, _extra_files=files)
+        meta = json.loads(files["loratune.json"])
+        self.assertEqual((meta["image_size"], meta["mean"]), (224, [0.485, 0.456, 0.406]))
+        self.assertEqual(tuple(m(torch.randn(1, 3, 224, 224)).shape), (1, 768))
+        self.assertEqual(len([n for n, _ in m.named_modules() if n.endswith("self_attention")]), 12)
+
+
+def mobileclip_checkpoint(name):
+    """Apple's model with random weights made informative: layer scales 0.5, BatchNorm statistics recalibrated on a
+    few images (Apple's initialisation gives nearly the same output for every image), the text projection set."""
+    torch.manual_seed(0)
+    model, _, _ = mobileclip.create_model_and_transforms(name, pretrained=None, reparameterize=False)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "layer_scale" in pname:
+                p.fill_(0.5)
+        model.text_encoder.projection_layer.normal_(0, model.text_encoder.projection_layer.shape[0] ** -0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        model.image_encoder.train()
+        size = 224 if name.endswith("_b") else 256
+        model.image_encoder(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(2)))
+    return save_checkpoint(model.eval(), name)
+
+
+class MobileCLIP(unittest.TestCase, Pipeline):
+    CASES = [("mobileclip_s0", 256, 4), ("mobileclip_b", 224, 24)]  # name, input size, adapted weights (q, v)
+
+    def test_export_and_pipeline(self):
+        for name, size, targets in self.CASES:
+            with self.subTest(model=name):
+                start = time.time()
+                checkpoint = mobileclip_checkpoint(name)
+                prefix = os.path.join(TMP, name)
+                run(sys.executable, os.path.join(EXPORT, "apple_mobileclip.py"), "--model", name, "--checkpoint",
+                    checkpoint, "--output", prefix)
+                reference, _, _ = mobileclip.create_model_and_transforms(name, pretrained=checkpoint)
+                reference.eval()
+                x = self.check_bundle(prefix + "_image.pt", reference.image_encoder, size, tol=2e-4)
+                tokens = torch.zeros(2, 77, dtype=torch.long)
+                tokens[:, 0], tokens[0, 1:4], tokens[1, 1:6], tokens[:, 6] = 49406, 320, 1125, 49407
+                with torch.no_grad():
+                    text = torch.jit.load(prefix + "_text.pt")(tokens)
+                    text_ref = reference.text_encoder(tokens)
+                self.assertLess(relative_error(text, text_ref), 1e-4)
+                self.assertIn("tokens -> text embeddings", run(BIN, "info", prefix + "_text.pt"))
+                self.train_eval_merge(name, prefix + "_image.pt", lambda m, v: m.image_encoder(v), reference, x, targets)
+                print(f"  {name}: {time.time() - start:.1f} s", flush=True)
+
+    def test_zero_shot_eval_runs_on_the_export(self):
+        prefix = os.path.join(TMP, "mobileclip_s0")
+        if not os.path.exists(prefix + "_image.pt"):
+            run(sys.executable, os.path.join(EXPORT, "apple_mobileclip.py"), "--model", "mobileclip_s0", "--random-init",
+                "--output", prefix)
+        out = run(BIN, "eval", "--model", prefix + "_image.pt", "--zero-shot", "--data", os.path.join(photos(), "val"),
+                  "--output", os.path.join(TMP, "zero_shot"))
+        self.assertIn("(zero-shot)", out)
+
+
+if __name__ == "__main__":
+    started = time.time()
+    result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed} passed, {failed} failed ({time.time() - started:.0f} s)")
+    shutil.rmtree(TMP, ignore_errors=True)
+    sys.exit(1 if failed else 0)
