@@ -8,6 +8,7 @@
 
 #include <array>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -52,8 +53,10 @@ struct Bundle {
 // Loads a bundle onto the CPU. Throws InputError with a fix for files that are not bundles or cannot be trained.
 Bundle load_bundle(const std::filesystem::path& path);
 
-// Saves `module` with `info` inside the archive, atomically.
-void save_bundle(torch::jit::Module& module, const BundleInfo& info, const std::filesystem::path& path);
+// Saves `module` with `info` inside the archive, atomically. `check(temporary_file)`, when given, runs on the file as
+// written before it replaces `path`; if it throws, `path` is left as it was.
+void save_bundle(torch::jit::Module& module, const BundleInfo& info, const std::filesystem::path& path,
+                 const std::function<void(const std::filesystem::path&)>& check = {});
 
 // The submodule at a dotted path ("vit.encoder.layer.3"); InputError when absent.
 torch::jit::Module submodule_at(const torch::jit::Module& root, const std::string& path);

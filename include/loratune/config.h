@@ -28,6 +28,7 @@ struct DataConfig {
   int prefetch_batches = 4;
   std::string cache = "auto";     // auto | memory | off
   std::string prefix_cache = "auto";  // auto | memory | off: reuse the frozen prefix's output across epochs
+  int64_t max_image_pixels = 100'000'000;  // images with more pixels are skipped and listed; 0: no limit
   AugmentConfig augment;
 };
 

@@ -1,4 +1,5 @@
-// Files written so that a reader never sees a half-written one: temporary file, then rename.
+// Files written so that a reader never sees a half-written one: temporary file (flushed to disk), then rename.
+// Temporaries are hidden siblings ".<name>.tmp-<pid>" (and ".<name>.old-<pid>" during a directory swap).
 #pragma once
 
 #include <filesystem>
@@ -6,6 +7,14 @@
 #include <string>
 
 namespace loratune {
+
+// Writes `bytes` to `path` (not atomically) and flushes them to disk; RuntimeFailure (naming the file, and a full
+// disk as such) if any part fails.
+void write_file_durable(const std::filesystem::path& path, const std::string& bytes);
+
+// Removes temporaries left in `dir` by writers that no longer run (all, or those of `only_name`). A directory whose
+// only copy is a leftover ".old-" sibling (killed between the two renames of a swap) is put back instead.
+void remove_stale_temporaries(const std::filesystem::path& dir, const std::string& only_name = "");
 
 // Writes `bytes` to `path` atomically.
 void write_file_atomic(const std::filesystem::path& path, const std::string& bytes);
@@ -15,7 +24,8 @@ void write_file_atomic(const std::filesystem::path& path, const std::string& byt
 void write_atomic_with(const std::filesystem::path& path,
                        const std::function<void(const std::filesystem::path&)>& write);
 
-// Replaces directory `path` with a directory filled by `fill(temporary_dir)`, as atomically as the filesystem allows.
+// Replaces directory `path` with a directory filled by `fill(temporary_dir)`: one atomic exchange where the
+// filesystem supports it (Linux renameat2), else two renames.
 void write_directory_atomic(const std::filesystem::path& path,
                             const std::function<void(const std::filesystem::path&)>& fill);
 
@@ -23,7 +33,7 @@ void write_directory_atomic(const std::filesystem::path& path,
 // "key=~/photos" or inside JSON files).
 std::string expand_home(const std::string& path);
 
-// Whole file as bytes; InputError naming the file if it cannot be read.
+// Whole file as bytes; InputError naming the file if it cannot be read (missing, a folder, a symlink loop, ...).
 std::string read_file(const std::filesystem::path& path);
 
 }  // namespace loratune

@@ -18,9 +18,14 @@ class Mat;
 
 namespace loratune {
 
+// Images with more pixels than this are skipped before decoding (a 20000x20000 PNG would take 1.2 GB decoded).
+inline constexpr int64_t kDefaultMaxImagePixels = 100'000'000;
+
 // RGB, 8 bits per channel, EXIF orientation applied; greyscale, RGBA and 16-bit inputs converted.
-// Returns an empty optional and sets `error` when the file cannot be decoded.
-std::optional<cv::Mat> decode_image(const std::filesystem::path& path, std::string& error);
+// Returns an empty optional and sets `error` when the file cannot be decoded or its header says it has more than
+// `max_pixels` pixels (0: no limit).
+std::optional<cv::Mat> decode_image(const std::filesystem::path& path, std::string& error,
+                                    int64_t max_pixels = kDefaultMaxImagePixels);
 
 struct Preprocess {
   int64_t image_size = 224, resize_size = 256;

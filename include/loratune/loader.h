@@ -28,6 +28,7 @@ struct LoaderOptions {
   int prefetch_batches = 4;
   std::string cache = "off";  // auto | memory | off
   bool pin_memory = false;    // page-locked batches for faster copies to CUDA
+  int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed
 };
 
 class ImageBatchSource : public BatchSource {

@@ -23,7 +23,12 @@ struct MergeReport {
   std::string output;
 };
 
-// Writes the merged model to `output` (atomically) and checks it against the unmerged adapted model.
+// The most a merged model may differ from the adapted one on the probe batch (fp32 rounding is ~1e-6).
+inline constexpr double kMergeTolerance = 1e-3;
+
+// Writes the merged model to a temporary file, checks it against the unmerged adapted model, then puts it at
+// `output`. InputError if `output` is the base or part of the adapter; RuntimeFailure, with `output` untouched, if
+// the check fails.
 MergeReport merge_adapter(const std::filesystem::path& base_path, const std::filesystem::path& adapter_path,
                           const std::filesystem::path& output, const MergeOptions& options);
 

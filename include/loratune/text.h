@@ -29,4 +29,7 @@ size_t display_width(const std::string& utf8);
 // True when the bytes are valid UTF-8.
 bool is_valid_utf8(const std::string& s);
 
+// `s` with each byte that is not part of valid UTF-8 written as \xNN (for messages and JSON files).
+std::string escape_invalid_utf8(const std::string& s);
+
 }  // namespace loratune

@@ -18,7 +18,7 @@ int run_merge(const MergeCommand& command) {
     std::printf("wrote %s (%s)\n", r.output.c_str(), command.features_only ? "backbone bundle" : "TorchScript classifier");
     std::printf("check on a probe batch: max |merged - adapted| = %.3g %s\n", r.max_abs_diff,
                 r.max_abs_diff < 1e-4 ? "(ok)" : "(LARGER THAN EXPECTED)");
-    return r.max_abs_diff < 1e-3 ? exit_code::kOk : exit_code::kRuntime;
+    return exit_code::kOk;  // larger differences than kMergeTolerance fail before the output is written
   });
 }
 

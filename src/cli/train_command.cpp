@@ -125,6 +125,7 @@ int run_train(const TrainCommand& command) {
     train_options.prefetch_batches = c.data.prefetch_batches;
     train_options.cache = c.data.cache;
     train_options.pin_memory = device.is_cuda();
+    train_options.max_image_pixels = c.data.max_image_pixels;
     LoaderOptions val_options = train_options;
     val_options.shuffle = val_options.augment = false;
     ImageBatchSource train(train_folder, preprocess, train_options);

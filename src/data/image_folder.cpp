@@ -39,6 +39,10 @@ std::vector<fs::path> images_below(const fs::path& dir, SkippedFiles& skipped) {
   std::vector<fs::path> out;
   const auto& ext = image_extensions();
   for (const auto& f : files) {
+    if (!is_valid_utf8(f.string())) {
+      skipped.push_back({escape_invalid_utf8(f.string()), "file name is not valid UTF-8 (rename it, e.g. with convmv)"});
+      continue;
+    }
     if (std::find(ext.begin(), ext.end(), lower(f.extension().string())) == ext.end()) {
       skipped.push_back({f.string(), is_hidden(f) ? "hidden file" : "not an image (extension " + f.extension().string() + ")"});
       continue;
@@ -51,14 +55,23 @@ std::vector<fs::path> images_below(const fs::path& dir, SkippedFiles& skipped) {
 }
 
 std::vector<std::string> class_dirs(const fs::path& root) {
-  if (!fs::exists(root)) throw InputError("photo folder " + root.string() + " does not exist");
-  if (!fs::is_directory(root)) throw InputError(root.string() + " is not a folder; give the folder that holds one subfolder per class");
+  std::error_code ec;
+  const auto status = fs::status(root, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw InputError("photo folder " + escape_invalid_utf8(root.string()) + ": " + ec.message());
+  if (!fs::exists(status)) throw InputError("photo folder " + escape_invalid_utf8(root.string()) + " does not exist");
+  if (!fs::is_directory(status))
+    throw InputError(escape_invalid_utf8(root.string()) + " is not a folder; give the folder that holds one subfolder per class");
   std::vector<std::string> names;
-  for (const auto& entry : fs::directory_iterator(root))
-    if (entry.is_directory() && !is_hidden(entry.path())) names.push_back(entry.path().filename().string());
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec))
+    if (it->is_directory(ec) && !is_hidden(it->path())) names.push_back(it->path().filename().string());
+  if (ec) throw InputError("cannot list " + escape_invalid_utf8(root.string()) + ": " + ec.message());
   std::sort(names.begin(), names.end());
   for (const auto& n : names)
-    if (!is_valid_utf8(n)) spdlog::warn("class folder name {} is not valid UTF-8; it is kept byte for byte", n);
+    if (!is_valid_utf8(n))
+      throw InputError("class folder name \"" + escape_invalid_utf8(n) + "\" in " + escape_invalid_utf8(root.string()) +
+                       " is not valid UTF-8 (an old encoding such as CP949 or Latin-1?); rename it, e.g. with "
+                       "convmv -f cp949 -t utf-8 --notest");
   return names;
 }
 

@@ -14,6 +14,8 @@ namespace loratune {
 namespace {
 
 constexpr double kAutoCacheBytes = 2.0 * 1024 * 1024 * 1024;
+constexpr int kMaxWorkersPerCore = 4;
+constexpr int kMaxWorkers = 256;
 
 }  // namespace
 
@@ -27,8 +29,20 @@ ImageBatchSource::ImageBatchSource(ImageFolder folder, Preprocess preprocess, Lo
     for (size_t i = 0; i < folder_.samples.size(); ++i) cache_once_.push_back(std::make_unique<std::once_flag>());
   }
   cv::setNumThreads(1);  // parallelism comes from the workers
-  const int n = options_.workers > 0 ? options_.workers : std::max(1u, std::thread::hardware_concurrency());
-  for (int i = 0; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+  // More decoders than a few per core only cost memory (each holds a decoded photo).
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int asked = options_.workers > 0 ? options_.workers : cores;
+  const int n = std::min(asked, std::min(kMaxWorkersPerCore * cores, kMaxWorkers));
+  if (n < asked) spdlog::warn("{} decoding workers asked for; using {} ({} CPU cores)", asked, n, cores);
+  try {
+    for (int i = 0; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (const std::system_error& e) {
+    if (workers_.empty()) {
+      stop_workers();
+      throw RuntimeFailure(std::string("cannot start a decoding thread (") + e.what() + "); the process limit is too low");
+    }
+    spdlog::warn("started {} of {} decoding workers ({}); going on with those", workers_.size(), n, e.what());
+  }
 }
 
 ImageBatchSource::~ImageBatchSource() {
@@ -128,12 +142,12 @@ Batch ImageBatchSource::build_batch(int64_t epoch, int64_t batch_index) {
     std::string error;
     if (cache_enabled_) {
       std::call_once(*cache_once_[idx], [&] {
-        if (auto decoded = decode_image(sample.path, error))
+        if (auto decoded = decode_image(sample.path, error, options_.max_image_pixels))
           cache_[idx] = new cv::Mat(resize_short_side(*decoded, preprocess_.resize_size, preprocess_.interpolation).clone());
       });
       if (cache_[idx]) rgb = *cache_[idx];
       else if (error.empty()) error = "cannot decode";
-    } else if (auto decoded = decode_image(sample.path, error)) {
+    } else if (auto decoded = decode_image(sample.path, error, options_.max_image_pixels)) {
       rgb = *decoded;
     }
     if (rgb.empty()) {

@@ -1,8 +1,8 @@
 #include "loratune/adapter.h"
 
-#include <fstream>
-#include <regex>
+#include <cstring>
 
+#include "common/pattern_match.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
 #include "loratune/safetensors.h"
@@ -33,13 +33,58 @@ json settings_json(const LoraSettings& s) {
           {"rank_pattern", s.rank_pattern}, {"alpha_pattern", s.alpha_pattern}};
 }
 
-// PEFT's rule for rank_pattern / alpha_pattern keys: the key matches the end of the module name at a dot boundary.
-bool peft_pattern_matches(const std::string& key, const std::string& module) {
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error&) {
-    return false;
+constexpr size_t kMaxNameLength = 4096;   // bytes of a tensor key or module path
+constexpr size_t kMaxPatternKeys = 10000;  // rank_pattern / alpha_pattern entries
+
+// A tensor key "<module>.lora_A[.<q|k|v>].weight", split without regular expressions (keys are untrusted input).
+struct LoraKey {
+  std::string module, slice;
+  char which = 0;  // 'A' or 'B'; 0: not a LoRA key
+};
+
+LoraKey parse_lora_key(const std::string& name) {
+  LoraKey k;
+  const std::string weight = ".weight";
+  if (name.size() <= weight.size() || name.compare(name.size() - weight.size(), weight.size(), weight) != 0) return k;
+  std::string rest = name.substr(0, name.size() - weight.size());
+  std::string slice;
+  if (rest.size() > 2 && rest[rest.size() - 2] == '.' && std::strchr("qkv", rest.back()) != nullptr) {
+    slice = rest.substr(rest.size() - 1);
+    rest.resize(rest.size() - 2);
   }
+  const std::string marker = ".lora_";
+  if (rest.size() <= marker.size() + 1 || rest.compare(rest.size() - marker.size() - 1, marker.size(), marker) != 0) return k;
+  const char which = rest.back();
+  if (which != 'A' && which != 'B') return k;
+  k.module = rest.substr(0, rest.size() - marker.size() - 1);
+  k.slice = slice;
+  k.which = which;
+  return k;
+}
+
+// PEFT's rule for rank_pattern / alpha_pattern keys: the key, a regular expression, matches the end of the module
+// name at a dot boundary; the first key that matches wins.
+class PeftPatterns {
+ public:
+  PeftPatterns(const std::map<std::string, double>& keys, const std::string& origin) {
+    if (keys.size() > kMaxPatternKeys)
+      throw InputError(origin + ": more than " + std::to_string(kMaxPatternKeys) + " alpha_pattern keys");
+    for (const auto& [key, value] : keys)
+      patterns_.emplace_back(PatternMatcher("(.*\\.)?(" + key + ")", origin + ": alpha_pattern key"), value);
+  }
+  const double* find(const std::string& module) const {
+    for (const auto& [matcher, value] : patterns_)
+      if (matcher.full_match(module)) return &value;
+    return nullptr;
+  }
+
+ private:
+  std::vector<std::pair<PatternMatcher, double>> patterns_;
+};
+
+void check_finite(const at::Tensor& t, const std::string& origin, const std::string& key) {
+  if (t.is_floating_point() && t.numel() > 0 && !at::isfinite(t).all().item<bool>())
+    throw InputError(origin + ": tensor " + key + " holds NaN or infinite values; the adapter is damaged");
 }
 
 json peft_config(const Adapter& a) {
@@ -104,90 +149,134 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   const std::string weights = safetensors::serialize(tensors, metadata);
   const std::string config = peft_config(a).dump(2) + "\n";
   write_directory_atomic(dir, [&](const fs::path& tmp) {
-    for (const auto& [name, bytes] : {std::pair{kAdapterWeightsName, &weights}, std::pair{kAdapterConfigName, &config}}) {
-      std::ofstream out(tmp / name, std::ios::binary);
-      out.write(bytes->data(), static_cast<std::streamsize>(bytes->size()));
-      if (!out) throw RuntimeFailure("cannot write " + (tmp / name).string());
-    }
+    write_file_durable(tmp / kAdapterWeightsName, weights);
+    write_file_durable(tmp / kAdapterConfigName, config);
   });
 }
 
+namespace {
+
+// Settings from loratune's own metadata (the safetensors __metadata__ "loratune" entry).
+json read_loratune_metadata(Adapter& a, const std::string& text, const std::string& origin) {
+  try {
+    json meta = json::parse(text);
+    a.method = meta.at("method").get<std::string>();
+    const json& s = meta.at("lora");
+    a.lora.rank = s.at("rank");
+    a.lora.alpha = s.at("alpha");
+    a.lora.dropout = s.at("dropout");
+    a.lora.rslora = s.at("rslora");
+    a.lora.targets = s.at("targets").get<std::vector<std::string>>();
+    a.lora.rank_pattern = s.at("rank_pattern").get<std::map<std::string, int64_t>>();
+    a.lora.alpha_pattern = s.at("alpha_pattern").get<std::map<std::string, double>>();
+    a.classes = meta.at("classes").get<std::vector<std::string>>();
+    a.base_fingerprint = meta.at("base_fingerprint");
+    a.base_name = meta.at("base_name");
+    a.training = meta.at("training");
+    a.normalize_features = meta.value("normalize_features", false);
+    for (const auto& jt : meta.at("targets"))
+      if (!jt.at("module").is_string() || !jt.at("param").is_string() || !jt.at("slice").is_string() ||
+          !jt.at("alpha").is_number())
+        throw InputError(origin + ": loratune metadata is damaged (a target entry has fields of the wrong type); "
+                         "re-save the adapter");
+    if (a.method != "lora" && a.method != "full" && a.method != "linear_probe")
+      throw InputError(origin + ": unknown method \"" + a.method + "\" in its metadata");
+    return meta;
+  } catch (const json::exception& e) {
+    throw InputError(origin + ": loratune metadata is damaged (" + std::string(e.what()) + "); re-save the adapter");
+  }
+}
+
+// PEFT's adapter_config.json: the settings of an adapter written by PEFT.
+void read_peft_config(Adapter& a, const json& c, const std::string& where) {
+  try {
+    if (c.value("peft_type", "") != "LORA") throw InputError(where + ": peft_type is not LORA");
+    a.lora.rank = c.at("r");
+    a.lora.alpha = c.at("lora_alpha");
+    a.lora.dropout = c.value("lora_dropout", 0.0);
+    a.lora.rslora = c.value("use_rslora", false);
+    if (c.contains("rank_pattern") && c["rank_pattern"].is_object()) a.lora.rank_pattern = c["rank_pattern"];
+    if (c.contains("alpha_pattern") && c["alpha_pattern"].is_object()) a.lora.alpha_pattern = c["alpha_pattern"];
+    a.base_name = c.value("base_model_name_or_path", "");
+  } catch (const json::exception& e) {
+    throw InputError(where + ": not a PEFT LoRA config (" + std::string(e.what()) + ")");
+  }
+}
+
+json parse_config_file(const fs::path& path) {
+  try {
+    return json::parse(read_file(path));
+  } catch (const json::exception& e) {
+    throw InputError(path.string() + ": not valid JSON (" + std::string(e.what()) + ")");
+  }
+}
+
+}  // namespace
+
 Adapter load_adapter(const fs::path& path) {
   fs::path weights_path = path, config_path;
-  if (fs::is_directory(path)) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
     weights_path = path / kAdapterWeightsName;
     config_path = path / kAdapterConfigName;
-    if (!fs::exists(weights_path)) throw InputError(path.string() + " is not an adapter: it has no " + kAdapterWeightsName);
+    if (!fs::exists(weights_path, ec)) throw InputError(path.string() + " is not an adapter: it has no " + kAdapterWeightsName);
   } else {
-    if (!fs::exists(path)) throw InputError("adapter " + path.string() + " does not exist");
+    if (!fs::exists(path, ec)) throw InputError("adapter " + path.string() + " does not exist");
     config_path = path.parent_path() / kAdapterConfigName;
   }
   const auto contents = safetensors::read(weights_path);
   const std::string origin = path.string();
   Adapter a;
   json meta;
+  const bool has_config = !config_path.empty() && fs::exists(config_path, ec);
   auto it = contents.metadata.find("loratune");
   if (it != contents.metadata.end()) {
-    try {
-      meta = json::parse(it->second);
-      a.method = meta.at("method").get<std::string>();
-      const json& s = meta.at("lora");
-      a.lora.rank = s.at("rank");
-      a.lora.alpha = s.at("alpha");
-      a.lora.dropout = s.at("dropout");
-      a.lora.rslora = s.at("rslora");
-      a.lora.targets = s.at("targets").get<std::vector<std::string>>();
-      a.lora.rank_pattern = s.at("rank_pattern").get<std::map<std::string, int64_t>>();
-      a.lora.alpha_pattern = s.at("alpha_pattern").get<std::map<std::string, double>>();
-      a.classes = meta.at("classes").get<std::vector<std::string>>();
-      a.base_fingerprint = meta.at("base_fingerprint");
-      a.base_name = meta.at("base_name");
-      a.training = meta.at("training");
-      a.normalize_features = meta.value("normalize_features", false);
-    } catch (const json::exception& e) {
-      throw InputError(origin + ": loratune metadata is damaged (" + std::string(e.what()) + ")");
+    meta = read_loratune_metadata(a, it->second, origin);
+    if (has_config && fs::is_directory(path, ec)) {
+      // PEFT reads adapter_config.json: it must say what the metadata says, or PEFT would apply another scale.
+      Adapter peft;
+      read_peft_config(peft, parse_config_file(config_path), config_path.string());
+      if (peft.lora.rank != a.lora.rank || peft.lora.alpha != a.lora.alpha || peft.lora.rslora != a.lora.rslora)
+        throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() +
+                         " (r " + std::to_string(peft.lora.rank) + " vs " + std::to_string(a.lora.rank) +
+                         ", lora_alpha, use_rslora); the files were altered or mixed up: copy the adapter folder anew");
     }
   } else {
     // An adapter from PEFT: settings come from adapter_config.json.
-    if (config_path.empty() || !fs::exists(config_path))
+    if (!has_config)
       throw InputError(origin + " has no loratune metadata and no adapter_config.json beside it; cannot tell its "
                        "lora_alpha");
-    try {
-      const json c = json::parse(read_file(config_path));
-      if (c.value("peft_type", "") != "LORA") throw InputError(config_path.string() + ": peft_type is not LORA");
-      a.lora.rank = c.at("r");
-      a.lora.alpha = c.at("lora_alpha");
-      a.lora.dropout = c.value("lora_dropout", 0.0);
-      a.lora.rslora = c.value("use_rslora", false);
-      if (c.contains("rank_pattern") && c["rank_pattern"].is_object()) a.lora.rank_pattern = c["rank_pattern"];
-      if (c.contains("alpha_pattern") && c["alpha_pattern"].is_object()) a.lora.alpha_pattern = c["alpha_pattern"];
-      a.base_name = c.value("base_model_name_or_path", "");
-    } catch (const json::exception& e) {
-      throw InputError(config_path.string() + ": not a PEFT LoRA config (" + std::string(e.what()) + ")");
-    }
+    read_peft_config(a, parse_config_file(config_path), config_path.string());
   }
+  if (a.lora.rank <= 0 || !(a.lora.alpha > 0) || !(a.lora.dropout >= 0 && a.lora.dropout < 1))
+    throw InputError(origin + ": settings out of range (rank " + std::to_string(a.lora.rank) + ", alpha " +
+                     std::to_string(a.lora.alpha) + ", dropout " + std::to_string(a.lora.dropout) + ")");
+  const PeftPatterns alpha_patterns(a.lora.alpha_pattern, origin);
 
   // Tensors: adapters by key, the head, full weights.
-  static const std::regex lora_key(R"((.*)\.lora_([AB])(?:\.([qkv]))?\.weight)");
   std::map<std::string, LoraTarget> found;  // by "<module>|<param>|<slice>"
   const std::string head_prefix = std::string(kKeyPrefix) + kHeadModule + ".";
   for (const auto& [key, tensor] : contents.tensors) {
+    if (key.size() > kMaxNameLength)
+      throw InputError(origin + ": a tensor name is " + std::to_string(key.size()) + " bytes long (limit " +
+                       std::to_string(kMaxNameLength) + "); not an adapter file");
+    check_finite(tensor, origin, key);
     std::string name = key;
     if (name.compare(0, std::strlen(kKeyPrefix), kKeyPrefix) == 0) name = name.substr(std::strlen(kKeyPrefix));
-    std::smatch m;
-    if (std::regex_match(name, m, lora_key)) {
-      std::string module = m[1], param = "weight";
+    const LoraKey k = parse_lora_key(name);
+    if (k.which != 0) {
+      std::string module = k.module, param = "weight";
       const size_t dot = module.rfind('.');
       const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
       if (last.size() > 7 && last.compare(last.size() - 7, 7, "_weight") == 0)
         param = last, module = dot == std::string::npos ? "" : module.substr(0, dot);
-      LoraTarget& t = found[module + "|" + param + "|" + m[3].str()];
+      LoraTarget& t = found[module + "|" + param + "|" + k.slice];
       t.module = module;
       t.param = param;
-      t.slice = m[3];
+      t.slice = k.slice;
       if (tensor.dim() != 2 || !tensor.is_floating_point())
         throw InputError(origin + ": tensor " + key + " is not a 2-D floating point matrix");
-      (m[2] == "A" ? t.A : t.B) = tensor.to(at::kFloat);
+      (k.which == 'A' ? t.A : t.B) = tensor.to(at::kFloat);
     } else if (key == head_prefix + "weight") {
       a.head_weight = tensor.to(at::kFloat);
     } else if (key == head_prefix + "bias") {
@@ -202,33 +291,36 @@ Adapter load_adapter(const fs::path& path) {
     if (t.A.size(0) != t.B.size(1))
       throw InputError(origin + ": adapter " + t.module + " has lora_A rank " + std::to_string(t.A.size(0)) +
                        " but lora_B rank " + std::to_string(t.B.size(1)));
+    if (t.A.size(0) == 0 || t.A.size(1) == 0 || t.B.size(0) == 0)
+      throw InputError(origin + ": adapter " + t.module + " has an empty lora_A or lora_B (rank 0); the file is damaged");
     t.rank = t.A.size(0);
     t.in_features = t.A.size(1);
     t.rows = t.B.size(0);
     t.rslora = a.lora.rslora;
-    t.alpha = a.lora.alpha;
-    for (const auto& [k, v] : a.lora.alpha_pattern)
-      if (peft_pattern_matches(k, t.module)) t.alpha = v;
+    const double* alpha = alpha_patterns.find(t.module);
+    t.alpha = alpha ? *alpha : a.lora.alpha;
     a.targets.push_back(std::move(t));
   }
   if (!meta.is_null()) {
     // Exact ranks and alphas as recorded, slice by slice.
     for (const auto& jt : meta.at("targets")) {
+      const std::string module = jt.at("module").get<std::string>();
       auto match = std::find_if(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) {
-        return t.module == jt.at("module").get<std::string>() && t.param == jt.at("param").get<std::string>() &&
+        return t.module == module && t.param == jt.at("param").get<std::string>() &&
                t.slice == jt.at("slice").get<std::string>();
       });
-      if (match == a.targets.end())
-        throw InputError(origin + ": adapter " + jt.at("module").get<std::string>() + " is listed but has no tensors");
-      match->alpha = jt.at("alpha");
+      if (match == a.targets.end()) throw InputError(origin + ": adapter " + module + " is listed but has no tensors");
+      match->alpha = jt.at("alpha").get<double>();
+      if (!(match->alpha > 0)) throw InputError(origin + ": adapter " + module + " has alpha <= 0");
     }
     if (a.targets.size() != meta.at("targets").size())
       throw InputError(origin + ": the file holds adapter tensors its metadata does not list");
   }
   if (a.head_weight.defined() != a.head_bias.defined())
     throw InputError(origin + ": classifier head is incomplete (weight and bias must both be present)");
-  if (a.head_weight.defined() && a.head_weight.dim() != 2)
-    throw InputError(origin + ": classifier weight must be 2-D");
+  if (a.head_weight.defined() && (a.head_weight.dim() != 2 || a.head_bias.dim() != 1 ||
+                                  a.head_bias.size(0) != a.head_weight.size(0)))
+    throw InputError(origin + ": classifier weight must be [classes, features] and its bias [classes]");
   if (a.head_weight.defined() && !a.classes.empty() && static_cast<int64_t>(a.classes.size()) != a.head_weight.size(0))
     throw InputError(origin + ": " + std::to_string(a.classes.size()) + " class names for a head of " +
                      std::to_string(a.head_weight.size(0)) + " outputs");

@@ -31,6 +31,24 @@ def forward(self, images: Tensor) -> Tensor:
   return classifier;
 }
 
+// The merged file must not replace what it is made from.
+void refuse_overwriting_inputs(const fs::path& base, const fs::path& adapter, const fs::path& output) {
+  std::error_code ec;
+  if (!fs::exists(output, ec)) return;
+  if (fs::is_directory(output, ec))
+    throw InputError("--output " + output.string() + " is a folder; give a file name for the merged model");
+  if (fs::equivalent(output, base, ec))
+    throw InputError("--output " + output.string() + " is the base model itself; write the merged model to another "
+                     "file (the base is what other adapters apply to)");
+  std::vector<fs::path> adapter_files = {adapter};
+  if (fs::is_directory(adapter, ec))
+    for (fs::directory_iterator it(adapter, ec), end; !ec && it != end; it.increment(ec)) adapter_files.push_back(it->path());
+  for (const auto& f : adapter_files)
+    if (fs::equivalent(output, f, ec))
+      throw InputError("--output " + output.string() + " is part of the adapter " + adapter.string() +
+                       "; write the merged model to another file");
+}
+
 }  // namespace
 
 MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_path, const fs::path& output,
@@ -40,6 +58,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     got << options.strength;
     throw InputError("merge strength must be between 0 and 1 (got " + got.str() + ")");
   }
+  refuse_overwriting_inputs(base_path, adapter_path, output);
   const Adapter adapter = load_adapter(adapter_path);
   const std::string origin = adapter_path.string();
   if (!options.features_only && !adapter.head_weight.defined())
@@ -69,48 +88,55 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     }
   }
 
-  BundleInfo info = fresh.info;
-  info.name = (info.name.empty() ? base_path.filename().string() : info.name) + " + " + adapter_path.filename().string();
-  if (options.features_only) {
-    save_bundle(fresh.module, info, output);
-  } else {
-    info.kind = "classifier";
-    info.classes = adapter.classes;
-    info.blocks = info.blocks.empty() ? "" : "backbone." + info.blocks;
-    info.module_prefix = "backbone." + info.module_prefix;
-    auto classifier = make_classifier(fresh.module, adapter.head_weight, adapter.head_bias, adapter.normalize_features);
-    save_bundle(classifier, info, output);
-  }
-  report.output = output.string();
-
-  // Check: the file as written against the unmerged model, on a seeded probe batch.
+  // The check: the file as written against the unmerged model on a seeded probe batch, before it replaces `output`.
   Model adapted(load_bundle(base_path));
   apply_adapter(adapted, adapter, origin);
   if (!adapter.head_weight.defined() || options.features_only) adapted.init_head(1);
   const int64_t s = fresh.info.image_size;
   at::Generator gen = at::detail::createCPUGenerator(options.probe_seed);
   const at::Tensor probe = at::randn({options.probe_batch, 3, s, s}, gen);
-  at::NoGradGuard no_grad;
   at::Tensor expected;
-  if (options.strength == 1.0) {
-    expected = options.features_only ? adapted.features(probe) : adapted.logits(probe);
-  } else {
-    // Interpolated weights have no unmerged counterpart: compare against merged weights applied in memory instead.
-    for (auto& t : adapted.adapters()) t.B.mul_(options.strength);
-    if (!adapter.full_weights.empty()) {
-      Bundle base = load_bundle(base_path);
-      auto module = adapted.module();
-      auto base_params = base.module.named_parameters();
-      std::map<std::string, at::Tensor> originals;
-      for (const auto& p : base_params) originals[p.name] = p.value;
-      for (const auto& p : module.named_parameters()) p.value.copy_(originals[p.name] + (p.value - originals[p.name]) * options.strength);
+  {
+    at::NoGradGuard no_grad;
+    if (options.strength != 1.0) {
+      // Interpolated weights have no unmerged counterpart: compare against merged weights applied in memory instead.
+      for (auto& t : adapted.adapters()) t.B.mul_(options.strength);
+      if (!adapter.full_weights.empty()) {
+        Bundle base = load_bundle(base_path);
+        auto module = adapted.module();
+        std::map<std::string, at::Tensor> originals;
+        for (const auto& p : base.module.named_parameters()) originals[p.name] = p.value;
+        for (const auto& p : module.named_parameters())
+          p.value.copy_(originals[p.name] + (p.value - originals[p.name]) * options.strength);
+      }
     }
     expected = options.features_only ? adapted.features(probe) : adapted.logits(probe);
   }
-  auto merged = torch::jit::load(output.string());
-  merged.eval();
-  const at::Tensor got = merged.forward({probe}).toTensor();
-  report.max_abs_diff = (got - expected).abs().max().item<double>();
+  auto check = [&](const fs::path& written) {
+    at::NoGradGuard no_grad;
+    auto merged = torch::jit::load(written.string());
+    merged.eval();
+    const at::Tensor got = merged.forward({probe}).toTensor();
+    report.max_abs_diff = (got - expected).abs().max().item<double>();
+    if (!(report.max_abs_diff < kMergeTolerance))
+      throw RuntimeFailure("the merged model differs from the adapted one by " + std::to_string(report.max_abs_diff) +
+                           " on a probe batch (limit " + std::to_string(kMergeTolerance) + "); " + output.string() +
+                           " was not written");
+  };
+
+  BundleInfo info = fresh.info;
+  info.name = (info.name.empty() ? base_path.filename().string() : info.name) + " + " + adapter_path.filename().string();
+  if (options.features_only) {
+    save_bundle(fresh.module, info, output, check);
+  } else {
+    info.kind = "classifier";
+    info.classes = adapter.classes;
+    info.blocks = info.blocks.empty() ? "" : "backbone." + info.blocks;
+    info.module_prefix = "backbone." + info.module_prefix;
+    auto classifier = make_classifier(fresh.module, adapter.head_weight, adapter.head_bias, adapter.normalize_features);
+    save_bundle(classifier, info, output, check);
+  }
+  report.output = output.string();
   return report;
 }
 

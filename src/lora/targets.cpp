@@ -1,6 +1,7 @@
 #include <cmath>
-#include <regex>
+#include <memory>
 
+#include "common/pattern_match.h"
 #include "loratune/errors.h"
 #include "loratune/lora.h"
 #include "loratune/text.h"
@@ -11,11 +12,11 @@ namespace {
 struct Pattern {
   std::string text;  // as written
   std::string name;  // suffix or regex
-  bool regex = false;
+  std::shared_ptr<const PatternMatcher> regex;  // "re:" patterns
   std::vector<std::string> slices;
 
   bool matches(const std::string& path) const {
-    if (regex) return std::regex_match(path, std::regex(name));
+    if (regex) return regex->full_match(path);
     return path == name || (path.size() > name.size() && path.compare(path.size() - name.size(), name.size(), name) == 0 &&
                             path[path.size() - name.size() - 1] == '.');
   }
@@ -42,13 +43,8 @@ Pattern parse_pattern(const std::string& text) {
     if (all_slices) body = text.substr(0, colon), p.slices = slices;
   }
   if (body.compare(0, 3, "re:") == 0) {
-    p.regex = true;
     p.name = body.substr(3);
-    try {
-      std::regex check(p.name);
-    } catch (const std::regex_error& e) {
-      throw InputError("LoRA target \"" + text + "\": invalid regular expression (" + e.what() + ")");
-    }
+    p.regex = std::make_shared<const PatternMatcher>(p.name, "LoRA target \"" + text.substr(0, 80) + "\"");
   } else {
     p.name = body;
   }

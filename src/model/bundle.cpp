@@ -177,9 +177,17 @@ Bundle load_bundle(const fs::path& path) {
   return b;
 }
 
-void save_bundle(torch::jit::Module& module, const BundleInfo& info, const fs::path& path) {
-  torch::jit::ExtraFilesMap extra{{kBundleMetadataName, info.to_json().dump(2)}};
-  write_atomic_with(path, [&](const fs::path& tmp) { module.save(tmp.string(), extra); });
+void save_bundle(torch::jit::Module& module, const BundleInfo& info, const fs::path& path,
+                 const std::function<void(const fs::path&)>& check) {
+  torch::jit::ExtraFilesMap extra{{kBundleMetadataName, info.to_json().dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}};
+  write_atomic_with(path, [&](const fs::path& tmp) {
+    try {
+      module.save(tmp.string(), extra);
+    } catch (const c10::Error& e) {
+      throw RuntimeFailure("cannot write " + path.string() + " (disk full or no permission?): " + e.what_without_backtrace());
+    }
+    if (check) check(tmp);
+  });
 }
 
 }  // namespace loratune

@@ -36,6 +36,8 @@ const std::vector<Key>& schema() {
        "keep the output of the frozen prefix (stem and blocks without adapters; whole backbone for linear_probe) per "
        "image and reuse it in later epochs; valid only without augmentation: auto (on when augmentation is off and a "
        "block or more is frozen) | memory | off"},
+      {"data.max_image_pixels", Kind::kInt, 100000000, false,
+       "skip (and list) images with more pixels than this, before decoding them; 0: no limit"},
       {"data.augment.enabled", Kind::kBool, true, false, "training augmentation on/off"},
       {"data.augment.scale", Kind::kNumberPair, json::array({0.35, 1.0}), false, "random resized crop: area fraction range"},
       {"data.augment.ratio", Kind::kNumberPair, json::array({0.75, 4.0 / 3.0}), false, "random resized crop: aspect ratio range"},
@@ -178,6 +180,7 @@ TrainConfig to_struct(const json& j) {
   c.data.prefetch_batches = at("data.prefetch_batches");
   c.data.cache = at("data.cache");
   c.data.prefix_cache = at("data.prefix_cache");
+  c.data.max_image_pixels = at("data.max_image_pixels");
   c.data.augment.enabled = at("data.augment.enabled");
   c.data.augment.scale_min = at("data.augment.scale")[0];
   c.data.augment.scale_max = at("data.augment.scale")[1];

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <limits>
 
 #include "common/torch_compat.h"
 #include "loratune/adapter.h"
@@ -121,8 +122,9 @@ void Trainer::save_adapter_to(const std::string& name) {
 
 void Trainer::append_metrics(const json& line, Progress& p) {
   std::ofstream out(dir_ / kMetrics, std::ios::app);
-  out << line.dump() << "\n";
-  if (!out) throw RuntimeFailure("cannot write " + (dir_ / kMetrics).string());
+  out << line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  out.flush();
+  if (!out) throw RuntimeFailure("cannot write " + (dir_ / kMetrics).string() + " (disk full?)");
   ++p.metrics_lines;
 }
 
@@ -246,6 +248,7 @@ TrainSummary Trainer::run(bool resume) {
   g_stop_requested = false;
   const auto start = std::chrono::steady_clock::now();
   fs::create_directories(dir_);
+  remove_stale_temporaries(dir_);
   const bool have_checkpoint = fs::exists(dir_ / kCheckpoint);
   if (resume && !have_checkpoint)
     throw InputError("nothing to resume: " + (dir_ / kCheckpoint).string() + " does not exist; run without --resume");
@@ -261,8 +264,11 @@ TrainSummary Trainer::run(bool resume) {
   auto images_before_step = [&](int64_t step_in_epoch) {
     return std::min(step_in_epoch * accum * config_.batch_size, images_per_epoch);
   };
+  if (config_.max_steps <= 0 && config_.epochs > std::numeric_limits<int64_t>::max() / steps_per_epoch)
+    throw InputError("epochs " + std::to_string(config_.epochs) + " x " + std::to_string(steps_per_epoch) +
+                     " steps per epoch is more steps than can be counted; lower epochs");
   const int64_t total_steps = config_.max_steps > 0 ? config_.max_steps : config_.epochs * steps_per_epoch;
-  const int64_t total_epochs = (total_steps + steps_per_epoch - 1) / steps_per_epoch;
+  const int64_t total_epochs = total_steps / steps_per_epoch + (total_steps % steps_per_epoch != 0);
   const auto warmup = static_cast<int64_t>(std::llround(config_.warmup_fraction * static_cast<double>(total_steps)));
 
   Progress p;
@@ -288,99 +294,103 @@ TrainSummary Trainer::run(bool resume) {
   double train_seconds = 0;
   int64_t train_images = 0;
 
-  while (p.step < total_steps) {
+  // By epoch, not by step: a run stopped after the last step of an epoch resumes with that epoch's validation and
+  // adapter saves.
+  while (p.epoch < total_epochs) {
     const int64_t steps_this_epoch = std::min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch);
-    if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
-      train_.set_images_needed(false);
-    train_.start_epoch(p.epoch, p.step_in_epoch * accum);
-    model_.set_training(true);
-    ProgressBar bar("epoch " + std::to_string(p.epoch + 1) + "/" + std::to_string(total_epochs),
-                    images_before_step(steps_this_epoch), "img");
-    bar.restart_rate(images_before_step(p.step_in_epoch));
-    double window_loss = 0;
-    int64_t window_steps = 0;
-    auto window_start = std::chrono::steady_clock::now();
-    int64_t window_images = 0;
+    if (p.step_in_epoch < steps_this_epoch) {  // else stopped after its last step: only the epoch's end remains
+      if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
+        train_.set_images_needed(false);
+      train_.start_epoch(p.epoch, p.step_in_epoch * accum);
+      model_.set_training(true);
+      ProgressBar bar("epoch " + std::to_string(p.epoch + 1) + "/" + std::to_string(total_epochs),
+                      images_before_step(steps_this_epoch), "img");
+      bar.restart_rate(images_before_step(p.step_in_epoch));
+      double window_loss = 0;
+      int64_t window_steps = 0;
+      auto window_start = std::chrono::steady_clock::now();
+      int64_t window_images = 0;
 
-    while (p.step_in_epoch < steps_this_epoch) {
-      const auto step_start = std::chrono::steady_clock::now();
-      double step_loss = 0;
-      const int64_t micro_batches = std::min(accum, batches_per_epoch - p.step_in_epoch * accum);
-      const int64_t step_images = images_before_step(p.step_in_epoch + 1) - images_before_step(p.step_in_epoch);
-      for (int64_t k = 0; k < micro_batches; ++k) {
-        auto batch = train_.next();
-        if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
-        if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
-        const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
-        const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
-        const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100,
-                                                       config_.label_smoothing);
-        // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
-        const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
-        scaler_->scale_loss(loss / share).backward();
-        step_loss += loss.item<double>() / share;
-        window_images += static_cast<int64_t>(batch->indices.size());
-      }
-      std::vector<at::Tensor> grads;
-      for (const auto& t : trainable_)
-        if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
-      const bool finite = scaler_->unscale(grads) && std::isfinite(step_loss);
-      double grad_norm = std::nan("");
-      const double lr = scheduled_lr(p.step, total_steps, warmup, config_.lr, config_.min_lr_ratio);
-      if (finite) {
-        grad_norm = clip_grad_norm(trainable_, config_.grad_clip);
-        optimizer_->step(lr);
-        p.nonfinite_streak = 0;
-      } else {
-        ++p.nonfinite_streak;
-      }
-      scaler_->update(!finite);
-      optimizer_->zero_grad();
-      ++p.step;
-      ++p.step_in_epoch;
-      train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
-      train_images += step_images;
-      window_loss += finite ? step_loss : 0;
-      window_steps += finite;
-      summary.final_train_loss = finite ? step_loss : summary.final_train_loss;
+      while (p.step_in_epoch < steps_this_epoch) {
+        const auto step_start = std::chrono::steady_clock::now();
+        double step_loss = 0;
+        const int64_t micro_batches = std::min(accum, batches_per_epoch - p.step_in_epoch * accum);
+        const int64_t step_images = images_before_step(p.step_in_epoch + 1) - images_before_step(p.step_in_epoch);
+        for (int64_t k = 0; k < micro_batches; ++k) {
+          auto batch = train_.next();
+          if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
+          if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
+          const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
+          const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
+          const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100,
+                                                         config_.label_smoothing);
+          // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
+          const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
+          scaler_->scale_loss(loss / share).backward();
+          step_loss += loss.item<double>() / share;
+          window_images += static_cast<int64_t>(batch->indices.size());
+        }
+        std::vector<at::Tensor> grads;
+        for (const auto& t : trainable_)
+          if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
+        const bool finite = scaler_->unscale(grads) && std::isfinite(step_loss);
+        double grad_norm = std::nan("");
+        const double lr = scheduled_lr(p.step, total_steps, warmup, config_.lr, config_.min_lr_ratio);
+        if (finite) {
+          grad_norm = clip_grad_norm(trainable_, config_.grad_clip);
+          optimizer_->step(lr);
+          p.nonfinite_streak = 0;
+        } else {
+          ++p.nonfinite_streak;
+        }
+        scaler_->update(!finite);
+        optimizer_->zero_grad();
+        ++p.step;
+        ++p.step_in_epoch;
+        train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+        train_images += step_images;
+        window_loss += finite ? step_loss : 0;
+        window_steps += finite;
+        summary.final_train_loss = finite ? step_loss : summary.final_train_loss;
 
-      if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)
-        throw RuntimeFailure("fp16 overflow: " + std::to_string(p.nonfinite_streak) + " steps in a row had inf/NaN "
-                             "gradients (loss scale now " + std::to_string(scaler_->scale()) + "); use precision bf16 "
-                             "or fp32, or lower optim.lr");
-      if (precision_ != Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteSteps)
-        throw RuntimeFailure("the loss was NaN/inf for " + std::to_string(p.nonfinite_streak) + " steps in a row (at step " +
-                             std::to_string(p.step) + "): the learning rate " + std::to_string(config_.lr) +
-                             " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
+        if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)
+          throw RuntimeFailure("fp16 overflow: " + std::to_string(p.nonfinite_streak) + " steps in a row had inf/NaN "
+                               "gradients (loss scale now " + std::to_string(scaler_->scale()) + "); use precision bf16 "
+                               "or fp32, or lower optim.lr");
+        if (precision_ != Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteSteps)
+          throw RuntimeFailure("the loss was NaN/inf for " + std::to_string(p.nonfinite_streak) + " steps in a row (at step " +
+                               std::to_string(p.step) + "): the learning rate " + std::to_string(config_.lr) +
+                               " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
 
-      if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {
-        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
-        json line = {{"type", "train"},
-                     {"step", p.step},
-                     {"epoch", p.epoch + 1},
-                     {"loss", window_steps ? window_loss / window_steps : std::nan("")},
-                     {"lr", lr},
-                     {"grad_norm", grad_norm},
-                     {"images_per_second", dt > 0 ? window_images / dt : 0.0},
-                     {"memory_bytes", peak_memory(device_)}};
-        if (scaler_->enabled()) line["loss_scale"] = scaler_->scale();
-        append_metrics(line, p);
-        window_loss = 0, window_steps = 0, window_images = 0;
-        window_start = std::chrono::steady_clock::now();
-      }
-      char status[96];
-      std::snprintf(status, sizeof status, "step %lld loss %.4f lr %.2e ", static_cast<long long>(p.step), step_loss, lr);
-      bar.update(images_before_step(p.step_in_epoch), status + memory_status(device_));
+        if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {
+          const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
+          json line = {{"type", "train"},
+                       {"step", p.step},
+                       {"epoch", p.epoch + 1},
+                       {"loss", window_steps ? window_loss / window_steps : std::nan("")},
+                       {"lr", lr},
+                       {"grad_norm", grad_norm},
+                       {"images_per_second", dt > 0 ? window_images / dt : 0.0},
+                       {"memory_bytes", peak_memory(device_)}};
+          if (scaler_->enabled()) line["loss_scale"] = scaler_->scale();
+          append_metrics(line, p);
+          window_loss = 0, window_steps = 0, window_images = 0;
+          window_start = std::chrono::steady_clock::now();
+        }
+        char status[96];
+        std::snprintf(status, sizeof status, "step %lld loss %.4f lr %.2e ", static_cast<long long>(p.step), step_loss, lr);
+        bar.update(images_before_step(p.step_in_epoch), status + memory_status(device_));
 
-      const bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step));
-      if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
-      if (stop) {
-        bar.finish();
-        throw Interrupted("stopped after step " + std::to_string(p.step) + " of " + std::to_string(total_steps) +
-                          "; checkpoint saved in " + (dir_ / kCheckpoint).string());
+        const bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step));
+        if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
+        if (stop) {
+          bar.finish();
+          throw Interrupted("stopped after step " + std::to_string(p.step) + " of " + std::to_string(total_steps) +
+                            "; checkpoint saved in " + (dir_ / kCheckpoint).string());
+        }
       }
+      bar.finish();
     }
-    bar.finish();
 
     ++p.epoch;
     p.step_in_epoch = 0;

@@ -1,6 +1,7 @@
 // The training loop on in-memory batches (no OpenCV): accumulation, checkpointing, resume, scaler, NaN handling.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 
 #include "loratune/adapter.h"
@@ -118,6 +119,47 @@ TEST(Training, InterruptedAndResumedEqualsUninterruptedByteForByte) {
   int lines = 0;
   for (std::string line; std::getline(in, line);) ++lines;
   EXPECT_EQ(lines, 9 + 3);
+}
+
+TEST(Training, StoppedAfterAnyStepResumesToTheSameFilesIncludingTheLastStep) {
+  // 11 images, micro-batches of 2 (the sixth holds one image), 2 per step: 3 steps an epoch, the last one partial.
+  ToyData data(11, 5), val(4, 6);
+  const json settings = {{"batch_size", 2}, {"grad_accum_steps", 2}, {"epochs", 2}, {"lora", {{"dropout", 0.1}}}};
+  auto run = [&](const std::filesystem::path& dir, bool resume, TrainerHooks hooks) {
+    const TrainConfig c = make_config(dir, settings);
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, true, false, c.seed);
+    TensorBatchSource validation(val.images, val.labels, 4, false, false, 0);
+    return Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32, hooks).run(resume);
+  };
+  const auto straight = test::temp_dir("every_straight");
+  const TrainSummary full = run(straight, false, {});
+  ASSERT_EQ(full.steps, 6);
+  EXPECT_EQ(full.images_seen, 22);
+  for (int64_t stop = 1; stop <= 6; ++stop) {
+    SCOPED_TRACE("stopped after step " + std::to_string(stop));
+    const auto dir = test::temp_dir("every_" + std::to_string(stop));
+    EXPECT_THROW(run(dir, false, {[stop](int64_t step) { return step == stop; }}), Interrupted);
+    const TrainSummary resumed = run(dir, true, {});
+    EXPECT_EQ(resumed.steps, 6);
+    EXPECT_EQ(resumed.best_epoch, full.best_epoch);
+    for (const char* name : {Trainer::kLastAdapter, Trainer::kBestAdapter})
+      EXPECT_EQ(bytes_of(straight / name / kAdapterWeightsName), bytes_of(dir / name / kAdapterWeightsName)) << name;
+    auto lines = [](const std::filesystem::path& file) {
+      const std::string text = bytes_of(file);
+      return std::count(text.begin(), text.end(), '\n');
+    };
+    EXPECT_EQ(lines(straight / Trainer::kMetrics), lines(dir / Trainer::kMetrics));
+  }
+}
+
+TEST(Training, EpochCountsThatOverflowAreRefused) {
+  ToyData data(8, 3);
+  const TrainConfig c = make_config(test::temp_dir("overflow"), {{"batch_size", 2}, {"epochs", int64_t{1} << 62}});
+  auto model = make_model(c, 3);
+  TensorBatchSource train(data.images, data.labels, c.batch_size, true, false, c.seed);
+  EXPECT_THROW_WITH(Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false),
+                    InputError, "more steps than can be counted");
 }
 
 TEST(Training, ResumeRefusesAChangedConfiguration) {
