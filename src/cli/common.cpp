@@ -28,6 +28,15 @@ int guarded(const std::function<int()>& body) {
   } catch (const RuntimeFailure& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return exit_code::kRuntime;
+  } catch (const std::filesystem::filesystem_error& e) {
+    // A path that cannot be used is bad input; a full disk or an I/O error is a failure of the work.
+    const auto code = e.code();
+    const bool input = code == std::errc::no_such_file_or_directory || code == std::errc::too_many_symbolic_link_levels ||
+                       code == std::errc::not_a_directory || code == std::errc::is_a_directory ||
+                       code == std::errc::permission_denied || code == std::errc::filename_too_long ||
+                       code == std::errc::file_exists || code == std::errc::invalid_argument;
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return input ? exit_code::kInput : exit_code::kRuntime;
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "error: LibTorch: %s\n", e.what_without_backtrace());
     return exit_code::kRuntime;

@@ -14,7 +14,7 @@ using Clock = std::chrono::steady_clock;
 ProgressBar::ProgressBar(std::string label, int64_t total, std::string unit)
     : label_(std::move(label)), unit_(std::move(unit)), total_(std::max<int64_t>(total, 0)),
       tty_(::isatty(STDERR_FILENO) == 1), start_(Clock::now()), rate_base_time_(start_),
-      last_draw_(Clock::time_point::min()) {}
+      last_draw_(start_ - std::chrono::hours(1)) {}  // time_point::min() would overflow in `now - last_draw_`
 
 ProgressBar::~ProgressBar() {
   if (!finished_ && tty_ && done_ > 0) std::fputc('\n', stderr);

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "loratune/errors.h"
@@ -65,8 +66,9 @@ cv::Mat train_transform(const cv::Mat& rgb, const Preprocess& p, const AugmentCo
   for (int attempt = 0; attempt < 10 && !found; ++attempt) {  // as torchvision's RandomResizedCrop
     const double target = area * rng.uniform(augment.scale_min, augment.scale_max);
     const double ratio = std::exp(rng.uniform(std::log(augment.ratio_min), std::log(augment.ratio_max)));
-    const int w = static_cast<int>(std::lround(std::sqrt(target * ratio)));
-    const int h = static_cast<int>(std::lround(std::sqrt(target / ratio)));
+    const double wd = std::sqrt(target * ratio), hd = std::sqrt(target / ratio);
+    if (!(wd < rgb.cols + 1.0 && hd < rgb.rows + 1.0)) continue;  // also NaN/inf from extreme ratios
+    const int w = static_cast<int>(std::lround(wd)), h = static_cast<int>(std::lround(hd));
     if (w > 0 && h > 0 && w <= rgb.cols && h <= rgb.rows) {
       crop = cv::Rect(static_cast<int>(rng.below(rgb.cols - w + 1)), static_cast<int>(rng.below(rgb.rows - h + 1)), w, h);
       found = true;
@@ -74,9 +76,11 @@ cv::Mat train_transform(const cv::Mat& rgb, const Preprocess& p, const AugmentCo
   }
   if (!found) {  // fall back to a center crop within the ratio bounds
     const double in_ratio = static_cast<double>(rgb.cols) / rgb.rows;
-    int w = rgb.cols, h = rgb.rows;
-    if (in_ratio < augment.ratio_min) h = static_cast<int>(std::lround(w / augment.ratio_min));
-    else if (in_ratio > augment.ratio_max) w = static_cast<int>(std::lround(h * augment.ratio_max));
+    double wd = rgb.cols, hd = rgb.rows;
+    if (in_ratio < augment.ratio_min) hd = wd / augment.ratio_min;
+    else if (in_ratio > augment.ratio_max) wd = hd * augment.ratio_max;
+    const int w = static_cast<int>(std::lround(std::clamp(wd, 1.0, static_cast<double>(rgb.cols))));
+    const int h = static_cast<int>(std::lround(std::clamp(hd, 1.0, static_cast<double>(rgb.rows))));
     crop = cv::Rect((rgb.cols - w) / 2, (rgb.rows - h) / 2, w, h);
   }
   cv::Mat out = resize_to(rgb(crop), size, size, p.interpolation);

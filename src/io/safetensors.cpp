@@ -15,6 +15,11 @@ namespace {
 
 using nlohmann::json;
 
+constexpr int kMaxHeaderDepth = 3;
+constexpr size_t kMaxTensors = 100000;
+constexpr size_t kMaxNameBytes = 4096;
+constexpr size_t kMaxDims = 16;
+
 struct DtypeName {
   const char* name;
   at::ScalarType type;
@@ -59,6 +64,7 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
   if (!value.contains("data_offsets") || !value["data_offsets"].is_array() || value["data_offsets"].size() != 2)
     throw InputError(where + ": data_offsets must be [begin, end]");
   Entry e{name, dtype_from_name(value["dtype"].get<std::string>(), where), {}, 0, 0};
+  if (value["shape"].size() > kMaxDims) throw InputError(where + ": more than " + std::to_string(kMaxDims) + " dimensions");
   uint64_t numel = 1;
   for (const auto& d : value["shape"]) {
     if (!d.is_number_unsigned()) throw InputError(where + ": shape must hold non-negative integers");
@@ -92,8 +98,13 @@ Contents parse(const std::string& bytes, const std::string& origin) {
     throw InputError(origin + ": truncated or not a safetensors file (header length " + std::to_string(header_len) +
                      " runs past the end of the " + std::to_string(bytes.size()) + "-byte file)");
   json header;
+  // The header is {name: {dtype, shape: [...], data_offsets: [...]}}: anything nested deeper is not a header.
+  const json::parser_callback_t shallow = [&](int depth, json::parse_event_t, json&) {
+    if (depth > kMaxHeaderDepth) throw InputError(origin + ": not a safetensors header (JSON nested too deeply)");
+    return true;
+  };
   try {
-    header = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_len));
+    header = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_len), shallow);
   } catch (const json::exception& e) {
     throw InputError(origin + ": header is not valid JSON (" + std::string(e.what()) + ")");
   }
@@ -103,7 +114,12 @@ Contents parse(const std::string& bytes, const std::string& origin) {
   const char* data = bytes.data() + 8 + header_len;
   Contents out;
   std::vector<Entry> entries;
+  if (header.size() > kMaxTensors)
+    throw InputError(origin + ": " + std::to_string(header.size()) + " tensors (limit " + std::to_string(kMaxTensors) + ")");
   for (const auto& [name, value] : header.items()) {
+    if (name.size() > kMaxNameBytes)
+      throw InputError(origin + ": a tensor name is " + std::to_string(name.size()) + " bytes long (limit " +
+                       std::to_string(kMaxNameBytes) + ")");
     if (name == "__metadata__") {
       if (!value.is_object()) throw InputError(origin + ": __metadata__ must be an object of strings");
       for (const auto& [k, v] : value.items()) {

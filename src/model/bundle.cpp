@@ -132,24 +132,55 @@ void check_trainable_graph(const torch::jit::Module& module, const std::string& 
   }
 }
 
+namespace {
+
+// Every parameter and buffer must lie inside its storage: a damaged archive can hold a record shorter than the tensor.
+void check_tensor_storage(const torch::jit::Module& module, const std::string& origin) {
+  auto check = [&](const std::string& name, const at::Tensor& t) {
+    if (!t.defined() || t.numel() == 0) return;
+    if (!t.has_storage()) throw InputError(origin + ": tensor " + name + " has no data; the file is damaged");
+    int64_t last = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.stride(d) < 0) throw InputError(origin + ": tensor " + name + " has a negative stride; the file is damaged");
+      last += (t.size(d) - 1) * t.stride(d);
+    }
+    const auto needed = static_cast<uint64_t>(last + 1) * t.element_size();
+    if (needed > t.storage().nbytes())
+      throw InputError(origin + ": tensor " + name + " needs " + std::to_string(needed) + " bytes but its record holds " +
+                       std::to_string(t.storage().nbytes()) + "; the file is truncated or damaged: export it again");
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) check(p.name, p.value);
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) check(b.name, b.value);
+}
+
+}  // namespace
+
 Bundle load_bundle(const fs::path& path) {
   // Adapters rewrite graphs before the first call, and training needs plain autograd through the interpreter:
   // the optimising executor would specialise graphs (and more than double memory) after a warm-up call.
   torch::jit::setGraphExecutorOptimize(false);
-  if (!fs::exists(path)) throw InputError("model file " + path.string() + " does not exist");
+  std::error_code ec;
+  const auto status = fs::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw InputError("model file " + path.string() + ": " + ec.message());
+  if (!fs::exists(status)) throw InputError("model file " + path.string() + " does not exist");
+  if (fs::is_directory(status)) throw InputError("model file " + path.string() + " is a folder; give the .pt file");
   torch::jit::ExtraFilesMap extra{{kBundleMetadataName, ""}};
   Bundle b;
+  auto first_line = [](const std::string& text) { return text.substr(0, std::min<size_t>(text.find('\n'), 300)); };
   try {
     b.module = torch::jit::load(path.string(), c10::Device(c10::kCPU), extra);
   } catch (const c10::Error& e) {
     throw InputError(path.string() + " is not a TorchScript file that this LibTorch can load: " +
-                     std::string(e.what_without_backtrace()).substr(0, 300));
+                     first_line(e.what_without_backtrace()));
+  } catch (const std::exception& e) {  // the TorchScript parser throws its own error types
+    throw InputError(path.string() + " is not a TorchScript file that this LibTorch can load: " + first_line(e.what()));
   }
   std::string meta = extra[kBundleMetadataName];
   std::string origin = path.string();
   if (meta.empty()) {
     const fs::path sidecar = path.string() + ".json";
-    if (!fs::exists(sidecar))
+    if (!fs::exists(sidecar, ec))
       throw InputError(path.string() + " has no loratune metadata (no " + kBundleMetadataName + " inside and no " +
                        sidecar.filename().string() + " beside it); export it with scripts/export/ or write the "
                        "sidecar as described in docs/bundle-format.md");
@@ -173,6 +204,7 @@ Bundle load_bundle(const fs::path& path) {
       throw InputError(origin + ": metadata \"blocks\" names a module the model does not have (" + e.what() + ")");
     }
   }
+  check_tensor_storage(b.module, path.string());
   b.fingerprint = weights_fingerprint(b.module);
   return b;
 }

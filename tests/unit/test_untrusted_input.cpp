@@ -1,0 +1,214 @@
+// Untrusted input: patterns, adapter files and bundles that are hostile or damaged. Every case must end in a clear
+// InputError (or load), never a crash, a hang or another exception; mutation loops are bounded in count and time.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+
+#include "common/pattern_match.h"
+#include "loratune/adapter.h"
+#include "loratune/bundle.h"
+#include "loratune/errors.h"
+#include "loratune/files.h"
+#include "loratune/model.h"
+#include "loratune/safetensors.h"
+#include "test_support.h"
+
+namespace loratune {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+TEST(PatternMatcher, MatchesLikeECMAScriptOnWholeStrings) {
+  struct Case {
+    const char* pattern;
+    const char* text;
+    bool match;
+  };
+  const Case cases[] = {
+      {"blocks\\.\\d+\\.attn\\.qkv", "blocks.11.attn.qkv", true},
+      {"blocks\\.\\d+\\.attn\\.qkv", "blocks.11.attn.qkv2", false},
+      {".*\\.(query|value)", "vit.encoder.layer.0.attention.attention.value", true},
+      {".*\\.(query|value)", "vit.encoder.layer.0.attention.attention.key", false},
+      {"(.*\\.)?(qkv)", "qkv", true},
+      {"(.*\\.)?(qkv)", "xqkv", false},
+      {"a{2,3}b?", "aaab", true},
+      {"a{2,3}b?", "ab", false},
+      {"[^.]+\\.[a-c]+", "layer.cab", true},
+      {"^layer\\.[0-9]{1,2}$", "layer.42", true},
+      {"(?:ab)*", "", true},
+      {"x|", "", true},
+  };
+  for (const auto& c : cases)
+    EXPECT_EQ(PatternMatcher(c.pattern, "test").full_match(c.text), c.match) << c.pattern << " ~ " << c.text;
+}
+
+TEST(PatternMatcher, HostilePatternsFailFastOrMatchInLinearTime) {
+  const std::string long_name(30000, 'a');
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_FALSE(PatternMatcher("(a*)*c", "test").full_match(long_name));       // exponential for backtracking
+  EXPECT_TRUE(PatternMatcher("(a|aa)*(a|aa)*", "test").full_match(long_name));
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 5.0);
+  EXPECT_THROW_WITH(PatternMatcher(std::string(200, '(') + "a" + std::string(200, ')'), "test"), InputError,
+                    "nested deeper than 32");
+  EXPECT_THROW_WITH(PatternMatcher(std::string(5000, 'a'), "test"), InputError, "longer than 1024");
+  EXPECT_THROW_WITH(PatternMatcher("((a{100}){100}){5}", "test"), InputError, "too large");
+  EXPECT_THROW_WITH(PatternMatcher("(a)\\1", "test"), InputError, "back-references are not supported");
+  EXPECT_THROW_WITH(PatternMatcher("(?=a)", "test"), InputError, "look-arounds");
+  EXPECT_THROW_WITH(PatternMatcher("a)", "test"), InputError, "unbalanced )");
+  EXPECT_THROW_WITH(PatternMatcher("[a-", "test"), InputError, "unclosed [");
+  EXPECT_THROW_WITH(PatternMatcher("*a", "test"), InputError, "nothing to repeat");
+}
+
+// A valid loratune adapter (non-zero B, a head) for the hf fixture, saved in `dir`/adapter.
+fs::path write_adapter(const fs::path& dir) {
+  Model model(load_bundle(test::fixture("models/hf_script.pt")));
+  auto targets = resolve_targets(model.module(), LoraSettings{});
+  init_adapter_tensors(targets);
+  {
+    at::NoGradGuard no_grad;
+    for (auto& t : targets) t.B.normal_(0, 0.1);
+  }
+  model.set_adapters(targets, LoraSettings{});
+  model.init_head(3);
+  save_adapter(dir / "adapter", adapter_from_model(model, {"a", "b", "c"}, {}));
+  return dir / "adapter";
+}
+
+void rewrite_weights(const fs::path& adapter, const std::function<void(safetensors::Contents&)>& edit) {
+  auto contents = safetensors::read(adapter / kAdapterWeightsName);
+  edit(contents);
+  safetensors::write(adapter / kAdapterWeightsName, contents.tensors, contents.metadata);
+}
+
+json loratune_meta(const safetensors::Contents& c) { return json::parse(c.metadata.at("loratune")); }
+
+TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
+  const fs::path dir = test::temp_dir("hostile_adapter");
+  const fs::path good = write_adapter(dir);
+  ASSERT_NO_THROW(load_adapter(good));
+  auto variant = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
+    const fs::path copy = dir / name;
+    fs::copy(good, copy, fs::copy_options::recursive);
+    rewrite_weights(copy, edit);
+    return copy;
+  };
+  const fs::path long_name = variant("long_name", [](safetensors::Contents& c) {
+    c.tensors["base_model.model." + std::string(30000, 'x') + ".lora_A.weight"] = at::zeros({2, 2});
+  });
+  EXPECT_THROW_WITH(load_adapter(long_name), InputError, "limit 4096");
+  const fs::path nan = variant("nan", [](safetensors::Contents& c) {
+    for (auto& [k, t] : c.tensors)
+      if (k.find("lora_B") != std::string::npos) t = t.clone().fill_(std::nan(""));
+  });
+  EXPECT_THROW_WITH(load_adapter(nan), InputError, "NaN or infinite");
+  const fs::path rank0 = variant("rank0", [](safetensors::Contents& c) {
+    for (auto& [k, t] : c.tensors)
+      if (k.find("lora_A") != std::string::npos) t = at::zeros({0, t.size(1)});
+      else if (k.find("lora_B") != std::string::npos) t = at::zeros({t.size(0), 0});
+  });
+  EXPECT_THROW_WITH(load_adapter(rank0), InputError, "rank 0");
+  const fs::path broken_meta = variant("broken_meta", [](safetensors::Contents& c) {
+    json m = loratune_meta(c);
+    m["targets"][0]["alpha"] = "sixteen";
+    c.metadata["loratune"] = m.dump();
+  });
+  EXPECT_THROW_WITH(load_adapter(broken_meta), InputError, "metadata is damaged");
+  const fs::path not_json = variant("not_json", [](safetensors::Contents& c) { c.metadata["loratune"] = "{\"method\":"; });
+  EXPECT_THROW_WITH(load_adapter(not_json), InputError, "metadata is damaged");
+
+  // adapter_config.json is what PEFT reads: it must agree with the metadata.
+  const fs::path disagree = dir / "disagree";
+  fs::copy(good, disagree, fs::copy_options::recursive);
+  json config = json::parse(read_file(disagree / kAdapterConfigName));
+  config["lora_alpha"] = 1.0;
+  write_file_atomic(disagree / kAdapterConfigName, config.dump());
+  EXPECT_THROW_WITH(load_adapter(disagree), InputError, "disagrees with the settings inside");
+  write_file_atomic(disagree / kAdapterConfigName, "{not json");
+  EXPECT_THROW_WITH(load_adapter(disagree), InputError, "not valid JSON");
+}
+
+TEST(UntrustedAdapter, PeftPatternsCannotHangOrCrash) {
+  const fs::path dir = test::temp_dir("peft_patterns");
+  const fs::path adapter = write_adapter(dir);
+  rewrite_weights(adapter, [](safetensors::Contents& c) { c.metadata.erase("loratune"); });  // read as a PEFT file
+  json config = json::parse(read_file(adapter / kAdapterConfigName));
+  const auto start = std::chrono::steady_clock::now();
+  config["alpha_pattern"] = {{"(a*)*c", 4.0}, {"query", 2.0}};
+  write_file_atomic(adapter / kAdapterConfigName, config.dump());
+  const Adapter a = load_adapter(adapter);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 5.0);
+  for (const auto& t : a.targets) EXPECT_EQ(t.alpha, t.module.size() >= 5 && t.module.rfind("query") == t.module.size() - 5
+                                                         ? 2.0 : config["lora_alpha"].get<double>()) << t.module;
+  config["alpha_pattern"] = {{std::string(500, '(') + "q" + std::string(500, ')'), 4.0}};
+  write_file_atomic(adapter / kAdapterConfigName, config.dump());
+  EXPECT_THROW_WITH(load_adapter(adapter), InputError, "alpha_pattern key");
+}
+
+TEST(UntrustedSafetensors, DeepJsonAndHugeCountsAreRefused) {
+  std::string deep = "{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((deep.size() >> (8 * i)) & 0xff);
+  EXPECT_THROW_WITH(safetensors::parse(bytes + deep, "deep.safetensors"), InputError, "deep.safetensors");
+}
+
+// Bounded mutation fuzzing: bit flips, byte sets, truncation, duplication and header-length edits of a valid file.
+std::string mutate(const std::string& in, std::mt19937_64& rng) {
+  std::string s = in;
+  const int edits = 1 + static_cast<int>(rng() % 4);
+  for (int e = 0; e < edits && !s.empty(); ++e) {
+    const size_t at = rng() % s.size();
+    switch (rng() % 6) {
+      case 0: s[at] = static_cast<char>(s[at] ^ (1 << (rng() % 8))); break;
+      case 1: s[at] = static_cast<char>(rng()); break;
+      case 2: s.resize(at); break;
+      case 3: s.insert(at, s.substr(at, rng() % 64)); break;
+      case 4: if (s.size() > 8) s[rng() % 8] = static_cast<char>(rng()); break;  // the length prefix
+      default: s[at] = "{}[]\":,0-e"[rng() % 10]; break;                         // JSON structure
+    }
+  }
+  return s;
+}
+
+template <typename Load>
+int fuzz(const std::string& original, const fs::path& file, int iterations, double seconds, Load load) {
+  std::mt19937_64 rng(12345);
+  const auto start = std::chrono::steady_clock::now();
+  int loaded = 0, i = 0;
+  for (; i < iterations; ++i) {
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > seconds) break;
+    const std::string bytes = mutate(original, rng);
+    {
+      std::ofstream out(file, std::ios::binary | std::ios::trunc);
+      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    }
+    try {
+      load();
+      ++loaded;
+    } catch (const InputError&) {
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "mutation " << i << " escaped as " << typeid(e).name() << ": " << e.what();
+      break;
+    }
+  }
+  std::printf("fuzz %s: %d mutations, %d still loaded\n", file.filename().c_str(), i, loaded);
+  return i;
+}
+
+TEST(Fuzz, AdapterReaderTurnsEveryMutationIntoAnInputError) {
+  const fs::path dir = test::temp_dir("fuzz_adapter");
+  const fs::path adapter = write_adapter(dir);
+  const std::string original = read_file(adapter / kAdapterWeightsName);
+  EXPECT_GT(fuzz(original, adapter / kAdapterWeightsName, 20000, 20.0, [&] { load_adapter(adapter); }), 100);
+}
+
+TEST(Fuzz, BundleLoaderTurnsEveryMutationIntoAnInputError) {
+  const fs::path dir = test::temp_dir("fuzz_bundle");
+  const std::string original = read_file(test::fixture("models/hf_trace.pt"));
+  EXPECT_GT(fuzz(original, dir / "model.pt", 3000, 20.0, [&] { load_bundle(dir / "model.pt"); }), 20);
+}
+
+}  // namespace
+}  // namespace loratune
