@@ -1,3 +1,4 @@
+#include <cmath>
 #include <fstream>
 
 #include "cli/common.h"
@@ -12,6 +13,14 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace loratune {
+namespace {
+
+// A number field of a metrics or summary line; NaN when missing, null (NaN written by JSON) or not a number.
+double number(const nlohmann::json& j, const char* key) {
+  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : std::nan("");
+}
+
+}  // namespace
 
 int run_report(const ReportCommand& command) {
   return guarded([&] {
@@ -37,18 +46,21 @@ int run_report(const ReportCommand& command) {
       } catch (const json::exception&) {
         throw InputError(metrics_path.string() + ":" + std::to_string(line_no) + ": not a JSON line");
       }
-      const std::string type = j.value("type", "");
-      const double step = j.value("step", 0.0);
-      if (type == "train" && j.contains("loss") && j["loss"].is_number()) {
-        const double l = j["loss"];
+      if (!j.is_object()) throw InputError(metrics_path.string() + ":" + std::to_string(line_no) + ": not a JSON object");
+      const json type = j.value("type", json());
+      const double step = number(j, "step");
+      // A diverged run writes NaN losses as null: those points are left out of the plots.
+      if (type == "train" && std::isfinite(number(j, "loss"))) {
+        const double l = number(j, "loss");
         loss.x.push_back(step), loss.y.push_back(l);
         ema = kSmoothing * ema + (1 - kSmoothing) * l;
         ema_weight = kSmoothing * ema_weight + (1 - kSmoothing);
         smooth.x.push_back(step), smooth.y.push_back(ema / ema_weight);
-        lr.x.push_back(step), lr.y.push_back(j.value("lr", 0.0));
+        if (std::isfinite(number(j, "lr"))) lr.x.push_back(step), lr.y.push_back(number(j, "lr"));
       } else if (type == "val") {
-        val_acc.x.push_back(j.value("epoch", 0.0)), val_acc.y.push_back(100.0 * j.value("val_top1", 0.0));
-        val_loss.x.push_back(j.value("epoch", 0.0)), val_loss.y.push_back(j.value("val_loss", 0.0));
+        const double epoch = number(j, "epoch");
+        if (std::isfinite(number(j, "val_top1"))) val_acc.x.push_back(epoch), val_acc.y.push_back(100.0 * number(j, "val_top1"));
+        if (std::isfinite(number(j, "val_loss"))) val_loss.x.push_back(epoch), val_loss.y.push_back(number(j, "val_loss"));
       }
     }
     const fs::path out = command.output.empty() ? dir : fs::path(command.output);
@@ -62,13 +74,17 @@ int run_report(const ReportCommand& command) {
 
     std::printf("run %s\n", dir.c_str());
     if (fs::exists(dir / Trainer::kSummary)) {
-      const json s = json::parse(read_file(dir / Trainer::kSummary));
-      std::printf("  method %s, %lld steps, %lld epochs, %s, %s\n", s.value("method", "?").c_str(),
-                  static_cast<long long>(s.value("steps", 0)), static_cast<long long>(s.value("epochs", 0)),
-                  human_duration(s.value("seconds", 0.0)).c_str(), s.value("precision", "?").c_str());
-      std::printf("  trainable parameters %s of %s; peak memory %s\n",
-                  human_count(s.value("trainable_params", 0.0)).c_str(), human_count(s.value("total_params", 0.0)).c_str(),
-                  human_bytes(s.value("peak_memory_bytes", 0.0)).c_str());
+      json s;
+      try {
+        s = json::parse(read_file(dir / Trainer::kSummary));
+      } catch (const json::exception& e) {
+        throw InputError((dir / Trainer::kSummary).string() + ": not valid JSON (" + e.what() + ")");
+      }
+      auto text = [&](const char* key) { return s.contains(key) && s[key].is_string() ? s[key].get<std::string>() : "?"; };
+      std::printf("  method %s, %.0f steps, %.0f epochs, %s, %s\n", text("method").c_str(), number(s, "steps"),
+                  number(s, "epochs"), human_duration(number(s, "seconds")).c_str(), text("precision").c_str());
+      std::printf("  trainable parameters %s of %s; peak memory %s\n", human_count(number(s, "trainable_params")).c_str(),
+                  human_count(number(s, "total_params")).c_str(), human_bytes(number(s, "peak_memory_bytes")).c_str());
     } else {
       std::printf("  (no summary.json: the run has not finished)\n");
     }

@@ -5,6 +5,7 @@
 #include "common/pattern_match.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
+#include "loratune/fingerprint.h"
 #include "loratune/safetensors.h"
 #include "loratune/text.h"
 
@@ -82,6 +83,21 @@ class PeftPatterns {
   std::vector<std::pair<PatternMatcher, double>> patterns_;
 };
 
+// A checksum of every tensor (name, dtype, shape, bytes) written into the metadata: a flipped bit anywhere in the
+// data makes loading fail instead of giving quietly different results.
+std::string tensors_hash(const safetensors::Tensors& tensors) {
+  uint64_t h = 0x61646170ULL;  // "adap"
+  for (const auto& [name, tensor] : tensors) {
+    const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    const std::string header = name + "|" + c10::toString(t.scalar_type()) + "|" + c10::str(t.sizes());
+    h = hash_bytes(header.data(), header.size(), h);
+    h = hash_bytes(t.data_ptr(), t.numel() * t.element_size(), h);
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
+
 void check_finite(const at::Tensor& t, const std::string& origin, const std::string& key) {
   if (t.is_floating_point() && t.numel() > 0 && !at::isfinite(t).all().item<bool>())
     throw InputError(origin + ": tensor " + key + " holds NaN or infinite values; the adapter is damaged");
@@ -145,9 +161,11 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
                      {"training", a.training}, {"head_module", kHeadModule},
                      {"normalize_features", a.normalize_features},
                      {"full_weights", a.full_weights.size()}};
-  const safetensors::Metadata metadata = {{"format", kAdapterFormat}, {"loratune", meta.dump()}};
+  const safetensors::Metadata metadata = {{"format", kAdapterFormat},
+                                          {"loratune", meta.dump(-1, ' ', false, json::error_handler_t::replace)},
+                                          {"tensors_hash", tensors_hash(tensors)}};
   const std::string weights = safetensors::serialize(tensors, metadata);
-  const std::string config = peft_config(a).dump(2) + "\n";
+  const std::string config = peft_config(a).dump(2, ' ', false, json::error_handler_t::replace) + "\n";
   write_directory_atomic(dir, [&](const fs::path& tmp) {
     write_file_durable(tmp / kAdapterWeightsName, weights);
     write_file_durable(tmp / kAdapterConfigName, config);
@@ -226,6 +244,10 @@ Adapter load_adapter(const fs::path& path) {
   }
   const auto contents = safetensors::read(weights_path);
   const std::string origin = path.string();
+  const auto hash = contents.metadata.find("tensors_hash");
+  if (hash != contents.metadata.end() && hash->second != tensors_hash(contents.tensors))
+    throw InputError(origin + ": the tensors do not match the checksum written with them; the file is damaged "
+                     "(copy it again, or train again)");
   Adapter a;
   json meta;
   const bool has_config = !config_path.empty() && fs::exists(config_path, ec);

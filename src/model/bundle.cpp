@@ -3,6 +3,9 @@
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include <algorithm>
+#include <fstream>
+#include <map>
 #include <set>
 
 #include "common/torch_compat.h"
@@ -134,8 +137,78 @@ void check_trainable_graph(const torch::jit::Module& module, const std::string& 
 
 namespace {
 
-// Every parameter and buffer must lie inside its storage: a damaged archive can hold a record shorter than the tensor.
-void check_tensor_storage(const torch::jit::Module& module, const std::string& origin) {
+uint64_t le(const std::string& b, size_t at, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[at + static_cast<size_t>(i)]);
+  return v;
+}
+
+// Sizes of the tensor data records ("<archive>/data/<key>") from the zip central directory (zip64 included); empty
+// when the directory cannot be read (then torch::jit::load has judged the file already).
+std::vector<uint64_t> data_record_sizes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  in.seekg(0, std::ios::end);
+  const auto file_size = static_cast<uint64_t>(in.tellg());
+  const uint64_t tail_len = std::min<uint64_t>(file_size, 65557);
+  std::string tail(tail_len, '\0');
+  in.seekg(static_cast<std::streamoff>(file_size - tail_len));
+  in.read(tail.data(), static_cast<std::streamsize>(tail_len));
+  const size_t eocd = tail.rfind(std::string("PK\x05\x06", 4));
+  if (!in || eocd == std::string::npos || eocd + 22 > tail.size()) return {};
+  uint64_t entries = le(tail, eocd + 10, 2), cd_size = le(tail, eocd + 12, 4), cd_offset = le(tail, eocd + 16, 4);
+  if ((entries == 0xffff || cd_size == 0xffffffff || cd_offset == 0xffffffff) && eocd >= 20 &&
+      tail.compare(eocd - 20, 4, std::string("PK\x06\x07", 4)) == 0) {
+    std::string z64(56, '\0');
+    in.seekg(static_cast<std::streamoff>(le(tail, eocd - 20 + 8, 8)));
+    in.read(z64.data(), 56);
+    if (!in || z64.compare(0, 4, std::string("PK\x06\x06", 4)) != 0) return {};
+    entries = le(z64, 32, 8), cd_size = le(z64, 40, 8), cd_offset = le(z64, 48, 8);
+  }
+  if (cd_offset > file_size || cd_size > file_size - cd_offset || cd_size > (uint64_t{1} << 31)) return {};
+  std::string cd(cd_size, '\0');
+  in.seekg(static_cast<std::streamoff>(cd_offset));
+  in.read(cd.data(), static_cast<std::streamsize>(cd_size));
+  if (!in) return {};
+  std::vector<uint64_t> sizes;
+  size_t at = 0;
+  for (uint64_t e = 0; e < entries && at + 46 <= cd.size(); ++e) {
+    if (cd.compare(at, 4, std::string("PK\x01\x02", 4)) != 0) return {};
+    uint64_t size = le(cd, at + 24, 4);
+    const size_t name_len = le(cd, at + 28, 2), extra_len = le(cd, at + 30, 2), comment_len = le(cd, at + 32, 2);
+    if (at + 46 + name_len + extra_len > cd.size()) return {};
+    const std::string name = cd.substr(at + 46, name_len);
+    for (size_t x = at + 46 + name_len; size == 0xffffffff && x + 4 <= at + 46 + name_len + extra_len;) {
+      const uint64_t id = le(cd, x, 2), len = le(cd, x + 2, 2);
+      if (id == 1 && len >= 8 && x + 12 <= cd.size()) size = le(cd, x + 4, 8);
+      x += 4 + len;
+    }
+    const size_t slash = name.find("/data/");
+    if (slash != std::string::npos && name.find('/', slash + 6) == std::string::npos) sizes.push_back(size);
+    at += 46 + name_len + extra_len + comment_len;
+  }
+  return sizes;
+}
+
+// Every parameter and buffer must lie inside its storage, and every storage inside a data record of the archive:
+// LibTorch sizes a storage by what the archive's pickle says, not by the record it reads, so a damaged file with a
+// short record would be read past its end.
+void check_tensor_storage(const torch::jit::Module& module, const fs::path& path, const std::string& origin) {
+  std::map<const void*, uint64_t> storages;
+  for (const auto& p : module.named_parameters(/*recurse=*/true))
+    if (p.value.defined() && p.value.has_storage()) storages[p.value.storage().data()] = p.value.storage().nbytes();
+  for (const auto& b : module.named_buffers(/*recurse=*/true))
+    if (b.value.defined() && b.value.has_storage()) storages[b.value.storage().data()] = b.value.storage().nbytes();
+  std::vector<uint64_t> needed, records = data_record_sizes(path);
+  for (const auto& [ptr, bytes] : storages) needed.push_back(bytes);
+  if (!records.empty()) {
+    // Each storage has its own record at least as large: compare the k-th largest of each.
+    std::sort(needed.rbegin(), needed.rend());
+    std::sort(records.rbegin(), records.rend());
+    for (size_t k = 0; k < needed.size(); ++k)
+      if (k >= records.size() || needed[k] > records[k])
+        throw InputError(origin + ": a tensor needs " + std::to_string(needed[k]) + " bytes but the archive's data " +
+                         "records are shorter; the file is truncated or damaged: export it again");
+  }
   auto check = [&](const std::string& name, const at::Tensor& t) {
     if (!t.defined() || t.numel() == 0) return;
     if (!t.has_storage()) throw InputError(origin + ": tensor " + name + " has no data; the file is damaged");
@@ -204,7 +277,7 @@ Bundle load_bundle(const fs::path& path) {
       throw InputError(origin + ": metadata \"blocks\" names a module the model does not have (" + e.what() + ")");
     }
   }
-  check_tensor_storage(b.module, path.string());
+  check_tensor_storage(b.module, path, path.string());
   b.fingerprint = weights_fingerprint(b.module);
   return b;
 }

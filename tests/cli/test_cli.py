@@ -5,6 +5,7 @@ usage: test_cli.py LORATUNE_BINARY FIXTURE_DIR
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ class Help(unittest.TestCase):
         self.assertEqual(run("eval", "--model", BASE)[0], 2)  # --data missing
 
 
-class BadInput(unittest.TestCase):
+class ExpectsInputError:
     def assert_input_error(self, args, message):
         code, _, err = run(*args)
         self.assertEqual(code, 3, err)
@@ -89,6 +90,8 @@ class BadInput(unittest.TestCase):
         self.assertEqual(errors[0], err.strip().splitlines()[-1], "the error comes last")
         self.assertIn(message, errors[0])
 
+
+class BadInput(unittest.TestCase, ExpectsInputError):
     def test_missing_files(self):
         self.assert_input_error(("train", "--config", os.path.join(TMP, "nope.json")), "nope.json: no such file")
         self.assert_input_error(("eval", "--model", os.path.join(TMP, "nope.pt"), "--data", IMAGES),
@@ -227,6 +230,139 @@ class PaperCuts(unittest.TestCase):
         self.assertEqual((summary["steps"], summary["images_seen"]), (6, 144))
         rate = [line for line in stdout.splitlines() if line.startswith("training done")][0]
         self.assertNotIn(" 0 train images/s", rate)
+
+
+def dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height (the pixel data is missing: decoding it would fail anyway)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) +
+                chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+class Hardening(unittest.TestCase, ExpectsInputError):
+    """Hostile or unlucky input: one clear error line with exit 3 naming the file, or a skip that is counted and
+    listed; no data lost."""
+
+    def test_config_paths_that_are_folders_or_symlink_loops(self):
+        self.assert_input_error(("train", "--config", TMP), TMP + " is a folder")
+        loop = os.path.join(TMP, "loop.json")
+        os.symlink(loop, loop)
+        self.assert_input_error(("train", "--config", loop), "loop.json")
+        self.assert_input_error(("eval", "--model", loop, "--data", IMAGES), "loop.json")
+
+    def test_degenerate_crop_ratios_train(self):
+        cfg, _ = write_config("ratios", epochs=1, max_steps=2, data={
+            "train": os.path.join(IMAGES, "toy", "train"), "val": os.path.join(IMAGES, "toy", "val"),
+            "augment": {"ratio": [1e-300, 1e-300], "scale": [1e-300, 1e-300]}})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+
+    def test_names_that_are_not_utf8(self):
+        root = os.path.join(TMP, "latin1").encode()
+        for cls in (b"a", b"b"):
+            os.makedirs(os.path.join(root, cls))
+            for i in range(4):
+                shutil.copy(os.path.join(IMAGES, "toy", "train", "circle", "000.png"), os.path.join(root, cls, b"%d.png" % i))
+        shutil.copy(os.path.join(IMAGES, "toy", "train", "circle", "000.png"), os.path.join(root, b"a", b"caf\xe9.png"))
+        cfg, out = write_config("latin1_files", epochs=1, data={"train": root.decode(), "val_fraction": 0.25})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("caf\\xE9.png: file name is not valid UTF-8", err)
+        with open(os.path.join(out, "summary.json")) as f:
+            skipped = json.load(f)["skipped_files"]
+        self.assertEqual([s["path"].endswith("caf\\xE9.png") for s in skipped], [True])
+        os.makedirs(os.path.join(root, b"\xb0\xed\xbe\xe7\xc0\xcc"))  # "고양이" in CP949
+        cfg, _ = write_config("latin1_class", epochs=1, data={"train": root.decode()})
+        self.assert_input_error(("train", "--config", cfg), "class folder name \"\\xB0\\xED\\xBE\\xE7\\xC0\\xCC\"")
+
+    def test_huge_images_are_skipped_before_decoding(self):
+        root = os.path.join(TMP, "huge")
+        shutil.copytree(os.path.join(IMAGES, "toy", "train"), root)
+        png_header_only(os.path.join(root, "circle", "huge.png"), 20000, 20000)
+        cfg, out = write_config("huge", epochs=1, max_steps=1, data={"train": root, "val_fraction": 0.1})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("20000x20000 pixels, over data.max_image_pixels (100000000)", err)
+
+    def test_truncated_tensor_record_in_a_bundle(self):
+        import zipfile
+        damaged = os.path.join(TMP, "short_record.pt")
+        with zipfile.ZipFile(BASE) as zin, zipfile.ZipFile(damaged, "w") as zout:
+            records = [i for i in zin.infolist() if "/data/" in i.filename and i.file_size > 64]
+            for info in zin.infolist():
+                data = zin.read(info.filename)
+                zout.writestr(info, data[:len(data) // 2] if info is records[0] else data)
+        self.assert_input_error(("info", damaged), "short_record.pt: a tensor needs 128 bytes")
+
+    def test_merge_never_overwrites_its_inputs_or_a_good_output(self):
+        run_dir = trained_run()
+        base_copy = os.path.join(TMP, "base_copy.pt")
+        shutil.copy(BASE, base_copy)
+        before = open(base_copy, "rb").read()
+        self.assert_input_error(("merge", "--base", base_copy, "--adapter", run_dir + "/best", "--output", base_copy),
+                                "is the base model itself")
+        self.assertEqual(open(base_copy, "rb").read(), before)
+        self.assert_input_error(("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output",
+                                 run_dir + "/best/adapter_model.safetensors"), "is part of the adapter")
+        # An adapter so large that the merged file cannot match (fp32 rounding of huge logits): the check fails and
+        # the good output from before stays.
+        good = os.path.join(TMP, "good_merged.pt")
+        self.assertEqual(run("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output", good)[0], 0)
+        good_bytes = open(good, "rb").read()
+        huge = os.path.join(TMP, "huge_adapter")
+        shutil.copytree(run_dir + "/best", huge)
+        tensors, meta = safetensors_lite.load(os.path.join(huge, "adapter_model.safetensors"))
+        tensors = {k: v * 1e5 if "lora_B" in k or "classifier" in k else v for k, v in tensors.items()}
+        del meta["tensors_hash"]  # as another tool that rewrites the tensors would
+        safetensors_lite.save(tensors, os.path.join(huge, "adapter_model.safetensors"), meta)
+        code, _, err = run("merge", "--base", BASE, "--adapter", huge, "--output", good)
+        self.assertEqual(code, 4, err)
+        self.assertIn("was not written", err)
+        self.assertEqual(open(good, "rb").read(), good_bytes)
+        self.assertEqual([n for n in os.listdir(TMP) if n.startswith(".good_merged")], [], "no temporary left")
+
+    def test_leftovers_of_a_killed_run_are_recovered(self):
+        cfg, out = write_config("leftovers", epochs=1)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        expected = open(os.path.join(out, "best", "adapter_model.safetensors"), "rb").read()
+        pid = dead_pid()
+        # Killed between the two renames of a directory swap: the only copy of best/ is hidden; and a stray temporary.
+        os.rename(os.path.join(out, "best"), os.path.join(out, ".best.old-%d" % pid))
+        os.makedirs(os.path.join(out, ".adapter.tmp-%d" % pid))
+        code, _, err = run("train", "--config", cfg, "--resume")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(open(os.path.join(out, "best", "adapter_model.safetensors"), "rb").read(), expected)
+        self.assertEqual([n for n in os.listdir(out) if n.startswith(".")], [])
+
+    def test_report_on_a_diverged_run(self):
+        run_dir = os.path.join(TMP, "diverged")
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.write('{"type": "train", "step": 1, "loss": 2.3, "lr": 0.001}\n')
+            f.write('{"type": "train", "step": 2, "loss": null, "lr": 0.001, "grad_norm": null}\n')
+            f.write('{"type": "val", "step": 2, "epoch": 1, "val_loss": null, "val_top1": 0.25}\n')
+        code, out, err = run("report", run_dir)
+        self.assertEqual(code, 0, err)
+        self.assertIn("train loss: first 2.3000, last 2.3000", out)
+
+    def test_too_many_workers_are_capped(self):
+        cfg, _ = write_config("workers", epochs=1, max_steps=1, data={
+            "train": os.path.join(IMAGES, "toy", "train"), "val": os.path.join(IMAGES, "toy", "val"), "workers": 100000})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("100000 decoding workers asked for; using", err)
 
 
 class Interrupt(unittest.TestCase):

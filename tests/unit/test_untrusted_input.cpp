@@ -77,8 +77,10 @@ fs::path write_adapter(const fs::path& dir) {
   return dir / "adapter";
 }
 
+// Rewrites the tensors as another tool would (without loratune's checksum), so that the later checks are reached.
 void rewrite_weights(const fs::path& adapter, const std::function<void(safetensors::Contents&)>& edit) {
   auto contents = safetensors::read(adapter / kAdapterWeightsName);
+  contents.metadata.erase("tensors_hash");
   edit(contents);
   safetensors::write(adapter / kAdapterWeightsName, contents.tensors, contents.metadata);
 }
@@ -118,6 +120,15 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   EXPECT_THROW_WITH(load_adapter(broken_meta), InputError, "metadata is damaged");
   const fs::path not_json = variant("not_json", [](safetensors::Contents& c) { c.metadata["loratune"] = "{\"method\":"; });
   EXPECT_THROW_WITH(load_adapter(not_json), InputError, "metadata is damaged");
+
+  // One flipped bit in the data of a loratune adapter: its checksum no longer matches.
+  const fs::path flipped = dir / "flipped";
+  fs::copy(good, flipped, fs::copy_options::recursive);
+  std::string bytes = read_file(flipped / kAdapterWeightsName);
+  bytes[bytes.size() - 3] = static_cast<char>(bytes[bytes.size() - 3] ^ 0x01);
+  write_file_atomic(flipped / kAdapterWeightsName, bytes);
+  EXPECT_THROW_WITH(load_adapter(flipped), InputError, "do not match the checksum");
+  EXPECT_THROW_WITH(write_file_durable("/dev/full", "x"), RuntimeFailure, "the disk is full");
 
   // adapter_config.json is what PEFT reads: it must agree with the metadata.
   const fs::path disagree = dir / "disagree";

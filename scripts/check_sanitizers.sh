@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds the core library (no OpenCV) and its C++ tests with AddressSanitizer + UndefinedBehaviorSanitizer in
+# ./build-sanitize and runs them: the safetensors/adapter reader and bundle loader fuzz loops, the training loop
+# (resume, accumulation, checkpointing), merges and LoRA references against Python. Any sanitizer report fails the
+# run. Needs the fixtures that `bash scripts/test.sh` generates (it runs their generators itself if missing).
+#   bash scripts/check_sanitizers.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+BUILD_DIR=${LORATUNE_SANITIZE_DIR:-build-sanitize}
+FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLORATUNE_WITH_VISION=OFF \
+  -DCMAKE_CXX_FLAGS="$FLAGS" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
+cmake --build "$BUILD_DIR" -j "$(nproc)"
+# LibTorch is not instrumented and keeps allocations until exit: leaks are not ours to judge here.
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+cd "$BUILD_DIR"
+ctest --output-on-failure -j "$(nproc)" -E "^export_scripts$"
