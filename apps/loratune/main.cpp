@@ -111,6 +111,26 @@ int main(int argc, char** argv) {
   r->add_option("-o,--output", report.output, "folder for the PNG plots (default: the run folder)");
   r->footer(footer("  loratune report runs/vit_base"));
 
+  // Each subcommand runs its own handler; one without a handler leaves `exit_code` unset and is reported.
+  int exit_code = -1;
+  t->callback([&] {
+    if (help_config) {
+      std::printf("Training configuration keys (JSON; nested keys as objects, e.g. {\"lora\": {\"rank\": 16}}):\n\n%s",
+                  loratune::train_config_help().c_str());
+      exit_code = loratune::exit_code::kOk;
+    } else if (train.config.empty() && train.overrides.empty()) {
+      std::fprintf(stderr, "error: train needs --config FILE (or --set model=... --set data.train=...)\n");
+      exit_code = loratune::exit_code::kUsage;
+    } else {
+      exit_code = loratune::run_train(train);
+    }
+  });
+  e->callback([&] { exit_code = loratune::run_eval(eval); });
+  p->callback([&] { exit_code = loratune::run_predict(predict); });
+  m->callback([&] { exit_code = loratune::run_merge(merge); });
+  i->callback([&] { exit_code = loratune::run_info(info); });
+  r->callback([&] { exit_code = loratune::run_report(report); });
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& ex) {
@@ -123,22 +143,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\nRun `loratune --help` or `loratune <command> --help` for usage.\n", ex.what());
     return loratune::exit_code::kUsage;
   }
-
-  if (app.got_subcommand(t)) {
-    if (help_config) {
-      std::printf("Training configuration keys (JSON; nested keys as objects, e.g. {\"lora\": {\"rank\": 16}}):\n\n%s",
-                  loratune::train_config_help().c_str());
-      return loratune::exit_code::kOk;
-    }
-    if (train.config.empty() && train.overrides.empty()) {
-      std::fprintf(stderr, "error: train needs --config FILE (or --set model=... --set data.train=...)\n");
-      return loratune::exit_code::kUsage;
-    }
-    return loratune::run_train(train);
+  if (exit_code < 0) {
+    std::fprintf(stderr, "error: internal: the command has no handler\n");
+    return loratune::exit_code::kRuntime;
   }
-  if (app.got_subcommand(e)) return loratune::run_eval(eval);
-  if (app.got_subcommand(p)) return loratune::run_predict(predict);
-  if (app.got_subcommand(m)) return loratune::run_merge(merge);
-  if (app.got_subcommand(i)) return loratune::run_info(info);
-  return loratune::run_report(report);
+  return exit_code;
 }
