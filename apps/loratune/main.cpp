@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <iostream>
 
-#include "loratune/commands.h"
+#include "cli/commands.h"
 #include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
 

@@ -16,9 +16,10 @@
 #include <string>
 #include <vector>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/amp.h"
 #include "loratune/cpu_allocator.h"
+#include "loratune/device.h"
 #include "loratune/errors.h"
 #include "loratune/memory.h"
 #include "loratune/model.h"

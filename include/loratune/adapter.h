@@ -11,7 +11,6 @@
 #include <nlohmann/json.hpp>
 
 #include "loratune/lora.h"
-#include "loratune/model.h"
 
 namespace loratune {
 
@@ -37,21 +36,5 @@ struct Adapter {
 void save_adapter(const std::filesystem::path& dir, const Adapter& adapter);
 // Reads an adapter directory or a bare .safetensors file (loratune's, or PEFT's with adapter_config.json beside it).
 Adapter load_adapter(const std::filesystem::path& path);
-
-// What a trained model holds, as an adapter for its base.
-Adapter adapter_from_model(const Model& model, const std::vector<std::string>& classes, nlohmann::json training);
-
-// Refuses an adapter made for another base: different fingerprint, or weights of other shapes. The message says which.
-void check_adapter_base(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
-
-// The adapter's targets with bundle paths and row ranges, checked against the model's weights.
-std::vector<LoraTarget> bind_targets(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
-
-// Puts the adapter onto the model: LoRA tensors, head and (method full) base weights.
-void apply_adapter(Model& model, const Adapter& adapter, const std::string& adapter_origin);
-
-// Maps a module path of the bundle to the original model's path and back.
-std::string strip_prefix(const std::string& path, const std::string& prefix);
-std::string add_prefix(const std::string& path, const std::string& prefix);
 
 }  // namespace loratune

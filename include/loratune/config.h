@@ -8,16 +8,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "loratune/batch_source.h"
 #include "loratune/lora.h"
 
 namespace loratune {
-
-struct AugmentConfig {
-  bool enabled = true;
-  double scale_min = 0.35, scale_max = 1.0;  // random resized crop: area fraction
-  double ratio_min = 0.75, ratio_max = 4.0 / 3.0;
-  bool hflip = true;
-};
 
 struct DataConfig {
   std::string train;              // photo folder: <root>/<class>/...

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "loratune/amp.h"
-#include "loratune/data.h"
+#include "loratune/batch_source.h"
 
 namespace loratune {
 

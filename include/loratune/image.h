@@ -9,17 +9,13 @@
 #include <string>
 
 #include "loratune/bundle.h"
-#include "loratune/config.h"
-#include "loratune/data.h"
+#include "loratune/batch_source.h"
 
 namespace cv {
 class Mat;
 }
 
 namespace loratune {
-
-// Images with more pixels than this are skipped before decoding (a 20000x20000 PNG would take 1.2 GB decoded).
-inline constexpr int64_t kDefaultMaxImagePixels = 100'000'000;
 
 // RGB, 8 bits per channel, EXIF orientation applied; greyscale, RGBA and 16-bit inputs converted.
 // Returns an empty optional and sets `error` when the file cannot be decoded or its header says it has more than

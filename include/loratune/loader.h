@@ -11,25 +11,11 @@
 #include <thread>
 #include <vector>
 
-#include "loratune/data.h"
+#include "loratune/batch_source.h"
 #include "loratune/image.h"
 #include "loratune/image_folder.h"
 
 namespace loratune {
-
-struct LoaderOptions {
-  int64_t batch_size = 16;
-  bool shuffle = false;
-  bool drop_last = false;
-  bool augment = false;       // training transform (else eval transform)
-  AugmentConfig augmentation;
-  uint64_t seed = 0;
-  int workers = 0;            // 0: one per core
-  int prefetch_batches = 4;
-  std::string cache = "off";  // auto | memory | off
-  bool pin_memory = false;    // page-locked batches for faster copies to CUDA
-  int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed
-};
 
 class ImageBatchSource : public BatchSource {
  public:

@@ -26,13 +26,4 @@ std::string memory_status(const c10::Device& device);
 // Peak memory that matters for the device: CUDA peak allocated, or peak RSS on CPU.
 int64_t peak_memory(const c10::Device& device);
 
-bool cuda_available();
-
-// Caps what the CUDA caching allocator may take on the current device (e.g. 12 GiB to emulate an RTX 3060).
-// No effect without CUDA.
-void limit_device_memory(double gib);
-
-// "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
-c10::Device resolve_device(const std::string& name);
-
 }  // namespace loratune

@@ -6,8 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "loratune/adapter.h"
-
 namespace loratune {
 
 struct MergeOptions {

@@ -9,6 +9,7 @@
 
 #include "loratune/bundle.h"
 #include "loratune/lora.h"
+#include "loratune/named_tensor.h"
 
 namespace loratune {
 
@@ -19,12 +20,6 @@ enum class Method {
 };
 Method parse_method(const std::string& name);
 std::string method_name(Method method);
-
-// A named tensor that training updates and adapter files store.
-struct NamedTensor {
-  std::string name;
-  at::Tensor tensor;
-};
 
 class Model {
  public:

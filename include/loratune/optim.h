@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "loratune/model.h"
+#include "loratune/named_tensor.h"
 #include "loratune/safetensors.h"
 
 namespace loratune {

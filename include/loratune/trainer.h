@@ -13,7 +13,7 @@
 
 #include "loratune/amp.h"
 #include "loratune/config.h"
-#include "loratune/data.h"
+#include "loratune/batch_source.h"
 #include "loratune/model.h"
 
 namespace loratune {

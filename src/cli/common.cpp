@@ -7,9 +7,9 @@
 
 #include <thread>
 
-#include "loratune/commands.h"
+#include "cli/commands.h"
 #include "loratune/errors.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 #include "loratune/zero_shot.h"
 
 namespace fs = std::filesystem;

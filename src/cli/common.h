@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/amp.h"
 #include "loratune/config.h"
 #include "loratune/evaluate.h"

@@ -3,13 +3,14 @@
 #include <fstream>
 
 #include "cli/common.h"
-#include "loratune/commands.h"
+#include "cli/commands.h"
+#include "loratune/device.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
 #include "loratune/memory.h"
 #include "loratune/metrics.h"
 #include "loratune/plot.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace fs = std::filesystem;
 

@@ -1,8 +1,8 @@
 #include "cli/common.h"
-#include "loratune/commands.h"
+#include "cli/commands.h"
 #include "loratune/errors.h"
 #include "loratune/safetensors.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace fs = std::filesystem;
 

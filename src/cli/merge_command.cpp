@@ -1,5 +1,5 @@
 #include "cli/common.h"
-#include "loratune/commands.h"
+#include "cli/commands.h"
 #include "loratune/errors.h"
 #include "loratune/merge.h"
 

@@ -2,11 +2,11 @@
 #include <fstream>
 
 #include "cli/common.h"
-#include "loratune/commands.h"
+#include "cli/commands.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
 #include "loratune/plot.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 #include "loratune/trainer.h"
 
 namespace fs = std::filesystem;

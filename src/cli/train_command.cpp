@@ -3,11 +3,12 @@
 #include <spdlog/spdlog.h>
 
 #include "cli/common.h"
-#include "loratune/commands.h"
+#include "cli/commands.h"
+#include "loratune/device.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
 #include "loratune/memory.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 #include "loratune/trainer.h"
 
 namespace fs = std::filesystem;

@@ -2,7 +2,7 @@
 #include <c10/core/Device.h>
 
 #include "loratune/errors.h"
-#include "loratune/memory.h"
+#include "loratune/device.h"
 
 #ifdef LORATUNE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>

@@ -1,11 +1,12 @@
 #include "loratune/memory.h"
+#include "loratune/device.h"
 
 #include <fstream>
 #include <sstream>
 
 #include <torch/cuda.h>
 
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 #ifdef LORATUNE_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>

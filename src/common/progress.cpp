@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace loratune {
 

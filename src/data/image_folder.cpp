@@ -7,9 +7,9 @@
 #include <fstream>
 #include <map>
 
-#include "loratune/data.h"
+#include "loratune/batch_source.h"
 #include "loratune/errors.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace fs = std::filesystem;
 

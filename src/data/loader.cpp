@@ -8,7 +8,7 @@
 #include <numeric>
 
 #include "loratune/errors.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace loratune {
 namespace {

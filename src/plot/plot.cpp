@@ -13,7 +13,7 @@
 
 #include "loratune/errors.h"
 #include "loratune/files.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace fs = std::filesystem;
 

@@ -4,11 +4,9 @@
 
 #include "common/torch_compat.h"
 #include "loratune/errors.h"
-#include "loratune/memory.h"
+#include "loratune/device.h"
 
 namespace loratune {
-
-bool cuda_bf16_supported();  // device.cpp
 
 Precision resolve_precision(const std::string& name, const c10::Device& device) {
   if (name == "fp32") return Precision::kFp32;

@@ -4,7 +4,7 @@
 
 #include "loratune/errors.h"
 #include "loratune/files.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 using nlohmann::json;
 

@@ -1,5 +1,7 @@
 #include "loratune/optim.h"
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 
 #include "loratune/errors.h"

@@ -8,7 +8,7 @@
 #include <limits>
 
 #include "common/torch_compat.h"
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
 #include "loratune/fingerprint.h"
@@ -17,7 +17,7 @@
 #include "loratune/optim.h"
 #include "loratune/progress.h"
 #include "loratune/safetensors.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

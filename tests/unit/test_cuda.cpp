@@ -2,8 +2,9 @@
 // checkpointing, and merged-on-CPU vs adapted-on-GPU. Skipped where LibTorch sees no GPU.
 #include <gtest/gtest.h>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/amp.h"
+#include "loratune/device.h"
 #include "loratune/memory.h"
 #include "loratune/merge.h"
 #include "loratune/model.h"

@@ -2,7 +2,7 @@
 // (tests/fixtures/make_vit_fixtures.py computes the reference with W + s*B@A).
 #include <gtest/gtest.h>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/errors.h"
 #include "loratune/model.h"
 #include "loratune/optim.h"

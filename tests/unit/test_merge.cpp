@@ -2,7 +2,7 @@
 // the C++ logits in <fixtures>/merged for tests/python/check_merged.py, which loads them with torch.jit.load.
 #include <gtest/gtest.h>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/errors.h"
 #include "loratune/merge.h"
 #include "loratune/model.h"

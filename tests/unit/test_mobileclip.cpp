@@ -3,7 +3,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/clip_tokenizer.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"

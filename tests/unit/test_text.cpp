@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "loratune/files.h"
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 namespace loratune {
 namespace {

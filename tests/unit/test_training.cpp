@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <fstream>
 
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/config.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"

@@ -7,7 +7,7 @@
 #include <random>
 
 #include "common/pattern_match.h"
-#include "loratune/adapter.h"
+#include "loratune/adapter_binding.h"
 #include "loratune/bundle.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"

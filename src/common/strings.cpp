@@ -1,4 +1,4 @@
-#include "loratune/text.h"
+#include "loratune/strings.h"
 
 #include <algorithm>
 #include <cctype>

@@ -1,4 +1,4 @@
-#include "loratune/data.h"
+#include "loratune/batch_source.h"
 
 #include <ATen/ATen.h>
 

@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include "loratune/adapter_binding.h"
 #include "loratune/errors.h"
 #include "loratune/model.h"
 

@@ -12,6 +12,32 @@
 
 namespace loratune {
 
+// Training augmentation: random resized crop and horizontal flip.
+struct AugmentConfig {
+  bool enabled = true;
+  double scale_min = 0.35, scale_max = 1.0;  // random resized crop: area fraction
+  double ratio_min = 0.75, ratio_max = 4.0 / 3.0;
+  bool hflip = true;
+};
+
+// Images with more pixels than this are skipped before decoding (a 20000x20000 PNG would take 1.2 GB decoded).
+inline constexpr int64_t kDefaultMaxImagePixels = 100'000'000;
+
+// How photo folders are read into batches (ImageBatchSource in loader.h).
+struct LoaderOptions {
+  int64_t batch_size = 16;
+  bool shuffle = false;
+  bool drop_last = false;
+  bool augment = false;       // training transform (else eval transform)
+  AugmentConfig augmentation;
+  uint64_t seed = 0;
+  int workers = 0;            // 0: one per core
+  int prefetch_batches = 4;
+  std::string cache = "off";  // auto | memory | off
+  bool pin_memory = false;    // page-locked batches for faster copies to CUDA
+  int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed (0: no limit)
+};
+
 struct Batch {
   at::Tensor images;  // [N,3,H,W] float32, normalised
   at::Tensor labels;  // [N] int64

@@ -1,0 +1,30 @@
+// Adapters and models: what a trained model holds as an adapter, and putting an adapter onto a model of its base.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "loratune/adapter.h"
+#include "loratune/model.h"
+
+namespace loratune {
+
+// What a trained model holds, as an adapter for its base.
+Adapter adapter_from_model(const Model& model, const std::vector<std::string>& classes, nlohmann::json training);
+
+// Refuses an adapter made for another base: different fingerprint, or weights of other shapes. The message says which.
+void check_adapter_base(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
+
+// The adapter's targets with bundle paths and row ranges, checked against the model's weights.
+std::vector<LoraTarget> bind_targets(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
+
+// Puts the adapter onto the model: LoRA tensors, head and (method full) base weights.
+void apply_adapter(Model& model, const Adapter& adapter, const std::string& adapter_origin);
+
+// Maps a module path of the bundle to the original model's path and back.
+std::string strip_prefix(const std::string& path, const std::string& prefix);
+std::string add_prefix(const std::string& path, const std::string& prefix);
+
+}  // namespace loratune

@@ -1,0 +1,110 @@
+#include "loratune/adapter_binding.h"
+
+#include "loratune/errors.h"
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace loratune {
+
+std::string strip_prefix(const std::string& path, const std::string& prefix) {
+  if (prefix.empty()) return path;
+  if (path.compare(0, prefix.size(), prefix) != 0)
+    throw InputError("module " + path + " is outside the model's prefix \"" + prefix + "\"");
+  return path.substr(prefix.size());
+}
+
+std::string add_prefix(const std::string& path, const std::string& prefix) { return prefix + path; }
+
+Adapter adapter_from_model(const Model& model, const std::vector<std::string>& classes, json training) {
+  Adapter a;
+  const std::string& prefix = model.bundle().info.module_prefix;
+  a.method = method_name(model.method());
+  a.lora = model.lora_settings();
+  if (model.method() == Method::kLora)
+    for (const auto& t : model.adapters()) {
+      LoraTarget c = t;
+      c.module = strip_prefix(t.module, prefix);
+      c.A = t.A.detach().to(at::kCPU);
+      c.B = t.B.detach().to(at::kCPU);
+      a.targets.push_back(std::move(c));
+    }
+  if (model.method() == Method::kFull) {
+    auto module = model.bundle().module;
+    for (const auto& p : module.named_parameters()) a.full_weights[strip_prefix(p.name, prefix)] = p.value.detach().to(at::kCPU);
+  }
+  a.head_weight = model.head_weight().detach().to(at::kCPU);
+  a.normalize_features = model.normalize_features();
+  a.head_bias = model.head_bias().detach().to(at::kCPU);
+  a.classes = classes;
+  a.base_fingerprint = model.bundle().fingerprint;
+  a.base_name = model.bundle().info.name.empty() ? model.bundle().path.filename().string() : model.bundle().info.name;
+  a.training = std::move(training);
+  return a;
+}
+
+std::vector<LoraTarget> bind_targets(const Adapter& a, const Bundle& bundle, const std::string& origin) {
+  std::vector<LoraTarget> out;
+  for (const auto& t : a.targets) {
+    LoraTarget b = t;
+    b.module = add_prefix(t.module, bundle.info.module_prefix);
+    torch::jit::Module m;
+    try {
+      m = submodule_at(bundle.module, b.module);
+    } catch (const InputError&) {
+      throw InputError(origin + " was made for another base: it adapts " + t.module + ", which " +
+                       bundle.path.string() + " does not have");
+    }
+    if (!m.hasattr(b.param) || !m.attr(b.param).isTensor())
+      throw InputError(origin + " was made for another base: " + t.module + " has no weight " + b.param);
+    const at::Tensor w = m.attr(b.param).toTensor();
+    const int64_t rows = b.slice.empty() ? w.size(0) : w.size(0) / 3;
+    if (w.dim() != 2 || w.size(1) != b.in_features || rows != b.rows || (!b.slice.empty() && w.size(0) % 3 != 0))
+      throw InputError(origin + " was made for another base: adapter " + t.describe() + " does not fit the weight " +
+                       b.module + " [" + std::to_string(w.size(0)) + "x" + std::to_string(w.size(1)) + "]");
+    b.row_begin = b.slice.empty() ? 0 : (b.slice == "q" ? 0 : b.slice == "k" ? 1 : 2) * rows;
+    out.push_back(std::move(b));
+  }
+  return out;
+}
+
+void check_adapter_base(const Adapter& a, const Bundle& bundle, const std::string& origin) {
+  if (!a.base_fingerprint.empty() && a.base_fingerprint != bundle.fingerprint)
+    throw InputError(origin + " was trained on a different base model (adapter base fingerprint " + a.base_fingerprint +
+                     " \"" + a.base_name + "\", " + bundle.path.string() + " has " + bundle.fingerprint + ")");
+  bind_targets(a, bundle, origin);
+  if (a.head_weight.defined() && a.head_weight.size(1) != bundle.info.feature_dim)
+    throw InputError(origin + " was made for another base: its head takes " + std::to_string(a.head_weight.size(1)) +
+                     " features, " + bundle.path.string() + " gives " + std::to_string(bundle.info.feature_dim));
+  if (!a.full_weights.empty()) {
+    auto module = bundle.module;
+    std::map<std::string, at::Tensor> params;
+    for (const auto& p : module.named_parameters()) params[strip_prefix(p.name, bundle.info.module_prefix)] = p.value;
+    for (const auto& [name, w] : a.full_weights) {
+      auto it = params.find(name);
+      if (it == params.end())
+        throw InputError(origin + " was made for another base: " + bundle.path.string() + " has no parameter " + name);
+      if (it->second.sizes() != w.sizes())
+        throw InputError(origin + " was made for another base: parameter " + name + " has shape [" +
+                         c10::str(w.sizes()) + "], the model's is [" + c10::str(it->second.sizes()) + "]");
+    }
+  }
+}
+
+void apply_adapter(Model& model, const Adapter& a, const std::string& origin) {
+  check_adapter_base(a, model.bundle(), origin);
+  if (!a.full_weights.empty()) {
+    at::NoGradGuard no_grad;
+    auto module = model.module();
+    for (const auto& p : module.named_parameters()) {
+      auto it = a.full_weights.find(strip_prefix(p.name, model.bundle().info.module_prefix));
+      if (it != a.full_weights.end()) p.value.copy_(it->second);
+    }
+  }
+  if (!a.targets.empty()) model.set_adapters(bind_targets(a, model.bundle(), origin), a.lora);
+  else model.clear_adapters();
+  if (a.head_weight.defined()) model.set_head(a.head_weight, a.head_bias);
+  model.set_normalize_features(a.normalize_features);
+}
+
+}  // namespace loratune
