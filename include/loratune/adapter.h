@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "loratune/lora.h"
+#include "loratune/method.h"
 
 namespace loratune {
 
@@ -19,7 +20,7 @@ inline constexpr const char* kAdapterConfigName = "adapter_config.json";
 inline constexpr const char* kAdapterFormat = "loratune.adapter/1";
 
 struct Adapter {
-  std::string method = "lora";  // lora | full | linear_probe
+  Method method = Method::kLora;
   LoraSettings lora;            // as trained
   // Module paths here are those of the original Python model (the bundle's module_prefix removed).
   std::vector<LoraTarget> targets;

@@ -10,9 +10,12 @@
 
 #include "loratune/batch_source.h"
 #include "loratune/lora.h"
+#include "loratune/method.h"
 
 namespace loratune {
 
+// The structs mirror the JSON document: `optim.lr` in JSON is `config.optim.lr` here. Each key is declared once, in
+// the schema of config.cpp (type, default, help, where it lands, whether it changes results).
 struct DataConfig {
   std::string train;              // photo folder: <root>/<class>/...
   std::string val;                // held-out folder; empty: split `train` by `val_fraction`
@@ -22,26 +25,43 @@ struct DataConfig {
   int prefetch_batches = 4;
   std::string cache = "auto";     // auto | memory | off
   std::string prefix_cache = "auto";  // auto | memory | off: reuse the frozen prefix's output across epochs
-  int64_t max_image_pixels = 100'000'000;  // images with more pixels are skipped and listed; 0: no limit
+  int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed; 0: no limit
   AugmentConfig augment;
 };
 
-struct TrainConfig {
-  std::string model;
-  DataConfig data;
-  std::string method = "lora";
-  LoraSettings lora;
-  std::string head_init = "random";   // random | zero_shot
+struct HeadConfig {
+  std::string init = "random";        // random | zero_shot
   std::string text_model;             // zero_shot: text encoder bundle (empty: the one the model names)
   std::string class_names;            // zero_shot: JSON file mapping folder names to prompt names
   std::vector<std::string> templates; // zero_shot: prompt templates (empty: defaults)
+};
+
+struct OptimConfig {
   double lr = 1e-3;
   double head_lr = -1;            // < 0: same as lr
   double weight_decay = 0.01;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double grad_clip = 1.0;
+};
+
+struct ScheduleConfig {
   double warmup_fraction = 0.05;
   double min_lr_ratio = 0.0;
+};
+
+struct LossScaleConfig {
+  double init = 65536.0;
+  int64_t growth_interval = 2000;
+};
+
+struct TrainConfig {
+  std::string model;
+  DataConfig data;
+  Method method = Method::kLora;
+  LoraSettings lora;
+  HeadConfig head;
+  OptimConfig optim;
+  ScheduleConfig schedule;
   int64_t batch_size = 16;
   int64_t grad_accum_steps = 1;
   int64_t epochs = 10;
@@ -50,8 +70,7 @@ struct TrainConfig {
   std::string precision = "auto";
   std::string frozen_dtype = "auto";  // auto | fp32 | compute
   bool gradient_checkpointing = true;
-  double loss_scale_init = 65536.0;
-  int64_t loss_scale_growth_interval = 2000;
+  LossScaleConfig loss_scale;
   std::string device = "auto";
   int threads = 0;                // 0: all cores
   uint64_t seed = 0;
@@ -59,9 +78,12 @@ struct TrainConfig {
   int64_t eval_every_epochs = 1;
   int64_t checkpoint_every_steps = 0;  // 0: at the end of each epoch only
   int64_t log_every_steps = 10;
-
   nlohmann::json json;  // the resolved configuration, every key present
 };
+
+// The resolved configuration without the keys that do not change what training computes (where it runs, how
+// often it reports): what adapters record and what a resumed run must match.
+nlohmann::json result_settings(const nlohmann::json& resolved);
 
 // The full configuration with defaults, as JSON.
 nlohmann::json default_config_json();

@@ -9,17 +9,10 @@
 
 #include "loratune/bundle.h"
 #include "loratune/lora.h"
+#include "loratune/method.h"
 #include "loratune/named_tensor.h"
 
 namespace loratune {
-
-enum class Method {
-  kLora,         // adapters on the base, base frozen
-  kFull,         // every base weight trained
-  kLinearProbe,  // only the head trained, base frozen
-};
-Method parse_method(const std::string& name);
-std::string method_name(Method method);
 
 class Model {
  public:

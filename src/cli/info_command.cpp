@@ -18,7 +18,7 @@ void print_adapter(const fs::path& path) {
   int64_t params = 0;
   for (const auto& t : a.targets) params += t.A.numel() + t.B.numel();
   std::printf("adapter        %s\n", path.c_str());
-  std::printf("method         %s\n", a.method.c_str());
+  std::printf("method         %s\n", method_name(a.method).c_str());
   std::printf("base           %s (fingerprint %s)\n", a.base_name.c_str(),
               a.base_fingerprint.empty() ? "not recorded: written by another tool" : a.base_fingerprint.c_str());
   std::printf("classes        %zu: %s\n", a.classes.size(), join(a.classes, ", ", 20).c_str());

@@ -25,18 +25,18 @@ void on_interrupt(int) {
 std::unique_ptr<Model> build_model(const TrainConfig& c, const std::vector<std::string>& classes, const c10::Device& device,
                                    at::ScalarType frozen_dtype, bool report) {
   auto model = build_training_model(c, static_cast<int64_t>(classes.size()));
-  if (report && c.method == "lora") {
+  if (report && c.method == Method::kLora) {
     const auto& targets = model->adapters();
     spdlog::info("LoRA on {} weights (rank {}, alpha {}{}):", targets.size(), c.lora.rank, c.lora.alpha,
                  c.lora.rslora ? ", rsLoRA" : "");
     for (const auto& t : targets) spdlog::info("  {}", t.describe());
     for (const auto& note : model->host().notes()) spdlog::warn("{}", note);
   }
-  if (c.head_init == "zero_shot") cli::apply_zero_shot_head(*model, classes, c.text_model, c.class_names, c.templates);
+  if (c.head.init == "zero_shot") cli::apply_zero_shot_head(*model, classes, c.head.text_model, c.head.class_names, c.head.templates);
   model->to(device, frozen_dtype);
   if (report) {
     const int64_t trainable = model->trainable_count(), total = model->total_count();
-    spdlog::info("method {}: {} trainable of {} parameters ({})", c.method, human_count(static_cast<double>(trainable)),
+    spdlog::info("method {}: {} trainable of {} parameters ({})", method_name(c.method), human_count(static_cast<double>(trainable)),
                  human_count(static_cast<double>(total)), cli::percent(static_cast<double>(trainable) / total, 3));
     if (!model->bundle().has_block_structure() && c.gradient_checkpointing)
       spdlog::warn("the model has no stem/blocks/head structure: gradient checkpointing is off");
@@ -100,7 +100,7 @@ int run_train(const TrainCommand& command) {
 
     const bool mixed = precision != Precision::kFp32;
     const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && mixed && device.is_cuda());
-    at::ScalarType frozen = compact && mixed && c.method != "full" ? compute_dtype(precision) : at::kFloat;
+    at::ScalarType frozen = compact && mixed && c.method != Method::kFull ? compute_dtype(precision) : at::kFloat;
     const auto& classes = train_folder.classes;
     auto model = build_model(c, classes, device, frozen, true);
     if (frozen != at::kFloat) {

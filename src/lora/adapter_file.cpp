@@ -146,7 +146,7 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
     tensors[std::string(kKeyPrefix) + kHeadModule + ".bias"] = a.head_bias.detach().to(at::kCPU, at::kFloat);
   }
   for (const auto& [name, w] : a.full_weights) tensors[std::string(kKeyPrefix) + name] = w.detach().to(at::kCPU);
-  const json meta = {{"method", a.method},     {"lora", settings_json(a.lora)},
+  const json meta = {{"method", method_name(a.method)},     {"lora", settings_json(a.lora)},
                      {"targets", targets},     {"classes", a.classes},
                      {"base_fingerprint", a.base_fingerprint}, {"base_name", a.base_name},
                      {"training", a.training}, {"head_module", kHeadModule},
@@ -169,7 +169,11 @@ namespace {
 json read_loratune_metadata(Adapter& a, const std::string& text, const std::string& origin) {
   try {
     json meta = json::parse(text);
-    a.method = meta.at("method").get<std::string>();
+    try {
+      a.method = parse_method(meta.at("method").get<std::string>());
+    } catch (const InputError& e) {
+      throw InputError(origin + ": " + e.what());
+    }
     const json& s = meta.at("lora");
     a.lora.rank = s.at("rank");
     a.lora.alpha = s.at("alpha");
@@ -188,8 +192,6 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
           !jt.at("alpha").is_number())
         throw InputError(origin + ": loratune metadata is damaged (a target entry has fields of the wrong type); "
                          "re-save the adapter");
-    if (a.method != "lora" && a.method != "full" && a.method != "linear_probe")
-      throw InputError(origin + ": unknown method \"" + a.method + "\" in its metadata");
     return meta;
   } catch (const json::exception& e) {
     throw InputError(origin + ": loratune metadata is damaged (" + std::string(e.what()) + "); re-save the adapter");
@@ -339,7 +341,7 @@ Adapter load_adapter(const fs::path& path) {
                      std::to_string(a.head_weight.size(0)) + " outputs");
   if (a.head_weight.defined() && a.classes.empty())
     for (int64_t i = 0; i < a.head_weight.size(0); ++i) a.classes.push_back("class_" + std::to_string(i));
-  if (a.method == "full" && a.full_weights.empty()) throw InputError(origin + ": method full but no base weights stored");
+  if (a.method == Method::kFull && a.full_weights.empty()) throw InputError(origin + ": method full but no base weights stored");
   return a;
 }
 

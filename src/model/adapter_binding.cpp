@@ -19,7 +19,7 @@ std::string add_prefix(const std::string& path, const std::string& prefix) { ret
 Adapter adapter_from_model(const Model& model, const std::vector<std::string>& classes, json training) {
   Adapter a;
   const std::string& prefix = model.bundle().info.module_prefix;
-  a.method = method_name(model.method());
+  a.method = model.method();
   a.lora = model.lora_settings();
   if (model.method() == Method::kLora)
     for (const auto& t : model.adapters()) {

@@ -6,22 +6,6 @@
 
 namespace loratune {
 
-Method parse_method(const std::string& name) {
-  if (name == "lora") return Method::kLora;
-  if (name == "full") return Method::kFull;
-  if (name == "linear_probe") return Method::kLinearProbe;
-  throw InputError("unknown method \"" + name + "\" (expected lora, full or linear_probe)");
-}
-
-std::string method_name(Method method) {
-  switch (method) {
-    case Method::kLora: return "lora";
-    case Method::kFull: return "full";
-    case Method::kLinearProbe: return "linear_probe";
-  }
-  return "?";
-}
-
 Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(bundle_.module) {
   if (bundle_.info.kind != "backbone")
     throw InputError(bundle_.path.string() + " is a merged classifier, not a backbone bundle; train and merge on the "

@@ -1,5 +1,7 @@
 #include "loratune/config.h"
 
+#include <functional>
+#include <map>
 #include <sstream>
 
 #include "loratune/errors.h"
@@ -13,75 +15,156 @@ namespace {
 
 enum class Kind { kString, kPath, kInt, kNumber, kBool, kStringList, kNumberPair, kIntMap, kNumberMap };
 
+using Setter = std::function<void(TrainConfig&, const json&)>;
+
 struct Key {
   const char* path;
   Kind kind;
   json fallback;
   bool nullable;
+  bool changes_results;  // false: where and how visibly it runs (a resumed run may change these)
   const char* help;
+  Setter set;            // puts the (checked) JSON value into the struct
 };
 
-// The schema: every key, its type, default and meaning. Nothing else is accepted.
+constexpr bool kResult = true, kNotResult = false;
+
+// JSON value -> struct member; null means "empty" / "not set".
+void assign(std::string& out, const json& v) { out = v.is_null() ? "" : v.get<std::string>(); }
+void assign(int& out, const json& v) { out = v.get<int>(); }
+void assign(int64_t& out, const json& v) { out = v.is_null() ? -1 : v.get<int64_t>(); }
+void assign(uint64_t& out, const json& v) { out = v.get<uint64_t>(); }
+void assign(double& out, const json& v) { out = v.is_null() ? -1.0 : v.get<double>(); }
+void assign(bool& out, const json& v) { out = v.get<bool>(); }
+void assign(Method& out, const json& v) { out = parse_method(v.get<std::string>()); }
+template <typename T>
+void assign(std::vector<T>& out, const json& v) { out = v.get<std::vector<T>>(); }
+template <typename T>
+void assign(std::map<std::string, T>& out, const json& v) { out = v.get<std::map<std::string, T>>(); }
+
+// Where a key lands: a chain of members, e.g. field(&TrainConfig::optim, &OptimConfig::lr).
+template <typename... Members>
+Setter field(Members... members) {
+  return [=](TrainConfig& c, const json& v) { assign((c .* ... .* members), v); };
+}
+// A path: "~" is the home folder.
+template <typename... Members>
+Setter path_field(Members... members) {
+  return [=](TrainConfig& c, const json& v) { (c .* ... .* members) = v.is_null() ? "" : expand_home(v.get<std::string>()); };
+}
+// [a, b] into two members.
+Setter pair_field(double AugmentConfig::*first, double AugmentConfig::*second) {
+  return [=](TrainConfig& c, const json& v) { c.data.augment.*first = v[0], c.data.augment.*second = v[1]; };
+}
+
+// The schema: every key, its type, default, meaning and place. Nothing else is accepted.
 const std::vector<Key>& schema() {
+  using C = TrainConfig;
+  using D = DataConfig;
+  using A = AugmentConfig;
+  using L = LoraSettings;
+  using H = HeadConfig;
+  using O = OptimConfig;
+  using S = ScheduleConfig;
+  using LS = LossScaleConfig;
   static const std::vector<Key> keys = {
-      {"model", Kind::kPath, "", false, "model bundle (.pt) made by scripts/export/*.py"},
-      {"data.train", Kind::kPath, "", false, "photo folder: one subfolder per class, images in any depth below"},
-      {"data.val", Kind::kPath, nullptr, true, "held-out folder with the same classes; null: split data.train"},
-      {"data.val_fraction", Kind::kNumber, 0.1, false, "fraction of each class held out when data.val is null"},
-      {"data.split_seed", Kind::kInt, 0, false, "seed of that split"},
-      {"data.workers", Kind::kInt, 0, false, "decoding threads; 0: one per CPU core"},
-      {"data.prefetch_batches", Kind::kInt, 4, false, "batches decoded ahead of training"},
-      {"data.cache", Kind::kString, "auto", false, "keep decoded, resized images in memory: auto (if they fit in 2 GB) | memory | off"},
-      {"data.prefix_cache", Kind::kString, "auto", false,
+      {"model", Kind::kPath, "", false, kResult, "model bundle (.pt) made by scripts/export/*.py", path_field(&C::model)},
+      {"data.train", Kind::kPath, "", false, kResult, "photo folder: one subfolder per class, images in any depth below",
+       path_field(&C::data, &D::train)},
+      {"data.val", Kind::kPath, nullptr, true, kResult, "held-out folder with the same classes; null: split data.train",
+       path_field(&C::data, &D::val)},
+      {"data.val_fraction", Kind::kNumber, 0.1, false, kResult, "fraction of each class held out when data.val is null",
+       field(&C::data, &D::val_fraction)},
+      {"data.split_seed", Kind::kInt, 0, false, kResult, "seed of that split", field(&C::data, &D::split_seed)},
+      {"data.workers", Kind::kInt, 0, false, kNotResult, "decoding threads; 0: one per CPU core", field(&C::data, &D::workers)},
+      {"data.prefetch_batches", Kind::kInt, 4, false, kNotResult, "batches decoded ahead of training",
+       field(&C::data, &D::prefetch_batches)},
+      {"data.cache", Kind::kString, "auto", false, kNotResult,
+       "keep decoded, resized images in memory: auto (if they fit in 2 GB) | memory | off", field(&C::data, &D::cache)},
+      {"data.prefix_cache", Kind::kString, "auto", false, kNotResult,
        "keep the output of the frozen prefix (stem and blocks without adapters; whole backbone for linear_probe) per "
        "image and reuse it in later epochs; valid only without augmentation: auto (on when augmentation is off and a "
-       "block or more is frozen) | memory | off"},
-      {"data.max_image_pixels", Kind::kInt, 100000000, false,
-       "skip (and list) images with more pixels than this, before decoding them; 0: no limit"},
-      {"data.augment.enabled", Kind::kBool, true, false, "training augmentation on/off"},
-      {"data.augment.scale", Kind::kNumberPair, json::array({0.35, 1.0}), false, "random resized crop: area fraction range"},
-      {"data.augment.ratio", Kind::kNumberPair, json::array({0.75, 4.0 / 3.0}), false, "random resized crop: aspect ratio range"},
-      {"data.augment.hflip", Kind::kBool, true, false, "random horizontal flip"},
-      {"method", Kind::kString, "lora", false, "lora | full | linear_probe"},
-      {"lora.rank", Kind::kInt, 8, false, "adapter rank r"},
-      {"lora.alpha", Kind::kNumber, 16.0, false, "scale s = alpha / r (alpha / sqrt(r) with rslora)"},
-      {"lora.dropout", Kind::kNumber, 0.1, false, "dropout on the adapter input"},
-      {"lora.rslora", Kind::kBool, false, false, "rank-stabilised scaling alpha / sqrt(r)"},
-      {"lora.targets", Kind::kStringList, json::array(), false,
-       "module name suffixes or re:<regex>, with :q,v for slices of fused qkv; []: query and value of every block"},
-      {"lora.rank_pattern", Kind::kIntMap, json::object(), false, "pattern -> rank overrides"},
-      {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, "pattern -> alpha overrides"},
-      {"head.init", Kind::kString, "random", false,
-       "random | zero_shot: start from the text encoder's class embeddings (cosine classifier, CLIP models)"},
-      {"head.text_model", Kind::kPath, nullptr, true, "zero_shot: text encoder bundle; null: the one the model names"},
-      {"head.class_names", Kind::kPath, nullptr, true, "zero_shot: JSON file {\"folder\": \"name\" or [names]}"},
-      {"head.templates", Kind::kStringList, json::array(), false, "zero_shot: prompt templates with {}; []: defaults"},
-      {"optim.lr", Kind::kNumber, 1e-3, false, "peak learning rate (AdamW)"},
-      {"optim.head_lr", Kind::kNumber, nullptr, true, "learning rate of the classification head; null: optim.lr"},
-      {"optim.weight_decay", Kind::kNumber, 0.01, false, "decoupled weight decay on matrices"},
-      {"optim.betas", Kind::kNumberPair, json::array({0.9, 0.999}), false, "AdamW betas"},
-      {"optim.eps", Kind::kNumber, 1e-8, false, "AdamW epsilon"},
-      {"optim.grad_clip", Kind::kNumber, 1.0, false, "clip the global gradient norm; 0: off"},
-      {"schedule.warmup_fraction", Kind::kNumber, 0.05, false, "linear warm-up over this fraction of the steps"},
-      {"schedule.min_lr_ratio", Kind::kNumber, 0.0, false, "cosine decay ends at this fraction of the peak"},
-      {"batch_size", Kind::kInt, 16, false, "images per micro-batch (what must fit in memory)"},
-      {"grad_accum_steps", Kind::kInt, 1, false, "micro-batches per optimiser step: effective batch = batch_size x this"},
-      {"epochs", Kind::kInt, 10, false, "passes over the training images"},
-      {"max_steps", Kind::kInt, nullptr, true, "stop after this many optimiser steps; null: from epochs"},
-      {"label_smoothing", Kind::kNumber, 0.0, false, "cross-entropy label smoothing"},
-      {"precision", Kind::kString, "auto", false, "auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16"},
-      {"frozen_dtype", Kind::kString, "auto", false,
-       "storage of frozen base weights: auto (compute dtype on CUDA with mixed precision) | fp32 | compute"},
-      {"gradient_checkpointing", Kind::kBool, true, false, "recompute each block in backward instead of storing activations"},
-      {"loss_scale.init", Kind::kNumber, 65536.0, false, "fp16: initial loss scale"},
-      {"loss_scale.growth_interval", Kind::kInt, 2000, false, "fp16: clean steps before the scale doubles"},
-      {"device", Kind::kString, "auto", false, "auto | cpu | cuda | cuda:N"},
-      {"threads", Kind::kInt, 0, false, "CPU threads for compute; 0: all cores"},
-      {"seed", Kind::kInt, 0, false, "seed of adapter/head initialisation, shuffling, augmentation and dropout"},
-      {"output_dir", Kind::kPath, "runs/default", false, "run folder: adapters, checkpoints, metrics, summary"},
-      {"eval_every_epochs", Kind::kInt, 1, false, "validate every N epochs (and at the end)"},
-      {"checkpoint_every_steps", Kind::kInt, 0, false, "also checkpoint every N optimiser steps; 0: each epoch only"},
-      {"log_every_steps", Kind::kInt, 10, false, "metrics.jsonl line every N optimiser steps"},
+       "block or more is frozen) | memory | off",
+       field(&C::data, &D::prefix_cache)},
+      {"data.max_image_pixels", Kind::kInt, kDefaultMaxImagePixels, false, kResult,
+       "skip (and list) images with more pixels than this, before decoding them; 0: no limit",
+       field(&C::data, &D::max_image_pixels)},
+      {"data.augment.enabled", Kind::kBool, true, false, kResult, "training augmentation on/off",
+       field(&C::data, &D::augment, &A::enabled)},
+      {"data.augment.scale", Kind::kNumberPair, json::array({0.35, 1.0}), false, kResult,
+       "random resized crop: area fraction range", pair_field(&A::scale_min, &A::scale_max)},
+      {"data.augment.ratio", Kind::kNumberPair, json::array({0.75, 4.0 / 3.0}), false, kResult,
+       "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max)},
+      {"data.augment.hflip", Kind::kBool, true, false, kResult, "random horizontal flip",
+       field(&C::data, &D::augment, &A::hflip)},
+      {"method", Kind::kString, "lora", false, kResult, "lora | full | linear_probe", field(&C::method)},
+      {"lora.rank", Kind::kInt, 8, false, kResult, "adapter rank r", field(&C::lora, &L::rank)},
+      {"lora.alpha", Kind::kNumber, 16.0, false, kResult, "scale s = alpha / r (alpha / sqrt(r) with rslora)",
+       field(&C::lora, &L::alpha)},
+      {"lora.dropout", Kind::kNumber, 0.1, false, kResult, "dropout on the adapter input", field(&C::lora, &L::dropout)},
+      {"lora.rslora", Kind::kBool, false, false, kResult, "rank-stabilised scaling alpha / sqrt(r)",
+       field(&C::lora, &L::rslora)},
+      {"lora.targets", Kind::kStringList, json::array(), false, kResult,
+       "module name suffixes or re:<regex>, with :q,v for slices of fused qkv; []: query and value of every block",
+       field(&C::lora, &L::targets)},
+      {"lora.rank_pattern", Kind::kIntMap, json::object(), false, kResult, "pattern -> rank overrides",
+       field(&C::lora, &L::rank_pattern)},
+      {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, kResult, "pattern -> alpha overrides",
+       field(&C::lora, &L::alpha_pattern)},
+      {"head.init", Kind::kString, "random", false, kResult,
+       "random | zero_shot: start from the text encoder's class embeddings (cosine classifier, CLIP models)",
+       field(&C::head, &H::init)},
+      {"head.text_model", Kind::kPath, nullptr, true, kResult,
+       "zero_shot: text encoder bundle; null: the one the model names", path_field(&C::head, &H::text_model)},
+      {"head.class_names", Kind::kPath, nullptr, true, kResult, "zero_shot: JSON file {\"folder\": \"name\" or [names]}",
+       path_field(&C::head, &H::class_names)},
+      {"head.templates", Kind::kStringList, json::array(), false, kResult,
+       "zero_shot: prompt templates with {}; []: defaults", field(&C::head, &H::templates)},
+      {"optim.lr", Kind::kNumber, 1e-3, false, kResult, "peak learning rate (AdamW)", field(&C::optim, &O::lr)},
+      {"optim.head_lr", Kind::kNumber, nullptr, true, kResult, "learning rate of the classification head; null: optim.lr",
+       field(&C::optim, &O::head_lr)},
+      {"optim.weight_decay", Kind::kNumber, 0.01, false, kResult, "decoupled weight decay on matrices",
+       field(&C::optim, &O::weight_decay)},
+      {"optim.betas", Kind::kNumberPair, json::array({0.9, 0.999}), false, kResult, "AdamW betas",
+       [](TrainConfig& c, const json& v) { c.optim.beta1 = v[0], c.optim.beta2 = v[1]; }},
+      {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon", field(&C::optim, &O::eps)},
+      {"optim.grad_clip", Kind::kNumber, 1.0, false, kResult, "clip the global gradient norm; 0: off",
+       field(&C::optim, &O::grad_clip)},
+      {"schedule.warmup_fraction", Kind::kNumber, 0.05, false, kResult, "linear warm-up over this fraction of the steps",
+       field(&C::schedule, &S::warmup_fraction)},
+      {"schedule.min_lr_ratio", Kind::kNumber, 0.0, false, kResult, "cosine decay ends at this fraction of the peak",
+       field(&C::schedule, &S::min_lr_ratio)},
+      {"batch_size", Kind::kInt, 16, false, kResult, "images per micro-batch (what must fit in memory)",
+       field(&C::batch_size)},
+      {"grad_accum_steps", Kind::kInt, 1, false, kResult,
+       "micro-batches per optimiser step: effective batch = batch_size x this", field(&C::grad_accum_steps)},
+      {"epochs", Kind::kInt, 10, false, kResult, "passes over the training images", field(&C::epochs)},
+      {"max_steps", Kind::kInt, nullptr, true, kResult, "stop after this many optimiser steps; null: from epochs",
+       field(&C::max_steps)},
+      {"label_smoothing", Kind::kNumber, 0.0, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing)},
+      {"precision", Kind::kString, "auto", false, kResult,
+       "auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16", field(&C::precision)},
+      {"frozen_dtype", Kind::kString, "auto", false, kResult,
+       "storage of frozen base weights: auto (compute dtype on CUDA with mixed precision) | fp32 | compute",
+       field(&C::frozen_dtype)},
+      {"gradient_checkpointing", Kind::kBool, true, false, kResult,
+       "recompute each block in backward instead of storing activations", field(&C::gradient_checkpointing)},
+      {"loss_scale.init", Kind::kNumber, 65536.0, false, kResult, "fp16: initial loss scale",
+       field(&C::loss_scale, &LS::init)},
+      {"loss_scale.growth_interval", Kind::kInt, 2000, false, kResult, "fp16: clean steps before the scale doubles",
+       field(&C::loss_scale, &LS::growth_interval)},
+      {"device", Kind::kString, "auto", false, kNotResult, "auto | cpu | cuda | cuda:N", field(&C::device)},
+      {"threads", Kind::kInt, 0, false, kNotResult, "CPU threads for compute; 0: all cores", field(&C::threads)},
+      {"seed", Kind::kInt, 0, false, kResult,
+       "seed of adapter/head initialisation, shuffling, augmentation and dropout", field(&C::seed)},
+      {"output_dir", Kind::kPath, "runs/default", false, kNotResult,
+       "run folder: adapters, checkpoints, metrics, summary", path_field(&C::output_dir)},
+      {"eval_every_epochs", Kind::kInt, 1, false, kResult, "validate every N epochs (and at the end)",
+       field(&C::eval_every_epochs)},
+      {"checkpoint_every_steps", Kind::kInt, 0, false, kNotResult,
+       "also checkpoint every N optimiser steps; 0: each epoch only", field(&C::checkpoint_every_steps)},
+      {"log_every_steps", Kind::kInt, 10, false, kNotResult, "metrics.jsonl line every N optimiser steps",
+       field(&C::log_every_steps)},
   };
   return keys;
 }
@@ -167,64 +250,15 @@ void check_keys(const json& node, const std::string& prefix, const std::string& 
   }
 }
 
-TrainConfig to_struct(const json& j) {
-  auto at = [&](const char* path) -> const json& { return j.at(pointer(path)); };
-  auto path_at = [&](const char* path) -> std::string { return at(path).is_null() ? "" : expand_home(at(path).get<std::string>()); };
+TrainConfig to_struct(const json& j, const std::string& origin) {
   TrainConfig c;
-  c.model = path_at("model");
-  c.data.train = path_at("data.train");
-  c.data.val = path_at("data.val");
-  c.data.val_fraction = at("data.val_fraction");
-  c.data.split_seed = at("data.split_seed");
-  c.data.workers = at("data.workers");
-  c.data.prefetch_batches = at("data.prefetch_batches");
-  c.data.cache = at("data.cache");
-  c.data.prefix_cache = at("data.prefix_cache");
-  c.data.max_image_pixels = at("data.max_image_pixels");
-  c.data.augment.enabled = at("data.augment.enabled");
-  c.data.augment.scale_min = at("data.augment.scale")[0];
-  c.data.augment.scale_max = at("data.augment.scale")[1];
-  c.data.augment.ratio_min = at("data.augment.ratio")[0];
-  c.data.augment.ratio_max = at("data.augment.ratio")[1];
-  c.data.augment.hflip = at("data.augment.hflip");
-  c.method = at("method");
-  c.lora.rank = at("lora.rank");
-  c.lora.alpha = at("lora.alpha");
-  c.lora.dropout = at("lora.dropout");
-  c.lora.rslora = at("lora.rslora");
-  c.lora.targets = at("lora.targets").get<std::vector<std::string>>();
-  c.lora.rank_pattern = at("lora.rank_pattern").get<std::map<std::string, int64_t>>();
-  c.lora.alpha_pattern = at("lora.alpha_pattern").get<std::map<std::string, double>>();
-  c.head_init = at("head.init");
-  c.text_model = path_at("head.text_model");
-  c.class_names = path_at("head.class_names");
-  c.templates = at("head.templates").get<std::vector<std::string>>();
-  c.lr = at("optim.lr");
-  c.head_lr = at("optim.head_lr").is_null() ? -1.0 : at("optim.head_lr").get<double>();
-  c.weight_decay = at("optim.weight_decay");
-  c.beta1 = at("optim.betas")[0];
-  c.beta2 = at("optim.betas")[1];
-  c.eps = at("optim.eps");
-  c.grad_clip = at("optim.grad_clip");
-  c.warmup_fraction = at("schedule.warmup_fraction");
-  c.min_lr_ratio = at("schedule.min_lr_ratio");
-  c.batch_size = at("batch_size");
-  c.grad_accum_steps = at("grad_accum_steps");
-  c.epochs = at("epochs");
-  c.max_steps = at("max_steps").is_null() ? -1 : at("max_steps").get<int64_t>();
-  c.label_smoothing = at("label_smoothing");
-  c.precision = at("precision");
-  c.frozen_dtype = at("frozen_dtype");
-  c.gradient_checkpointing = at("gradient_checkpointing");
-  c.loss_scale_init = at("loss_scale.init");
-  c.loss_scale_growth_interval = at("loss_scale.growth_interval");
-  c.device = at("device");
-  c.threads = at("threads");
-  c.seed = at("seed");
-  c.output_dir = path_at("output_dir");
-  c.eval_every_epochs = at("eval_every_epochs");
-  c.checkpoint_every_steps = at("checkpoint_every_steps");
-  c.log_every_steps = at("log_every_steps");
+  for (const auto& k : schema()) {
+    try {
+      k.set(c, j.at(pointer(k.path)));
+    } catch (const InputError& e) {
+      throw InputError(origin + ": " + e.what());
+    }
+  }
   c.json = j;
   return c;
 }
@@ -242,21 +276,21 @@ void check_values(const TrainConfig& c, const std::string& origin) {
   if (c.data.prefix_cache == "memory" && c.data.augment.enabled)
     fail("data.prefix_cache memory needs data.augment.enabled false: augmented images differ every epoch, so their "
          "prefix outputs cannot be reused");
-  if (c.head_init != "random" && c.head_init != "zero_shot") fail("head.init must be random or zero_shot");
-  for (const auto& t : c.templates)
+  if (c.head.init != "random" && c.head.init != "zero_shot") fail("head.init must be random or zero_shot");
+  for (const auto& t : c.head.templates)
     if (t.find("{}") == std::string::npos) fail("head.templates: \"" + t + "\" has no {} for the class name");
   const auto& a = c.data.augment;
   if (!(0 < a.scale_min && a.scale_min <= a.scale_max && a.scale_max <= 1)) fail("data.augment.scale must be [min, max] with 0 < min <= max <= 1");
   if (!(0 < a.ratio_min && a.ratio_min <= a.ratio_max)) fail("data.augment.ratio must be [min, max] with 0 < min <= max");
-  if (c.method != "lora" && c.method != "full" && c.method != "linear_probe") fail("method must be lora, full or linear_probe (got \"" + c.method + "\")");
   if (c.lora.rank <= 0) fail("lora.rank must be a positive integer");
   if (!(c.lora.alpha > 0)) fail("lora.alpha must be positive");
   if (c.lora.dropout < 0 || c.lora.dropout >= 1) fail("lora.dropout must be in [0, 1)");
-  if (!(c.lr > 0)) fail("optim.lr must be positive");
-  if (c.weight_decay < 0 || c.grad_clip < 0) fail("optim.weight_decay and optim.grad_clip must be >= 0");
-  if (!(c.beta1 >= 0 && c.beta1 < 1 && c.beta2 >= 0 && c.beta2 < 1)) fail("optim.betas must be in [0, 1)");
-  if (c.warmup_fraction < 0 || c.warmup_fraction >= 1) fail("schedule.warmup_fraction must be in [0, 1)");
-  if (c.min_lr_ratio < 0 || c.min_lr_ratio > 1) fail("schedule.min_lr_ratio must be in [0, 1]");
+  if (!(c.optim.lr > 0)) fail("optim.lr must be positive");
+  if (c.optim.weight_decay < 0 || c.optim.grad_clip < 0) fail("optim.weight_decay and optim.grad_clip must be >= 0");
+  const auto& o = c.optim;
+  if (!(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1)) fail("optim.betas must be in [0, 1)");
+  if (c.schedule.warmup_fraction < 0 || c.schedule.warmup_fraction >= 1) fail("schedule.warmup_fraction must be in [0, 1)");
+  if (c.schedule.min_lr_ratio < 0 || c.schedule.min_lr_ratio > 1) fail("schedule.min_lr_ratio must be in [0, 1]");
   if (c.batch_size < 1 || c.grad_accum_steps < 1) fail("batch_size and grad_accum_steps must be >= 1");
   if (c.epochs < 1) fail("epochs must be >= 1");
   if (c.label_smoothing < 0 || c.label_smoothing >= 1) fail("label_smoothing must be in [0, 1)");
@@ -268,6 +302,16 @@ void check_values(const TrainConfig& c, const std::string& origin) {
 }
 
 }  // namespace
+
+json result_settings(const json& resolved) {
+  json record = resolved;
+  for (const auto& k : schema()) {
+    if (k.changes_results) continue;
+    const auto ptr = pointer(k.path);
+    if (record.contains(ptr)) record[ptr.parent_pointer()].erase(ptr.back());
+  }
+  return record;
+}
 
 json default_config_json() {
   json j = json::object();
@@ -306,7 +350,7 @@ TrainConfig parse_train_config(const json& user, const std::string& origin) {
       throw InputError(origin + ": " + k.path + " must not be negative");
     merged[ptr] = v;
   }
-  TrainConfig c = to_struct(merged);
+  TrainConfig c = to_struct(merged, origin);
   check_values(c, origin);
   return c;
 }

@@ -31,12 +31,6 @@ constexpr int64_t kMaxNonFiniteSteps = 3;       // fp32/bf16: NaN/inf this many 
 constexpr int64_t kMaxNonFiniteStepsFp16 = 25;  // fp16: the scaler may need a few halvings first
 constexpr const char* kCheckpointFormat = "loratune.checkpoint/1";
 
-// Keys that do not change what training computes (where it runs, how often it reports).
-const std::vector<std::string> kNonResultKeys = {"/output_dir", "/data/workers", "/data/prefetch_batches",
-                                                 "/data/cache", "/data/prefix_cache", "/device", "/threads",
-                                                 "/log_every_steps",
-                                                 "/checkpoint_every_steps"};
-
 std::string format_percent(double fraction) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f%%", 100.0 * fraction);
@@ -48,8 +42,8 @@ std::string format_percent(double fraction) {
 std::unique_ptr<Model> build_training_model(const TrainConfig& c, int64_t classes) {
   torch::manual_seed(c.seed);
   auto model = std::make_unique<Model>(load_bundle(c.model));
-  model->set_method(parse_method(c.method));
-  if (c.method == "lora") {
+  model->set_method(c.method);
+  if (c.method == Method::kLora) {
     auto targets = resolve_targets(model->module(), c.lora);
     init_adapter_tensors(targets);
     model->set_adapters(targets, c.lora);
@@ -85,26 +79,21 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
                  std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
       precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()) {
-  optimizer_ = std::make_unique<AdamW>(trainable_, AdamWOptions{config.beta1, config.beta2, config.eps, config.weight_decay});
-  if (config.head_lr > 0) {
-    optimizer_->set_lr_multiplier("head.weight", config.head_lr / config.lr);
-    optimizer_->set_lr_multiplier("head.bias", config.head_lr / config.lr);
+  optimizer_ = std::make_unique<AdamW>(trainable_, AdamWOptions{config.optim.beta1, config.optim.beta2, config.optim.eps, config.optim.weight_decay});
+  if (config.optim.head_lr > 0) {
+    optimizer_->set_lr_multiplier("head.weight", config.optim.head_lr / config.optim.lr);
+    optimizer_->set_lr_multiplier("head.bias", config.optim.head_lr / config.optim.lr);
   }
   LossScaler::Options so;
-  so.init_scale = config.loss_scale_init;
-  so.growth_interval = config.loss_scale_growth_interval;
+  so.init_scale = config.loss_scale.init;
+  so.growth_interval = config.loss_scale.growth_interval;
   scaler_ = std::make_unique<LossScaler>(precision == Precision::kFp16, so);
 }
 
 Trainer::~Trainer() = default;
 
 json Trainer::adapter_training_record() const {
-  json record = config_.json;
-  for (const auto& key : kNonResultKeys) {
-    const json::json_pointer ptr(key);
-    const auto parent = ptr.parent_pointer();
-    if (record.contains(ptr)) record[parent].erase(ptr.back());
-  }
+  json record = result_settings(config_.json);
   record["precision"] = precision_name(precision_);
   return record;
 }
@@ -269,7 +258,7 @@ TrainSummary Trainer::run(bool resume) {
                      " steps per epoch is more steps than can be counted; lower epochs");
   const int64_t total_steps = config_.max_steps > 0 ? config_.max_steps : config_.epochs * steps_per_epoch;
   const int64_t total_epochs = total_steps / steps_per_epoch + (total_steps % steps_per_epoch != 0);
-  const auto warmup = static_cast<int64_t>(std::llround(config_.warmup_fraction * static_cast<double>(total_steps)));
+  const auto warmup = static_cast<int64_t>(std::llround(config_.schedule.warmup_fraction * static_cast<double>(total_steps)));
 
   Progress p;
   if (resume) {
@@ -286,7 +275,7 @@ TrainSummary Trainer::run(bool resume) {
                  model_.frozen_prefix_blocks(), model_.frozen_prefix_blocks() == 1 ? "" : "s",
                  model_.method() == Method::kLinearProbe ? ", and the head: the whole backbone" : "");
   TrainSummary summary;
-  summary.method = config_.method;
+  summary.method = method_name(config_.method);
   summary.trainable_params = model_.trainable_count();
   summary.total_params = model_.total_count();
   summary.precision = precision_name(precision_);
@@ -335,9 +324,9 @@ TrainSummary Trainer::run(bool resume) {
           if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
         const bool finite = scaler_->unscale(grads) && std::isfinite(step_loss);
         double grad_norm = std::nan("");
-        const double lr = scheduled_lr(p.step, total_steps, warmup, config_.lr, config_.min_lr_ratio);
+        const double lr = scheduled_lr(p.step, total_steps, warmup, config_.optim.lr, config_.schedule.min_lr_ratio);
         if (finite) {
-          grad_norm = clip_grad_norm(trainable_, config_.grad_clip);
+          grad_norm = clip_grad_norm(trainable_, config_.optim.grad_clip);
           optimizer_->step(lr);
           p.nonfinite_streak = 0;
         } else {
@@ -359,7 +348,7 @@ TrainSummary Trainer::run(bool resume) {
                                "or fp32, or lower optim.lr");
         if (precision_ != Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteSteps)
           throw RuntimeFailure("the loss was NaN/inf for " + std::to_string(p.nonfinite_streak) + " steps in a row (at step " +
-                               std::to_string(p.step) + "): the learning rate " + std::to_string(config_.lr) +
+                               std::to_string(p.step) + "): the learning rate " + std::to_string(config_.optim.lr) +
                                " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
 
         if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {

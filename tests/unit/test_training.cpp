@@ -239,7 +239,7 @@ TEST(Optimizer, WarmupThenCosine) {
 TEST(Config, DefaultsTypesAndSuggestions) {
   const TrainConfig c = parse_train_config({{"model", "m.pt"}, {"data", {{"train", "photos"}}}}, "c.json");
   EXPECT_EQ(c.lora.rank, 8);
-  EXPECT_EQ(c.method, "lora");
+  EXPECT_EQ(c.method, Method::kLora);
   EXPECT_TRUE(c.json.contains("optim"));
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rnak", 4}}}}, "c.json"),
                     InputError, "c.json: unknown key \"lora.rnak\" (did you mean \"lora.rank\"?)");
@@ -255,7 +255,7 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   const TrainConfig o = load_train_config(dir / "c.json", {"lora.rank=16", "data.val=null", "output_dir=runs/x", "optim.head_lr=0.01"});
   EXPECT_EQ(o.lora.rank, 16);
   EXPECT_EQ(o.output_dir, "runs/x");
-  EXPECT_DOUBLE_EQ(o.head_lr, 0.01);
+  EXPECT_DOUBLE_EQ(o.optim.head_lr, 0.01);
   EXPECT_THROW_WITH(load_train_config(dir / "c.json", {"lora.rank"}), InputError, "expected key=value");
 }
 
