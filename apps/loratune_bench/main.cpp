@@ -25,6 +25,7 @@
 #include "loratune/model.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
+#include "loratune/train_step.h"
 #ifdef LORATUNE_WITH_VISION
 #include "loratune/image.h"
 #include "loratune/loader.h"
@@ -77,17 +78,8 @@ int step_benchmark(const Args& a) {
       AutocastScope autocast(device, precision);
       logits = model.logits(x, checkpoint);
     }
-    scaler.scale_loss(at::cross_entropy_loss(logits.to(at::kFloat), y)).backward();
-    std::vector<at::Tensor> grads;
-    for (const auto& t : model.trainable()) grads.push_back(t.tensor.grad());
-    if (scaler.unscale(grads)) {
-      clip_grad_norm(model.trainable(), 1.0);
-      optimizer.step(1e-4);
-      scaler.update(false);
-    } else {
-      scaler.update(true);
-    }
-    optimizer.zero_grad();
+    backward_micro_batch(logits, y, 1.0, scaler);
+    apply_step(model.trainable(), optimizer, scaler, 1e-4, 1.0);
     sync(device);
     times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
   }

@@ -21,10 +21,6 @@ namespace loratune {
 class AdamW;
 class LossScaler;
 
-// The model `loratune train` starts from: the bundle, the method's trainable tensors, seeded LoRA adapters (method
-// lora) and a new head for `classes` classes, on the CPU. Same seed, same tensors.
-std::unique_ptr<Model> build_training_model(const TrainConfig& config, int64_t classes);
-
 struct TrainSummary {
   std::string method;
   int64_t steps = 0, epochs = 0, images_seen = 0;

@@ -11,6 +11,8 @@
 
 #include "loratune/bundle.h"
 #include "loratune/clip_tokenizer.h"
+#include "loratune/model.h"
+#include "loratune/training_setup.h"
 
 namespace loratune {
 
@@ -42,5 +44,14 @@ std::map<std::string, std::vector<std::string>> class_prompt_names(const std::ve
 std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::vector<std::string>& classes,
                                                  const std::map<std::string, std::vector<std::string>>& names,
                                                  const std::vector<std::string>& templates);
+
+// Sets `model`'s head to the zero-shot classifier of `classes` (a cosine classifier: features are normalised):
+// text encoder `text_model` (empty: the one the image bundle names), prompt names from `class_names` (a JSON file;
+// empty: the folder names), `templates` (empty: the defaults).
+void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
+                          const std::string& class_names, const std::vector<std::string>& templates);
+
+// head.init zero_shot for build_training_model / prepare_training.
+ZeroShotHeadInit zero_shot_head_initializer();
 
 }  // namespace loratune

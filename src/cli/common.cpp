@@ -100,20 +100,6 @@ InferenceModel load_inference_model(const std::string& model, const std::string&
   return m;
 }
 
-void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
-                          const std::string& class_names, const std::vector<std::string>& templates) {
-  const fs::path text_path = text_model.empty() ? text_model_for(model.bundle()) : fs::path(text_model);
-  TextEncoder text = load_text_encoder(text_path);
-  if (text.embed_dim != model.bundle().info.feature_dim)
-    throw InputError(text_path.string() + " gives " + std::to_string(text.embed_dim) + "-d embeddings, but " +
-                     model.bundle().path.string() + " gives " + std::to_string(model.bundle().info.feature_dim) + "-d ones");
-  const auto names = class_prompt_names(classes, class_names);
-  auto [weight, bias] = zero_shot_head(text, classes, names, templates.empty() ? default_templates() : templates);
-  model.set_head(weight, bias);
-  model.set_normalize_features(true);
-  spdlog::info("zero-shot head from {} ({} classes, logit scale {})", text_path.string(), classes.size(), text.logit_scale);
-}
-
 std::string format_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
   std::vector<size_t> width(header.size(), 0);
   for (size_t c = 0; c < header.size(); ++c) width[c] = display_width(header[c]);

@@ -34,10 +34,6 @@ struct InferenceModel {
 };
 InferenceModel load_inference_model(const std::string& model, const std::string& adapter, const c10::Device& device);
 
-// Zero-shot head from a CLIP text encoder for these classes (folder names, or names from `class_names`).
-void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
-                          const std::string& class_names, const std::vector<std::string>& templates);
-
 // Prints a table with aligned columns (UTF-8 aware).
 std::string format_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
 

@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "cli/common.h"
+#include "loratune/zero_shot.h"
 #include "cli/commands.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
@@ -39,7 +40,7 @@ int run_eval(const EvalCommand& command) {
       model.adapted = std::make_unique<Model>(load_bundle(command.model));
       model.info = model.adapted->bundle().info;
       model.classes = scan_image_folder(command.data).classes;
-      cli::apply_zero_shot_head(*model.adapted, model.classes, command.text_model, command.class_names, {});
+      apply_zero_shot_head(*model.adapted, model.classes, command.text_model, command.class_names, {});
       model.adapted->to(device);
     } else {
       model = cli::load_inference_model(command.model, command.adapter, device);

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <spdlog/spdlog.h>
+
 #include "loratune/errors.h"
 #include "loratune/files.h"
 
@@ -88,6 +90,26 @@ std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::v
     rows.push_back(mean / mean.norm());
   }
   return {at::stack(rows) * text.logit_scale, at::zeros({static_cast<int64_t>(classes.size())})};
+}
+
+void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
+                          const std::string& class_names, const std::vector<std::string>& templates) {
+  const fs::path text_path = text_model.empty() ? text_model_for(model.bundle()) : fs::path(text_model);
+  TextEncoder text = load_text_encoder(text_path);
+  if (text.embed_dim != model.bundle().info.feature_dim)
+    throw InputError(text_path.string() + " gives " + std::to_string(text.embed_dim) + "-d embeddings, but " +
+                     model.bundle().path.string() + " gives " + std::to_string(model.bundle().info.feature_dim) + "-d ones");
+  const auto names = class_prompt_names(classes, class_names);
+  auto [weight, bias] = zero_shot_head(text, classes, names, templates.empty() ? default_templates() : templates);
+  model.set_head(weight, bias);
+  model.set_normalize_features(true);
+  spdlog::info("zero-shot head from {} ({} classes, logit scale {})", text_path.string(), classes.size(), text.logit_scale);
+}
+
+ZeroShotHeadInit zero_shot_head_initializer() {
+  return [](Model& model, const std::vector<std::string>& classes, const HeadConfig& head) {
+    apply_zero_shot_head(model, classes, head.text_model, head.class_names, head.templates);
+  };
 }
 
 }  // namespace loratune

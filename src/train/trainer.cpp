@@ -18,6 +18,7 @@
 #include "loratune/progress.h"
 #include "loratune/safetensors.h"
 #include "loratune/strings.h"
+#include "loratune/train_step.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -38,19 +39,6 @@ std::string format_percent(double fraction) {
 }
 
 }  // namespace
-
-std::unique_ptr<Model> build_training_model(const TrainConfig& c, int64_t classes) {
-  torch::manual_seed(c.seed);
-  auto model = std::make_unique<Model>(load_bundle(c.model));
-  model->set_method(c.method);
-  if (c.method == Method::kLora) {
-    auto targets = resolve_targets(model->module(), c.lora);
-    init_adapter_tensors(targets);
-    model->set_adapters(targets, c.lora);
-  }
-  model->init_head(classes);
-  return model;
-}
 
 json TrainSummary::to_json() const {
   json skipped = json::array();
@@ -311,29 +299,17 @@ TrainSummary Trainer::run(bool resume) {
           if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
           const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
           const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
-          const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100,
-                                                         config_.label_smoothing);
           // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
           const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
-          scaler_->scale_loss(loss / share).backward();
-          step_loss += loss.item<double>() / share;
+          step_loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
           window_images += static_cast<int64_t>(batch->indices.size());
         }
-        std::vector<at::Tensor> grads;
-        for (const auto& t : trainable_)
-          if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
-        const bool finite = scaler_->unscale(grads) && std::isfinite(step_loss);
-        double grad_norm = std::nan("");
         const double lr = scheduled_lr(p.step, total_steps, warmup, config_.optim.lr, config_.schedule.min_lr_ratio);
-        if (finite) {
-          grad_norm = clip_grad_norm(trainable_, config_.optim.grad_clip);
-          optimizer_->step(lr);
-          p.nonfinite_streak = 0;
-        } else {
-          ++p.nonfinite_streak;
-        }
-        scaler_->update(!finite);
-        optimizer_->zero_grad();
+        const StepOutcome outcome =
+            apply_step(trainable_, *optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step_loss));
+        const bool finite = outcome.applied;
+        const double grad_norm = outcome.grad_norm;
+        p.nonfinite_streak = finite ? 0 : p.nonfinite_streak + 1;
         ++p.step;
         ++p.step_in_epoch;
         train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();

@@ -11,6 +11,7 @@
 #include "loratune/image_folder.h"
 #include "loratune/loader.h"
 #include "loratune/trainer.h"
+#include "loratune/training_setup.h"
 #include "test_support.h"
 
 namespace loratune {
@@ -192,7 +193,7 @@ TEST(TrainingOnPhotos, LossFallsAndValidationBeatsChance) {
                                             {"precision", "fp32"},
                                             {"optim", {{"lr", 0.005}}}},
                                            "test");
-  auto model = build_training_model(c, 3);
+  auto model = build_training_model(c, {"a", "b", "c"});
   LoaderOptions o = training_options(2, "auto");
   o.batch_size = 8;
   ImageBatchSource train(train_folder, toy_preprocess(), o);

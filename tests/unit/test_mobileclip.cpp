@@ -10,6 +10,7 @@
 #include "loratune/loader.h"
 #include "loratune/merge.h"
 #include "loratune/trainer.h"
+#include "loratune/training_setup.h"
 #include "loratune/zero_shot.h"
 #include "test_support.h"
 
@@ -115,7 +116,7 @@ TrainConfig mobileclip_config(const std::filesystem::path& out, json extra = jso
   return parse_train_config(j, "test");
 }
 
-std::unique_ptr<Model> lora_model(const TrainConfig& c) { return build_training_model(c, 3); }
+std::unique_ptr<Model> lora_model(const TrainConfig& c) { return build_training_model(c, {"a", "b", "c"}); }
 
 struct Images {
   at::Tensor x, y;

@@ -11,6 +11,7 @@
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/trainer.h"
+#include "loratune/training_setup.h"
 #include "test_support.h"
 
 namespace loratune {
@@ -33,7 +34,11 @@ TrainConfig make_config(const std::filesystem::path& out, json overrides = json:
   return parse_train_config(j, "test config");
 }
 
-std::unique_ptr<Model> make_model(const TrainConfig& c, int64_t classes) { return build_training_model(c, classes); }
+std::unique_ptr<Model> make_model(const TrainConfig& c, int64_t classes) {
+  std::vector<std::string> names;
+  for (int64_t i = 0; i < classes; ++i) names.push_back(std::string(1, static_cast<char>('a' + i)));
+  return build_training_model(c, names);
+}
 
 struct ToyData {
   at::Tensor images, labels;

@@ -1,0 +1,33 @@
+// The training step, shared by the training loop, the probe step of `prepare_training` and the benchmark app:
+// backward of each micro-batch (weighted by its share of the step's images, scaled for fp16), then one optimiser
+// update (unscale, skip on inf/NaN, clip, AdamW, loss-scale update, zero gradients).
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <vector>
+
+#include "loratune/amp.h"
+#include "loratune/named_tensor.h"
+#include "loratune/optim.h"
+
+namespace loratune {
+
+// Backward of the mean cross-entropy of `logits` against `labels`, divided by `share` (images in the step / images in
+// this micro-batch; the number of micro-batches when all are full) and scaled by `scaler`. Returns the loss / share.
+double backward_micro_batch(const at::Tensor& logits, const at::Tensor& labels, double share, const LossScaler& scaler,
+                            double label_smoothing = 0.0);
+
+struct StepOutcome {
+  bool applied = false;      // false: inf/NaN in the gradients or the loss, the update was skipped
+  double grad_norm = 0.0;    // before clipping; NaN when skipped
+};
+
+// The update after the micro-batches of a step. `loss_finite` false skips it as inf/NaN gradients do.
+StepOutcome apply_step(const std::vector<NamedTensor>& trainable, AdamW& optimizer, LossScaler& scaler, double lr,
+                       double grad_clip, bool loss_finite = true);
+
+// Zeroes the gradients of the trainable tensors (after a probe pass).
+void discard_gradients(const std::vector<NamedTensor>& trainable);
+
+}  // namespace loratune

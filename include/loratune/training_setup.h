@@ -1,0 +1,45 @@
+// From a validated configuration to everything the training loop needs, decided in one place for `loratune train`
+// and for C++ programs alike: device and precision, the model with seeded adapters and its head (zero-shot
+// initialised when the config says so), where frozen weights are stored (a probe step falls back to fp32 when a
+// model's graph breaks with 16-bit weights), and the loader options.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loratune/amp.h"
+#include "loratune/batch_source.h"
+#include "loratune/config.h"
+#include "loratune/model.h"
+
+namespace loratune {
+
+// Sets a model's head from a text encoder's class embeddings (head.init zero_shot). The CLIP text side lives in the
+// loratune_text library: pass loratune::zero_shot_head_initializer() from zero_shot.h.
+using ZeroShotHeadInit =
+    std::function<void(Model& model, const std::vector<std::string>& classes, const HeadConfig& head)>;
+
+// The model training starts from: the bundle, the method's trainable tensors, seeded LoRA adapters (method lora)
+// and its head (random, or zero-shot through `zero_shot`), on the CPU. Same config and seed, same tensors.
+// InputError when head.init is zero_shot and `zero_shot` is empty.
+std::unique_ptr<Model> build_training_model(const TrainConfig& config, const std::vector<std::string>& classes,
+                                            const ZeroShotHeadInit& zero_shot = {});
+
+struct TrainingSetup {
+  std::unique_ptr<Model> model;  // on `device`, frozen weights in `frozen_dtype`
+  c10::Device device{c10::kCPU};
+  Precision precision = Precision::kFp32;
+  at::ScalarType frozen_dtype = at::kFloat;
+  LoaderOptions train_loader, val_loader;
+  std::vector<std::string> warnings;  // for the user (e.g. the fp32 fallback of frozen weights and why)
+  std::vector<std::string> notes;     // informative (e.g. frozen weights stored in bf16)
+};
+
+TrainingSetup prepare_training(const TrainConfig& config, const std::vector<std::string>& classes,
+                               const ZeroShotHeadInit& zero_shot = {});
+
+}  // namespace loratune

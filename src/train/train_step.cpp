@@ -1,0 +1,39 @@
+#include "loratune/train_step.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace loratune {
+
+double backward_micro_batch(const at::Tensor& logits, const at::Tensor& labels, double share, const LossScaler& scaler,
+                            double label_smoothing) {
+  const at::Tensor loss =
+      at::cross_entropy_loss(logits.to(at::kFloat), labels, {}, at::Reduction::Mean, -100, label_smoothing);
+  scaler.scale_loss(loss / share).backward();
+  return loss.item<double>() / share;
+}
+
+StepOutcome apply_step(const std::vector<NamedTensor>& trainable, AdamW& optimizer, LossScaler& scaler, double lr,
+                       double grad_clip, bool loss_finite) {
+  std::vector<at::Tensor> grads;
+  for (const auto& t : trainable)
+    if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
+  StepOutcome out;
+  out.applied = scaler.unscale(grads) && loss_finite;
+  out.grad_norm = std::nan("");
+  if (out.applied) {
+    out.grad_norm = clip_grad_norm(trainable, grad_clip);
+    optimizer.step(lr);
+  }
+  scaler.update(!out.applied);
+  optimizer.zero_grad();
+  return out;
+}
+
+void discard_gradients(const std::vector<NamedTensor>& trainable) {
+  for (const auto& t : trainable)
+    if (t.tensor.grad().defined()) t.tensor.mutable_grad().zero_();
+}
+
+}  // namespace loratune

@@ -1,0 +1,98 @@
+#include "loratune/training_setup.h"
+
+#include "loratune/device.h"
+#include "loratune/errors.h"
+#include "loratune/train_step.h"
+
+namespace loratune {
+namespace {
+
+// One forward and backward pass on a small batch: catches models whose traced graphs fix a dtype and break with
+// frozen weights stored in 16 bits. Returns the error's last line, or "" when the step works.
+std::string probe_training_step(Model& model, const c10::Device& device, Precision precision, bool checkpoint) {
+  try {
+    const int64_t s = model.bundle().info.image_size;
+    const at::Tensor x = at::zeros({1, 3, s, s}, at::TensorOptions().device(device));
+    at::Tensor logits;
+    {
+      AutocastScope autocast(device, precision);
+      logits = model.logits(x, checkpoint);
+    }
+    logits.to(at::kFloat).sum().backward();
+    discard_gradients(model.trainable());
+    return "";
+  } catch (const std::exception& e) {
+    // The last line of a TorchScript error says what went wrong; the lines above are its traceback.
+    std::string text = e.what();
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+    const size_t newline = text.rfind('\n');
+    return (newline == std::string::npos ? text : text.substr(newline + 1)).substr(0, 300);
+  }
+}
+
+std::unique_ptr<Model> model_on_device(const TrainConfig& c, const std::vector<std::string>& classes,
+                                       const ZeroShotHeadInit& zero_shot, const c10::Device& device,
+                                       at::ScalarType frozen) {
+  auto model = build_training_model(c, classes, zero_shot);
+  model->to(device, frozen);
+  return model;
+}
+
+}  // namespace
+
+std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vector<std::string>& classes,
+                                            const ZeroShotHeadInit& zero_shot) {
+  torch::manual_seed(static_cast<uint64_t>(c.seed));
+  auto model = std::make_unique<Model>(load_bundle(c.model));
+  model->set_method(c.method);
+  if (c.method == Method::kLora) {
+    auto targets = resolve_targets(model->module(), c.lora);
+    init_adapter_tensors(targets);
+    model->set_adapters(targets, c.lora);
+  }
+  model->init_head(static_cast<int64_t>(classes.size()));
+  if (c.head.init == "zero_shot") {
+    if (!zero_shot)
+      throw InputError("head.init zero_shot needs the CLIP text encoder: link loratune_text and pass "
+                       "loratune::zero_shot_head_initializer()");
+    zero_shot(*model, classes, c.head);
+  }
+  return model;
+}
+
+TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::string>& classes,
+                               const ZeroShotHeadInit& zero_shot) {
+  TrainingSetup s;
+  s.device = resolve_device(c.device);
+  s.precision = resolve_precision(c.precision, s.device);
+  const bool mixed = s.precision != Precision::kFp32;
+  const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && mixed && s.device.is_cuda());
+  s.frozen_dtype = compact && mixed && c.method != Method::kFull ? compute_dtype(s.precision) : at::kFloat;
+  s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype);
+  if (s.frozen_dtype != at::kFloat) {
+    const std::string problem = probe_training_step(*s.model, s.device, s.precision, c.gradient_checkpointing);
+    if (!problem.empty()) {
+      s.warnings.push_back("frozen weights stay in fp32: the model fails with " + precision_name(s.precision) +
+                           "-stored weights (" + problem + ")");
+      s.frozen_dtype = at::kFloat;
+      s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype);
+    } else {
+      s.notes.push_back("frozen base weights stored as " + precision_name(s.precision));
+    }
+  }
+
+  s.train_loader.batch_size = c.batch_size;
+  s.train_loader.shuffle = s.train_loader.augment = true;  // the last, smaller batch trains too
+  s.train_loader.augmentation = c.data.augment;
+  s.train_loader.seed = c.seed;
+  s.train_loader.workers = c.data.workers;
+  s.train_loader.prefetch_batches = c.data.prefetch_batches;
+  s.train_loader.cache = c.data.cache;
+  s.train_loader.pin_memory = s.device.is_cuda();
+  s.train_loader.max_image_pixels = c.data.max_image_pixels;
+  s.val_loader = s.train_loader;
+  s.val_loader.shuffle = s.val_loader.augment = false;
+  return s;
+}
+
+}  // namespace loratune
