@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -36,9 +37,38 @@ struct TrainSummary {
   nlohmann::json to_json() const;
 };
 
+// What the training loop reports as it goes. The defaults do nothing; console_reporter() draws the progress bars and
+// log lines of `loratune train`. A C++ program passes its own to drive a UI, or nothing for silence.
+class TrainingReporter {
+ public:
+  struct Step {
+    int64_t step, epoch, epochs;
+    int64_t images_done, images_total;  // in this epoch
+    double loss, lr;
+  };
+  struct Validation {
+    int64_t epoch, epochs;
+    double loss, top1;
+    bool best;  // better than every earlier validation: saved as best/
+  };
+  virtual ~TrainingReporter() = default;
+  virtual void message(const std::string& text) {}  // one informative line (resuming, caching, ...)
+  // An epoch's training part begins (`images_done` > 0 when resumed inside it) / ends (also when interrupted).
+  virtual void epoch_begin(int64_t epoch, int64_t epochs, int64_t images_total, int64_t images_done) {}
+  virtual void step_end(const Step& step) {}
+  virtual void epoch_end() {}
+  virtual void validation_progress(int64_t images_done, int64_t images_total) {}
+  virtual void validation_end(const Validation& result) {}
+};
+
+// Progress bars with rate and ETA on stderr, and log lines (spdlog), for `device`'s memory readings.
+std::shared_ptr<TrainingReporter> console_reporter(const c10::Device& device);
+
 struct TrainerHooks {
   // Called after each optimiser step; returning true stops the run as Ctrl-C would (checkpoint, Interrupted).
   std::function<bool(int64_t step)> stop_after_step;
+  // Where progress goes; empty: console_reporter.
+  std::shared_ptr<TrainingReporter> reporter;
 };
 
 class Trainer {
@@ -102,6 +132,7 @@ class Trainer {
   std::vector<NamedTensor> trainable_;
   bool use_prefix_cache_ = false;
   PrefixCache train_cache_, val_cache_;
+  std::shared_ptr<TrainingReporter> reporter_;
 };
 
 }  // namespace loratune

@@ -1,22 +1,16 @@
 #include "loratune/trainer.h"
 
-#include <spdlog/spdlog.h>
+#include <spdlog/fmt/fmt.h>
 
 #include <chrono>
 #include <cmath>
-#include <fstream>
 #include <limits>
 
-#include "common/torch_compat.h"
-#include "loratune/adapter_binding.h"
 #include "loratune/errors.h"
 #include "loratune/files.h"
-#include "loratune/fingerprint.h"
 #include "loratune/memory.h"
 #include "loratune/metrics.h"
 #include "loratune/optim.h"
-#include "loratune/progress.h"
-#include "loratune/safetensors.h"
 #include "loratune/strings.h"
 #include "loratune/train_step.h"
 
@@ -30,13 +24,7 @@ std::atomic<bool> g_stop_requested{false};
 
 constexpr int64_t kMaxNonFiniteSteps = 3;       // fp32/bf16: NaN/inf this many steps in a row stops the run
 constexpr int64_t kMaxNonFiniteStepsFp16 = 25;  // fp16: the scaler may need a few halvings first
-constexpr const char* kCheckpointFormat = "loratune.checkpoint/1";
 
-std::string format_percent(double fraction) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f%%", 100.0 * fraction);
-  return buf;
-}
 
 }  // namespace
 
@@ -66,7 +54,8 @@ void Trainer::request_stop() { g_stop_requested = true; }
 Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val,
                  std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
-      precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()) {
+      precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()),
+      reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)) {
   optimizer_ = std::make_unique<AdamW>(trainable_, AdamWOptions{config.optim.beta1, config.optim.beta2, config.optim.eps, config.optim.weight_decay});
   if (config.optim.head_lr > 0) {
     optimizer_->set_lr_multiplier("head.weight", config.optim.head_lr / config.optim.lr);
@@ -80,133 +69,11 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
 
 Trainer::~Trainer() = default;
 
-json Trainer::adapter_training_record() const {
-  json record = result_settings(config_.json);
-  record["precision"] = precision_name(precision_);
-  return record;
-}
-
-std::string Trainer::resume_fingerprint() const {
-  const std::string text = adapter_training_record().dump() + "|" + model_.bundle().fingerprint;
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash_bytes(text.data(), text.size(), 7)));
-  return hex;
-}
-
-void Trainer::save_adapter_to(const std::string& name) {
-  save_adapter(dir_ / name, adapter_from_model(model_, classes_, adapter_training_record()));
-}
-
-void Trainer::append_metrics(const json& line, Progress& p) {
-  std::ofstream out(dir_ / kMetrics, std::ios::app);
-  out << line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
-  out.flush();
-  if (!out) throw RuntimeFailure("cannot write " + (dir_ / kMetrics).string() + " (disk full?)");
-  ++p.metrics_lines;
-}
-
-void Trainer::save_checkpoint(const Progress& p) {
-  safetensors::Tensors tensors = optimizer_->state();
-  for (const auto& t : trainable_) tensors["param." + t.name] = t.tensor;
-  tensors["rng.cpu"] = compat::default_generator(c10::Device(c10::kCPU)).get_state();
-  if (device_.is_cuda()) tensors["rng.device"] = compat::default_generator(device_).get_state();
-  const json progress = {{"step", p.step},
-                         {"epoch", p.epoch},
-                         {"step_in_epoch", p.step_in_epoch},
-                         {"metrics_lines", p.metrics_lines},
-                         {"nonfinite_streak", p.nonfinite_streak},
-                         {"best_top1", p.best_top1},
-                         {"best_epoch", p.best_epoch},
-                         {"loss_scale", scaler_->scale()},
-                         {"loss_scale_growth_tracker", scaler_->growth_tracker()}};
-  safetensors::write(dir_ / kCheckpoint, tensors,
-                     {{"format", kCheckpointFormat}, {"progress", progress.dump()}, {"resume_fingerprint", resume_fingerprint()}});
-}
-
-Trainer::Progress Trainer::load_checkpoint() {
-  const fs::path path = dir_ / kCheckpoint;
-  const auto ckpt = safetensors::read(path);
-  if (ckpt.metadata.count("format") == 0 || ckpt.metadata.at("format") != kCheckpointFormat)
-    throw InputError(path.string() + " is not a loratune checkpoint");
-  if (ckpt.metadata.at("resume_fingerprint") != resume_fingerprint())
-    throw InputError(path.string() + " was written with another configuration or base model; resuming needs the same "
-                     "settings (only output_dir, device, threads, data loading and logging may change). Compare with " +
-                     (dir_ / kConfig).string() + ", or start a new run in another output_dir");
-  const json progress = json::parse(ckpt.metadata.at("progress"));
-  {
-    at::NoGradGuard no_grad;
-    for (auto& t : trainable_) {
-      auto it = ckpt.tensors.find("param." + t.name);
-      if (it == ckpt.tensors.end()) throw InputError(path.string() + " has no tensor for " + t.name);
-      t.tensor.copy_(it->second);
-    }
-  }
-  optimizer_->load_state(ckpt.tensors);
-  compat::default_generator(c10::Device(c10::kCPU)).set_state(ckpt.tensors.at("rng.cpu"));
-  if (device_.is_cuda() && ckpt.tensors.count("rng.device"))
-    compat::default_generator(device_).set_state(ckpt.tensors.at("rng.device"));
-  scaler_->restore(progress.at("loss_scale"), progress.at("loss_scale_growth_tracker"));
-  Progress p;
-  p.step = progress.at("step");
-  p.epoch = progress.at("epoch");
-  p.step_in_epoch = progress.at("step_in_epoch");
-  p.metrics_lines = progress.at("metrics_lines");
-  p.nonfinite_streak = progress.at("nonfinite_streak");
-  p.best_top1 = progress.at("best_top1");
-  p.best_epoch = progress.at("best_epoch");
-
-  // Metrics written after the checkpoint belong to the lost part of the run.
-  std::vector<std::string> lines;
-  {
-    std::ifstream in(dir_ / kMetrics);
-    std::string line;
-    while (static_cast<int64_t>(lines.size()) < p.metrics_lines && std::getline(in, line)) lines.push_back(line);
-  }
-  std::string kept;
-  for (const auto& line : lines) kept += line + "\n";
-  write_file_atomic(dir_ / kMetrics, kept);
-  return p;
-}
-
-bool Trainer::decide_prefix_cache() const {
-  const std::string& mode = config_.data.prefix_cache;
-  if (mode == "off" || !model_.has_frozen_prefix() || config_.data.augment.enabled) return false;
-  return mode == "memory" || model_.frozen_prefix_blocks() > 0 || model_.method() == Method::kLinearProbe;
-}
-
-at::Tensor Trainer::prefix_for(PrefixCache& cache, const Batch& batch) {
-  const bool cached = std::all_of(batch.indices.begin(), batch.indices.end(),
-                                  [&](int64_t i) { return cache.rows.count(i) > 0; });
-  if (cached) {
-    std::vector<at::Tensor> rows;
-    for (int64_t i : batch.indices) rows.push_back(cache.rows.at(i));
-    return at::stack(rows).to(device_, /*non_blocking=*/true);
-  }
-  at::Tensor h;
-  {
-    AutocastScope autocast(device_, precision_);
-    h = model_.prefix(batch.images.to(device_, /*non_blocking=*/true));
-  }
-  for (size_t k = 0; k < batch.indices.size(); ++k) cache.rows[batch.indices[k]] = h[static_cast<int64_t>(k)].to(at::kCPU).clone();
-  return h;
-}
-
-at::Tensor Trainer::forward_logits(const Batch& batch, PrefixCache* cache) {
-  if (cache) {
-    const at::Tensor h = prefix_for(*cache, batch);
-    AutocastScope autocast(device_, precision_);
-    return model_.logits_from_prefix(h, config_.gradient_checkpointing);
-  }
-  AutocastScope autocast(device_, precision_);
-  return model_.logits(batch.images.to(device_, /*non_blocking=*/true), config_.gradient_checkpointing);
-}
-
 Trainer::Validation Trainer::validate() {
   model_.set_training(false);
   at::NoGradGuard no_grad;
   PrefixCache* cache = use_prefix_cache_ ? &val_cache_ : nullptr;
   if (cache && static_cast<int64_t>(cache->rows.size()) >= val_->num_usable()) val_->set_images_needed(false);
-  ProgressBar bar("  validate", val_->num_samples(), "img");
   std::vector<at::Tensor> logits, labels;
   int64_t done = 0;
   val_->start_epoch(0, 0);
@@ -214,9 +81,8 @@ Trainer::Validation Trainer::validate() {
     logits.push_back(forward_logits(*batch, cache).to(at::kCPU, at::kFloat));
     labels.push_back(batch->labels);
     done += static_cast<int64_t>(batch->indices.size());
-    bar.update(done, memory_status(device_));
+    reporter_->validation_progress(done, val_->num_samples());
   }
-  bar.finish(memory_status(device_));
   const ClassificationMetrics m = compute_metrics(at::cat(logits), at::cat(labels));
   return {m.loss, m.top1};
 }
@@ -251,7 +117,7 @@ TrainSummary Trainer::run(bool resume) {
   Progress p;
   if (resume) {
     p = load_checkpoint();
-    spdlog::info("resuming at step {} of {} (epoch {})", p.step, total_steps, p.epoch + 1);
+    reporter_->message(fmt::format("resuming at step {} of {} (epoch {})", p.step, total_steps, p.epoch + 1));
   } else {
     write_file_atomic(dir_ / kConfig, config_.json.dump(2) + "\n");
     write_file_atomic(dir_ / kMetrics, "");
@@ -259,9 +125,10 @@ TrainSummary Trainer::run(bool resume) {
 
   use_prefix_cache_ = decide_prefix_cache();
   if (use_prefix_cache_)
-    spdlog::info("caching the frozen prefix ({} block{} before the first adapter{}) per image: later epochs skip it",
-                 model_.frozen_prefix_blocks(), model_.frozen_prefix_blocks() == 1 ? "" : "s",
-                 model_.method() == Method::kLinearProbe ? ", and the head: the whole backbone" : "");
+    reporter_->message(fmt::format(
+        "caching the frozen prefix ({} block{} before the first adapter{}) per image: later epochs skip it",
+        model_.frozen_prefix_blocks(), model_.frozen_prefix_blocks() == 1 ? "" : "s",
+        model_.method() == Method::kLinearProbe ? ", and the head: the whole backbone" : ""));
   TrainSummary summary;
   summary.method = method_name(config_.method);
   summary.trainable_params = model_.trainable_count();
@@ -280,9 +147,8 @@ TrainSummary Trainer::run(bool resume) {
         train_.set_images_needed(false);
       train_.start_epoch(p.epoch, p.step_in_epoch * accum);
       model_.set_training(true);
-      ProgressBar bar("epoch " + std::to_string(p.epoch + 1) + "/" + std::to_string(total_epochs),
-                      images_before_step(steps_this_epoch), "img");
-      bar.restart_rate(images_before_step(p.step_in_epoch));
+      reporter_->epoch_begin(p.epoch, total_epochs, images_before_step(steps_this_epoch),
+                             images_before_step(p.step_in_epoch));
       double window_loss = 0;
       int64_t window_steps = 0;
       auto window_start = std::chrono::steady_clock::now();
@@ -342,19 +208,18 @@ TrainSummary Trainer::run(bool resume) {
           window_loss = 0, window_steps = 0, window_images = 0;
           window_start = std::chrono::steady_clock::now();
         }
-        char status[96];
-        std::snprintf(status, sizeof status, "step %lld loss %.4f lr %.2e ", static_cast<long long>(p.step), step_loss, lr);
-        bar.update(images_before_step(p.step_in_epoch), status + memory_status(device_));
+        reporter_->step_end({p.step, p.epoch, total_epochs, images_before_step(p.step_in_epoch),
+                             images_before_step(steps_this_epoch), step_loss, lr});
 
         const bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step));
         if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
         if (stop) {
-          bar.finish();
+          reporter_->epoch_end();
           throw Interrupted("stopped after step " + std::to_string(p.step) + " of " + std::to_string(total_steps) +
                             "; checkpoint saved in " + (dir_ / kCheckpoint).string());
         }
       }
-      bar.finish();
+      reporter_->epoch_end();
     }
 
     ++p.epoch;
@@ -370,8 +235,7 @@ TrainSummary Trainer::run(bool resume) {
       summary.final_val_top1 = v.top1;
       summary.final_val_loss = v.loss;
       append_metrics({{"type", "val"}, {"step", p.step}, {"epoch", p.epoch}, {"val_loss", v.loss}, {"val_top1", v.top1}}, p);
-      spdlog::info("epoch {}/{}: val loss {:.4f}, top-1 {}{}", p.epoch, total_epochs, v.loss, format_percent(v.top1),
-                   best ? " (best so far)" : "");
+      reporter_->validation_end({p.epoch, total_epochs, v.loss, v.top1, best});
     }
     save_adapter_to(kLastAdapter);
     save_checkpoint(p);

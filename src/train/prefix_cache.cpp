@@ -1,0 +1,40 @@
+// The frozen prefix cache: outputs of the stem and the blocks without trainable tensors, per image, reused across
+// epochs when augmentation is off.
+#include "loratune/trainer.h"
+
+namespace loratune {
+
+bool Trainer::decide_prefix_cache() const {
+  const std::string& mode = config_.data.prefix_cache;
+  if (mode == "off" || !model_.has_frozen_prefix() || config_.data.augment.enabled) return false;
+  return mode == "memory" || model_.frozen_prefix_blocks() > 0 || model_.method() == Method::kLinearProbe;
+}
+
+at::Tensor Trainer::prefix_for(PrefixCache& cache, const Batch& batch) {
+  const bool cached = std::all_of(batch.indices.begin(), batch.indices.end(),
+                                  [&](int64_t i) { return cache.rows.count(i) > 0; });
+  if (cached) {
+    std::vector<at::Tensor> rows;
+    for (int64_t i : batch.indices) rows.push_back(cache.rows.at(i));
+    return at::stack(rows).to(device_, /*non_blocking=*/true);
+  }
+  at::Tensor h;
+  {
+    AutocastScope autocast(device_, precision_);
+    h = model_.prefix(batch.images.to(device_, /*non_blocking=*/true));
+  }
+  for (size_t k = 0; k < batch.indices.size(); ++k) cache.rows[batch.indices[k]] = h[static_cast<int64_t>(k)].to(at::kCPU).clone();
+  return h;
+}
+
+at::Tensor Trainer::forward_logits(const Batch& batch, PrefixCache* cache) {
+  if (cache) {
+    const at::Tensor h = prefix_for(*cache, batch);
+    AutocastScope autocast(device_, precision_);
+    return model_.logits_from_prefix(h, config_.gradient_checkpointing);
+  }
+  AutocastScope autocast(device_, precision_);
+  return model_.logits(batch.images.to(device_, /*non_blocking=*/true), config_.gradient_checkpointing);
+}
+
+}  // namespace loratune
