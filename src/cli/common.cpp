@@ -9,7 +9,7 @@
 
 #include "cli/commands.h"
 #include "loratune/errors.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 #include "loratune/zero_shot.h"
 
 namespace fs = std::filesystem;

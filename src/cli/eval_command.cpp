@@ -7,11 +7,11 @@
 #include "cli/commands.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/memory.h"
 #include "loratune/metrics.h"
-#include "loratune/plot.h"
-#include "loratune/strings.h"
+#include "plot/plot.h"
+#include "common/strings.h"
 
 namespace fs = std::filesystem;
 

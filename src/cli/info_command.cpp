@@ -2,7 +2,7 @@
 #include "cli/commands.h"
 #include "loratune/errors.h"
 #include "loratune/safetensors.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace fs = std::filesystem;
 

@@ -6,9 +6,9 @@
 #include "cli/commands.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/memory.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

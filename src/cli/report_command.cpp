@@ -4,9 +4,9 @@
 #include "cli/common.h"
 #include "cli/commands.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
-#include "loratune/plot.h"
-#include "loratune/strings.h"
+#include "common/files.h"
+#include "plot/plot.h"
+#include "common/strings.h"
 #include "loratune/trainer.h"
 
 namespace fs = std::filesystem;

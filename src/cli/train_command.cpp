@@ -7,9 +7,9 @@
 #include "cli/commands.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/memory.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
 

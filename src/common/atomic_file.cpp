@@ -1,4 +1,4 @@
-#include "loratune/files.h"
+#include "common/files.h"
 
 #include <fcntl.h>
 #include <signal.h>

@@ -1,4 +1,4 @@
-#include "loratune/fingerprint.h"
+#include "common/fingerprint.h"
 
 #include <cstdio>
 #include <cstring>

@@ -6,7 +6,7 @@
 
 #include <torch/cuda.h>
 
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 #ifdef LORATUNE_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>

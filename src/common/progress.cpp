@@ -1,11 +1,11 @@
-#include "loratune/progress.h"
+#include "common/progress.h"
 
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace loratune {
 

@@ -1,4 +1,4 @@
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 #include <algorithm>
 #include <cctype>

@@ -9,7 +9,7 @@
 
 #include "loratune/batch_source.h"
 #include "loratune/errors.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace fs = std::filesystem;
 

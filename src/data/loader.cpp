@@ -8,7 +8,7 @@
 #include <numeric>
 
 #include "loratune/errors.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace loratune {
 namespace {

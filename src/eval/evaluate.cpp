@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "loratune/memory.h"
-#include "loratune/progress.h"
+#include "common/progress.h"
 
 namespace loratune {
 

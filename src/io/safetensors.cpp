@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 
 namespace loratune::safetensors {
 namespace {

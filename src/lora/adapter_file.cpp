@@ -4,10 +4,10 @@
 
 #include "common/pattern_match.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
-#include "loratune/fingerprint.h"
+#include "common/files.h"
+#include "common/fingerprint.h"
 #include "loratune/safetensors.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

@@ -9,7 +9,7 @@
 #include "common/torch_compat.h"
 #include "loratune/errors.h"
 #include "loratune/lora.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace loratune {
 namespace {

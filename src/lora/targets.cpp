@@ -4,7 +4,7 @@
 #include "common/pattern_match.h"
 #include "loratune/errors.h"
 #include "loratune/lora.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 
 namespace loratune {
 namespace {

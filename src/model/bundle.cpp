@@ -10,8 +10,8 @@
 
 #include "common/torch_compat.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
-#include "loratune/fingerprint.h"
+#include "common/files.h"
+#include "common/fingerprint.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

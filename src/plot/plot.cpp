@@ -1,4 +1,4 @@
-#include "loratune/plot.h"
+#include "plot/plot.h"
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
@@ -12,8 +12,8 @@
 #include <mutex>
 
 #include "loratune/errors.h"
-#include "loratune/files.h"
-#include "loratune/strings.h"
+#include "common/files.h"
+#include "common/strings.h"
 
 namespace fs = std::filesystem;
 

@@ -6,7 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

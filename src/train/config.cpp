@@ -5,8 +5,8 @@
 #include <sstream>
 
 #include "loratune/errors.h"
-#include "loratune/files.h"
-#include "loratune/strings.h"
+#include "common/files.h"
+#include "common/strings.h"
 
 using nlohmann::json;
 

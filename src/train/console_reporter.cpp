@@ -5,8 +5,8 @@
 #include <memory>
 
 #include "loratune/memory.h"
-#include "loratune/progress.h"
-#include "loratune/strings.h"
+#include "common/progress.h"
+#include "common/strings.h"
 #include "loratune/trainer.h"
 
 namespace loratune {

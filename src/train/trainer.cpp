@@ -7,11 +7,11 @@
 #include <limits>
 
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/memory.h"
 #include "loratune/metrics.h"
 #include "loratune/optim.h"
-#include "loratune/strings.h"
+#include "common/strings.h"
 #include "loratune/train_step.h"
 
 namespace fs = std::filesystem;

@@ -6,7 +6,7 @@
 #include "loratune/adapter_binding.h"
 #include "loratune/clip_tokenizer.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/loader.h"
 #include "loratune/merge.h"
 #include "loratune/trainer.h"

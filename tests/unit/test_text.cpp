@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "loratune/files.h"
-#include "loratune/strings.h"
+#include "common/files.h"
+#include "common/strings.h"
 
 namespace loratune {
 namespace {

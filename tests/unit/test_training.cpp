@@ -7,7 +7,7 @@
 #include "loratune/adapter_binding.h"
 #include "loratune/config.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/trainer.h"

@@ -10,7 +10,7 @@
 #include "loratune/adapter_binding.h"
 #include "loratune/bundle.h"
 #include "loratune/errors.h"
-#include "loratune/files.h"
+#include "common/files.h"
 #include "loratune/model.h"
 #include "loratune/safetensors.h"
 #include "test_support.h"
