@@ -57,7 +57,7 @@ int step_benchmark(const Args& a) {
   torch::manual_seed(0);
   Model model(load_bundle(get(a, "model")));
   auto targets = resolve_targets(model.module(), LoraSettings{});
-  init_adapter_tensors(targets);
+  init_adapter_tensors(targets, model.module());
   model.set_adapters(targets, LoraSettings{});
   model.init_head(10);
   // As `loratune train` by default: frozen weights in 16 bits with mixed precision on CUDA.

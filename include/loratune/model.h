@@ -29,7 +29,6 @@ class Model {
   void prepare_adapters(const std::vector<LoraTarget>& targets);
   void clear_adapters();
   const std::vector<LoraTarget>& adapters() const { return targets_; }
-  std::vector<LoraTarget>& adapters() { return targets_; }
   const LoraSettings& lora_settings() const { return lora_settings_; }
   AdapterHost& host() { return host_; }
 

@@ -16,7 +16,8 @@ bool looks_like_adapter(const fs::path& p) {
 void print_adapter(const fs::path& path) {
   const Adapter a = load_adapter(path);
   int64_t params = 0;
-  for (const auto& t : a.targets) params += t.A.numel() + t.B.numel();
+  for (const auto& t : a.targets)
+    for (const auto& tensor : t.tensors) params += tensor.numel();
   std::printf("adapter        %s\n", path.c_str());
   std::printf("method         %s\n", method_name(a.method).c_str());
   std::printf("base           %s (fingerprint %s)\n", a.base_name.c_str(),

@@ -19,8 +19,8 @@ constexpr const char* kKeyPrefix = "base_model.model.";
 constexpr const char* kHeadModule = "classifier";
 
 // PEFT key stem of a target: "<module>[.<param>]", then ".lora_A[.<slice>].weight".
-std::string target_key(const LoraTarget& t, char which) {
-  return std::string(kKeyPrefix) + t.module + (t.param == "weight" ? "" : "." + t.param) + ".lora_" + which +
+std::string target_key(const TargetKey& t, const std::string& tensor) {
+  return std::string(kKeyPrefix) + t.module + (t.param == "weight" ? "" : "." + t.param) + ".lora_" + tensor +
          (t.slice.empty() ? "" : "." + t.slice) + ".weight";
 }
 
@@ -137,8 +137,8 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   safetensors::Tensors tensors;
   json targets = json::array();
   for (const auto& t : a.targets) {
-    tensors[target_key(t, 'A')] = t.A.detach().to(at::kCPU, at::kFloat);
-    tensors[target_key(t, 'B')] = t.B.detach().to(at::kCPU, at::kFloat);
+    const auto& names = t.variant->tensor_names();
+    for (size_t k = 0; k < names.size(); ++k) tensors[target_key(t, names[k])] = t.tensors.at(k).detach().to(at::kCPU, at::kFloat);
     targets.push_back(target_json(t));
   }
   if (a.head_weight.defined()) {
@@ -269,7 +269,7 @@ Adapter load_adapter(const fs::path& path) {
   const PeftPatterns alpha_patterns(a.lora.alpha_pattern, origin);
 
   // Tensors: adapters by key, the head, full weights.
-  std::map<std::string, LoraTarget> found;  // by "<module>|<param>|<slice>"
+  std::map<TargetKey, LoraTarget> found;
   const std::string head_prefix = std::string(kKeyPrefix) + kHeadModule + ".";
   for (const auto& [key, tensor] : contents.tensors) {
     if (key.size() > kMaxNameLength)
@@ -285,13 +285,14 @@ Adapter load_adapter(const fs::path& path) {
       const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
       if (last.size() > 7 && last.compare(last.size() - 7, 7, "_weight") == 0)
         param = last, module = dot == std::string::npos ? "" : module.substr(0, dot);
-      LoraTarget& t = found[module + "|" + param + "|" + k.slice];
+      LoraTarget& t = found[TargetKey{module, param, k.slice}];
       t.module = module;
       t.param = param;
       t.slice = k.slice;
+      t.tensors.resize(t.variant->tensor_names().size());
       if (tensor.dim() != 2 || !tensor.is_floating_point())
         throw InputError(origin + ": tensor " + key + " is not a 2-D floating point matrix");
-      (k.which == 'A' ? t.A : t.B) = tensor.to(at::kFloat);
+      (k.which == 'A' ? t.A() : t.B()) = tensor.to(at::kFloat);
     } else if (key == head_prefix + "weight") {
       a.head_weight = tensor.to(at::kFloat);
     } else if (key == head_prefix + "bias") {
@@ -301,16 +302,17 @@ Adapter load_adapter(const fs::path& path) {
     }
   }
   for (auto& [id, t] : found) {
-    if (!t.A.defined() || !t.B.defined())
+    if (!t.A().defined() || !t.B().defined())
       throw InputError(origin + ": adapter " + t.module + " has only one of lora_A / lora_B");
-    if (t.A.size(0) != t.B.size(1))
-      throw InputError(origin + ": adapter " + t.module + " has lora_A rank " + std::to_string(t.A.size(0)) +
-                       " but lora_B rank " + std::to_string(t.B.size(1)));
-    if (t.A.size(0) == 0 || t.A.size(1) == 0 || t.B.size(0) == 0)
+    if (t.A().size(0) != t.B().size(1))
+      throw InputError(origin + ": adapter " + t.module + " has lora_A rank " + std::to_string(t.A().size(0)) +
+                       " but lora_B rank " + std::to_string(t.B().size(1)));
+    if (t.A().size(0) == 0 || t.A().size(1) == 0 || t.B().size(0) == 0)
       throw InputError(origin + ": adapter " + t.module + " has an empty lora_A or lora_B (rank 0); the file is damaged");
-    t.rank = t.A.size(0);
-    t.in_features = t.A.size(1);
-    t.rows = t.B.size(0);
+    t.rank = t.A().size(0);
+    t.in_features = t.A().size(1);
+    t.rows = t.B().size(0);
+    t.variant->check(t, origin);
     t.rslora = a.lora.rslora;
     const double* alpha = alpha_patterns.find(t.module);
     t.alpha = alpha ? *alpha : a.lora.alpha;

@@ -18,43 +18,14 @@ using torch::jit::Graph;
 using torch::jit::Node;
 using torch::jit::Value;
 
-constexpr const char* kAttributes[] = {"lora_enabled", "lora_training", "lora_dropout", "lora_A",
-                                       "lora_B",       "lora_scale",    "lora_rows"};
+// Attributes every prepared module gets, besides the variant's tensor lists "lora_<tensor>".
+constexpr const char* kAttributes[] = {"lora_enabled", "lora_training", "lora_dropout", "lora_scale", "lora_rows"};
 
-// TorchScript methods added to each prepared type. Slices of a fused weight are placed at their rows
-// (`lora_rows`); a single adapter over the whole weight is added directly.
-constexpr const char* kActivationMethods = R"(
-def lora_forward(self, x: Tensor, y: Tensor) -> Tensor:
-    if not self.lora_enabled:
-        return y
-    if self.lora_training and self.lora_dropout > 0.0:
-        x = torch.dropout(x, self.lora_dropout, True)
-    for i in range(len(self.lora_A)):
-        d = torch.linear(torch.linear(x, self.lora_A[i]) * self.lora_scale[i], self.lora_B[i])
-        if len(self.lora_A) == 1 and d.size(-1) == y.size(-1):
-            y = y + d
-        else:
-            y.narrow(-1, self.lora_rows[i], d.size(-1)).add_(d)
-    return y
-)";
-
-constexpr const char* kWeightDeltaMethods = R"(
-def lora_weight(self, w: Tensor) -> Tensor:
-    if not self.lora_enabled:
-        return w
-    parts: List[Tensor] = []
-    pos = 0
-    for i in range(len(self.lora_A)):
-        d = torch.mm(self.lora_B[i], self.lora_A[i]) * self.lora_scale[i]
-        start = self.lora_rows[i]
-        if start > pos:
-            parts.append(torch.zeros([start - pos, w.size(1)], dtype=d.dtype, device=d.device))
-        parts.append(d)
-        pos = start + d.size(0)
-    if pos < w.size(0):
-        parts.append(torch.zeros([w.size(0) - pos, w.size(1)], dtype=parts[0].dtype, device=parts[0].device))
-    return w + torch.cat(parts, 0)
-)";
+std::vector<std::string> tensor_attributes(const AdapterVariant& variant) {
+  std::vector<std::string> names;
+  for (const auto& n : variant.tensor_names()) names.push_back("lora_" + n);
+  return names;
+}
 
 bool is_lora_method(const std::string& name) { return name.rfind("lora_", 0) == 0; }
 
@@ -87,12 +58,15 @@ void AdapterHost::prepare(const std::vector<LoraTarget>& targets) {
                          "adapters on " + done->second);
       continue;
     }
-    prepare_type(type, t.param, t.module);
+    prepare_type(type, t.param, t.module, *t.variant);
   }
 }
 
-void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string& param, const std::string& example) {
-  for (const char* name : kAttributes)
+void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string& param, const std::string& example,
+                               const AdapterVariant& variant) {
+  std::vector<std::string> attributes(std::begin(kAttributes), std::end(kAttributes));
+  for (const auto& name : tensor_attributes(variant)) attributes.push_back(name);
+  for (const auto& name : attributes)
     if (type->hasAttribute(name))
       throw InputError("module " + example + " already has an attribute " + name +
                        "; export the base model without adapters (merge them first)");
@@ -127,13 +101,13 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
     module.register_attribute("lora_enabled", c10::BoolType::get(), false);
     module.register_attribute("lora_training", c10::BoolType::get(), false);
     module.register_attribute("lora_dropout", c10::FloatType::get(), 0.0);
-    module.register_attribute("lora_A", c10::ListType::ofTensors(), c10::List<at::Tensor>());
-    module.register_attribute("lora_B", c10::ListType::ofTensors(), c10::List<at::Tensor>());
+    for (const auto& name : tensor_attributes(variant))
+      module.register_attribute(name, c10::ListType::ofTensors(), c10::List<at::Tensor>());
     module.register_attribute("lora_scale", c10::ListType::ofFloats(), c10::List<double>());
     module.register_attribute("lora_rows", c10::ListType::ofInts(), c10::List<int64_t>());
   }
   auto owner = std::find_if(modules_.begin(), modules_.end(), [&](const auto& m) { return m.second.type() == type; });
-  owner->second.define(wiring == LoraWiring::kActivation ? kActivationMethods : kWeightDeltaMethods);
+  owner->second.define(wiring == LoraWiring::kActivation ? variant.activation_code() : variant.weight_code());
 
   for (torch::jit::Function* fn : type->methods()) {
     if (is_lora_method(fn->name())) continue;
@@ -176,6 +150,7 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
   }
   prepared_[type.get()] = wiring;
   prepared_param_[type.get()] = param;
+  prepared_variant_[type.get()] = &variant;
   if (wiring == LoraWiring::kWeightDelta)
     notes_.push_back("modules of type " + type->name()->name() + " (e.g. " + example + ") read " + param +
                      " outside nn.Linear: adapters there change the weight itself (W + s*B@A), so LoRA dropout "
@@ -188,7 +163,8 @@ void AdapterHost::attach(const std::vector<LoraTarget>& targets, double dropout)
   attached_.clear();
   for (auto& [path, module] : modules_) {
     if (!prepared_.count(module.type().get())) continue;
-    c10::List<at::Tensor> A, B;
+    const AdapterVariant& variant = *prepared_variant_.at(module.type().get());
+    std::vector<c10::List<at::Tensor>> lists(variant.tensor_names().size());
     c10::List<double> scale;
     c10::List<int64_t> rows;
     auto it = by_module.find(path);
@@ -196,15 +172,17 @@ void AdapterHost::attach(const std::vector<LoraTarget>& targets, double dropout)
       auto slices = it->second;
       std::sort(slices.begin(), slices.end(), [](auto* a, auto* b) { return a->row_begin < b->row_begin; });
       for (const LoraTarget* t : slices) {
-        A.push_back(t->A);
-        B.push_back(t->B);
+        if (t->variant != &variant)
+          throw InputError("adapter " + t->describe() + " is a " + t->variant->name() + " adapter, but modules of its "
+                           "type were prepared for " + variant.name());
+        for (size_t k = 0; k < lists.size(); ++k) lists[k].push_back(t->tensors.at(k));
         scale.push_back(t->scale());
         rows.push_back(t->row_begin);
       }
       attached_.insert(path);
     }
-    module.setattr("lora_A", A);
-    module.setattr("lora_B", B);
+    const auto names = tensor_attributes(variant);
+    for (size_t k = 0; k < lists.size(); ++k) module.setattr(names[k], lists[k]);
     module.setattr("lora_scale", scale);
     module.setattr("lora_rows", rows);
     module.setattr("lora_dropout", dropout);

@@ -161,7 +161,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
   };
 
   std::vector<LoraTarget> out;
-  std::set<std::string> seen;
+  std::set<TargetKey> seen;
   for (const auto& [w, slices] : chosen) {
     std::vector<std::string> parts = slices.empty() ? std::vector<std::string>{""} : slices;
     for (const auto& slice : parts) {
@@ -170,8 +170,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
       t.param = w.param;
       t.slice = slice;
       t.in_features = w.cols;
-      t.rows = slice.empty() ? w.rows : w.rows / 3;
-      t.row_begin = slice.empty() ? 0 : (slice == "q" ? 0 : slice == "k" ? 1 : 2) * t.rows;
+      std::tie(t.row_begin, t.rows) = t.rows_in(w.rows);
       t.rank = settings.rank;
       t.alpha = settings.alpha;
       t.rslora = settings.rslora;
@@ -179,8 +178,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
         if (pattern_applies(p, w.module, slice)) t.rank = settings.rank_pattern.at(p.text);
       for (const auto& p : alpha_patterns)
         if (pattern_applies(p, w.module, slice)) t.alpha = settings.alpha_pattern.at(p.text);
-      const std::string key = t.module + "|" + t.param + "|" + t.slice;
-      if (!seen.insert(key).second) continue;  // several patterns may select the same weight
+      if (!seen.insert(t).second) continue;  // several patterns may select the same weight
       if (!slice.empty() && std::any_of(out.begin(), out.end(), [&](const LoraTarget& o) {
             return o.module == t.module && o.param == t.param && o.slice.empty();
           }))
@@ -200,12 +198,16 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
   return out;
 }
 
-void init_adapter_tensors(std::vector<LoraTarget>& targets) {
-  at::NoGradGuard no_grad;
+void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Module& module) {
   for (auto& t : targets) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(t.in_features));
-    t.A = at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(true);
-    t.B = at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(true);
+    torch::jit::Module owner = module;
+    for (size_t start = 0; start < t.module.size();) {
+      const size_t dot = t.module.find('.', start);
+      owner = owner.attr(t.module.substr(start, dot == std::string::npos ? std::string::npos : dot - start)).toModule();
+      start = dot == std::string::npos ? t.module.size() : dot + 1;
+    }
+    const at::Tensor weight = owner.attr(t.param).toTensor();
+    t.variant->init(t, weight.narrow(0, t.row_begin, t.rows).detach());
   }
 }
 

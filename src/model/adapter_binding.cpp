@@ -25,8 +25,7 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
     for (const auto& t : model.adapters()) {
       LoraTarget c = t;
       c.module = strip_prefix(t.module, prefix);
-      c.A = t.A.detach().to(at::kCPU);
-      c.B = t.B.detach().to(at::kCPU);
+      for (auto& tensor : c.tensors) tensor = tensor.detach().to(at::kCPU);
       a.targets.push_back(std::move(c));
     }
   if (model.method() == Method::kFull) {
@@ -58,11 +57,11 @@ std::vector<LoraTarget> bind_targets(const Adapter& a, const Bundle& bundle, con
     if (!m.hasattr(b.param) || !m.attr(b.param).isTensor())
       throw InputError(origin + " was made for another base: " + t.module + " has no weight " + b.param);
     const at::Tensor w = m.attr(b.param).toTensor();
-    const int64_t rows = b.slice.empty() ? w.size(0) : w.size(0) / 3;
+    const int64_t rows = b.rows_in(w.size(0)).second;
     if (w.dim() != 2 || w.size(1) != b.in_features || rows != b.rows || (!b.slice.empty() && w.size(0) % 3 != 0))
       throw InputError(origin + " was made for another base: adapter " + t.describe() + " does not fit the weight " +
                        b.module + " [" + std::to_string(w.size(0)) + "x" + std::to_string(w.size(1)) + "]");
-    b.row_begin = b.slice.empty() ? 0 : (b.slice == "q" ? 0 : b.slice == "k" ? 1 : 2) * rows;
+    b.row_begin = b.rows_in(w.size(0)).first;
     out.push_back(std::move(b));
   }
   return out;

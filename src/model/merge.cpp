@@ -72,9 +72,8 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     at::NoGradGuard no_grad;
     for (const auto& t : bind_targets(adapter, fresh, origin)) {
       at::Tensor w = submodule_at(fresh.module, t.module).attr(t.param).toTensor();
-      const at::Tensor delta = at::mm(t.B.to(at::kFloat), t.A.to(at::kFloat)) * (t.scale() * options.strength);
       at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
-      rows.copy_((rows.to(at::kFloat) + delta).to(w.scalar_type()));
+      rows.copy_(t.variant->merged_rows(t, rows, options.strength).to(w.scalar_type()));
       report.merged.push_back(t.describe() + " += " + std::to_string(t.scale() * options.strength) + " * B@A");
     }
     if (!adapter.full_weights.empty()) {
@@ -101,10 +100,15 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     at::NoGradGuard no_grad;
     if (options.strength != 1.0) {
       // Interpolated weights have no unmerged counterpart: compare against merged weights applied in memory instead.
-      for (auto& t : adapted.adapters()) t.B.mul_(options.strength);
+      auto module = adapted.module();
+      for (const auto& t : bind_targets(adapter, fresh, origin)) {
+        at::Tensor w = submodule_at(module, t.module).attr(t.param).toTensor();
+        at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
+        rows.copy_(t.variant->merged_rows(t, rows, options.strength).to(w.scalar_type()));
+      }
+      adapted.clear_adapters();
       if (!adapter.full_weights.empty()) {
         Bundle base = load_bundle(base_path);
-        auto module = adapted.module();
         std::map<std::string, at::Tensor> originals;
         for (const auto& p : base.module.named_parameters()) originals[p.name] = p.value;
         for (const auto& p : module.named_parameters())

@@ -25,11 +25,9 @@ void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_.pre
 
 void Model::set_adapters(std::vector<LoraTarget> targets, const LoraSettings& settings) {
   for (auto& t : targets) {
-    if (!t.A.defined() || !t.B.defined()) throw InputError("adapter " + t.describe() + " has no tensors");
-    if (t.A.sizes() != at::IntArrayRef{t.rank, t.in_features} || t.B.sizes() != at::IntArrayRef{t.rows, t.rank})
-      throw InputError("adapter " + t.describe() + " has tensors of the wrong shape");
-    if (t.A.device() != device_) t.A = t.A.to(device_).detach().requires_grad_(t.A.requires_grad());
-    if (t.B.device() != device_) t.B = t.B.to(device_).detach().requires_grad_(t.B.requires_grad());
+    t.variant->check(t, "adapter");
+    for (auto& tensor : t.tensors)
+      if (tensor.device() != device_) tensor = tensor.to(device_).detach().requires_grad_(tensor.requires_grad());
   }
   host_.prepare(targets);
   host_.attach(targets, settings.dropout);
@@ -65,8 +63,7 @@ void Model::set_method(Method method) {
   method_ = method;
   for (const auto& p : bundle_.module.parameters()) p.requires_grad_(method == Method::kFull);
   for (auto& t : targets_) {
-    t.A.requires_grad_(method == Method::kLora);
-    t.B.requires_grad_(method == Method::kLora);
+    for (auto& tensor : t.tensors) tensor.requires_grad_(method == Method::kLora);
   }
   refresh_block_parameters();
 }
@@ -80,7 +77,7 @@ void Model::refresh_block_parameters() {
     if (method_ == Method::kLora)
       for (const auto& t : targets_)
         if (t.module.compare(0, block_paths_[i].size() + 1, block_paths_[i] + ".") == 0)
-          block_parameters_[i].insert(block_parameters_[i].end(), {t.A, t.B});
+          block_parameters_[i].insert(block_parameters_[i].end(), t.tensors.begin(), t.tensors.end());
   }
   if (method_ != Method::kFull)
     while (prefix_blocks_ < static_cast<int64_t>(blocks_.size()) && block_parameters_[prefix_blocks_].empty()) ++prefix_blocks_;
@@ -92,9 +89,8 @@ std::vector<NamedTensor> Model::trainable() const {
     for (const auto& p : bundle_.module.named_parameters()) out.push_back({"base." + p.name, p.value});
   if (method_ == Method::kLora)
     for (const auto& t : targets_) {
-      const std::string key = t.module + "." + t.param + (t.slice.empty() ? "" : "." + t.slice);
-      out.push_back({"lora." + key + ".A", t.A});
-      out.push_back({"lora." + key + ".B", t.B});
+      for (size_t k = 0; k < t.tensors.size(); ++k)
+        out.push_back({"lora." + t.name() + "." + t.variant->tensor_names()[k], t.tensors[k]});
     }
   if (has_head()) {
     out.push_back({"head.weight", head_weight_});
@@ -117,7 +113,8 @@ int64_t Model::base_parameter_count() const {
 
 int64_t Model::total_count() const {
   int64_t n = base_parameter_count();
-  for (const auto& t : targets_) n += t.A.numel() + t.B.numel();
+  for (const auto& t : targets_)
+    for (const auto& tensor : t.tensors) n += tensor.numel();
   if (has_head()) n += head_weight_.numel() + head_bias_.numel();
   return n;
 }
@@ -133,8 +130,7 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
       if (b.is_floating_point()) b.set_data(b.data().to(frozen_dtype));
   }
   for (auto& t : targets_) {
-    t.A = t.A.to(device).detach().requires_grad_(t.A.requires_grad());
-    t.B = t.B.to(device).detach().requires_grad_(t.B.requires_grad());
+    for (auto& tensor : t.tensors) tensor = tensor.to(device).detach().requires_grad_(tensor.requires_grad());
   }
   if (!targets_.empty()) host_.attach(targets_, lora_settings_.dropout);
   if (has_head()) set_head(head_weight_, head_bias_);

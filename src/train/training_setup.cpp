@@ -47,7 +47,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
   model->set_method(c.method);
   if (c.method == Method::kLora) {
     auto targets = resolve_targets(model->module(), c.lora);
-    init_adapter_tensors(targets);
+    init_adapter_tensors(targets, model->module());
     model->set_adapters(targets, c.lora);
   }
   model->init_head(static_cast<int64_t>(classes.size()));

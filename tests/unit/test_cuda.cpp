@@ -28,7 +28,7 @@ class Cuda : public ::testing::Test {
     torch::manual_seed(0);
     auto m = std::make_unique<Model>(load_bundle(fixture("models/" + name + ".pt")));
     auto targets = resolve_targets(m->module(), LoraSettings{});
-    init_adapter_tensors(targets);
+    init_adapter_tensors(targets, m->module());
     m->set_adapters(targets, LoraSettings{});
     m->init_head(3);
     m->to(gpu, frozen);

@@ -83,7 +83,7 @@ TEST(Training, CheckpointingGivesIdenticalLossAndGradients) {
       auto model = make_model(lc, 3);
       {  // non-zero B so that every adapter tensor gets a gradient
         at::NoGradGuard no_grad;
-        for (auto& t : model->adapters()) t.B.normal_(0, 0.1);
+        for (const auto& t : model->adapters()) t.B().normal_(0, 0.1);
       }
       model->set_training(true);
       torch::manual_seed(123);  // same dropout masks

@@ -66,10 +66,10 @@ TEST(PatternMatcher, HostilePatternsFailFastOrMatchInLinearTime) {
 fs::path write_adapter(const fs::path& dir) {
   Model model(load_bundle(test::fixture("models/hf_script.pt")));
   auto targets = resolve_targets(model.module(), LoraSettings{});
-  init_adapter_tensors(targets);
+  init_adapter_tensors(targets, model.module());
   {
     at::NoGradGuard no_grad;
-    for (auto& t : targets) t.B.normal_(0, 0.1);
+    for (auto& t : targets) t.B().normal_(0, 0.1);
   }
   model.set_adapters(targets, LoraSettings{});
   model.init_head(3);

@@ -1,0 +1,103 @@
+// Target keys, and plain LoRA as an adapter variant: W' = W + s * B @ A on the target's rows.
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "loratune/errors.h"
+#include "loratune/lora.h"
+
+namespace loratune {
+
+std::string TargetKey::name() const { return module + "." + param + (slice.empty() ? "" : "." + slice); }
+
+std::pair<int64_t, int64_t> TargetKey::rows_in(int64_t weight_rows) const {
+  if (slice.empty()) return {0, weight_rows};
+  const int64_t third = weight_rows / 3;
+  return {(slice == "q" ? 0 : slice == "k" ? 1 : 2) * third, third};
+}
+
+bool TargetKey::operator<(const TargetKey& o) const {
+  return std::tie(module, param, slice) < std::tie(o.module, o.param, o.slice);
+}
+
+bool TargetKey::operator==(const TargetKey& o) const {
+  return module == o.module && param == o.param && slice == o.slice;
+}
+
+namespace {
+
+// Slices of a fused weight are placed at their rows (`lora_rows`); one adapter over the whole weight is added
+// directly.
+constexpr const char* kActivationCode = R"(
+def lora_forward(self, x: Tensor, y: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return y
+    if self.lora_training and self.lora_dropout > 0.0:
+        x = torch.dropout(x, self.lora_dropout, True)
+    for i in range(len(self.lora_A)):
+        d = torch.linear(torch.linear(x, self.lora_A[i]) * self.lora_scale[i], self.lora_B[i])
+        if len(self.lora_A) == 1 and d.size(-1) == y.size(-1):
+            y = y + d
+        else:
+            y.narrow(-1, self.lora_rows[i], d.size(-1)).add_(d)
+    return y
+)";
+
+constexpr const char* kWeightCode = R"(
+def lora_weight(self, w: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return w
+    parts: List[Tensor] = []
+    pos = 0
+    for i in range(len(self.lora_A)):
+        d = torch.mm(self.lora_B[i], self.lora_A[i]) * self.lora_scale[i]
+        start = self.lora_rows[i]
+        if start > pos:
+            parts.append(torch.zeros([start - pos, w.size(1)], dtype=d.dtype, device=d.device))
+        parts.append(d)
+        pos = start + d.size(0)
+    if pos < w.size(0):
+        parts.append(torch.zeros([w.size(0) - pos, w.size(1)], dtype=parts[0].dtype, device=parts[0].device))
+    return w + torch.cat(parts, 0)
+)";
+
+class Lora : public AdapterVariant {
+ public:
+  std::string name() const override { return "lora"; }
+
+  const std::vector<std::string>& tensor_names() const override {
+    static const std::vector<std::string> names = {"A", "B"};
+    return names;
+  }
+
+  void init(LoraTarget& t, const at::Tensor&) const override {
+    at::NoGradGuard no_grad;
+    const double bound = 1.0 / std::sqrt(static_cast<double>(t.in_features));
+    t.tensors = {at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(true),
+                 at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(true)};
+  }
+
+  void check(const LoraTarget& t, const std::string& origin) const override {
+    if (t.tensors.size() != 2 || !t.A().defined() || !t.B().defined())
+      throw InputError(origin + ": adapter " + t.describe() + " needs both lora_A and lora_B");
+    if (t.A().sizes() != at::IntArrayRef{t.rank, t.in_features} || t.B().sizes() != at::IntArrayRef{t.rows, t.rank})
+      throw InputError(origin + ": adapter " + t.describe() + " has tensors of the wrong shape (lora_A " +
+                       c10::str(t.A().sizes()) + ", lora_B " + c10::str(t.B().sizes()) + ")");
+  }
+
+  const char* activation_code() const override { return kActivationCode; }
+  const char* weight_code() const override { return kWeightCode; }
+
+  at::Tensor merged_rows(const LoraTarget& t, const at::Tensor& base_rows, double strength) const override {
+    return base_rows.to(at::kFloat) + at::mm(t.B().to(at::kFloat), t.A().to(at::kFloat)) * (t.scale() * strength);
+  }
+};
+
+}  // namespace
+
+const AdapterVariant& lora_variant() {
+  static const Lora lora;
+  return lora;
+}
+
+}  // namespace loratune
