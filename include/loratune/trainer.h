@@ -59,6 +59,8 @@ class TrainingReporter {
   virtual void epoch_end() {}
   virtual void validation_progress(int64_t images_done, int64_t images_total) {}
   virtual void validation_end(const Validation& result) {}
+  // Each line the run appends to metrics.jsonl (train windows and validations), for sinks of a program's own.
+  virtual void metrics_line(const nlohmann::json& line) {}
 };
 
 // Progress bars with rate and ETA on stderr, and log lines (spdlog), for `device`'s memory readings.
@@ -70,6 +72,9 @@ struct TrainerHooks {
   // Where progress goes; empty: console_reporter.
   std::shared_ptr<TrainingReporter> reporter;
 };
+
+// Refuses to start over a run (its checkpoint exists) or to resume nothing: InputError saying what to do.
+void check_run_folder(const std::filesystem::path& output_dir, bool resume);
 
 class Trainer {
  public:

@@ -15,6 +15,7 @@
 #include "loratune/batch_source.h"
 #include "loratune/config.h"
 #include "loratune/model.h"
+#include "loratune/optim.h"
 
 namespace loratune {
 
@@ -38,6 +39,10 @@ struct TrainingSetup {
   std::vector<std::string> warnings;  // for the user (e.g. the fp32 fallback of frozen weights and why)
   std::vector<std::string> notes;     // informative (e.g. frozen weights stored in bf16)
 };
+
+// AdamW with the config's betas, eps, weight decay and head learning rate; the fp16 loss scaler (off otherwise).
+std::unique_ptr<AdamW> make_optimizer(const TrainConfig& config, const std::vector<NamedTensor>& trainable);
+std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& config, Precision precision);
 
 TrainingSetup prepare_training(const TrainConfig& config, const std::vector<std::string>& classes,
                                const ZeroShotHeadInit& zero_shot = {});

@@ -45,12 +45,7 @@ int run_train(const TrainCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     const TrainConfig c = load_train_config(command.config, command.overrides);
-    const bool has_checkpoint = fs::exists(fs::path(c.output_dir) / Trainer::kCheckpoint);
-    if (command.resume && !has_checkpoint)
-      throw InputError("nothing to resume: " + (fs::path(c.output_dir) / Trainer::kCheckpoint).string() +
-                       " does not exist; run without --resume");
-    if (!command.resume && has_checkpoint)
-      throw InputError(c.output_dir + " already holds a run; continue it with --resume, or set output_dir to a new folder");
+    check_run_folder(c.output_dir, command.resume);  // before any slow work
     cli::setup_logging(fs::path(c.output_dir) / "train.log");
     cli::setup_threads(c.threads);
     // Data first: a bad folder should fail before any model work.

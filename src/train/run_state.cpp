@@ -43,6 +43,7 @@ void Trainer::append_metrics(const json& line, Progress& p) {
   out.flush();
   if (!out) throw RuntimeFailure("cannot write " + (dir_ / kMetrics).string() + " (disk full?)");
   ++p.metrics_lines;
+  reporter_->metrics_line(line);
 }
 
 void Trainer::save_checkpoint(const Progress& p) {

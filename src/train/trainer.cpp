@@ -13,6 +13,7 @@
 #include "loratune/optim.h"
 #include "common/strings.h"
 #include "loratune/train_step.h"
+#include "loratune/training_setup.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -51,20 +52,23 @@ json TrainSummary::to_json() const {
 
 void Trainer::request_stop() { g_stop_requested = true; }
 
+void check_run_folder(const fs::path& output_dir, bool resume) {
+  const bool have_checkpoint = fs::exists(output_dir / Trainer::kCheckpoint);
+  if (resume && !have_checkpoint)
+    throw InputError("nothing to resume: " + (output_dir / Trainer::kCheckpoint).string() +
+                     " does not exist; run without --resume");
+  if (!resume && have_checkpoint)
+    throw InputError(output_dir.string() + " already holds a run; continue it with --resume, or set output_dir to a "
+                     "new folder");
+}
+
 Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val,
                  std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
       precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()),
       reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)) {
-  optimizer_ = std::make_unique<AdamW>(trainable_, AdamWOptions{config.optim.beta1, config.optim.beta2, config.optim.eps, config.optim.weight_decay});
-  if (config.optim.head_lr > 0) {
-    optimizer_->set_lr_multiplier("head.weight", config.optim.head_lr / config.optim.lr);
-    optimizer_->set_lr_multiplier("head.bias", config.optim.head_lr / config.optim.lr);
-  }
-  LossScaler::Options so;
-  so.init_scale = config.loss_scale.init;
-  so.growth_interval = config.loss_scale.growth_interval;
-  scaler_ = std::make_unique<LossScaler>(precision == Precision::kFp16, so);
+  optimizer_ = make_optimizer(config, trainable_);
+  scaler_ = make_loss_scaler(config, precision);
 }
 
 Trainer::~Trainer() = default;
@@ -92,11 +96,7 @@ TrainSummary Trainer::run(bool resume) {
   const auto start = std::chrono::steady_clock::now();
   fs::create_directories(dir_);
   remove_stale_temporaries(dir_);
-  const bool have_checkpoint = fs::exists(dir_ / kCheckpoint);
-  if (resume && !have_checkpoint)
-    throw InputError("nothing to resume: " + (dir_ / kCheckpoint).string() + " does not exist; run without --resume");
-  if (!resume && have_checkpoint)
-    throw InputError(dir_.string() + " already holds a run; continue it with --resume, or set output_dir to a new folder");
+  check_run_folder(dir_, resume);
 
   const int64_t accum = config_.grad_accum_steps;
   const int64_t batches_per_epoch = train_.batches_per_epoch();

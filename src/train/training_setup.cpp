@@ -60,6 +60,23 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
   return model;
 }
 
+std::unique_ptr<AdamW> make_optimizer(const TrainConfig& c, const std::vector<NamedTensor>& trainable) {
+  auto optimizer = std::make_unique<AdamW>(
+      trainable, AdamWOptions{c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.weight_decay});
+  if (c.optim.head_lr > 0) {
+    optimizer->set_lr_multiplier("head.weight", c.optim.head_lr / c.optim.lr);
+    optimizer->set_lr_multiplier("head.bias", c.optim.head_lr / c.optim.lr);
+  }
+  return optimizer;
+}
+
+std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& c, Precision precision) {
+  LossScaler::Options options;
+  options.init_scale = c.loss_scale.init;
+  options.growth_interval = c.loss_scale.growth_interval;
+  return std::make_unique<LossScaler>(precision == Precision::kFp16, options);
+}
+
 TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::string>& classes,
                                const ZeroShotHeadInit& zero_shot) {
   TrainingSetup s;

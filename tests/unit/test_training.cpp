@@ -167,6 +167,51 @@ TEST(Training, EpochCountsThatOverflowAreRefused) {
                     InputError, "more steps than can be counted");
 }
 
+// A library user drives progress and metrics through a reporter of their own.
+class RecordingReporter : public TrainingReporter {
+ public:
+  std::vector<int64_t> steps;
+  std::vector<double> validation_losses;
+  int epochs_begun = 0, epochs_ended = 0, metrics_lines = 0;
+  void epoch_begin(int64_t, int64_t, int64_t, int64_t) override { ++epochs_begun; }
+  void step_end(const Step& s) override { steps.push_back(s.step); }
+  void epoch_end() override { ++epochs_ended; }
+  void validation_end(const Validation& v) override { validation_losses.push_back(v.loss); }
+  void metrics_line(const nlohmann::json&) override { ++metrics_lines; }
+};
+
+TEST(Training, AReporterOfTheProgramsOwnSeesEveryStepValidationAndMetricsLine) {
+  ToyData data(8, 3), val(4, 4);
+  const TrainConfig c = make_config(test::temp_dir("reporter"), {{"batch_size", 2}});
+  auto model = make_model(c, 3);
+  TensorBatchSource train(data.images, data.labels, c.batch_size, true, false, c.seed);
+  TensorBatchSource validation(val.images, val.labels, 4, false, false, 0);
+  auto reporter = std::make_shared<RecordingReporter>();
+  TrainerHooks hooks;
+  hooks.reporter = reporter;
+  const TrainSummary s =
+      Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32, hooks).run(false);
+  EXPECT_EQ(reporter->steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+  EXPECT_EQ(reporter->epochs_begun, 2);
+  EXPECT_EQ(reporter->epochs_ended, 2);
+  ASSERT_EQ(reporter->validation_losses.size(), 2u);
+  EXPECT_DOUBLE_EQ(reporter->validation_losses.back(), s.final_val_loss);
+  const std::string metrics = bytes_of(std::filesystem::path(c.output_dir) / Trainer::kMetrics);
+  EXPECT_EQ(reporter->metrics_lines, std::count(metrics.begin(), metrics.end(), '\n'));
+}
+
+TEST(Training, ZeroShotHeadsNeedTheTextLibrarysInitializer) {
+  const TrainConfig c = make_config(test::temp_dir("zs"), {{"head", {{"init", "zero_shot"}}}});
+  EXPECT_THROW_WITH(build_training_model(c, {"a", "b"}), InputError, "pass loratune::zero_shot_head_initializer()");
+  int calls = 0;
+  auto model = build_training_model(c, {"a", "b"}, [&](Model& m, const std::vector<std::string>& classes, const HeadConfig&) {
+    ++calls;
+    m.set_head(at::ones({static_cast<int64_t>(classes.size()), m.bundle().info.feature_dim}), at::zeros({2}));
+  });
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(at::equal(model->head_weight(), at::ones({2, model->bundle().info.feature_dim})));
+}
+
 TEST(Training, ResumeRefusesAChangedConfiguration) {
   ToyData data(8, 3);
   const auto dir = test::temp_dir("changed");
