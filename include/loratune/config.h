@@ -42,6 +42,11 @@ struct OptimConfig {
   double weight_decay = 0.01;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double grad_clip = 1.0;
+  double lora_plus_ratio = -1;    // LoRA+: lr of every B = this x lr; < 0: off
+};
+
+struct EarlyStoppingConfig {
+  int64_t patience = -1;          // epochs without a better validation top-1 before training stops; < 0: off
 };
 
 struct ScheduleConfig {
@@ -71,6 +76,7 @@ struct TrainConfig {
   std::string frozen_dtype = "auto";  // auto | fp32 | compute
   bool gradient_checkpointing = true;
   LossScaleConfig loss_scale;
+  EarlyStoppingConfig early_stopping;
   std::string device = "auto";
   int threads = 0;                // 0: all cores
   uint64_t seed = 0;

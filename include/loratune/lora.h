@@ -24,6 +24,7 @@ struct LoraSettings {
   std::vector<std::string> targets;
   std::map<std::string, int64_t> rank_pattern;  // pattern -> rank, overriding `rank`
   std::map<std::string, double> alpha_pattern;  // pattern -> alpha, overriding `alpha`
+  int64_t last_blocks = -1;  // adapt only the targets inside the last N transformer blocks; < 0: all blocks
 };
 
 // Which rows of which weight an adapter sits on: the weight `param` of module `module`, whole or one q/k/v slice of

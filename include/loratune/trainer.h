@@ -28,6 +28,7 @@ struct TrainSummary {
   int64_t trainable_params = 0, total_params = 0;
   double best_val_top1 = -1, final_val_top1 = -1, final_val_loss = -1;
   int64_t best_epoch = -1;
+  bool stopped_early = false;  // early_stopping.patience ended the run before its last epoch
   double final_train_loss = 0;
   int64_t peak_memory = 0;  // bytes: CUDA peak allocated, or peak RSS on CPU
   double seconds = 0, train_images_per_second = 0;
@@ -102,6 +103,7 @@ class Trainer {
     int64_t step = 0, epoch = 0, step_in_epoch = 0, metrics_lines = 0, nonfinite_streak = 0;
     double best_top1 = -1;
     int64_t best_epoch = -1;
+    bool stopped_early = false;
   };
   struct Validation {
     double loss = 0, top1 = 0;

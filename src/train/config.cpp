@@ -107,6 +107,9 @@ const std::vector<Key>& schema() {
       {"lora.targets", Kind::kStringList, json::array(), false, kResult,
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv; []: query and value of every block",
        field(&C::lora, &L::targets)},
+      {"lora.last_blocks", Kind::kInt, nullptr, true, kResult,
+       "adapt only the last N transformer blocks (no backward through the blocks before them); null: all",
+       field(&C::lora, &L::last_blocks)},
       {"lora.rank_pattern", Kind::kIntMap, json::object(), false, kResult, "pattern -> rank overrides",
        field(&C::lora, &L::rank_pattern)},
       {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, kResult, "pattern -> alpha overrides",
@@ -130,6 +133,10 @@ const std::vector<Key>& schema() {
       {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon", field(&C::optim, &O::eps)},
       {"optim.grad_clip", Kind::kNumber, 1.0, false, kResult, "clip the global gradient norm; 0: off",
        field(&C::optim, &O::grad_clip)},
+      {"optim.lora_plus_ratio", Kind::kNumber, nullptr, true, kResult,
+       "LoRA+: learning rate of the B matrices = this x optim.lr (PEFT's loraplus_lr_ratio; 16 is its suggestion); "
+       "null: off",
+       field(&C::optim, &O::lora_plus_ratio)},
       {"schedule.warmup_fraction", Kind::kNumber, 0.05, false, kResult, "linear warm-up over this fraction of the steps",
        field(&C::schedule, &S::warmup_fraction)},
       {"schedule.min_lr_ratio", Kind::kNumber, 0.0, false, kResult, "cosine decay ends at this fraction of the peak",
@@ -153,6 +160,9 @@ const std::vector<Key>& schema() {
        field(&C::loss_scale, &LS::init)},
       {"loss_scale.growth_interval", Kind::kInt, 2000, false, kResult, "fp16: clean steps before the scale doubles",
        field(&C::loss_scale, &LS::growth_interval)},
+      {"early_stopping.patience", Kind::kInt, nullptr, true, kResult,
+       "stop when this many validations in a row bring no better top-1 (the best adapter is kept); null: off",
+       field(&C::early_stopping, &EarlyStoppingConfig::patience)},
       {"device", Kind::kString, "auto", false, kNotResult, "auto | cpu | cuda | cuda:N", field(&C::device)},
       {"threads", Kind::kInt, 0, false, kNotResult, "CPU threads for compute; 0: all cores", field(&C::threads)},
       {"seed", Kind::kInt, 0, false, kResult,
@@ -289,6 +299,12 @@ void check_values(const TrainConfig& c, const std::string& origin) {
   if (c.optim.weight_decay < 0 || c.optim.grad_clip < 0) fail("optim.weight_decay and optim.grad_clip must be >= 0");
   const auto& o = c.optim;
   if (!(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1)) fail("optim.betas must be in [0, 1)");
+  if (!c.json.at(pointer("optim.lora_plus_ratio")).is_null() && !(c.optim.lora_plus_ratio > 0))
+    fail("optim.lora_plus_ratio must be positive (PEFT suggests 16), or null for off");
+  if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
+    fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
+  if (c.early_stopping.patience == 0) fail("early_stopping.patience must be at least 1, or null for off");
+  if (c.lora.last_blocks == 0) fail("lora.last_blocks must be at least 1, or null for every block");
   if (c.schedule.warmup_fraction < 0 || c.schedule.warmup_fraction >= 1) fail("schedule.warmup_fraction must be in [0, 1)");
   if (c.schedule.min_lr_ratio < 0 || c.schedule.min_lr_ratio > 1) fail("schedule.min_lr_ratio must be in [0, 1]");
   if (c.batch_size < 1 || c.grad_accum_steps < 1) fail("batch_size and grad_accum_steps must be >= 1");

@@ -58,6 +58,7 @@ void Trainer::save_checkpoint(const Progress& p) {
                          {"nonfinite_streak", p.nonfinite_streak},
                          {"best_top1", p.best_top1},
                          {"best_epoch", p.best_epoch},
+                         {"stopped_early", p.stopped_early},
                          {"loss_scale", scaler_->scale()},
                          {"loss_scale_growth_tracker", scaler_->growth_tracker()}};
   safetensors::write(dir_ / kCheckpoint, tensors,
@@ -95,6 +96,7 @@ Trainer::Progress Trainer::load_checkpoint() {
   p.nonfinite_streak = progress.at("nonfinite_streak");
   p.best_top1 = progress.at("best_top1");
   p.best_epoch = progress.at("best_epoch");
+  p.stopped_early = progress.value("stopped_early", false);
 
   // Metrics written after the checkpoint belong to the lost part of the run.
   std::vector<std::string> lines;

@@ -40,6 +40,7 @@ json TrainSummary::to_json() const {
           {"total_params", total_params},
           {"best_val_top1", best_val_top1},
           {"best_epoch", best_epoch},
+          {"stopped_early", stopped_early},
           {"final_val_top1", final_val_top1},
           {"final_val_loss", final_val_loss},
           {"final_train_loss", final_train_loss},
@@ -140,7 +141,7 @@ TrainSummary Trainer::run(bool resume) {
 
   // By epoch, not by step: a run stopped after the last step of an epoch resumes with that epoch's validation and
   // adapter saves.
-  while (p.epoch < total_epochs) {
+  while (p.epoch < total_epochs && !p.stopped_early) {
     const int64_t steps_this_epoch = std::min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch);
     if (p.step_in_epoch < steps_this_epoch) {  // else stopped after its last step: only the epoch's end remains
       if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
@@ -236,6 +237,12 @@ TrainSummary Trainer::run(bool resume) {
       summary.final_val_loss = v.loss;
       append_metrics({{"type", "val"}, {"step", p.step}, {"epoch", p.epoch}, {"val_loss", v.loss}, {"val_top1", v.top1}}, p);
       reporter_->validation_end({p.epoch, total_epochs, v.loss, v.top1, best});
+      const int64_t patience = config_.early_stopping.patience;
+      if (patience > 0 && p.epoch - p.best_epoch >= patience && p.epoch < total_epochs) {
+        p.stopped_early = true;
+        reporter_->message(fmt::format("early stopping after epoch {}: no better validation top-1 for {} epochs; best/ "
+                                       "holds the adapter of epoch {}", p.epoch, p.epoch - p.best_epoch, p.best_epoch));
+      }
     }
     save_adapter_to(kLastAdapter);
     save_checkpoint(p);
@@ -243,6 +250,7 @@ TrainSummary Trainer::run(bool resume) {
 
   summary.steps = p.step;
   summary.epochs = p.epoch;
+  summary.stopped_early = p.stopped_early;
   summary.images_seen = p.step / steps_per_epoch * images_per_epoch + images_before_step(p.step % steps_per_epoch);
   summary.best_val_top1 = p.best_top1;
   summary.best_epoch = p.best_epoch;

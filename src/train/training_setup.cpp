@@ -30,6 +30,30 @@ std::string probe_training_step(Model& model, const c10::Device& device, Precisi
   }
 }
 
+// The targets inside the last `n` blocks (all when n < 0).
+std::vector<LoraTarget> in_last_blocks(std::vector<LoraTarget> targets, const Bundle& bundle, int64_t n) {
+  if (n < 0) return targets;
+  if (!bundle.has_block_structure())
+    throw InputError("lora.last_blocks needs a model with a stem/blocks/head structure; " + bundle.path.string() +
+                     " has none (re-export it with scripts/export/), or set lora.last_blocks to null");
+  std::vector<std::string> paths;
+  for (const auto& child : bundle.blocks_module().named_children()) paths.push_back(bundle.info.blocks + "." + child.name);
+  if (n > static_cast<int64_t>(paths.size()))
+    throw InputError("lora.last_blocks " + std::to_string(n) + " is more than the " + std::to_string(paths.size()) +
+                     " blocks of " + bundle.path.string() + "; use 1 to " + std::to_string(paths.size()) + " or null");
+  std::vector<LoraTarget> kept;
+  for (auto& t : targets)
+    for (size_t b = paths.size() - static_cast<size_t>(n); b < paths.size(); ++b)
+      if (t.module.compare(0, paths[b].size() + 1, paths[b] + ".") == 0) {
+        kept.push_back(std::move(t));
+        break;
+      }
+  if (kept.empty())
+    throw InputError("no LoRA target lies inside the last " + std::to_string(n) + " blocks of " + bundle.path.string() +
+                     "; raise lora.last_blocks or change lora.targets");
+  return kept;
+}
+
 std::unique_ptr<Model> model_on_device(const TrainConfig& c, const std::vector<std::string>& classes,
                                        const ZeroShotHeadInit& zero_shot, const c10::Device& device,
                                        at::ScalarType frozen) {
@@ -46,7 +70,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
   auto model = std::make_unique<Model>(load_bundle(c.model));
   model->set_method(c.method);
   if (c.method == Method::kLora) {
-    auto targets = resolve_targets(model->module(), c.lora);
+    auto targets = in_last_blocks(resolve_targets(model->module(), c.lora), model->bundle(), c.lora.last_blocks);
     init_adapter_tensors(targets, model->module());
     model->set_adapters(targets, c.lora);
   }
@@ -67,6 +91,10 @@ std::unique_ptr<AdamW> make_optimizer(const TrainConfig& c, const std::vector<Na
     optimizer->set_lr_multiplier("head.weight", c.optim.head_lr / c.optim.lr);
     optimizer->set_lr_multiplier("head.bias", c.optim.head_lr / c.optim.lr);
   }
+  if (c.optim.lora_plus_ratio > 0)  // LoRA+ (Hayou et al. 2024): B learns faster than A
+    for (const auto& t : trainable)
+      if (t.name.rfind("lora.", 0) == 0 && t.name.size() > 2 && t.name.compare(t.name.size() - 2, 2, ".B") == 0)
+        optimizer->set_lr_multiplier(t.name, c.optim.lora_plus_ratio);
   return optimizer;
 }
 

@@ -212,6 +212,62 @@ TEST(Training, ZeroShotHeadsNeedTheTextLibrarysInitializer) {
   EXPECT_TRUE(at::equal(model->head_weight(), at::ones({2, model->bundle().info.feature_dim})));
 }
 
+TEST(Recipes, LoraPlusGivesTheBMatricesRatioTimesTheLearningRate) {
+  // From B = 0 the first AdamW update of B is -lr * g / (|g| + eps) per element; A gets no gradient yet.
+  ToyData data(8, 3);
+  std::vector<at::Tensor> a[2], b[2];
+  for (int plus = 0; plus < 2; ++plus) {
+    json settings = {{"batch_size", 8}, {"max_steps", 1}, {"optim", {{"grad_clip", 0.0}}}};
+    if (plus) settings["optim"]["lora_plus_ratio"] = 16.0;
+    const TrainConfig c = make_config(test::temp_dir("loraplus" + std::to_string(plus)), settings);
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, false, false, c.seed);
+    TrainerHooks quiet;
+    quiet.reporter = std::make_shared<TrainingReporter>();
+    Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32, quiet).run(false);
+    for (const auto& t : model->adapters()) a[plus].push_back(t.A().detach().clone()), b[plus].push_back(t.B().detach().clone());
+  }
+  for (size_t i = 0; i < b[0].size(); ++i) {
+    EXPECT_TRUE(at::equal(a[0][i], a[1][i]));
+    EXPECT_GT(b[0][i].abs().max().item<double>(), 0.0);
+    EXPECT_LT(test::max_abs_diff(b[1][i], b[0][i] * 16.0), 1e-6 * b[1][i].abs().max().item<double>());
+  }
+  EXPECT_THROW_WITH(make_config(test::temp_dir("lp_bad"), {{"optim", {{"lora_plus_ratio", 0}}}}), InputError,
+                    "optim.lora_plus_ratio must be positive");
+}
+
+TEST(Recipes, EarlyStoppingEndsTheRunAndResumeKeepsItEnded) {
+  ToyData data(8, 3), val(4, 4);
+  // A learning rate too small to change anything: the first validation stays the best, the second is no better.
+  const TrainConfig c = make_config(test::temp_dir("early"), {{"batch_size", 4}, {"epochs", 5}, {"optim", {{"lr", 1e-12}}},
+                                                              {"early_stopping", {{"patience", 1}}}});
+  auto run = [&](bool resume) {
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, true, false, c.seed);
+    TensorBatchSource validation(val.images, val.labels, 4, false, false, 0);
+    return Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(resume);
+  };
+  const TrainSummary s = run(false);
+  EXPECT_TRUE(s.stopped_early);
+  EXPECT_EQ(s.epochs, 2);
+  EXPECT_EQ(s.best_epoch, 1);
+  EXPECT_EQ(s.steps, 4);
+  const TrainSummary again = run(true);
+  EXPECT_EQ(again.steps, 4) << "a stopped run stays stopped";
+  EXPECT_THROW_WITH(make_config(test::temp_dir("early_bad"), {{"early_stopping", {{"patience", 0}}}}), InputError,
+                    "early_stopping.patience must be at least 1");
+}
+
+TEST(Recipes, LastBlocksAdaptOnlyThemAndFreezeThePrefix) {
+  const TrainConfig c = make_config(test::temp_dir("last"), {{"lora", {{"last_blocks", 1}}}});
+  auto model = make_model(c, 3);
+  ASSERT_EQ(model->adapters().size(), 2u);  // q and v of the last of 2 blocks
+  for (const auto& t : model->adapters()) EXPECT_EQ(t.module.rfind("vit.encoder.layer.1.", 0), 0u) << t.module;
+  EXPECT_EQ(model->frozen_prefix_blocks(), 1);
+  const TrainConfig too_many = make_config(test::temp_dir("last3"), {{"lora", {{"last_blocks", 3}}}});
+  EXPECT_THROW_WITH(make_model(too_many, 3), InputError, "lora.last_blocks 3 is more than the 2 blocks");
+}
+
 TEST(Training, ResumeRefusesAChangedConfiguration) {
   ToyData data(8, 3);
   const auto dir = test::temp_dir("changed");
