@@ -25,6 +25,7 @@ struct LoraSettings {
   std::map<std::string, int64_t> rank_pattern;  // pattern -> rank, overriding `rank`
   std::map<std::string, double> alpha_pattern;  // pattern -> alpha, overriding `alpha`
   int64_t last_blocks = -1;  // adapt only the targets inside the last N transformer blocks; < 0: all blocks
+  std::string variant = "lora";  // lora | dora (see AdapterVariant)
 };
 
 // Which rows of which weight an adapter sits on: the weight `param` of module `module`, whole or one q/k/v slice of
@@ -43,7 +44,13 @@ struct TargetKey {
 };
 
 class AdapterVariant;
+// Plain LoRA: W + s * B @ A.
 const AdapterVariant& lora_variant();
+// DoRA (Liu et al. 2024): m * (W + s * B @ A) / ||W + s * B @ A|| per output row, with the trained magnitude m
+// initialised from the row norms of W; the norm is treated as a constant in backward, as PEFT does.
+const AdapterVariant& dora_variant();
+// By name ("lora", "dora"); InputError naming the choices otherwise.
+const AdapterVariant& variant_by_name(const std::string& name);
 
 // One adapter on rows [row_begin, row_begin + rows) of its weight.
 struct LoraTarget : TargetKey {
@@ -79,7 +86,8 @@ class AdapterVariant {
   // Checks loaded tensors against the target's rank and shapes (InputError naming `origin`).
   virtual void check(const LoraTarget& target, const std::string& origin) const = 0;
   // TorchScript methods added to each rewritten module type. `lora_forward(self, x, y)` adds the adapter's output
-  // to y = linear(x, W, b) (activation wiring); `lora_weight(self, w)` returns the adapted weight (weight wiring).
+  // to y = linear(x, W, b) (activation wiring; nullptr: the variant needs the weight wiring everywhere);
+  // `lora_weight(self, w)` returns the adapted weight (weight wiring).
   // Both read lora_enabled, lora_training, lora_dropout, lora_scale, lora_rows and the tensor lists.
   virtual const char* activation_code() const = 0;
   virtual const char* weight_code() const = 0;
@@ -89,7 +97,14 @@ class AdapterVariant {
 
 // Which weights of `module` the settings adapt, with shapes and ranks (tensors not yet created).
 // InputError when a pattern matches nothing; the message lists candidate modules.
-std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings);
+// "all-linear" in lora.targets selects every 2-D weight inside `blocks_path` (the bundle's transformer blocks)
+// that its own module's code reads (weights read by a parent's code, such as nn.MultiheadAttention's out_proj,
+// cannot carry an adapter and are left out).
+std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings,
+                                        const std::string& blocks_path = "");
+
+// True when the module at `module_path` reads its weight `param` in its own methods only (an adapter can attach).
+bool weight_read_by_own_code(const torch::jit::Module& root, const std::string& module_path, const std::string& param);
 
 // Modules that could carry an adapter (those with a 2-D weight), for error messages and `loratune info`.
 std::vector<std::string> candidate_modules(const torch::jit::Module& module);

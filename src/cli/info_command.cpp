@@ -24,9 +24,9 @@ void print_adapter(const fs::path& path) {
               a.base_fingerprint.empty() ? "not recorded: written by another tool" : a.base_fingerprint.c_str());
   std::printf("classes        %zu: %s\n", a.classes.size(), join(a.classes, ", ", 20).c_str());
   if (!a.targets.empty()) {
-    std::printf("LoRA           %zu weights, rank %lld, alpha %g%s, dropout %g, %s parameters\n", a.targets.size(),
-                static_cast<long long>(a.lora.rank), a.lora.alpha, a.lora.rslora ? " (rsLoRA)" : "", a.lora.dropout,
-                human_count(static_cast<double>(params)).c_str());
+    std::printf("LoRA           %zu weights, variant %s, rank %lld, alpha %g%s, dropout %g, %s parameters\n",
+                a.targets.size(), a.targets.front().variant->name().c_str(), static_cast<long long>(a.lora.rank),
+                a.lora.alpha, a.lora.rslora ? " (rsLoRA)" : "", a.lora.dropout, human_count(static_cast<double>(params)).c_str());
     for (const auto& t : a.targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
   }
   if (!a.full_weights.empty()) std::printf("full weights   %zu tensors\n", a.full_weights.size());
@@ -76,7 +76,7 @@ void print_model(const fs::path& path, const InfoCommand& command) {
     if (command.config.empty()) overrides.insert(overrides.begin(), {"model=" + path.string(), "data.train=-"});
     settings = load_train_config(command.config, overrides).lora;
   }
-  const auto targets = resolve_targets(b.module, settings);
+  const auto targets = resolve_targets(b.module, settings, b.info.blocks);
   int64_t lora_params = 0;
   for (const auto& t : targets) lora_params += t.rank * (t.rows + t.in_features);
   std::printf("%s would adapt %zu weights, %s LoRA parameters (%s of the base):\n",

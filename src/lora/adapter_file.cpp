@@ -1,5 +1,6 @@
 #include "loratune/adapter.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/pattern_match.h"
@@ -30,8 +31,12 @@ json target_json(const LoraTarget& t) {
 }
 
 json settings_json(const LoraSettings& s) {
-  return {{"rank", s.rank}, {"alpha", s.alpha}, {"dropout", s.dropout}, {"rslora", s.rslora}, {"targets", s.targets},
-          {"rank_pattern", s.rank_pattern}, {"alpha_pattern", s.alpha_pattern}};
+  json j = {{"rank", s.rank},       {"alpha", s.alpha},
+            {"dropout", s.dropout}, {"rslora", s.rslora},
+            {"targets", s.targets}, {"rank_pattern", s.rank_pattern},
+            {"alpha_pattern", s.alpha_pattern}};
+  if (s.variant != "lora") j["variant"] = s.variant;  // absent: plain LoRA (files from before variants)
+  return j;
 }
 
 constexpr size_t kMaxNameLength = 4096;   // bytes of a tensor key or module path
@@ -40,7 +45,7 @@ constexpr size_t kMaxPatternKeys = 10000;  // rank_pattern / alpha_pattern entri
 // A tensor key "<module>.lora_A[.<q|k|v>].weight", split without regular expressions (keys are untrusted input).
 struct LoraKey {
   std::string module, slice;
-  char which = 0;  // 'A' or 'B'; 0: not a LoRA key
+  std::string tensor;  // "A", "B", "magnitude_vector"; empty: not an adapter key
 };
 
 LoraKey parse_lora_key(const std::string& name) {
@@ -53,13 +58,14 @@ LoraKey parse_lora_key(const std::string& name) {
     slice = rest.substr(rest.size() - 1);
     rest.resize(rest.size() - 2);
   }
-  const std::string marker = ".lora_";
-  if (rest.size() <= marker.size() + 1 || rest.compare(rest.size() - marker.size() - 1, marker.size(), marker) != 0) return k;
-  const char which = rest.back();
-  if (which != 'A' && which != 'B') return k;
-  k.module = rest.substr(0, rest.size() - marker.size() - 1);
-  k.slice = slice;
-  k.which = which;
+  for (const char* tensor : {"A", "B", "magnitude_vector"}) {
+    const std::string suffix = std::string(".lora_") + tensor;
+    if (rest.size() > suffix.size() && rest.compare(rest.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      k.module = rest.substr(0, rest.size() - suffix.size());
+      k.slice = slice;
+      k.tensor = tensor;
+    }
+  }
   return k;
 }
 
@@ -121,6 +127,7 @@ json peft_config(const Adapter& a) {
           {"lora_alpha", a.lora.alpha},
           {"lora_dropout", a.lora.dropout},
           {"use_rslora", a.lora.rslora},
+          {"use_dora", a.lora.variant == "dora"},
           {"target_modules", names},
           {"rank_pattern", rank_pattern},
           {"alpha_pattern", alpha_pattern},
@@ -182,6 +189,7 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     a.lora.targets = s.at("targets").get<std::vector<std::string>>();
     a.lora.rank_pattern = s.at("rank_pattern").get<std::map<std::string, int64_t>>();
     a.lora.alpha_pattern = s.at("alpha_pattern").get<std::map<std::string, double>>();
+    a.lora.variant = s.value("variant", "lora");
     a.classes = meta.at("classes").get<std::vector<std::string>>();
     a.base_fingerprint = meta.at("base_fingerprint");
     a.base_name = meta.at("base_name");
@@ -206,6 +214,7 @@ void read_peft_config(Adapter& a, const json& c, const std::string& where) {
     a.lora.alpha = c.at("lora_alpha");
     a.lora.dropout = c.value("lora_dropout", 0.0);
     a.lora.rslora = c.value("use_rslora", false);
+    a.lora.variant = c.value("use_dora", false) ? "dora" : "lora";
     if (c.contains("rank_pattern") && c["rank_pattern"].is_object()) a.lora.rank_pattern = c["rank_pattern"];
     if (c.contains("alpha_pattern") && c["alpha_pattern"].is_object()) a.lora.alpha_pattern = c["alpha_pattern"];
     a.base_name = c.value("base_model_name_or_path", "");
@@ -251,7 +260,8 @@ Adapter load_adapter(const fs::path& path) {
       // PEFT reads adapter_config.json: it must say what the metadata says, or PEFT would apply another scale.
       Adapter peft;
       read_peft_config(peft, parse_config_file(config_path), config_path.string());
-      if (peft.lora.rank != a.lora.rank || peft.lora.alpha != a.lora.alpha || peft.lora.rslora != a.lora.rslora)
+      if (peft.lora.rank != a.lora.rank || peft.lora.alpha != a.lora.alpha || peft.lora.rslora != a.lora.rslora ||
+        peft.lora.variant != a.lora.variant)
         throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() +
                          " (r " + std::to_string(peft.lora.rank) + " vs " + std::to_string(a.lora.rank) +
                          ", lora_alpha, use_rslora); the files were altered or mixed up: copy the adapter folder anew");
@@ -267,6 +277,12 @@ Adapter load_adapter(const fs::path& path) {
     throw InputError(origin + ": settings out of range (rank " + std::to_string(a.lora.rank) + ", alpha " +
                      std::to_string(a.lora.alpha) + ", dropout " + std::to_string(a.lora.dropout) + ")");
   const PeftPatterns alpha_patterns(a.lora.alpha_pattern, origin);
+  const AdapterVariant* variant = nullptr;
+  try {
+    variant = &variant_by_name(a.lora.variant);
+  } catch (const InputError& e) {
+    throw InputError(origin + ": " + e.what());
+  }
 
   // Tensors: adapters by key, the head, full weights.
   std::map<TargetKey, LoraTarget> found;
@@ -279,7 +295,7 @@ Adapter load_adapter(const fs::path& path) {
     std::string name = key;
     if (name.compare(0, std::strlen(kKeyPrefix), kKeyPrefix) == 0) name = name.substr(std::strlen(kKeyPrefix));
     const LoraKey k = parse_lora_key(name);
-    if (k.which != 0) {
+    if (!k.tensor.empty()) {
       std::string module = k.module, param = "weight";
       const size_t dot = module.rfind('.');
       const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
@@ -289,10 +305,17 @@ Adapter load_adapter(const fs::path& path) {
       t.module = module;
       t.param = param;
       t.slice = k.slice;
-      t.tensors.resize(t.variant->tensor_names().size());
-      if (tensor.dim() != 2 || !tensor.is_floating_point())
-        throw InputError(origin + ": tensor " + key + " is not a 2-D floating point matrix");
-      (k.which == 'A' ? t.A() : t.B()) = tensor.to(at::kFloat);
+      t.variant = variant;
+      t.tensors.resize(variant->tensor_names().size());
+      const auto& names = variant->tensor_names();
+      const auto slot = std::find(names.begin(), names.end(), k.tensor);
+      if (slot == names.end())
+        throw InputError(origin + ": tensor " + key + " belongs to another adapter variant than " + variant->name() +
+                         " (DoRA files say use_dora in adapter_config.json)");
+      if (tensor.dim() != (k.tensor == "magnitude_vector" ? 1 : 2) || !tensor.is_floating_point())
+        throw InputError(origin + ": tensor " + key + " is not a " + (k.tensor == "magnitude_vector" ? "1" : "2") +
+                         "-D floating point tensor");
+      t.tensors[static_cast<size_t>(slot - names.begin())] = tensor.to(at::kFloat);
     } else if (key == head_prefix + "weight") {
       a.head_weight = tensor.to(at::kFloat);
     } else if (key == head_prefix + "bias") {

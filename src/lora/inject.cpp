@@ -42,6 +42,31 @@ bool reads_attribute(const Node* n, const std::string& name) {
 
 }  // namespace
 
+bool weight_read_by_own_code(const torch::jit::Module& root, const std::string& module_path, const std::string& param) {
+  torch::jit::Module target;
+  std::vector<std::pair<std::string, torch::jit::Module>> modules;
+  for (const auto& nm : root.named_modules()) {
+    modules.emplace_back(nm.name, nm.value);
+    if (nm.name == module_path) target = nm.value;
+  }
+  if (!target._ivalue()) return false;
+  const auto type = target.type();
+  bool own = false, foreign = false;
+  std::set<const c10::ClassType*> seen;
+  for (const auto& [path, module] : modules) {
+    if (!seen.insert(module.type().get()).second) continue;
+    for (const auto& method : module.get_methods()) {
+      if (is_lora_method(method.name())) continue;
+      auto graph = compat::method_graph(method.function());
+      for_each_node(graph, [&](Node* n) {
+        if (!reads_attribute(n, param) || n->input(0)->type() != type) return;
+        (module.type() == type && n->input(0) == graph->inputs()[0] ? own : foreign) = true;
+      });
+    }
+  }
+  return own && !foreign;
+}
+
 AdapterHost::AdapterHost(torch::jit::Module root) : root_(std::move(root)) {
   for (const auto& nm : root_.named_modules()) modules_.emplace_back(nm.name, nm.value);
 }
@@ -93,7 +118,8 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
     }
   }
   if (reads == 0) throw InputError("cannot adapt " + example + ": its code never reads " + param);
-  const LoraWiring wiring = only_linear ? LoraWiring::kActivation : LoraWiring::kWeightDelta;
+  const LoraWiring wiring =
+      only_linear && variant.activation_code() != nullptr ? LoraWiring::kActivation : LoraWiring::kWeightDelta;
 
   // Attribute slots on every instance of the type, disabled until `attach`.
   for (auto& [path, module] : modules_) {
@@ -152,9 +178,10 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
   prepared_param_[type.get()] = param;
   prepared_variant_[type.get()] = &variant;
   if (wiring == LoraWiring::kWeightDelta)
-    notes_.push_back("modules of type " + type->name()->name() + " (e.g. " + example + ") read " + param +
-                     " outside nn.Linear: adapters there change the weight itself (W + s*B@A), so LoRA dropout "
-                     "does not apply to them");
+    notes_.push_back("modules of type " + type->name()->name() + " (e.g. " + example + ") " +
+                     (only_linear ? "carry " + variant.name() + " adapters, which"
+                                  : "read " + param + " outside nn.Linear: adapters there") +
+                     " change the weight itself, so LoRA dropout does not apply to them");
 }
 
 void AdapterHost::attach(const std::vector<LoraTarget>& targets, double dropout) {

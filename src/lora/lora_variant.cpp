@@ -78,7 +78,7 @@ class Lora : public AdapterVariant {
   }
 
   void check(const LoraTarget& t, const std::string& origin) const override {
-    if (t.tensors.size() != 2 || !t.A().defined() || !t.B().defined())
+    if (t.tensors.size() < 2 || !t.A().defined() || !t.B().defined())
       throw InputError(origin + ": adapter " + t.describe() + " needs both lora_A and lora_B");
     if (t.A().sizes() != at::IntArrayRef{t.rank, t.in_features} || t.B().sizes() != at::IntArrayRef{t.rows, t.rank})
       throw InputError(origin + ": adapter " + t.describe() + " has tensors of the wrong shape (lora_A " +
@@ -93,11 +93,82 @@ class Lora : public AdapterVariant {
   }
 };
 
+// DoRA: each adapted row is rescaled to its trained magnitude, W' = m * (W + s*B@A) / ||W + s*B@A||, the norm
+// taken per output row and detached (as in PEFT and section 4.3 of the paper). Applied to the weight, so every
+// layout takes it the same way.
+constexpr const char* kDoraWeightCode = R"(
+def lora_weight(self, w: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return w
+    parts: List[Tensor] = []
+    pos = 0
+    for i in range(len(self.lora_A)):
+        d = torch.mm(self.lora_B[i], self.lora_A[i]) * self.lora_scale[i]
+        start = self.lora_rows[i]
+        if start > pos:
+            parts.append(torch.zeros([start - pos, w.size(1)], dtype=d.dtype, device=d.device))
+        rows = w.narrow(0, start, d.size(0))
+        adapted = rows + d
+        norm = adapted.norm(2, [1], True).detach()
+        parts.append(self.lora_magnitude_vector[i].unsqueeze(1) * adapted / norm - rows)
+        pos = start + d.size(0)
+    if pos < w.size(0):
+        parts.append(torch.zeros([w.size(0) - pos, w.size(1)], dtype=parts[0].dtype, device=parts[0].device))
+    return w + torch.cat(parts, 0)
+)";
+
+class Dora : public Lora {
+ public:
+  std::string name() const override { return "dora"; }
+
+  const std::vector<std::string>& tensor_names() const override {
+    static const std::vector<std::string> names = {"A", "B", "magnitude_vector"};
+    return names;
+  }
+
+  void init(LoraTarget& t, const at::Tensor& base_rows) const override {
+    Lora::init(t, base_rows);
+    at::NoGradGuard no_grad;
+    t.tensors.push_back(base_rows.to(at::kFloat).norm(2, {1}).requires_grad_(true));
+  }
+
+  void check(const LoraTarget& t, const std::string& origin) const override {
+    if (t.tensors.size() != 3 || !t.tensors[2].defined())
+      throw InputError(origin + ": DoRA adapter " + t.describe() + " has no lora_magnitude_vector");
+    Lora::check(t, origin);
+    if (t.tensors[2].sizes() != at::IntArrayRef{t.rows})
+      throw InputError(origin + ": DoRA adapter " + t.describe() + " has a magnitude vector of shape " +
+                       c10::str(t.tensors[2].sizes()) + ", not [" + std::to_string(t.rows) + "]");
+  }
+
+  const char* activation_code() const override { return nullptr; }
+  const char* weight_code() const override { return kDoraWeightCode; }
+
+  at::Tensor merged_rows(const LoraTarget& t, const at::Tensor& base_rows, double strength) const override {
+    const at::Tensor base = base_rows.to(at::kFloat);
+    const at::Tensor adapted = Lora::merged_rows(t, base, 1.0);
+    const at::Tensor dora = t.tensors[2].to(at::kFloat).unsqueeze(1) * adapted / adapted.norm(2, {1}, true);
+    return base + (dora - base) * strength;
+  }
+
+};
+
 }  // namespace
 
 const AdapterVariant& lora_variant() {
   static const Lora lora;
   return lora;
+}
+
+const AdapterVariant& dora_variant() {
+  static const Dora dora;
+  return dora;
+}
+
+const AdapterVariant& variant_by_name(const std::string& name) {
+  if (name == "lora") return lora_variant();
+  if (name == "dora") return dora_variant();
+  throw InputError("lora.variant must be lora or dora (got \"" + name + "\")");
 }
 
 }  // namespace loratune

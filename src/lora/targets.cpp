@@ -78,6 +78,7 @@ std::vector<Weight> adaptable_weights(const torch::jit::Module& root) {
   return out;
 }
 
+constexpr const char* kAllLinear = "all-linear";
 const std::set<std::string> kSeparateQV = {"query", "value", "q_proj", "v_proj"};
 const std::set<std::string> kFusedQKV = {"qkv", "qkv_proj", "in_proj", "c_attn"};
 
@@ -100,10 +101,12 @@ std::vector<std::string> candidate_modules(const torch::jit::Module& module) {
   return out;
 }
 
-std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings) {
+std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings,
+                                        const std::string& blocks_path) {
   if (settings.rank <= 0) throw InputError("lora.rank must be a positive integer");
   if (!(settings.alpha > 0)) throw InputError("lora.alpha must be positive");
   if (settings.dropout < 0 || settings.dropout >= 1) throw InputError("lora.dropout must be in [0, 1)");
+  const AdapterVariant& variant = variant_by_name(settings.variant);
   const auto weights = adaptable_weights(module);
 
   // (weight, slices) pairs chosen
@@ -120,6 +123,20 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
                        join(candidate_modules(module), ", ", 12));
   } else {
     for (const auto& text : settings.targets) {
+      if (text == kAllLinear) {
+        if (blocks_path.empty())
+          throw InputError("lora.targets \"all-linear\" needs a model with a blocks structure (export it with "
+                           "scripts/export/); name the modules instead");
+        for (const auto& w : weights) {
+          if (w.module.compare(0, blocks_path.size() + 1, blocks_path + ".") != 0) continue;
+          if (w.param == "weight" &&
+              std::any_of(weights.begin(), weights.end(),
+                          [&](const Weight& o) { return o.module == w.module && o.param == "in_proj_weight"; }))
+            continue;
+          if (weight_read_by_own_code(module, w.module, w.param)) chosen.push_back({w, {}});
+        }
+        continue;
+      }
       const Pattern p = parse_pattern(text);
       size_t matched = 0;
       for (const auto& w : weights) {
@@ -174,6 +191,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
       t.rank = settings.rank;
       t.alpha = settings.alpha;
       t.rslora = settings.rslora;
+      t.variant = &variant;
       for (const auto& p : rank_patterns)
         if (pattern_applies(p, w.module, slice)) t.rank = settings.rank_pattern.at(p.text);
       for (const auto& p : alpha_patterns)

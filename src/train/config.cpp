@@ -104,8 +104,12 @@ const std::vector<Key>& schema() {
       {"lora.dropout", Kind::kNumber, 0.1, false, kResult, "dropout on the adapter input", field(&C::lora, &L::dropout)},
       {"lora.rslora", Kind::kBool, false, false, kResult, "rank-stabilised scaling alpha / sqrt(r)",
        field(&C::lora, &L::rslora)},
+      {"lora.variant", Kind::kString, "lora", false, kResult,
+       "lora | dora (weight-decomposed: a trained magnitude per output row; PEFT's use_dora)",
+       field(&C::lora, &L::variant)},
       {"lora.targets", Kind::kStringList, json::array(), false, kResult,
-       "module name suffixes or re:<regex>, with :q,v for slices of fused qkv; []: query and value of every block",
+       "module name suffixes or re:<regex>, with :q,v for slices of fused qkv, or all-linear (every Linear in the "
+       "blocks); []: query and value of every block",
        field(&C::lora, &L::targets)},
       {"lora.last_blocks", Kind::kInt, nullptr, true, kResult,
        "adapt only the last N transformer blocks (no backward through the blocks before them); null: all",
@@ -304,6 +308,7 @@ void check_values(const TrainConfig& c, const std::string& origin) {
   if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
     fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
   if (c.early_stopping.patience == 0) fail("early_stopping.patience must be at least 1, or null for off");
+  if (c.lora.variant != "lora" && c.lora.variant != "dora") fail("lora.variant must be lora or dora");
   if (c.lora.last_blocks == 0) fail("lora.last_blocks must be at least 1, or null for every block");
   if (c.schedule.warmup_fraction < 0 || c.schedule.warmup_fraction >= 1) fail("schedule.warmup_fraction must be in [0, 1)");
   if (c.schedule.min_lr_ratio < 0 || c.schedule.min_lr_ratio > 1) fail("schedule.min_lr_ratio must be in [0, 1]");

@@ -70,7 +70,8 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
   auto model = std::make_unique<Model>(load_bundle(c.model));
   model->set_method(c.method);
   if (c.method == Method::kLora) {
-    auto targets = in_last_blocks(resolve_targets(model->module(), c.lora), model->bundle(), c.lora.last_blocks);
+    auto targets = in_last_blocks(resolve_targets(model->module(), c.lora, model->bundle().info.blocks),
+                                  model->bundle(), c.lora.last_blocks);
     init_adapter_tensors(targets, model->module());
     model->set_adapters(targets, c.lora);
   }

@@ -1,5 +1,5 @@
-// LoRA on every layout and export mode, compared with eager PyTorch on the same weights and inputs
-// (tests/fixtures/make_vit_fixtures.py computes the reference with W + s*B@A).
+// LoRA and DoRA on every layout and export mode, compared with eager PyTorch in float64 on the same weights and
+// inputs (tests/fixtures/reference.py computes W + s*B@A, and m * (W + s*B@A) / ||W + s*B@A|| for DoRA).
 #include <gtest/gtest.h>
 
 #include "loratune/adapter_binding.h"
@@ -23,9 +23,9 @@ class LoraReference : public ::testing::TestWithParam<std::string> {
 };
 
 // PEFT key of an adapter tensor, as the reference names its gradients.
-std::string peft_key(const LoraTarget& t, const std::string& prefix, char which) {
+std::string peft_key(const LoraTarget& t, const std::string& prefix, const std::string& tensor) {
   return "base_model.model." + t.module.substr(prefix.size()) + (t.param == "weight" ? "" : "." + t.param) + ".lora_" +
-         which + (t.slice.empty() ? "" : "." + t.slice) + ".weight";
+         tensor + (t.slice.empty() ? "" : "." + t.slice) + ".weight";
 }
 
 TEST_P(LoraReference, BaseOutputMatchesPython) {
@@ -66,11 +66,40 @@ TEST_P(LoraReference, ForwardAndGradientsMatchPython) {
     for (const auto& t : model.adapters()) {
       SCOPED_TRACE(t.describe());
       ASSERT_TRUE(t.A().grad().defined());
-      EXPECT_LT(scaled_diff(t.A().grad(), ref.at("grad." + peft_key(t, prefix, 'A'))), 1e-5);
-      EXPECT_LT(scaled_diff(t.B().grad(), ref.at("grad." + peft_key(t, prefix, 'B'))), 1e-5);
+      EXPECT_LT(scaled_diff(t.A().grad(), ref.at("grad." + peft_key(t, prefix, "A"))), 1e-5);
+      EXPECT_LT(scaled_diff(t.B().grad(), ref.at("grad." + peft_key(t, prefix, "B"))), 1e-5);
     }
     EXPECT_LT(scaled_diff(model.head_weight().grad(), ref.at("grad.head.weight")), 1e-5);
     EXPECT_LT(scaled_diff(model.head_bias().grad(), ref.at("grad.head.bias")), 1e-5);
+    for (const auto& p : model.module().parameters()) EXPECT_FALSE(p.grad().defined());
+  }
+}
+
+// DoRA against the float64 reference (the same layouts; magnitude moved off the row norms so that it matters).
+TEST_P(LoraReference, DoraForwardAndGradientsMatchPython) {
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_dora.safetensors")).tensors;
+  const auto adapter_dir = fixture("models/adapter_" + GetParam() + "_dora");
+  for (bool checkpoint : {false, true}) {
+    SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
+    Model model(load_bundle(bundle_path()));
+    const Adapter adapter = load_adapter(adapter_dir);
+    ASSERT_EQ(adapter.lora.variant, "dora");
+    apply_adapter(model, adapter, adapter_dir.string());
+    ASSERT_EQ(model.adapters().size(), 4u);
+    const at::Tensor logits = model.logits(ref.at("input"), checkpoint);
+    EXPECT_LT(scaled_diff(logits, ref.at("adapted_logits")), 1e-5);
+    (logits * ref.at("probe")).sum().backward();
+    const std::string& prefix = model.bundle().info.module_prefix;
+    for (const auto& t : model.adapters()) {
+      SCOPED_TRACE(t.describe());
+      ASSERT_EQ(t.variant->name(), "dora");
+      const auto& names = t.variant->tensor_names();
+      for (size_t k = 0; k < names.size(); ++k) {
+        ASSERT_TRUE(t.tensors[k].grad().defined()) << names[k];
+        EXPECT_LT(scaled_diff(t.tensors[k].grad(), ref.at("grad." + peft_key(t, prefix, names[k]))), 1e-5) << names[k];
+      }
+    }
+    EXPECT_LT(scaled_diff(model.head_weight().grad(), ref.at("grad.head.weight")), 1e-5);
     for (const auto& p : model.module().parameters()) EXPECT_FALSE(p.grad().defined());
   }
 }

@@ -116,6 +116,42 @@ TEST(Merge, RefusesAdapterForAnotherBase) {
   EXPECT_FALSE(std::filesystem::exists(dir / "out.pt"));
 }
 
+// Every Linear of every block, on every layout: the adapted graph and the merged file agree, and an adapter
+// changes the output (each wiring was reached).
+TEST(Merge, AllLinearTargetsOnEveryLayoutMergeToTheAdaptedModel) {
+  for (const std::string layout :
+       {"hf_script", "hf_trace", "timm_script", "timm_trace", "torchvision_script", "torchvision_trace", "mobileclip_trace"}) {
+    SCOPED_TRACE(layout);
+    const auto dir = test::temp_dir("all_linear_" + layout);
+    torch::manual_seed(1);
+    Model m(load_bundle(fixture("models/" + layout + ".pt")));
+    LoraSettings settings;
+    settings.targets = {"all-linear"};
+    auto targets = resolve_targets(m.module(), settings, m.bundle().info.blocks);
+    EXPECT_GE(targets.size(), 4u);
+    init_adapter_tensors(targets, m.module());
+    {
+      at::NoGradGuard no_grad;
+      for (auto& t : targets) t.B().normal_(0, 0.05);
+    }
+    m.set_adapters(targets, settings);
+    m.init_head(3);
+    const at::Tensor x = at::randn({2, 3, m.bundle().info.image_size, m.bundle().info.image_size});
+    at::Tensor adapted, base;
+    {
+      at::NoGradGuard no_grad;
+      adapted = m.logits(x);
+      m.clear_adapters();
+      base = m.logits(x);
+    }
+    EXPECT_GT(test::max_abs_diff(adapted, base), 1e-3);
+    m.set_adapters(targets, settings);
+    save_adapter(dir / "adapter", adapter_from_model(m, {"a", "b", "c"}, {}));
+    const MergeReport r = merge_adapter(fixture("models/" + layout + ".pt"), dir / "adapter", dir / "merged.pt", MergeOptions{});
+    EXPECT_LT(r.max_abs_diff, 1e-5);
+  }
+}
+
 TEST(Adapters, SaveLoadRoundTripIsExactAndPeftShaped) {
   const auto dir = test::temp_dir("adapter_roundtrip");
   Model m(load_bundle(fixture("models/timm_script.pt")));
