@@ -1,6 +1,6 @@
 // Measurements for scripts/bench/ and scripts/gpu/ (one JSON line on stdout per run). Arguments are key=value.
 //   loratune_bench step   model=M batch=B precision=fp32|bf16|fp16 checkpoint=0|1 steps=N [device=cpu|cuda]
-//                         [threads=2] [save=ADAPTER_DIR] [probe=INPUT.safetensors]
+//                         [threads=2] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors]
 //       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory; optionally
 //       saves the adapter and writes the trained model's logits on the probe input to <probe>.logits.safetensors.
 //   loratune_bench logits model=M adapter=A input=IN.safetensors out=OUT.safetensors [device=cpu|cuda]
@@ -26,6 +26,7 @@
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/train_step.h"
+#include "loratune/training_setup.h"
 #ifdef LORATUNE_WITH_VISION
 #include "loratune/image.h"
 #include "loratune/loader.h"
@@ -54,12 +55,13 @@ int step_benchmark(const Args& a) {
   const bool checkpoint = get(a, "checkpoint", "0") == "1";
   const int steps = std::stoi(get(a, "steps"));
   const Precision precision = resolve_precision(get(a, "precision", "fp32"), device);
-  torch::manual_seed(0);
-  Model model(load_bundle(get(a, "model")));
-  auto targets = resolve_targets(model.module(), LoraSettings{});
-  init_adapter_tensors(targets, model.module());
-  model.set_adapters(targets, LoraSettings{});
-  model.init_head(10);
+  // The model as `loratune train` builds it (seed 0, LoRA r8 on q/v without dropout, a 10-class head).
+  nlohmann::json config = {{"model", get(a, "model")}, {"data", {{"train", "-"}}}, {"lora", {{"dropout", 0.0}}}};
+  if (a.count("last_blocks")) config["lora"]["last_blocks"] = std::stoll(a.at("last_blocks"));
+  std::vector<std::string> class_names;
+  for (int c = 0; c < 10; ++c) class_names.push_back("class_" + std::to_string(c));
+  auto built = build_training_model(parse_train_config(config, "benchmark"), class_names);
+  Model& model = *built;
   // As `loratune train` by default: frozen weights in 16 bits with mixed precision on CUDA.
   model.to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat);
   const int64_t setup_peak = peak_memory(device);
@@ -87,9 +89,7 @@ int step_benchmark(const Args& a) {
   std::sort(timed.begin(), timed.end());
   const double median = timed[timed.size() / 2];
   if (a.count("save")) {
-    std::vector<std::string> classes;
-    for (int c = 0; c < 10; ++c) classes.push_back("class_" + std::to_string(c));
-    save_adapter(a.at("save"), adapter_from_model(model, classes, {}));
+    save_adapter(a.at("save"), adapter_from_model(model, class_names, {}));
   }
   if (a.count("probe")) {
     const auto input = safetensors::read(a.at("probe")).tensors.at("input");

@@ -42,6 +42,17 @@ METHODS = {
     "linear_probe": {"method": "linear_probe", "optim": {"lr": 1e-2}},
 }
 
+# Adapter variants and recipes beside plain LoRA (`--methods variants`), with plain LoRA's settings: not tuned per
+# variant. The backbone has 4 blocks, so "last 2 blocks" is the recipe's meaningful setting here.
+_LORA = {"rank": 8, "alpha": 16, "dropout": 0.1}
+VARIANTS = {
+    "lora": METHODS["lora"],
+    "dora": {"method": "lora", "optim": {"lr": 3e-3}, "lora": {**_LORA, "dropout": 0.0, "variant": "dora"}},
+    "lora_plus": {"method": "lora", "optim": {"lr": 3e-3, "lora_plus_ratio": 16}, "lora": _LORA},
+    "all_linear": {"method": "lora", "optim": {"lr": 3e-3}, "lora": {**_LORA, "targets": ["all-linear"]}},
+    "last_2_blocks": {"method": "lora", "optim": {"lr": 3e-3}, "lora": {**_LORA, "last_blocks": 2}},
+}
+
 
 def stage(title):
     print(f"\n=== {title}", flush=True)
@@ -84,6 +95,8 @@ def main():
     p.add_argument("--profile", choices=PROFILES, default="demo")
     p.add_argument("--binary", default=os.path.join(ROOT, "build", "bin", "loratune"))
     p.add_argument("--report", help="also write the results table (markdown) to this file")
+    p.add_argument("--methods", choices=["methods", "variants"], default="methods",
+                   help="methods: LoRA, full fine-tuning, linear probe; variants: LoRA, DoRA, LoRA+, all-linear, last blocks")
     p.add_argument("--check", action="store_true", help="assert the outcome (CI): LoRA far above chance, merge exact")
     a = p.parse_args()
     prof = PROFILES[a.profile]
@@ -121,10 +134,11 @@ def main():
         run([a.binary, "merge", "--base", random_init, "--adapter", os.path.join(pre_dir, "best"), "--output", backbone,
              "--features-only"])
 
-    stage("3/5 adapting to your photos (classes 5-9) three ways")
+    methods = METHODS if a.methods == "methods" else VARIANTS
+    stage(f"3/5 adapting to your photos (classes 5-9) {len(methods)} ways")
     results = []
     for seed in prof["seeds"]:
-        for name, settings in METHODS.items():
+        for name, settings in methods.items():
             config = {"model": backbone, "data": {"train": photos_train, "val_fraction": 0.1},
                       "epochs": prof["epochs"], "batch_size": 16, "precision": "fp32", "seed": seed,
                       "gradient_checkpointing": False, **settings}
@@ -159,7 +173,7 @@ def main():
                      f"{s['peak_memory_bytes'] / 2**20:.0f} MB | {s['seconds']:.1f} s |")
     if len(prof["seeds"]) > 1:
         lines += ["", "| method | mean top-1 | min | max |", "|---|---|---|---|"]
-        for name in METHODS:
+        for name in methods:
             accs = [100 * r["top1"] for r in results if r["method"] == name]
             lines.append(f"| {name} | {sum(accs) / len(accs):.2f}% | {min(accs):.2f}% | {max(accs):.2f}% |")
     lines += ["", f"LoRA merged into the backbone: held-out top-1 {100 * merged_metrics['top1']:.2f}% "
