@@ -97,14 +97,13 @@ class AdapterVariant {
 
 // Which weights of `module` the settings adapt, with shapes and ranks (tensors not yet created).
 // InputError when a pattern matches nothing; the message lists candidate modules.
-// "all-linear" in lora.targets selects every 2-D weight inside `blocks_path` (the bundle's transformer blocks)
-// that its own module's code reads (weights read by a parent's code, such as nn.MultiheadAttention's out_proj,
-// cannot carry an adapter and are left out).
+// "all-linear" in lora.targets selects every 2-D weight inside `blocks_path` (the bundle's transformer blocks) that
+// the model's code reads.
 std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings,
                                         const std::string& blocks_path = "");
 
-// True when the module at `module_path` reads its weight `param` in its own methods only (an adapter can attach).
-bool weight_read_by_own_code(const torch::jit::Module& root, const std::string& module_path, const std::string& param);
+// True when some code of the model reads the weight `param` of the module at `module_path`.
+bool weight_is_read(const torch::jit::Module& root, const std::string& module_path, const std::string& param);
 
 // Modules that could carry an adapter (those with a 2-D weight), for error messages and `loratune info`.
 std::vector<std::string> candidate_modules(const torch::jit::Module& module);

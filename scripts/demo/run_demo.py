@@ -42,13 +42,15 @@ METHODS = {
     "linear_probe": {"method": "linear_probe", "optim": {"lr": 1e-2}},
 }
 
-# Adapter variants and recipes beside plain LoRA (`--methods variants`), with plain LoRA's settings: not tuned per
-# variant. The backbone has 4 blocks, so "last 2 blocks" is the recipe's meaningful setting here.
+# Adapter variants and recipes beside plain LoRA (`--methods variants`), with plain LoRA's settings except where
+# noted. The backbone has 4 blocks, so "last 2 blocks" is the recipe's meaningful setting here.
 _LORA = {"rank": 8, "alpha": 16, "dropout": 0.1}
 VARIANTS = {
     "lora": METHODS["lora"],
     "dora": {"method": "lora", "optim": {"lr": 3e-3}, "lora": {**_LORA, "dropout": 0.0, "variant": "dora"}},
-    "lora_plus": {"method": "lora", "optim": {"lr": 3e-3, "lora_plus_ratio": 16}, "lora": _LORA},
+    # lr chosen on the validation split (seed 0): 3e-4, 1e-3, 3e-3 gave 92%, 92%, 78% top-1; the tie went to the lower
+    # validation loss.
+    "lora_plus": {"method": "lora", "optim": {"lr": 3e-4, "lora_plus_ratio": 16}, "lora": _LORA},
     "all_linear": {"method": "lora", "optim": {"lr": 3e-3}, "lora": {**_LORA, "targets": ["all-linear"]}},
     "last_2_blocks": {"method": "lora", "optim": {"lr": 3e-3}, "lora": {**_LORA, "last_blocks": 2}},
 }

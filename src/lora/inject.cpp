@@ -42,7 +42,7 @@ bool reads_attribute(const Node* n, const std::string& name) {
 
 }  // namespace
 
-bool weight_read_by_own_code(const torch::jit::Module& root, const std::string& module_path, const std::string& param) {
+bool weight_is_read(const torch::jit::Module& root, const std::string& module_path, const std::string& param) {
   torch::jit::Module target;
   std::vector<std::pair<std::string, torch::jit::Module>> modules;
   for (const auto& nm : root.named_modules()) {
@@ -51,7 +51,7 @@ bool weight_read_by_own_code(const torch::jit::Module& root, const std::string& 
   }
   if (!target._ivalue()) return false;
   const auto type = target.type();
-  bool own = false, foreign = false;
+  bool read = false;
   std::set<const c10::ClassType*> seen;
   for (const auto& [path, module] : modules) {
     if (!seen.insert(module.type().get()).second) continue;
@@ -60,11 +60,11 @@ bool weight_read_by_own_code(const torch::jit::Module& root, const std::string& 
       auto graph = compat::method_graph(method.function());
       for_each_node(graph, [&](Node* n) {
         if (!reads_attribute(n, param) || n->input(0)->type() != type) return;
-        (module.type() == type && n->input(0) == graph->inputs()[0] ? own : foreign) = true;
+        read = true;
       });
     }
   }
-  return own && !foreign;
+  return read;
 }
 
 AdapterHost::AdapterHost(torch::jit::Module root) : root_(std::move(root)) {
@@ -96,26 +96,32 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
       throw InputError("module " + example + " already has an attribute " + name +
                        "; export the base model without adapters (merge them first)");
 
-  // Where is the weight read? Only the type's own methods may read it, and how they read it decides the wiring.
+  // Where is the weight read, and how? Reads by the type's own methods through aten::linear allow the activation
+  // wiring; any other read, or a read by another module's code (nn.MultiheadAttention passes out_proj.weight to
+  // its attention function), needs the weight wiring, applied where the read happens.
   bool only_linear = true;
   size_t reads = 0;
   std::set<const c10::ClassType*> seen;
+  std::vector<torch::jit::Module> foreign_readers;  // one module per other type whose code reads the weight
   for (const auto& [path, module] : modules_) {
     if (!seen.insert(module.type().get()).second) continue;
+    bool reads_here = false;
     for (const auto& method : module.get_methods()) {
       if (is_lora_method(method.name())) continue;
       auto graph = compat::method_graph(method.function());
       for_each_node(graph, [&](Node* n) {
         if (!reads_attribute(n, param) || n->input(0)->type() != type) return;
-        if (module.type() != type || n->input(0) != graph->inputs()[0])
-          throw InputError("cannot adapt " + example + ": its " + param + " is read by the code of " +
-                           (path.empty() ? std::string("the root module") : path) +
-                           ", not by its own forward; adapt a module that uses its own weight");
         ++reads;
+        if (module.type() != type || n->input(0) != graph->inputs()[0]) {
+          only_linear = false;
+          reads_here = true;
+          return;
+        }
         for (const auto& use : n->output()->uses())
           if (use.user->kind() != c10::aten::linear || use.offset != 1) only_linear = false;
       });
     }
+    if (reads_here) foreign_readers.push_back(module);
   }
   if (reads == 0) throw InputError("cannot adapt " + example + ": its code never reads " + param);
   const LoraWiring wiring =
@@ -173,6 +179,27 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
       }
     }
     graph->lint();
+  }
+  // Reads by other modules' code: the weight they get passes through the adapted module's lora_weight.
+  for (auto& reader : foreign_readers) {
+    for (const auto& method : reader.get_methods()) {
+      if (is_lora_method(method.name())) continue;
+      auto graph = compat::method_graph(method.function());
+      std::vector<Node*> getters;
+      for_each_node(graph, [&](Node* n) {
+        if (reads_attribute(n, param) && n->input(0)->type() == type &&
+            !(reader.type() == type && n->input(0) == graph->inputs()[0]))
+          getters.push_back(n);
+      });
+      for (Node* get : getters) {
+        Node* call = graph->create(c10::prim::CallMethod, {get->input(0), get->output()}, 1);
+        call->s_(c10::attr::name, "lora_weight");
+        call->output()->setType(c10::TensorType::get());
+        call->insertAfter(get);
+        get->output()->replaceAllUsesAfterNodeWith(call, call->output());
+      }
+      graph->lint();
+    }
   }
   prepared_[type.get()] = wiring;
   prepared_param_[type.get()] = param;

@@ -133,7 +133,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
               std::any_of(weights.begin(), weights.end(),
                           [&](const Weight& o) { return o.module == w.module && o.param == "in_proj_weight"; }))
             continue;
-          if (weight_read_by_own_code(module, w.module, w.param)) chosen.push_back({w, {}});
+          if (weight_is_read(module, w.module, w.param)) chosen.push_back({w, {}});
         }
         continue;
       }

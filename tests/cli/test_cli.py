@@ -147,6 +147,8 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
         "dropout": ("hf_script", {"rank": 8, "alpha": 16.0, "dropout": 0.3}),
         "patterns": ("hf_script", {"rank": 4, "alpha": 8.0, "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 2.0}}),
         "mha_slices": ("torchvision_script", {"rank": 2, "alpha": 6.0, "targets": ["self_attention:q,v"], "dropout": 0.0}),
+        "dora_fused": ("timm_script", {"rank": 4, "alpha": 8.0, "variant": "dora", "dropout": 0.0}),
+        "all_linear_last_block": ("hf_script", {"rank": 2, "alpha": 4.0, "targets": ["all-linear"], "last_blocks": 1}),
     }
 
     @staticmethod
@@ -175,8 +177,9 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
 
                 with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
                     peft = json.load(f)
-                self.assertEqual((peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["use_rslora"]),
-                                 (lora["rank"], lora["alpha"], lora.get("dropout", 0.1), lora.get("rslora", False)))
+                self.assertEqual((peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["use_rslora"], peft["use_dora"]),
+                                 (lora["rank"], lora["alpha"], lora.get("dropout", 0.1), lora.get("rslora", False),
+                                  lora.get("variant") == "dora"))
                 _, meta = safetensors_lite.load(os.path.join(out, "adapter", "adapter_model.safetensors"))
                 modules = {t["module"] for t in json.loads(meta["loratune"])["targets"]}
                 self.assertTrue(modules)
@@ -356,6 +359,16 @@ class Hardening(unittest.TestCase, ExpectsInputError):
         code, out, err = run("report", run_dir)
         self.assertEqual(code, 0, err)
         self.assertIn("train loss: first 2.3000, last 2.3000", out)
+
+    def test_recipe_settings_that_cannot_work(self):
+        cfg, _ = write_config("recipes")
+        self.assert_input_error(("train", "--config", cfg, "--set", "lora.variant=dorra"), "lora.variant must be lora or dora")
+        self.assert_input_error(("train", "--config", cfg, "--set", "optim.lora_plus_ratio=-1"),
+                                "optim.lora_plus_ratio must be positive")
+        self.assert_input_error(("train", "--config", cfg, "--set", "lora.last_blocks=9"),
+                                "lora.last_blocks 9 is more than the 2 blocks")
+        self.assert_input_error(("train", "--config", cfg, "--set", "early_stopping.patience=0"),
+                                "early_stopping.patience must be at least 1")
 
     def test_too_many_workers_are_capped(self):
         cfg, _ = write_config("workers", epochs=1, max_steps=1, data={
