@@ -38,12 +38,9 @@ uint64_t hash_bytes(const void* data, size_t size, uint64_t seed) {
   return finalize(h);
 }
 
-std::string weights_fingerprint(const torch::jit::Module& module) {
-  std::map<std::string, at::Tensor> named;
-  for (const auto& p : module.named_parameters(/*recurse=*/true)) named.emplace(p.name, p.value);
-  for (const auto& b : module.named_buffers(/*recurse=*/true)) named.emplace(b.name, b.value);
-  uint64_t h = 0x6c6f7261ULL;  // "lora"
-  for (const auto& [name, tensor] : named) {
+std::string tensors_fingerprint(const std::map<std::string, at::Tensor>& tensors, uint64_t seed) {
+  uint64_t h = seed;
+  for (const auto& [name, tensor] : tensors) {
     const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
     const std::string header = name + "|" + c10::toString(t.scalar_type()) + "|" + c10::str(t.sizes());
     h = hash_bytes(header.data(), header.size(), h);
@@ -52,6 +49,13 @@ std::string weights_fingerprint(const torch::jit::Module& module) {
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
   return hex;
+}
+
+std::string weights_fingerprint(const torch::jit::Module& module) {
+  std::map<std::string, at::Tensor> named;
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) named.emplace(p.name, p.value);
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) named.emplace(b.name, b.value);
+  return tensors_fingerprint(named, 0x6c6f7261ULL);  // "lora"
 }
 
 }  // namespace loratune

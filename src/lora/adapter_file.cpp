@@ -91,18 +91,7 @@ class PeftPatterns {
 
 // A checksum of every tensor (name, dtype, shape, bytes) written into the metadata: a flipped bit anywhere in the
 // data makes loading fail instead of giving quietly different results.
-std::string tensors_hash(const safetensors::Tensors& tensors) {
-  uint64_t h = 0x61646170ULL;  // "adap"
-  for (const auto& [name, tensor] : tensors) {
-    const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
-    const std::string header = name + "|" + c10::toString(t.scalar_type()) + "|" + c10::str(t.sizes());
-    h = hash_bytes(header.data(), header.size(), h);
-    h = hash_bytes(t.data_ptr(), t.numel() * t.element_size(), h);
-  }
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-  return hex;
-}
+std::string tensors_hash(const safetensors::Tensors& tensors) { return tensors_fingerprint(tensors, 0x61646170ULL); }
 
 void check_finite(const at::Tensor& t, const std::string& origin, const std::string& key) {
   if (t.is_floating_point() && t.numel() > 0 && !at::isfinite(t).all().item<bool>())

@@ -43,7 +43,10 @@ def lora_forward(self, x: Tensor, y: Tensor) -> Tensor:
     return y
 )";
 
-constexpr const char* kWeightCode = R"(
+// The weight wiring: each slice's change spliced into w at its rows. `{change}` computes slice i's change from
+// d = s * B @ A and rows = its rows of w.
+std::string weight_wiring_code(const std::string& change) {
+  std::string code = R"(
 def lora_weight(self, w: Tensor) -> Tensor:
     if not self.lora_enabled:
         return w
@@ -54,12 +57,14 @@ def lora_weight(self, w: Tensor) -> Tensor:
         start = self.lora_rows[i]
         if start > pos:
             parts.append(torch.zeros([start - pos, w.size(1)], dtype=d.dtype, device=d.device))
-        parts.append(d)
+{change}
         pos = start + d.size(0)
     if pos < w.size(0):
         parts.append(torch.zeros([w.size(0) - pos, w.size(1)], dtype=parts[0].dtype, device=parts[0].device))
     return w + torch.cat(parts, 0)
 )";
+  return code.replace(code.find("{change}"), 8, change);
+}
 
 class Lora : public AdapterVariant {
  public:
@@ -86,7 +91,10 @@ class Lora : public AdapterVariant {
   }
 
   const char* activation_code() const override { return kActivationCode; }
-  const char* weight_code() const override { return kWeightCode; }
+  const char* weight_code() const override {
+    static const std::string code = weight_wiring_code("        parts.append(d)");
+    return code.c_str();
+  }
 
   at::Tensor merged_rows(const LoraTarget& t, const at::Tensor& base_rows, double strength) const override {
     return base_rows.to(at::kFloat) + at::mm(t.B().to(at::kFloat), t.A().to(at::kFloat)) * (t.scale() * strength);
@@ -96,27 +104,6 @@ class Lora : public AdapterVariant {
 // DoRA: each adapted row is rescaled to its trained magnitude, W' = m * (W + s*B@A) / ||W + s*B@A||, the norm
 // taken per output row and detached (as in PEFT and section 4.3 of the paper). Applied to the weight, so every
 // layout takes it the same way.
-constexpr const char* kDoraWeightCode = R"(
-def lora_weight(self, w: Tensor) -> Tensor:
-    if not self.lora_enabled:
-        return w
-    parts: List[Tensor] = []
-    pos = 0
-    for i in range(len(self.lora_A)):
-        d = torch.mm(self.lora_B[i], self.lora_A[i]) * self.lora_scale[i]
-        start = self.lora_rows[i]
-        if start > pos:
-            parts.append(torch.zeros([start - pos, w.size(1)], dtype=d.dtype, device=d.device))
-        rows = w.narrow(0, start, d.size(0))
-        adapted = rows + d
-        norm = adapted.norm(2, [1], True).detach()
-        parts.append(self.lora_magnitude_vector[i].unsqueeze(1) * adapted / norm - rows)
-        pos = start + d.size(0)
-    if pos < w.size(0):
-        parts.append(torch.zeros([w.size(0) - pos, w.size(1)], dtype=parts[0].dtype, device=parts[0].device))
-    return w + torch.cat(parts, 0)
-)";
-
 class Dora : public Lora {
  public:
   std::string name() const override { return "dora"; }
@@ -142,7 +129,14 @@ class Dora : public Lora {
   }
 
   const char* activation_code() const override { return nullptr; }
-  const char* weight_code() const override { return kDoraWeightCode; }
+  const char* weight_code() const override {
+    static const std::string code = weight_wiring_code(
+        "        rows = w.narrow(0, start, d.size(0))\n"
+        "        adapted = rows + d\n"
+        "        norm = adapted.norm(2, [1], True).detach()\n"
+        "        parts.append(self.lora_magnitude_vector[i].unsqueeze(1) * adapted / norm - rows)");
+    return code.c_str();
+  }
 
   at::Tensor merged_rows(const LoraTarget& t, const at::Tensor& base_rows, double strength) const override {
     const at::Tensor base = base_rows.to(at::kFloat);
