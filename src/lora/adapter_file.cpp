@@ -334,10 +334,8 @@ Adapter load_adapter(const fs::path& path) {
     // Exact ranks and alphas as recorded, slice by slice.
     for (const auto& jt : meta.at("targets")) {
       const std::string module = jt.at("module").get<std::string>();
-      auto match = std::find_if(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) {
-        return t.module == module && t.param == jt.at("param").get<std::string>() &&
-               t.slice == jt.at("slice").get<std::string>();
-      });
+      const TargetKey key{module, jt.at("param").get<std::string>(), jt.at("slice").get<std::string>()};
+      auto match = std::find_if(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) { return t == key; });
       if (match == a.targets.end()) throw InputError(origin + ": adapter " + module + " is listed but has no tensors");
       match->alpha = jt.at("alpha").get<double>();
       if (!(match->alpha > 0)) throw InputError(origin + ": adapter " + module + " has alpha <= 0");
