@@ -2,6 +2,12 @@
 # LibTorch: Debian's libtorch-dev (1.13) is found by default; for an official LibTorch 2.x archive or a pip torch,
 # pass -DCMAKE_PREFIX_PATH=<libtorch>/share/cmake (or `python3 -c 'import torch; print(torch.utils.cmake_prefix_path)'`).
 find_package(Torch REQUIRED)
+# The C++ ABI flag LibTorch was built with (pip wheels and archives differ), for every target here and googletest.
+set(CMAKE_CXX_FLAGS "${CMAKE_CXX_FLAGS} ${TORCH_CXX_FLAGS}")
+# LibTorch 2.13 and later headers require C++20.
+if(Torch_VERSION VERSION_GREATER_EQUAL 2.13)
+  set(CMAKE_CXX_STANDARD 20)
+endif()
 
 # On machines without the packages (the borrowed GPU machine), headers gathered by scripts/gpu/gather_deps.sh:
 # nlohmann_json, spdlog and fmt header-only, googletest built from source.

@@ -1,11 +1,15 @@
 // Measurements for scripts/bench/ and scripts/gpu/ (one JSON line on stdout per run). Arguments are key=value.
 //   loratune_bench step   model=M batch=B precision=fp32|bf16|fp16 checkpoint=0|1 steps=N [device=cpu|cuda]
-//                         [threads=2] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors]
-//       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory; optionally
+//                         [threads=2] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors] [phase_steps=N]
+//       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory, and with
+//       phase_steps the mean seconds of forward, backward and optimizer over N more steps; optionally
 //       saves the adapter and writes the trained model's logits on the probe input to <probe>.logits.safetensors.
 //   loratune_bench logits model=M adapter=A input=IN.safetensors out=OUT.safetensors [device=cpu|cuda]
 //       Logits of base + adapter (loratune's or PEFT's) on an input.
+//   loratune_bench maxbatch model=M [precision=fp16] [checkpoint=1] [start=8] [max=4096] [device=cuda]
+//       The largest batch whose training step fits in memory (cap it with LORATUNE_CUDA_MEMORY_GB=12).
 //   loratune_bench loader folder=F batch=B workers=W batches=N        (builds with OpenCV only)
+#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -49,21 +53,28 @@ void sync(const c10::Device& device) {
   if (device.is_cuda()) at::zeros({1}, at::TensorOptions().device(device)).item<float>();
 }
 
+// The model as `loratune train` builds it (seed 0, LoRA r8 on q/v without dropout, a 10-class head), on `device`
+// with frozen weights in 16 bits under mixed precision on CUDA, as `loratune train` does by default.
+std::unique_ptr<Model> benchmark_model(const Args& a, const c10::Device& device, Precision precision,
+                                       std::vector<std::string>& class_names) {
+  nlohmann::json config = {{"model", get(a, "model")}, {"data", {{"train", "-"}}}, {"lora", {{"dropout", 0.0}}}};
+  if (a.count("last_blocks")) config["lora"]["last_blocks"] = std::stoll(a.at("last_blocks"));
+  class_names.clear();
+  for (int c = 0; c < 10; ++c) class_names.push_back("class_" + std::to_string(c));
+  auto model = build_training_model(parse_train_config(config, "benchmark"), class_names);
+  model->to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat);
+  return model;
+}
+
 int step_benchmark(const Args& a) {
   const c10::Device device = resolve_device(get(a, "device", "cpu"));
   const int64_t batch = std::stoll(get(a, "batch"));
   const bool checkpoint = get(a, "checkpoint", "0") == "1";
   const int steps = std::stoi(get(a, "steps"));
   const Precision precision = resolve_precision(get(a, "precision", "fp32"), device);
-  // The model as `loratune train` builds it (seed 0, LoRA r8 on q/v without dropout, a 10-class head).
-  nlohmann::json config = {{"model", get(a, "model")}, {"data", {{"train", "-"}}}, {"lora", {{"dropout", 0.0}}}};
-  if (a.count("last_blocks")) config["lora"]["last_blocks"] = std::stoll(a.at("last_blocks"));
   std::vector<std::string> class_names;
-  for (int c = 0; c < 10; ++c) class_names.push_back("class_" + std::to_string(c));
-  auto built = build_training_model(parse_train_config(config, "benchmark"), class_names);
+  auto built = benchmark_model(a, device, precision, class_names);
   Model& model = *built;
-  // As `loratune train` by default: frozen weights in 16 bits with mixed precision on CUDA.
-  model.to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat);
   const int64_t setup_peak = peak_memory(device);
   reset_peak_memory(device);
   AdamW optimizer(model.trainable(), AdamWOptions{});
@@ -71,23 +82,49 @@ int step_benchmark(const Args& a) {
   const int64_t s = model.bundle().info.image_size;
   const at::Tensor x = at::randn({batch, 3, s, s}).to(device);
   const at::Tensor y = (at::arange(batch, at::kLong) % 10).to(device);
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    sync(device);
-    const auto t0 = Clock::now();
+  // One training step; with `phases`, waits for the device after each part and adds the part's seconds there.
+  auto train_step = [&](std::vector<double>* phases) {
+    auto mark = [&](size_t part, Clock::time_point& since) {
+      if (!phases) return;
+      sync(device);
+      const auto now = Clock::now();
+      (*phases)[part] += std::chrono::duration<double>(now - since).count();
+      since = now;
+    };
+    auto since = Clock::now();
     at::Tensor logits;
     {
       AutocastScope autocast(device, precision);
       logits = model.logits(x, checkpoint);
     }
+    mark(0, since);
     backward_micro_batch(logits, y, 1.0, scaler);
+    mark(1, since);
     apply_step(model.trainable(), optimizer, scaler, 1e-4, 1.0);
+    mark(2, since);
+  };
+  // Step time, and the host's share of it: the time to issue the step's work (equal to the step time when the
+  // device waits for the host).
+  std::vector<double> times, host_times;
+  for (int i = 0; i < steps; ++i) {
+    sync(device);
+    const auto t0 = Clock::now();
+    train_step(nullptr);
+    host_times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     sync(device);
     times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
   }
-  std::vector<double> timed(times.begin() + std::min<size_t>(std::max(2, steps / 5), times.size() - 1), times.end());
-  std::sort(timed.begin(), timed.end());
-  const double median = timed[timed.size() / 2];
+  auto median_after_warmup = [&](std::vector<double> v) {
+    v.erase(v.begin(), v.begin() + std::min<size_t>(std::max(2, steps / 5), v.size() - 1));
+    std::sort(v.begin(), v.end());
+    return std::make_pair(v[v.size() / 2], v.size());
+  };
+  const auto [median, timed_steps] = median_after_warmup(times);
+  const double host_median = median_after_warmup(host_times).first;
+  // Where the time goes (separate steps: waiting between the parts removes their overlap with the host).
+  const int phase_steps = std::stoi(get(a, "phase_steps", "0"));
+  std::vector<double> phases(3, 0.0);
+  for (int i = 0; i < phase_steps; ++i) train_step(&phases);
   if (a.count("save")) {
     save_adapter(a.at("save"), adapter_from_model(model, class_names, {}));
   }
@@ -97,10 +134,69 @@ int step_benchmark(const Args& a) {
     safetensors::write(a.at("probe") + ".logits.safetensors", {{"logits", model.logits(input.to(device)).to(at::kCPU)}});
   }
   const MemoryReading m = read_memory(device);
+  const double per_step = std::max(phase_steps, 1);
   std::printf("{\"median_step_s\": %.5f, \"images_per_s\": %.2f, \"steps\": %zu, \"peak_rss\": %lld, \"setup_peak\": %lld, "
-              "\"device_peak_allocated\": %lld}\n",
-              median, batch / median, timed.size(), static_cast<long long>(m.peak_rss),
-              static_cast<long long>(setup_peak), static_cast<long long>(m.device_peak_allocated));
+              "\"device_peak_allocated\": %lld, \"host_s\": %.5f, \"forward_s\": %.5f, \"backward_s\": %.5f, \"optimizer_s\": %.5f}\n",
+              median, batch / median, timed_steps, static_cast<long long>(m.peak_rss),
+              static_cast<long long>(setup_peak), static_cast<long long>(m.device_peak_allocated), host_median, phases[0] / per_step,
+              phases[1] / per_step, phases[2] / per_step);
+  return 0;
+}
+
+// The largest batch whose training step (forward, backward, update) fits: doubling from `start`, then bisection,
+// in one process (an out-of-memory step frees what it held). Cap the memory with LORATUNE_CUDA_MEMORY_GB.
+int largest_batch(const Args& a) {
+  const c10::Device device = resolve_device(get(a, "device", "cuda"));
+  const bool checkpoint = get(a, "checkpoint", "1") == "1";
+  const Precision precision = resolve_precision(get(a, "precision", "fp16"), device);
+  std::vector<std::string> class_names;
+  auto model = benchmark_model(a, device, precision, class_names);
+  AdamW optimizer(model->trainable(), AdamWOptions{});
+  LossScaler scaler(precision == Precision::kFp16, LossScaler::Options{});
+  const int64_t s = model->bundle().info.image_size;
+  std::map<int64_t, int64_t> peaks;  // batch -> peak allocated; -1: out of memory
+  auto fits = [&](int64_t batch) {
+    bool ok = true;
+    try {
+      const at::Tensor x = at::randn({batch, 3, s, s}, at::TensorOptions().device(device));
+      const at::Tensor y = at::arange(batch, at::TensorOptions().dtype(at::kLong).device(device)) % 10;
+      reset_peak_memory(device);
+      for (int step = 0; step < 2; ++step) {
+        at::Tensor logits;
+        {
+          AutocastScope autocast(device, precision);
+          logits = model->logits(x, checkpoint);
+        }
+        backward_micro_batch(logits, y, 1.0, scaler);
+        apply_step(model->trainable(), optimizer, scaler, 1e-4, 1.0);
+      }
+      peaks[batch] = peak_memory(device);
+    } catch (const std::exception& e) {
+      if (!is_out_of_memory(e)) throw;
+      ok = false;
+      peaks[batch] = -1;
+    }
+    discard_gradients(model->trainable());
+    release_cached_device_memory();
+    return ok;
+  };
+  int64_t good = 0, bad = std::stoll(get(a, "max", "4096")) + 1;
+  for (int64_t b = std::stoll(get(a, "start", "8")); b < bad; b *= 2) {
+    if (!fits(b)) {
+      bad = b;
+      break;
+    }
+    good = b;
+  }
+  while (bad - good > 1) {
+    const int64_t mid = (good + bad) / 2;
+    (fits(mid) ? good : bad) = mid;
+  }
+  std::string tried;
+  for (const auto& [batch, peak] : peaks) tried += (tried.empty() ? "" : ", ") + std::string("\"") + std::to_string(batch) +
+                                                   "\": " + std::to_string(peak);
+  std::printf("{\"largest_batch\": %lld, \"peak_allocated\": %lld, \"tried\": {%s}}\n", static_cast<long long>(good),
+              static_cast<long long>(good > 0 ? peaks[good] : -1), tried.c_str());
   return 0;
 }
 
@@ -170,6 +266,7 @@ int main(int argc, char** argv) {
     const std::string mode = argv[1];
     if (mode == "step") return step_benchmark(args);
     if (mode == "logits") return logits_of_adapter(args);
+    if (mode == "maxbatch") return largest_batch(args);
 #ifdef LORATUNE_WITH_VISION
     if (mode == "loader") return loader_benchmark(args);
 #endif

@@ -15,9 +15,14 @@ void install_caching_cpu_allocator();
 void release_cached_cpu_memory();
 
 struct CpuAllocatorStats {
-  int64_t in_use = 0;   // bytes of live cached-size blocks
-  int64_t cached = 0;   // bytes of free blocks kept for reuse
+  int64_t in_use = 0;             // bytes of live cached-size blocks (sizes rounded up to their class)
+  int64_t cached = 0;             // bytes of free blocks kept for reuse
+  int64_t tensor_bytes = 0;       // bytes requested by all live allocations, small ones too
+  int64_t peak_tensor_bytes = 0;  // high-water mark of tensor_bytes since start or the last reset
 };
 CpuAllocatorStats cpu_allocator_stats();
+
+// Starts a new high-water mark of tensor bytes from what is live now.
+void reset_cpu_allocator_peak();
 
 }  // namespace loratune

@@ -40,7 +40,7 @@ def metadata(vit_model, processor, name):
 
 
 def export(vit_model, processor, name, output, mode="trace"):
-    return lx.export_bundle(lx.HFViT(vit_model), metadata(vit_model, processor, name), output, mode=mode)
+    return lx.export_bundle(lx.hf_vit_wrapper(vit_model), metadata(vit_model, processor, name), output, mode=mode)
 
 
 def main(argv=None):

@@ -117,6 +117,37 @@ class HFViT(BundleWrapper):
         return self.vit.layernorm(hidden)[:, 0]
 
 
+class HFViTLayers(HFViT):
+    """A transformers ViTModel whose layer list is not at encoder.layer (later transformers versions): the list, the
+    embeddings and the final LayerNorm are found by type. Trace only."""
+
+    def __init__(self, vit):
+        super().__init__(vit)
+        children = dict(vit.named_children())
+        lists = [n for n, m in vit.named_modules() if isinstance(m, nn.ModuleList)]
+        norms = [n for n, m in children.items() if isinstance(m, nn.LayerNorm)]
+        if not lists or not norms or "embeddings" not in children:
+            raise ValueError(f"unknown ViTModel layout (children: {', '.join(children)}): export needs embeddings, "
+                             "a list of layers and a final LayerNorm")
+        self.blocks_path = "vit." + lists[0]
+        self.norm_name = norms[-1]
+
+    def forward(self, images):
+        h = self.stem(images)
+        for layer in self.block_list():
+            out = layer(h)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.head(h)
+
+    def head(self, hidden):
+        return getattr(self.vit, self.norm_name)(hidden)[:, 0]
+
+
+def hf_vit_wrapper(vit):
+    """The bundle wrapper for a transformers ViTModel of any version."""
+    return HFViT(vit) if hasattr(vit, "encoder") else HFViTLayers(vit)
+
+
 class TimmViT(BundleWrapper):
     """timm VisionTransformer (fused qkv Linear). Paths: model.blocks.N.attn.qkv (PEFT on timm: blocks.N.attn.qkv)."""
 

@@ -1,5 +1,6 @@
 #include "loratune/amp.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include "common/torch_compat.h"

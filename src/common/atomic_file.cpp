@@ -1,6 +1,7 @@
 #include "common/files.h"
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -98,6 +99,12 @@ void write_file_durable(const fs::path& path, const std::string& bytes) {
   if (::close(fd) != 0) fail_io("write", path);
 }
 
+bool remove_tree(const fs::path& path) {
+  auto remove_entry = [](const char* entry, const struct stat*, int, struct FTW*) { return ::remove(entry) == 0 ? 0 : -1; };
+  if (::nftw(path.c_str(), remove_entry, 16, FTW_DEPTH | FTW_PHYS) == 0) return true;
+  return errno == ENOENT;
+}
+
 void remove_stale_temporaries(const fs::path& dir, const std::string& only_name) {
   std::error_code ec;
   std::vector<fs::path> entries;
@@ -110,7 +117,7 @@ void remove_stale_temporaries(const fs::path& dir, const std::string& only_name)
       const fs::path target = dir / name;
       // A kill between the two renames of a directory swap left the only copy here: put it back.
       if (std::strcmp(tag, kOldTag) == 0 && !fs::exists(target, ec)) fs::rename(p, target, ec);
-      else fs::remove_all(p, ec);
+      else remove_tree(p);
     }
   }
 }
@@ -141,7 +148,7 @@ void write_directory_atomic(const fs::path& path, const std::function<void(const
   const fs::path tmp = sibling(path, kTemporaryTag);
   const fs::path old = sibling(path, kOldTag);
   std::error_code ignored;
-  fs::remove_all(tmp, ignored);
+  remove_tree(tmp);
   try {
     fs::create_directories(tmp);
     fill(tmp);
@@ -149,16 +156,16 @@ void write_directory_atomic(const fs::path& path, const std::function<void(const
     if (!fs::exists(path)) {
       fs::rename(tmp, path);
     } else if (exchange(tmp, path)) {
-      fs::remove_all(tmp);  // now the previous contents
+      if (!remove_tree(tmp)) fail_io("remove the previous contents of", path);
     } else {
       // No atomic swap here: for a moment only the hidden copy exists (put back by remove_stale_temporaries).
       fs::rename(path, old);
       fs::rename(tmp, path);
-      fs::remove_all(old, ignored);
+      remove_tree(old);
     }
     fsync_parent(path);
   } catch (...) {
-    fs::remove_all(tmp, ignored);
+    remove_tree(tmp);
     if (!fs::exists(path, ignored) && fs::exists(old, ignored)) fs::rename(old, path, ignored);
     throw;
   }

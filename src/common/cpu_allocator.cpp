@@ -4,6 +4,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -44,39 +45,48 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   CpuAllocatorStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {in_use_, cached_};
+    return {in_use_, cached_, tensor_bytes_, peak_tensor_bytes_};
+  }
+
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    peak_tensor_bytes_ = tensor_bytes_;
   }
 
  private:
   c10::DataPtr take(size_t n) {
     void* ptr = nullptr;
-    if (n < kSmallest) {
-      ptr = c10::alloc_cpu(n);
-    } else {
-      const size_t size = size_class(n);
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto it = free_.find(size);
-        if (it != free_.end()) {
-          ptr = it->second;
-          free_.erase(it);
-          cached_ -= static_cast<int64_t>(size);
-        }
-      }
-      if (!ptr) ptr = c10::alloc_cpu(size);
+    const size_t size = n < kSmallest ? 0 : size_class(n);  // 0: not cached
+    if (size > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
-      live_.emplace(ptr, size);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        ptr = it->second;
+        free_.erase(it);
+        cached_ -= static_cast<int64_t>(size);
+      }
+    }
+    if (!ptr) ptr = c10::alloc_cpu(size > 0 ? size : n);
+    if (ptr) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_.emplace(ptr, Block{size, n});
       in_use_ += static_cast<int64_t>(size);
+      tensor_bytes_ += static_cast<int64_t>(n);
+      peak_tensor_bytes_ = std::max(peak_tensor_bytes_, tensor_bytes_);
     }
     return c10::DataPtr(ptr, ptr, &give_back, c10::Device(c10::kCPU));
   }
 
   static void give_back(void* ptr);
 
+  struct Block {
+    size_t size;       // size class; 0: a small block, returned to the system when freed
+    size_t requested;  // bytes the tensor asked for
+  };
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;       // cached blocks by size class
-  std::unordered_map<void*, size_t> live_;  // blocks in use that return to the cache
-  int64_t in_use_ = 0, cached_ = 0;
+  std::unordered_map<void*, Block> live_;   // every block in use
+  int64_t in_use_ = 0, cached_ = 0, tensor_bytes_ = 0, peak_tensor_bytes_ = 0;
 };
 
 // Never destroyed: tensors may be freed during static destruction.
@@ -92,15 +102,18 @@ void CachingCpuAllocator::give_back(void* ptr) {
     std::lock_guard<std::mutex> lock(self->mutex_);
     auto it = self->live_.find(ptr);
     if (it != self->live_.end()) {
-      const size_t size = it->second;
+      const Block block = it->second;
       self->live_.erase(it);
-      self->free_.emplace(size, ptr);
-      self->in_use_ -= static_cast<int64_t>(size);
-      self->cached_ += static_cast<int64_t>(size);
-      return;
+      self->tensor_bytes_ -= static_cast<int64_t>(block.requested);
+      if (block.size > 0) {
+        self->free_.emplace(block.size, ptr);
+        self->in_use_ -= static_cast<int64_t>(block.size);
+        self->cached_ += static_cast<int64_t>(block.size);
+        return;
+      }
     }
   }
-  c10::free_cpu(ptr);  // a small block
+  c10::free_cpu(ptr);  // a small block (or one from before this allocator was installed)
 }
 
 }  // namespace
@@ -113,5 +126,7 @@ void install_caching_cpu_allocator() {
 void release_cached_cpu_memory() { instance()->release_cached(); }
 
 CpuAllocatorStats cpu_allocator_stats() { return instance()->stats(); }
+
+void reset_cpu_allocator_peak() { instance()->reset_peak(); }
 
 }  // namespace loratune

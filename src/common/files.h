@@ -12,6 +12,11 @@ namespace loratune {
 // disk as such) if any part fails.
 void write_file_durable(const std::filesystem::path& path, const std::string& bytes);
 
+// Removes a file or a directory tree (symbolic links themselves, not their targets); a missing path is no error.
+// Returns false on failure (errno set). Not std::filesystem::remove_all: pip's libtorch.so exports its own build of
+// that function, calls bind to it, and it crashed (a null call) under LibTorch 2.11.
+bool remove_tree(const std::filesystem::path& path);
+
 // Removes temporaries left in `dir` by writers that no longer run (all, or those of `only_name`). A directory whose
 // only copy is a leftover ".old-" sibling (killed between the two renames of a swap) is put back instead.
 void remove_stale_temporaries(const std::filesystem::path& dir, const std::string& only_name = "");

@@ -1,5 +1,6 @@
 #include "loratune/evaluate.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include "loratune/memory.h"

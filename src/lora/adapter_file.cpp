@@ -195,18 +195,26 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
   }
 }
 
+// A setting of adapter_config.json, or `fallback` where the key is absent or null (PEFT writes null for unset
+// fields, such as base_model_name_or_path of a model built from a config).
+template <typename T>
+T setting_or(const json& c, const char* key, T fallback) {
+  const auto it = c.find(key);
+  return it == c.end() || it->is_null() ? fallback : it->get<T>();
+}
+
 // PEFT's adapter_config.json: the settings of an adapter written by PEFT.
 void read_peft_config(Adapter& a, const json& c, const std::string& where) {
   try {
-    if (c.value("peft_type", "") != "LORA") throw InputError(where + ": peft_type is not LORA");
+    if (setting_or<std::string>(c, "peft_type", "") != "LORA") throw InputError(where + ": peft_type is not LORA");
     a.lora.rank = c.at("r");
     a.lora.alpha = c.at("lora_alpha");
-    a.lora.dropout = c.value("lora_dropout", 0.0);
-    a.lora.rslora = c.value("use_rslora", false);
-    a.lora.variant = c.value("use_dora", false) ? "dora" : "lora";
+    a.lora.dropout = setting_or(c, "lora_dropout", 0.0);
+    a.lora.rslora = setting_or(c, "use_rslora", false);
+    a.lora.variant = setting_or(c, "use_dora", false) ? "dora" : "lora";
     if (c.contains("rank_pattern") && c["rank_pattern"].is_object()) a.lora.rank_pattern = c["rank_pattern"];
     if (c.contains("alpha_pattern") && c["alpha_pattern"].is_object()) a.lora.alpha_pattern = c["alpha_pattern"];
-    a.base_name = c.value("base_model_name_or_path", "");
+    a.base_name = setting_or<std::string>(c, "base_model_name_or_path", "");
   } catch (const json::exception& e) {
     throw InputError(where + ": not a PEFT LoRA config (" + std::string(e.what()) + ")");
   }

@@ -1,4 +1,5 @@
 // Target keys, and plain LoRA as an adapter variant: W' = W + s * B @ A on the target's rows.
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include <cmath>

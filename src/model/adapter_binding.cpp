@@ -2,6 +2,8 @@
 
 #include "loratune/errors.h"
 
+#include <ATen/core/grad_mode.h>
+
 using nlohmann::json;
 namespace fs = std::filesystem;
 

@@ -1,6 +1,8 @@
 // Gradient checkpointing for TorchScript blocks: C++ has no torch.utils.checkpoint.
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/runtime/graph_iterator.h>
 
 #include "common/torch_compat.h"
@@ -79,6 +81,9 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     at::Tensor out;
     {
       at::AutoGradMode enable_grad(true);
+      // The executor's "no optimisation" flag is per thread, and CUDA backward runs on autograd's device thread:
+      // without this the recompute would get the optimising executor's plan, unlike the forward.
+      torch::jit::GraphOptimizerEnabledGuard plain_executor(false);
       recorded.apply();
       compat::clear_autocast_cache();  // casts cached elsewhere may be of older weights
       out = run_block(block, x);

@@ -1,5 +1,6 @@
 #include "loratune/merge.h"
 
+#include <ATen/core/grad_mode.h>
 #include <sstream>
 
 #include "loratune/adapter_binding.h"

@@ -1,5 +1,6 @@
 #include "loratune/model.h"
 
+#include <ATen/core/grad_mode.h>
 #include <cmath>
 
 #include "loratune/errors.h"

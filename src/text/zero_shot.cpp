@@ -1,5 +1,6 @@
 #include "loratune/zero_shot.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 

@@ -1,4 +1,5 @@
 // What a run keeps on disk: checkpoints that resume exactly, the metrics file, the adapters.
+#include <ATen/core/grad_mode.h>
 #include <fstream>
 
 #include "common/torch_compat.h"

@@ -1,5 +1,6 @@
 #include "loratune/trainer.h"
 
+#include <ATen/core/grad_mode.h>
 #include <spdlog/fmt/fmt.h>
 
 #include <chrono>

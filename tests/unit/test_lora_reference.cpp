@@ -1,5 +1,6 @@
 // LoRA and DoRA on every layout and export mode, compared with eager PyTorch in float64 on the same weights and
 // inputs (tests/fixtures/reference.py computes W + s*B@A, and m * (W + s*B@A) / ||W + s*B@A|| for DoRA).
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include "loratune/adapter_binding.h"

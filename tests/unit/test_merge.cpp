@@ -1,5 +1,6 @@
 // Merge: the merged TorchScript file gives the adapted model's logits. These tests also leave the merged files and
 // the C++ logits in <fixtures>/merged for tests/python/check_merged.py, which loads them with torch.jit.load.
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include "loratune/adapter_binding.h"

@@ -1,4 +1,5 @@
 // MobileCLIP: the CLIP tokenizer, zero-shot heads, LoRA on fused q/v slices of MCi attention, the frozen-prefix cache.
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>

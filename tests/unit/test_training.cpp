@@ -1,4 +1,5 @@
 // The training loop on in-memory batches (no OpenCV): accumulation, checkpointing, resume, scaler, NaN handling.
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>

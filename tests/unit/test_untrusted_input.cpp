@@ -1,5 +1,6 @@
 // Untrusted input: patterns, adapter files and bundles that are hostile or damaged. Every case must end in a clear
 // InputError (or load), never a crash, a hang or another exception; mutation loops are bounded in count and time.
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -156,6 +157,27 @@ TEST(UntrustedAdapter, PeftPatternsCannotHangOrCrash) {
   config["alpha_pattern"] = {{std::string(500, '(') + "q" + std::string(500, ')'), 4.0}};
   write_file_atomic(adapter / kAdapterConfigName, config.dump());
   EXPECT_THROW_WITH(load_adapter(adapter), InputError, "alpha_pattern key");
+}
+
+// PEFT 0.21 writes null for unset fields (seen on the GPU machine: a model built from a config has
+// "base_model_name_or_path": null); null reads as absent, a wrong type is still an error.
+TEST(UntrustedAdapter, PeftConfigNullsReadAsUnset) {
+  const fs::path dir = test::temp_dir("peft_nulls");
+  const fs::path adapter = write_adapter(dir);
+  rewrite_weights(adapter, [](safetensors::Contents& c) { c.metadata.erase("loratune"); });  // read as a PEFT file
+  json config = json::parse(read_file(adapter / kAdapterConfigName));
+  for (const char* key : {"base_model_name_or_path", "task_type", "revision", "layers_to_transform", "layers_pattern",
+                          "lora_dropout", "use_rslora", "use_dora"})
+    config[key] = nullptr;
+  write_file_atomic(adapter / kAdapterConfigName, config.dump());
+  const Adapter a = load_adapter(adapter);
+  EXPECT_EQ(a.base_name, "");
+  EXPECT_EQ(a.lora.dropout, 0.0);
+  EXPECT_FALSE(a.lora.rslora);
+  EXPECT_EQ(a.lora.variant, "lora");
+  config["base_model_name_or_path"] = 3;
+  write_file_atomic(adapter / kAdapterConfigName, config.dump());
+  EXPECT_THROW_WITH(load_adapter(adapter), InputError, "not a PEFT LoRA config");
 }
 
 TEST(UntrustedSafetensors, DeepJsonAndHugeCountsAreRefused) {
