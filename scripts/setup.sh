@@ -10,6 +10,7 @@ PACKAGES=(
   libopencv-dev                # image decoding, resizing, PNG plots (+ freetype module for text)
   libcli11-dev nlohmann-json3-dev libspdlog-dev libgtest-dev
   libicu-dev                   # Unicode letter/number classes for the CLIP tokenizer
+  libgloo-dev                  # headers of the collectives library LibTorch's c10d uses (data-parallel training)
   python3-torch python3-torchvision python3-pil python3-numpy   # test fixtures, export scripts, references
   dataset-fashion-mnist        # real images for the demo
   fonts-nanum                  # a font with Hangul, so Korean class names render in plots

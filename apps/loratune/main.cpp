@@ -46,10 +46,18 @@ int main(int argc, char** argv) {
   t->add_option("--set", train.overrides, "override a config key: --set lora.rank=16 (repeatable)")->type_name("KEY=VALUE")->allow_extra_args(false);
   t->add_flag("--resume", train.resume, "continue the interrupted run in the config's output_dir");
   t->add_flag("--help-config", help_config, "list every config key with its type, default and meaning");
+  t->add_option("--nproc", train.nproc, "start N local data-parallel workers (as torchrun --nproc-per-node N would)")
+      ->check(CLI::Range(1, 1024));
+  t->add_option("--fit-memory", train.fit_memory,
+                "memory to fit, e.g. 12GB: choose micro-batch, accumulation, checkpointing and precision (see plan)")
+      ->type_name("SIZE");
   t->footer(footer(
       "  loratune train --config configs/vit_base.json\n"
       "  loratune train --config configs/vit_base.json --set data.train=~/photos --set epochs=5\n"
       "  loratune train --config configs/vit_base.json --resume      # after Ctrl-C\n"
+      "  loratune train --config configs/vit_base.json --fit-memory 12GB\n"
+      "  loratune train --config configs/vit_base.json --nproc 2      # two data-parallel workers\n"
+      "  torchrun --nproc-per-node 2 --no-python loratune train --config configs/vit_base.json\n"
       "Output (output_dir): best/ and adapter/ (adapters), checkpoint.safetensors, metrics.jsonl, config.json,\n"
       "summary.json, train.log. Ctrl-C finishes the current step, saves a checkpoint and prints how to resume."));
 
@@ -105,6 +113,22 @@ int main(int argc, char** argv) {
       "  loratune info models/vit_base.pt --set lora.rank=16 --set 'lora.targets=[\"query\",\"value\",\"dense\"]'\n"
       "  loratune info runs/vit_base/best"));
 
+  loratune::PlanCommand plan;
+  auto* pl = app.add_subcommand("plan", "predict a run's peak memory; choose the settings that fit a memory size");
+  pl->add_option("-c,--config", plan.config, "training config to plan");
+  pl->add_option("--set", plan.overrides, "override a config key (repeatable)")->type_name("KEY=VALUE")->allow_extra_args(false);
+  pl->add_option("--memory", plan.memory, "memory you have, e.g. 12GB (GB = 2^30 bytes): print the --set overrides that fit")
+      ->type_name("SIZE");
+  pl->add_flag("--table", plan.table, "largest batches for standard ViT and MobileCLIP shapes (no model file needed)");
+  pl->add_flag("--json", plan.json, "machine-readable prediction");
+  pl->add_option("--classes", plan.classes, "head size (default: the class folders of data.train, else 10)");
+  pl->footer(footer(
+      "  loratune plan --config configs/vit_base.json\n"
+      "  loratune plan --config configs/vit_base.json --memory 12GB\n"
+      "  loratune plan --table --memory 12GB\n"
+      "The prediction measures two small training steps (2 and 4 images) on the config's device and extends them\n"
+      "linearly; --table computes from standard shapes for a CUDA GPU."));
+
   loratune::ReportCommand report;
   auto* r = app.add_subcommand("report", "plots (loss, learning rate, validation accuracy) and a summary of a run");
   r->add_option("run_dir", report.run_dir, "the output_dir of a training run")->required();
@@ -122,6 +146,12 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "error: train needs --config FILE (or --set model=... --set data.train=...)\n");
       exit_code = loratune::exit_code::kUsage;
     } else {
+      // Workers started by --nproc get the same command line without it.
+      for (int k = 1; k < argc; ++k) {
+        const std::string arg = argv[k];
+        if (arg == "--nproc") ++k;
+        else if (arg.rfind("--nproc=", 0) != 0) train.worker_args.push_back(arg);
+      }
       exit_code = loratune::run_train(train);
     }
   });
@@ -130,6 +160,14 @@ int main(int argc, char** argv) {
   m->callback([&] { exit_code = loratune::run_merge(merge); });
   i->callback([&] { exit_code = loratune::run_info(info); });
   r->callback([&] { exit_code = loratune::run_report(report); });
+  pl->callback([&] {
+    if (!plan.table && plan.config.empty() && plan.overrides.empty()) {
+      std::fprintf(stderr, "error: plan needs --config FILE (or --table)\n");
+      exit_code = loratune::exit_code::kUsage;
+    } else {
+      exit_code = loratune::run_plan(plan);
+    }
+  });
 
   try {
     app.parse(argc, argv);

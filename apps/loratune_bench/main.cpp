@@ -1,7 +1,8 @@
 // Measurements for scripts/bench/ and scripts/gpu/ (one JSON line on stdout per run). Arguments are key=value.
 //   loratune_bench step   model=M batch=B precision=fp32|bf16|fp16 checkpoint=0|1 steps=N [device=cpu|cuda]
 //                         [threads=2] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors] [phase_steps=N]
-//       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory, and with
+//       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory (RSS, CUDA
+//       allocator, and the peak tensor bytes that `loratune plan` predicts), and with
 //       phase_steps the mean seconds of forward, backward and optimizer over N more steps; optionally
 //       saves the adapter and writes the trained model's logits on the probe input to <probe>.logits.safetensors.
 //   loratune_bench logits model=M adapter=A input=IN.safetensors out=OUT.safetensors [device=cpu|cuda]
@@ -134,11 +135,12 @@ int step_benchmark(const Args& a) {
     safetensors::write(a.at("probe") + ".logits.safetensors", {{"logits", model.logits(input.to(device)).to(at::kCPU)}});
   }
   const MemoryReading m = read_memory(device);
+  const int64_t peak_tensors = tensor_bytes(device).peak;
   const double per_step = std::max(phase_steps, 1);
   std::printf("{\"median_step_s\": %.5f, \"images_per_s\": %.2f, \"steps\": %zu, \"peak_rss\": %lld, \"setup_peak\": %lld, "
-              "\"device_peak_allocated\": %lld, \"host_s\": %.5f, \"forward_s\": %.5f, \"backward_s\": %.5f, \"optimizer_s\": %.5f}\n",
+              "\"device_peak_allocated\": %lld, \"peak_tensor_bytes\": %lld, \"host_s\": %.5f, \"forward_s\": %.5f, \"backward_s\": %.5f, \"optimizer_s\": %.5f}\n",
               median, batch / median, timed_steps, static_cast<long long>(m.peak_rss),
-              static_cast<long long>(setup_peak), static_cast<long long>(m.device_peak_allocated), host_median, phases[0] / per_step,
+              static_cast<long long>(setup_peak), static_cast<long long>(m.device_peak_allocated), static_cast<long long>(peak_tensors), host_median, phases[0] / per_step,
               phases[1] / per_step, phases[2] / per_step);
   return 0;
 }

@@ -36,6 +36,9 @@ struct LoaderOptions {
   std::string cache = "off";  // auto | memory | off
   bool pin_memory = false;    // page-locked batches for faster copies to CUDA
   int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed (0: no limit)
+  // Data-parallel workers: each batch keeps only part `shard_index` of `shard_count` contiguous parts, so the
+  // workers together see every batch of the single-process run, in its order.
+  int shard_index = 0, shard_count = 1;
 };
 
 struct Batch {

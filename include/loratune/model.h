@@ -67,6 +67,11 @@ class Model {
   at::Tensor prefix(const at::Tensor& images);
   at::Tensor logits_from_prefix(const at::Tensor& prefix_output, bool checkpoint = false);
 
+  // For memory planning: blocks that train (after the frozen prefix), and the bytes per image of a block's output
+  // for `images` (run without gradients).
+  int64_t trained_block_count() const { return static_cast<int64_t>(blocks_.size()) - prefix_blocks_; }
+  int64_t block_output_bytes(const at::Tensor& images);
+
   // Parameter counts for reports.
   int64_t base_parameter_count() const;
 

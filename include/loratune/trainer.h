@@ -16,6 +16,7 @@
 #include "loratune/config.h"
 #include "loratune/batch_source.h"
 #include "loratune/model.h"
+#include "loratune/process_group.h"
 
 namespace loratune {
 
@@ -72,6 +73,9 @@ struct TrainerHooks {
   std::function<bool(int64_t step)> stop_after_step;
   // Where progress goes; empty: console_reporter.
   std::shared_ptr<TrainingReporter> reporter;
+  // Data-parallel workers (one Trainer per process, each reading its share of every batch): gradients are summed
+  // once per optimiser step, validation metrics over all shares, and only rank 0 writes files.
+  ProcessGroup* data_parallel = nullptr;
 };
 
 // Refuses to start over a run (its checkpoint exists) or to resume nothing: InputError saying what to do.
@@ -115,6 +119,9 @@ class Trainer {
   };
 
   Validation validate();
+  // Data-parallel: sums the step's gradients and its loss, image count and stop request over the workers.
+  void reduce_step(double& step_loss, int64_t& step_images_done, bool& stop);
+  bool writes_files() const { return !hooks_.data_parallel || hooks_.data_parallel->rank() == 0; }
   bool decide_prefix_cache() const;
   at::Tensor prefix_for(PrefixCache& cache, const Batch& batch);
   at::Tensor forward_logits(const Batch& batch, PrefixCache* cache);

@@ -2,6 +2,7 @@
 // process exit code (see errors.h). apps/loratune/main.cpp only maps command-line flags onto these structs.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -12,6 +13,18 @@ struct TrainCommand {
   std::string config;                 // JSON config (may be empty when --set gives everything)
   std::vector<std::string> overrides; // --set key=value
   bool resume = false;
+  std::string fit_memory;             // e.g. 12GB: choose batch, accumulation, checkpointing, precision to fit
+  int nproc = 1;                      // > 1: start this many local data-parallel workers (as torchrun would)
+  std::vector<std::string> worker_args;  // the command line each worker gets (without --nproc)
+};
+
+struct PlanCommand {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string memory;      // budget, e.g. 12GB: also choose the settings that fit
+  bool table = false;      // standard architectures instead of a config
+  bool json = false;
+  int64_t classes = 0;     // head size; 0: the class folders of data.train (10 without one)
 };
 
 struct EvalCommand {
@@ -61,6 +74,11 @@ int run_predict(const PredictCommand& command);
 int run_merge(const MergeCommand& command);
 int run_info(const InfoCommand& command);
 int run_report(const ReportCommand& command);
+int run_plan(const PlanCommand& command);
+
+// Starts `workers` copies of this program with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+// MASTER_PORT) and `args`, waits for them, passes Ctrl-C on, stops the rest when one fails; returns the first failure.
+int launch_local_workers(int workers, const std::vector<std::string>& args);
 
 // Runs `body` and turns exceptions into one line on stderr and the documented exit code.
 int guarded(const std::function<int()>& body);

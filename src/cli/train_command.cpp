@@ -9,6 +9,8 @@
 #include "loratune/errors.h"
 #include "common/files.h"
 #include "loratune/memory.h"
+#include "loratune/memory_plan.h"
+#include "loratune/process_group.h"
 #include "common/strings.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
@@ -42,11 +44,24 @@ void log_model(const TrainConfig& c, const Model& model) {
 }  // namespace
 
 int run_train(const TrainCommand& command) {
+  if (command.nproc > 1) return launch_local_workers(command.nproc, command.worker_args);
   return guarded([&] {
     cli::setup_logging();
-    const TrainConfig c = load_train_config(command.config, command.overrides);
+    TrainConfig c = load_train_config(command.config, command.overrides);
+    const int64_t memory_budget = command.fit_memory.empty() ? 0 : parse_memory_size(command.fit_memory);
     check_run_folder(c.output_dir, command.resume);  // before any slow work
-    cli::setup_logging(fs::path(c.output_dir) / "train.log");
+    // Data-parallel worker (torchrun or --nproc): join the others; rank 0 logs and writes, the rest warn only.
+    const WorkerEnvironment worker = worker_environment();
+    std::unique_ptr<ProcessGroup> group;
+    if (worker.world_size > 1) {
+      group = ProcessGroup::join(worker, distributed_timeout());
+      if (c.device.rfind("cuda", 0) == 0 && c.device.find(':') == std::string::npos)
+        c.device = "cuda:" + std::to_string(worker.local_rank);
+      if (group->rank() != 0) spdlog::set_level(spdlog::level::warn);
+    }
+    if (!group || group->rank() == 0) cli::setup_logging(fs::path(c.output_dir) / "train.log");
+    if (group) spdlog::info("data-parallel worker {} of {} (Gloo, {}:{})", group->rank(), group->size(), worker.master_addr,
+                            worker.master_port);
     cli::setup_threads(c.threads);
     // Data first: a bad folder should fail before any model work.
     ImageFolder train_folder = scan_image_folder(c.data.train), val_folder;
@@ -61,7 +76,25 @@ int run_train(const TrainCommand& command) {
     spdlog::info("{} training images, {} validation images ({})", train_folder.samples.size(), val_folder.samples.size(),
                  c.data.val.empty() ? "held out of " + c.data.train : c.data.val);
 
+    if (memory_budget > 0) {
+      spdlog::info("fitting the run to {}: measuring small training steps for each setting...",
+                   human_bytes(static_cast<double>(memory_budget)));
+      const FitResult fit = fit_memory(c, static_cast<int64_t>(train_folder.classes.size()), memory_budget);
+      if (!fit.fit) throw RuntimeFailure(fit.failure);
+      auto overrides = command.overrides;
+      overrides.insert(overrides.end(), fit.fit->overrides.begin(), fit.fit->overrides.end());
+      c = load_train_config(command.config, overrides);
+      spdlog::info("fits in {} (predicted peak {}): --set {}", human_bytes(static_cast<double>(memory_budget)),
+                   human_bytes(static_cast<double>(planned_bytes(fit.fit->estimate, resolve_device(c.device)))),
+                   join(fit.fit->overrides, " --set "));
+    }
     TrainingSetup setup = prepare_training(c, train_folder.classes, zero_shot_head_initializer());
+    if (group) {
+      for (LoaderOptions* o : {&setup.train_loader, &setup.val_loader}) {
+        o->shard_index = group->rank();
+        o->shard_count = group->size();
+      }
+    }
     Model& model = *setup.model;
     log_model(c, model);
     for (const auto& note : model.host().notes()) spdlog::warn("{}", note);
@@ -75,18 +108,27 @@ int run_train(const TrainCommand& command) {
     std::unique_ptr<ImageBatchSource> val;
     if (!val_folder.samples.empty()) val = std::make_unique<ImageBatchSource>(val_folder, preprocess, setup.val_loader);
 
-    Trainer trainer(c, model, train, val.get(), train_folder.classes, setup.device, setup.precision);
+    TrainerHooks hooks;
+    if (group) {
+      hooks.data_parallel = group.get();
+      if (group->rank() != 0) hooks.reporter = std::make_shared<TrainingReporter>();  // rank 0 reports for all
+    }
+    Trainer trainer(c, model, train, val.get(), train_folder.classes, setup.device, setup.precision, hooks);
     std::signal(SIGINT, on_interrupt);
     TrainSummary s;
     try {
       s = trainer.run(command.resume);
     } catch (const Interrupted& e) {
+      if (group && group->rank() != 0) return exit_code::kInterrupted;  // rank 0 says it
       std::string again = "loratune train";
       if (!command.config.empty()) again += " --config " + command.config;
       for (const auto& o : command.overrides) again += " --set " + o;
+      if (const char* nproc = std::getenv("LORATUNE_NPROC")) again += std::string(" --nproc ") + nproc;
+      else if (group) again = "the same torchrun command with " + again;
       throw Interrupted(std::string(e.what()) + "; resume with: " + again + " --resume");
     }
     std::signal(SIGINT, SIG_DFL);
+    if (group && group->rank() != 0) return exit_code::kOk;
     log_skipped(s.skipped_files, "data");
     const fs::path dir = c.output_dir;
     std::printf("\ntraining done in %s: %lld steps, %s train images/s\n", human_duration(s.seconds).c_str(),

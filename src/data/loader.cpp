@@ -123,7 +123,8 @@ Batch ImageBatchSource::build_batch(int64_t epoch, int64_t batch_index) {
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t begin = batch_index * options_.batch_size;
     const int64_t end = std::min<int64_t>(begin + options_.batch_size, num_samples());
-    indices.assign(order_.begin() + begin, order_.begin() + end);
+    const int64_t n = end - begin, k = options_.shard_index, parts = options_.shard_count;
+    indices.assign(order_.begin() + begin + n * k / parts, order_.begin() + begin + n * (k + 1) / parts);
   }
   const int64_t s = preprocess_.image_size;
   std::vector<cv::Mat> images;

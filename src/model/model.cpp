@@ -185,6 +185,13 @@ at::Tensor Model::classify(const at::Tensor& features) {
   return at::linear(f, head_weight_, head_bias_);
 }
 
+int64_t Model::block_output_bytes(const at::Tensor& images) {
+  if (blocks_.empty()) return 0;
+  at::NoGradGuard no_grad;
+  const at::Tensor h = run_block(blocks_[0], bundle_.module.get_method("stem")({images}).toTensor());
+  return static_cast<int64_t>(h.nbytes()) / std::max<int64_t>(1, images.size(0));
+}
+
 at::Tensor Model::logits(const at::Tensor& images, bool checkpoint) { return classify(features(images, checkpoint)); }
 
 at::Tensor Model::logits_from_prefix(const at::Tensor& prefix_output, bool checkpoint) {

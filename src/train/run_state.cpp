@@ -35,10 +35,12 @@ std::string Trainer::resume_fingerprint() const {
 }
 
 void Trainer::save_adapter_to(const std::string& name) {
+  if (!writes_files()) return;
   save_adapter(dir_ / name, adapter_from_model(model_, classes_, adapter_training_record()));
 }
 
 void Trainer::append_metrics(const json& line, Progress& p) {
+  if (!writes_files()) return;
   std::ofstream out(dir_ / kMetrics, std::ios::app);
   out << line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
   out.flush();
@@ -48,6 +50,7 @@ void Trainer::append_metrics(const json& line, Progress& p) {
 }
 
 void Trainer::save_checkpoint(const Progress& p) {
+  if (!writes_files()) return;
   safetensors::Tensors tensors = optimizer_->state();
   for (const auto& t : trainable_) tensors["param." + t.name] = t.tensor;
   tensors["rng.cpu"] = compat::default_generator(c10::Device(c10::kCPU)).get_state();
@@ -108,7 +111,7 @@ Trainer::Progress Trainer::load_checkpoint() {
   }
   std::string kept;
   for (const auto& line : lines) kept += line + "\n";
-  write_file_atomic(dir_ / kMetrics, kept);
+  if (writes_files()) write_file_atomic(dir_ / kMetrics, kept);
   return p;
 }
 

@@ -87,17 +87,48 @@ Trainer::Validation Trainer::validate() {
     logits.push_back(forward_logits(*batch, cache).to(at::kCPU, at::kFloat));
     labels.push_back(batch->labels);
     done += static_cast<int64_t>(batch->indices.size());
-    reporter_->validation_progress(done, val_->num_samples());
+    // A data-parallel worker reads its share of each batch: its progress stands for everyone's.
+    const int64_t workers = hooks_.data_parallel ? hooks_.data_parallel->size() : 1;
+    reporter_->validation_progress(std::min(done * workers, val_->num_samples()), val_->num_samples());
   }
-  const ClassificationMetrics m = compute_metrics(at::cat(logits), at::cat(labels));
-  return {m.loss, m.top1};
+  if (!hooks_.data_parallel) {
+    const ClassificationMetrics m = compute_metrics(at::cat(logits), at::cat(labels));
+    return {m.loss, m.top1};
+  }
+  // Each worker saw its share: sum the losses, the correct answers and the counts.
+  double loss_sum = 0, correct = 0, count = 0;
+  if (!logits.empty()) {
+    const ClassificationMetrics m = compute_metrics(at::cat(logits), at::cat(labels));
+    count = static_cast<double>(at::cat(labels).numel());
+    loss_sum = m.loss * count;
+    correct = m.top1 * count;
+  }
+  const auto totals = hooks_.data_parallel->sum(std::vector<double>{loss_sum, correct, count});
+  return {totals[0] / totals[2], totals[1] / totals[2]};
+}
+
+void Trainer::reduce_step(double& step_loss, int64_t& step_images_done, bool& stop) {
+  std::vector<at::Tensor> grads;
+  for (const auto& t : trainable_) {
+    if (!t.tensor.grad().defined()) t.tensor.mutable_grad() = at::zeros_like(t.tensor);  // no images in this share
+    grads.push_back(t.tensor.grad());
+  }
+  hooks_.data_parallel->sum(grads);
+  const auto totals = hooks_.data_parallel->sum(
+      std::vector<double>{std::isfinite(step_loss) ? step_loss : 0.0, std::isfinite(step_loss) ? 0.0 : 1.0,
+                          static_cast<double>(step_images_done), stop ? 1.0 : 0.0});
+  step_loss = totals[1] > 0 ? std::nan("") : totals[0];
+  step_images_done = static_cast<int64_t>(totals[2]);
+  stop = totals[3] > 0;
 }
 
 TrainSummary Trainer::run(bool resume) {
   g_stop_requested = false;
   const auto start = std::chrono::steady_clock::now();
-  fs::create_directories(dir_);
-  remove_stale_temporaries(dir_);
+  if (writes_files()) {
+    fs::create_directories(dir_);
+    remove_stale_temporaries(dir_);
+  }
   check_run_folder(dir_, resume);
 
   const int64_t accum = config_.grad_accum_steps;
@@ -120,12 +151,12 @@ TrainSummary Trainer::run(bool resume) {
   if (resume) {
     p = load_checkpoint();
     reporter_->message(fmt::format("resuming at step {} of {} (epoch {})", p.step, total_steps, p.epoch + 1));
-  } else {
+  } else if (writes_files()) {
     write_file_atomic(dir_ / kConfig, config_.json.dump(2) + "\n");
     write_file_atomic(dir_ / kMetrics, "");
   }
 
-  use_prefix_cache_ = decide_prefix_cache();
+  use_prefix_cache_ = !hooks_.data_parallel && decide_prefix_cache();
   if (use_prefix_cache_)
     reporter_->message(fmt::format(
         "caching the frozen prefix ({} block{} before the first adapter{}) per image: later epochs skip it",
@@ -159,6 +190,7 @@ TrainSummary Trainer::run(bool resume) {
       while (p.step_in_epoch < steps_this_epoch) {
         const auto step_start = std::chrono::steady_clock::now();
         double step_loss = 0;
+        int64_t step_images_done = 0;
         const int64_t micro_batches = std::min(accum, batches_per_epoch - p.step_in_epoch * accum);
         const int64_t step_images = images_before_step(p.step_in_epoch + 1) - images_before_step(p.step_in_epoch);
         for (int64_t k = 0; k < micro_batches; ++k) {
@@ -170,8 +202,11 @@ TrainSummary Trainer::run(bool resume) {
           // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
           const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
           step_loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
-          window_images += static_cast<int64_t>(batch->indices.size());
+          step_images_done += static_cast<int64_t>(batch->indices.size());
         }
+        bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1));
+        if (hooks_.data_parallel) reduce_step(step_loss, step_images_done, stop);  // every worker agrees to stop
+        window_images += step_images_done;
         const double lr = scheduled_lr(p.step, total_steps, warmup, config_.optim.lr, config_.schedule.min_lr_ratio);
         const StepOutcome outcome =
             apply_step(trainable_, *optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step_loss));
@@ -213,7 +248,6 @@ TrainSummary Trainer::run(bool resume) {
         reporter_->step_end({p.step, p.epoch, total_epochs, images_before_step(p.step_in_epoch),
                              images_before_step(steps_this_epoch), step_loss, lr});
 
-        const bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step));
         if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
         if (stop) {
           reporter_->epoch_end();
@@ -261,7 +295,7 @@ TrainSummary Trainer::run(bool resume) {
   summary.skipped_files = train_.skipped();
   if (val_)
     for (const auto& s : val_->skipped()) summary.skipped_files.push_back(s);
-  write_file_atomic(dir_ / kSummary, summary.to_json().dump(2) + "\n");
+  if (writes_files()) write_file_atomic(dir_ / kSummary, summary.to_json().dump(2) + "\n");
   return summary;
 }
 

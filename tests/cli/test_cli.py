@@ -1,12 +1,13 @@
 """The loratune command line end to end, on the test fixtures: messages and exit codes of bad input, Ctrl-C and
 resume, eval metrics against a Python computation from the merged file's logits, adapter switching in predict.
 
-usage: test_cli.py LORATUNE_BINARY FIXTURE_DIR
+usage: test_cli.py LORATUNE_BINARY FIXTURE_DIR [TestClass ...]
 """
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ class Help(unittest.TestCase):
         code, out, _ = run("--help")
         self.assertEqual(code, 0)
         self.assertIn("Exit codes: 0 ok, 2 bad command line, 3 bad input", out)
-        for cmd in ("train", "eval", "predict", "merge", "info", "report"):
+        for cmd in ("train", "eval", "predict", "merge", "info", "report", "plan"):
             code, out, _ = run(cmd, "--help")
             self.assertEqual(code, 0, cmd)
             self.assertIn("Examples:", out, cmd)
@@ -378,6 +379,175 @@ class Hardening(unittest.TestCase, ExpectsInputError):
         self.assertIn("100000 decoding workers asked for; using", err)
 
 
+class MemoryPlan(unittest.TestCase, ExpectsInputError):
+    def test_bad_memory_budget_and_config_are_one_line_errors(self):
+        cfg, _ = write_config("plan_bad")
+        self.assert_input_error(("plan", "--config", cfg, "--memory", "12 potatoes"), 'memory "12 potatoes": give a size')
+        self.assert_input_error(("plan", "--table", "--memory", "-3GB"), "give a size such as 12GB")
+        self.assert_input_error(("plan", "--config", cfg, "--memory", "40KB"), "give a size")
+        self.assert_input_error(("plan", "--config", cfg, "--memory", "0.05MB"), "below what the frozen weights alone take")
+        self.assert_input_error(("train", "--config", cfg, "--fit-memory", "twelve"), 'memory "twelve"')
+        typo, _ = write_config("plan_typo", lora={"rnak": 4})
+        self.assert_input_error(("plan", "--config", typo), 'unknown key "lora.rnak"')
+
+    def test_fit_keeps_the_effective_batch_and_train_uses_it(self):
+        cfg, out = write_config("plan_fit", epochs=1, batch_size=16)
+        code, text, err = run("plan", "--config", cfg, "--json")
+        self.assertEqual(code, 0, err)
+        plan = json.loads(text)
+        self.assertEqual(plan["total"], sum(item["bytes"] for item in plan["items"]))
+        # A budget between two micro-batches' predictions: the fit keeps the effective batch of 16.
+        code, text, err = run("plan", "--config", cfg, "--memory", "1.5MB")
+        self.assertEqual(code, 0, err)
+        self.assertIn("--set batch_size=", text)
+        sets = dict(s.split("=", 1) for s in text.strip().splitlines()[-1].replace("--set ", "").split())
+        self.assertEqual(int(sets["batch_size"]) * int(sets["grad_accum_steps"]), 16)
+        self.assertEqual(sets["grad_accum_steps"], "2")  # 16 images do not fit in one micro-batch
+        code, _, err = run("train", "--config", cfg, "--fit-memory", "1.5MB")
+        self.assertEqual(code, 0, err)
+        self.assertIn("fits in 1.50 MB", err)
+        with open(os.path.join(out, "config.json")) as f:
+            used = json.load(f)
+        self.assertEqual((used["batch_size"], used["grad_accum_steps"]), (8, 2))
+        code, _, err = run("plan", "--config", cfg, "--memory", "0.2MB")
+        self.assertEqual(code, 4)
+        self.assertIn("nothing fits in 204.80 KB", err)
+        self.assertIn("the smallest run needs", err)
+
+    def test_table_of_standard_models(self):
+        code, out, err = run("plan", "--table", "--memory", "12GB")
+        self.assertEqual(code, 0, err)
+        for name in ("ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-L/16", "ViT-H/14", "MobileCLIP-S0", "MobileCLIP-S2",
+                     "MobileCLIP-B"):
+            self.assertIn(name, out)
+        code, out, _ = run("plan", "--table", "--memory", "12GB", "--json")
+        rows = {r["name"]: r["settings"] for r in json.loads(out)}
+        # More memory, larger batches; checkpointing fits more than keeping every activation.
+        self.assertGreater(rows["ViT-B/16"]["lora_checkpoint"]["largest_batch"], rows["ViT-B/16"]["lora"]["largest_batch"])
+        self.assertGreater(rows["ViT-B/16"]["lora"]["largest_batch"], rows["ViT-L/16"]["lora"]["largest_batch"])
+        self.assertEqual(rows["ViT-H/14"]["full_checkpoint"]["largest_batch"], 0)  # 632M x 18 bytes > 12 GB
+
+
+def adapter_difference(dir_a, dir_b):
+    """Largest |a - b| / max|a| over the tensors of two adapters (same keys)."""
+    a = safetensors_lite.load(os.path.join(dir_a, "adapter_model.safetensors"))[0]
+    b = safetensors_lite.load(os.path.join(dir_b, "adapter_model.safetensors"))[0]
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+def metric_lines(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if json.loads(line)["type"] == kind]
+
+
+class DataParallel(unittest.TestCase):
+    """Two Gloo workers on the loopback interface against one process with the same config (global batch)."""
+
+    def config(self, name, **extra):
+        # Augmentation stays on: it is seeded per image, so the shares see what the single process sees. No LoRA
+        # dropout: its masks depend on how a batch is split.
+        settings = {"lora": {"dropout": 0.0}, "batch_size": 6, "grad_accum_steps": 2, "epochs": 3}
+        settings.update(extra)
+        return write_config(name, **settings)
+
+    def test_two_workers_equal_one_process(self):
+        cfg, one = self.config("dp_one")
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
+        self.assertEqual(code, 0, err)
+        self.assertIn("data-parallel worker 0 of 2", err)
+        # Two shares summed against one batch: float32 rounding only (measured 3e-6 here).
+        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        for kind, keys in (("val", ("val_loss", "val_top1")), ("train", ("loss", "grad_norm"))):
+            for a, b in zip(metric_lines(one, kind), metric_lines(one + "_two", kind), strict=True):
+                for k in keys:
+                    self.assertAlmostEqual(a[k], b[k], delta=1e-5 * max(1.0, abs(a[k])), msg=f"{kind} {k}")
+        self.assertFalse(any("rank" in f for f in os.listdir(one + "_two")), "one set of files, written by rank 0")
+        # Started as torchrun starts workers (its variables, no launcher): the same run.
+        codes, errs = self.start_workers(cfg, ["--set", "output_dir=" + one + "_env"], [2, 2])
+        self.assertEqual(codes, [0, 0], errs)
+        self.assertEqual(adapter_difference(os.path.join(one + "_two", "adapter"), os.path.join(one + "_env", "adapter")), 0.0)
+
+    def start_workers(self, cfg, extra, world_sizes):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([BIN, "train", "--config", cfg, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(size),
+                                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                                  "LORATUNE_DIST_TIMEOUT": "20"})
+                 for rank, size in enumerate(world_sizes)]
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+        return [p.returncode for p in procs], errs
+
+    def test_interrupted_workers_resume_to_the_uninterrupted_result(self):
+        cfg, whole = self.config("dp_whole", epochs=30)
+        code, _, err = run("train", "--config", cfg, "--nproc", "2")
+        self.assertEqual(code, 0, err)
+        cfg, out = self.config("dp_resumed", epochs=30)
+        p = subprocess.Popen([BIN, "train", "--config", cfg, "--nproc", "2"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        metrics = os.path.join(out, "metrics.jsonl")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)  # to the launcher, which passes it to both workers
+        _, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 130, err)
+        self.assertIn("--nproc 2 --resume", err)
+        self.assertEqual(err.count("resume with"), 1, "rank 0 alone says how to resume")
+        code, _, err = run("train", "--config", cfg, "--nproc", "2", "--resume")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
+
+    def test_faults_end_in_one_line_within_the_timeout(self):
+        cfg, _ = self.config("dp_faults")
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "LORATUNE_DIST_TIMEOUT": "3"}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        start = time.time()
+        p = subprocess.run([BIN, "train", "--config", cfg], env={**env, "MASTER_PORT": str(free)}, capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(p.returncode, 4, p.stderr)
+        self.assertLess(time.time() - start, 30)
+        self.assertIn("did not join within 3 s", p.stderr.strip().splitlines()[-1])
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            p = subprocess.run([BIN, "train", "--config", cfg], env={**env, "MASTER_PORT": str(busy.getsockname()[1])},
+                               capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 3, p.stderr)
+        self.assertIn("is in use", p.stderr)
+        p = subprocess.run([BIN, "train", "--config", cfg], env={**env, "RANK": "2"}, capture_output=True, text=True)
+        self.assertEqual(p.returncode, 3, p.stderr)
+        self.assertIn("RANK 2 is not below WORLD_SIZE 2", p.stderr)
+        start = time.time()
+        codes, errs = self.start_workers(cfg, [], [2, 3])
+        self.assertEqual(codes, [3, 3], errs)
+        self.assertLess(time.time() - start, 30)
+        self.assertIn("was started with WORLD_SIZE 2, this one with 3", errs[1])
+        # A worker killed in the middle: the other notices and the launcher reports it.
+        cfg, _ = self.config("dp_killed", epochs=200)
+        p = subprocess.Popen([BIN, "train", "--config", cfg, "--nproc", "2"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "LORATUNE_DIST_TIMEOUT": "20"})
+        deadline = time.time() + 60
+        workers = []
+        while time.time() < deadline and len(workers) < 2:
+            workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            time.sleep(0.1)
+        time.sleep(2)
+        os.kill(int(workers[1]), signal.SIGKILL)
+        start = time.time()
+        _, err = p.communicate(timeout=60)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertLess(time.time() - start, 30)
+        self.assertRegex(err, r"worker [01] \(of 2\) exited with code 137")
+        self.assertIn("lost the other workers", err)
+
+
 class Interrupt(unittest.TestCase):
     def test_ctrl_c_checkpoints_and_resume_finishes(self):
         cfg, out = write_config("interrupt", epochs=40)
@@ -542,7 +712,7 @@ class MobileClip(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    result = unittest.main(argv=[sys.argv[0], "-v", *sys.argv[3:]], exit=False).result
     failed = len(result.failures) + len(result.errors)
     print(f"{result.testsRun - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

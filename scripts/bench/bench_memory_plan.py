@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""How well `loratune plan` predicts peak memory: predicted vs measured peak tensor bytes.
+
+1. ViT-Ti/S/B (timm, random weights, exported with scripts/export/timm_vit.py from ../shared/upstream/timm) x
+   micro-batch {1, 8, 32} x checkpointing {off, on} x precision {fp32, bf16}, LoRA r8 q/v without dropout: the
+   prediction (`loratune plan --json`: two probe steps of 2 and 4 images, extended linearly) against two training
+   steps of `loratune_bench step` (the caching CPU allocator's high-water mark of tensor bytes; on a GPU machine with
+   --device cuda, the CUDA allocator's peak). Prints each case, then the median and worst relative error.
+2. The formula of `plan --table` against the CUDA peaks measured on an H200 (docs/measurements/*.json).
+
+usage: /usr/bin/python3 scripts/bench/bench_memory_plan.py [--build build] [--device cpu] [--models ti,s,b]
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UPSTREAM = os.path.join(os.path.dirname(ROOT), "shared", "upstream")
+MODELS = {"ti": ("ViT-Ti/16", "vit_tiny_patch16_224"), "s": ("ViT-S/16", "vit_small_patch16_224"),
+          "b": ("ViT-B/16", "vit_base_patch16_224")}
+
+
+def export(timm_name, path):
+    if not os.path.exists(path):
+        env = {**os.environ, "PYTHONPATH": os.path.join(UPSTREAM, "timm")}
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export", "timm_vit.py"), "--model", timm_name,
+                        "--random-init", "--output", path], check=True, env=env, capture_output=True)
+    return path
+
+
+def predicted(binary, model, batch, checkpoint, precision, device):
+    out = subprocess.run([binary, "plan", "--json", "--classes", "10", "--set", f"model={model}", "--set", "data.train=-",
+                          "--set", "lora.dropout=0", "--set", f"batch_size={batch}", "--set",
+                          f"gradient_checkpointing={'true' if checkpoint else 'false'}", "--set", f"precision={precision}",
+                          "--set", f"device={device}", "--set", "threads=2"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["total"]
+
+
+def measured(bench, model, batch, checkpoint, precision, device):
+    out = subprocess.run([bench, "step", f"model={model}", f"batch={batch}", f"checkpoint={int(checkpoint)}",
+                          f"precision={precision}", "steps=2", f"device={device}", "threads=2"],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["device_peak_allocated"] if device.startswith("cuda") else r["peak_tensor_bytes"]
+
+
+def formula_vs_gpu(binary):
+    files = sorted(glob.glob(os.path.join(ROOT, "docs", "measurements", "*.json")))
+    if not files:
+        return
+    table = json.loads(subprocess.run([binary, "plan", "--table", "--json"], check=True, capture_output=True,
+                                      text=True).stdout)
+    rows = {r["name"]: r["settings"] for r in table}
+    names = {"vit_b16": "ViT-B/16", "vit_l16": "ViT-L/16", "vit_h14": "ViT-H/14"}
+    print(f"\nFormula (plan --table) vs CUDA peaks in {os.path.relpath(files[-1], ROOT)}:\n")
+    print("| model | setting | batch | predicted | measured | error |\n|---|---|---|---|---|---|")
+    data = json.load(open(files[-1]))
+    cases = []
+    for key, name in names.items():
+        r = data.get(f"largest_batch_{key}")
+        if r and isinstance(r.get("largest_batch"), int):
+            cases.append((name, "lora_checkpoint", r["largest_batch"], r["peak_allocated"]))
+            for b, peak in r["tried"].items():
+                if int(b) == 8 and peak > 0:
+                    cases.append((name, "lora_checkpoint", 8, peak))
+    for ckpt in (False, True):
+        runs = data.get(f"speed_checkpoint_{ckpt}", {}).get("loratune", [])
+        if runs:
+            cases.append(("ViT-B/16", "lora_checkpoint" if ckpt else "lora", 32, runs[0]["device_peak_allocated"]))
+    for name, setting, batch, peak in cases:
+        s = rows[name][setting]
+        pred = s["fixed"] + s["per_image"] * batch
+        print(f"| {name} | {setting} | {batch} | {pred / 2**30:.3f} GiB | {peak / 2**30:.3f} GiB | {pred / peak - 1:+.1%} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", default=os.path.join(ROOT, "build"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="ti,s,b")
+    p.add_argument("--batches", default="1,8,32")
+    a = p.parse_args()
+    binary, bench = os.path.join(a.build, "bin", "loratune"), os.path.join(a.build, "bin", "loratune_bench")
+    work = os.path.join(a.build, "bench_memory_plan")
+    os.makedirs(work, exist_ok=True)
+    precisions = ["fp32", "bf16"] if a.device == "cpu" else ["fp32", "fp16"]
+    print(f"Predicted vs measured peak tensor bytes on {a.device}, LoRA r8 q/v (no dropout), AdamW, 2 steps:\n")
+    print("| model | batch | checkpointing | precision | predicted | measured | error |\n|---|---|---|---|---|---|---|")
+    errors = []
+    start = time.time()
+    for key in a.models.split(","):
+        name, timm_name = MODELS[key]
+        model = export(timm_name, os.path.join(work, timm_name + ".pt"))
+        for batch in (int(b) for b in a.batches.split(",")):
+            for ckpt in (False, True):
+                for precision in precisions:
+                    pred = predicted(binary, model, batch, ckpt, precision, a.device)
+                    meas = measured(bench, model, batch, ckpt, precision, a.device)
+                    errors.append(abs(pred / meas - 1))
+                    print(f"| {name} | {batch} | {'on' if ckpt else 'off'} | {precision} | {pred / 2**20:.1f} MiB | "
+                          f"{meas / 2**20:.1f} MiB | {pred / meas - 1:+.1%} |", flush=True)
+    print(f"\n{len(errors)} cases: median error {statistics.median(errors):.1%}, worst {max(errors):.1%} "
+          f"({time.time() - start:.0f} s)")
+    formula_vs_gpu(binary)
+
+
+if __name__ == "__main__":
+    main()

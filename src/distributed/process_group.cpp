@@ -1,0 +1,174 @@
+#include "loratune/process_group.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cstdlib>
+#include <stdexcept>
+
+#include "loratune/errors.h"
+
+#ifdef LORATUNE_WITH_C10D_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#endif
+
+namespace loratune {
+namespace {
+
+int env_int(const char* name, int fallback, int min, int max) {
+  const char* text = std::getenv(name);
+  if (!text || !*text) return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(text, &end, 10);
+  if (*end != '\0' || v < min || v > max)
+    throw InputError(std::string("environment variable ") + name + "=" + text + ": expected an integer from " +
+                     std::to_string(min) + " to " + std::to_string(max));
+  return static_cast<int>(v);
+}
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+}  // namespace
+
+WorkerEnvironment worker_environment() {
+  WorkerEnvironment e;
+  e.world_size = env_int("WORLD_SIZE", 1, 1, 65536);
+  e.rank = env_int("RANK", 0, 0, 65535);
+  e.local_rank = env_int("LOCAL_RANK", e.rank, 0, 65535);
+  e.master_port = env_int("MASTER_PORT", 29500, 1, 65535);
+  if (const char* addr = std::getenv("MASTER_ADDR"); addr && *addr) e.master_addr = addr;
+  if (e.rank >= e.world_size)
+    throw InputError("RANK " + std::to_string(e.rank) + " is not below WORLD_SIZE " + std::to_string(e.world_size) +
+                     ": start the workers with ranks 0 to WORLD_SIZE-1 (torchrun does)");
+  return e;
+}
+
+std::chrono::seconds distributed_timeout() {
+  return std::chrono::seconds(env_int("LORATUNE_DIST_TIMEOUT", 300, 1, 86400));
+}
+
+#ifdef LORATUNE_WITH_C10D_GLOO
+
+bool distributed_available() { return true; }
+
+struct ProcessGroup::Impl {
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
+  std::chrono::milliseconds timeout;
+};
+
+ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl, int rank, int size)
+    : impl_(std::move(impl)), rank_(rank), size_(size) {}
+ProcessGroup::~ProcessGroup() = default;
+
+std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, std::chrono::seconds timeout) {
+  const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    c10d::TCPStoreOptions options;
+    options.port = static_cast<std::uint16_t>(env.master_port);
+    options.isServer = env.rank == 0;
+    options.numWorkers = static_cast<std::size_t>(env.world_size);
+    options.waitWorkers = true;
+    options.timeout = timeout;
+    store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    if (what.find("ddress already in use") != std::string::npos)
+      throw InputError("MASTER_PORT " + std::to_string(env.master_port) + " is in use on " + env.master_addr +
+                       ": choose another port (MASTER_PORT, or torchrun --master-port)");
+    throw RuntimeFailure("rank " + std::to_string(env.rank) + ": the " + std::to_string(env.world_size) +
+                         " workers at " + where + " did not join within " + std::to_string(timeout.count()) +
+                         " s (a worker did not start, or WORLD_SIZE differs between them): " + first_line(what));
+  }
+  // Every worker says how many it expects; a disagreement is a launch error, not a hang.
+  try {
+    const std::string mine = std::to_string(env.world_size);
+    store->set("loratune/world_size/" + std::to_string(env.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
+    for (int r = 0; r < env.world_size; ++r) {
+      const auto theirs = store->get("loratune/world_size/" + std::to_string(r));
+      if (std::string(theirs.begin(), theirs.end()) != mine)
+        throw InputError("worker " + std::to_string(r) + " was started with WORLD_SIZE " +
+                         std::string(theirs.begin(), theirs.end()) + ", this one with " + mine + ": start all with the same");
+    }
+  } catch (const InputError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw RuntimeFailure("rank " + std::to_string(env.rank) + ": the " + std::to_string(env.world_size) +
+                         " workers at " + where + " did not join within " + std::to_string(timeout.count()) +
+                         " s (a worker did not start, or WORLD_SIZE differs between them): " + first_line(e.what()));
+  }
+  auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+  const bool loopback = env.master_addr == "localhost" || env.master_addr.rfind("127.", 0) == 0;
+  if (const char* iface = std::getenv("GLOO_SOCKET_IFNAME"); iface && *iface)
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+  else
+    options->devices.push_back(loopback ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                                        : c10d::ProcessGroupGloo::createDefaultDevice());
+  auto impl = std::make_unique<Impl>();
+  impl->timeout = timeout;
+  try {
+    impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::make_intrusive<c10d::PrefixStore>("loratune", store), env.rank, env.world_size, options);
+  } catch (const std::exception& e) {
+    throw RuntimeFailure("rank " + std::to_string(env.rank) + ": connecting the workers failed: " + first_line(e.what()));
+  }
+  return std::unique_ptr<ProcessGroup>(new ProcessGroup(std::move(impl), env.rank, env.world_size));
+}
+
+void ProcessGroup::all_reduce(at::Tensor& buffer) {
+  std::vector<at::Tensor> buffers{buffer};
+  try {
+    impl_->group->allreduce(buffers)->wait(impl_->timeout);
+  } catch (const std::exception& e) {
+    throw RuntimeFailure("rank " + std::to_string(rank_) + ": lost the other workers (one stopped, crashed or hangs; "
+                         "waited at most " + std::to_string(impl_->timeout.count() / 1000) + " s): " +
+                         first_line(e.what()));
+  }
+}
+
+void ProcessGroup::sum(const std::vector<at::Tensor>& tensors) {
+  if (tensors.empty()) return;
+  std::vector<at::Tensor> flat_parts;
+  for (const auto& t : tensors) flat_parts.push_back(t.detach().reshape({-1}).to(at::kCPU, at::kFloat));
+  at::Tensor buffer = at::cat(flat_parts);
+  all_reduce(buffer);
+  at::NoGradGuard no_grad;
+  int64_t offset = 0;
+  for (const auto& t : tensors) {
+    const int64_t n = t.numel();
+    t.copy_(buffer.narrow(0, offset, n).view(t.sizes()));
+    offset += n;
+  }
+}
+
+std::vector<double> ProcessGroup::sum(const std::vector<double>& values) {
+  at::Tensor buffer = at::tensor(values, at::kDouble);
+  all_reduce(buffer);
+  return std::vector<double>(buffer.data_ptr<double>(), buffer.data_ptr<double>() + buffer.numel());
+}
+
+void ProcessGroup::barrier() { sum(std::vector<double>{0.0}); }
+
+#else
+
+bool distributed_available() { return false; }
+
+struct ProcessGroup::Impl {};
+ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl, int rank, int size)
+    : impl_(std::move(impl)), rank_(rank), size_(size) {}
+ProcessGroup::~ProcessGroup() = default;
+
+std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment&, std::chrono::seconds) {
+  throw InputError("this build of loratune has no data-parallel training: its LibTorch lacks c10d Gloo (or gloo's "
+                   "headers were missing when it was built; on Debian install libgloo-dev and rebuild)");
+}
+void ProcessGroup::all_reduce(at::Tensor&) {}
+void ProcessGroup::sum(const std::vector<at::Tensor>&) {}
+std::vector<double> ProcessGroup::sum(const std::vector<double>& values) { return values; }
+void ProcessGroup::barrier() {}
+
+#endif
+
+}  // namespace loratune

@@ -1,0 +1,288 @@
+#include "loratune/memory_plan.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <map>
+
+#include "common/strings.h"
+#include "loratune/cpu_allocator.h"
+#include "loratune/device.h"
+#include "loratune/errors.h"
+#include "loratune/memory.h"
+#include "loratune/model.h"
+#include "loratune/train_step.h"
+#include "loratune/training_setup.h"
+
+namespace loratune {
+namespace {
+
+constexpr int64_t kMiB = int64_t{1} << 20;
+constexpr int64_t kGiB = int64_t{1} << 30;
+constexpr int64_t kCudaContext = 512 * kMiB;
+constexpr double kFitMargin = 0.10;
+constexpr int64_t kTrainableBytes = 16;  // fp32 value, gradient and the two AdamW moments
+
+std::string dtype_name(at::ScalarType t) {
+  return t == at::kHalf ? "fp16" : t == at::kBFloat16 ? "bf16" : t == at::kFloat ? "fp32" : std::string(c10::toString(t));
+}
+
+int64_t frozen_bytes(const MemoryProfile& p) {
+  int64_t sum = 0;
+  for (const auto& [name, bytes] : p.frozen_by_dtype) sum += bytes;
+  return sum;
+}
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+}  // namespace
+
+int64_t parse_memory_size(const std::string& text) {
+  const std::string hint = "memory \"" + text + "\": give a size such as 12GB, 11.5GiB or 900MB";
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  double value = 0;
+  try {
+    size_t used = 0;
+    value = std::stod(text.substr(0, i), &used);
+    if (used != i) throw InputError(hint);
+  } catch (const std::logic_error&) {
+    throw InputError(hint);
+  }
+  std::string unit;
+  for (size_t j = i; j < text.size(); ++j)
+    if (!std::isspace(static_cast<unsigned char>(text[j]))) unit += static_cast<char>(std::toupper(static_cast<unsigned char>(text[j])));
+  double scale = 0;
+  if (unit == "G" || unit == "GB" || unit == "GIB") scale = static_cast<double>(kGiB);
+  else if (unit == "M" || unit == "MB" || unit == "MIB") scale = static_cast<double>(kMiB);
+  else if (unit == "T" || unit == "TB" || unit == "TIB") scale = static_cast<double>(kGiB) * 1024;
+  if (scale == 0 || !std::isfinite(value) || value <= 0 || value * scale > 1e15) throw InputError(hint);
+  return static_cast<int64_t>(value * scale);
+}
+
+MemoryEstimate estimate_memory(const MemoryProfile& p, int64_t b) {
+  MemoryEstimate e;
+  for (const auto& [name, bytes] : p.frozen_by_dtype)
+    e.items.push_back({"frozen weights (" + name + ")", bytes, ""});
+  e.items.push_back({"trainable tensors, gradients, AdamW", p.trainable_parameters * kTrainableBytes,
+                     human_count(static_cast<double>(p.trainable_parameters)) + " parameters x 16 bytes"});
+  if (p.extra_fixed > 0)
+    e.items.push_back({"runtime buffers", p.extra_fixed,
+                       p.device.is_cuda() ? "cuBLAS workspaces, autocast copies" : "autocast copies, other buffers"});
+  e.items.push_back({"input batch", p.input_per_image * b, std::to_string(b) + " images, fp32"});
+  const std::string per_block = human_bytes(static_cast<double>(p.block_output_per_image * b));
+  e.items.push_back({"activations kept for backward", p.kept.at(b),
+                     p.checkpoint ? std::to_string(p.trained_blocks) + " block outputs of " + per_block + " (checkpointing)"
+                                  : std::to_string(p.trained_blocks) + " blocks, " +
+                                        human_bytes(p.trained_blocks > 0 ? static_cast<double>(p.kept.at(b)) / p.trained_blocks : 0) +
+                                        " each with stem and head"});
+  e.items.push_back({"backward buffers and workspace", p.extra.at(b),
+                     p.checkpoint ? "one block recomputed, its gradients, the largest op's workspace"
+                                  : "gradients in flight, the largest op's workspace"});
+  for (const auto& item : e.items) e.total += item.bytes;
+  const int64_t fixed = e.total - e.items[e.items.size() - 1].bytes - e.items[e.items.size() - 2].bytes;
+  if (fixed + p.prefix_peak_per_image * b > e.total) {
+    e.items.push_back({"frozen prefix (no gradients)", fixed + p.prefix_peak_per_image * b - e.total,
+                       "its largest activations exceed the step's"});
+    e.total = fixed + p.prefix_peak_per_image * b;
+  }
+  e.host_buffers = p.host_batch_bytes_per_image * b * p.host_batches;
+  return e;
+}
+
+int64_t usable_memory(int64_t budget, const c10::Device& device) {
+  const int64_t after_context = device.is_cuda() ? budget - kCudaContext : budget;
+  return static_cast<int64_t>(static_cast<double>(after_context) * (1.0 - kFitMargin));
+}
+
+int64_t planned_bytes(const MemoryEstimate& e, const c10::Device& device) {
+  return e.total + (device.is_cuda() ? 0 : e.host_buffers);
+}
+
+int64_t largest_micro_batch(const MemoryProfile& p, int64_t usable) {
+  auto fits = [&](int64_t b) { return planned_bytes(estimate_memory(p, b), p.device) <= usable; };
+  if (!fits(1)) return 0;
+  int64_t good = 1, bad = 2;
+  while (fits(bad)) {
+    good = bad;
+    bad *= 2;
+    if (bad > (int64_t{1} << 24)) return good;
+  }
+  while (bad - good > 1) {
+    const int64_t mid = (good + bad) / 2;
+    (fits(mid) ? good : bad) = mid;
+  }
+  return good;
+}
+
+MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision precision, at::ScalarType frozen_dtype,
+                           bool checkpoint) {
+  install_caching_cpu_allocator();  // tensor bytes on the CPU are counted there
+  TrainConfig c = config;
+  c.head.init = "random";  // a zero-shot head has the same size
+  c.gradient_checkpointing = checkpoint;
+  std::vector<std::string> names;
+  for (int64_t i = 0; i < classes; ++i) names.push_back("class " + std::to_string(i));
+  MemoryProfile p;
+  p.device = resolve_device(c.device);
+  p.precision = precision;
+  p.frozen_dtype = frozen_dtype;
+  p.checkpoint = checkpoint;
+  p.source = "measured on " + p.device.str() + ": training steps of 2 and 4 images";
+  const TensorBytes before_model = tensor_bytes(p.device);
+  auto model = build_training_model(c, names);
+  model->to(p.device, frozen_dtype);
+  model->set_training(true);
+  const auto trainable = model->trainable();
+  for (const auto& t : trainable) p.trainable_parameters += t.tensor.numel();
+  std::map<std::string, int64_t> frozen;
+  for (const auto& param : model->module().parameters(/*recurse=*/true))
+    if (!param.requires_grad()) frozen[dtype_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
+  for (const auto& buffer : model->module().buffers(/*recurse=*/true))
+    frozen[dtype_name(buffer.scalar_type())] += static_cast<int64_t>(buffer.nbytes());
+  p.frozen_by_dtype.assign(frozen.begin(), frozen.end());
+
+  const int64_t size = model->bundle().info.image_size;
+  p.input_per_image = 3 * size * size * static_cast<int64_t>(sizeof(float));
+  p.host_batch_bytes_per_image = p.input_per_image;
+  p.host_batches = std::max<int64_t>(1, c.data.prefetch_batches) + 1;  // prefetched, and the one being filled
+  auto optimizer = make_optimizer(c, trainable);
+  auto scaler = make_loss_scaler(c, precision);
+  struct Reading {
+    int64_t kept = 0, peak = 0;
+  };
+  auto step = [&](int64_t b) {
+    const at::Tensor x = at::randn({b, 3, size, size}).to(p.device);
+    const at::Tensor y = (at::arange(b, at::kLong) % classes).to(p.device);
+    const int64_t base = tensor_bytes(p.device).current;
+    reset_peak_memory(p.device);
+    Reading r;
+    {
+      at::Tensor logits;
+      {
+        AutocastScope autocast(p.device, precision);
+        logits = model->logits(x, checkpoint);
+      }
+      r.kept = tensor_bytes(p.device).current - base;
+      backward_micro_batch(logits, y, 1.0, *scaler);
+    }
+    apply_step(trainable, *optimizer, *scaler, c.optim.lr, c.optim.grad_clip);
+    r.peak = tensor_bytes(p.device).peak - base;
+    return r;
+  };
+  step(2);  // allocates gradients, AdamW moments and the device's workspaces
+  const int64_t baseline = tensor_bytes(p.device).current - before_model.current;
+  p.extra_fixed = std::max<int64_t>(0, baseline - frozen_bytes(p) - p.trainable_parameters * kTrainableBytes);
+  const Reading r2 = step(2), r4 = step(4);
+  auto line = [](int64_t at2, int64_t at4) {
+    LinearBytes l;
+    l.per_image = std::max<int64_t>(0, (at4 - at2) / 2);
+    l.fixed = std::max<int64_t>(0, at2 - 2 * l.per_image);
+    return l;
+  };
+  p.kept = line(r2.kept, r4.kept);
+  p.extra = line(r2.peak - r2.kept, r4.peak - r4.kept);
+  p.trained_blocks = model->trained_block_count();
+  {
+    at::NoGradGuard no_grad;
+    AutocastScope autocast(p.device, precision);
+    p.block_output_per_image = model->block_output_bytes(at::randn({1, 3, size, size}).to(p.device));
+  }
+  return p;
+}
+
+namespace {
+
+struct Candidate {
+  Precision precision;
+  at::ScalarType frozen_dtype;
+  bool checkpoint;
+};
+
+// The settings `train` would use for each open choice of precision and frozen dtype (as prepare_training decides:
+// 16-bit frozen weights on CUDA, or where the config asks for them, with fp32 as the fallback).
+std::vector<Candidate> candidates(const TrainConfig& c, const c10::Device& device) {
+  std::vector<Precision> precisions;
+  if (c.precision != "auto") precisions.push_back(resolve_precision(c.precision, device));
+  else if (device.is_cuda()) precisions = {cuda_bf16_supported() ? Precision::kBf16 : Precision::kFp16, Precision::kFp32};
+  else precisions = {Precision::kBf16, Precision::kFp32};
+  std::vector<Candidate> out;
+  for (const Precision p : precisions) {
+    const bool mixed = p != Precision::kFp32;
+    const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && device.is_cuda());
+    std::vector<at::ScalarType> frozen = {at::kFloat};
+    if (compact && mixed && c.method != Method::kFull) frozen.insert(frozen.begin(), compute_dtype(p));
+    for (const at::ScalarType f : frozen)
+      for (const bool ckpt : {false, true}) out.push_back({p, f, ckpt});
+  }
+  return out;
+}
+
+std::vector<std::string> overrides_for(const TrainConfig& c, const MemoryFit& f) {
+  std::vector<std::string> out = {"batch_size=" + std::to_string(f.micro_batch),
+                                  "grad_accum_steps=" + std::to_string(f.accumulation),
+                                  std::string("gradient_checkpointing=") + (f.checkpoint ? "true" : "false"),
+                                  "precision=" + precision_name(f.precision)};
+  if (c.method != Method::kFull && f.precision != Precision::kFp32)
+    out.push_back(std::string("frozen_dtype=") + (f.frozen_dtype == at::kFloat ? "fp32" : "compute"));
+  return out;
+}
+
+}  // namespace
+
+FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget) {
+  const c10::Device device = resolve_device(config.device);
+  const int64_t usable = usable_memory(budget, device);
+  const int64_t effective = config.batch_size * config.grad_accum_steps;
+  FitResult result;
+  double best_score = 0;
+  int64_t smallest_need = -1;
+  std::string smallest_settings;
+  std::string last_error;
+  for (const Candidate& cand : candidates(config, device)) {
+    MemoryProfile p;
+    try {
+      p = probe_memory(config, classes, cand.precision, cand.frozen_dtype, cand.checkpoint);
+    } catch (const c10::Error& e) {  // e.g. a graph that breaks with 16-bit frozen weights: train would not use it
+      last_error = e.what_without_backtrace();
+      continue;
+    }
+    if (frozen_bytes(p) > usable)
+      throw InputError("memory " + human_bytes(static_cast<double>(budget)) + " is below what the frozen weights alone take (" +
+                       human_bytes(static_cast<double>(frozen_bytes(p))) + " in " + dtype_name(cand.frozen_dtype) +
+                       ", of " + human_bytes(static_cast<double>(usable)) + " usable): choose a smaller model");
+    const MemoryEstimate one = estimate_memory(p, 1);
+    if (smallest_need < 0 || planned_bytes(one, device) < smallest_need) {
+      smallest_need = planned_bytes(one, device);
+      smallest_settings = precision_name(cand.precision) + ", frozen weights " + dtype_name(cand.frozen_dtype) +
+                          (cand.checkpoint ? ", checkpointing" : "") + ", micro-batch 1";
+    }
+    int64_t m = std::min(largest_micro_batch(p, usable), effective);
+    while (m > 0 && effective % m != 0) --m;  // micro-batches that divide the effective batch keep it
+    if (m == 0) continue;
+    // Throughput model: 16-bit steps about twice as fast, checkpointing costs a quarter, tiny micro-batches waste.
+    const double score = static_cast<double>(std::min<int64_t>(m, 32)) * (cand.precision == Precision::kFp32 ? 1.0 : 2.0) *
+                         (cand.checkpoint ? 0.75 : 1.0) * (cand.frozen_dtype == at::kFloat ? 1.0 : 1.01);
+    if (score <= best_score) continue;
+    best_score = score;
+    MemoryFit f;
+    f.micro_batch = m;
+    f.accumulation = effective / m;
+    f.checkpoint = cand.checkpoint;
+    f.precision = cand.precision;
+    f.frozen_dtype = cand.frozen_dtype;
+    f.estimate = estimate_memory(p, m);
+    f.overrides = overrides_for(config, f);
+    result.fit = f;
+  }
+  if (smallest_need < 0) throw RuntimeFailure("no setting could run a training step: " + first_line(last_error));
+  if (!result.fit)
+    result.failure = "nothing fits in " + human_bytes(static_cast<double>(budget)) + " (" +
+                     human_bytes(static_cast<double>(usable)) + " usable): the smallest run needs " +
+                     human_bytes(static_cast<double>(smallest_need)) + " (" + smallest_settings + ")";
+  return result;
+}
+
+}  // namespace loratune
