@@ -7,6 +7,8 @@
 //       saves the adapter and writes the trained model's logits on the probe input to <probe>.logits.safetensors.
 //   loratune_bench logits model=M adapter=A input=IN.safetensors out=OUT.safetensors [device=cpu|cuda]
 //       Logits of base + adapter (loratune's or PEFT's) on an input.
+//   loratune_bench allreduce model=M [iterations=50]       (each worker, with RANK, WORLD_SIZE, MASTER_ADDR/PORT)
+//       Median time to sum the model's LoRA r8 q/v gradients over the data-parallel workers.
 //   loratune_bench maxbatch model=M [precision=fp16] [checkpoint=1] [start=8] [max=4096] [device=cuda]
 //       The largest batch whose training step fits in memory (cap it with LORATUNE_CUDA_MEMORY_GB=12).
 //   loratune_bench loader folder=F batch=B workers=W batches=N        (builds with OpenCV only)
@@ -29,6 +31,7 @@
 #include "loratune/memory.h"
 #include "loratune/model.h"
 #include "loratune/optim.h"
+#include "loratune/process_group.h"
 #include "loratune/safetensors.h"
 #include "loratune/train_step.h"
 #include "loratune/training_setup.h"
@@ -202,6 +205,34 @@ int largest_batch(const Args& a) {
   return 0;
 }
 
+// One data-parallel worker (start it with torchrun's variables): the time of summing the model's LoRA gradients
+// over the workers, as the trainer does once per optimiser step.
+int all_reduce_benchmark(const Args& a) {
+  const WorkerEnvironment env = worker_environment();
+  auto group = ProcessGroup::join(env, distributed_timeout());
+  std::vector<std::string> class_names;
+  auto model = benchmark_model(a, c10::Device(c10::kCPU), Precision::kFp32, class_names);
+  std::vector<at::Tensor> grads;
+  int64_t floats = 0;
+  for (const auto& t : model->trainable()) {
+    grads.push_back(at::randn_like(t.tensor));
+    floats += t.tensor.numel();
+  }
+  const int iterations = std::stoi(get(a, "iterations", "50"));
+  std::vector<double> times;
+  for (int i = 0; i < iterations + 5; ++i) {
+    group->barrier();
+    const auto t0 = Clock::now();
+    group->sum(grads);
+    if (i >= 5) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  if (group->rank() == 0)
+    std::printf("{\"workers\": %d, \"floats\": %lld, \"median_s\": %.6f, \"p90_s\": %.6f}\n", group->size(),
+                static_cast<long long>(floats), times[times.size() / 2], times[times.size() * 9 / 10]);
+  return 0;
+}
+
 int logits_of_adapter(const Args& a) {
   const c10::Device device = resolve_device(get(a, "device", "cpu"));
   Model model(load_bundle(get(a, "model")));
@@ -269,6 +300,7 @@ int main(int argc, char** argv) {
     if (mode == "step") return step_benchmark(args);
     if (mode == "logits") return logits_of_adapter(args);
     if (mode == "maxbatch") return largest_batch(args);
+    if (mode == "allreduce") return all_reduce_benchmark(args);
 #ifdef LORATUNE_WITH_VISION
     if (mode == "loader") return loader_benchmark(args);
 #endif

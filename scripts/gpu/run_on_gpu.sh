@@ -4,7 +4,7 @@
 # Builds the core library, the C++ tests and the benchmark app against pip torch's LibTorch (no OpenCV there), runs
 # the CUDA tests, the PEFT benchmark, then the CPU test suites on LibTorch 2.x, and writes logs and tables to $OUT
 # (or ./gpu-out) as it goes. Each step is bounded; the whole run takes about 7 minutes on 16 cores.
-# BENCH_PARTS (speed,interop,capped) and CPU_SUITES (core merge training) choose what runs.
+# BENCH_PARTS (speed,interop,capped) and CPU_SUITES (core merge training; empty: none) choose what runs.
 # DRY_RUN=1 runs the same steps on a CPU machine (tests skip, Python parts that need CUDA/PEFT say so).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +41,7 @@ timeout 280 $PY scripts/gpu/bench_peft.py --bench build-gpu/bin/loratune_bench -
 echo "benchmark: exit $? after $(elapsed)"; cat "$OUT/gpu_benchmark.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 
 # The CPU suites on LibTorch 2.x, while time is left (each bounded); a crash gets a backtrace from cuda-gdb.
-for suite in ${CPU_SUITES:-core merge training}; do
+for suite in ${CPU_SUITES-core merge training}; do
   timeout 60 build-gpu/tests/loratune_${suite}_tests > "$OUT/suite.log" 2>&1
   rc=$?
   echo "$suite tests: exit $rc after $(elapsed)"; grep -E "FAILED|PASSED|Failure" "$OUT/suite.log" | head -12

@@ -51,6 +51,10 @@ inline void set_autocast_dtype(c10::DeviceType device, at::ScalarType dtype) {
 
 inline void clear_autocast_cache() { at::autocast::clear_cache(); }
 
+// c10d (src/distributed): ProcessGroupGloo derives from ProcessGroup in 1.13 and from Backend in 2.x; the members
+// loratune uses (Options::create, Options::devices, createDeviceForHostname/Interface, createDefaultDevice, the
+// constructor, allreduce()->wait, TCPStoreOptions, PrefixStore) read the same in both, so nothing is needed here.
+
 // Graph of a TorchScript method (scripted or traced), for rewriting.
 inline std::shared_ptr<torch::jit::Graph> method_graph(torch::jit::Function& fn) {
   return torch::jit::toGraphFunction(fn).graph();
