@@ -44,6 +44,10 @@ struct TrainingSetup {
 std::unique_ptr<AdamW> make_optimizer(const TrainConfig& config, const std::vector<NamedTensor>& trainable);
 std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& config, Precision precision);
 
+// Where `train` stores frozen weights for this precision: 16 bits with mixed precision on CUDA (or where the config
+// says "compute"), else fp32. prepare_training falls back to fp32 when a model's graph breaks with 16-bit weights.
+at::ScalarType frozen_dtype_for(const TrainConfig& config, Precision precision, const c10::Device& device);
+
 TrainingSetup prepare_training(const TrainConfig& config, const std::vector<std::string>& classes,
                                const ZeroShotHeadInit& zero_shot = {});
 

@@ -9,6 +9,7 @@
 #include "loratune/device.h"
 #include "loratune/errors.h"
 #include "loratune/memory_plan.h"
+#include "loratune/training_setup.h"
 
 namespace fs = std::filesystem;
 
@@ -100,9 +101,7 @@ int run_plan(const PlanCommand& command) {
     const int64_t classes = class_count(c, command.classes);
     const c10::Device device = resolve_device(c.device);
     const Precision precision = resolve_precision(c.precision, device);
-    const bool mixed = precision != Precision::kFp32;
-    const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && mixed && device.is_cuda());
-    const at::ScalarType frozen = compact && mixed && c.method != Method::kFull ? compute_dtype(precision) : at::kFloat;
+    const at::ScalarType frozen = frozen_dtype_for(c, precision, device);
     if (!command.json) std::fprintf(stderr, "measuring two small training steps on %s...\n", device.str().c_str());
     const MemoryProfile profile = probe_memory(c, classes, precision, frozen, c.gradient_checkpointing);
     const MemoryEstimate estimate = estimate_memory(profile, c.batch_size);

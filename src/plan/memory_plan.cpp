@@ -67,17 +67,18 @@ MemoryEstimate estimate_memory(const MemoryProfile& p, int64_t b) {
   for (const auto& [name, bytes] : p.frozen_by_dtype)
     e.items.push_back({"frozen weights (" + name + ")", bytes, ""});
   e.items.push_back({"trainable tensors, gradients, AdamW", p.trainable_parameters * kTrainableBytes,
-                     human_count(static_cast<double>(p.trainable_parameters)) + " parameters x 16 bytes"});
+                     "parameters: " + human_count(static_cast<double>(p.trainable_parameters)) + " x 16 bytes"});
   if (p.extra_fixed > 0)
     e.items.push_back({"runtime buffers", p.extra_fixed,
                        p.device.is_cuda() ? "cuBLAS workspaces, autocast copies" : "autocast copies, other buffers"});
-  e.items.push_back({"input batch", p.input_per_image * b, std::to_string(b) + " images, fp32"});
+  e.items.push_back({"input batch", p.input_per_image * b, "fp32, " + std::to_string(b) + " images"});
   const std::string per_block = human_bytes(static_cast<double>(p.block_output_per_image * b));
   e.items.push_back({"activations kept for backward", p.kept.at(b),
-                     p.checkpoint ? std::to_string(p.trained_blocks) + " block outputs of " + per_block + " (checkpointing)"
-                                  : std::to_string(p.trained_blocks) + " blocks, " +
+                     p.checkpoint ? "outputs of " + std::to_string(p.trained_blocks) + " blocks, " + per_block +
+                                        " each (checkpointing)"
+                                  : "all of " + std::to_string(p.trained_blocks) + " blocks, about " +
                                         human_bytes(p.trained_blocks > 0 ? static_cast<double>(p.kept.at(b)) / p.trained_blocks : 0) +
-                                        " each with stem and head"});
+                                        " each, with stem and head"});
   e.items.push_back({"backward buffers and workspace", p.extra.at(b),
                      p.checkpoint ? "one block recomputed, its gradients, the largest op's workspace"
                                   : "gradients in flight, the largest op's workspace"});
@@ -210,10 +211,8 @@ std::vector<Candidate> candidates(const TrainConfig& c, const c10::Device& devic
   else precisions = {Precision::kBf16, Precision::kFp32};
   std::vector<Candidate> out;
   for (const Precision p : precisions) {
-    const bool mixed = p != Precision::kFp32;
-    const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && device.is_cuda());
     std::vector<at::ScalarType> frozen = {at::kFloat};
-    if (compact && mixed && c.method != Method::kFull) frozen.insert(frozen.begin(), compute_dtype(p));
+    if (frozen_dtype_for(c, p, device) != at::kFloat) frozen.insert(frozen.begin(), compute_dtype(p));
     for (const at::ScalarType f : frozen)
       for (const bool ckpt : {false, true}) out.push_back({p, f, ckpt});
   }

@@ -106,14 +106,18 @@ std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& c, Precision pre
   return std::make_unique<LossScaler>(precision == Precision::kFp16, options);
 }
 
+at::ScalarType frozen_dtype_for(const TrainConfig& c, Precision precision, const c10::Device& device) {
+  const bool mixed = precision != Precision::kFp32;
+  const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && device.is_cuda());
+  return compact && mixed && c.method != Method::kFull ? compute_dtype(precision) : at::kFloat;
+}
+
 TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::string>& classes,
                                const ZeroShotHeadInit& zero_shot) {
   TrainingSetup s;
   s.device = resolve_device(c.device);
   s.precision = resolve_precision(c.precision, s.device);
-  const bool mixed = s.precision != Precision::kFp32;
-  const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && mixed && s.device.is_cuda());
-  s.frozen_dtype = compact && mixed && c.method != Method::kFull ? compute_dtype(s.precision) : at::kFloat;
+  s.frozen_dtype = frozen_dtype_for(c, s.precision, s.device);
   s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype);
   if (s.frozen_dtype != at::kFloat) {
     const std::string problem = probe_training_step(*s.model, s.device, s.precision, c.gradient_checkpointing);
