@@ -131,9 +131,11 @@ class Pipeline:
         self.assertLess(relative_error(got, ref), tol, bundle_path)
         return x
 
-    def train_eval_merge(self, name, bundle_path, features_of, model, x, expect_targets, module_prefix=""):
+    def train_eval_merge(self, name, bundle_path, features_of, model, x, expect_targets, module_prefix="",
+                         exported=None):
         """Runs loratune on the bundle and checks the merged classifier against `features_of(model, x)` with the
-        adapter folded into `model` (a fresh upstream model with the bundle's weights)."""
+        adapter folded into `model` (a fresh upstream model with the bundle's weights). `exported`: the upstream
+        module whose every weight the bundle holds (for the memory plan's frozen weights)."""
         out = run(BIN, "info", bundle_path)
         self.assertIn(f"would adapt {expect_targets} weights", out)
         adapted = out.split("would adapt")[1].splitlines()[1:]
@@ -148,6 +150,14 @@ class Pipeline:
         config_path = run_dir + ".json"
         with open(config_path, "w") as f:
             json.dump(config, f)
+        # The memory plan of this run: its frozen weights are the upstream model's parameters and buffers in fp32, its
+        # trainable tensors the adapters of the weights `info` lists and the 3-class head.
+        plan = json.loads(run(BIN, "plan", "--config", config_path, "--json"))
+        items = {item["name"]: item["bytes"] for item in plan["items"]}
+        self.assertEqual(plan["total"], sum(items.values()))
+        if exported is not None:
+            upstream = sum(p.numel() for p in exported.parameters()) + sum(b.numel() for b in exported.buffers())
+            self.assertEqual(items["frozen weights (fp32)"], 4 * upstream)
         run(BIN, "train", "--config", config_path)
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
@@ -217,7 +227,7 @@ class Timm(unittest.TestCase, Pipeline):
                 self.assertEqual(meta["resize_size"], int(math.floor(cfg["input_size"][-1] / cfg["crop_pct"])))
                 if pipeline:
                     depth = len(reference.blocks)
-                    self.train_eval_merge(name, bundle, lambda m, v: m(v), reference, x, 2 * depth)
+                    self.train_eval_merge(name, bundle, lambda m, v: m(v), reference, x, 2 * depth, exported=reference)
                 print(f"  {name}: {time.time() - start:.1f} s", flush=True)
 
     def test_random_init_flag_needs_no_weights(self):
@@ -243,7 +253,7 @@ class Torchvision(unittest.TestCase, Pipeline):
         meta = json.loads(files["loratune.json"])
         self.assertEqual((meta["image_size"], meta["resize_size"], meta["interpolation"]), (224, 256, "bilinear"))
         x = self.check_bundle(bundle, reference, 224)
-        self.train_eval_merge("vit_b_16", bundle, lambda m, v: m(v), reference, x, 24)
+        self.train_eval_merge("vit_b_16", bundle, lambda m, v: m(v), reference, x, 24, exported=reference)
         print(f"  torchvision vit_b_16: {time.time() - start:.1f} s", flush=True)
 
     def test_random_init_keeps_the_architecture(self):
