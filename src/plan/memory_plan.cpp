@@ -72,6 +72,8 @@ MemoryEstimate estimate_memory(const MemoryProfile& p, int64_t b) {
     e.items.push_back({"runtime buffers", p.extra_fixed,
                        p.device.is_cuda() ? "cuBLAS workspaces, autocast copies" : "autocast copies, other buffers"});
   e.items.push_back({"input batch", p.input_per_image * b, "fp32, " + std::to_string(b) + " images"});
+  int64_t before_step = 0;  // held before the forward pass
+  for (const auto& item : e.items) before_step += item.bytes;
   const std::string per_block = human_bytes(static_cast<double>(p.block_output_per_image * b));
   e.items.push_back({"activations kept for backward", p.kept.at(b),
                      p.checkpoint ? "outputs of " + std::to_string(p.trained_blocks) + " blocks, " + per_block +
@@ -82,12 +84,11 @@ MemoryEstimate estimate_memory(const MemoryProfile& p, int64_t b) {
   e.items.push_back({"backward buffers and workspace", p.extra.at(b),
                      p.checkpoint ? "one block recomputed, its gradients, the largest op's workspace"
                                   : "gradients in flight, the largest op's workspace"});
-  for (const auto& item : e.items) e.total += item.bytes;
-  const int64_t fixed = e.total - e.items[e.items.size() - 1].bytes - e.items[e.items.size() - 2].bytes;
-  if (fixed + p.prefix_peak_per_image * b > e.total) {
-    e.items.push_back({"frozen prefix (no gradients)", fixed + p.prefix_peak_per_image * b - e.total,
-                       "its largest activations exceed the step's"});
-    e.total = fixed + p.prefix_peak_per_image * b;
+  e.total = before_step + p.kept.at(b) + p.extra.at(b);
+  const int64_t prefix_peak = before_step + p.prefix_peak_per_image * b;
+  if (prefix_peak > e.total) {
+    e.items.push_back({"frozen prefix (no gradients)", prefix_peak - e.total, "its largest activations exceed the step's"});
+    e.total = prefix_peak;
   }
   e.host_buffers = p.host_batch_bytes_per_image * b * p.host_batches;
   return e;
