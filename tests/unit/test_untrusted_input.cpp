@@ -142,10 +142,15 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   EXPECT_THROW_WITH(load_adapter(disagree), InputError, "not valid JSON");
 }
 
-TEST(UntrustedAdapter, PeftPatternsCannotHangOrCrash) {
-  const fs::path dir = test::temp_dir("peft_patterns");
+// An adapter without loratune's metadata, so that its settings come from adapter_config.json as PEFT's do.
+fs::path write_peft_adapter(const fs::path& dir) {
   const fs::path adapter = write_adapter(dir);
-  rewrite_weights(adapter, [](safetensors::Contents& c) { c.metadata.erase("loratune"); });  // read as a PEFT file
+  rewrite_weights(adapter, [](safetensors::Contents& c) { c.metadata.erase("loratune"); });
+  return adapter;
+}
+
+TEST(UntrustedAdapter, PeftPatternsCannotHangOrCrash) {
+  const fs::path adapter = write_peft_adapter(test::temp_dir("peft_patterns"));
   json config = json::parse(read_file(adapter / kAdapterConfigName));
   const auto start = std::chrono::steady_clock::now();
   config["alpha_pattern"] = {{"(a*)*c", 4.0}, {"query", 2.0}};
@@ -162,9 +167,7 @@ TEST(UntrustedAdapter, PeftPatternsCannotHangOrCrash) {
 // PEFT 0.21 writes null for unset fields (seen on the GPU machine: a model built from a config has
 // "base_model_name_or_path": null); null reads as absent, a wrong type is still an error.
 TEST(UntrustedAdapter, PeftConfigNullsReadAsUnset) {
-  const fs::path dir = test::temp_dir("peft_nulls");
-  const fs::path adapter = write_adapter(dir);
-  rewrite_weights(adapter, [](safetensors::Contents& c) { c.metadata.erase("loratune"); });  // read as a PEFT file
+  const fs::path adapter = write_peft_adapter(test::temp_dir("peft_nulls"));
   json config = json::parse(read_file(adapter / kAdapterConfigName));
   for (const char* key : {"base_model_name_or_path", "task_type", "revision", "layers_to_transform", "layers_pattern",
                           "lora_dropout", "use_rslora", "use_dora"})
