@@ -12,6 +12,7 @@ PACKAGES=(
   libicu-dev                   # Unicode letter/number classes for the CLIP tokenizer
   libgloo-dev                  # headers of the collectives library LibTorch's c10d uses (data-parallel training)
   python3-torch python3-torchvision python3-pil python3-numpy   # test fixtures, export scripts, references
+  python3-regex python3-tqdm   # what open_clip (shared/upstream) imports, for the import tests
   dataset-fashion-mnist        # real images for the demo
   fonts-nanum                  # a font with Hangul, so Korean class names render in plots
 )

@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
+#include "loratune/import.h"
 
 namespace {
 
@@ -129,6 +130,23 @@ int main(int argc, char** argv) {
       "The prediction measures two small training steps (2 and 4 images) on the config's device and extends them\n"
       "linearly; --table computes from standard shapes for a CUDA GPU."));
 
+  loratune::ImportCommand import;
+  auto* im = app.add_subcommand("import", "turn a downloaded checkpoint folder (transformers, timm, open_clip) into a "
+                                          "model bundle, without Python");
+  im->add_option("source", import.source, "checkpoint folder, or hf:ORG/NAME[@REVISION] from the local hub cache")
+      ->required();
+  im->add_option("-o,--output", import.output, "bundle file to write (a CLIP's text tower: <name>_text.pt beside it)")
+      ->required();
+  im->add_option("--image-size", import.image_size, "input size (default: the checkpoint's); position tables are resampled");
+  im->add_flag("--no-text", import.no_text, "skip a CLIP's text tower");
+  im->footer(footer(
+      "  hf download google/vit-base-patch16-224-in21k        # once, with the hub's own tool\n"
+      "  loratune import hf:google/vit-base-patch16-224-in21k --output models/vit_base.pt\n"
+      "  loratune import ~/models/dinov2-small --output models/dinov2_small.pt --image-size 224\n"
+      "  loratune import hf:openai/clip-vit-base-patch32 --output models/clip_b32.pt   # + clip_b32_text.pt\n"
+      "Every command that takes a model file also takes the folder or hf: id directly (imported in memory).\n"
+      "Families: " + loratune::supported_checkpoint_families()));
+
   loratune::ReportCommand report;
   auto* r = app.add_subcommand("report", "plots (loss, learning rate, validation accuracy) and a summary of a run");
   r->add_option("run_dir", report.run_dir, "the output_dir of a training run")->required();
@@ -160,6 +178,7 @@ int main(int argc, char** argv) {
   m->callback([&] { exit_code = loratune::run_merge(merge); });
   i->callback([&] { exit_code = loratune::run_info(info); });
   r->callback([&] { exit_code = loratune::run_report(report); });
+  im->callback([&] { exit_code = loratune::run_import(import); });
   pl->callback([&] {
     if (!plan.table && plan.config.empty() && plan.overrides.empty()) {
       std::fprintf(stderr, "error: plan needs --config FILE (or --table)\n");

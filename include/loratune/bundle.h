@@ -9,6 +9,7 @@
 #include <array>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -41,8 +42,9 @@ struct BundleInfo {
 struct Bundle {
   torch::jit::Module module;
   BundleInfo info;
-  std::filesystem::path path;
+  std::filesystem::path path;  // the file, or the checkpoint source it was imported from
   std::string fingerprint;  // of the weights as loaded (see fingerprint.h)
+  std::map<std::string, std::string> extra_files;  // files an imported bundle carries (a text tower's BPE merges)
 
   // The structure the training driver uses: `stem(images)`, then each block, then `head(hidden)`.
   bool has_block_structure() const;
@@ -50,13 +52,15 @@ struct Bundle {
   std::vector<torch::jit::Module> blocks() const;
 };
 
-// Loads a bundle onto the CPU. Throws InputError with a fix for files that are not bundles or cannot be trained.
+// Loads a bundle onto the CPU: a bundle file, or a checkpoint folder / "hf:ORG/NAME" imported in memory (import.h).
+// Throws InputError with a fix for files that are not bundles or cannot be trained.
 Bundle load_bundle(const std::filesystem::path& path);
 
-// Saves `module` with `info` inside the archive, atomically. `check(temporary_file)`, when given, runs on the file as
-// written before it replaces `path`; if it throws, `path` is left as it was.
+// Saves `module` with `info` (and `extra_files`) inside the archive, atomically. `check(temporary_file)`, when given,
+// runs on the file as written before it replaces `path`; if it throws, `path` is left as it was.
 void save_bundle(torch::jit::Module& module, const BundleInfo& info, const std::filesystem::path& path,
-                 const std::function<void(const std::filesystem::path&)>& check = {});
+                 const std::function<void(const std::filesystem::path&)>& check = {},
+                 const std::map<std::string, std::string>& extra_files = {});
 
 // The submodule at a dotted path ("vit.encoder.layer.3"); InputError when absent.
 torch::jit::Module submodule_at(const torch::jit::Module& root, const std::string& path);

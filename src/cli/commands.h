@@ -63,6 +63,13 @@ struct InfoCommand {
   std::vector<std::string> overrides;
 };
 
+struct ImportCommand {
+  std::string source;      // checkpoint folder or hf:ORG/NAME[@REVISION] (local hub cache)
+  std::string output;      // bundle file; a CLIP's text tower goes beside it as <stem>_text.pt
+  int64_t image_size = 0;  // 0: the checkpoint's own
+  bool no_text = false;    // skip a CLIP's text tower
+};
+
 struct ReportCommand {
   std::string run_dir;
   std::string output;  // default: the run folder
@@ -75,6 +82,7 @@ int run_merge(const MergeCommand& command);
 int run_info(const InfoCommand& command);
 int run_report(const ReportCommand& command);
 int run_plan(const PlanCommand& command);
+int run_import(const ImportCommand& command);
 
 // Starts `workers` copies of this program with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 // MASTER_PORT) and `args`, waits for them, passes Ctrl-C on, stops the rest when one fails; returns the first failure.

@@ -1,6 +1,7 @@
 #include "cli/common.h"
 #include "cli/commands.h"
 #include "loratune/errors.h"
+#include "loratune/import.h"
 #include "loratune/safetensors.h"
 #include "common/strings.h"
 
@@ -93,6 +94,7 @@ int run_info(const InfoCommand& command) {
     cli::setup_logging();
     if (command.path.empty()) throw InputError("give a model bundle (.pt) or an adapter (folder or .safetensors)");
     const fs::path path = command.path;
+    if (is_checkpoint_source(command.path)) return print_model(path, command), exit_code::kOk;
     if (!fs::exists(path)) throw InputError(path.string() + " does not exist");
     if (looks_like_adapter(path)) print_adapter(path);
     else print_model(path, command);

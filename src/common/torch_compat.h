@@ -13,6 +13,10 @@ namespace loratune::compat {
 #define LORATUNE_TORCH_AT_LEAST_2_4 \
   (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4))
 
+// aten::scaled_dot_product_attention (LibTorch 2.0+): fused attention kernels in the modules `loratune import`
+// builds; 1.13 computes softmax(q k^T / sqrt(d)) v with plain ops.
+#define LORATUNE_TORCH_HAS_SDPA (TORCH_VERSION_MAJOR >= 2)
+
 // Autocast state of one device type (CPU or CUDA).
 inline bool autocast_enabled(c10::DeviceType device) {
 #if LORATUNE_TORCH_AT_LEAST_2_4

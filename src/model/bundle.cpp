@@ -10,6 +10,7 @@
 
 #include "common/torch_compat.h"
 #include "loratune/errors.h"
+#include "loratune/import.h"
 #include "common/files.h"
 #include "common/fingerprint.h"
 
@@ -232,12 +233,25 @@ Bundle load_bundle(const fs::path& path) {
   // Adapters rewrite graphs before the first call, and training needs plain autograd through the interpreter:
   // the optimising executor would specialise graphs (and more than double memory) after a warm-up call.
   torch::jit::setGraphExecutorOptimize(false);
+  if (is_checkpoint_source(path.string())) {
+    ImportedModel imported = import_checkpoint(path.string());
+    Bundle b;
+    b.module = imported.module;
+    b.info = BundleInfo::from_json(imported.metadata, path.string());
+    b.path = path;
+    b.extra_files = std::move(imported.extra_files);
+    b.module.eval();
+    b.fingerprint = weights_fingerprint(b.module);
+    return b;
+  }
   std::error_code ec;
   const auto status = fs::status(path, ec);
   if (ec && ec != std::errc::no_such_file_or_directory)
     throw InputError("model file " + path.string() + ": " + ec.message());
   if (!fs::exists(status)) throw InputError("model file " + path.string() + " does not exist");
-  if (fs::is_directory(status)) throw InputError("model file " + path.string() + " is a folder; give the .pt file");
+  if (fs::is_directory(status))
+    throw InputError("model " + path.string() + " is a folder without config.json or open_clip_config.json; give a "
+                     "bundle file (.pt) or a checkpoint folder");
   torch::jit::ExtraFilesMap extra{{kBundleMetadataName, ""}};
   Bundle b;
   auto first_line = [](const std::string& text) { return text.substr(0, std::min<size_t>(text.find('\n'), 300)); };
@@ -283,8 +297,9 @@ Bundle load_bundle(const fs::path& path) {
 }
 
 void save_bundle(torch::jit::Module& module, const BundleInfo& info, const fs::path& path,
-                 const std::function<void(const fs::path&)>& check) {
-  torch::jit::ExtraFilesMap extra{{kBundleMetadataName, info.to_json().dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}};
+                 const std::function<void(const fs::path&)>& check, const std::map<std::string, std::string>& extra_files) {
+  torch::jit::ExtraFilesMap extra(extra_files.begin(), extra_files.end());
+  extra[kBundleMetadataName] = info.to_json().dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
   write_atomic_with(path, [&](const fs::path& tmp) {
     try {
       module.save(tmp.string(), extra);

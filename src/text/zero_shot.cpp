@@ -18,10 +18,11 @@ TextEncoder load_text_encoder(const fs::path& path) {
   Bundle b = load_bundle(path);
   if (b.info.kind != "text_encoder")
     throw InputError(path.string() + " is not a text encoder bundle (kind \"" + b.info.kind +
-                     "\"); export one with scripts/export/mobileclip.py");
+                     "\"); export one with scripts/export/apple_mobileclip.py or import a CLIP checkpoint folder");
   const std::string merges_name = b.info.extra.value("merges_file", "bpe_merges.txt");
   torch::jit::ExtraFilesMap extra{{merges_name, ""}};
-  torch::jit::load(path.string(), c10::Device(c10::kCPU), extra);
+  if (b.extra_files.count(merges_name)) extra[merges_name] = b.extra_files.at(merges_name);
+  else torch::jit::load(path.string(), c10::Device(c10::kCPU), extra);
   if (extra[merges_name].empty()) throw InputError(path.string() + " carries no BPE merges file (" + merges_name + ")");
   TextEncoder t{b.module, ClipTokenizer(extra[merges_name]), b.info.extra.value("context_length", int64_t{77}),
                 b.info.feature_dim, b.info.extra.value("logit_scale", 100.0), path};

@@ -16,7 +16,7 @@ def save(tensors, path, metadata=None):
         header["__metadata__"] = metadata
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

@@ -1,6 +1,6 @@
 """The source folders form layers and includes only run down them (README, "Layout"):
 
-    common -> io -> lora -> model -> data -> eval -> distributed -> train -> plan -> text -> plot -> cli -> apps
+    common -> io -> import -> lora -> model -> data -> eval -> distributed -> train -> plan -> text -> plot -> cli -> apps
 
 A folder may include its own headers and those of folders to its left. Public headers (include/loratune) belong to
 the folder that implements them, listed below; a new public header must be added here.
@@ -13,10 +13,11 @@ import os
 import re
 import sys
 
-ORDER = ["common", "io", "lora", "model", "data", "eval", "distributed", "train", "plan", "text", "plot", "cli", "apps"]
+ORDER = ["common", "io", "import", "lora", "model", "data", "eval", "distributed", "train", "plan", "text", "plot", "cli", "apps"]
 OWNER = {
     "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_tensor"],
     "io": ["safetensors"],
+    "import": ["import"],
     "lora": ["adapter", "lora"],
     "model": ["adapter_binding", "bundle", "merge", "model"],
     "data": ["batch_source", "image", "image_folder", "loader"],

@@ -1,0 +1,86 @@
+#include <ATen/core/grad_mode.h>
+
+#include <chrono>
+
+#include "cli/common.h"
+#include "cli/commands.h"
+#include "common/files.h"
+#include "common/strings.h"
+#include "loratune/bundle.h"
+#include "loratune/errors.h"
+#include "loratune/import.h"
+
+namespace fs = std::filesystem;
+
+namespace loratune {
+namespace {
+
+// Saves one imported tower, checked: the file as written must give the in-memory module's output on a probe input.
+void save_checked(ImportedModel& m, const BundleInfo& info, const fs::path& output, const at::Tensor& probe) {
+  at::Tensor expected;
+  {
+    at::NoGradGuard no_grad;
+    expected = m.module.forward({probe}).toTensor();
+  }
+  save_bundle(m.module, info, output, [&](const fs::path& written) {
+    at::NoGradGuard no_grad;
+    auto loaded = torch::jit::load(written.string());
+    loaded.eval();
+    const double diff = (loaded.forward({probe}).toTensor() - expected).abs().max().item<double>();
+    if (!(diff == 0.0)) throw RuntimeFailure("the written file differs from the imported model by " +
+                                             std::to_string(diff) + "; " + output.string() + " was not written");
+  }, m.extra_files);
+}
+
+void refuse_output_in_source(const fs::path& folder, const fs::path& output) {
+  std::error_code ec;
+  const fs::path dir = fs::weakly_canonical(fs::absolute(output).parent_path(), ec);
+  if (!ec && dir == fs::weakly_canonical(folder, ec))
+    throw InputError("--output " + output.string() + " is inside the checkpoint folder; write the bundle elsewhere "
+                     "(the folder may be the shared hub cache)");
+  if (fs::is_directory(output, ec)) throw InputError("--output " + output.string() + " is a folder; give a file name");
+}
+
+}  // namespace
+
+int run_import(const ImportCommand& command) {
+  return guarded([&] {
+    cli::setup_logging();
+    cli::setup_threads(0);
+    if (command.image_size < 0 || command.image_size > 8192)
+      throw InputError("--image-size must be between 1 and 8192 (0: the checkpoint's own)");
+    const fs::path output = expand_home(command.output);
+    refuse_output_in_source(resolve_checkpoint_folder(command.source), output);
+    const auto start = std::chrono::steady_clock::now();
+    ImportOptions options;
+    options.image_size = command.image_size;
+    ImportedModel image = import_checkpoint(command.source, Tower::image, options);
+    const bool with_text = image.metadata.contains("text_model") && !command.no_text;
+    fs::path text_output = output;
+    text_output.replace_filename(output.stem().string() + "_text" + output.extension().string());
+    if (with_text) image.metadata["text_model"] = text_output.filename().string();
+    else image.metadata.erase("text_model");
+    const BundleInfo info = BundleInfo::from_json(image.metadata, command.source);
+    const at::Tensor images = at::randn({2, 3, info.image_size, info.image_size});
+    save_checked(image, info, output, images);
+    int64_t blocks = 0;
+    if (!info.blocks.empty()) blocks = static_cast<int64_t>(submodule_at(image.module, info.blocks).children().size());
+    std::printf("wrote %s: %s, %lld blocks, %lld-d features, %lldpx (resize %lld, %s)\n", output.string().c_str(),
+                info.architecture.c_str(), static_cast<long long>(blocks), static_cast<long long>(info.feature_dim),
+                static_cast<long long>(info.image_size), static_cast<long long>(info.resize_size),
+                info.interpolation.c_str());
+    if (with_text) {
+      ImportedModel text = import_checkpoint(command.source, Tower::text);
+      const BundleInfo text_info = BundleInfo::from_json(text.metadata, command.source + " (text tower)");
+      const at::Tensor tokens = at::randint(1, 1000, {2, text_info.extra.value("context_length", int64_t{77})}, at::kLong);
+      save_checked(text, text_info, text_output, tokens);
+      std::printf("wrote %s: text tower, %lld-d embeddings (zero-shot: loratune eval --model %s --zero-shot ...)\n",
+                  text_output.string().c_str(), static_cast<long long>(text_info.feature_dim), output.string().c_str());
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::printf("imported %s in %s\n", command.source.c_str(), human_duration(seconds).c_str());
+    return exit_code::kOk;
+  });
+}
+
+}  // namespace loratune

@@ -1,0 +1,342 @@
+"""Checkpoint folders imported natively (`loratune import`, or a folder / hf: id wherever a model is accepted) against
+the upstream models' own forward on the same random weights:
+  - timm VisionTransformers (class token, distillation token, registers + layer scale, CLIP-style pre-norm, average
+    pooling without class token), folders as timm's own save_config_for_hf writes them;
+  - transformers layouts (vit, deit, dinov2 with registers, clip, siglip): transformers is not installable here, so
+    their folders are written from the timm model of the same architecture with the documented key mapping, and the
+    timm model's forward is the reference (the GPU machine's transformers checks the layouts themselves);
+  - open_clip ViT CLIPs, both towers, against open_clip's encode_image / encode_text;
+then train / eval / merge on an imported folder (the merged file in Python equals the timm model with the adapter
+folded in), the hub cache (hf:ORG/NAME), fp16 checkpoints, and damaged folders (one error line, exit 3).
+
+usage: test_import_checkpoints.py LORATUNE_BINARY FIXTURE_DIR UPSTREAM_DIR   (exit 77: no upstream folder, skipped)
+"""
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import unittest
+
+import torch
+
+UPSTREAM = os.path.abspath(sys.argv[3])
+if not os.path.isdir(os.path.join(UPSTREAM, "open_clip")):
+    print(f"skipped: {UPSTREAM} has no upstream packages (see shared/upstream/README.md)")
+    sys.exit(77)
+# The real open_clip first (with the stand-ins it needs on torch 1.13), then the upstream test's helpers.
+sys.path[:0] = [os.path.join(UPSTREAM, "open_clip", "src"), os.path.join(UPSTREAM, "torch113_standins")]
+import open_clip_torch113  # noqa: E402,F401
+import open_clip  # noqa: E402
+
+import test_upstream_models as up  # noqa: E402
+from test_upstream_models import BIN, TMP, relative_error, run  # noqa: E402
+import safetensors_lite  # noqa: E402
+import timm  # noqa: E402
+from timm.models._hub import save_config_for_hf  # noqa: E402
+
+
+def perturb(model, seed=0):
+    """Random weights with every parameter away from its initial value (zero biases, unit norms, tiny layer scales
+    would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def timm_model(arch, **kwargs):
+    torch.manual_seed(0)
+    return perturb(timm.create_model(arch, pretrained=False, num_classes=0, depth=2, **kwargs))
+
+
+def write_folder(path, tensors, config, name="config.json", weights="model.safetensors", extra=None):
+    os.makedirs(path, exist_ok=True)
+    safetensors_lite.save(tensors, os.path.join(path, weights))
+    with open(os.path.join(path, name), "w") as f:
+        json.dump(config, f)
+    for file_name, content in (extra or {}).items():
+        with open(os.path.join(path, file_name), "w") as f:
+            json.dump(content, f)
+    return path
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def timm_folder(model, path):
+    os.makedirs(path, exist_ok=True)
+    safetensors_lite.save(model.state_dict(), os.path.join(path, "model.safetensors"))
+    save_config_for_hf(model, pathlib.Path(path) / "config.json")
+    return path
+
+
+def hf_blocks(sd, depth, prefix, names, ln_scale=None):
+    """timm block tensors under transformers names: q/k/v split from the fused qkv rows."""
+    out = {}
+    for i in range(depth):
+        t, h = f"blocks.{i}.", f"{prefix}{i}."
+        qkv_w, qkv_b = sd[t + "attn.qkv.weight"].chunk(3), sd[t + "attn.qkv.bias"].chunk(3)
+        for j, key in enumerate(names["qkv"]):
+            out[h + key + ".weight"], out[h + key + ".bias"] = qkv_w[j], qkv_b[j]
+        for timm_name, hf_name in (("norm1", names["norm1"]), ("norm2", names["norm2"]), ("attn.proj", names["out"]),
+                                   ("mlp.fc1", names["fc1"]), ("mlp.fc2", names["fc2"])):
+            for p in ("weight", "bias"):
+                out[h + hf_name + "." + p] = sd[t + timm_name + "." + p]
+        if ln_scale:
+            out[h + ln_scale[0]], out[h + ln_scale[1]] = sd[t + "ls1.gamma"], sd[t + "ls2.gamma"]
+    return out
+
+
+VIT_NAMES = {"qkv": ["attention.attention.query", "attention.attention.key", "attention.attention.value"],
+             "norm1": "layernorm_before", "norm2": "layernorm_after", "out": "attention.output.dense",
+             "fc1": "intermediate.dense", "fc2": "output.dense"}
+DINO_NAMES = dict(VIT_NAMES, norm1="norm1", norm2="norm2", fc1="mlp.fc1", fc2="mlp.fc2")
+CLIP_NAMES = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm1": "layer_norm1",
+              "norm2": "layer_norm2", "out": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def hf_config(model, model_type, **extra):
+    c = {"model_type": model_type, "hidden_size": model.embed_dim, "num_hidden_layers": len(model.blocks),
+         "num_attention_heads": model.blocks[0].attn.num_heads, "intermediate_size": model.blocks[0].mlp.fc1.out_features,
+         "hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": model.patch_embed.img_size[0],
+         "patch_size": model.patch_embed.patch_size[0], "num_channels": 3, "qkv_bias": True}
+    c.update(extra)
+    return c
+
+
+class Pipeline(unittest.TestCase, up.Pipeline):
+    def check_import(self, source, reference, size, tol=1e-5, args=()):
+        bundle = os.path.join(TMP, os.path.basename(source.rstrip("/")) + ".pt")
+        out = run(BIN, "import", source, "--output", bundle, *args)
+        self.assertIn("wrote " + bundle, out)
+        x = self.check_bundle(bundle, reference, size, tol=tol)
+        return bundle, x
+
+
+class TimmFolders(Pipeline):
+    def test_timm_variants_equal_timm(self):
+        cases = [("vit_tiny_patch16_224", {}),                                         # class token
+                 ("deit_tiny_distilled_patch16_224", {}),                              # + distillation token
+                 ("vit_small_patch14_reg4_dinov2", {"img_size": 98}),                  # registers, layer scale
+                 ("vit_base_patch16_clip_224", {"embed_dim": 192, "num_heads": 3}),    # pre-norm, eps 1e-5
+                 ("vit_medium_patch16_gap_256", {"embed_dim": 192, "num_heads": 3})]  # no class token, avg, no qkv bias
+        for arch, kwargs in cases:
+            with self.subTest(arch=arch):
+                model = timm_model(arch, **kwargs)
+                size = model.patch_embed.img_size[0]
+                model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
+                self.check_import(timm_folder(model, os.path.join(TMP, "timm_" + arch)), model, size)
+
+    def test_image_size_resamples_the_position_table_as_timm_does(self):
+        model = timm_model("vit_tiny_patch16_224")
+        folder = timm_folder(model, os.path.join(TMP, "timm_resample"))
+        small = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2, img_size=160)
+        state = timm.models.vision_transformer.checkpoint_filter_fn(model.state_dict(), small)
+        small.load_state_dict(state)
+        bundle, _ = self.check_import(folder, small.eval(), 160, args=("--image-size", "160"))
+        info = run(BIN, "info", bundle)
+        self.assertIn("160", info)
+
+    def test_train_eval_merge_on_the_folder_itself(self):
+        model = timm_model("vit_tiny_patch16_224")
+        folder = timm_folder(model, os.path.join(TMP, "timm_pipeline"))
+        x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        # 2 blocks x q,v rows of the fused qkv weight; module names as PEFT has them on the timm model.
+        self.train_eval_merge("timm_folder", folder, lambda m, v: m(v), model, x, 4, exported=model)
+
+    def test_fp16_checkpoint_loads(self):
+        model = timm_model("vit_tiny_patch16_224")
+        folder = os.path.join(TMP, "timm_fp16")
+        timm_folder(model, folder)
+        safetensors_lite.save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+        rounded = timm_model("vit_tiny_patch16_224")
+        rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+        self.check_import(folder, rounded, 224)
+
+
+class TransformersLayouts(Pipeline):
+    def test_vit_with_and_without_the_vit_prefix(self):
+        model = timm_model("vit_tiny_patch16_224")
+        sd = model.state_dict()
+        for prefix, extra in (("vit.", {"classifier.weight": torch.randn(5, 192), "classifier.bias": torch.zeros(5)}),
+                              ("", {"pooler.dense.weight": torch.randn(192, 192), "pooler.dense.bias": torch.zeros(192)})):
+            with self.subTest(prefix=prefix):
+                t = {prefix + "embeddings.cls_token": sd["cls_token"], prefix + "embeddings.position_embeddings": sd["pos_embed"],
+                     prefix + "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+                     prefix + "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+                     prefix + "layernorm.weight": sd["norm.weight"], prefix + "layernorm.bias": sd["norm.bias"], **extra}
+                t.update(hf_blocks(sd, 2, prefix + "encoder.layer.", VIT_NAMES))
+                pre = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2,
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+                folder = write_folder(os.path.join(TMP, "hf_vit" + prefix.rstrip(".")), t, hf_config(model, "vit"),
+                                      extra={"preprocessor_config.json": pre})
+                bundle, _ = self.check_import(folder, model, 224)
+                info = run(BIN, "info", bundle)
+                self.assertIn("vit.encoder.layer.0.attention.attention.query", info)
+
+    def test_deit_distillation_token(self):
+        model = timm_model("deit_tiny_distilled_patch16_224")
+        sd = model.state_dict()
+        t = {"deit.embeddings.cls_token": sd["cls_token"], "deit.embeddings.distillation_token": sd["dist_token"],
+             "deit.embeddings.position_embeddings": sd["pos_embed"],
+             "deit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+             "deit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+             "deit.layernorm.weight": sd["norm.weight"], "deit.layernorm.bias": sd["norm.bias"],
+             "cls_classifier.weight": torch.randn(4, 192), "distillation_classifier.weight": torch.randn(4, 192)}
+        t.update(hf_blocks(sd, 2, "deit.encoder.layer.", VIT_NAMES))
+        self.check_import(write_folder(os.path.join(TMP, "hf_deit"), t, hf_config(model, "deit")), model, 224)
+
+    def test_dinov2_with_registers_at_another_size(self):
+        model = timm_model("vit_small_patch14_reg4_dinov2", img_size=98)
+        sd = model.state_dict()
+        C = model.embed_dim
+        # timm folds the class token's position into cls_token: its row in transformers' table is zero.
+        t = {"embeddings.cls_token": sd["cls_token"], "embeddings.register_tokens": sd["reg_token"],
+             "embeddings.mask_token": torch.zeros(1, C),
+             "embeddings.position_embeddings": torch.cat([torch.zeros(1, 1, C), sd["pos_embed"]], 1),
+             "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+             "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+             "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+        t.update(hf_blocks(sd, 2, "encoder.layer.", DINO_NAMES, ("layer_scale1.lambda1", "layer_scale2.lambda1")))
+        config = hf_config(model, "dinov2_with_registers", num_register_tokens=4, mlp_ratio=4.0, use_swiglu_ffn=False)
+        folder = write_folder(os.path.join(TMP, "hf_dinov2_reg"), t, config)
+        self.check_import(folder, model, 98)
+        smaller = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2, img_size=70)
+        smaller.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(model.state_dict(), smaller))
+        self.check_import(folder, smaller.eval(), 70, args=("--image-size", "70"))
+
+    def test_clip_vision_tower_with_projection(self):
+        model = timm_model("vit_base_patch16_clip_224", embed_dim=192, num_heads=3)
+        sd, C = model.state_dict(), model.embed_dim
+        projection = torch.randn(64, C) * 0.1
+        t = {"vision_model.embeddings.class_embedding": sd["cls_token"].reshape(C),
+             "vision_model.embeddings.position_embedding.weight": sd["pos_embed"][0],
+             "vision_model.embeddings.patch_embedding.weight": sd["patch_embed.proj.weight"],
+             "vision_model.embeddings.position_ids": torch.arange(197).unsqueeze(0),
+             "vision_model.pre_layrnorm.weight": sd["norm_pre.weight"], "vision_model.pre_layrnorm.bias": sd["norm_pre.bias"],
+             "vision_model.post_layernorm.weight": sd["norm.weight"], "vision_model.post_layernorm.bias": sd["norm.bias"],
+             "visual_projection.weight": projection, "logit_scale": torch.tensor(4.6052)}
+        t.update(hf_blocks(sd, 2, "vision_model.encoder.layers.", CLIP_NAMES))
+        vision = {k: v for k, v in hf_config(model, "clip_vision_model", layer_norm_eps=1e-5).items()
+                  if k not in ("model_type", "qkv_bias")}
+        config = {"model_type": "clip", "projection_dim": 64, "vision_config": vision, "text_config": {}}
+        folder = write_folder(os.path.join(TMP, "hf_clip"), t, config)
+        self.check_import(folder, lambda v: model(v) @ projection.t(), 224)
+
+    def test_siglip_vision_tower_attention_pooling(self):
+        model = timm_model("vit_base_patch16_siglip_224", embed_dim=192, num_heads=3)
+        sd, C = model.state_dict(), model.embed_dim
+        t = {"vision_model.embeddings.position_embedding.weight": sd["pos_embed"][0],
+             "vision_model.embeddings.patch_embedding.weight": sd["patch_embed.proj.weight"],
+             "vision_model.embeddings.patch_embedding.bias": sd["patch_embed.proj.bias"],
+             "vision_model.post_layernorm.weight": sd["norm.weight"], "vision_model.post_layernorm.bias": sd["norm.bias"],
+             "vision_model.head.probe": sd["attn_pool.latent"],
+             "vision_model.head.attention.in_proj_weight": torch.cat([sd["attn_pool.q.weight"], sd["attn_pool.kv.weight"]]),
+             "vision_model.head.attention.in_proj_bias": torch.cat([sd["attn_pool.q.bias"], sd["attn_pool.kv.bias"]])}
+        for timm_name, hf_name in (("proj", "attention.out_proj"), ("norm", "layernorm"), ("mlp.fc1", "mlp.fc1"),
+                                   ("mlp.fc2", "mlp.fc2")):
+            for p in ("weight", "bias"):
+                t[f"vision_model.head.{hf_name}.{p}"] = sd[f"attn_pool.{timm_name}.{p}"]
+        t.update(hf_blocks(sd, 2, "vision_model.encoder.layers.", CLIP_NAMES))
+        config = hf_config(model, "siglip_vision_model")
+        self.check_import(write_folder(os.path.join(TMP, "hf_siglip"), t, config), model, 224)
+
+
+class OpenClip(Pipeline):
+    def test_both_towers_equal_open_clip(self):
+        torch.manual_seed(0)
+        model_cfg = {"embed_dim": 64, "quick_gelu": True,
+                     "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32, "patch_size": 16},
+                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
+        model = perturb(open_clip.model.CLIP(**model_cfg))
+        folder = os.path.join(TMP, "open_clip_vit")
+        write_folder(folder, model.state_dict(), {"model_cfg": model_cfg, "preprocess_cfg": {"interpolation": "bicubic"}},
+                     name="open_clip_config.json", weights="open_clip_model.safetensors")
+        with gzip.open(os.path.join(UPSTREAM, "open_clip_vocab", "src", "open_clip", "bpe_simple_vocab_16e6.txt.gz")) as f:
+            with open(os.path.join(folder, "merges.txt"), "wb") as out:
+                out.write(f.read())
+        bundle, x = self.check_import(folder, model.encode_image, 64)
+        tokens = torch.zeros(2, 77, dtype=torch.long)
+        tokens[:, 0], tokens[0, 1:4], tokens[1, 1:6], tokens[:, 6] = 49406, 320, 1125, 49407
+        with torch.no_grad():
+            text = torch.jit.load(bundle.replace(".pt", "_text.pt"))(tokens)
+            self.assertLess(relative_error(text, model.encode_text(tokens)), 1e-5)
+        out = run(BIN, "eval", "--model", folder, "--zero-shot", "--data", os.path.join(up.photos(), "val"),
+                  "--output", os.path.join(TMP, "open_clip_zero_shot"))
+        self.assertIn("(zero-shot)", out)
+
+
+class Sources(unittest.TestCase):
+    def folder(self):
+        path = os.path.join(TMP, "timm_source")
+        if not os.path.isdir(path):
+            timm_folder(timm_model("vit_tiny_patch16_224"), path)
+        return path
+
+    def test_hub_cache_ids_resolve_offline(self):
+        cache = os.path.join(TMP, "hub")
+        repo = os.path.join(cache, "models--someone--tiny-vit")
+        snapshot = os.path.join(repo, "snapshots", "0123abc")
+        os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+        shutil.copytree(self.folder(), snapshot, dirs_exist_ok=True)
+        with open(os.path.join(repo, "refs", "main"), "w") as f:
+            f.write("0123abc")
+        env = dict(os.environ, HF_HUB_CACHE=cache)
+        out = subprocess.run([BIN, "info", "hf:someone/tiny-vit"], capture_output=True, text=True, env=env)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("model.blocks.1.attn.qkv", out.stdout)
+        missing = subprocess.run([BIN, "info", "hf:someone/other@v2"], capture_output=True, text=True, env=env)
+        self.assertEqual(missing.returncode, 3)
+        self.assertIn("hf download someone/other --revision v2", missing.stderr)
+
+    def expect_error(self, mutate, *expected):
+        path = os.path.join(TMP, "broken")
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(self.folder(), path)
+        mutate(path)
+        p = subprocess.run([BIN, "import", path, "--output", os.path.join(TMP, "broken.pt")], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 3, p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        for text in expected:
+            self.assertIn(text, p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(TMP, "broken.pt")))
+
+    def edit_weights(self, path, edit):
+        tensors, _ = safetensors_lite.load(os.path.join(path, "model.safetensors"))
+        edit(tensors)
+        safetensors_lite.save(tensors, os.path.join(path, "model.safetensors"))
+
+    def test_damaged_folders_are_one_line_errors(self):
+        def config(path, **changes):
+            with open(os.path.join(path, "config.json")) as f:
+                c = json.load(f)
+            c.update(changes)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump(c, f)
+        self.expect_error(lambda p: self.edit_weights(p, lambda t: t.pop("blocks.1.attn.proj.weight")),
+                          '"blocks.1.attn.proj.weight" is missing')
+        self.expect_error(lambda p: self.edit_weights(p, lambda t: t.update(extra=torch.zeros(2))), '"extra"')
+        self.expect_error(lambda p: self.edit_weights(p, lambda t: t.update({"blocks.0.mlp.fc2.weight": torch.zeros(3, 3)})),
+                          '"blocks.0.mlp.fc2.weight" has shape [3, 3]')
+        self.expect_error(lambda p: write_text(os.path.join(p, "config.json"), '{"model_type": "llama"}'),
+                          '"llama"', "vit, deit, dinov2")
+        self.expect_error(lambda p: os.rename(os.path.join(p, "model.safetensors"), os.path.join(p, "pytorch_model.bin")),
+                          "pickled weights are not read")
+        self.expect_error(lambda p: config(p, global_pool="map"), "global_pool")
+        self.expect_error(lambda p: write_text(os.path.join(p, "config.json"), "{not json"), "not valid JSON")
+
+
+if __name__ == "__main__":
+    started = time.time()
+    result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed} passed, {failed} failed ({time.time() - started:.0f} s)")
+    shutil.rmtree(TMP, ignore_errors=True)
+    sys.exit(1 if failed else 0)
