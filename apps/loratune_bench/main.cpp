@@ -28,6 +28,7 @@
 #include "loratune/cpu_allocator.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
+#include "loratune/import.h"
 #include "loratune/memory.h"
 #include "loratune/model.h"
 #include "loratune/optim.h"
@@ -277,10 +278,21 @@ int loader_benchmark(const Args& a) {
 
 }  // namespace
 
+// import source=FOLDER output=FILE [tower=text]: `loratune import` where the CLI is not built (the GPU machine has no
+// OpenCV); the text tower of a CLIP with tower=text.
+int import_checkpoint_to_file(const Args& a) {
+  const Tower tower = get(a, "tower", "image") == "text" ? Tower::text : Tower::image;
+  ImportedModel m = import_checkpoint(get(a, "source"), tower);
+  m.metadata.erase("text_model");
+  save_bundle(m.module, BundleInfo::from_json(m.metadata, get(a, "source")), get(a, "output"), {}, m.extra_files);
+  std::printf("wrote %s\n", get(a, "output").c_str());
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (!std::getenv("LORATUNE_PLAIN_ALLOCATOR")) install_caching_cpu_allocator();
   if (argc < 2) {
-    std::fprintf(stderr, "usage: loratune_bench step|logits|loader key=value ... (see apps/loratune_bench/main.cpp)\n");
+    std::fprintf(stderr, "usage: loratune_bench step|logits|maxbatch|allreduce|import|loader key=value ... (see apps/loratune_bench/main.cpp)\n");
     return 2;
   }
   Args args;
@@ -301,6 +313,7 @@ int main(int argc, char** argv) {
     if (mode == "logits") return logits_of_adapter(args);
     if (mode == "maxbatch") return largest_batch(args);
     if (mode == "allreduce") return all_reduce_benchmark(args);
+    if (mode == "import") return import_checkpoint_to_file(args);
 #ifdef LORATUNE_WITH_VISION
     if (mode == "loader") return loader_benchmark(args);
 #endif

@@ -18,8 +18,8 @@ elapsed() { echo "$(( $(date +%s) - start ))s"; }
 echo "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 echo "cores: $JOBS"
-# At most 8 files come back from the device tool: build.log, cuda_tests.log, bench.log, gpu_benchmark.{md,json},
-# cpu_tests.log.
+# At most 8 files come back from the device tool: build.log, cuda_tests.log, import.log, bench.log,
+# gpu_benchmark.{md,json}, cpu_tests.log.
 
 timeout 120 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
   -DLORATUNE_WITH_VISION=OFF -DLORATUNE_DEPS_DIR="$PWD/.gpu/deps" -DLORATUNE_PYTHON="$(command -v $PY)" \
@@ -35,6 +35,12 @@ echo "built in $(elapsed)"
 mkdir -p build-gpu/fixtures && cp -r .gpu/fixtures/models build-gpu/fixtures/
 timeout 120 build-gpu/tests/loratune_cuda_tests > "$OUT/cuda_tests.log" 2>&1
 echo "CUDA tests: exit $? after $(elapsed)"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |OK \]|peak|Failure|error" "$OUT/cuda_tests.log" | head -30
+
+# Native import against transformers' own forward (issue: checkpoint folders without Python); seconds, CPU only.
+if [ -z "${SKIP_IMPORT_CHECK:-}" ]; then
+  timeout 120 $PY scripts/gpu/check_import.py --bench build-gpu/bin/loratune_bench > "$OUT/import.log" 2>&1
+  echo "import check: exit $? after $(elapsed)"; cat "$OUT/import.log" | tail -12
+fi
 
 timeout 280 $PY scripts/gpu/bench_peft.py --bench build-gpu/bin/loratune_bench --work build-gpu/bench --out "$OUT" \
   --budget-s 190 --parts "${BENCH_PARTS:-speed,interop,capped}" > "$OUT/bench.log" 2>&1

@@ -271,6 +271,10 @@ class OpenClip(Pipeline):
         out = run(BIN, "eval", "--model", folder, "--zero-shot", "--data", os.path.join(up.photos(), "val"),
                   "--output", os.path.join(TMP, "open_clip_zero_shot"))
         self.assertIn("(zero-shot)", out)
+        # The folder as head.text_model / --text-model means its text tower.
+        out = run(BIN, "eval", "--model", bundle, "--zero-shot", "--text-model", folder, "--data",
+                  os.path.join(up.photos(), "val"), "--output", os.path.join(TMP, "open_clip_zero_shot_text"))
+        self.assertIn("(zero-shot)", out)
 
 
 class Sources(unittest.TestCase):
