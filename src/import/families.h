@@ -80,4 +80,10 @@ struct TextTowerShape {
 torch::jit::Module clip_text_tower(ScriptBuilder& builder, CheckpointTensors& ckpt, const TextTowerNames& names,
                                    const TextTowerShape& shape);
 
+// The text bundle: the tower, the logit scale (exp of the checkpoint's "logit_scale", else 100), the metadata and the
+// folder's BPE merges file inside. Every tensor of `ckpt` must be used.
+ImportedModel clip_text_bundle(const Folder& folder, CheckpointTensors& ckpt, const TextTowerNames& names,
+                               const TextTowerShape& shape, const std::string& architecture,
+                               const std::string& merges_file);
+
 }  // namespace loratune::importer

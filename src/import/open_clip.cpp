@@ -3,7 +3,6 @@
 // (visual.transformer.resblocks.N.attn, transformer.resblocks.N.attn), as PEFT names them on open_clip.
 #include <cmath>
 
-#include "common/files.h"
 #include "import/families.h"
 #include "loratune/errors.h"
 
@@ -138,14 +137,7 @@ ImportedModel text(const Folder& folder, const json& mc) {
   n.blocks = tp + "transformer.resblocks", n.final_norm = tp + "ln_final";
   n.projection = tp + "text_projection", n.projection_is_linear = false;
   n.layout = resblock_layout(mc.value("quick_gelu", false), true);
-  const double logit_scale = ckpt.has("logit_scale") ? std::exp(ckpt.take("logit_scale", {}).item<double>()) : 100.0;
-  ScriptBuilder b;
-  torch::jit::Module module = clip_text_tower(b, ckpt, n, s);
-  ckpt.expect_all_taken();
-  json m = {{"format", 1}, {"kind", "text_encoder"}, {"family", "clip"}, {"architecture", "open_clip_text"},
-            {"name", folder.name + " (imported)"}, {"feature_dim", s.embed_dim}, {"context_length", s.context},
-            {"logit_scale", logit_scale}, {"merges_file", "bpe_merges.txt"}, {"blocks", n.blocks}, {"module_prefix", ""}};
-  return {module, m, {{"bpe_merges.txt", read_file(folder.file(merges))}}};
+  return clip_text_bundle(folder, ckpt, n, s, "open_clip_text", merges);
 }
 
 }  // namespace

@@ -191,6 +191,12 @@ torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& 
   add(l.norm1, builder.layer_norm(ckpt, key_prefix + l.norm1, C, l.eps));
 
   std::ostringstream src;
+  // Layer scale: `var` times the parameter at `path`, when the checkpoint has one.
+  auto scale = [&](const std::string& path, const char* var) {
+    if (path.empty() || !ckpt.has(key_prefix + path)) return;
+    place_parameter(builder, block, path, ckpt.take(key_prefix + path, {C}));
+    src << "    " << var << " = " << var << " * self." << path << "\n";
+  };
   src << "def forward(self, x):\n"
       << "    B = x.size(0)\n    N = x.size(1)\n"
       << "    h = self." << l.norm1 << ".forward(x)\n";
@@ -233,13 +239,7 @@ torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& 
 #endif
   add(l.out, builder.linear(ckpt, key_prefix + l.out, C, C, Bias::optional));
   src << "    a = self." << l.out << ".forward(a.transpose(1, 2).reshape(B, N, " << C << "))\n";
-  if (!l.scale1.empty() && ckpt.has(key_prefix + l.scale1)) {
-    const size_t dot = l.scale1.rfind('.');
-    torch::jit::Module holder = builder.container("LayerScale");
-    add_parameter(holder, l.scale1.substr(dot + 1), ckpt.take(key_prefix + l.scale1, {C}));
-    add(l.scale1.substr(0, dot), holder);
-    src << "    a = a * self." << l.scale1 << "\n";
-  }
+  scale(l.scale1, "a");
   src << "    x = x + a\n";
   add(l.norm2, builder.layer_norm(ckpt, key_prefix + l.norm2, C, l.eps));
   src << "    h = self." << l.norm2 << ".forward(x)\n";
@@ -254,13 +254,7 @@ torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& 
   }
   add(l.fc2, builder.linear(ckpt, key_prefix + l.fc2, C, s.mlp_hidden, Bias::optional));
   src << "    h = self." << l.fc2 << ".forward(h)\n";
-  if (!l.scale2.empty() && ckpt.has(key_prefix + l.scale2)) {
-    const size_t dot = l.scale2.rfind('.');
-    torch::jit::Module holder = builder.container("LayerScale");
-    add_parameter(holder, l.scale2.substr(dot + 1), ckpt.take(key_prefix + l.scale2, {C}));
-    add(l.scale2.substr(0, dot), holder);
-    src << "    h = h * self." << l.scale2 << "\n";
-  }
+  scale(l.scale2, "h");
   src << "    return x + h\n";
   builder.define(block, src.str());
   return block;

@@ -1,4 +1,7 @@
 // CLIP's text tower (transformers and open_clip name its parts differently; the computation is the same).
+#include <cmath>
+
+#include "common/files.h"
 #include "import/families.h"
 
 namespace loratune::importer {
@@ -30,6 +33,19 @@ torch::jit::Module clip_text_tower(ScriptBuilder& b, CheckpointTensors& ckpt, co
                  "    x = x[torch.arange(x.size(0), device=x.device), tokens.argmax(-1)]\n"
                  "    return " + project + "\n");
   return root;
+}
+
+ImportedModel clip_text_bundle(const Folder& folder, CheckpointTensors& ckpt, const TextTowerNames& n,
+                               const TextTowerShape& s, const std::string& architecture, const std::string& merges_file) {
+  const double logit_scale = ckpt.has("logit_scale") ? std::exp(ckpt.take("logit_scale", {}).item<double>()) : 100.0;
+  ScriptBuilder b;
+  torch::jit::Module module = clip_text_tower(b, ckpt, n, s);
+  ckpt.expect_all_taken();
+  nlohmann::json m = {{"format", 1}, {"kind", "text_encoder"}, {"family", "clip"}, {"architecture", architecture},
+                      {"name", folder.name + " (imported)"}, {"feature_dim", s.embed_dim},
+                      {"context_length", s.context}, {"logit_scale", logit_scale}, {"merges_file", "bpe_merges.txt"},
+                      {"blocks", n.blocks}, {"module_prefix", ""}};
+  return {module, m, {{"bpe_merges.txt", read_file(folder.file(merges_file))}}};
 }
 
 }  // namespace loratune::importer

@@ -3,7 +3,6 @@
 // vision_model.encoder.layers.N.self_attn.q_proj), so adapter keys are PEFT's on those models.
 #include <cmath>
 
-#include "common/files.h"
 #include "import/families.h"
 #include "loratune/errors.h"
 
@@ -288,14 +287,7 @@ ImportedModel clip_text(const Folder& folder, const json& config) {
   n.layout.k = "self_attn.k_proj", n.layout.v = "self_attn.v_proj", n.layout.out = "self_attn.out_proj";
   n.layout.fc1 = "mlp.fc1", n.layout.fc2 = "mlp.fc2", n.layout.eps = s.eps, n.layout.causal = true;
   n.layout.activation = activation_from_name(config_string(tc, "hidden_act", where, "quick_gelu"), where);
-  const double logit_scale = ckpt.has("logit_scale") ? std::exp(ckpt.take("logit_scale", {}).item<double>()) : 100.0;
-  ScriptBuilder b;
-  torch::jit::Module module = clip_text_tower(b, ckpt, n, s);
-  ckpt.expect_all_taken();
-  json m = {{"format", 1}, {"kind", "text_encoder"}, {"family", "clip"}, {"architecture", "hf_clip_text"},
-            {"name", folder.name + " (imported)"}, {"feature_dim", s.embed_dim}, {"context_length", s.context},
-            {"logit_scale", logit_scale}, {"merges_file", "bpe_merges.txt"}, {"blocks", n.blocks}, {"module_prefix", ""}};
-  return {module, m, {{"bpe_merges.txt", read_file(folder.file("merges.txt"))}}};
+  return clip_text_bundle(folder, ckpt, n, s, "hf_clip_text", "merges.txt");
 }
 
 }  // namespace

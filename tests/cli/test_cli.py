@@ -530,7 +530,7 @@ class DataParallel(unittest.TestCase):
         self.assertLess(time.time() - start, 30)
         self.assertIn("was started with WORLD_SIZE 2, this one with 3", errs[1])
         # A worker killed in the middle: the other notices and the launcher reports it.
-        cfg, _ = self.config("dp_killed", epochs=200)
+        cfg, run_dir = self.config("dp_killed", epochs=200)
         p = subprocess.Popen([BIN, "train", "--config", cfg, "--nproc", "2"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**os.environ, "LORATUNE_DIST_TIMEOUT": "20"})
         deadline = time.time() + 60
@@ -538,7 +538,11 @@ class DataParallel(unittest.TestCase):
         while time.time() < deadline and len(workers) < 2:
             workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
             time.sleep(0.1)
-        time.sleep(2)
+        # Killed once both train (metrics written), not while they join: on a loaded machine a worker still joining
+        # waits out the join timeout, past the launcher's 15 s before it stops the rest.
+        while time.time() < deadline and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            time.sleep(0.1)
+        time.sleep(1)
         os.kill(int(workers[1]), signal.SIGKILL)
         start = time.time()
         _, err = p.communicate(timeout=60)
