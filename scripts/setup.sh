@@ -13,6 +13,7 @@ PACKAGES=(
   libgloo-dev                  # headers of the collectives library LibTorch's c10d uses (data-parallel training)
   python3-torch python3-torchvision python3-pil python3-numpy   # test fixtures, export scripts, references
   python3-regex python3-tqdm   # what open_clip (shared/upstream) imports, for the import tests
+  python3-sentencepiece        # trains the small SentencePiece model the tokenizer test compares with
   dataset-fashion-mnist        # real images for the demo
   fonts-nanum                  # a font with Hangul, so Korean class names render in plots
 )

@@ -11,9 +11,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include "loratune/text_tokenizer.h"
+
 namespace loratune {
 
-class ClipTokenizer {
+class ClipTokenizer : public TextTokenizer {
  public:
   // `merges_text`: the merges file (first line a version header, then "a b" per line). CLIP uses the first 48,894
   // merges of bpe_simple_vocab_16e6.txt.
@@ -23,10 +25,10 @@ class ClipTokenizer {
   std::vector<int64_t> encode(const std::string& text) const;
   // [N, context] int64: <start_of_text>, tokens, <end_of_text>, zero padding; too long: truncated with <end_of_text>
   // kept as the last token.
-  at::Tensor tokenize(const std::vector<std::string>& texts, int64_t context = 77) const;
+  at::Tensor tokenize(const std::vector<std::string>& texts, int64_t context = 77) const override;
 
   int64_t start_token() const { return sot_; }
-  int64_t end_token() const { return eot_; }
+  int64_t end_token() const override { return eot_; }
   int64_t vocab_size() const { return eot_ + 1; }
 
   // Text cleaning and splitting, exposed for tests.

@@ -1,4 +1,5 @@
-// Checkpoint folders as model bundles, without Python: Hugging Face transformers (vit, deit, dinov2, clip, siglip),
+// Checkpoint folders as model bundles, without Python: Hugging Face transformers (vit, deit, dinov2, clip, siglip;
+// CLIP's and SigLIP's text towers too),
 // timm VisionTransformer and open_clip ViT CLIPs, as the hub ships them (config + safetensors). The bundle is built
 // in memory (TorchScript modules with the original module names, stem/blocks/head), so everything that takes a model
 // file takes such a folder too (load_bundle), and `loratune import` saves it.

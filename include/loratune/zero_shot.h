@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,14 +19,15 @@ namespace loratune {
 
 struct TextEncoder {
   torch::jit::Module module;  // tokens [N, context] int64 -> embeddings [N, D]
-  ClipTokenizer tokenizer;
+  std::shared_ptr<const TextTokenizer> tokenizer;  // CLIP's BPE or SentencePiece (SigLIP)
   int64_t context_length = 77;
   int64_t embed_dim = 0;
   double logit_scale = 100.0;
   std::filesystem::path path;
 };
 
-// Loads a text-encoder bundle (kind "text_encoder") with the merges file inside it.
+// Loads a text-encoder bundle (kind "text_encoder") with its tokenizer file inside it (a CLIP checkpoint folder: its
+// text tower).
 TextEncoder load_text_encoder(const std::filesystem::path& path);
 
 // The text encoder an image bundle names in its metadata ("text_model", relative to the image bundle).

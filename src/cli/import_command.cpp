@@ -72,7 +72,7 @@ int run_import(const ImportCommand& command) {
     if (with_text) {
       ImportedModel text = import_checkpoint(command.source, Tower::text);
       const BundleInfo text_info = BundleInfo::from_json(text.metadata, command.source + " (text tower)");
-      const at::Tensor tokens = at::randint(1, 1000, {2, text_info.extra.value("context_length", int64_t{77})}, at::kLong);
+      const at::Tensor tokens = at::randint(1, text_info.extra.value("vocab_size", int64_t{1000}), {2, text_info.extra.value("context_length", int64_t{77})}, at::kLong);
       save_checked(text, text_info, text_output, tokens);
       std::printf("wrote %s: text tower, %lld-d embeddings (zero-shot: loratune eval --model %s --zero-shot ...)\n",
                   text_output.string().c_str(), static_cast<long long>(text_info.feature_dim), output.string().c_str());

@@ -53,8 +53,10 @@ void print_model(const fs::path& path, const InfoCommand& command) {
   std::printf("%s%lld\n", text ? "embeddings     " : "features       ", static_cast<long long>(b.info.feature_dim));
   if (text) {
     const auto& x = b.info.extra;
-    std::printf("tokenizer      %s, context %s tokens, merges file %s inside\n", x.value("tokenizer", "?").c_str(),
-                x.value("context_length", nlohmann::json("?")).dump().c_str(), x.value("merges_file", "?").c_str());
+    const std::string file = x.value("tokenizer", "") == "sentencepiece" ? x.value("tokenizer_file", "?")
+                                                                        : x.value("merges_file", "?");
+    std::printf("tokenizer      %s, context %s tokens, %s inside\n", x.value("tokenizer", "?").c_str(),
+                x.value("context_length", nlohmann::json("?")).dump().c_str(), file.c_str());
     if (x.contains("logit_scale")) std::printf("logit scale    %s\n", x["logit_scale"].dump().c_str());
     return;
   }

@@ -59,9 +59,9 @@ ImportedModel import_open_clip(const Folder& folder, const nlohmann::json& confi
 // Families and model types each importer knows, for errors.
 extern const char* const kTransformersTypes;
 
-// CLIP's text tower as a TorchScript module (tokens [N, L] int64 -> projected embeddings [N, P]): token and
-// position embeddings, causal pre-norm blocks, final norm, the features at the end-of-text token (the largest token
-// id: CLIP's tokenizer gives EOT the largest id), the projection. Names follow `keys` of the family.
+// A CLIP-style text tower as a TorchScript module (tokens [N, L] int64 -> projected embeddings [N, P]): token and
+// position embeddings, pre-norm blocks (causal for CLIP), final norm, the features at the end-of-text token (CLIP:
+// the largest token id, which its tokenizer gives EOT) or at the last position (SigLIP), the projection.
 struct TextTowerNames {
   std::string root;            // "text_model" (transformers) or "" (open_clip)
   std::string token_embedding, position_embedding;  // parameter keys
@@ -69,6 +69,8 @@ struct TextTowerNames {
   std::string final_norm;      // "text_model.final_layer_norm" / "ln_final"
   std::string projection;      // "text_projection.weight" ([P, W], a Linear) or "text_projection" ([W, P], a matrix)
   bool projection_is_linear = true;
+  bool projection_bias = false;
+  bool pool_last = false;      // SigLIP: the last position (sequences are padded to the context length)
   BlockLayout layout;
 };
 
@@ -80,10 +82,11 @@ struct TextTowerShape {
 torch::jit::Module clip_text_tower(ScriptBuilder& builder, CheckpointTensors& ckpt, const TextTowerNames& names,
                                    const TextTowerShape& shape);
 
-// The text bundle: the tower, the logit scale (exp of the checkpoint's "logit_scale", else 100), the metadata and the
-// folder's BPE merges file inside. Every tensor of `ckpt` must be used.
+// The text bundle: the tower, the logit scale (exp of the checkpoint's "logit_scale", else 100), the metadata
+// (`tokenizer` fields added to it) and the folder's tokenizer file `tokenizer_file` inside, as `bundle_file`. Every
+// tensor of `ckpt` must be used.
 ImportedModel clip_text_bundle(const Folder& folder, CheckpointTensors& ckpt, const TextTowerNames& names,
                                const TextTowerShape& shape, const std::string& architecture,
-                               const std::string& merges_file);
+                               const std::string& tokenizer_file, const nlohmann::json& tokenizer);
 
 }  // namespace loratune::importer

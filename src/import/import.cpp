@@ -240,7 +240,7 @@ bool has_text_tower(const std::string& source_with_tower) {
   if (!folder.has("config.json")) return false;
   const json config = folder.json_file("config.json");
   const std::string type = config.value("model_type", "");
-  return type == "clip" && folder.has("merges.txt");
+  return (type == "clip" && folder.has("merges.txt")) || (type == "siglip" && folder.has("spiece.model"));
 }
 
 std::string supported_checkpoint_families() {

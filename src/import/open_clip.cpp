@@ -13,6 +13,8 @@ namespace {
 
 using Bias = ScriptBuilder::Bias;
 
+const nlohmann::json kClipBpe = {{"tokenizer", "clip_bpe"}, {"merges_file", "bpe_merges.txt"}};
+
 BlockLayout resblock_layout(bool quick_gelu, bool causal) {
   BlockLayout l;
   l.norm1 = "ln_1", l.norm2 = "ln_2", l.attention = BlockLayout::Attention::in_proj, l.qkv = "attn";
@@ -137,7 +139,7 @@ ImportedModel text(const Folder& folder, const json& mc) {
   n.blocks = tp + "transformer.resblocks", n.final_norm = tp + "ln_final";
   n.projection = tp + "text_projection", n.projection_is_linear = false;
   n.layout = resblock_layout(mc.value("quick_gelu", false), true);
-  return clip_text_bundle(folder, ckpt, n, s, "open_clip_text", merges);
+  return clip_text_bundle(folder, ckpt, n, s, "open_clip_text", merges, kClipBpe);
 }
 
 }  // namespace

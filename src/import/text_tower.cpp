@@ -18,34 +18,40 @@ torch::jit::Module clip_text_tower(ScriptBuilder& b, CheckpointTensors& ckpt, co
   std::string project;
   if (n.projection_is_linear) {
     const std::string module = n.projection.substr(0, n.projection.rfind('.'));
-    place(b, root, module, b.linear(ckpt, module, s.embed_dim, s.width, ScriptBuilder::Bias::no));
+    place(b, root, module, b.linear(ckpt, module, s.embed_dim, s.width,
+                                    n.projection_bias ? ScriptBuilder::Bias::yes : ScriptBuilder::Bias::no));
     project = "self." + module + ".forward(x)";
   } else {
     place_parameter(b, root, n.projection, ckpt.take(n.projection, {s.width, s.embed_dim}));
     project = "torch.matmul(x, self." + n.projection + ")";
   }
   // CLIP's tokenizer gives end-of-text the largest id: its position is the argmax of each row.
+  const std::string pool = n.pool_last ? "    x = x[:, -1]\n"
+                                       : "    x = x[torch.arange(x.size(0), device=x.device), tokens.argmax(-1)]\n";
   b.define(root, "def forward(self, tokens):\n"
                  "    x = torch.embedding(self." + n.token_embedding + ", tokens)\n"
                  "    x = x + self." + n.position_embedding + "[0:tokens.size(1)]\n" +
                      run_blocks_source("self." + n.blocks, s.layers, "x") +
-                 "    x = self." + n.final_norm + ".forward(x)\n"
-                 "    x = x[torch.arange(x.size(0), device=x.device), tokens.argmax(-1)]\n"
-                 "    return " + project + "\n");
+                 "    x = self." + n.final_norm + ".forward(x)\n" +
+                 pool + "    return " + project + "\n");
   return root;
 }
 
 ImportedModel clip_text_bundle(const Folder& folder, CheckpointTensors& ckpt, const TextTowerNames& n,
-                               const TextTowerShape& s, const std::string& architecture, const std::string& merges_file) {
+                               const TextTowerShape& s, const std::string& architecture,
+                               const std::string& tokenizer_file, const nlohmann::json& tokenizer) {
   const double logit_scale = ckpt.has("logit_scale") ? std::exp(ckpt.take("logit_scale", {}).item<double>()) : 100.0;
   ScriptBuilder b;
   torch::jit::Module module = clip_text_tower(b, ckpt, n, s);
   ckpt.expect_all_taken();
   nlohmann::json m = {{"format", 1}, {"kind", "text_encoder"}, {"family", "clip"}, {"architecture", architecture},
                       {"name", folder.name + " (imported)"}, {"feature_dim", s.embed_dim},
-                      {"context_length", s.context}, {"logit_scale", logit_scale}, {"merges_file", "bpe_merges.txt"},
-                      {"blocks", n.blocks}, {"module_prefix", ""}};
-  return {module, m, {{"bpe_merges.txt", read_file(folder.file(merges_file))}}};
+                      {"context_length", s.context}, {"vocab_size", s.vocab}, {"logit_scale", logit_scale}, {"blocks", n.blocks},
+                      {"module_prefix", ""}};
+  m.update(tokenizer);
+  const std::string inside = m.value("tokenizer", "") == "sentencepiece" ? m.value("tokenizer_file", "spiece.model")
+                                                                          : m.value("merges_file", "bpe_merges.txt");
+  return {module, m, {{inside, read_file(folder.file(tokenizer_file))}}};
 }
 
 }  // namespace loratune::importer

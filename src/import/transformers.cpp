@@ -67,7 +67,8 @@ bool is_position_ids(const std::string& k) {
   return k.size() >= tail.size() && k.compare(k.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-// ViT, DeiT and DINOv2: embeddings (class, distillation and register tokens), encoder.layer.N, layernorm.
+// ViT, DeiT and DINOv2: embeddings (class, distillation and register tokens), encoder.layer.N (layers.N in files of
+// transformers 5.9 and later, whose ViTModel has no encoder), layernorm. Module paths follow the file.
 ImportedModel vit_like(const Folder& folder, const json& config, const std::string& type, const ImportOptions& options) {
   const std::string where = folder.where("config.json");
   const std::string base = type == "vit" ? "vit" : type == "deit" ? "deit" : "dinov2";
@@ -95,12 +96,13 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   l.eps = config_number(config, "layer_norm_eps", where, dinov2 ? 1e-6 : 1e-12);
   l.activation = activation_from_name(config_string(config, "hidden_act", where, "gelu"), where);
   BlockShape shape{C, heads, 0};
+  const std::string layer_keys = ckpt.has(kp + "layers.0.attention.attention.query.weight") ? "layers." : "encoder.layer.";
   if (dinov2) {
     l.norm1 = "norm1", l.norm2 = "norm2", l.scale1 = "layer_scale1.lambda1", l.scale2 = "layer_scale2.lambda1";
     l.swiglu = config.value("use_swiglu_ffn", false);
     l.fc1 = l.swiglu ? "mlp.weights_in" : "mlp.fc1", l.fc2 = l.swiglu ? "mlp.weights_out" : "mlp.fc2";
     if (l.swiglu) l.activation = Activation::silu;
-    shape.mlp_hidden = ckpt.shape(kp + "encoder.layer.0." + l.fc1 + ".weight")[0] / (l.swiglu ? 2 : 1);
+    shape.mlp_hidden = ckpt.shape(kp + layer_keys + "0." + l.fc1 + ".weight")[0] / (l.swiglu ? 2 : 1);
   } else {
     l.norm1 = "layernorm_before", l.norm2 = "layernorm_after", l.fc1 = "intermediate.dense", l.fc2 = "output.dense";
     shape.mlp_hidden = config_int(config, "intermediate_size", where);
@@ -125,10 +127,10 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   at::Tensor pos = ckpt.take(kp + "embeddings.position_embeddings", {1, prefix + old_grid * old_grid, C});
   add_parameter(embeddings, "position_embeddings", resample_position_table(pos, prefix, old_grid, old_grid, grid, grid));
 
-  const std::string list = base + ".encoder.layer";
+  const std::string list = base + "." + layer_keys.substr(0, layer_keys.size() - 1);
   for (int64_t i = 0; i < layers; ++i)
     place(b, root, list + "." + std::to_string(i),
-          transformer_block(b, ckpt, kp + "encoder.layer." + std::to_string(i) + ".", l, shape));
+          transformer_block(b, ckpt, kp + layer_keys + std::to_string(i) + ".", l, shape));
   place(b, root, base + ".layernorm", b.layer_norm(ckpt, kp + "layernorm", C, l.eps));
   ckpt.expect_all_taken();
 
@@ -261,33 +263,48 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
   return {root, image_metadata(siglip ? "hf_siglip_vision" : "hf_clip_vision", folder, feature_dim, list, "", pre), {}};
 }
 
-ImportedModel clip_text(const Folder& folder, const json& config) {
+// The text tower of a CLIP (causal, pooled at end-of-text, BPE merges.txt) or a SigLIP (bidirectional, pooled at the
+// last position, a head with bias, SentencePiece spiece.model; text lowercased without punctuation, padded with
+// end-of-sentence to the context length, as its tokenizer does).
+ImportedModel text_tower(const Folder& folder, const json& config, bool siglip) {
   const std::string where = folder.where("config.json");
   if (!config.contains("text_config")) throw InputError(where + ": \"text_config\" is missing");
-  if (!folder.has("merges.txt"))
-    throw InputError(folder.dir.string() + ": no merges.txt (the tokenizer's BPE merges) for the text tower");
+  const std::string tokenizer_file = siglip ? "spiece.model" : "merges.txt";
+  if (!folder.has(tokenizer_file))
+    throw InputError(folder.dir.string() + ": no " + tokenizer_file + " (the tokenizer) for the text tower");
   const json& tc = config["text_config"];
   CheckpointTensors ckpt = read_weights(folder, "model", "pytorch_model.bin");
   ckpt.ignore_if([](const std::string& k) {
-    return k.rfind("vision_model.", 0) == 0 || k.rfind("visual_projection.", 0) == 0 ||
+    return k.rfind("vision_model.", 0) == 0 || k.rfind("visual_projection.", 0) == 0 || k == "logit_bias" ||
            is_position_ids(k);
   });
   TextTowerShape s;
   s.width = config_int(tc, "hidden_size", where), s.heads = config_int(tc, "num_attention_heads", where);
   s.layers = config_int(tc, "num_hidden_layers", where), s.mlp_hidden = config_int(tc, "intermediate_size", where);
-  s.context = config_int(tc, "max_position_embeddings", where, 77), s.vocab = config_int(tc, "vocab_size", where, 49408);
-  s.embed_dim = config_int(config, "projection_dim", where, 512), s.eps = config_number(tc, "layer_norm_eps", where, 1e-5);
+  s.context = config_int(tc, "max_position_embeddings", where, siglip ? 64 : 77);
+  s.vocab = config_int(tc, "vocab_size", where, siglip ? 32000 : 49408);
+  s.embed_dim = siglip ? config_int(tc, "projection_size", where, s.width) : config_int(config, "projection_dim", where, 512);
+  s.eps = config_number(tc, "layer_norm_eps", where, siglip ? 1e-6 : 1e-5);
   TextTowerNames n;
   n.root = "text_model";
   n.token_embedding = "text_model.embeddings.token_embedding.weight";
   n.position_embedding = "text_model.embeddings.position_embedding.weight";
   n.blocks = "text_model.encoder.layers", n.final_norm = "text_model.final_layer_norm";
-  n.projection = "text_projection.weight", n.projection_is_linear = true;
+  n.projection = siglip ? "text_model.head.weight" : "text_projection.weight";
+  n.projection_bias = siglip, n.pool_last = siglip;
   n.layout.norm1 = "layer_norm1", n.layout.norm2 = "layer_norm2", n.layout.q = "self_attn.q_proj";
   n.layout.k = "self_attn.k_proj", n.layout.v = "self_attn.v_proj", n.layout.out = "self_attn.out_proj";
-  n.layout.fc1 = "mlp.fc1", n.layout.fc2 = "mlp.fc2", n.layout.eps = s.eps, n.layout.causal = true;
-  n.layout.activation = activation_from_name(config_string(tc, "hidden_act", where, "quick_gelu"), where);
-  return clip_text_bundle(folder, ckpt, n, s, "hf_clip_text", "merges.txt");
+  n.layout.fc1 = "mlp.fc1", n.layout.fc2 = "mlp.fc2", n.layout.eps = s.eps, n.layout.causal = !siglip;
+  n.layout.activation = activation_from_name(
+      config_string(tc, "hidden_act", where, siglip ? "gelu_pytorch_tanh" : "quick_gelu"), where);
+  json tokenizer = {{"tokenizer", "clip_bpe"}, {"merges_file", "bpe_merges.txt"}};
+  if (siglip) {
+    const json tc_file = folder.has("tokenizer_config.json") ? folder.json_file("tokenizer_config.json") : json::object();
+    tokenizer = {{"tokenizer", "sentencepiece"}, {"tokenizer_file", "spiece.model"},
+                 {"lowercase", tc_file.value("do_lower_case", true)}, {"strip_punctuation", true},
+                 {"pad_with_end", tc_file.value("pad_token", json("</s>")) == tc_file.value("eos_token", json("</s>"))}};
+  }
+  return clip_text_bundle(folder, ckpt, n, s, siglip ? "hf_siglip_text" : "hf_clip_text", tokenizer_file, tokenizer);
 }
 
 }  // namespace
@@ -296,9 +313,10 @@ ImportedModel import_transformers(const Folder& folder, const json& config, Towe
   const std::string where = folder.where("config.json");
   const std::string type = config_string(config, "model_type", where);
   if (tower == Tower::text) {
-    if (type != "clip")
-      throw InputError(where + ": model_type \"" + type + "\" has no text tower loratune imports (CLIP's: model_type clip)");
-    return clip_text(folder, config);
+    if (type != "clip" && type != "siglip")
+      throw InputError(where + ": model_type \"" + type + "\" has no text tower loratune imports (clip and siglip "
+                       "have)");
+    return text_tower(folder, config, type == "siglip");
   }
   if (type == "vit" || type == "deit" || type == "dinov2" || type == "dinov2_with_registers")
     return vit_like(folder, config, type, options);

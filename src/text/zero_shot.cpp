@@ -8,6 +8,7 @@
 
 #include "loratune/errors.h"
 #include "loratune/import.h"
+#include "loratune/sentencepiece_tokenizer.h"
 #include "common/files.h"
 
 namespace fs = std::filesystem;
@@ -24,12 +25,25 @@ TextEncoder load_text_encoder(const fs::path& given) {
   if (b.info.kind != "text_encoder")
     throw InputError(path.string() + " is not a text encoder bundle (kind \"" + b.info.kind +
                      "\"); export one with scripts/export/apple_mobileclip.py or import a CLIP checkpoint folder");
-  const std::string merges_name = b.info.extra.value("merges_file", "bpe_merges.txt");
-  torch::jit::ExtraFilesMap extra{{merges_name, ""}};
-  if (b.extra_files.count(merges_name)) extra[merges_name] = b.extra_files.at(merges_name);
+  // The tokenizer's file travels inside the bundle (in memory for an imported folder).
+  const bool sentencepiece = b.info.extra.value("tokenizer", "clip_bpe") == "sentencepiece";
+  const std::string file_name = sentencepiece ? b.info.extra.value("tokenizer_file", "spiece.model")
+                                              : b.info.extra.value("merges_file", "bpe_merges.txt");
+  torch::jit::ExtraFilesMap extra{{file_name, ""}};
+  if (b.extra_files.count(file_name)) extra[file_name] = b.extra_files.at(file_name);
   else torch::jit::load(path.string(), c10::Device(c10::kCPU), extra);
-  if (extra[merges_name].empty()) throw InputError(path.string() + " carries no BPE merges file (" + merges_name + ")");
-  TextEncoder t{b.module, ClipTokenizer(extra[merges_name]), b.info.extra.value("context_length", int64_t{77}),
+  if (extra[file_name].empty()) throw InputError(path.string() + " carries no tokenizer file (" + file_name + ")");
+  std::shared_ptr<const TextTokenizer> tokenizer;
+  if (sentencepiece) {
+    SentencePieceOptions options;
+    options.lowercase = b.info.extra.value("lowercase", false);
+    options.strip_punctuation = b.info.extra.value("strip_punctuation", false);
+    options.pad_with_end = b.info.extra.value("pad_with_end", false);
+    tokenizer = std::make_shared<SentencePieceTokenizer>(extra[file_name], options);
+  } else {
+    tokenizer = std::make_shared<ClipTokenizer>(extra[file_name]);
+  }
+  TextEncoder t{b.module, tokenizer, b.info.extra.value("context_length", int64_t{77}),
                 b.info.feature_dim, b.info.extra.value("logit_scale", 100.0), path};
   t.module.eval();
   return t;
@@ -90,7 +104,7 @@ std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::v
         const size_t at_brace = t.find("{}");
         prompts.push_back(at_brace == std::string::npos ? t + " " + name : t.substr(0, at_brace) + name + t.substr(at_brace + 2));
       }
-    const at::Tensor tokens = text.tokenizer.tokenize(prompts, text.context_length);
+    const at::Tensor tokens = text.tokenizer->tokenize(prompts, text.context_length);
     at::Tensor emb = text.module.forward({tokens}).toTensor().to(at::kFloat);
     emb = emb / emb.norm(2, -1, true);
     at::Tensor mean = emb.mean(0);

@@ -165,21 +165,23 @@ class TransformersLayouts(Pipeline):
     def test_vit_with_and_without_the_vit_prefix(self):
         model = timm_model("vit_tiny_patch16_224")
         sd = model.state_dict()
-        for prefix, extra in (("vit.", {"classifier.weight": torch.randn(5, 192), "classifier.bias": torch.zeros(5)}),
-                              ("", {"pooler.dense.weight": torch.randn(192, 192), "pooler.dense.bias": torch.zeros(192)})):
-            with self.subTest(prefix=prefix):
+        cases = (("vit.", "encoder.layer.", {"classifier.weight": torch.randn(5, 192), "classifier.bias": torch.zeros(5)}),
+                 ("", "encoder.layer.", {"pooler.dense.weight": torch.randn(192, 192), "pooler.dense.bias": torch.zeros(192)}),
+                 ("vit.", "layers.", {}))  # transformers 5.9+: ViTModel.layers, no encoder
+        for prefix, layers, extra in cases:
+            with self.subTest(prefix=prefix, layers=layers):
                 t = {prefix + "embeddings.cls_token": sd["cls_token"], prefix + "embeddings.position_embeddings": sd["pos_embed"],
                      prefix + "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
                      prefix + "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
                      prefix + "layernorm.weight": sd["norm.weight"], prefix + "layernorm.bias": sd["norm.bias"], **extra}
-                t.update(hf_blocks(sd, 2, prefix + "encoder.layer.", VIT_NAMES))
+                t.update(hf_blocks(sd, 2, prefix + layers, VIT_NAMES))
                 pre = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2,
                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-                folder = write_folder(os.path.join(TMP, "hf_vit" + prefix.rstrip(".")), t, hf_config(model, "vit"),
-                                      extra={"preprocessor_config.json": pre})
+                folder = write_folder(os.path.join(TMP, "hf_vit" + prefix.rstrip(".") + layers.rstrip(".")), t,
+                                      hf_config(model, "vit"), extra={"preprocessor_config.json": pre})
                 bundle, _ = self.check_import(folder, model, 224)
                 info = run(BIN, "info", bundle)
-                self.assertIn("vit.encoder.layer.0.attention.attention.query", info)
+                self.assertIn(f"vit.{layers}0.attention.attention.query", info)
 
     def test_deit_distillation_token(self):
         model = timm_model("deit_tiny_distilled_patch16_224")
@@ -230,7 +232,7 @@ class TransformersLayouts(Pipeline):
         folder = write_folder(os.path.join(TMP, "hf_clip"), t, config)
         self.check_import(folder, lambda v: model(v) @ projection.t(), 224)
 
-    def test_siglip_vision_tower_attention_pooling(self):
+    def test_siglip_towers_attention_pooling_and_sentencepiece_text(self):
         model = timm_model("vit_base_patch16_siglip_224", embed_dim=192, num_heads=3)
         sd, C = model.state_dict(), model.embed_dim
         t = {"vision_model.embeddings.position_embedding.weight": sd["pos_embed"][0],
@@ -245,8 +247,44 @@ class TransformersLayouts(Pipeline):
             for p in ("weight", "bias"):
                 t[f"vision_model.head.{hf_name}.{p}"] = sd[f"attn_pool.{timm_name}.{p}"]
         t.update(hf_blocks(sd, 2, "vision_model.encoder.layers.", CLIP_NAMES))
-        config = hf_config(model, "siglip_vision_model")
-        self.check_import(write_folder(os.path.join(TMP, "hf_siglip"), t, config), model, 224)
+        self.check_import(write_folder(os.path.join(TMP, "hf_siglip_vision"), t, hf_config(model, "siglip_vision_model")),
+                          model, 224)
+        # Both towers: the text tower against open_clip's bidirectional, last-token-pooled text transformer (SigLIP's
+        # text model) on the same weights, with a SentencePiece model trained for the test fixtures.
+        torch.manual_seed(0)
+        text = perturb(open_clip.transformer.TextTransformer(
+            context_length=16, vocab_size=100, width=C, heads=3, layers=2, output_dim=C, no_causal_mask=True,
+            pool_type="last", proj_bias=True, act_layer=lambda: torch.nn.GELU(approximate="tanh"),
+            norm_layer=lambda width: open_clip.transformer.LayerNorm(width, eps=1e-6)))
+        ts = text.state_dict()
+        t.update({"text_model.embeddings.token_embedding.weight": ts["token_embedding.weight"],
+                  "text_model.embeddings.position_embedding.weight": ts["positional_embedding"],
+                  "text_model.final_layer_norm.weight": ts["ln_final.weight"], "text_model.final_layer_norm.bias": ts["ln_final.bias"],
+                  "text_model.head.weight": ts["text_projection.weight"], "text_model.head.bias": ts["text_projection.bias"],
+                  "logit_scale": torch.tensor(2.3), "logit_bias": torch.tensor(-10.0)})
+        for i in range(2):
+            o, h = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+            for p in ("weight", "bias"):
+                for part, name in zip(ts[o + "attn.in_proj_" + p].chunk(3), ("q_proj", "k_proj", "v_proj")):
+                    t[f"{h}self_attn.{name}.{p}"] = part
+                for oc, hf in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                               ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                    t[f"{h}{hf}.{p}"] = ts[f"{o}{oc}.{p}"]
+        vision = {k: v for k, v in hf_config(model, "siglip_vision_model").items() if k not in ("model_type", "qkv_bias")}
+        text_config = {"hidden_size": C, "intermediate_size": 4 * C, "num_attention_heads": 3, "num_hidden_layers": 2,
+                       "max_position_embeddings": 16, "vocab_size": 100, "hidden_act": "gelu_pytorch_tanh"}
+        folder = write_folder(os.path.join(TMP, "hf_siglip"), t,
+                              {"model_type": "siglip", "vision_config": vision, "text_config": text_config})
+        shutil.copy(os.path.join(up.FIX, "models", "spiece_small.model"), os.path.join(folder, "spiece.model"))
+        bundle, _ = self.check_import(folder, model, 224)
+        tokens = torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            got = torch.jit.load(bundle.replace(".pt", "_text.pt"))(tokens)
+            self.assertLess(relative_error(got, text(tokens)), 1e-5)
+        out = run(BIN, "eval", "--model", folder, "--zero-shot", "--data", os.path.join(up.photos(), "val"),
+                  "--output", os.path.join(TMP, "siglip_zero_shot"))
+        self.assertIn("(zero-shot)", out)
+        self.assertIn("sentencepiece", run(BIN, "info", bundle.replace(".pt", "_text.pt")))
 
 
 class OpenClip(Pipeline):

@@ -25,7 +25,7 @@ OWNER = {
     "distributed": ["process_group"],
     "train": ["config", "optim", "train_step", "trainer", "training_setup"],
     "plan": ["memory_plan"],
-    "text": ["clip_tokenizer", "zero_shot"],
+    "text": ["clip_tokenizer", "sentencepiece_tokenizer", "text_tokenizer", "zero_shot"],
 }
 HEADER_FOLDER = {h: folder for folder, headers in OWNER.items() for h in headers}
 

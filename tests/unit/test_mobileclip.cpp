@@ -10,6 +10,7 @@
 #include "common/files.h"
 #include "loratune/loader.h"
 #include "loratune/merge.h"
+#include "loratune/sentencepiece_tokenizer.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
 #include "loratune/zero_shot.h"
@@ -64,6 +65,41 @@ TEST(ClipTokenizer, MatchesPythonReference) {
     for (size_t k = 0; k < 77; ++k) ASSERT_EQ(rows[r][k].item<int64_t>(), expected[r][k]) << r << "," << k;
 }
 
+TEST(SentencePieceTokenizer, MatchesSentencePieceItself) {
+  const SentencePieceTokenizer tok(read_file(fixture("models/spiece_small.model")));
+  const json ref = json::parse(read_file(fixture("models/spiece_ref.json")));
+  ASSERT_GE(ref.size(), 8u);
+  for (const auto& c : ref) EXPECT_EQ(tok.encode(c["text"]), c["ids"].get<std::vector<int64_t>>()) << c["text"];
+  // Rows: pieces, end-of-sentence (id 1), then the model's pad id (0), or the end token where SigLIP pads with it;
+  // too long: end-of-sentence kept last.
+  const std::vector<int64_t> cat = ref[0]["ids"].get<std::vector<int64_t>>();
+  const at::Tensor rows = tok.tokenize({ref[0]["text"], ref[0]["text"]}, static_cast<int64_t>(cat.size()) + 3);
+  for (size_t k = 0; k < cat.size(); ++k) EXPECT_EQ(rows[0][static_cast<int64_t>(k)].item<int64_t>(), cat[k]);
+  EXPECT_EQ(rows[0][static_cast<int64_t>(cat.size())].item<int64_t>(), 1);
+  EXPECT_EQ(rows[1][-1].item<int64_t>(), 0);
+  const at::Tensor short_rows = tok.tokenize({ref[0]["text"]}, 3);
+  EXPECT_EQ(short_rows[0][0].item<int64_t>(), cat[0]);
+  EXPECT_EQ(short_rows[0][2].item<int64_t>(), 1);
+  SentencePieceOptions siglip;
+  siglip.lowercase = siglip.strip_punctuation = siglip.pad_with_end = true;
+  const SentencePieceTokenizer lowered(read_file(fixture("models/spiece_small.model")), siglip);
+  EXPECT_EQ(lowered.encode("A Photo, of a CAT."), tok.encode("a photo of a cat")) << "lower case, no punctuation";
+  EXPECT_EQ(lowered.tokenize({"cat"}, 8)[0][-1].item<int64_t>(), 1) << "padded with the end token";
+}
+
+TEST(SentencePieceTokenizer, RejectsDamagedModels) {
+  const std::string model = read_file(fixture("models/spiece_small.model"));
+  EXPECT_THROW_WITH(SentencePieceTokenizer(""), InputError, "holds no pieces");
+  EXPECT_THROW_WITH(SentencePieceTokenizer(model.substr(0, model.size() / 2)), InputError, "damaged");
+  EXPECT_THROW_WITH(SentencePieceTokenizer(std::string("\x0a\xff\xff\xff\xff\x0f", 6)), InputError, "damaged");
+  for (size_t cut = 1; cut < model.size(); cut += model.size() / 97) {  // every truncation: an error, never a crash
+    try {
+      SentencePieceTokenizer t(model.substr(0, cut));
+    } catch (const InputError&) {
+    }
+  }
+}
+
 TEST(ClipTokenizer, RejectsDamagedMergesFiles) {
   EXPECT_THROW_WITH(ClipTokenizer("#version: 0.2\n"), InputError, "holds no merges");
   EXPECT_THROW_WITH(ClipTokenizer("#version: 0.2\na b c\n"), InputError, "line 2: expected two symbols");
@@ -83,7 +119,7 @@ TEST(MobileClip, ZeroShotHeadPredictsTheAgreedClasses) {
   Model model(load_bundle(fixture("models/mobileclip_trace.pt")));
   const ImageFolder folder = scan_image_folder(fixture("models/zeroshot"));
   TextEncoder text = load_text_encoder(text_model_for(model.bundle()));
-  EXPECT_EQ(text.tokenizer.end_token(), 521);
+  EXPECT_EQ(text.tokenizer->end_token(), 521);
   auto [weight, bias] = zero_shot_head(text, folder.classes, class_prompt_names(folder.classes, {}), default_templates());
   model.set_head(weight, bias);
   model.set_normalize_features(true);

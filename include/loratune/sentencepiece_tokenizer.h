@@ -1,0 +1,49 @@
+// SentencePiece unigram tokenizer (SigLIP's text side), reading the `spiece.model` file that text-encoder bundles
+// carry: NFKC normalisation (ICU), whitespace as U+2581 with a leading one, then the most probable segmentation
+// under the pieces' scores (Viterbi); characters no piece covers become the unknown token.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "loratune/text_tokenizer.h"
+
+namespace loratune {
+
+struct SentencePieceOptions {
+  bool lowercase = false;          // SigLIP's tokenizer lowercases
+  bool strip_punctuation = false;  // ... and drops ASCII punctuation before encoding
+  bool pad_with_end = false;       // pad with the end-of-sentence token (SigLIP), not the model's pad token
+};
+
+class SentencePieceTokenizer : public TextTokenizer {
+ public:
+  // `model`: the bytes of a SentencePiece model file (a protobuf ModelProto). InputError when it is not one, or
+  // not a unigram model.
+  explicit SentencePieceTokenizer(const std::string& model, SentencePieceOptions options = {});
+
+  // Piece ids of `text`, without the end-of-sentence token.
+  std::vector<int64_t> encode(const std::string& text) const;
+  // [N, context]: pieces, end-of-sentence, padding; too long: truncated with end-of-sentence kept last.
+  at::Tensor tokenize(const std::vector<std::string>& texts, int64_t context) const override;
+  int64_t end_token() const override { return eos_; }
+  int64_t pad_token() const { return pad_; }
+  // The normalised text that is segmented (exposed for tests).
+  std::string normalize(const std::string& text) const;
+
+ private:
+  struct Piece {
+    int64_t id;
+    float score;
+  };
+  std::unordered_map<std::string, Piece> pieces_;
+  size_t longest_piece_ = 0;
+  float unknown_score_ = 0;
+  int64_t unk_ = 0, eos_ = 1, pad_ = 0;
+  bool nfkc_ = true, dummy_prefix_ = true, collapse_whitespace_ = true;
+  SentencePieceOptions options_;
+};
+
+}  // namespace loratune

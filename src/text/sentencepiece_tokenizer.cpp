@@ -1,0 +1,246 @@
+#include "loratune/sentencepiece_tokenizer.h"
+
+#include <ATen/ATen.h>
+#include <unicode/locid.h>
+#include <unicode/normalizer2.h>
+#include <unicode/unistr.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "loratune/errors.h"
+
+namespace loratune {
+namespace {
+
+constexpr const char* kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's whitespace mark
+constexpr float kUnknownPenalty = 10.0f;         // unknown characters score this much below the rarest piece
+
+// A bounds-checked reader of protobuf wire format (the model file is untrusted input).
+class Wire {
+ public:
+  Wire(const char* data, size_t size) : p_(data), end_(data + size) {}
+  bool done() const { return p_ >= end_; }
+  uint64_t varint() {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p_ >= end_) fail();
+      const auto byte = static_cast<unsigned char>(*p_++);
+      v |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) return v;
+    }
+    fail();
+  }
+  Wire bytes() {
+    const uint64_t n = varint();
+    if (n > static_cast<uint64_t>(end_ - p_)) fail();
+    Wire inner(p_, static_cast<size_t>(n));
+    p_ += n;
+    return inner;
+  }
+  std::string string() {
+    Wire w = bytes();
+    return std::string(w.p_, w.end_);
+  }
+  float fixed32() {
+    if (end_ - p_ < 4) fail();
+    uint32_t bits = 0;
+    for (int i = 3; i >= 0; --i) bits = (bits << 8) | static_cast<unsigned char>(p_[i]);
+    p_ += 4;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  void skip(int wire_type) {
+    switch (wire_type) {
+      case 0: varint(); return;
+      case 1: advance(8); return;
+      case 2: bytes(); return;
+      case 5: advance(4); return;
+      default: fail();
+    }
+  }
+  [[noreturn]] static void fail() { throw InputError("the SentencePiece model is damaged or not a SentencePiece model"); }
+
+ private:
+  void advance(size_t n) {
+    if (static_cast<size_t>(end_ - p_) < n) fail();
+    p_ += n;
+  }
+  const char* p_;
+  const char* end_;
+};
+
+// Byte length of the UTF-8 character starting with `lead` (1 for stray continuation bytes).
+size_t char_length(unsigned char lead) {
+  if (lead >= 0xf0) return 4;
+  if (lead >= 0xe0) return 3;
+  if (lead >= 0xc0) return 2;
+  return 1;
+}
+
+bool is_ascii_punctuation(char c) { return std::strchr("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", c) != nullptr && c != 0; }
+
+}  // namespace
+
+SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, SentencePieceOptions options)
+    : options_(options) {
+  Wire w(model.data(), model.size());
+  int64_t model_type = 1, unk = 0, eos = 2, pad = -1;
+  float min_score = std::numeric_limits<float>::max();
+  std::vector<std::pair<std::string, Piece>> listed;
+  std::string normalizer = "nmt_nfkc";
+  while (!w.done()) {
+    const uint64_t tag = w.varint();
+    const auto field = tag >> 3;
+    const int type = static_cast<int>(tag & 7);
+    if (field == 1 && type == 2) {  // SentencePiece
+      Wire p = w.bytes();
+      std::string text;
+      float score = 0;
+      uint64_t kind = 1;
+      while (!p.done()) {
+        const uint64_t t = p.varint();
+        if ((t >> 3) == 1 && (t & 7) == 2) text = p.string();
+        else if ((t >> 3) == 2 && (t & 7) == 5) score = p.fixed32();
+        else if ((t >> 3) == 3 && (t & 7) == 0) kind = p.varint();
+        else p.skip(static_cast<int>(t & 7));
+      }
+      const auto id = static_cast<int64_t>(listed.size());
+      if (kind == 2) unk = id;
+      // Normal and user-defined pieces take part in segmentation; control and unused ones never match text.
+      if ((kind == 1 || kind == 4) && !text.empty()) {
+        listed.push_back({text, {id, score}});
+        if (kind == 1) min_score = std::min(min_score, score);
+      } else {
+        listed.push_back({"", {id, score}});
+      }
+    } else if (field == 2 && type == 2) {  // TrainerSpec
+      Wire t = w.bytes();
+      while (!t.done()) {
+        const uint64_t tt = t.varint();
+        const auto f = tt >> 3;
+        if ((tt & 7) != 0) {
+          t.skip(static_cast<int>(tt & 7));
+          continue;
+        }
+        const auto v = static_cast<int64_t>(static_cast<int32_t>(t.varint()));
+        if (f == 3) model_type = v;
+        else if (f == 40) unk = v;
+        else if (f == 42) eos = v;
+        else if (f == 43) pad = v;
+      }
+    } else if (field == 3 && type == 2) {  // NormalizerSpec
+      Wire n = w.bytes();
+      while (!n.done()) {
+        const uint64_t tt = n.varint();
+        const auto f = tt >> 3;
+        if (f == 1 && (tt & 7) == 2) normalizer = n.string();
+        else if (f == 3 && (tt & 7) == 0) dummy_prefix_ = n.varint() != 0;
+        else if (f == 4 && (tt & 7) == 0) collapse_whitespace_ = n.varint() != 0;
+        else n.skip(static_cast<int>(tt & 7));
+      }
+    } else {
+      w.skip(type);
+    }
+  }
+  if (listed.empty()) throw InputError("the SentencePiece model holds no pieces");
+  if (model_type != 1)
+    throw InputError("the SentencePiece model is not a unigram model (type " + std::to_string(model_type) + ")");
+  const auto count = static_cast<int64_t>(listed.size());
+  if (unk < 0 || unk >= count || eos < 0 || eos >= count || pad >= count)
+    throw InputError("the SentencePiece model's special token ids lie outside its " + std::to_string(count) + " pieces");
+  for (auto& [text, piece] : listed)
+    if (!text.empty()) {
+      longest_piece_ = std::max(longest_piece_, text.size());
+      pieces_.emplace(std::move(text), piece);
+    }
+  nfkc_ = normalizer.find("nfkc") != std::string::npos;
+  unknown_score_ = (min_score == std::numeric_limits<float>::max() ? 0.0f : min_score) - kUnknownPenalty;
+  unk_ = unk, eos_ = eos;
+  pad_ = options.pad_with_end || pad < 0 ? eos : pad;
+}
+
+std::string SentencePieceTokenizer::normalize(const std::string& text) const {
+  icu::UnicodeString u = icu::UnicodeString::fromUTF8(text);
+  if (nfkc_) {
+    UErrorCode status = U_ZERO_ERROR;
+    const icu::Normalizer2* nfkc = icu::Normalizer2::getNFKCInstance(status);
+    if (U_SUCCESS(status)) {
+      icu::UnicodeString normalized = nfkc->normalize(u, status);
+      if (U_SUCCESS(status)) u = normalized;
+    }
+  }
+  if (options_.lowercase) u.toLower(icu::Locale::getRoot());
+  std::string s;
+  u.toUTF8String(s);
+  std::string cleaned;
+  for (char c : s) {
+    if (options_.strip_punctuation && is_ascii_punctuation(c)) continue;
+    cleaned += (c == '\t' || c == '\n' || c == '\r') ? ' ' : c;
+  }
+  std::string out;
+  bool space = true;  // drops leading spaces
+  for (char c : cleaned) {
+    if (c == ' ' && collapse_whitespace_) {
+      if (!space) out += ' ';
+      space = true;
+    } else {
+      out += c;
+      space = false;
+    }
+  }
+  if (collapse_whitespace_ && !out.empty() && out.back() == ' ') out.pop_back();
+  if (out.empty()) return out;
+  std::string escaped = dummy_prefix_ ? kSpace : "";
+  for (char c : out) escaped += c == ' ' ? std::string(kSpace) : std::string(1, c);
+  return escaped;
+}
+
+std::vector<int64_t> SentencePieceTokenizer::encode(const std::string& text) const {
+  const std::string s = normalize(text);
+  const size_t n = s.size();
+  // best[i]: the highest total score of a segmentation of s[0:i]; back[i]: its last piece (start, id).
+  std::vector<double> best(n + 1, -std::numeric_limits<double>::infinity());
+  std::vector<std::pair<size_t, int64_t>> back(n + 1, {0, -1});
+  best[0] = 0;
+  for (size_t i = 0; i < n; i += char_length(static_cast<unsigned char>(s[i]))) {
+    if (best[i] == -std::numeric_limits<double>::infinity()) continue;
+    const size_t first = std::min(n - i, char_length(static_cast<unsigned char>(s[i])));
+    bool single = false;
+    for (size_t len = first; len <= std::min(longest_piece_, n - i);) {
+      auto it = pieces_.find(s.substr(i, len));
+      if (it != pieces_.end()) {
+        single |= len == first;
+        const double score = best[i] + it->second.score;
+        if (score > best[i + len]) best[i + len] = score, back[i + len] = {i, it->second.id};
+      }
+      if (i + len >= n) break;
+      len += char_length(static_cast<unsigned char>(s[i + len]));
+    }
+    if (!single && best[i] + unknown_score_ > best[i + first])
+      best[i + first] = best[i] + unknown_score_, back[i + first] = {i, unk_};
+  }
+  std::vector<int64_t> ids;
+  for (size_t i = n; i > 0; i = back[i].first) ids.push_back(back[i].second);
+  std::reverse(ids.begin(), ids.end());
+  // Runs of unknown characters are one unknown token, as SentencePiece gives them.
+  ids.erase(std::unique(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return a == unk_ && b == unk_; }), ids.end());
+  return ids;
+}
+
+at::Tensor SentencePieceTokenizer::tokenize(const std::vector<std::string>& texts, int64_t context) const {
+  if (context < 1) throw InputError("text context length must be positive");
+  at::Tensor out = at::full({static_cast<int64_t>(texts.size()), context}, pad_, at::kLong);
+  auto rows = out.accessor<int64_t, 2>();
+  for (size_t r = 0; r < texts.size(); ++r) {
+    std::vector<int64_t> ids = encode(texts[r]);
+    if (static_cast<int64_t>(ids.size()) >= context) ids.resize(static_cast<size_t>(context - 1));
+    ids.push_back(eos_);
+    for (size_t c = 0; c < ids.size(); ++c) rows[static_cast<int64_t>(r)][static_cast<int64_t>(c)] = ids[c];
+  }
+  return out;
+}
+
+}  // namespace loratune
