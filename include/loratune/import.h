@@ -1,8 +1,8 @@
-// Checkpoint folders as model bundles, without Python: Hugging Face transformers (vit, deit, dinov2, clip, siglip;
-// CLIP's and SigLIP's text towers too),
-// timm VisionTransformer and open_clip ViT CLIPs, as the hub ships them (config + safetensors). The bundle is built
-// in memory (TorchScript modules with the original module names, stem/blocks/head), so everything that takes a model
-// file takes such a folder too (load_bundle), and `loratune import` saves it.
+// Checkpoint folders as model bundles, without Python: Hugging Face transformers (vit, deit, dinov2, clip, siglip,
+// the text towers of CLIP and SigLIP too), timm VisionTransformer and open_clip ViT CLIPs, as the hub ships them
+// (config + safetensors). The bundle is built in memory (TorchScript modules with the original module names,
+// stem/blocks/head), so everything that takes a model file takes such a folder too (load_bundle), and
+// `loratune import` saves it.
 #pragma once
 
 #include <torch/script.h>
@@ -39,6 +39,9 @@ struct ImportedModel {
 // the file and the key for anything that does not fit: unknown family (with the supported list), missing or extra
 // tensors, shapes against the config, pickled weights.
 ImportedModel import_checkpoint(const std::string& source, Tower tower = Tower::image, const ImportOptions& options = {});
+
+// The source naming the text tower of `source`'s folder (appends "#text" unless there).
+std::string text_tower_source(const std::string& source);
 
 // Whether the source has a text tower that import_checkpoint(source, Tower::text) builds.
 bool has_text_tower(const std::string& source);

@@ -63,7 +63,6 @@ extern const char* const kTransformersTypes;
 // position embeddings, pre-norm blocks (causal for CLIP), final norm, the features at the end-of-text token (CLIP:
 // the largest token id, which its tokenizer gives EOT) or at the last position (SigLIP), the projection.
 struct TextTowerNames {
-  std::string root;            // "text_model" (transformers) or "" (open_clip)
   std::string token_embedding, position_embedding;  // parameter keys
   std::string blocks;          // "text_model.encoder.layers" / "transformer.resblocks"
   std::string final_norm;      // "text_model.final_layer_norm" / "ln_final"

@@ -1,6 +1,6 @@
 // Checkpoint sources (folders, hub ids in the local cache), their weights and configs, and the family dispatch.
 #include <cstdlib>
-#include <fstream>
+#include <set>
 
 #include "common/files.h"
 #include "common/strings.h"
@@ -229,8 +229,12 @@ ImportedModel import_checkpoint(const std::string& source_with_tower, Tower towe
                      "imports. Supported: " + supported_checkpoint_families());
   }
   if (tower == Tower::image && has_text_tower(source))
-    out.metadata["text_model"] = fs::absolute(folder.dir).lexically_normal().string() + kTextSuffix;
+    out.metadata["text_model"] = text_tower_source(fs::absolute(folder.dir).lexically_normal().string());
   return out;
+}
+
+std::string text_tower_source(const std::string& source) {
+  return ends_with(source, kTextSuffix) ? source : source + kTextSuffix;
 }
 
 bool has_text_tower(const std::string& source_with_tower) {

@@ -64,10 +64,6 @@ at::Tensor CheckpointTensors::take(const std::string& key, const std::vector<int
   return take_any(key, static_cast<int64_t>(shape.size()));
 }
 
-at::Tensor CheckpointTensors::take_if_present(const std::string& key, const std::vector<int64_t>& shape) {
-  return has(key) ? take(key, shape) : at::Tensor();
-}
-
 std::vector<int64_t> CheckpointTensors::shape(const std::string& key) const {
   auto it = tensors_.find(key);
   if (it == tensors_.end()) throw InputError(origin_ + ": tensor \"" + key + "\" is missing");

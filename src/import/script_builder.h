@@ -24,7 +24,6 @@ class CheckpointTensors {
   at::Tensor take(const std::string& key, const std::vector<int64_t>& shape);
   // As take(), with any shape of `dims` dimensions (sizes then read from it).
   at::Tensor take_any(const std::string& key, int64_t dims);
-  at::Tensor take_if_present(const std::string& key, const std::vector<int64_t>& shape);
   // The shape of a tensor still present (InputError naming the key when absent).
   std::vector<int64_t> shape(const std::string& key) const;
   // Keys still present with this prefix.
@@ -59,8 +58,6 @@ class ScriptBuilder {
                                 int64_t patch, Bias bias);
   // A module whose forward is `source` (TorchScript, with `self` and the module's registered members).
   void define(torch::jit::Module& module, const std::string& source);
-
-  std::shared_ptr<torch::jit::CompilationUnit> unit() const { return unit_; }
 
  private:
   std::shared_ptr<torch::jit::CompilationUnit> unit_;

@@ -49,7 +49,7 @@ ImportedModel import_timm(const Folder& folder, const json& config, const Import
                      "blocks.N.attn.qkv tensors); supported: " + supported_checkpoint_families() +
                      ". Other architectures: scripts/export/timm_vit.py or apple_mobileclip.py");
   ckpt.ignore_if([](const std::string& k) { return k.rfind("head.", 0) == 0 || k.rfind("head_dist.", 0) == 0; });
-  if (ckpt.has("attn_pool.latent") || !ckpt.keys_with_prefix("attn_pool.").empty())
+  if (!ckpt.keys_with_prefix("attn_pool.").empty())
     throw InputError(where + ": attention-pooling heads (global_pool \"map\") are not imported");
 
   const auto patch_shape = ckpt.shape("patch_embed.proj.weight");

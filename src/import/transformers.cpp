@@ -286,7 +286,6 @@ ImportedModel text_tower(const Folder& folder, const json& config, bool siglip) 
   s.embed_dim = siglip ? config_int(tc, "projection_size", where, s.width) : config_int(config, "projection_dim", where, 512);
   s.eps = config_number(tc, "layer_norm_eps", where, siglip ? 1e-6 : 1e-5);
   TextTowerNames n;
-  n.root = "text_model";
   n.token_embedding = "text_model.embeddings.token_embedding.weight";
   n.position_embedding = "text_model.embeddings.position_embedding.weight";
   n.blocks = "text_model.encoder.layers", n.final_norm = "text_model.final_layer_norm";

@@ -17,10 +17,8 @@ using nlohmann::json;
 namespace loratune {
 
 TextEncoder load_text_encoder(const fs::path& given) {
-  // A CLIP checkpoint folder names its text tower with "#text".
-  const std::string source = given.string();
-  const bool folder = is_checkpoint_source(source) && source.size() > 5 && source.compare(source.size() - 5, 5, "#text") != 0;
-  const fs::path path = folder ? fs::path(source + "#text") : given;
+  // A checkpoint folder means its text tower.
+  const fs::path path = is_checkpoint_source(given.string()) ? fs::path(text_tower_source(given.string())) : given;
   Bundle b = load_bundle(path);
   if (b.info.kind != "text_encoder")
     throw InputError(path.string() + " is not a text encoder bundle (kind \"" + b.info.kind +

@@ -94,6 +94,20 @@ def hf_blocks(sd, depth, prefix, names, ln_scale=None):
     return out
 
 
+def hf_from_resblocks(sd, source, target, layers):
+    """open_clip residual blocks (nn.MultiheadAttention's fused in_proj) under transformers' CLIP/SigLIP names."""
+    out = {}
+    for i in range(layers):
+        o, h = f"{source}{i}.", f"{target}{i}."
+        for p in ("weight", "bias"):
+            for part, name in zip(sd[o + "attn.in_proj_" + p].chunk(3), ("q_proj", "k_proj", "v_proj")):
+                out[f"{h}self_attn.{name}.{p}"] = part
+            for oc, hf in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                           ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{h}{hf}.{p}"] = sd[f"{o}{oc}.{p}"]
+    return out
+
+
 VIT_NAMES = {"qkv": ["attention.attention.query", "attention.attention.key", "attention.attention.value"],
              "norm1": "layernorm_before", "norm2": "layernorm_after", "out": "attention.output.dense",
              "fc1": "intermediate.dense", "fc2": "output.dense"}
@@ -262,14 +276,7 @@ class TransformersLayouts(Pipeline):
                   "text_model.final_layer_norm.weight": ts["ln_final.weight"], "text_model.final_layer_norm.bias": ts["ln_final.bias"],
                   "text_model.head.weight": ts["text_projection.weight"], "text_model.head.bias": ts["text_projection.bias"],
                   "logit_scale": torch.tensor(2.3), "logit_bias": torch.tensor(-10.0)})
-        for i in range(2):
-            o, h = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-            for p in ("weight", "bias"):
-                for part, name in zip(ts[o + "attn.in_proj_" + p].chunk(3), ("q_proj", "k_proj", "v_proj")):
-                    t[f"{h}self_attn.{name}.{p}"] = part
-                for oc, hf in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                               ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                    t[f"{h}{hf}.{p}"] = ts[f"{o}{oc}.{p}"]
+        t.update(hf_from_resblocks(ts, "transformer.resblocks.", "text_model.encoder.layers.", 2))
         vision = {k: v for k, v in hf_config(model, "siglip_vision_model").items() if k not in ("model_type", "qkv_bias")}
         text_config = {"hidden_size": C, "intermediate_size": 4 * C, "num_attention_heads": 3, "num_hidden_layers": 2,
                        "max_position_embeddings": 16, "vocab_size": 100, "hidden_act": "gelu_pytorch_tanh"}
@@ -288,24 +295,60 @@ class TransformersLayouts(Pipeline):
 
 
 class OpenClip(Pipeline):
-    def test_both_towers_equal_open_clip(self):
+    MODEL_CFG = {"embed_dim": 64, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32, "patch_size": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
+
+    def model(self):
         torch.manual_seed(0)
-        model_cfg = {"embed_dim": 64, "quick_gelu": True,
-                     "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32, "patch_size": 16},
-                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
-        model = perturb(open_clip.model.CLIP(**model_cfg))
-        folder = os.path.join(TMP, "open_clip_vit")
-        write_folder(folder, model.state_dict(), {"model_cfg": model_cfg, "preprocess_cfg": {"interpolation": "bicubic"}},
-                     name="open_clip_config.json", weights="open_clip_model.safetensors")
+        return perturb(open_clip.model.CLIP(**self.MODEL_CFG))
+
+    def add_merges(self, folder):
         with gzip.open(os.path.join(UPSTREAM, "open_clip_vocab", "src", "open_clip", "bpe_simple_vocab_16e6.txt.gz")) as f:
             with open(os.path.join(folder, "merges.txt"), "wb") as out:
                 out.write(f.read())
-        bundle, x = self.check_import(folder, model.encode_image, 64)
+
+    def check_text(self, bundle, model):
         tokens = torch.zeros(2, 77, dtype=torch.long)
         tokens[:, 0], tokens[0, 1:4], tokens[1, 1:6], tokens[:, 6] = 49406, 320, 1125, 49407
         with torch.no_grad():
             text = torch.jit.load(bundle.replace(".pt", "_text.pt"))(tokens)
             self.assertLess(relative_error(text, model.encode_text(tokens)), 1e-5)
+
+    def test_transformers_clip_folder_equals_open_clip(self):
+        # A transformers CLIP folder (both towers, quick GELU, causal text) written from an open_clip CLIP.
+        model = self.model()
+        sd = model.state_dict()
+        t = {"vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
+             "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
+             "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
+             "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"], "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+             "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
+             "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
+             "visual_projection.weight": sd["visual.proj"].t().contiguous(),
+             "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+             "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+             "text_model.final_layer_norm.weight": sd["ln_final.weight"], "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+             "text_projection.weight": sd["text_projection"].t().contiguous(), "logit_scale": sd["logit_scale"]}
+        t.update(hf_from_resblocks(sd, "visual.transformer.resblocks.", "vision_model.encoder.layers.", 2))
+        t.update(hf_from_resblocks(sd, "transformer.resblocks.", "text_model.encoder.layers.", 2))
+        common = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 512, "hidden_act": "quick_gelu"}
+        config = {"model_type": "clip", "projection_dim": 64,
+                  "vision_config": dict(common, num_attention_heads=4, image_size=64, patch_size=16),
+                  "text_config": dict(common, num_attention_heads=4, max_position_embeddings=77, vocab_size=49408)}
+        folder = write_folder(os.path.join(TMP, "hf_clip_both"), t, config)
+        self.add_merges(folder)
+        bundle, _ = self.check_import(folder, model.encode_image, 64)
+        self.check_text(bundle, model)
+
+    def test_both_towers_equal_open_clip(self):
+        model = self.model()
+        folder = os.path.join(TMP, "open_clip_vit")
+        write_folder(folder, model.state_dict(), {"model_cfg": self.MODEL_CFG, "preprocess_cfg": {"interpolation": "bicubic"}},
+                     name="open_clip_config.json", weights="open_clip_model.safetensors")
+        self.add_merges(folder)
+        bundle, x = self.check_import(folder, model.encode_image, 64)
+        self.check_text(bundle, model)
         out = run(BIN, "eval", "--model", folder, "--zero-shot", "--data", os.path.join(up.photos(), "val"),
                   "--output", os.path.join(TMP, "open_clip_zero_shot"))
         self.assertIn("(zero-shot)", out)
