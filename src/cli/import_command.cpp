@@ -16,6 +16,7 @@ namespace loratune {
 namespace {
 
 // Saves one imported tower, checked: the file as written must give the in-memory module's output on a probe input.
+// The module is released once written, so that the check holds one copy of the weights, not two.
 void save_checked(ImportedModel& m, const BundleInfo& info, const fs::path& output, const at::Tensor& probe) {
   at::Tensor expected;
   {
@@ -23,6 +24,7 @@ void save_checked(ImportedModel& m, const BundleInfo& info, const fs::path& outp
     expected = m.module.forward({probe}).toTensor();
   }
   save_bundle(m.module, info, output, [&](const fs::path& written) {
+    m.module = torch::jit::Module();
     at::NoGradGuard no_grad;
     auto loaded = torch::jit::load(written.string());
     loaded.eval();
@@ -62,9 +64,9 @@ int run_import(const ImportCommand& command) {
     else image.metadata.erase("text_model");
     const BundleInfo info = BundleInfo::from_json(image.metadata, command.source);
     const at::Tensor images = at::randn({2, 3, info.image_size, info.image_size});
-    save_checked(image, info, output, images);
     int64_t blocks = 0;
     if (!info.blocks.empty()) blocks = static_cast<int64_t>(submodule_at(image.module, info.blocks).children().size());
+    save_checked(image, info, output, images);
     std::printf("wrote %s: %s, %lld blocks, %lld-d features, %lldpx (resize %lld, %s)\n", output.string().c_str(),
                 info.architecture.c_str(), static_cast<long long>(blocks), static_cast<long long>(info.feature_dim),
                 static_cast<long long>(info.image_size), static_cast<long long>(info.resize_size),

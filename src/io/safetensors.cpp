@@ -4,6 +4,8 @@
 #include <nlohmann/json.hpp>
 
 #include <cstring>
+#include <fstream>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -86,17 +88,24 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
   return e;
 }
 
-}  // namespace
-
-Contents parse(const std::string& bytes, const std::string& origin) {
-  if (bytes.size() < 8) throw InputError(origin + ": not a safetensors file (shorter than its 8-byte header length)");
-  const uint64_t header_len = read_u64_le(bytes.data());
+// The header's length from the first 8 bytes of a file of `file_size` bytes, checked.
+uint64_t header_length(const char* first8, uint64_t file_size, const std::string& origin) {
+  if (file_size < 8) throw InputError(origin + ": not a safetensors file (shorter than its 8-byte header length)");
+  const uint64_t header_len = read_u64_le(first8);
   if (header_len > kMaxHeaderBytes)
     throw InputError(origin + ": not a safetensors file (header length " + std::to_string(header_len) +
                      " is over the 100 MB limit)");
-  if (header_len > bytes.size() - 8)
+  if (header_len > file_size - 8)
     throw InputError(origin + ": truncated or not a safetensors file (header length " + std::to_string(header_len) +
-                     " runs past the end of the " + std::to_string(bytes.size()) + "-byte file)");
+                     " runs past the end of the " + std::to_string(file_size) + "-byte file)");
+  return header_len;
+}
+
+// Parses `head` (the length and header: at least 8 + header length bytes) of a file of `file_size` bytes and
+// fills each tensor with `read_data(offset in the data section, destination, bytes)`.
+Contents decode(const std::string& head, uint64_t file_size, const std::string& origin,
+                const std::function<void(uint64_t, void*, size_t)>& read_data) {
+  const uint64_t header_len = read_u64_le(head.data());  // checked by header_length()
   json header;
   // The header is {name: {dtype, shape: [...], data_offsets: [...]}}: anything nested deeper is not a header.
   const json::parser_callback_t shallow = [&](int depth, json::parse_event_t, json&) {
@@ -104,14 +113,13 @@ Contents parse(const std::string& bytes, const std::string& origin) {
     return true;
   };
   try {
-    header = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_len), shallow);
+    header = json::parse(head.begin() + 8, head.begin() + 8 + static_cast<std::ptrdiff_t>(header_len), shallow);
   } catch (const json::exception& e) {
     throw InputError(origin + ": header is not valid JSON (" + std::string(e.what()) + ")");
   }
   if (!header.is_object()) throw InputError(origin + ": header is not a JSON object");
 
-  const uint64_t data_size = bytes.size() - 8 - header_len;
-  const char* data = bytes.data() + 8 + header_len;
+  const uint64_t data_size = file_size - 8 - header_len;
   Contents out;
   std::vector<Entry> entries;
   if (header.size() > kMaxTensors)
@@ -151,13 +159,42 @@ Contents parse(const std::string& bytes, const std::string& origin) {
 
   for (const auto& e : entries) {
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype));
-    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, e.end - e.begin);
+    if (e.end > e.begin) read_data(e.begin, t.data_ptr(), static_cast<size_t>(e.end - e.begin));
     out.tensors.emplace(e.name, std::move(t));
   }
   return out;
 }
 
-Contents read(const std::filesystem::path& path) { return parse(read_file(path), path.string()); }
+}  // namespace
+
+Contents parse(const std::string& bytes, const std::string& origin) {
+  const uint64_t data_start = 8 + header_length(bytes.data(), bytes.size(), origin);
+  return decode(bytes, bytes.size(), origin, [&](uint64_t offset, void* to, size_t n) {
+    std::memcpy(to, bytes.data() + data_start + offset, n);
+  });
+}
+
+// Reads tensor by tensor from the file: memory holds the tensors, not the file besides them.
+Contents read(const std::filesystem::path& path) {
+  const std::string origin = path.string();
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(origin + ": cannot be opened");
+  in.seekg(0, std::ios::end);
+  const auto file_size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  std::string head(8, '\0');
+  if (file_size >= 8) in.read(head.data(), 8);
+  if (file_size < 8 || !in) throw InputError(origin + ": not a safetensors file (shorter than its 8-byte header length)");
+  const uint64_t header_len = header_length(head.data(), file_size, origin);
+  head.resize(8 + header_len);
+  in.read(head.data() + 8, static_cast<std::streamsize>(header_len));
+  if (!in) throw InputError(origin + ": cannot read its header");
+  return decode(head, file_size, origin, [&](uint64_t offset, void* to, size_t n) {
+    in.seekg(static_cast<std::streamoff>(8 + header_len + offset));
+    in.read(static_cast<char*>(to), static_cast<std::streamsize>(n));
+    if (!in) throw InputError(origin + ": cannot read tensor data (the file changed or a disk error)");
+  });
+}
 
 std::string serialize(const Tensors& tensors, const Metadata& metadata) {
   json header = json::object();
