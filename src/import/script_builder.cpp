@@ -28,16 +28,16 @@ std::string activation_source(Activation a, const std::string& var) {
   return var;
 }
 
-std::string eps_literal(double eps) {
+}  // namespace
+
+std::string float_literal(double value) {
   std::ostringstream s;
   s.precision(17);
-  s << eps;
+  s << value;
   std::string t = s.str();
   if (t.find_first_of(".e") == std::string::npos) t += ".0";
   return t;
 }
-
-}  // namespace
 
 CheckpointTensors::CheckpointTensors(std::map<std::string, at::Tensor> tensors, std::string origin)
     : tensors_(std::move(tensors)), origin_(std::move(origin)) {}
@@ -131,7 +131,7 @@ torch::jit::Module ScriptBuilder::layer_norm(CheckpointTensors& ckpt, const std:
   add_parameter(m, "weight", ckpt.take(key + ".weight", {dim}));
   add_parameter(m, "bias", ckpt.take(key + ".bias", {dim}));
   define(m, "def forward(self, x):\n    return torch.layer_norm(x, [" + std::to_string(dim) +
-                "], self.weight, self.bias, " + eps_literal(eps) + ")\n");
+                "], self.weight, self.bias, " + float_literal(eps) + ")\n");
   return m;
 }
 
@@ -193,6 +193,11 @@ torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& 
     place_parameter(builder, block, path, ckpt.take(key_prefix + path, {C}));
     src << "    " << var << " = " << var << " * self." << path << "\n";
   };
+  // q, k and v from the rows [0:C], [C:2C], [2C:3C] of a fused projection.
+  auto split_qkv = [&] {
+    src << "    qkv = self." << l.qkv << ".forward(h).reshape(B, N, 3, " << H << ", " << D << ").permute(2, 0, 3, 1, 4)\n"
+        << "    q = qkv[0]\n    k = qkv[1]\n    v = qkv[2]\n";
+  };
   src << "def forward(self, x):\n"
       << "    B = x.size(0)\n    N = x.size(1)\n"
       << "    h = self." << l.norm1 << ".forward(x)\n";
@@ -206,19 +211,17 @@ torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& 
       break;
     case BlockLayout::Attention::fused:
       add(l.qkv, builder.linear(ckpt, key_prefix + l.qkv, 3 * C, C, proj_bias));
-      [[fallthrough]];
-    case BlockLayout::Attention::in_proj:
-      if (l.attention == BlockLayout::Attention::in_proj) {
-        torch::jit::Module attn = builder.container("MultiheadAttention");
-        add_parameter(attn, "in_proj_weight", ckpt.take(key_prefix + l.qkv + ".in_proj_weight", {3 * C, C}));
-        add_parameter(attn, "in_proj_bias", ckpt.take(key_prefix + l.qkv + ".in_proj_bias", {3 * C}));
-        builder.define(attn, "def forward(self, x):\n    return torch.linear(x, self.in_proj_weight, self.in_proj_bias)\n");
-        add(l.qkv, attn);
-      }
-      src << "    qkv = self." << l.qkv << ".forward(h).reshape(B, N, 3, " << H << ", " << D
-          << ").permute(2, 0, 3, 1, 4)\n"
-          << "    q = qkv[0]\n    k = qkv[1]\n    v = qkv[2]\n";
+      split_qkv();
       break;
+    case BlockLayout::Attention::in_proj: {
+      torch::jit::Module attn = builder.container("MultiheadAttention");
+      add_parameter(attn, "in_proj_weight", ckpt.take(key_prefix + l.qkv + ".in_proj_weight", {3 * C, C}));
+      add_parameter(attn, "in_proj_bias", ckpt.take(key_prefix + l.qkv + ".in_proj_bias", {3 * C}));
+      builder.define(attn, "def forward(self, x):\n    return torch.linear(x, self.in_proj_weight, self.in_proj_bias)\n");
+      add(l.qkv, attn);
+      split_qkv();
+      break;
+    }
   }
   if (!l.q_norm.empty() && ckpt.has(key_prefix + l.q_norm + ".weight")) {
     add(l.q_norm, builder.layer_norm(ckpt, key_prefix + l.q_norm, D, l.eps));
@@ -228,7 +231,7 @@ torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& 
 #if LORATUNE_TORCH_HAS_SDPA
   src << "    a = torch.scaled_dot_product_attention(q, k, v, None, 0.0, " << (l.causal ? "True" : "False") << ")\n";
 #else
-  src << "    s = torch.matmul(q, k.transpose(-2, -1)) * " << eps_literal(1.0 / std::sqrt(static_cast<double>(D))) << "\n";
+  src << "    s = torch.matmul(q, k.transpose(-2, -1)) * " << float_literal(1.0 / std::sqrt(static_cast<double>(D))) << "\n";
   if (l.causal)
     src << "    s = s + torch.triu(torch.full([N, N], float('-inf'), dtype=s.dtype, device=s.device), 1)\n";
   src << "    a = torch.matmul(torch.softmax(s, -1), v)\n";

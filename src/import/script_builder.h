@@ -70,6 +70,9 @@ void add_parameter(torch::jit::Module& module, const std::string& name, const at
 // Registers the parameter at dotted `path` ("token_embedding.weight"), creating containers on the way.
 void place_parameter(ScriptBuilder& builder, torch::jit::Module& root, const std::string& path, const at::Tensor& value);
 
+// A double as a TorchScript float literal, exactly ("1e-06", "0.125", "3.0").
+std::string float_literal(double value);
+
 // One pre-norm transformer block as the three families write it. Paths are relative to the block, keys relative to
 // the block's checkpoint prefix; both use the original model's names, so adapter keys stay PEFT's.
 struct BlockLayout {

@@ -235,7 +235,7 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
             "    q = torch.linear(mh.probe.expand(B, -1, -1), w[0:" + Cs + "], bias[0:" + Cs + "]).reshape(B, 1, " + H + ", " + D + ").transpose(1, 2)\n"
             "    k = torch.linear(h, w[" + Cs + ":" + std::to_string(2 * C) + "], bias[" + Cs + ":" + std::to_string(2 * C) + "]).reshape(B, N, " + H + ", " + D + ").transpose(1, 2)\n"
             "    v = torch.linear(h, w[" + std::to_string(2 * C) + ":], bias[" + std::to_string(2 * C) + ":]).reshape(B, N, " + H + ", " + D + ").transpose(1, 2)\n"
-            "    s = torch.matmul(q, k.transpose(-2, -1)) / " + std::to_string(std::sqrt(static_cast<double>(C / heads))) + "\n"
+            "    s = torch.matmul(q, k.transpose(-2, -1)) * " + float_literal(1.0 / std::sqrt(static_cast<double>(C / heads))) + "\n"
             "    a = torch.matmul(torch.softmax(s, -1), v).transpose(1, 2).reshape(B, 1, " + Cs + ")\n"
             "    a = mh.attention.out_proj.forward(a)\n"
             "    m = mh.layernorm.forward(a)\n"
