@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Refactoring check: trains four seeded runs with two loratune binaries on the test fixtures and compares the
+# Refactoring check: trains five seeded runs with two loratune binaries on the test fixtures and compares the
 # adapter files byte for byte (sha256). Run after `bash scripts/test.sh` generated build/fixtures.
 #   bash scripts/compare_adapter_bytes.sh OLD_BINARY NEW_BINARY
 # The runs: hf ViT LoRA (rsLoRA, dropout, accumulation), timm ViT in bf16 with 16-bit frozen weights, checkpointing
-# and a rank pattern, MobileCLIP with a zero-shot head, torchvision ViT linear probe.
+# and a rank pattern, MobileCLIP with a zero-shot head, torchvision ViT linear probe, timm ViT DoRA with LoRA+.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FIX=$PWD/build/fixtures
@@ -32,7 +32,12 @@ JSON
 {"model": "$FIX/models/torchvision_script.pt", "data": {"train": "$FIX/images/toy/train", "val_fraction": 0.2, "workers": 2},
  "epochs": 1, "batch_size": 8, "precision": "fp32", "method": "linear_probe", "output_dir": "$out/d"}
 JSON
-  for r in a b c d; do "$bin" train --config "$out/$r.json" > "$out/$r.log" 2>&1 || { echo "run $r failed:"; tail "$out/$r.log"; exit 1; }; done
+  cat > "$out/e.json" <<JSON
+{"model": "$FIX/models/timm_script.pt", "data": {"train": "$FIX/images/toy/train", "val": "$FIX/images/toy/val", "workers": 2},
+ "epochs": 1, "batch_size": 8, "precision": "fp32", "lora": {"variant": "dora", "rank": 4},
+ "optim": {"lora_plus_ratio": 16}, "output_dir": "$out/e", "seed": 11}
+JSON
+  for r in a b c d e; do "$bin" train --config "$out/$r.json" > "$out/$r.log" 2>&1 || { echo "run $r failed:"; tail "$out/$r.log"; exit 1; }; done
   (cd "$out" && sha256sum ./*/adapter/adapter_model.safetensors ./*/best/adapter_model.safetensors ./*/adapter/adapter_config.json)
 }
 runs "$1" "$OUT/old" > "$OUT/old.sha"

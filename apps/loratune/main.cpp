@@ -1,5 +1,5 @@
 // loratune: LoRA fine-tuning of pretrained vision models on your own photos. This file only maps command-line flags
-// onto the command structs of include/loratune/commands.h; defaults live there.
+// onto the command structs of src/cli/commands.h; defaults live there.
 #include <CLI/CLI.hpp>
 
 #include <cstdio>

@@ -11,7 +11,10 @@
 //       Median time to sum the model's LoRA r8 q/v gradients over the data-parallel workers.
 //   loratune_bench maxbatch model=M [precision=fp16] [checkpoint=1] [start=8] [max=4096] [device=cuda]
 //       The largest batch whose training step fits in memory (cap it with LORATUNE_CUDA_MEMORY_GB=12).
+//   loratune_bench import source=FOLDER|hf:ID output=FILE [tower=text]
+//       `loratune import` where the CLI is not built (the GPU machine has no OpenCV).
 //   loratune_bench loader folder=F batch=B workers=W batches=N        (builds with OpenCV only)
+//       Images per second of the threaded photo loader.
 #include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 
@@ -38,6 +41,7 @@
 #include "loratune/training_setup.h"
 #ifdef LORATUNE_WITH_VISION
 #include "loratune/image.h"
+#include "loratune/transform.h"
 #include "loratune/loader.h"
 #endif
 
@@ -278,8 +282,7 @@ int loader_benchmark(const Args& a) {
 
 }  // namespace
 
-// import source=FOLDER output=FILE [tower=text]: `loratune import` where the CLI is not built (the GPU machine has no
-// OpenCV); the text tower of a CLIP with tower=text.
+// The text tower of a CLIP with tower=text.
 int import_checkpoint_to_file(const Args& a) {
   const Tower tower = get(a, "tower", "image") == "text" ? Tower::text : Tower::image;
   ImportedModel m = import_checkpoint(get(a, "source"), tower);

@@ -14,6 +14,7 @@ namespace loratune {
 enum class Precision { kFp32, kBf16, kFp16 };
 
 // "auto": CUDA -> bf16 where the GPU supports it, else fp16; CPU -> fp32. "fp16" needs CUDA.
+const std::vector<std::string>& precision_choices();  // auto, fp32, bf16, fp16
 Precision resolve_precision(const std::string& name, const c10::Device& device);
 std::string precision_name(Precision p);
 at::ScalarType compute_dtype(Precision p);  // kFloat, kBFloat16 or kHalf

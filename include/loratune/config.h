@@ -98,6 +98,8 @@ std::string config_reference();
 
 // Reads `path` (may be empty: defaults only), applies `overrides` ("lora.rank=16", "data.val=null"), validates.
 TrainConfig load_train_config(const std::filesystem::path& path, const std::vector<std::string>& overrides);
+// `config` with "key=value" overrides applied, validated again (e.g. the settings a memory fit chose).
+TrainConfig with_overrides(const TrainConfig& config, const std::vector<std::string>& overrides);
 // Validates a JSON document against the schema and fills in defaults.
 TrainConfig parse_train_config(const nlohmann::json& user, const std::string& origin);
 

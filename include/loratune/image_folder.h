@@ -43,7 +43,9 @@ ImageFolder scan_image_folder_for(const std::filesystem::path& root, const std::
 // Holds out `fraction` of each class (at least one image of classes that have two or more), seeded.
 std::pair<ImageFolder, ImageFolder> stratified_split(const ImageFolder& folder, double fraction, uint64_t seed);
 
-// Prints a short list of skipped files to the log: count, then the first few with reasons.
+// A short list of skipped files: count, then the first few with reasons (no lines when nothing was skipped).
+std::vector<std::string> describe_skipped(const SkippedFiles& skipped, const std::string& what);
+// The same lines as warnings in the log.
 void log_skipped(const SkippedFiles& skipped, const std::string& what);
 
 }  // namespace loratune

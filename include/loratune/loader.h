@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "loratune/batch_source.h"
-#include "loratune/image.h"
 #include "loratune/image_folder.h"
+#include "loratune/transform.h"
 
 namespace loratune {
 

@@ -1,5 +1,7 @@
-// Folding an adapter into its base: W += strength * s * B @ A, computed in fp32 into a fresh load of the original
-// TorchScript file, so the result is a drop-in replacement (the rewritten training graph is never exported).
+// Folding an adapter into its base: each adapted weight's rows become its variant's merged rows (LoRA:
+// W + s * B @ A; DoRA: m * (W + s * B @ A) / ||W + s * B @ A|| per row), interpolated from W by `strength`, computed
+// in fp32 into a fresh load of the original TorchScript file, so the result is a drop-in replacement (the rewritten
+// training graph is never exported).
 #pragma once
 
 #include <filesystem>

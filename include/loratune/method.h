@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace loratune {
 
@@ -12,6 +13,7 @@ enum class Method {
 };
 
 // "lora", "full", "linear_probe"; parse_method throws InputError for anything else.
+const std::vector<std::string>& method_names();
 Method parse_method(const std::string& name);
 std::string method_name(Method method);
 

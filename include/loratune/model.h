@@ -3,7 +3,7 @@
 
 #include <torch/script.h>
 
-#include <optional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,9 +14,14 @@
 
 namespace loratune {
 
+class AdapterHost;
+
 class Model {
  public:
   explicit Model(Bundle bundle);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
 
   const Bundle& bundle() const { return bundle_; }
   torch::jit::Module& module() { return bundle_.module; }
@@ -30,7 +35,8 @@ class Model {
   void clear_adapters();
   const std::vector<LoraTarget>& adapters() const { return targets_; }
   const LoraSettings& lora_settings() const { return lora_settings_; }
-  AdapterHost& host() { return host_; }
+  // Notes from adding adapter slots to the model's code (e.g. where dropout cannot apply), for the user.
+  const std::vector<std::string>& adapter_notes() const;
 
   // Classification head: logits = features @ W^T + b.
   void init_head(int64_t num_classes);  // nn.Linear's default initialisation, global generator
@@ -79,7 +85,7 @@ class Model {
   void refresh_block_parameters();
 
   Bundle bundle_;
-  AdapterHost host_;
+  std::unique_ptr<AdapterHost> host_;  // the graph rewrite (src/lora/adapter_host.h)
   std::vector<LoraTarget> targets_;
   LoraSettings lora_settings_;
   at::Tensor head_weight_, head_bias_;
@@ -94,19 +100,5 @@ class Model {
   at::Tensor features_from_prefix(const at::Tensor& hidden, bool checkpoint);
   at::Tensor classify(const at::Tensor& features);
 };
-
-// Runs `block` on `input` without keeping its activations; recomputes them in backward with the same random
-// state and autocast state. `parameters`: the trainable tensors the block uses (their gradients are returned).
-// `forward_with_grad`: run the first pass in grad mode too (dropping its graph), for blocks whose kernels depend on
-// grad mode (see has_grad_mode_dependent_kernels), so that both passes compute the same thing.
-at::Tensor checkpointed_block(const torch::jit::Module& block, const at::Tensor& input,
-                              const std::vector<at::Tensor>& parameters, bool forward_with_grad);
-
-// True when some code of `module` picks other kernels without grad mode: nn.MultiheadAttention's inference fast
-// path (aten::_native_multi_head_attention) in scripted models.
-bool has_grad_mode_dependent_kernels(const torch::jit::Module& module);
-
-// Output of a block: a tensor, or the first element of a tuple (HF layers return tuples).
-at::Tensor run_block(const torch::jit::Module& block, const at::Tensor& input);
 
 }  // namespace loratune

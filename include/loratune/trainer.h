@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -55,6 +56,7 @@ class TrainingReporter {
   };
   virtual ~TrainingReporter() = default;
   virtual void message(const std::string& text) {}  // one informative line (resuming, caching, ...)
+  virtual void warning(const std::string& text) {}  // one line the user should act on (skipped files, fallbacks)
   // An epoch's training part begins (`images_done` > 0 when resumed inside it) / ends (also when interrupted).
   virtual void epoch_begin(int64_t epoch, int64_t epochs, int64_t images_total, int64_t images_done) {}
   virtual void step_end(const Step& step) {}
@@ -118,6 +120,40 @@ class Trainer {
     std::unordered_map<int64_t, at::Tensor> rows;
   };
 
+  // The run's arithmetic: steps per epoch (the last may have fewer micro-batches), total steps and epochs, warm-up.
+  struct Schedule {
+    int64_t accum = 1, batch_size = 1, batches_per_epoch = 0, steps_per_epoch = 0, images_per_epoch = 0;
+    int64_t total_steps = 0, total_epochs = 0, warmup = 0;
+    int64_t images_before_step(int64_t step_in_epoch) const;
+    int64_t steps_in_epoch(int64_t epoch) const;
+  };
+  // Optimiser steps between two metrics.jsonl lines: mean loss of the finite steps, images per second.
+  struct MetricWindow {
+    double loss = 0;
+    int64_t steps = 0, images = 0;
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    void add(bool finite, double step_loss, int64_t step_images);
+    nlohmann::json line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
+                        const LossScaler& scaler) const;
+  };
+  struct Throughput {
+    double seconds = 0;  // inside training steps
+    int64_t images = 0;
+  };
+  struct StepResult {
+    double loss = 0;
+    int64_t images_done = 0;
+  };
+
+  Schedule plan_schedule() const;
+  // The optimiser steps of one epoch from p.step_in_epoch on, with metric lines, checkpoints and stop requests.
+  void train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput);
+  // Forward and backward over one optimiser step's micro-batches: the step's loss and the images it used.
+  StepResult forward_backward(int64_t micro_batches, int64_t step_images);
+  // RuntimeFailure when too many steps in a row were skipped for inf/NaN gradients.
+  void stop_on_nonfinite_streak(const Progress& p) const;
+  // Validation at an epoch's end: the best adapter, the metrics line, early stopping.
+  void validate_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary);
   Validation validate();
   // Data-parallel: sums the step's gradients and its loss, image count and stop request over the workers.
   void reduce_step(double& step_loss, int64_t& step_images_done, bool& stop);

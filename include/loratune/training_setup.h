@@ -40,8 +40,9 @@ struct TrainingSetup {
   std::vector<std::string> notes;     // informative (e.g. frozen weights stored in bf16)
 };
 
-// AdamW with the config's betas, eps, weight decay and head learning rate; the fp16 loss scaler (off otherwise).
-std::unique_ptr<AdamW> make_optimizer(const TrainConfig& config, const std::vector<NamedTensor>& trainable);
+// AdamW over the model's trainable tensors with the config's betas, eps, weight decay, head learning rate and LoRA+
+// ratio (on the tensors the adapters' variants call up-projections); the fp16 loss scaler (off otherwise).
+std::unique_ptr<AdamW> make_optimizer(const TrainConfig& config, const Model& model);
 std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& config, Precision precision);
 
 // Where `train` stores frozen weights for this precision: 16 bits with mixed precision on CUDA (or where the config

@@ -62,11 +62,6 @@ void setup_logging(const fs::path& log_file) {
   spdlog::set_default_logger(logger);
 }
 
-void setup_threads(int threads) {
-  const int n = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  at::set_num_threads(n);
-}
-
 ForwardFn InferenceModel::forward() {
   if (merged) return [this](const at::Tensor& x) { return classifier.forward({x}).toTensor(); };
   return [this](const at::Tensor& x) { return adapted->logits(x); };

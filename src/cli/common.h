@@ -19,9 +19,6 @@ namespace loratune::cli {
 // Console logging (and a copy in `log_file` when given).
 void setup_logging(const std::filesystem::path& log_file = {});
 
-// Compute threads: `threads` (0 = all cores) for torch's intra-op pool.
-void setup_threads(int threads);
-
 // A model to run inference with: a merged classifier, or a backbone bundle with an adapter.
 struct InferenceModel {
   std::unique_ptr<Model> adapted;    // backbone + adapter

@@ -31,7 +31,7 @@ int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     if (command.data.empty()) throw InputError("--data is required: the held-out photo folder");
-    cli::setup_threads(0);
+    set_compute_threads(0);
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
     cli::InferenceModel model;

@@ -1,6 +1,8 @@
 #include "cli/common.h"
 #include "cli/commands.h"
 #include "loratune/errors.h"
+#include "loratune/adapter_variant.h"
+#include "loratune/targets.h"
 #include "loratune/import.h"
 #include "loratune/safetensors.h"
 #include "common/strings.h"
@@ -81,7 +83,7 @@ void print_model(const fs::path& path, const InfoCommand& command) {
   }
   const auto targets = resolve_targets(b.module, settings, b.info.blocks);
   int64_t lora_params = 0;
-  for (const auto& t : targets) lora_params += t.rank * (t.rows + t.in_features);
+  for (const auto& t : targets) lora_params += t.variant->parameter_count(t);
   std::printf("%s would adapt %zu weights, %s LoRA parameters (%s of the base):\n",
               command.config.empty() && command.overrides.empty() ? "the default LoRA settings" : "this config",
               targets.size(), human_count(static_cast<double>(lora_params)).c_str(),

@@ -56,7 +56,7 @@ int run_predict(const PredictCommand& command) {
     if (command.format != "table" && command.format != "json" && command.format != "csv")
       throw InputError("--format must be table, json or csv");
     if (command.top_k < 1) throw InputError("--top-k must be at least 1");
-    cli::setup_threads(0);
+    set_compute_threads(0);
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
     const ImageFolder inputs = collect_inputs(command.inputs);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "common/torch_compat.h"
+#include "common/value_rules.h"
 #include "loratune/errors.h"
 #include "loratune/device.h"
 
@@ -24,7 +25,12 @@ Precision resolve_precision(const std::string& name, const c10::Device& device) 
     if (!device.is_cuda()) return Precision::kFp32;
     return cuda_bf16_supported() ? Precision::kBf16 : Precision::kFp16;
   }
-  throw InputError("precision must be auto, fp32, bf16 or fp16 (got \"" + name + "\")");
+  throw InputError("precision must be " + choices_text(precision_choices()) + " (got \"" + name + "\")");
+}
+
+const std::vector<std::string>& precision_choices() {
+  static const std::vector<std::string> names = {"auto", "fp32", "bf16", "fp16"};
+  return names;
 }
 
 std::string precision_name(Precision p) {

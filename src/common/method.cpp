@@ -1,14 +1,19 @@
 #include "loratune/method.h"
 
+#include "common/value_rules.h"
 #include "loratune/errors.h"
 
 namespace loratune {
 
+const std::vector<std::string>& method_names() {
+  static const std::vector<std::string> names = {"lora", "full", "linear_probe"};
+  return names;
+}
+
 Method parse_method(const std::string& name) {
-  if (name == "lora") return Method::kLora;
-  if (name == "full") return Method::kFull;
-  if (name == "linear_probe") return Method::kLinearProbe;
-  throw InputError("method must be lora, full or linear_probe (got \"" + name + "\")");
+  for (const Method m : {Method::kLora, Method::kFull, Method::kLinearProbe})
+    if (name == method_name(m)) return m;
+  throw InputError("method must be " + choices_text(method_names()) + " (got \"" + name + "\")");
 }
 
 std::string method_name(Method method) {

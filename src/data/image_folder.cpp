@@ -180,12 +180,17 @@ std::pair<ImageFolder, ImageFolder> stratified_split(const ImageFolder& folder, 
   return {train, val};
 }
 
-void log_skipped(const SkippedFiles& skipped, const std::string& what) {
-  if (skipped.empty()) return;
-  spdlog::warn("{}: skipped {} file{}:", what, skipped.size(), skipped.size() == 1 ? "" : "s");
+std::vector<std::string> describe_skipped(const SkippedFiles& skipped, const std::string& what) {
+  if (skipped.empty()) return {};
+  std::vector<std::string> lines = {fmt::format("{}: skipped {} file{}:", what, skipped.size(), skipped.size() == 1 ? "" : "s")};
   const size_t shown = std::min<size_t>(skipped.size(), 10);
-  for (size_t i = 0; i < shown; ++i) spdlog::warn("  {}: {}", skipped[i].first, skipped[i].second);
-  if (shown < skipped.size()) spdlog::warn("  ... and {} more (all listed in summary.json)", skipped.size() - shown);
+  for (size_t i = 0; i < shown; ++i) lines.push_back(fmt::format("  {}: {}", skipped[i].first, skipped[i].second));
+  if (shown < skipped.size()) lines.push_back(fmt::format("  ... and {} more (all listed in summary.json)", skipped.size() - shown));
+  return lines;
+}
+
+void log_skipped(const SkippedFiles& skipped, const std::string& what) {
+  for (const auto& line : describe_skipped(skipped, what)) spdlog::warn("{}", line);
 }
 
 }  // namespace loratune

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "loratune/errors.h"
+#include "loratune/image.h"
 #include "common/strings.h"
 
 namespace loratune {

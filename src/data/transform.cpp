@@ -1,3 +1,5 @@
+#include "loratune/transform.h"
+
 #include <opencv2/imgproc.hpp>
 
 #include <ATen/ATen.h>
@@ -6,7 +8,6 @@
 #include <cmath>
 
 #include "loratune/errors.h"
-#include "loratune/image.h"
 
 namespace loratune {
 

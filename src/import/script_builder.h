@@ -1,6 +1,6 @@
 // Building TorchScript modules from checkpoint tensors, without Python: each module gets its own class type and its
 // methods are TorchScript source compiled by LibTorch. Linear layers call aten::linear in their own forward, so the
-// adapter rewrite (src/lora/inject.cpp) treats them as it treats exported models.
+// adapter rewrite (src/lora/adapter_host.cpp) treats them as it treats exported models.
 #pragma once
 
 #include <torch/script.h>

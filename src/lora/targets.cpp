@@ -3,7 +3,8 @@
 
 #include "common/pattern_match.h"
 #include "loratune/errors.h"
-#include "loratune/lora.h"
+#include "lora/adapter_host.h"
+#include "loratune/targets.h"
 #include "common/strings.h"
 
 namespace loratune {
@@ -86,13 +87,6 @@ bool fused(const Weight& w) { return w.rows == 3 * w.cols; }
 
 }  // namespace
 
-double LoraTarget::scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank; }
-
-std::string LoraTarget::describe() const {
-  return module + (param == "weight" ? "" : "." + param) + (slice.empty() ? "" : "[" + slice + "]") + " [" +
-         std::to_string(rows) + "x" + std::to_string(in_features) + "] r=" + std::to_string(rank);
-}
-
 std::vector<std::string> candidate_modules(const torch::jit::Module& module) {
   std::vector<std::string> out;
   for (const auto& w : adaptable_weights(module))
@@ -103,9 +97,7 @@ std::vector<std::string> candidate_modules(const torch::jit::Module& module) {
 
 std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings,
                                         const std::string& blocks_path) {
-  if (settings.rank <= 0) throw InputError("lora.rank must be a positive integer");
-  if (!(settings.alpha > 0)) throw InputError("lora.alpha must be positive");
-  if (settings.dropout < 0 || settings.dropout >= 1) throw InputError("lora.dropout must be in [0, 1)");
+  check_lora_settings(settings, "LoRA settings");
   const AdapterVariant& variant = variant_by_name(settings.variant);
   const auto weights = adaptable_weights(module);
 

@@ -1,12 +1,15 @@
 // Gradient checkpointing for TorchScript blocks: C++ has no torch.utils.checkpoint.
+#include "model/gradient_checkpoint.h"
+
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/runtime/graph_iterator.h>
 
+#include <optional>
+
 #include "common/torch_compat.h"
-#include "loratune/model.h"
 
 namespace loratune {
 namespace {

@@ -1,4 +1,5 @@
 #include "loratune/merge.h"
+#include "loratune/adapter_variant.h"
 
 #include <ATen/core/grad_mode.h>
 #include <sstream>

@@ -3,11 +3,14 @@
 #include <ATen/core/grad_mode.h>
 #include <cmath>
 
+#include "lora/adapter_host.h"
+#include "loratune/adapter_variant.h"
 #include "loratune/errors.h"
+#include "model/gradient_checkpoint.h"
 
 namespace loratune {
 
-Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(bundle_.module) {
+Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(std::make_unique<AdapterHost>(bundle_.module)) {
   if (bundle_.info.kind != "backbone")
     throw InputError(bundle_.path.string() + " is a merged classifier, not a backbone bundle; train and merge on the "
                      "original model file");
@@ -22,7 +25,11 @@ Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(bundle_.module) 
   set_method(Method::kLora);
 }
 
-void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_.prepare(targets); }
+Model::~Model() = default;
+
+const std::vector<std::string>& Model::adapter_notes() const { return host_->notes(); }
+
+void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_->prepare(targets); }
 
 void Model::set_adapters(std::vector<LoraTarget> targets, const LoraSettings& settings) {
   for (auto& t : targets) {
@@ -30,15 +37,15 @@ void Model::set_adapters(std::vector<LoraTarget> targets, const LoraSettings& se
     for (auto& tensor : t.tensors)
       if (tensor.device() != device_) tensor = tensor.to(device_).detach().requires_grad_(tensor.requires_grad());
   }
-  host_.prepare(targets);
-  host_.attach(targets, settings.dropout);
+  host_->prepare(targets);
+  host_->attach(targets, settings.dropout);
   targets_ = std::move(targets);
   lora_settings_ = settings;
   set_method(method_);
 }
 
 void Model::clear_adapters() {
-  host_.detach();
+  host_->detach();
   targets_.clear();
   set_method(method_);
 }
@@ -90,8 +97,7 @@ std::vector<NamedTensor> Model::trainable() const {
     for (const auto& p : bundle_.module.named_parameters()) out.push_back({"base." + p.name, p.value});
   if (method_ == Method::kLora)
     for (const auto& t : targets_) {
-      for (size_t k = 0; k < t.tensors.size(); ++k)
-        out.push_back({"lora." + t.name() + "." + t.variant->tensor_names()[k], t.tensors[k]});
+      for (size_t k = 0; k < t.tensors.size(); ++k) out.push_back({t.tensor_name(k), t.tensors[k]});
     }
   if (has_head()) {
     out.push_back({"head.weight", head_weight_});
@@ -133,12 +139,12 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
   for (auto& t : targets_) {
     for (auto& tensor : t.tensors) tensor = tensor.to(device).detach().requires_grad_(tensor.requires_grad());
   }
-  if (!targets_.empty()) host_.attach(targets_, lora_settings_.dropout);
+  if (!targets_.empty()) host_->attach(targets_, lora_settings_.dropout);
   if (has_head()) set_head(head_weight_, head_bias_);
   refresh_block_parameters();
 }
 
-void Model::set_training(bool training) { host_.set_training(training); }
+void Model::set_training(bool training) { host_->set_training(training); }
 
 bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Method::kFull; }
 

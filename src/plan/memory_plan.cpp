@@ -150,7 +150,7 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   p.input_per_image = 3 * size * size * static_cast<int64_t>(sizeof(float));
   p.host_batch_bytes_per_image = p.input_per_image;
   p.host_batches = std::max<int64_t>(1, c.data.prefetch_batches) + 1;  // prefetched, and the one being filled
-  auto optimizer = make_optimizer(c, trainable);
+  auto optimizer = make_optimizer(c, *model);
   auto scaler = make_loss_scaler(c, precision);
   struct Reading {
     int64_t kept = 0, peak = 0;

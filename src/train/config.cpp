@@ -4,9 +4,13 @@
 #include <map>
 #include <sstream>
 
-#include "loratune/errors.h"
 #include "common/files.h"
 #include "common/strings.h"
+#include "common/value_rules.h"
+#include "lora/lora_rules.h"
+#include "loratune/adapter_variant.h"
+#include "loratune/amp.h"
+#include "loratune/errors.h"
 
 using nlohmann::json;
 
@@ -25,6 +29,8 @@ struct Key {
   bool changes_results;  // false: where and how visibly it runs (a resumed run may change these)
   const char* help;
   Setter set;            // puts the (checked) JSON value into the struct
+  Range range = Range::any();        // numbers: the value (each element of a pair, each value of a map)
+  std::vector<std::string> choices;  // strings: the values allowed; empty: any
 };
 
 constexpr bool kResult = true, kNotResult = false;
@@ -68,117 +74,117 @@ const std::vector<Key>& schema() {
   using S = ScheduleConfig;
   using LS = LossScaleConfig;
   static const std::vector<Key> keys = {
-      {"model", Kind::kPath, "", false, kResult, "model bundle (.pt) made by scripts/export/*.py", path_field(&C::model)},
+      {"model", Kind::kPath, "", false, kResult, "a bundle (.pt), a checkpoint folder (transformers, timm, open_clip) or hf:ORG/NAME from the hub cache", path_field(&C::model)},
       {"data.train", Kind::kPath, "", false, kResult, "photo folder: one subfolder per class, images in any depth below",
        path_field(&C::data, &D::train)},
       {"data.val", Kind::kPath, nullptr, true, kResult, "held-out folder with the same classes; null: split data.train",
        path_field(&C::data, &D::val)},
       {"data.val_fraction", Kind::kNumber, 0.1, false, kResult, "fraction of each class held out when data.val is null",
-       field(&C::data, &D::val_fraction)},
-      {"data.split_seed", Kind::kInt, 0, false, kResult, "seed of that split", field(&C::data, &D::split_seed)},
-      {"data.workers", Kind::kInt, 0, false, kNotResult, "decoding threads; 0: one per CPU core", field(&C::data, &D::workers)},
+       field(&C::data, &D::val_fraction), Range::between(0, 1, false, true)},
+      {"data.split_seed", Kind::kInt, 0, false, kResult, "seed of that split", field(&C::data, &D::split_seed), Range::at_least(0)},
+      {"data.workers", Kind::kInt, 0, false, kNotResult, "decoding threads; 0: one per CPU core", field(&C::data, &D::workers), Range::at_least(0)},
       {"data.prefetch_batches", Kind::kInt, 4, false, kNotResult, "batches decoded ahead of training",
-       field(&C::data, &D::prefetch_batches)},
+       field(&C::data, &D::prefetch_batches), Range::at_least(1)},
       {"data.cache", Kind::kString, "auto", false, kNotResult,
-       "keep decoded, resized images in memory: auto (if they fit in 2 GB) | memory | off", field(&C::data, &D::cache)},
+       "keep decoded, resized images in memory (auto: if they fit in 2 GB)", field(&C::data, &D::cache), Range::any(), {"auto", "memory", "off"}},
       {"data.prefix_cache", Kind::kString, "auto", false, kNotResult,
        "keep the output of the frozen prefix (stem and blocks without adapters; whole backbone for linear_probe) per "
-       "image and reuse it in later epochs; valid only without augmentation: auto (on when augmentation is off and a "
-       "block or more is frozen) | memory | off",
-       field(&C::data, &D::prefix_cache)},
+       "image and reuse it in later epochs; valid only without augmentation (auto: on when augmentation is off and a "
+       "block or more is frozen)",
+       field(&C::data, &D::prefix_cache), Range::any(), {"auto", "memory", "off"}},
       {"data.max_image_pixels", Kind::kInt, kDefaultMaxImagePixels, false, kResult,
        "skip (and list) images with more pixels than this, before decoding them; 0: no limit",
-       field(&C::data, &D::max_image_pixels)},
+       field(&C::data, &D::max_image_pixels), Range::at_least(0)},
       {"data.augment.enabled", Kind::kBool, true, false, kResult, "training augmentation on/off",
        field(&C::data, &D::augment, &A::enabled)},
       {"data.augment.scale", Kind::kNumberPair, json::array({0.35, 1.0}), false, kResult,
-       "random resized crop: area fraction range", pair_field(&A::scale_min, &A::scale_max)},
+       "random resized crop: area fraction range", pair_field(&A::scale_min, &A::scale_max), Range::between(0, 1, true, false)},
       {"data.augment.ratio", Kind::kNumberPair, json::array({0.75, 4.0 / 3.0}), false, kResult,
-       "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max)},
+       "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max), Range::positive()},
       {"data.augment.hflip", Kind::kBool, true, false, kResult, "random horizontal flip",
        field(&C::data, &D::augment, &A::hflip)},
-      {"method", Kind::kString, "lora", false, kResult, "lora | full | linear_probe", field(&C::method)},
-      {"lora.rank", Kind::kInt, 8, false, kResult, "adapter rank r", field(&C::lora, &L::rank)},
+      {"method", Kind::kString, "lora", false, kResult, "what trains: adapters on a frozen base (lora), every weight (full) or the head alone (linear_probe)", field(&C::method), Range::any(), method_names()},
+      {"lora.rank", Kind::kInt, 8, false, kResult, "adapter rank r", field(&C::lora, &L::rank), lora_rules::kRank},
       {"lora.alpha", Kind::kNumber, 16.0, false, kResult, "scale s = alpha / r (alpha / sqrt(r) with rslora)",
-       field(&C::lora, &L::alpha)},
-      {"lora.dropout", Kind::kNumber, 0.1, false, kResult, "dropout on the adapter input", field(&C::lora, &L::dropout)},
+       field(&C::lora, &L::alpha), lora_rules::kAlpha},
+      {"lora.dropout", Kind::kNumber, 0.1, false, kResult, "dropout on the adapter input", field(&C::lora, &L::dropout), lora_rules::kDropout},
       {"lora.rslora", Kind::kBool, false, false, kResult, "rank-stabilised scaling alpha / sqrt(r)",
        field(&C::lora, &L::rslora)},
       {"lora.variant", Kind::kString, "lora", false, kResult,
-       "lora | dora (weight-decomposed: a trained magnitude per output row; PEFT's use_dora)",
-       field(&C::lora, &L::variant)},
+       "adapter kind; dora is weight-decomposed: a trained magnitude per output row (PEFT's use_dora)",
+       field(&C::lora, &L::variant), Range::any(), variant_names()},
       {"lora.targets", Kind::kStringList, json::array(), false, kResult,
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv, or all-linear (every Linear in the "
        "blocks); []: query and value of every block",
        field(&C::lora, &L::targets)},
       {"lora.last_blocks", Kind::kInt, nullptr, true, kResult,
        "adapt only the last N transformer blocks (no backward through the blocks before them); null: all",
-       field(&C::lora, &L::last_blocks)},
+       field(&C::lora, &L::last_blocks), lora_rules::kLastBlocks},
       {"lora.rank_pattern", Kind::kIntMap, json::object(), false, kResult, "pattern -> rank overrides",
-       field(&C::lora, &L::rank_pattern)},
+       field(&C::lora, &L::rank_pattern), lora_rules::kRank},
       {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, kResult, "pattern -> alpha overrides",
-       field(&C::lora, &L::alpha_pattern)},
+       field(&C::lora, &L::alpha_pattern), lora_rules::kAlpha},
       {"head.init", Kind::kString, "random", false, kResult,
-       "random | zero_shot: start from the text encoder's class embeddings (cosine classifier, CLIP models)",
-       field(&C::head, &H::init)},
+       "how the head starts; zero_shot: from the text encoder's class embeddings (cosine classifier, CLIP models)",
+       field(&C::head, &H::init), Range::any(), {"random", "zero_shot"}},
       {"head.text_model", Kind::kPath, nullptr, true, kResult,
        "zero_shot: text encoder bundle; null: the one the model names", path_field(&C::head, &H::text_model)},
       {"head.class_names", Kind::kPath, nullptr, true, kResult, "zero_shot: JSON file {\"folder\": \"name\" or [names]}",
        path_field(&C::head, &H::class_names)},
       {"head.templates", Kind::kStringList, json::array(), false, kResult,
        "zero_shot: prompt templates with {}; []: defaults", field(&C::head, &H::templates)},
-      {"optim.lr", Kind::kNumber, 1e-3, false, kResult, "peak learning rate (AdamW)", field(&C::optim, &O::lr)},
+      {"optim.lr", Kind::kNumber, 1e-3, false, kResult, "peak learning rate (AdamW)", field(&C::optim, &O::lr), Range::positive()},
       {"optim.head_lr", Kind::kNumber, nullptr, true, kResult, "learning rate of the classification head; null: optim.lr",
-       field(&C::optim, &O::head_lr)},
+       field(&C::optim, &O::head_lr), Range::positive()},
       {"optim.weight_decay", Kind::kNumber, 0.01, false, kResult, "decoupled weight decay on matrices",
-       field(&C::optim, &O::weight_decay)},
+       field(&C::optim, &O::weight_decay), Range::at_least(0)},
       {"optim.betas", Kind::kNumberPair, json::array({0.9, 0.999}), false, kResult, "AdamW betas",
-       [](TrainConfig& c, const json& v) { c.optim.beta1 = v[0], c.optim.beta2 = v[1]; }},
-      {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon", field(&C::optim, &O::eps)},
+       [](TrainConfig& c, const json& v) { c.optim.beta1 = v[0], c.optim.beta2 = v[1]; }, Range::between(0, 1, false, true)},
+      {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon", field(&C::optim, &O::eps), Range::at_least(0)},
       {"optim.grad_clip", Kind::kNumber, 1.0, false, kResult, "clip the global gradient norm; 0: off",
-       field(&C::optim, &O::grad_clip)},
+       field(&C::optim, &O::grad_clip), Range::at_least(0)},
       {"optim.lora_plus_ratio", Kind::kNumber, nullptr, true, kResult,
        "LoRA+: learning rate of the B matrices = this x optim.lr (PEFT's loraplus_lr_ratio; 16 is its suggestion); "
        "null: off",
-       field(&C::optim, &O::lora_plus_ratio)},
+       field(&C::optim, &O::lora_plus_ratio), Range::positive()},
       {"schedule.warmup_fraction", Kind::kNumber, 0.05, false, kResult, "linear warm-up over this fraction of the steps",
-       field(&C::schedule, &S::warmup_fraction)},
+       field(&C::schedule, &S::warmup_fraction), Range::between(0, 1, false, true)},
       {"schedule.min_lr_ratio", Kind::kNumber, 0.0, false, kResult, "cosine decay ends at this fraction of the peak",
-       field(&C::schedule, &S::min_lr_ratio)},
+       field(&C::schedule, &S::min_lr_ratio), Range::between(0, 1, false, false)},
       {"batch_size", Kind::kInt, 16, false, kResult, "images per micro-batch (what must fit in memory)",
-       field(&C::batch_size)},
+       field(&C::batch_size), Range::at_least(1)},
       {"grad_accum_steps", Kind::kInt, 1, false, kResult,
-       "micro-batches per optimiser step: effective batch = batch_size x this", field(&C::grad_accum_steps)},
-      {"epochs", Kind::kInt, 10, false, kResult, "passes over the training images", field(&C::epochs)},
+       "micro-batches per optimiser step: effective batch = batch_size x this", field(&C::grad_accum_steps), Range::at_least(1)},
+      {"epochs", Kind::kInt, 10, false, kResult, "passes over the training images", field(&C::epochs), Range::at_least(1)},
       {"max_steps", Kind::kInt, nullptr, true, kResult, "stop after this many optimiser steps; null: from epochs",
-       field(&C::max_steps)},
-      {"label_smoothing", Kind::kNumber, 0.0, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing)},
+       field(&C::max_steps), Range::at_least(1)},
+      {"label_smoothing", Kind::kNumber, 0.0, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing), Range::between(0, 1, false, true)},
       {"precision", Kind::kString, "auto", false, kResult,
-       "auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16", field(&C::precision)},
+       "compute precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)", field(&C::precision), Range::any(), precision_choices()},
       {"frozen_dtype", Kind::kString, "auto", false, kResult,
-       "storage of frozen base weights: auto (compute dtype on CUDA with mixed precision) | fp32 | compute",
-       field(&C::frozen_dtype)},
+       "storage of frozen base weights (auto: the compute dtype on CUDA with mixed precision)",
+       field(&C::frozen_dtype), Range::any(), {"auto", "fp32", "compute"}},
       {"gradient_checkpointing", Kind::kBool, true, false, kResult,
        "recompute each block in backward instead of storing activations", field(&C::gradient_checkpointing)},
       {"loss_scale.init", Kind::kNumber, 65536.0, false, kResult, "fp16: initial loss scale",
-       field(&C::loss_scale, &LS::init)},
+       field(&C::loss_scale, &LS::init), Range::positive()},
       {"loss_scale.growth_interval", Kind::kInt, 2000, false, kResult, "fp16: clean steps before the scale doubles",
-       field(&C::loss_scale, &LS::growth_interval)},
+       field(&C::loss_scale, &LS::growth_interval), Range::at_least(1)},
       {"early_stopping.patience", Kind::kInt, nullptr, true, kResult,
        "stop when this many validations in a row bring no better top-1 (the best adapter is kept); null: off",
-       field(&C::early_stopping, &EarlyStoppingConfig::patience)},
+       field(&C::early_stopping, &EarlyStoppingConfig::patience), Range::at_least(1)},
       {"device", Kind::kString, "auto", false, kNotResult, "auto | cpu | cuda | cuda:N", field(&C::device)},
-      {"threads", Kind::kInt, 0, false, kNotResult, "CPU threads for compute; 0: all cores", field(&C::threads)},
+      {"threads", Kind::kInt, 0, false, kNotResult, "CPU threads for compute; 0: all cores", field(&C::threads), Range::at_least(0)},
       {"seed", Kind::kInt, 0, false, kResult,
        "seed of adapter/head initialisation, shuffling, augmentation and dropout", field(&C::seed)},
       {"output_dir", Kind::kPath, "runs/default", false, kNotResult,
        "run folder: adapters, checkpoints, metrics, summary", path_field(&C::output_dir)},
       {"eval_every_epochs", Kind::kInt, 1, false, kResult, "validate every N epochs (and at the end)",
-       field(&C::eval_every_epochs)},
+       field(&C::eval_every_epochs), Range::at_least(1)},
       {"checkpoint_every_steps", Kind::kInt, 0, false, kNotResult,
-       "also checkpoint every N optimiser steps; 0: each epoch only", field(&C::checkpoint_every_steps)},
+       "also checkpoint every N optimiser steps; 0: each epoch only", field(&C::checkpoint_every_steps), Range::at_least(0)},
       {"log_every_steps", Kind::kInt, 10, false, kNotResult, "metrics.jsonl line every N optimiser steps",
-       field(&C::log_every_steps)},
+       field(&C::log_every_steps), Range::at_least(1)},
   };
   return keys;
 }
@@ -277,48 +283,37 @@ TrainConfig to_struct(const json& j, const std::string& origin) {
   return c;
 }
 
-void check_values(const TrainConfig& c, const std::string& origin) {
+// A value of the user's against its key's range and choices (its kind is already checked).
+void check_rules(const Key& k, const json& v, const std::string& origin) {
+  auto fail = [&](const std::string& what) { throw InputError(origin + ": " + k.path + what); };
+  if (!k.choices.empty() && std::find(k.choices.begin(), k.choices.end(), v.get<std::string>()) == k.choices.end())
+    fail(" must be " + choices_text(k.choices) + " (got " + v.dump() + ")");
+  if (!k.range.bounded()) return;
+  if (v.is_number() && !k.range.contains(v.get<double>())) fail(" must be " + k.range.text() + " (got " + v.dump() + ")");
+  if (v.is_array() || v.is_object())
+    for (const auto& e : v)
+      if (!k.range.contains(e.get<double>()))
+        fail(std::string(v.is_array() ? " entries" : " values") + " must be " + k.range.text() + " (got " + e.dump() + ")");
+}
+
+// Rules between keys; each key's own range and choices are in its record.
+void check_combinations(const TrainConfig& c, const std::string& origin) {
   auto fail = [&](const std::string& what) { throw InputError(origin + ": " + what); };
-  if (c.model.empty()) fail("\"model\" is required: the model bundle to adapt (make one with scripts/export/)");
+  if (c.model.empty())
+    fail("\"model\" is required: a model bundle (.pt), a checkpoint folder or hf:ORG/NAME (`loratune import --help`)");
   if (c.data.train.empty()) fail("\"data.train\" is required: the photo folder to train on");
-  if (c.data.val.empty() && !(c.data.val_fraction > 0 && c.data.val_fraction < 1))
+  if (c.data.val.empty() && !(c.data.val_fraction > 0))
     fail("data.val_fraction must be between 0 and 1 (exclusive) when data.val is null");
-  if (c.data.workers < 0 || c.data.prefetch_batches < 1) fail("data.workers must be >= 0 and data.prefetch_batches >= 1");
-  if (c.data.cache != "auto" && c.data.cache != "memory" && c.data.cache != "off") fail("data.cache must be auto, memory or off");
-  if (c.data.prefix_cache != "auto" && c.data.prefix_cache != "memory" && c.data.prefix_cache != "off")
-    fail("data.prefix_cache must be auto, memory or off");
   if (c.data.prefix_cache == "memory" && c.data.augment.enabled)
     fail("data.prefix_cache memory needs data.augment.enabled false: augmented images differ every epoch, so their "
          "prefix outputs cannot be reused");
-  if (c.head.init != "random" && c.head.init != "zero_shot") fail("head.init must be random or zero_shot");
   for (const auto& t : c.head.templates)
     if (t.find("{}") == std::string::npos) fail("head.templates: \"" + t + "\" has no {} for the class name");
   const auto& a = c.data.augment;
-  if (!(0 < a.scale_min && a.scale_min <= a.scale_max && a.scale_max <= 1)) fail("data.augment.scale must be [min, max] with 0 < min <= max <= 1");
-  if (!(0 < a.ratio_min && a.ratio_min <= a.ratio_max)) fail("data.augment.ratio must be [min, max] with 0 < min <= max");
-  if (c.lora.rank <= 0) fail("lora.rank must be a positive integer");
-  if (!(c.lora.alpha > 0)) fail("lora.alpha must be positive");
-  if (c.lora.dropout < 0 || c.lora.dropout >= 1) fail("lora.dropout must be in [0, 1)");
-  if (!(c.optim.lr > 0)) fail("optim.lr must be positive");
-  if (c.optim.weight_decay < 0 || c.optim.grad_clip < 0) fail("optim.weight_decay and optim.grad_clip must be >= 0");
-  const auto& o = c.optim;
-  if (!(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1)) fail("optim.betas must be in [0, 1)");
-  if (!c.json.at(pointer("optim.lora_plus_ratio")).is_null() && !(c.optim.lora_plus_ratio > 0))
-    fail("optim.lora_plus_ratio must be positive (PEFT suggests 16), or null for off");
+  if (!(a.scale_min <= a.scale_max)) fail("data.augment.scale must be [min, max] with min <= max");
+  if (!(a.ratio_min <= a.ratio_max)) fail("data.augment.ratio must be [min, max] with min <= max");
   if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
     fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
-  if (c.early_stopping.patience == 0) fail("early_stopping.patience must be at least 1, or null for off");
-  if (c.lora.variant != "lora" && c.lora.variant != "dora") fail("lora.variant must be lora or dora");
-  if (c.lora.last_blocks == 0) fail("lora.last_blocks must be at least 1, or null for every block");
-  if (c.schedule.warmup_fraction < 0 || c.schedule.warmup_fraction >= 1) fail("schedule.warmup_fraction must be in [0, 1)");
-  if (c.schedule.min_lr_ratio < 0 || c.schedule.min_lr_ratio > 1) fail("schedule.min_lr_ratio must be in [0, 1]");
-  if (c.batch_size < 1 || c.grad_accum_steps < 1) fail("batch_size and grad_accum_steps must be >= 1");
-  if (c.epochs < 1) fail("epochs must be >= 1");
-  if (c.label_smoothing < 0 || c.label_smoothing >= 1) fail("label_smoothing must be in [0, 1)");
-  if (c.frozen_dtype != "auto" && c.frozen_dtype != "fp32" && c.frozen_dtype != "compute") fail("frozen_dtype must be auto, fp32 or compute");
-  if (c.threads < 0) fail("threads must be >= 0");
-  if (c.eval_every_epochs < 1 || c.checkpoint_every_steps < 0 || c.log_every_steps < 1)
-    fail("eval_every_epochs and log_every_steps must be >= 1, checkpoint_every_steps >= 0");
   if (c.output_dir.empty()) fail("output_dir must not be empty");
 }
 
@@ -348,6 +343,10 @@ std::string config_reference() {
     std::string type = std::string(kind_name(k.kind)) + (k.nullable ? " or null" : "");
     type.resize(std::max<size_t>(type.size() + 1, 26), ' ');
     out += line + type + "default " + k.fallback.dump() + "\n" + std::string(32, ' ') + k.help + "\n";
+    if (!k.choices.empty()) out += std::string(32, ' ') + "one of: " + join(k.choices, " | ") + "\n";
+    if (k.range.bounded())
+      out += std::string(32, ' ') + "range: " + (k.kind == Kind::kNumber || k.kind == Kind::kInt ? "" : "each ") +
+             k.range.text() + "\n";
   }
   return out;
 }
@@ -367,14 +366,40 @@ TrainConfig parse_train_config(const json& user, const std::string& origin) {
     if (!has_kind(v, k.kind))
       throw InputError(origin + ": " + k.path + " must be " + (k.nullable ? "null or " : "") + with_article(kind_name(k.kind)) +
                        ", not " + v.dump());
-    if (k.kind == Kind::kInt && v.get<int64_t>() < 0 && std::string(k.path) != "seed")
-      throw InputError(origin + ": " + k.path + " must not be negative");
+    check_rules(k, v, origin);
     merged[ptr] = v;
   }
   TrainConfig c = to_struct(merged, origin);
-  check_values(c, origin);
+  check_combinations(c, origin);
   return c;
 }
+
+namespace {
+
+// "key=value" overrides (as --set gives them) into a user document: a typo is the flag's fault, not the file's.
+void apply_overrides(json& user, const std::vector<std::string>& overrides) {
+  for (const auto& o : overrides) {
+    const size_t eq = o.find('=');
+    if (eq == std::string::npos || eq == 0) throw InputError("--set " + o + ": expected key=value, e.g. --set lora.rank=16");
+    const std::string key = o.substr(0, eq), text = o.substr(eq + 1);
+    json value;
+    try {
+      value = json::parse(text);
+    } catch (const json::parse_error&) {
+      value = text;  // a bare string
+    }
+    json alone = json::object();  // check the key on its own first
+    try {
+      alone[pointer(key)] = value;
+      check_keys(alone, "", "--set " + o);
+      user[pointer(key)] = value;
+    } catch (const json::exception&) {
+      throw InputError("--set " + o + ": " + key + " is not a key inside an object of the configuration");
+    }
+  }
+}
+
+}  // namespace
 
 TrainConfig load_train_config(const std::filesystem::path& path, const std::vector<std::string>& overrides) {
   json user = json::object();
@@ -388,26 +413,14 @@ TrainConfig load_train_config(const std::filesystem::path& path, const std::vect
     }
     if (!user.is_object()) throw InputError(origin + ": the configuration must be a JSON object");
   }
-  for (const auto& o : overrides) {
-    const size_t eq = o.find('=');
-    if (eq == std::string::npos || eq == 0) throw InputError("--set " + o + ": expected key=value, e.g. --set lora.rank=16");
-    const std::string key = o.substr(0, eq), text = o.substr(eq + 1);
-    json value;
-    try {
-      value = json::parse(text);
-    } catch (const json::parse_error&) {
-      value = text;  // a bare string
-    }
-    json alone = json::object();  // a typo is the flag's fault, not the file's: check the key on its own first
-    try {
-      alone[pointer(key)] = value;
-      check_keys(alone, "", "--set " + o);
-      user[pointer(key)] = value;
-    } catch (const json::exception&) {
-      throw InputError("--set " + o + ": " + key + " is not a key inside an object of the configuration");
-    }
-  }
+  apply_overrides(user, overrides);
   return parse_train_config(user, origin);
+}
+
+TrainConfig with_overrides(const TrainConfig& config, const std::vector<std::string>& overrides) {
+  json document = config.json;
+  apply_overrides(document, overrides);
+  return parse_train_config(document, "configuration");
 }
 
 }  // namespace loratune

@@ -23,6 +23,7 @@ class ConsoleReporter : public TrainingReporter {
   explicit ConsoleReporter(const c10::Device& device) : device_(device) {}
 
   void message(const std::string& text) override { spdlog::info("{}", text); }
+  void warning(const std::string& text) override { spdlog::warn("{}", text); }
 
   void epoch_begin(int64_t epoch, int64_t epochs, int64_t images_total, int64_t images_done) override {
     bar_ = std::make_unique<ProgressBar>("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(epochs),

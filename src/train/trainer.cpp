@@ -69,7 +69,7 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
       precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()),
       reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)) {
-  optimizer_ = make_optimizer(config, trainable_);
+  optimizer_ = make_optimizer(config, model);
   scaler_ = make_loss_scaler(config, precision);
 }
 
@@ -122,6 +122,32 @@ void Trainer::reduce_step(double& step_loss, int64_t& step_images_done, bool& st
   stop = totals[3] > 0;
 }
 
+Trainer::Schedule Trainer::plan_schedule() const {
+  Schedule s;
+  s.accum = config_.grad_accum_steps;
+  s.batch_size = config_.batch_size;
+  s.batches_per_epoch = train_.batches_per_epoch();
+  if (s.batches_per_epoch == 0) throw InputError("no training images");
+  // The last step of an epoch may have fewer micro-batches, and its last micro-batch fewer images.
+  s.steps_per_epoch = (s.batches_per_epoch + s.accum - 1) / s.accum;
+  s.images_per_epoch = std::min(s.batches_per_epoch * config_.batch_size, train_.num_samples());
+  if (config_.max_steps <= 0 && config_.epochs > std::numeric_limits<int64_t>::max() / s.steps_per_epoch)
+    throw InputError("epochs " + std::to_string(config_.epochs) + " x " + std::to_string(s.steps_per_epoch) +
+                     " steps per epoch is more steps than can be counted; lower epochs");
+  s.total_steps = config_.max_steps > 0 ? config_.max_steps : config_.epochs * s.steps_per_epoch;
+  s.total_epochs = s.total_steps / s.steps_per_epoch + (s.total_steps % s.steps_per_epoch != 0);
+  s.warmup = static_cast<int64_t>(std::llround(config_.schedule.warmup_fraction * static_cast<double>(s.total_steps)));
+  return s;
+}
+
+int64_t Trainer::Schedule::images_before_step(int64_t step_in_epoch) const {
+  return std::min(step_in_epoch * accum * batch_size, images_per_epoch);
+}
+
+int64_t Trainer::Schedule::steps_in_epoch(int64_t epoch) const {
+  return std::min(steps_per_epoch, total_steps - epoch * steps_per_epoch);
+}
+
 TrainSummary Trainer::run(bool resume) {
   g_stop_requested = false;
   const auto start = std::chrono::steady_clock::now();
@@ -130,27 +156,12 @@ TrainSummary Trainer::run(bool resume) {
     remove_stale_temporaries(dir_);
   }
   check_run_folder(dir_, resume);
-
-  const int64_t accum = config_.grad_accum_steps;
-  const int64_t batches_per_epoch = train_.batches_per_epoch();
-  if (batches_per_epoch == 0) throw InputError("no training images");
-  // The last step of an epoch may have fewer micro-batches, and its last micro-batch fewer images.
-  const int64_t steps_per_epoch = (batches_per_epoch + accum - 1) / accum;
-  const int64_t images_per_epoch = std::min(batches_per_epoch * config_.batch_size, train_.num_samples());
-  auto images_before_step = [&](int64_t step_in_epoch) {
-    return std::min(step_in_epoch * accum * config_.batch_size, images_per_epoch);
-  };
-  if (config_.max_steps <= 0 && config_.epochs > std::numeric_limits<int64_t>::max() / steps_per_epoch)
-    throw InputError("epochs " + std::to_string(config_.epochs) + " x " + std::to_string(steps_per_epoch) +
-                     " steps per epoch is more steps than can be counted; lower epochs");
-  const int64_t total_steps = config_.max_steps > 0 ? config_.max_steps : config_.epochs * steps_per_epoch;
-  const int64_t total_epochs = total_steps / steps_per_epoch + (total_steps % steps_per_epoch != 0);
-  const auto warmup = static_cast<int64_t>(std::llround(config_.schedule.warmup_fraction * static_cast<double>(total_steps)));
+  const Schedule schedule = plan_schedule();
 
   Progress p;
   if (resume) {
     p = load_checkpoint();
-    reporter_->message(fmt::format("resuming at step {} of {} (epoch {})", p.step, total_steps, p.epoch + 1));
+    reporter_->message(fmt::format("resuming at step {} of {} (epoch {})", p.step, schedule.total_steps, p.epoch + 1));
   } else if (writes_files()) {
     write_file_atomic(dir_ / kConfig, config_.json.dump(2) + "\n");
     write_file_atomic(dir_ / kMetrics, "");
@@ -168,117 +179,17 @@ TrainSummary Trainer::run(bool resume) {
   summary.total_params = model_.total_count();
   summary.precision = precision_name(precision_);
   reset_peak_memory(device_);
-  double train_seconds = 0;
-  int64_t train_images = 0;
+  Throughput throughput;
 
   // By epoch, not by step: a run stopped after the last step of an epoch resumes with that epoch's validation and
   // adapter saves.
-  while (p.epoch < total_epochs && !p.stopped_early) {
-    const int64_t steps_this_epoch = std::min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch);
-    if (p.step_in_epoch < steps_this_epoch) {  // else stopped after its last step: only the epoch's end remains
-      if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
-        train_.set_images_needed(false);
-      train_.start_epoch(p.epoch, p.step_in_epoch * accum);
-      model_.set_training(true);
-      reporter_->epoch_begin(p.epoch, total_epochs, images_before_step(steps_this_epoch),
-                             images_before_step(p.step_in_epoch));
-      double window_loss = 0;
-      int64_t window_steps = 0;
-      auto window_start = std::chrono::steady_clock::now();
-      int64_t window_images = 0;
-
-      while (p.step_in_epoch < steps_this_epoch) {
-        const auto step_start = std::chrono::steady_clock::now();
-        double step_loss = 0;
-        int64_t step_images_done = 0;
-        const int64_t micro_batches = std::min(accum, batches_per_epoch - p.step_in_epoch * accum);
-        const int64_t step_images = images_before_step(p.step_in_epoch + 1) - images_before_step(p.step_in_epoch);
-        for (int64_t k = 0; k < micro_batches; ++k) {
-          auto batch = train_.next();
-          if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
-          if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
-          const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
-          const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
-          // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
-          const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
-          step_loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
-          step_images_done += static_cast<int64_t>(batch->indices.size());
-        }
-        bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1));
-        if (hooks_.data_parallel) reduce_step(step_loss, step_images_done, stop);  // every worker agrees to stop
-        window_images += step_images_done;
-        const double lr = scheduled_lr(p.step, total_steps, warmup, config_.optim.lr, config_.schedule.min_lr_ratio);
-        const StepOutcome outcome =
-            apply_step(trainable_, *optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step_loss));
-        const bool finite = outcome.applied;
-        const double grad_norm = outcome.grad_norm;
-        p.nonfinite_streak = finite ? 0 : p.nonfinite_streak + 1;
-        ++p.step;
-        ++p.step_in_epoch;
-        train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
-        train_images += step_images;
-        window_loss += finite ? step_loss : 0;
-        window_steps += finite;
-        summary.final_train_loss = finite ? step_loss : summary.final_train_loss;
-
-        if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)
-          throw RuntimeFailure("fp16 overflow: " + std::to_string(p.nonfinite_streak) + " steps in a row had inf/NaN "
-                               "gradients (loss scale now " + std::to_string(scaler_->scale()) + "); use precision bf16 "
-                               "or fp32, or lower optim.lr");
-        if (precision_ != Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteSteps)
-          throw RuntimeFailure("the loss was NaN/inf for " + std::to_string(p.nonfinite_streak) + " steps in a row (at step " +
-                               std::to_string(p.step) + "): the learning rate " + std::to_string(config_.optim.lr) +
-                               " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
-
-        if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {
-          const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
-          json line = {{"type", "train"},
-                       {"step", p.step},
-                       {"epoch", p.epoch + 1},
-                       {"loss", window_steps ? window_loss / window_steps : std::nan("")},
-                       {"lr", lr},
-                       {"grad_norm", grad_norm},
-                       {"images_per_second", dt > 0 ? window_images / dt : 0.0},
-                       {"memory_bytes", peak_memory(device_)}};
-          if (scaler_->enabled()) line["loss_scale"] = scaler_->scale();
-          append_metrics(line, p);
-          window_loss = 0, window_steps = 0, window_images = 0;
-          window_start = std::chrono::steady_clock::now();
-        }
-        reporter_->step_end({p.step, p.epoch, total_epochs, images_before_step(p.step_in_epoch),
-                             images_before_step(steps_this_epoch), step_loss, lr});
-
-        if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
-        if (stop) {
-          reporter_->epoch_end();
-          throw Interrupted("stopped after step " + std::to_string(p.step) + " of " + std::to_string(total_steps) +
-                            "; checkpoint saved in " + (dir_ / kCheckpoint).string());
-        }
-      }
-      reporter_->epoch_end();
-    }
-
+  while (p.epoch < schedule.total_epochs && !p.stopped_early) {
+    // Else stopped after its last step: only the epoch's end remains.
+    if (p.step_in_epoch < schedule.steps_in_epoch(p.epoch)) train_epoch(schedule, p, summary, throughput);
     ++p.epoch;
     p.step_in_epoch = 0;
-    if (val_ && (p.epoch % config_.eval_every_epochs == 0 || p.step >= total_steps)) {
-      const Validation v = validate();
-      const bool best = v.top1 > p.best_top1;
-      if (best) {
-        p.best_top1 = v.top1;
-        p.best_epoch = p.epoch;
-        save_adapter_to(kBestAdapter);
-      }
-      summary.final_val_top1 = v.top1;
-      summary.final_val_loss = v.loss;
-      append_metrics({{"type", "val"}, {"step", p.step}, {"epoch", p.epoch}, {"val_loss", v.loss}, {"val_top1", v.top1}}, p);
-      reporter_->validation_end({p.epoch, total_epochs, v.loss, v.top1, best});
-      const int64_t patience = config_.early_stopping.patience;
-      if (patience > 0 && p.epoch - p.best_epoch >= patience && p.epoch < total_epochs) {
-        p.stopped_early = true;
-        reporter_->message(fmt::format("early stopping after epoch {}: no better validation top-1 for {} epochs; best/ "
-                                       "holds the adapter of epoch {}", p.epoch, p.epoch - p.best_epoch, p.best_epoch));
-      }
-    }
+    if (val_ && (p.epoch % config_.eval_every_epochs == 0 || p.step >= schedule.total_steps))
+      validate_epoch(schedule, p, summary);
     save_adapter_to(kLastAdapter);
     save_checkpoint(p);
   }
@@ -286,17 +197,133 @@ TrainSummary Trainer::run(bool resume) {
   summary.steps = p.step;
   summary.epochs = p.epoch;
   summary.stopped_early = p.stopped_early;
-  summary.images_seen = p.step / steps_per_epoch * images_per_epoch + images_before_step(p.step % steps_per_epoch);
+  summary.images_seen = p.step / schedule.steps_per_epoch * schedule.images_per_epoch +
+                        schedule.images_before_step(p.step % schedule.steps_per_epoch);
   summary.best_val_top1 = p.best_top1;
   summary.best_epoch = p.best_epoch;
   summary.peak_memory = peak_memory(device_);
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  summary.train_images_per_second = train_seconds > 0 ? train_images / train_seconds : 0.0;
+  summary.train_images_per_second = throughput.seconds > 0 ? throughput.images / throughput.seconds : 0.0;
   summary.skipped_files = train_.skipped();
   if (val_)
     for (const auto& s : val_->skipped()) summary.skipped_files.push_back(s);
   if (writes_files()) write_file_atomic(dir_ / kSummary, summary.to_json().dump(2) + "\n");
   return summary;
+}
+
+void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput) {
+  const int64_t steps_this_epoch = schedule.steps_in_epoch(p.epoch);
+  if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
+    train_.set_images_needed(false);
+  train_.start_epoch(p.epoch, p.step_in_epoch * schedule.accum);
+  model_.set_training(true);
+  reporter_->epoch_begin(p.epoch, schedule.total_epochs, schedule.images_before_step(steps_this_epoch),
+                         schedule.images_before_step(p.step_in_epoch));
+  MetricWindow window;
+  while (p.step_in_epoch < steps_this_epoch) {
+    const auto step_start = std::chrono::steady_clock::now();
+    const int64_t micro_batches = std::min(schedule.accum, schedule.batches_per_epoch - p.step_in_epoch * schedule.accum);
+    const int64_t step_images =
+        schedule.images_before_step(p.step_in_epoch + 1) - schedule.images_before_step(p.step_in_epoch);
+    StepResult step = forward_backward(micro_batches, step_images);
+    bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1));
+    if (hooks_.data_parallel) reduce_step(step.loss, step.images_done, stop);  // every worker agrees to stop
+    const double lr = scheduled_lr(p.step, schedule.total_steps, schedule.warmup, config_.optim.lr,
+                                   config_.schedule.min_lr_ratio);
+    const StepOutcome outcome =
+        apply_step(trainable_, *optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step.loss));
+    p.nonfinite_streak = outcome.applied ? 0 : p.nonfinite_streak + 1;
+    ++p.step;
+    ++p.step_in_epoch;
+    throughput.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    throughput.images += step_images;
+    window.add(outcome.applied, step.loss, step.images_done);
+    if (outcome.applied) summary.final_train_loss = step.loss;
+    stop_on_nonfinite_streak(p);
+
+    if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {
+      append_metrics(window.line(p.step, p.epoch + 1, lr, outcome.grad_norm, peak_memory(device_), *scaler_), p);
+      window = MetricWindow();
+    }
+    reporter_->step_end({p.step, p.epoch, schedule.total_epochs, schedule.images_before_step(p.step_in_epoch),
+                         schedule.images_before_step(steps_this_epoch), step.loss, lr});
+
+    if (stop || (config_.checkpoint_every_steps > 0 && p.step % config_.checkpoint_every_steps == 0)) save_checkpoint(p);
+    if (stop) {
+      reporter_->epoch_end();
+      throw Interrupted("stopped after step " + std::to_string(p.step) + " of " + std::to_string(schedule.total_steps) +
+                        "; checkpoint saved in " + (dir_ / kCheckpoint).string());
+    }
+  }
+  reporter_->epoch_end();
+}
+
+Trainer::StepResult Trainer::forward_backward(int64_t micro_batches, int64_t step_images) {
+  StepResult result;
+  for (int64_t k = 0; k < micro_batches; ++k) {
+    auto batch = train_.next();
+    if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
+    if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
+    const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
+    const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
+    // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
+    const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
+    result.loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
+    result.images_done += static_cast<int64_t>(batch->indices.size());
+  }
+  return result;
+}
+
+void Trainer::stop_on_nonfinite_streak(const Progress& p) const {
+  if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)
+    throw RuntimeFailure("fp16 overflow: " + std::to_string(p.nonfinite_streak) + " steps in a row had inf/NaN "
+                         "gradients (loss scale now " + std::to_string(scaler_->scale()) + "); use precision bf16 "
+                         "or fp32, or lower optim.lr");
+  if (precision_ != Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteSteps)
+    throw RuntimeFailure("the loss was NaN/inf for " + std::to_string(p.nonfinite_streak) + " steps in a row (at step " +
+                         std::to_string(p.step) + "): the learning rate " + std::to_string(config_.optim.lr) +
+                         " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
+}
+
+void Trainer::MetricWindow::add(bool finite, double step_loss, int64_t step_images) {
+  loss += finite ? step_loss : 0;
+  steps += finite;
+  images += step_images;
+}
+
+json Trainer::MetricWindow::line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
+                                 const LossScaler& scaler) const {
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  json line = {{"type", "train"},
+               {"step", step},
+               {"epoch", epoch},
+               {"loss", steps ? loss / steps : std::nan("")},
+               {"lr", lr},
+               {"grad_norm", grad_norm},
+               {"images_per_second", dt > 0 ? images / dt : 0.0},
+               {"memory_bytes", memory}};
+  if (scaler.enabled()) line["loss_scale"] = scaler.scale();
+  return line;
+}
+
+void Trainer::validate_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary) {
+  const Validation v = validate();
+  const bool best = v.top1 > p.best_top1;
+  if (best) {
+    p.best_top1 = v.top1;
+    p.best_epoch = p.epoch;
+    save_adapter_to(kBestAdapter);
+  }
+  summary.final_val_top1 = v.top1;
+  summary.final_val_loss = v.loss;
+  append_metrics({{"type", "val"}, {"step", p.step}, {"epoch", p.epoch}, {"val_loss", v.loss}, {"val_top1", v.top1}}, p);
+  reporter_->validation_end({p.epoch, schedule.total_epochs, v.loss, v.top1, best});
+  const int64_t patience = config_.early_stopping.patience;
+  if (patience > 0 && p.epoch - p.best_epoch >= patience && p.epoch < schedule.total_epochs) {
+    p.stopped_early = true;
+    reporter_->message(fmt::format("early stopping after epoch {}: no better validation top-1 for {} epochs; best/ "
+                                   "holds the adapter of epoch {}", p.epoch, p.epoch - p.best_epoch, p.best_epoch));
+  }
 }
 
 }  // namespace loratune

@@ -1,4 +1,6 @@
 #include "loratune/training_setup.h"
+#include "loratune/adapter_variant.h"
+#include "loratune/targets.h"
 
 #include "loratune/device.h"
 #include "loratune/errors.h"
@@ -85,17 +87,19 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
   return model;
 }
 
-std::unique_ptr<AdamW> make_optimizer(const TrainConfig& c, const std::vector<NamedTensor>& trainable) {
+std::unique_ptr<AdamW> make_optimizer(const TrainConfig& c, const Model& model) {
   auto optimizer = std::make_unique<AdamW>(
-      trainable, AdamWOptions{c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.weight_decay});
+      model.trainable(), AdamWOptions{c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.weight_decay});
   if (c.optim.head_lr > 0) {
     optimizer->set_lr_multiplier("head.weight", c.optim.head_lr / c.optim.lr);
     optimizer->set_lr_multiplier("head.bias", c.optim.head_lr / c.optim.lr);
   }
-  if (c.optim.lora_plus_ratio > 0)  // LoRA+ (Hayou et al. 2024): B learns faster than A
-    for (const auto& t : trainable)
-      if (t.name.rfind("lora.", 0) == 0 && t.name.size() > 2 && t.name.compare(t.name.size() - 2, 2, ".B") == 0)
-        optimizer->set_lr_multiplier(t.name, c.optim.lora_plus_ratio);
+  if (c.optim.lora_plus_ratio > 0 && model.method() == Method::kLora)  // LoRA+ (Hayou et al. 2024): B learns faster
+    for (const auto& t : model.adapters()) {
+      const auto& specs = t.variant->tensor_specs();
+      for (size_t k = 0; k < specs.size(); ++k)
+        if (specs[k].up_projection) optimizer->set_lr_multiplier(t.tensor_name(k), c.optim.lora_plus_ratio);
+    }
   return optimizer;
 }
 

@@ -717,6 +717,7 @@ class MobileClip(unittest.TestCase):
 
 if __name__ == "__main__":
     result = unittest.main(argv=[sys.argv[0], "-v", *sys.argv[3:]], exit=False).result
+    shutil.rmtree(TMP, ignore_errors=True)
     failed = len(result.failures) + len(result.errors)
     print(f"{result.testsRun - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

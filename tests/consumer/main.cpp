@@ -1,7 +1,7 @@
 // Loads a bundle, attaches an adapter and prints the logits of a constant image: consumer BUNDLE ADAPTER
 #include <cstdio>
 
-#include "loratune/adapter_binding.h"
+#include "loratune/loratune.h"
 
 int main(int argc, char** argv) {
   if (argc != 3) return 2;

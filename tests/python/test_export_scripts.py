@@ -2,6 +2,7 @@
 test_upstream_models.py runs the timm, torchvision and MobileCLIP scripts on the real packages), and the torchvision
 script's custom architecture end to end."""
 import os
+import shutil
 import sys
 import tempfile
 import unittest
@@ -60,6 +61,7 @@ class ExportScripts(unittest.TestCase):
 
 if __name__ == "__main__":
     result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    shutil.rmtree(TMP, ignore_errors=True)
     failed = len(result.failures) + len(result.errors)
     print(f"{result.testsRun - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

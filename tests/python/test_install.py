@@ -1,9 +1,12 @@
 """`cmake --install` of the build tree, then a consumer project (tests/consumer: a dozen lines that load a bundle,
 attach an adapter and print logits) configured with find_package(loratune) against the installed tree, built and
-run; its logits must equal the merged file's in Python torch.
+run; its logits must equal the merged file's in Python torch. The project's second program includes the vision and
+text umbrella headers and trains with one library call: its adapter must have the bytes `loratune train` writes for
+the same configuration.
 
 usage: test_install.py BUILD_DIR SOURCE_DIR LORATUNE_BINARY FIXTURE_DIR
 """
+import json
 import os
 import shutil
 import subprocess
@@ -45,7 +48,19 @@ def main():
     diff = max(abs(a - b) for a, b in zip(got, ref))
     assert diff < 1e-5, f"consumer logits {got} vs merged {ref}"
     print(f"installed tree used by find_package(loratune): logits match the merged file within {diff:.2g}")
-    print("1 passed, 0 failed")
+
+    adapters = []
+    for name, program in (("library", [os.path.join(consumer, "consumer_train")]), ("cli", [BIN, "train", "--config"])):
+        config = os.path.join(TMP, name + ".json")
+        with open(config, "w") as f:
+            json.dump({"model": bundle, "data": {"train": os.path.join(FIX, "images", "toy", "train"), "workers": 2},
+                       "epochs": 1, "batch_size": 16, "precision": "fp32", "output_dir": os.path.join(TMP, name)}, f)
+        run(*program, config)
+        with open(os.path.join(TMP, name, "adapter", "adapter_model.safetensors"), "rb") as f:
+            adapters.append(f.read())
+    assert adapters[0] == adapters[1], "run_training in a program of one's own and `loratune train` differ"
+    print("run_training from the installed vision library: the same adapter bytes as `loratune train`")
+    print("2 passed, 0 failed")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "loratune/adapter_binding.h"
+#include "loratune/targets.h"
 #include "loratune/amp.h"
 #include "loratune/device.h"
 #include "loratune/memory.h"

@@ -6,11 +6,15 @@
 
 #include <ATen/ATen.h>
 
+#include "loratune/adapter.h"
 #include "loratune/errors.h"
 #include "loratune/image.h"
+#include "loratune/transform.h"
 #include "loratune/image_folder.h"
 #include "loratune/loader.h"
+#include "common/files.h"
 #include "loratune/trainer.h"
+#include "loratune/training_run.h"
 #include "loratune/training_setup.h"
 #include "test_support.h"
 
@@ -209,6 +213,49 @@ TEST(TrainingOnPhotos, LossFallsAndValidationBeatsChance) {
   }
   ASSERT_GE(losses.size(), 2u);
   EXPECT_LT(losses.back(), 0.5 * losses.front());
+}
+
+// A reporter that keeps the lines it is given.
+struct KeptLines : TrainingReporter {
+  std::vector<std::string> messages, warnings;
+  void message(const std::string& text) override { messages.push_back(text); }
+  void warning(const std::string& text) override { warnings.push_back(text); }
+  bool has(const std::vector<std::string>& lines, const std::string& part) const {
+    return std::any_of(lines.begin(), lines.end(), [&](const std::string& l) { return l.find(part) != std::string::npos; });
+  }
+};
+
+TEST(TrainingRun, OneCallFromConfigToRunAndAStoppedRunResumesToTheSameAdapter) {
+  const auto dir = test::temp_dir("training_run");
+  auto config = [&](const std::string& out) {
+    return parse_train_config({{"model", fixture("models/timm_script.pt").string()},
+                               {"data", {{"train", images("edge").string()}, {"val_fraction", 0.25}, {"workers", 2}}},
+                               {"epochs", 2}, {"batch_size", 2}, {"precision", "fp32"}, {"seed", 5},
+                               {"output_dir", (dir / out).string()}},
+                              "test");
+  };
+  auto lines = std::make_shared<KeptLines>();
+  TrainingRunOptions options;
+  options.reporter = lines;
+  const TrainingRun whole = run_training(config("whole"), options);
+  EXPECT_TRUE(whole.lead);
+  EXPECT_EQ(whole.summary.epochs, 2);
+  EXPECT_EQ(whole.summary.steps, 6) << "3 + 3 training images in batches of 2, for two epochs";
+  EXPECT_TRUE(lines->has(lines->messages, "2 classes: alpha, beta"));
+  EXPECT_TRUE(lines->has(lines->messages, "LoRA on "));
+  EXPECT_TRUE(lines->has(lines->warnings, "skipped 4 files"));
+
+  TrainingRunOptions stopped;
+  stopped.reporter = std::make_shared<TrainingReporter>();
+  stopped.stop_after_step = [](int64_t step) { return step == 4; };
+  EXPECT_THROW(run_training(config("split"), stopped), Interrupted);
+  EXPECT_THROW_WITH(run_training(config("split"), {}), InputError, "already holds a run; continue it with --resume");
+  TrainingRunOptions resumed;
+  resumed.resume = true;
+  resumed.reporter = stopped.reporter;
+  EXPECT_EQ(run_training(config("split"), resumed).summary.steps, 6);
+  EXPECT_EQ(read_file(dir / "split" / Trainer::kLastAdapter / kAdapterWeightsName),
+            read_file(dir / "whole" / Trainer::kLastAdapter / kAdapterWeightsName));
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include "loratune/adapter_binding.h"
+#include "loratune/adapter_variant.h"
+#include "loratune/targets.h"
 #include "loratune/errors.h"
 #include "loratune/model.h"
 #include "loratune/optim.h"
@@ -69,10 +71,11 @@ void expect_matches_reference(const std::filesystem::path& bundle, const std::fi
     for (const auto& t : model.adapters()) {
       SCOPED_TRACE(t.describe());
       ASSERT_EQ(t.variant->name(), variant);
-      const auto& names = t.variant->tensor_names();
-      for (size_t k = 0; k < names.size(); ++k) {
-        ASSERT_TRUE(t.tensors[k].grad().defined()) << names[k];
-        EXPECT_LT(scaled_diff(t.tensors[k].grad(), ref.at("grad." + peft_key(t, prefix, names[k]))), 1e-5) << names[k];
+      const auto& specs = t.variant->tensor_specs();
+      for (size_t k = 0; k < specs.size(); ++k) {
+        ASSERT_TRUE(t.tensors[k].grad().defined()) << specs[k].name;
+        EXPECT_LT(scaled_diff(t.tensors[k].grad(), ref.at("grad." + peft_key(t, prefix, specs[k].name))), 1e-5)
+            << specs[k].name;
       }
     }
     EXPECT_LT(scaled_diff(model.head_weight().grad(), ref.at("grad.head.weight")), 1e-5);
@@ -176,6 +179,42 @@ TEST(LoraTargets, ErrorsSayWhatWouldWork) {
   s.targets = {"query"};
   s.rank = 64;
   EXPECT_THROW_WITH(resolve_targets(hf.module(), s), InputError, "LoRA rank 64 is larger than the weight");
+}
+
+// What the file format, `info`, the config and the optimiser ask a variant agrees with the tensors it makes.
+TEST(AdapterVariants, SpecsDescribeTheTensorsEachVariantMakes) {
+  Model model(load_bundle(fixture("models/timm_script.pt")));  // fused qkv: slices and whole weights
+  ASSERT_GE(adapter_variants().size(), 2u);
+  for (const AdapterVariant* variant : adapter_variants()) {
+    SCOPED_TRACE(variant->name());
+    EXPECT_EQ(find_variant(variant->name()), variant);
+    LoraSettings settings;
+    settings.variant = variant->name();
+    settings.rank = 3;
+    settings.targets = {"qkv:q,v", "fc1"};
+    auto targets = resolve_targets(model.module(), settings);
+    init_adapter_tensors(targets, model.module());
+    ASSERT_FALSE(targets.empty());
+    const auto& specs = variant->tensor_specs();
+    for (const auto& t : targets) {
+      ASSERT_EQ(t.variant, variant);
+      ASSERT_EQ(t.tensors.size(), specs.size());
+      int64_t made = 0;
+      for (size_t k = 0; k < specs.size(); ++k) {
+        EXPECT_EQ(t.tensors[k].sizes(), at::IntArrayRef(specs[k].shape_for(t))) << specs[k].name;
+        EXPECT_EQ(t.tensor_name(k), "lora." + t.name() + "." + specs[k].name);
+        made += t.tensors[k].numel();
+      }
+      EXPECT_EQ(variant->parameter_count(t), made);
+      EXPECT_NO_THROW(variant->check(t, "f"));
+      LoraTarget missing = t;
+      missing.tensors.back() = at::Tensor();
+      EXPECT_THROW_WITH(variant->check(missing, "f"), InputError, "f: " + variant->name() + " adapter " + t.describe() +
+                        " has no lora_" + specs.back().name);
+    }
+  }
+  EXPECT_EQ(find_variant("vera"), nullptr);
+  EXPECT_THROW_WITH(variant_by_name("vera"), InputError, "lora.variant must be lora or dora (got \"vera\")");
 }
 
 TEST(Bundles, RefuseNoGradTracedAttentionWithAFix) {

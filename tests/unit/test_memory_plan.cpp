@@ -36,7 +36,7 @@ int64_t measured_step_peak(const TrainConfig& c, int64_t batch, int64_t classes)
   for (int64_t i = 0; i < classes; ++i) names.push_back("c" + std::to_string(i));
   auto model = build_training_model(c, names);
   model->set_training(true);
-  auto optimizer = make_optimizer(c, model->trainable());
+  auto optimizer = make_optimizer(c, *model);
   auto scaler = make_loss_scaler(c, resolve_precision(c.precision, cpu));
   const int64_t s = model->bundle().info.image_size;
   const at::Tensor x = at::randn({batch, 3, s, s}), y = at::arange(batch, at::kLong) % classes;

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "loratune/adapter_binding.h"
+#include "loratune/targets.h"
 #include "loratune/errors.h"
 #include "loratune/merge.h"
 #include "loratune/model.h"

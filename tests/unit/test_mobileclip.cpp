@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "loratune/adapter_binding.h"
+#include "loratune/targets.h"
 #include "loratune/clip_tokenizer.h"
 #include "loratune/errors.h"
 #include "common/files.h"

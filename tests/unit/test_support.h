@@ -6,6 +6,8 @@
 
 #include <filesystem>
 #include <string>
+#include <system_error>
+#include <vector>
 
 namespace loratune::test {
 
@@ -13,11 +15,22 @@ inline std::filesystem::path fixture(const std::string& name) {
   return std::filesystem::path(LORATUNE_FIXTURE_DIR) / name;
 }
 
-// A fresh empty directory under the system temp dir.
+// The directories temp_dir made, removed when the test process ends.
+struct TempDirs {
+  std::vector<std::filesystem::path> dirs;
+  ~TempDirs() {
+    std::error_code ec;
+    for (const auto& d : dirs) std::filesystem::remove_all(d, ec);
+  }
+};
+
+// A fresh empty directory under the system temp dir, removed at the end of the test process.
 inline std::filesystem::path temp_dir(const std::string& name) {
+  static TempDirs made;
   auto dir = std::filesystem::temp_directory_path() / ("loratune_test_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
+  made.dirs.push_back(dir);
   return dir;
 }
 

@@ -366,5 +366,34 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   EXPECT_THROW_WITH(load_train_config(dir / "c.json", {"lora.rank"}), InputError, "expected key=value");
 }
 
+TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {
+  const nlohmann::json base = {{"model", "m"}, {"data", {{"train", "p"}}}};
+  auto with = [&](const nlohmann::json& patch) {
+    nlohmann::json j = base;
+    j.merge_patch(patch);
+    return parse_train_config(j, "c.json");
+  };
+  EXPECT_THROW_WITH(with({{"data", {{"workers", -1}}}}), InputError, "c.json: data.workers must be at least 0 (got -1)");
+  EXPECT_THROW_WITH(with({{"data", {{"cache", "disk"}}}}), InputError,
+                    "c.json: data.cache must be auto, memory or off (got \"disk\")");
+  EXPECT_THROW_WITH(with({{"optim", {{"betas", {0.9, 1.0}}}}}), InputError, "optim.betas entries must be in [0, 1) (got 1.0)");
+  EXPECT_THROW_WITH(with({{"lora", {{"rank_pattern", {{"query", 0}}}}}}), InputError,
+                    "lora.rank_pattern values must be at least 1 (got 0)");
+  EXPECT_THROW_WITH(with({{"lora", {{"variant", "vera"}}}}), InputError, "lora.variant must be lora or dora (got \"vera\")");
+  EXPECT_THROW_WITH(with({{"schedule", {{"min_lr_ratio", 1.5}}}}), InputError, "schedule.min_lr_ratio must be in [0, 1]");
+  EXPECT_NO_THROW(with({{"seed", -3}}));  // seeds have no range
+  // The LoRA rules are the same ones a target list and an adapter file are checked with (test_untrusted_input).
+  EXPECT_THROW_WITH(with({{"lora", {{"dropout", 1.5}}}}), InputError, "c.json: lora.dropout must be in [0, 1) (got 1.5)");
+  LoraSettings settings;
+  settings.dropout = 1.5;
+  EXPECT_THROW_WITH(check_lora_settings(settings, "x"), InputError, "x: lora.dropout must be in [0, 1) (got 1.5)");
+  // --help-config is made from the records: the variant registry's names, each range.
+  const std::string help = config_reference();
+  EXPECT_NE(help.find("one of: lora | dora"), std::string::npos) << help;
+  EXPECT_NE(help.find("one of: lora | full | linear_probe"), std::string::npos);
+  EXPECT_NE(help.find("one of: auto | fp32 | bf16 | fp16"), std::string::npos);
+  EXPECT_NE(help.find("each in [0, 1)"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace loratune

@@ -9,6 +9,7 @@
 
 #include "common/pattern_match.h"
 #include "loratune/adapter_binding.h"
+#include "loratune/targets.h"
 #include "loratune/bundle.h"
 #include "loratune/errors.h"
 #include "common/files.h"
@@ -119,6 +120,21 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
     c.metadata["loratune"] = m.dump();
   });
   EXPECT_THROW_WITH(load_adapter(broken_meta), InputError, "metadata is damaged");
+  // The settings follow the rules a config's keys follow.
+  const fs::path bad_dropout = variant("bad_dropout", [](safetensors::Contents& c) {
+    json m = loratune_meta(c);
+    m["lora"]["dropout"] = 1.5;
+    c.metadata["loratune"] = m.dump();
+  });
+  EXPECT_THROW_WITH(load_adapter(bad_dropout), InputError, "lora.dropout must be in [0, 1) (got 1.5)");
+  const fs::path other_variant = variant("other_variant", [](safetensors::Contents& c) {
+    json m = loratune_meta(c);
+    m["lora"]["variant"] = "vera";
+    c.metadata["loratune"] = m.dump();
+  });
+  EXPECT_THROW_WITH(load_adapter(other_variant / kAdapterWeightsName), InputError,
+                    "lora.variant must be lora or dora (got \"vera\")");
+  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "variant lora vs vera");
   const fs::path not_json = variant("not_json", [](safetensors::Contents& c) { c.metadata["loratune"] = "{\"method\":"; });
   EXPECT_THROW_WITH(load_adapter(not_json), InputError, "metadata is damaged");
 

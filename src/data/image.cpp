@@ -1,11 +1,11 @@
+#include "loratune/image.h"
+
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
-
-#include "loratune/image.h"
 
 namespace loratune {
 namespace {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "loratune/adapter_variant.h"
 #include "common/pattern_match.h"
 #include "loratune/errors.h"
 #include "common/files.h"
@@ -42,11 +43,20 @@ json settings_json(const LoraSettings& s) {
 constexpr size_t kMaxNameLength = 4096;   // bytes of a tensor key or module path
 constexpr size_t kMaxPatternKeys = 10000;  // rank_pattern / alpha_pattern entries
 
-// A tensor key "<module>.lora_A[.<q|k|v>].weight", split without regular expressions (keys are untrusted input).
+// A tensor key "<module>.lora_<tensor>[.<q|k|v>].weight", split without regular expressions (keys are untrusted
+// input).
 struct LoraKey {
   std::string module, slice;
-  std::string tensor;  // "A", "B", "magnitude_vector"; empty: not an adapter key
+  std::string tensor;  // a tensor name of some registered variant ("A", "B", ...); empty: not an adapter key
 };
+
+// The adapter tensor with this name in some registered variant.
+const AdapterTensorSpec* find_tensor_spec(const std::string& name) {
+  for (const auto* variant : adapter_variants())
+    for (const auto& spec : variant->tensor_specs())
+      if (spec.name == name) return &spec;
+  return nullptr;
+}
 
 LoraKey parse_lora_key(const std::string& name) {
   LoraKey k;
@@ -58,14 +68,13 @@ LoraKey parse_lora_key(const std::string& name) {
     slice = rest.substr(rest.size() - 1);
     rest.resize(rest.size() - 2);
   }
-  for (const char* tensor : {"A", "B", "magnitude_vector"}) {
-    const std::string suffix = std::string(".lora_") + tensor;
-    if (rest.size() > suffix.size() && rest.compare(rest.size() - suffix.size(), suffix.size(), suffix) == 0) {
-      k.module = rest.substr(0, rest.size() - suffix.size());
-      k.slice = slice;
-      k.tensor = tensor;
-    }
-  }
+  const size_t marker = rest.rfind(".lora_");
+  if (marker == std::string::npos || marker == 0) return k;
+  const std::string tensor = rest.substr(marker + 6);
+  if (find_tensor_spec(tensor) == nullptr) return k;
+  k.module = rest.substr(0, marker);
+  k.slice = slice;
+  k.tensor = tensor;
   return k;
 }
 
@@ -109,14 +118,13 @@ json peft_config(const Adapter& a) {
     if (t.rank != a.lora.rank) rank_pattern[t.module] = t.rank;
     if (t.alpha != a.lora.alpha) alpha_pattern[t.module] = t.alpha;
   }
-  return {{"peft_type", "LORA"},
+  json config = {{"peft_type", "LORA"},
           {"task_type", nullptr},
           {"base_model_name_or_path", a.base_name},
           {"r", a.lora.rank},
           {"lora_alpha", a.lora.alpha},
           {"lora_dropout", a.lora.dropout},
           {"use_rslora", a.lora.rslora},
-          {"use_dora", a.lora.variant == "dora"},
           {"target_modules", names},
           {"rank_pattern", rank_pattern},
           {"alpha_pattern", alpha_pattern},
@@ -125,6 +133,9 @@ json peft_config(const Adapter& a) {
           {"init_lora_weights", true},
           {"inference_mode", true},
           {"modules_to_save", a.head_weight.defined() ? json::array({kHeadModule}) : json::array()}};
+  for (const auto* variant : adapter_variants())
+    if (!variant->peft_flag().empty()) config[variant->peft_flag()] = a.lora.variant == variant->name();
+  return config;
 }
 
 }  // namespace
@@ -133,8 +144,9 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   safetensors::Tensors tensors;
   json targets = json::array();
   for (const auto& t : a.targets) {
-    const auto& names = t.variant->tensor_names();
-    for (size_t k = 0; k < names.size(); ++k) tensors[target_key(t, names[k])] = t.tensors.at(k).detach().to(at::kCPU, at::kFloat);
+    const auto& specs = t.variant->tensor_specs();
+    for (size_t k = 0; k < specs.size(); ++k)
+      tensors[target_key(t, specs[k].name)] = t.tensors.at(k).detach().to(at::kCPU, at::kFloat);
     targets.push_back(target_json(t));
   }
   if (a.head_weight.defined()) {
@@ -211,13 +223,22 @@ void read_peft_config(Adapter& a, const json& c, const std::string& where) {
     a.lora.alpha = c.at("lora_alpha");
     a.lora.dropout = setting_or(c, "lora_dropout", 0.0);
     a.lora.rslora = setting_or(c, "use_rslora", false);
-    a.lora.variant = setting_or(c, "use_dora", false) ? "dora" : "lora";
+    a.lora.variant = lora_variant().name();
+    for (const auto* variant : adapter_variants())
+      if (!variant->peft_flag().empty() && setting_or(c, variant->peft_flag().c_str(), false)) a.lora.variant = variant->name();
     if (c.contains("rank_pattern") && c["rank_pattern"].is_object()) a.lora.rank_pattern = c["rank_pattern"];
     if (c.contains("alpha_pattern") && c["alpha_pattern"].is_object()) a.lora.alpha_pattern = c["alpha_pattern"];
     a.base_name = setting_or<std::string>(c, "base_model_name_or_path", "");
   } catch (const json::exception& e) {
     throw InputError(where + ": not a PEFT LoRA config (" + std::string(e.what()) + ")");
   }
+}
+
+std::vector<std::string> peft_flags() {
+  std::vector<std::string> flags;
+  for (const auto* variant : adapter_variants())
+    if (!variant->peft_flag().empty()) flags.push_back(variant->peft_flag());
+  return flags;
 }
 
 json parse_config_file(const fs::path& path) {
@@ -261,7 +282,8 @@ Adapter load_adapter(const fs::path& path) {
         peft.lora.variant != a.lora.variant)
         throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() +
                          " (r " + std::to_string(peft.lora.rank) + " vs " + std::to_string(a.lora.rank) +
-                         ", lora_alpha, use_rslora); the files were altered or mixed up: copy the adapter folder anew");
+                         ", lora_alpha, use_rslora, variant " + peft.lora.variant + " vs " + a.lora.variant +
+                         "); the files were altered or mixed up: copy the adapter folder anew");
     }
   } else {
     // An adapter from PEFT: settings come from adapter_config.json.
@@ -270,16 +292,9 @@ Adapter load_adapter(const fs::path& path) {
                        "lora_alpha");
     read_peft_config(a, parse_config_file(config_path), config_path.string());
   }
-  if (a.lora.rank <= 0 || !(a.lora.alpha > 0) || !(a.lora.dropout >= 0 && a.lora.dropout < 1))
-    throw InputError(origin + ": settings out of range (rank " + std::to_string(a.lora.rank) + ", alpha " +
-                     std::to_string(a.lora.alpha) + ", dropout " + std::to_string(a.lora.dropout) + ")");
+  check_lora_settings(a.lora, origin);
   const PeftPatterns alpha_patterns(a.lora.alpha_pattern, origin);
-  const AdapterVariant* variant = nullptr;
-  try {
-    variant = &variant_by_name(a.lora.variant);
-  } catch (const InputError& e) {
-    throw InputError(origin + ": " + e.what());
-  }
+  const AdapterVariant* variant = find_variant(a.lora.variant);
 
   // Tensors: adapters by key, the head, full weights.
   std::map<TargetKey, LoraTarget> found;
@@ -303,16 +318,16 @@ Adapter load_adapter(const fs::path& path) {
       t.param = param;
       t.slice = k.slice;
       t.variant = variant;
-      t.tensors.resize(variant->tensor_names().size());
-      const auto& names = variant->tensor_names();
-      const auto slot = std::find(names.begin(), names.end(), k.tensor);
-      if (slot == names.end())
+      const auto& specs = variant->tensor_specs();
+      t.tensors.resize(specs.size());
+      const auto slot = std::find_if(specs.begin(), specs.end(), [&](const AdapterTensorSpec& s) { return s.name == k.tensor; });
+      if (slot == specs.end())
         throw InputError(origin + ": tensor " + key + " belongs to another adapter variant than " + variant->name() +
-                         " (DoRA files say use_dora in adapter_config.json)");
-      if (tensor.dim() != (k.tensor == "magnitude_vector" ? 1 : 2) || !tensor.is_floating_point())
-        throw InputError(origin + ": tensor " + key + " is not a " + (k.tensor == "magnitude_vector" ? "1" : "2") +
+                         " (adapter_config.json names the variant: " + join(peft_flags(), ", ") + ")");
+      if (tensor.dim() != static_cast<int64_t>(slot->shape.size()) || !tensor.is_floating_point())
+        throw InputError(origin + ": tensor " + key + " is not a " + std::to_string(slot->shape.size()) +
                          "-D floating point tensor");
-      t.tensors[static_cast<size_t>(slot - names.begin())] = tensor.to(at::kFloat);
+      t.tensors[static_cast<size_t>(slot - specs.begin())] = tensor.to(at::kFloat);
     } else if (key == head_prefix + "weight") {
       a.head_weight = tensor.to(at::kFloat);
     } else if (key == head_prefix + "bias") {

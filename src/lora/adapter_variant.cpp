@@ -1,28 +1,45 @@
-// Target keys, and plain LoRA as an adapter variant: W' = W + s * B @ A on the target's rows.
+// The adapter variants and their registry: plain LoRA, W' = W + s * B @ A on the target's rows, and DoRA.
+#include "loratune/adapter_variant.h"
+
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include <cmath>
 
+#include "common/value_rules.h"
 #include "loratune/errors.h"
-#include "loratune/lora.h"
 
 namespace loratune {
 
-std::string TargetKey::name() const { return module + "." + param + (slice.empty() ? "" : "." + slice); }
-
-std::pair<int64_t, int64_t> TargetKey::rows_in(int64_t weight_rows) const {
-  if (slice.empty()) return {0, weight_rows};
-  const int64_t third = weight_rows / 3;
-  return {(slice == "q" ? 0 : slice == "k" ? 1 : 2) * third, third};
+std::vector<int64_t> AdapterTensorSpec::shape_for(const LoraTarget& t) const {
+  std::vector<int64_t> sizes;
+  for (const AdapterDim d : shape)
+    sizes.push_back(d == AdapterDim::kRank ? t.rank : d == AdapterDim::kInFeatures ? t.in_features : t.rows);
+  return sizes;
 }
 
-bool TargetKey::operator<(const TargetKey& o) const {
-  return std::tie(module, param, slice) < std::tie(o.module, o.param, o.slice);
+int64_t AdapterVariant::parameter_count(const LoraTarget& t) const {
+  int64_t count = 0;
+  for (const auto& spec : tensor_specs()) {
+    int64_t n = 1;
+    for (const int64_t size : spec.shape_for(t)) n *= size;
+    count += n;
+  }
+  return count;
 }
 
-bool TargetKey::operator==(const TargetKey& o) const {
-  return module == o.module && param == o.param && slice == o.slice;
+void AdapterVariant::check(const LoraTarget& t, const std::string& origin) const {
+  const auto& specs = tensor_specs();
+  for (size_t k = 0; k < specs.size(); ++k) {
+    const std::string what = origin + ": " + name() + " adapter " + t.describe();
+    if (k >= t.tensors.size() || !t.tensors[k].defined())
+      throw InputError(what + " has no lora_" + specs[k].name + " (a " + name() + " adapter has " +
+                       std::to_string(specs.size()) + " tensors per weight)");
+    const auto expected = specs[k].shape_for(t);
+    if (t.tensors[k].sizes() != at::IntArrayRef(expected))
+      throw InputError(what + " has lora_" + specs[k].name + " of shape " + c10::str(t.tensors[k].sizes()) + ", not " +
+                       c10::str(at::IntArrayRef(expected)));
+  }
 }
 
 namespace {
@@ -67,13 +84,19 @@ def lora_weight(self, w: Tensor) -> Tensor:
   return code.replace(code.find("{change}"), 8, change);
 }
 
+// LoRA's A [rank, in] and B [rows, rank]; B is the up-projection LoRA+ speeds up.
+std::vector<AdapterTensorSpec> lora_specs() {
+  return {{"A", {AdapterDim::kRank, AdapterDim::kInFeatures}, false}, {"B", {AdapterDim::kRows, AdapterDim::kRank}, true}};
+}
+
 class Lora : public AdapterVariant {
  public:
   std::string name() const override { return "lora"; }
+  std::string peft_flag() const override { return ""; }
 
-  const std::vector<std::string>& tensor_names() const override {
-    static const std::vector<std::string> names = {"A", "B"};
-    return names;
+  const std::vector<AdapterTensorSpec>& tensor_specs() const override {
+    static const std::vector<AdapterTensorSpec> specs = lora_specs();
+    return specs;
   }
 
   void init(LoraTarget& t, const at::Tensor&) const override {
@@ -81,14 +104,6 @@ class Lora : public AdapterVariant {
     const double bound = 1.0 / std::sqrt(static_cast<double>(t.in_features));
     t.tensors = {at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(true),
                  at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(true)};
-  }
-
-  void check(const LoraTarget& t, const std::string& origin) const override {
-    if (t.tensors.size() < 2 || !t.A().defined() || !t.B().defined())
-      throw InputError(origin + ": adapter " + t.describe() + " needs both lora_A and lora_B");
-    if (t.A().sizes() != at::IntArrayRef{t.rank, t.in_features} || t.B().sizes() != at::IntArrayRef{t.rows, t.rank})
-      throw InputError(origin + ": adapter " + t.describe() + " has tensors of the wrong shape (lora_A " +
-                       c10::str(t.A().sizes()) + ", lora_B " + c10::str(t.B().sizes()) + ")");
   }
 
   const char* activation_code() const override { return kActivationCode; }
@@ -108,25 +123,21 @@ class Lora : public AdapterVariant {
 class Dora : public Lora {
  public:
   std::string name() const override { return "dora"; }
+  std::string peft_flag() const override { return "use_dora"; }
 
-  const std::vector<std::string>& tensor_names() const override {
-    static const std::vector<std::string> names = {"A", "B", "magnitude_vector"};
-    return names;
+  const std::vector<AdapterTensorSpec>& tensor_specs() const override {
+    static const std::vector<AdapterTensorSpec> specs = [] {
+      auto s = lora_specs();
+      s.push_back({"magnitude_vector", {AdapterDim::kRows}});
+      return s;
+    }();
+    return specs;
   }
 
   void init(LoraTarget& t, const at::Tensor& base_rows) const override {
     Lora::init(t, base_rows);
     at::NoGradGuard no_grad;
     t.tensors.push_back(base_rows.to(at::kFloat).norm(2, {1}).requires_grad_(true));
-  }
-
-  void check(const LoraTarget& t, const std::string& origin) const override {
-    if (t.tensors.size() != 3 || !t.tensors[2].defined())
-      throw InputError(origin + ": DoRA adapter " + t.describe() + " has no lora_magnitude_vector");
-    Lora::check(t, origin);
-    if (t.tensors[2].sizes() != at::IntArrayRef{t.rows})
-      throw InputError(origin + ": DoRA adapter " + t.describe() + " has a magnitude vector of shape " +
-                       c10::str(t.tensors[2].sizes()) + ", not [" + std::to_string(t.rows) + "]");
   }
 
   const char* activation_code() const override { return nullptr; }
@@ -155,15 +166,27 @@ const AdapterVariant& lora_variant() {
   return lora;
 }
 
-const AdapterVariant& dora_variant() {
+const std::vector<const AdapterVariant*>& adapter_variants() {
   static const Dora dora;
-  return dora;
+  static const std::vector<const AdapterVariant*> all = {&lora_variant(), &dora};
+  return all;
+}
+
+std::vector<std::string> variant_names() {
+  std::vector<std::string> names;
+  for (const auto* v : adapter_variants()) names.push_back(v->name());
+  return names;
+}
+
+const AdapterVariant* find_variant(const std::string& name) {
+  for (const auto* v : adapter_variants())
+    if (v->name() == name) return v;
+  return nullptr;
 }
 
 const AdapterVariant& variant_by_name(const std::string& name) {
-  if (name == "lora") return lora_variant();
-  if (name == "dora") return dora_variant();
-  throw InputError("lora.variant must be lora or dora (got \"" + name + "\")");
+  if (const auto* v = find_variant(name)) return *v;
+  throw InputError("lora.variant must be " + choices_text(variant_names()) + " (got \"" + name + "\")");
 }
 
 }  // namespace loratune

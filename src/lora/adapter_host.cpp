@@ -8,7 +8,7 @@
 
 #include "common/torch_compat.h"
 #include "loratune/errors.h"
-#include "loratune/lora.h"
+#include "lora/adapter_host.h"
 #include "common/strings.h"
 
 namespace loratune {
@@ -23,7 +23,7 @@ constexpr const char* kAttributes[] = {"lora_enabled", "lora_training", "lora_dr
 
 std::vector<std::string> tensor_attributes(const AdapterVariant& variant) {
   std::vector<std::string> names;
-  for (const auto& n : variant.tensor_names()) names.push_back("lora_" + n);
+  for (const auto& spec : variant.tensor_specs()) names.push_back("lora_" + spec.name);
   return names;
 }
 
@@ -218,7 +218,7 @@ void AdapterHost::attach(const std::vector<LoraTarget>& targets, double dropout)
   for (auto& [path, module] : modules_) {
     if (!prepared_.count(module.type().get())) continue;
     const AdapterVariant& variant = *prepared_variant_.at(module.type().get());
-    std::vector<c10::List<at::Tensor>> lists(variant.tensor_names().size());
+    std::vector<c10::List<at::Tensor>> lists(variant.tensor_specs().size());
     c10::List<double> scale;
     c10::List<int64_t> rows;
     auto it = by_module.find(path);

@@ -1,0 +1,64 @@
+// Adapter variants: what one adapter on a weight is made of and how it acts. A variant owns its tensors (names,
+// shapes, which ones LoRA+ speeds up), its PEFT flag, its initialisation, the TorchScript code that applies it inside
+// the rewritten graph and how it folds into the weight at merge. The file format, the config, `loratune info` and
+// the optimiser ask the registry; a new variant is one class, one line in adapter_variants() and its reference
+// fixture.
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "loratune/lora.h"
+
+namespace loratune {
+
+// A dimension of an adapter tensor, in terms of its target.
+enum class AdapterDim { kRank, kInFeatures, kRows };
+
+struct AdapterTensorSpec {
+  // "A", "B", "magnitude_vector": adapter files store "<module>.lora_<name>[.<slice>].weight", rewritten modules
+  // hold list attributes "lora_<name>" (one entry per slice), training names it LoraTarget::tensor_name.
+  std::string name;
+  std::vector<AdapterDim> shape;
+  bool up_projection = false;  // LoRA+ (optim.lora_plus_ratio) trains it at that multiple of the learning rate
+
+  std::vector<int64_t> shape_for(const LoraTarget& target) const;
+};
+
+class AdapterVariant {
+ public:
+  virtual ~AdapterVariant() = default;
+  virtual std::string name() const = 0;
+  // The key in PEFT's adapter_config.json that is true for this variant ("use_dora"); empty for plain LoRA.
+  virtual std::string peft_flag() const = 0;
+  // Its tensors, in order; every variant starts with LoRA's A [rank, in_features] and B [rows, rank].
+  virtual const std::vector<AdapterTensorSpec>& tensor_specs() const = 0;
+  // Creates the tensors of `target` (fp32, trainable); `base_rows` are the adapted rows of the frozen weight.
+  virtual void init(LoraTarget& target, const at::Tensor& base_rows) const = 0;
+  // TorchScript methods added to each rewritten module type. `lora_forward(self, x, y)` adds the adapter's output
+  // to y = linear(x, W, b) (activation wiring; nullptr: the variant needs the weight wiring everywhere);
+  // `lora_weight(self, w)` returns the adapted weight (weight wiring).
+  // Both read lora_enabled, lora_training, lora_dropout, lora_scale, lora_rows and the tensor lists.
+  virtual const char* activation_code() const = 0;
+  virtual const char* weight_code() const = 0;
+  // The adapted rows after merging at `strength` (0: base, 1: adapted), computed in fp32.
+  virtual at::Tensor merged_rows(const LoraTarget& target, const at::Tensor& base_rows, double strength) const = 0;
+
+  // Trained values per target: the sum of its tensors' sizes.
+  int64_t parameter_count(const LoraTarget& target) const;
+  // Checks a target's tensors against its specs (InputError naming `origin`, the target and the variant).
+  void check(const LoraTarget& target, const std::string& origin) const;
+};
+
+// The registry: every variant, plain LoRA first.
+const std::vector<const AdapterVariant*>& adapter_variants();
+std::vector<std::string> variant_names();
+// By name: nullptr when unknown / InputError naming the choices.
+const AdapterVariant* find_variant(const std::string& name);
+const AdapterVariant& variant_by_name(const std::string& name);
+// DoRA (Liu et al. 2024): m * (W + s * B @ A) / ||W + s * B @ A|| per output row.
+const AdapterVariant& dora_variant();
+
+}  // namespace loratune

@@ -1,0 +1,56 @@
+// Adapter slots in the module types of a loaded TorchScript model: the graph rewrite behind Model's adapters.
+#pragma once
+
+#include <torch/script.h>
+
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "loratune/adapter_variant.h"
+
+namespace loratune {
+
+// True when some code of the model reads the weight `param` of the module at `module_path`.
+bool weight_is_read(const torch::jit::Module& root, const std::string& module_path, const std::string& param);
+
+// How an adapted weight is wired into the model's code.
+enum class LoraWiring {
+  kActivation,   // low-rank term added after each aten::linear that reads the weight (dropout applies)
+  kWeightDelta,  // every read of the weight sees W + s*B@A (other code paths, e.g. nn.MultiheadAttention)
+};
+
+// Adds adapter slots to the module types of a loaded TorchScript model and binds adapter tensors to them.
+// Rewriting happens once per module type, so it must happen before the model's first forward call.
+class AdapterHost {
+ public:
+  explicit AdapterHost(torch::jit::Module root);
+
+  // Makes the module types that own these targets able to carry adapters (idempotent per type).
+  void prepare(const std::vector<LoraTarget>& targets);
+  // Binds the tensors of `targets` (all prepared) and enables them; other prepared modules are disabled.
+  void attach(const std::vector<LoraTarget>& targets, double dropout);
+  // Disables every adapter: the model computes its base function again.
+  void detach();
+  // LoRA dropout on (training) or off.
+  void set_training(bool training);
+
+  LoraWiring wiring(const std::string& module_path) const;
+  // Human-readable notes from preparation (e.g. where dropout cannot apply).
+  const std::vector<std::string>& notes() const { return notes_; }
+
+ private:
+  void prepare_type(const c10::ClassTypePtr& type, const std::string& param, const std::string& example_path,
+                    const AdapterVariant& variant);
+
+  torch::jit::Module root_;
+  std::vector<std::pair<std::string, torch::jit::Module>> modules_;  // every module, by path
+  std::map<const c10::ClassType*, LoraWiring> prepared_;
+  std::map<const c10::ClassType*, std::string> prepared_param_;
+  std::map<const c10::ClassType*, const AdapterVariant*> prepared_variant_;
+  std::set<std::string> attached_;
+  std::vector<std::string> notes_;
+};
+
+}  // namespace loratune

@@ -1,0 +1,54 @@
+// Target keys and targets, and the rules of LoRA settings.
+#include "loratune/lora.h"
+
+#include <cmath>
+
+#include "common/strings.h"
+#include "lora/lora_rules.h"
+#include "loratune/adapter_variant.h"
+#include "loratune/errors.h"
+
+namespace loratune {
+
+std::string TargetKey::name() const { return module + "." + param + (slice.empty() ? "" : "." + slice); }
+
+std::pair<int64_t, int64_t> TargetKey::rows_in(int64_t weight_rows) const {
+  if (slice.empty()) return {0, weight_rows};
+  const int64_t third = weight_rows / 3;
+  return {(slice == "q" ? 0 : slice == "k" ? 1 : 2) * third, third};
+}
+
+bool TargetKey::operator<(const TargetKey& o) const {
+  return std::tie(module, param, slice) < std::tie(o.module, o.param, o.slice);
+}
+
+bool TargetKey::operator==(const TargetKey& o) const {
+  return module == o.module && param == o.param && slice == o.slice;
+}
+
+double LoraTarget::scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank; }
+
+std::string LoraTarget::describe() const {
+  return module + (param == "weight" ? "" : "." + param) + (slice.empty() ? "" : "[" + slice + "]") + " [" +
+         std::to_string(rows) + "x" + std::to_string(in_features) + "] r=" + std::to_string(rank) +
+         (variant == &lora_variant() ? "" : " " + variant->name());
+}
+
+std::string LoraTarget::tensor_name(size_t k) const { return "lora." + name() + "." + variant->tensor_specs().at(k).name; }
+
+void check_lora_settings(const LoraSettings& s, const std::string& origin) {
+  auto check = [&](const char* key, const Range& range, double value) {
+    if (!range.contains(value))
+      throw InputError(origin + ": lora." + key + " must be " + range.text() + " (got " + c10::str(value) + ")");
+  };
+  check("rank", lora_rules::kRank, static_cast<double>(s.rank));
+  check("alpha", lora_rules::kAlpha, s.alpha);
+  check("dropout", lora_rules::kDropout, s.dropout);
+  for (const auto& [pattern, rank] : s.rank_pattern) check("rank_pattern values", lora_rules::kRank, static_cast<double>(rank));
+  for (const auto& [pattern, alpha] : s.alpha_pattern) check("alpha_pattern values", lora_rules::kAlpha, alpha);
+  if (s.last_blocks >= 0) check("last_blocks", lora_rules::kLastBlocks, static_cast<double>(s.last_blocks));
+  if (find_variant(s.variant) == nullptr)
+    throw InputError(origin + ": lora.variant must be " + choices_text(variant_names()) + " (got \"" + s.variant + "\")");
+}
+
+}  // namespace loratune
