@@ -17,12 +17,17 @@ constexpr const char* kExitCodes =
 
 std::string footer(const std::string& examples) { return "\nExamples:\n" + examples + kExitCodes; }
 
+constexpr const char* kThreadsHelp =
+    "CPU threads for compute: auto follows the machine's load (fewer threads while other programs are busy), a "
+    "number pins it (0: one per core)";
+
 // Where and how the commands that run a model on images (eval, predict) compute.
 template <typename Command>
 void add_compute_options(CLI::App* command, Command& options) {
   command->add_option("--device", options.device, "auto | cpu | cuda[:N]")->capture_default_str();
   command->add_option("--precision", options.precision, "auto | fp32 | bf16 | fp16")->capture_default_str();
   command->add_option("--batch-size", options.batch_size, "images per batch")->capture_default_str();
+  command->add_option("--threads", options.threads, kThreadsHelp)->capture_default_str();
 }
 
 }  // namespace
@@ -99,6 +104,7 @@ int main(int argc, char** argv) {
   m->add_option("-s,--strength", merge.strength, "0..1: scale of the weight update (WiSE-FT style interpolation)")
       ->capture_default_str();
   m->add_flag("--features-only", merge.features_only, "write a backbone bundle (images -> features) instead of a classifier");
+  m->add_option("--threads", merge.threads, kThreadsHelp)->capture_default_str();
   m->footer(footer(
       "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output vit_base_photos.pt\n"
       "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output half.pt --strength 0.5\n"
@@ -123,6 +129,7 @@ int main(int argc, char** argv) {
   pl->add_flag("--table", plan.table, "largest batches for standard ViT and MobileCLIP shapes (no model file needed)");
   pl->add_flag("--json", plan.json, "machine-readable prediction");
   pl->add_option("--classes", plan.classes, "head size (default: the class folders of data.train, else 10)");
+  pl->add_option("--threads", plan.threads, kThreadsHelp)->capture_default_str();
   pl->footer(footer(
       "  loratune plan --config configs/vit_base.json\n"
       "  loratune plan --config configs/vit_base.json --memory 12GB\n"

@@ -1,6 +1,6 @@
 // Measurements for scripts/bench/ and scripts/gpu/ (one JSON line on stdout per run). Arguments are key=value.
 //   loratune_bench step   model=M batch=B precision=fp32|bf16|fp16 checkpoint=0|1 steps=N [device=cpu|cuda]
-//                         [threads=2] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors] [phase_steps=N]
+//                         [threads=2|auto] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors] [phase_steps=N]
 //       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory (RSS, CUDA
 //       allocator, and the peak tensor bytes that `loratune plan` predicts), and with
 //       phase_steps the mean seconds of forward, backward and optimizer over N more steps; optionally
@@ -16,13 +16,13 @@
 //   loratune_bench loader folder=F batch=B workers=W batches=N        (builds with OpenCV only)
 //       Images per second of the threaded photo loader.
 #include <ATen/core/grad_mode.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -34,6 +34,7 @@
 #include "loratune/import.h"
 #include "loratune/memory.h"
 #include "loratune/model.h"
+#include "loratune/threads.h"
 #include "loratune/optim.h"
 #include "loratune/process_group.h"
 #include "loratune/safetensors.h"
@@ -109,11 +110,13 @@ int step_benchmark(const Args& a) {
     mark(0, since);
     backward_micro_batch(logits, y, 1.0, scaler);
     mark(1, since);
-    apply_step(model.trainable(), optimizer, scaler, 1e-4, 1.0);
+    apply_step(optimizer, scaler, 1e-4, 1.0);
     mark(2, since);
   };
   // Step time, and the host's share of it: the time to issue the step's work (equal to the step time when the
   // device waits for the host).
+  // threads=auto: the tuner sees every step, as in training.
+  ThreadTuner threads(parse_threads(get(a, "threads", "2")));
   std::vector<double> times, host_times;
   for (int i = 0; i < steps; ++i) {
     sync(device);
@@ -122,6 +125,7 @@ int step_benchmark(const Args& a) {
     host_times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     sync(device);
     times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    threads.record(times.back(), batch);
   }
   auto median_after_warmup = [&](std::vector<double> v) {
     v.erase(v.begin(), v.begin() + std::min<size_t>(std::max(2, steps / 5), v.size() - 1));
@@ -129,6 +133,11 @@ int step_benchmark(const Args& a) {
     return std::make_pair(v[v.size() / 2], v.size());
   };
   const auto [median, timed_steps] = median_after_warmup(times);
+  // The mean over the same steps: what a run pays, probes of threads=auto included.
+  const double mean = std::accumulate(times.end() - static_cast<std::ptrdiff_t>(timed_steps), times.end(), 0.0) /
+                      static_cast<double>(timed_steps);
+  std::string thread_counts;
+  for (const int n : threads.history()) thread_counts += (thread_counts.empty() ? "" : ",") + std::to_string(n);
   const double host_median = median_after_warmup(host_times).first;
   // Where the time goes (separate steps: waiting between the parts removes their overlap with the host).
   const int phase_steps = std::stoi(get(a, "phase_steps", "0"));
@@ -145,9 +154,10 @@ int step_benchmark(const Args& a) {
   const MemoryReading m = read_memory(device);
   const int64_t peak_tensors = tensor_bytes(device).peak;
   const double per_step = std::max(phase_steps, 1);
-  std::printf("{\"median_step_s\": %.5f, \"images_per_s\": %.2f, \"steps\": %zu, \"peak_rss\": %lld, \"setup_peak\": %lld, "
-              "\"device_peak_allocated\": %lld, \"peak_tensor_bytes\": %lld, \"host_s\": %.5f, \"forward_s\": %.5f, \"backward_s\": %.5f, \"optimizer_s\": %.5f}\n",
-              median, batch / median, timed_steps, static_cast<long long>(m.peak_rss),
+  std::printf("{\"median_step_s\": %.5f, \"mean_step_s\": %.5f, \"threads\": [%s], \"images_per_s\": %.2f, \"steps\": %zu, "
+              "\"peak_rss\": %lld, \"setup_peak\": %lld, \"device_peak_allocated\": %lld, \"peak_tensor_bytes\": %lld, "
+              "\"host_s\": %.5f, \"forward_s\": %.5f, \"backward_s\": %.5f, \"optimizer_s\": %.5f}\n",
+              median, mean, thread_counts.c_str(), batch / median, timed_steps, static_cast<long long>(m.peak_rss),
               static_cast<long long>(setup_peak), static_cast<long long>(m.device_peak_allocated), static_cast<long long>(peak_tensors), host_median, phases[0] / per_step,
               phases[1] / per_step, phases[2] / per_step);
   return 0;
@@ -178,7 +188,7 @@ int largest_batch(const Args& a) {
           logits = model->logits(x, checkpoint);
         }
         backward_micro_batch(logits, y, 1.0, scaler);
-        apply_step(model->trainable(), optimizer, scaler, 1e-4, 1.0);
+        apply_step(optimizer, scaler, 1e-4, 1.0);
       }
       peaks[batch] = peak_memory(device);
     } catch (const std::exception& e) {
@@ -308,7 +318,7 @@ int main(int argc, char** argv) {
     }
     args[kv.substr(0, eq)] = kv.substr(eq + 1);
   }
-  at::set_num_threads(std::stoi(get(args, "threads", "2")));
+  set_compute_threads(parse_threads(get(args, "threads", "2")));
   if (const char* limit = std::getenv("LORATUNE_CUDA_MEMORY_GB")) limit_device_memory(std::stod(limit));
   try {
     const std::string mode = argv[1];

@@ -78,7 +78,7 @@ struct TrainConfig {
   LossScaleConfig loss_scale;
   EarlyStoppingConfig early_stopping;
   std::string device = "auto";
-  int threads = 0;                // 0: all cores
+  int threads = -1;               // kAutoThreads (threads.h): follow the load; 0: all cores; N: pinned
   uint64_t seed = 0;
   std::string output_dir = "runs/default";
   int64_t eval_every_epochs = 1;

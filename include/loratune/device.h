@@ -12,9 +12,6 @@ c10::Device resolve_device(const std::string& name);
 
 bool cuda_available();
 
-// Threads for CPU compute (intra-op); 0: one per core.
-void set_compute_threads(int threads);
-
 // True on CUDA GPUs with native bf16 (compute capability 8.0 and later).
 bool cuda_bf16_supported();
 

@@ -9,6 +9,8 @@
 
 namespace loratune {
 
+class ThreadTuner;
+
 struct Predictions {
   at::Tensor logits;  // [N,C] float32, CPU
   at::Tensor labels;  // [N] int64, CPU
@@ -18,8 +20,9 @@ struct Predictions {
 using ForwardFn = std::function<at::Tensor(const at::Tensor& images)>;
 
 // Runs `forward` (no gradients, autocast at `precision`) on every batch of one pass over `source`.
-// With a non-empty `progress_label`, shows a progress bar.
+// With a non-empty `progress_label`, shows a progress bar; with `threads`, each batch's time goes to it (`auto`
+// follows the load).
 Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10::Device& device, Precision precision,
-                        const std::string& progress_label = "");
+                        const std::string& progress_label = "", ThreadTuner* threads = nullptr);
 
 }  // namespace loratune

@@ -26,6 +26,7 @@
 #include "loratune/process_group.h"
 #include "loratune/safetensors.h"
 #include "loratune/targets.h"
+#include "loratune/threads.h"
 #include "loratune/train_step.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"

@@ -1,4 +1,7 @@
 // AdamW with PyTorch's update rule and a state that checkpoints exactly; learning-rate schedule; clipping.
+// Tensors that train with the same learning rate and decay share flat buffers: their parameters and gradients
+// become views of one tensor each, beside flat moments, so that a step, the unscale and the clipping are a few
+// operations per group whatever the number of tensors (LoRA has two or three per adapted weight).
 #pragma once
 
 #include <map>
@@ -19,13 +22,18 @@ class AdamW {
  public:
   AdamW(std::vector<NamedTensor> params, AdamWOptions options);
 
-  // One update with learning rate `lr` (times the tensor's multiplier) from the tensors' current .grad().
+  // One update with learning rate `lr` (times the tensor's multiplier) from the tensors' current .grad(). Every
+  // tensor is updated; one that had no gradient counts as a zero gradient.
   void step(double lr);
   void zero_grad();
   int64_t steps() const { return steps_; }
 
   // Per-tensor learning-rate multiplier (e.g. a different rate for the head).
   void set_lr_multiplier(const std::string& name, double multiplier);
+
+  // The flat gradient buffers, one per group (each tensor's .grad() is a view into one): for unscaling, clipping
+  // and summing over data-parallel workers.
+  std::vector<at::Tensor> gradients();
 
   // Moments and step count, for checkpoints.
   safetensors::Tensors state() const;
@@ -34,10 +42,25 @@ class AdamW {
  private:
   struct Slot {
     NamedTensor param;
-    at::Tensor exp_avg, exp_avg_sq;
     double lr_multiplier = 1.0;
+    size_t group = 0;
+    int64_t offset = 0;  // in the group's buffers
   };
+  struct Group {
+    double lr_multiplier = 1.0;
+    bool decay = false;
+    at::Tensor param, grad, exp_avg, exp_avg_sq;  // flat
+  };
+  // The slot's part of one of its group's flat buffers, shaped as its tensor.
+  at::Tensor view(const Slot& slot, const at::Tensor& flat) const;
+  // (Re)builds the groups, keeping the moments: parameters and gradients become views of the groups' buffers.
+  void regroup();
+  // Points a .grad() that autograd or a caller replaced back at its view (copying its values).
+  void bind_gradients();
+
   std::vector<Slot> slots_;
+  std::vector<Group> groups_;
+  bool regroup_ = true;
   AdamWOptions options_;
   int64_t steps_ = 0;
 };
@@ -47,6 +70,6 @@ double scheduled_lr(int64_t step, int64_t total_steps, int64_t warmup_steps, dou
 
 // Scales gradients so that their global L2 norm is at most `max_norm` (as torch.nn.utils.clip_grad_norm_).
 // Returns the norm before clipping. `max_norm` <= 0 only measures.
-double clip_grad_norm(const std::vector<NamedTensor>& params, double max_norm);
+double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm);
 
 }  // namespace loratune

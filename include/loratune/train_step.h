@@ -23,9 +23,9 @@ struct StepOutcome {
   double grad_norm = 0.0;    // before clipping; NaN when skipped
 };
 
-// The update after the micro-batches of a step. `loss_finite` false skips it as inf/NaN gradients do.
-StepOutcome apply_step(const std::vector<NamedTensor>& trainable, AdamW& optimizer, LossScaler& scaler, double lr,
-                       double grad_clip, bool loss_finite = true);
+// The update after the micro-batches of a step, on the optimiser's flat gradients: unscale, clip, AdamW. `loss_finite`
+// false skips it as inf/NaN gradients do.
+StepOutcome apply_step(AdamW& optimizer, LossScaler& scaler, double lr, double grad_clip, bool loss_finite = true);
 
 // Zeroes the gradients of the trainable tensors (after a probe pass).
 void discard_gradients(const std::vector<NamedTensor>& trainable);

@@ -18,6 +18,7 @@
 #include "loratune/batch_source.h"
 #include "loratune/model.h"
 #include "loratune/process_group.h"
+#include "loratune/threads.h"
 
 namespace loratune {
 
@@ -35,6 +36,7 @@ struct TrainSummary {
   int64_t peak_memory = 0;  // bytes: CUDA peak allocated, or peak RSS on CPU
   double seconds = 0, train_images_per_second = 0;
   std::string precision;
+  std::vector<int> threads;  // intra-op thread counts in the order `threads: auto` chose them (one when pinned)
   std::vector<std::pair<std::string, std::string>> skipped_files;
 
   nlohmann::json to_json() const;
@@ -134,7 +136,7 @@ class Trainer {
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
     void add(bool finite, double step_loss, int64_t step_images);
     nlohmann::json line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
-                        const LossScaler& scaler) const;
+                        const LossScaler& scaler, int threads) const;
   };
   struct Throughput {
     double seconds = 0;  // inside training steps
@@ -183,6 +185,7 @@ class Trainer {
   bool use_prefix_cache_ = false;
   PrefixCache train_cache_, val_cache_;
   std::shared_ptr<TrainingReporter> reporter_;
+  ThreadTuner threads_;
 };
 
 }  // namespace loratune

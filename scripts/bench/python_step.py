@@ -1,5 +1,5 @@
-"""Python eager training step (the user's alternative): same weights, same LoRA, same batch, 2 threads.
-usage: python_step.py MODEL_NAME BUNDLE BATCH fp32|bf16 STEPS  -> one JSON line"""
+"""Python eager training step (the user's alternative): same weights, same LoRA, same batch, 2 threads (or THREADS).
+usage: python_step.py MODEL_NAME BUNDLE BATCH fp32|bf16 STEPS [THREADS]  -> one JSON line"""
 import json
 import os
 import sys
@@ -21,7 +21,7 @@ def peak_rss():
 
 def main():
     name, bundle, batch, precision, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(sys.argv[6]) if len(sys.argv) > 6 else 2)
     torch.manual_seed(0)
     model = bench_models.eager_with_lora(name, bundle)
     head = torch.nn.Linear(bench_models.config(name).hidden, 10)
@@ -40,7 +40,8 @@ def main():
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
     timed = sorted(times[2:])
-    print(json.dumps({"median_step_s": timed[len(timed) // 2], "steps": len(timed), "peak_rss": peak_rss()}))
+    print(json.dumps({"median_step_s": timed[len(timed) // 2], "mean_step_s": sum(times[2:]) / len(timed),
+                      "steps": len(timed), "peak_rss": peak_rss()}))
 
 
 if __name__ == "__main__":

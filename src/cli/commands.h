@@ -25,6 +25,7 @@ struct PlanCommand {
   bool table = false;      // standard architectures instead of a config
   bool json = false;
   int64_t classes = 0;     // head size; 0: the class folders of data.train (10 without one)
+  std::string threads = "auto";  // CPU threads: auto (follow the load) or a count (0: one per core)
 };
 
 struct EvalCommand {
@@ -38,6 +39,7 @@ struct EvalCommand {
   std::string device = "auto", precision = "auto";
   int64_t batch_size = 32;
   int workers = 0;
+  std::string threads = "auto";
 };
 
 struct PredictCommand {
@@ -49,12 +51,14 @@ struct PredictCommand {
   std::string output;                 // file; empty: standard output
   std::string device = "auto", precision = "auto";
   int64_t batch_size = 32;
+  std::string threads = "auto";
 };
 
 struct MergeCommand {
   std::string base, adapter, output;
   double strength = 1.0;
   bool features_only = false;
+  std::string threads = "auto";
 };
 
 struct InfoCommand {

@@ -6,6 +6,7 @@
 #include "loratune/zero_shot.h"
 #include "cli/commands.h"
 #include "loratune/device.h"
+#include "loratune/threads.h"
 #include "loratune/errors.h"
 #include "common/files.h"
 #include "loratune/memory.h"
@@ -31,7 +32,7 @@ int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     if (command.data.empty()) throw InputError("--data is required: the held-out photo folder");
-    set_compute_threads(0);
+    ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
     cli::InferenceModel model;
@@ -59,7 +60,7 @@ int run_eval(const EvalCommand& command) {
     options.workers = command.workers;
     options.pin_memory = device.is_cuda();
     ImageBatchSource source(folder, Preprocess::from_bundle(model.info), options);
-    const Predictions pr = predict_all(model.forward(), source, device, precision, "eval");
+    const Predictions pr = predict_all(model.forward(), source, device, precision, "eval", &threads);
     const ClassificationMetrics m = compute_metrics(pr.logits, pr.labels);
 
     // Console report.

@@ -4,7 +4,7 @@
 
 #include "cli/common.h"
 #include "cli/commands.h"
-#include "loratune/device.h"
+#include "loratune/threads.h"
 #include "common/files.h"
 #include "common/strings.h"
 #include "loratune/bundle.h"
@@ -49,7 +49,7 @@ void refuse_output_in_source(const fs::path& folder, const fs::path& output) {
 int run_import(const ImportCommand& command) {
   return guarded([&] {
     cli::setup_logging();
-    set_compute_threads(0);
+    set_compute_threads(0);  // a fixed amount of work, run once: all cores
     if (command.image_size < 0 || command.image_size > 8192)
       throw InputError("--image-size must be between 1 and 8192 (0: the checkpoint's own)");
     const fs::path output = expand_home(command.output);

@@ -2,12 +2,14 @@
 #include "cli/commands.h"
 #include "loratune/errors.h"
 #include "loratune/merge.h"
+#include "loratune/threads.h"
 
 namespace loratune {
 
 int run_merge(const MergeCommand& command) {
   return guarded([&] {
     cli::setup_logging();
+    set_compute_threads(parse_threads(command.threads));  // one pass over fixed work: auto is the load-aware start
     if (command.base.empty() || command.adapter.empty() || command.output.empty())
       throw InputError("merge needs --base, --adapter and --output");
     MergeOptions options;

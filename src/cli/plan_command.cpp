@@ -9,6 +9,7 @@
 #include "loratune/device.h"
 #include "loratune/errors.h"
 #include "loratune/memory_plan.h"
+#include "loratune/threads.h"
 #include "loratune/training_setup.h"
 
 namespace fs = std::filesystem;
@@ -96,6 +97,7 @@ int print_table(const PlanCommand& command) {
 int run_plan(const PlanCommand& command) {
   return guarded([&] {
     if (command.table) return print_table(command);
+    set_compute_threads(parse_threads(command.threads));
     const int64_t budget = command.memory.empty() ? 0 : parse_memory_size(command.memory);
     const TrainConfig c = load_train_config(command.config, command.overrides);
     const int64_t classes = class_count(c, command.classes);

@@ -6,6 +6,7 @@
 #include "cli/common.h"
 #include "cli/commands.h"
 #include "loratune/device.h"
+#include "loratune/threads.h"
 #include "loratune/errors.h"
 #include "common/files.h"
 #include "loratune/memory.h"
@@ -56,7 +57,7 @@ int run_predict(const PredictCommand& command) {
     if (command.format != "table" && command.format != "json" && command.format != "csv")
       throw InputError("--format must be table, json or csv");
     if (command.top_k < 1) throw InputError("--top-k must be at least 1");
-    set_compute_threads(0);
+    ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
     const ImageFolder inputs = collect_inputs(command.inputs);
@@ -81,7 +82,8 @@ int run_predict(const PredictCommand& command) {
       auto module = bundle.module;
       module.to(device);
       passes.push_back({fs::path(command.model).filename().string(), bundle.info.classes,
-                        predict_all([&](const at::Tensor& x) { return module.forward({x}).toTensor(); }, source, device, precision)});
+                        predict_all([&](const at::Tensor& x) { return module.forward({x}).toTensor(); }, source, device, precision,
+                                    "", &threads)});
     } else {
       if (command.adapters.empty())
         throw InputError(command.model + " is a backbone without a head; pass one or more --adapter");
@@ -101,7 +103,8 @@ int run_predict(const PredictCommand& command) {
         apply_adapter(model, adapters[i], command.adapters[i]);
         model.set_training(false);
         passes.push_back({command.adapters[i], adapters[i].classes,
-                          predict_all([&](const at::Tensor& x) { return model.logits(x); }, source, device, precision)});
+                          predict_all([&](const at::Tensor& x) { return model.logits(x); }, source, device, precision,
+                                      "", &threads)});
         if (!adapters[i].full_weights.empty()) {
           at::NoGradGuard no_grad;
           for (const auto& p : model.module().named_parameters()) p.value.copy_(original.at(p.name));

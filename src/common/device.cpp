@@ -1,9 +1,5 @@
 // Device queries that need CUDA headers when LibTorch has CUDA.
-#include <ATen/Parallel.h>
 #include <c10/core/Device.h>
-
-#include <algorithm>
-#include <thread>
 
 #include "loratune/errors.h"
 #include "loratune/device.h"
@@ -13,10 +9,6 @@
 #endif
 
 namespace loratune {
-
-void set_compute_threads(int threads) {
-  at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-}
 
 bool cuda_bf16_supported() {
 #ifdef LORATUNE_WITH_CUDA

@@ -3,13 +3,16 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
+#include <chrono>
+
 #include "loratune/memory.h"
+#include "loratune/threads.h"
 #include "common/progress.h"
 
 namespace loratune {
 
 Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10::Device& device, Precision precision,
-                        const std::string& progress_label) {
+                        const std::string& progress_label, ThreadTuner* threads) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> logits, labels;
   Predictions out;
@@ -18,12 +21,15 @@ Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10
   int64_t done = 0;
   source.start_epoch(0, 0);
   while (auto batch = source.next()) {
+    const auto start = std::chrono::steady_clock::now();
     at::Tensor y;
     {
       AutocastScope autocast(device, precision);
       y = forward(batch->images.to(device, /*non_blocking=*/true));
     }
     logits.push_back(y.to(at::kCPU, at::kFloat));
+    if (threads)
+      threads->record(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), batch->images.size(0));
     labels.push_back(batch->labels.to(at::kCPU));
     out.indices.insert(out.indices.end(), batch->indices.begin(), batch->indices.end());
     done += batch->images.size(0);

@@ -170,7 +170,7 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
       r.kept = tensor_bytes(p.device).current - base;
       backward_micro_batch(logits, y, 1.0, *scaler);
     }
-    apply_step(trainable, *optimizer, *scaler, c.optim.lr, c.optim.grad_clip);
+    apply_step(*optimizer, *scaler, c.optim.lr, c.optim.grad_clip);
     r.peak = tensor_bytes(p.device).peak - base;
     return r;
   };

@@ -10,6 +10,7 @@
 #include "loratune/memory.h"
 #include "loratune/memory_plan.h"
 #include "loratune/process_group.h"
+#include "loratune/threads.h"
 
 namespace fs = std::filesystem;
 

@@ -11,17 +11,23 @@
 #include "loratune/adapter_variant.h"
 #include "loratune/amp.h"
 #include "loratune/errors.h"
+#include "loratune/threads.h"
 
 using nlohmann::json;
 
 namespace loratune {
 namespace {
 
-enum class Kind { kString, kPath, kInt, kNumber, kBool, kStringList, kNumberPair, kIntMap, kNumberMap };
+enum class Kind { kString, kPath, kInt, kIntOrAuto, kNumber, kBool, kStringList, kNumberPair, kIntMap, kNumberMap };
 
 using Setter = std::function<void(TrainConfig&, const json&)>;
 
 struct Key {
+  Key(const char* path, Kind kind, json fallback, bool nullable, bool changes_results, const char* help, Setter set,
+      Range range = Range::any(), std::vector<std::string> choices = {})
+      : path(path), kind(kind), fallback(std::move(fallback)), nullable(nullable), changes_results(changes_results),
+        help(help), set(std::move(set)), range(range), choices(std::move(choices)) {}
+
   const char* path;
   Kind kind;
   json fallback;
@@ -29,7 +35,7 @@ struct Key {
   bool changes_results;  // false: where and how visibly it runs (a resumed run may change these)
   const char* help;
   Setter set;            // puts the (checked) JSON value into the struct
-  Range range = Range::any();        // numbers: the value (each element of a pair, each value of a map)
+  Range range;                       // numbers: the value (each element of a pair, each value of a map)
   std::vector<std::string> choices;  // strings: the values allowed; empty: any
 };
 
@@ -174,7 +180,11 @@ const std::vector<Key>& schema() {
        "stop when this many validations in a row bring no better top-1 (the best adapter is kept); null: off",
        field(&C::early_stopping, &EarlyStoppingConfig::patience), Range::at_least(1)},
       {"device", Kind::kString, "auto", false, kNotResult, "auto | cpu | cuda | cuda:N", field(&C::device)},
-      {"threads", Kind::kInt, 0, false, kNotResult, "CPU threads for compute; 0: all cores", field(&C::threads), Range::at_least(0)},
+      {"threads", Kind::kIntOrAuto, "auto", false, kNotResult,
+       "CPU threads for compute: auto follows the machine's load (fewer threads while other programs are busy); a "
+       "number pins it (0: one per core; pin it for bit-identical reruns on any load)",
+       [](TrainConfig& c, const json& v) { c.threads = v.is_string() ? kAutoThreads : v.get<int>(); },
+       Range::between(0, 4096, false, false), {"auto"}},
       {"seed", Kind::kInt, 0, false, kResult,
        "seed of adapter/head initialisation, shuffling, augmentation and dropout", field(&C::seed)},
       {"output_dir", Kind::kPath, "runs/default", false, kNotResult,
@@ -194,6 +204,7 @@ const char* kind_name(Kind k) {
     case Kind::kString: return "string";
     case Kind::kPath: return "string (a path; ~ is your home folder)";
     case Kind::kInt: return "integer";
+    case Kind::kIntOrAuto: return "integer or \"auto\"";
     case Kind::kNumber: return "number";
     case Kind::kBool: return "boolean";
     case Kind::kStringList: return "array of strings";
@@ -213,6 +224,7 @@ bool has_kind(const json& v, Kind k) {
     case Kind::kString:
     case Kind::kPath: return v.is_string();
     case Kind::kInt: return v.is_number_integer();
+    case Kind::kIntOrAuto: return v.is_number_integer() || v == "auto";
     case Kind::kNumber: return v.is_number();
     case Kind::kBool: return v.is_boolean();
     case Kind::kStringList:
@@ -286,7 +298,8 @@ TrainConfig to_struct(const json& j, const std::string& origin) {
 // A value of the user's against its key's range and choices (its kind is already checked).
 void check_rules(const Key& k, const json& v, const std::string& origin) {
   auto fail = [&](const std::string& what) { throw InputError(origin + ": " + k.path + what); };
-  if (!k.choices.empty() && std::find(k.choices.begin(), k.choices.end(), v.get<std::string>()) == k.choices.end())
+  if (!k.choices.empty() && v.is_string() &&
+      std::find(k.choices.begin(), k.choices.end(), v.get<std::string>()) == k.choices.end())
     fail(" must be " + choices_text(k.choices) + " (got " + v.dump() + ")");
   if (!k.range.bounded()) return;
   if (v.is_number() && !k.range.contains(v.get<double>())) fail(" must be " + k.range.text() + " (got " + v.dump() + ")");
@@ -345,7 +358,8 @@ std::string config_reference() {
     out += line + type + "default " + k.fallback.dump() + "\n" + std::string(32, ' ') + k.help + "\n";
     if (!k.choices.empty()) out += std::string(32, ' ') + "one of: " + join(k.choices, " | ") + "\n";
     if (k.range.bounded())
-      out += std::string(32, ' ') + "range: " + (k.kind == Kind::kNumber || k.kind == Kind::kInt ? "" : "each ") +
+      out += std::string(32, ' ') + "range: " +
+             (k.kind == Kind::kNumber || k.kind == Kind::kInt || k.kind == Kind::kIntOrAuto ? "" : "each ") +
              k.range.text() + "\n";
   }
   return out;

@@ -3,6 +3,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "loratune/errors.h"
@@ -10,55 +11,119 @@
 namespace loratune {
 
 AdamW::AdamW(std::vector<NamedTensor> params, AdamWOptions options) : options_(options) {
-  for (auto& p : params) {
-    Slot s{std::move(p), {}, {}, 1.0};
-    s.exp_avg = at::zeros_like(s.param.tensor, at::MemoryFormat::Contiguous).to(at::kFloat);
-    s.exp_avg_sq = at::zeros_like(s.exp_avg);
-    slots_.push_back(std::move(s));
-  }
+  for (auto& p : params) slots_.push_back({std::move(p), 1.0, 0, 0});
+  regroup();
 }
 
 void AdamW::set_lr_multiplier(const std::string& name, double multiplier) {
   for (auto& s : slots_)
-    if (s.param.name == name) s.lr_multiplier = multiplier;
+    if (s.param.name == name && s.lr_multiplier != multiplier) s.lr_multiplier = multiplier, regroup_ = true;
+}
+
+at::Tensor AdamW::view(const Slot& s, const at::Tensor& flat) const {
+  return flat.narrow(0, s.offset, s.param.tensor.numel()).view(s.param.tensor.sizes());
+}
+
+void AdamW::regroup() {
+  at::NoGradGuard no_grad;
+  std::vector<Group> groups;
+  std::vector<Slot> placed = slots_;
+  std::vector<int64_t> sizes;
+  for (auto& s : placed) {
+    const at::Tensor& p = s.param.tensor;
+    const bool decay = options_.weight_decay != 0.0 && p.dim() >= 2;
+    auto same = [&](const Group& g) {
+      return g.lr_multiplier == s.lr_multiplier && g.decay == decay && g.param.options().type_equal(p.options());
+    };
+    s.group = static_cast<size_t>(std::find_if(groups.begin(), groups.end(), same) - groups.begin());
+    if (s.group == groups.size()) {
+      groups.push_back({s.lr_multiplier, decay, at::empty({0}, p.options()), {}, {}, {}});
+      sizes.push_back(0);
+    }
+    s.offset = sizes[s.group];
+    sizes[s.group] += p.numel();
+  }
+  for (size_t k = 0; k < groups.size(); ++k) {
+    Group& g = groups[k];
+    const auto options = g.param.options();
+    g.param = at::empty({sizes[k]}, options);
+    g.grad = at::zeros({sizes[k]}, options);
+    g.exp_avg = at::zeros({sizes[k]}, options.dtype(at::kFloat));
+    g.exp_avg_sq = at::zeros({sizes[k]}, options.dtype(at::kFloat));
+  }
+  for (size_t i = 0; i < placed.size(); ++i) {
+    Slot& s = placed[i];
+    Group& g = groups[s.group];
+    at::Tensor& p = s.param.tensor;
+    if (!groups_.empty()) {  // moments carry over from the old groups
+      view(s, g.exp_avg).copy_(view(slots_[i], groups_[slots_[i].group].exp_avg));
+      view(s, g.exp_avg_sq).copy_(view(slots_[i], groups_[slots_[i].group].exp_avg_sq));
+    }
+    const at::Tensor param = view(s, g.param), grad = view(s, g.grad);
+    param.copy_(p);
+    if (p.grad().defined()) grad.copy_(p.grad());
+    p.set_data(param);  // the same tensor (models and adapters hold it) over the group's storage
+    p.mutable_grad() = grad;
+  }
+  slots_ = std::move(placed);
+  groups_ = std::move(groups);
+  regroup_ = false;
+}
+
+void AdamW::bind_gradients() {
+  at::NoGradGuard no_grad;
+  for (auto& s : slots_) {
+    at::Tensor& p = s.param.tensor;
+    const at::Tensor grad = view(s, groups_[s.group].grad);
+    if (p.grad().defined() && p.grad().data_ptr() == grad.data_ptr()) continue;
+    if (p.grad().defined()) grad.copy_(p.grad());
+    else grad.zero_();
+    p.mutable_grad() = grad;
+  }
+}
+
+std::vector<at::Tensor> AdamW::gradients() {
+  if (regroup_) regroup();
+  bind_gradients();
+  std::vector<at::Tensor> out;
+  for (const auto& g : groups_) out.push_back(g.grad);
+  return out;
 }
 
 void AdamW::step(double lr) {
+  if (regroup_) regroup();
+  bind_gradients();
   at::NoGradGuard no_grad;
   ++steps_;
   const double bias1 = 1.0 - std::pow(options_.beta1, static_cast<double>(steps_));
   const double bias2_sqrt = std::sqrt(1.0 - std::pow(options_.beta2, static_cast<double>(steps_)));
-  for (auto& s : slots_) {
-    at::Tensor& p = s.param.tensor;
-    const at::Tensor& grad = p.grad();
-    if (!grad.defined()) continue;
-    const double rate = lr * s.lr_multiplier;
-    if (options_.weight_decay != 0.0 && p.dim() >= 2) p.mul_(1.0 - rate * options_.weight_decay);
-    s.exp_avg.mul_(options_.beta1).add_(grad, 1.0 - options_.beta1);
-    s.exp_avg_sq.mul_(options_.beta2).addcmul_(grad, grad, 1.0 - options_.beta2);
-    const at::Tensor denom = (s.exp_avg_sq.sqrt() / bias2_sqrt).add_(options_.eps);
-    p.addcdiv_(s.exp_avg, denom, -rate / bias1);
+  for (auto& g : groups_) {
+    const double rate = lr * g.lr_multiplier;
+    if (g.decay) g.param.mul_(1.0 - rate * options_.weight_decay);
+    g.exp_avg.mul_(options_.beta1).add_(g.grad, 1.0 - options_.beta1);
+    g.exp_avg_sq.mul_(options_.beta2).addcmul_(g.grad, g.grad, 1.0 - options_.beta2);
+    const at::Tensor denom = (g.exp_avg_sq.sqrt() / bias2_sqrt).add_(options_.eps);
+    g.param.addcdiv_(g.exp_avg, denom, -rate / bias1);
   }
 }
 
 void AdamW::zero_grad() {
-  for (auto& s : slots_) {
-    at::Tensor& g = s.param.tensor.mutable_grad();
-    if (g.defined()) g.zero_();
-  }
+  bind_gradients();
+  for (auto& g : groups_) g.grad.zero_();
 }
 
 safetensors::Tensors AdamW::state() const {
   safetensors::Tensors out;
   for (const auto& s : slots_) {
-    out["adamw." + s.param.name + ".exp_avg"] = s.exp_avg;
-    out["adamw." + s.param.name + ".exp_avg_sq"] = s.exp_avg_sq;
+    out["adamw." + s.param.name + ".exp_avg"] = view(s, groups_[s.group].exp_avg);
+    out["adamw." + s.param.name + ".exp_avg_sq"] = view(s, groups_[s.group].exp_avg_sq);
   }
   out["adamw.steps"] = at::tensor(steps_, at::kLong);
   return out;
 }
 
 void AdamW::load_state(const safetensors::Tensors& state) {
+  if (regroup_) regroup();
   auto get = [&](const std::string& key) -> const at::Tensor& {
     auto it = state.find(key);
     if (it == state.end()) throw InputError("checkpoint has no optimiser state " + key);
@@ -66,8 +131,8 @@ void AdamW::load_state(const safetensors::Tensors& state) {
   };
   at::NoGradGuard no_grad;
   for (auto& s : slots_) {
-    s.exp_avg.copy_(get("adamw." + s.param.name + ".exp_avg"));
-    s.exp_avg_sq.copy_(get("adamw." + s.param.name + ".exp_avg_sq"));
+    view(s, groups_[s.group].exp_avg).copy_(get("adamw." + s.param.name + ".exp_avg"));
+    view(s, groups_[s.group].exp_avg_sq).copy_(get("adamw." + s.param.name + ".exp_avg_sq"));
   }
   steps_ = get("adamw.steps").item<int64_t>();
 }
@@ -80,18 +145,18 @@ double scheduled_lr(int64_t step, int64_t total_steps, int64_t warmup_steps, dou
   return base_lr * (min_ratio + (1.0 - min_ratio) * cosine);
 }
 
-double clip_grad_norm(const std::vector<NamedTensor>& params, double max_norm) {
+double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> norms;
-  for (const auto& p : params)
-    if (p.tensor.grad().defined()) norms.push_back(p.tensor.grad().to(at::kFloat).norm());
+  for (const auto& g : grads)
+    if (g.defined()) norms.push_back(g.to(at::kFloat).norm());
   if (norms.empty()) return 0.0;
   const double total = at::stack(norms).norm().item<double>();
   if (max_norm > 0 && std::isfinite(total)) {
     const double coef = max_norm / (total + 1e-6);
     if (coef < 1.0)
-      for (const auto& p : params)
-        if (p.tensor.grad().defined()) p.tensor.mutable_grad().mul_(coef);
+      for (const auto& g : grads)
+        if (g.defined()) at::Tensor(g).mul_(coef);
   }
   return total;
 }

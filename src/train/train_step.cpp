@@ -14,16 +14,13 @@ double backward_micro_batch(const at::Tensor& logits, const at::Tensor& labels, 
   return loss.item<double>() / share;
 }
 
-StepOutcome apply_step(const std::vector<NamedTensor>& trainable, AdamW& optimizer, LossScaler& scaler, double lr,
-                       double grad_clip, bool loss_finite) {
-  std::vector<at::Tensor> grads;
-  for (const auto& t : trainable)
-    if (t.tensor.grad().defined()) grads.push_back(t.tensor.grad());
+StepOutcome apply_step(AdamW& optimizer, LossScaler& scaler, double lr, double grad_clip, bool loss_finite) {
+  const std::vector<at::Tensor> grads = optimizer.gradients();
   StepOutcome out;
   out.applied = scaler.unscale(grads) && loss_finite;
   out.grad_norm = std::nan("");
   if (out.applied) {
-    out.grad_norm = clip_grad_norm(trainable, grad_clip);
+    out.grad_norm = clip_grad_norm(grads, grad_clip);
     optimizer.step(lr);
   }
   scaler.update(!out.applied);

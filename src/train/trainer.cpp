@@ -49,6 +49,7 @@ json TrainSummary::to_json() const {
           {"seconds", seconds},
           {"train_images_per_second", train_images_per_second},
           {"precision", precision},
+          {"threads", threads},
           {"skipped_files", skipped}};
 }
 
@@ -68,7 +69,7 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
                  std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
       precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()),
-      reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)) {
+      reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)), threads_(config.threads) {
   optimizer_ = make_optimizer(config, model);
   scaler_ = make_loss_scaler(config, precision);
 }
@@ -108,11 +109,8 @@ Trainer::Validation Trainer::validate() {
 }
 
 void Trainer::reduce_step(double& step_loss, int64_t& step_images_done, bool& stop) {
-  std::vector<at::Tensor> grads;
-  for (const auto& t : trainable_) {
-    if (!t.tensor.grad().defined()) t.tensor.mutable_grad() = at::zeros_like(t.tensor);  // no images in this share
-    grads.push_back(t.tensor.grad());
-  }
+  // The optimiser's flat buffers: one collective per group (a share without images adds zeros).
+  std::vector<at::Tensor> grads = optimizer_->gradients();
   hooks_.data_parallel->sum(grads);
   const auto totals = hooks_.data_parallel->sum(
       std::vector<double>{std::isfinite(step_loss) ? step_loss : 0.0, std::isfinite(step_loss) ? 0.0 : 1.0,
@@ -204,6 +202,7 @@ TrainSummary Trainer::run(bool resume) {
   summary.peak_memory = peak_memory(device_);
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   summary.train_images_per_second = throughput.seconds > 0 ? throughput.images / throughput.seconds : 0.0;
+  summary.threads = threads_.history();
   summary.skipped_files = train_.skipped();
   if (val_)
     for (const auto& s : val_->skipped()) summary.skipped_files.push_back(s);
@@ -231,18 +230,21 @@ void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& s
     const double lr = scheduled_lr(p.step, schedule.total_steps, schedule.warmup, config_.optim.lr,
                                    config_.schedule.min_lr_ratio);
     const StepOutcome outcome =
-        apply_step(trainable_, *optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step.loss));
+        apply_step(*optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step.loss));
     p.nonfinite_streak = outcome.applied ? 0 : p.nonfinite_streak + 1;
     ++p.step;
     ++p.step_in_epoch;
-    throughput.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    const double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    throughput.seconds += step_seconds;
     throughput.images += step_images;
+    threads_.record(step_seconds, step_images);
     window.add(outcome.applied, step.loss, step.images_done);
     if (outcome.applied) summary.final_train_loss = step.loss;
     stop_on_nonfinite_streak(p);
 
     if (p.step % config_.log_every_steps == 0 || p.step_in_epoch == steps_this_epoch) {
-      append_metrics(window.line(p.step, p.epoch + 1, lr, outcome.grad_norm, peak_memory(device_), *scaler_), p);
+      append_metrics(
+          window.line(p.step, p.epoch + 1, lr, outcome.grad_norm, peak_memory(device_), *scaler_, threads_.threads()), p);
       window = MetricWindow();
     }
     reporter_->step_end({p.step, p.epoch, schedule.total_epochs, schedule.images_before_step(p.step_in_epoch),
@@ -292,7 +294,7 @@ void Trainer::MetricWindow::add(bool finite, double step_loss, int64_t step_imag
 }
 
 json Trainer::MetricWindow::line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
-                                 const LossScaler& scaler) const {
+                                 const LossScaler& scaler, int threads) const {
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   json line = {{"type", "train"},
                {"step", step},
@@ -301,7 +303,8 @@ json Trainer::MetricWindow::line(int64_t step, int64_t epoch, double lr, double 
                {"lr", lr},
                {"grad_norm", grad_norm},
                {"images_per_second", dt > 0 ? images / dt : 0.0},
-               {"memory_bytes", memory}};
+               {"memory_bytes", memory},
+               {"threads", threads}};
   if (scaler.enabled()) line["loss_scale"] = scaler.scale();
   return line;
 }

@@ -21,7 +21,7 @@ import sys
 ORDER = ["common", "io", "import", "lora", "model", "data", "eval", "distributed", "train", "plan", "run", "text",
          "plot", "cli", "apps"]
 OWNER = {
-    "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_tensor"],
+    "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_tensor", "threads"],
     "io": ["safetensors"],
     "import": ["import"],
     "lora": ["adapter", "adapter_variant", "lora", "targets"],

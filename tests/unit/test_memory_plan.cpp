@@ -47,7 +47,7 @@ int64_t measured_step_peak(const TrainConfig& c, int64_t batch, int64_t classes)
       logits = model->logits(x, c.gradient_checkpointing);
     }
     backward_micro_batch(logits, y, 1.0, *scaler);
-    apply_step(model->trainable(), *optimizer, *scaler, c.optim.lr, c.optim.grad_clip);
+    apply_step(*optimizer, *scaler, c.optim.lr, c.optim.grad_clip);
   }
   return tensor_bytes(cpu).peak - before;
 }

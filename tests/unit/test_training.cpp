@@ -1,9 +1,11 @@
 // The training loop on in-memory batches (no OpenCV): accumulation, checkpointing, resume, scaler, NaN handling.
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 
 #include "loratune/adapter_binding.h"
 #include "loratune/config.h"
@@ -11,6 +13,7 @@
 #include "common/files.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
+#include "loratune/threads.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
 #include "test_support.h"
@@ -335,6 +338,50 @@ TEST(Optimizer, AdamWMatchesPyTorch) {
   EXPECT_LT(max_abs_diff(b, ref.at("b3")), 1e-6);
 }
 
+// The flat groups' bookkeeping: tensors of mixed shapes, decay and learning-rate multipliers in shared buffers
+// end where each alone in its own optimiser ends, their gradients are views of the flat buffers, and the
+// checkpoint state keeps one entry per tensor.
+TEST(Optimizer, FlatGroupsGiveEachTensorItsOwnUpdate) {
+  at::manual_seed(3);
+  const std::vector<std::vector<int64_t>> shapes = {{4, 3}, {5}, {2, 6}, {7}, {3, 3}};
+  std::vector<NamedTensor> together, alone;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const at::Tensor init = at::randn(shapes[i]);
+    together.push_back({"t" + std::to_string(i), init.clone().requires_grad_(true)});
+    alone.push_back({"t" + std::to_string(i), init.clone().requires_grad_(true)});
+  }
+  const AdamWOptions options{0.9, 0.99, 1e-8, 0.1};
+  AdamW flat(together, options);
+  for (size_t i = 0; i < shapes.size(); ++i)
+    EXPECT_TRUE(at::equal(together[i].tensor, alone[i].tensor)) << "regrouping moves values exactly, tensor " << i;
+  std::vector<std::unique_ptr<AdamW>> single;
+  for (size_t i = 0; i < alone.size(); ++i) {
+    single.push_back(std::make_unique<AdamW>(std::vector<NamedTensor>{alone[i]}, options));
+    if (i % 3 == 0) single.back()->set_lr_multiplier(alone[i].name, 4.0);
+    if (i % 3 == 0) flat.set_lr_multiplier(together[i].name, 4.0);
+  }
+  for (int step = 0; step < 3; ++step) {
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const at::Tensor g = at::randn(shapes[i]);
+      together[i].tensor.mutable_grad() = g.clone();
+      alone[i].tensor.mutable_grad() = g.clone();
+    }
+    flat.step(0.01);
+    for (auto& s : single) s->step(0.01);
+  }
+  const std::vector<at::Tensor> buffers = flat.gradients();
+  EXPECT_EQ(buffers.size(), 4u) << "groups: (decay, x4), (decay, x1), (no decay, x4), (no decay, x1)";
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    // Equal up to the last bit a vectorised loop's tail may round differently.
+    EXPECT_LT(max_abs_diff(together[i].tensor, alone[i].tensor), 1e-6) << i;
+    const at::Tensor& g = together[i].tensor.grad();
+    EXPECT_TRUE(std::any_of(buffers.begin(), buffers.end(), [&](const at::Tensor& f) {
+      return g.data_ptr() >= f.data_ptr() && g.data_ptr() < static_cast<char*>(f.data_ptr()) + f.nbytes();
+    })) << "the gradient of tensor " << i << " is a view of a flat buffer";
+  }
+  EXPECT_EQ(flat.state().size(), 2 * shapes.size() + 1);
+}
+
 TEST(Optimizer, WarmupThenCosine) {
   EXPECT_DOUBLE_EQ(scheduled_lr(0, 100, 10, 1.0, 0.0), 0.1);
   EXPECT_DOUBLE_EQ(scheduled_lr(9, 100, 10, 1.0, 0.0), 1.0);
@@ -364,6 +411,67 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   EXPECT_EQ(o.output_dir, "runs/x");
   EXPECT_DOUBLE_EQ(o.optim.head_lr, 0.01);
   EXPECT_THROW_WITH(load_train_config(dir / "c.json", {"lora.rank"}), InputError, "expected key=value");
+}
+
+// The tuner against a simulated machine: `others` cores busy elsewhere, and a step time per thread count.
+struct SimulatedMachine {
+  double others = 0;
+  std::map<int, double> seconds;  // by thread count
+  int units_at_worse = 0;         // steps run at a count slower than the best
+  ThreadTuner::Options options() {
+    ThreadTuner::Options o;
+    o.start = available_cores();
+    o.load = [this](double& busy, double& own, double& idle) {
+      busy = others;
+      own = at::get_num_threads();
+      idle = std::max(0.0, available_cores() - others - own);
+      return true;
+    };
+    return o;
+  }
+  void run(ThreadTuner& tuner, int steps) {
+    double best = 1e30;
+    for (const auto& [n, t] : seconds) best = std::min(best, t);
+    for (int i = 0; i < steps; ++i) {
+      const double t = seconds.at(at::get_num_threads());
+      units_at_worse += t > best;
+      tuner.record(t, 1);
+    }
+  }
+};
+
+TEST(ThreadTuner, FollowsTheLoadAndNeverProbesOnAQuietMachine) {
+  const int cores = available_cores();
+  if (cores < 2) GTEST_SKIP() << "needs two cores";
+  SimulatedMachine m;
+  for (int n = 1; n <= cores; ++n) m.seconds[n] = 1.0 / n;  // quiet: each thread helps
+  ThreadTuner tuner(kAutoThreads, m.options());
+  m.run(tuner, 1000);
+  EXPECT_EQ(tuner.history(), std::vector<int>{cores}) << "quiet and at every core: nothing to try";
+  EXPECT_EQ(m.units_at_worse, 0);
+
+  // Busy processes on every core: all threads wait for descheduled ones (measured 20-40x), one thread is fastest.
+  m.others = cores;
+  for (int n = 2; n <= cores; ++n) m.seconds[n] = 20.0;
+  m.seconds[1] = 1.0;
+  m.units_at_worse = 0;
+  m.run(tuner, 2000);
+  EXPECT_EQ(tuner.threads(), 1);
+  EXPECT_LT(m.units_at_worse, 60) << "steps at a slower count while finding and keeping 1 (of 2000)";
+
+  // The load goes: back to every core.
+  m.others = 0;
+  for (int n = 1; n <= cores; ++n) m.seconds[n] = 1.0 / n;
+  m.run(tuner, 200);
+  EXPECT_EQ(tuner.threads(), cores);
+
+  ThreadTuner pinned(1, m.options());
+  m.others = cores;
+  m.run(pinned, 100);
+  EXPECT_EQ(pinned.history(), std::vector<int>{1});
+  EXPECT_EQ(parse_threads("auto"), kAutoThreads);
+  EXPECT_EQ(parse_threads("3"), 3);
+  EXPECT_THROW_WITH(parse_threads("many"), InputError, "threads must be auto or a count");
 }
 
 TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {
