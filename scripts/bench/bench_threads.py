@@ -9,7 +9,7 @@ pinned loratune count measured in the same conditions. Goals: loaded, auto withi
 within noise of all cores.
 
 usage: /usr/bin/python3 scripts/bench/bench_threads.py [--models vit_s16,vit_b16] [--batch 8] [--steps 24]
-                                                        [--slow-steps 4] [--no-demo]
+                                                        [--slow-steps 4] [--demo-steps 60] [--no-demo]
 """
 import argparse
 import contextlib
@@ -62,7 +62,8 @@ def python_step(name, bundle, batch, steps):
 
 
 def demo_pretraining(binary, work, threads, steps):
-    """Seconds per optimiser step of the demo's pretraining (method full, batch 64), over `steps` steps."""
+    """Seconds per optimiser step of the demo's pretraining (method full, batch 64) over `steps` steps, from the run's
+    own training time (summary.json: steps only, not the start-up)."""
     data = os.path.join(ROOT, "build", "demo_ci", "data", "pretrain")
     model = os.path.join(ROOT, "build", "demo_ci", "models", "fmnist_vit_random.pt")
     out = tempfile.mkdtemp(dir=work)
@@ -71,11 +72,10 @@ def demo_pretraining(binary, work, threads, steps):
         json.dump({"model": model, "data": {"train": data, "val_fraction": 0.05, "workers": 1}, "method": "full",
                    "batch_size": 64, "precision": "fp32", "gradient_checkpointing": False, "max_steps": steps,
                    "eval_every_epochs": 1000, "threads": threads, "output_dir": os.path.join(out, "run")}, f)
-    start = time.time()
     subprocess.run([binary, "train", "--config", config], check=True, capture_output=True)
     with open(os.path.join(out, "run", "summary.json")) as f:
         s = json.load(f)
-    return (time.time() - start) / steps, s.get("threads", [])
+    return 64 / s["train_images_per_second"], s.get("threads", [])
 
 
 def main():
@@ -86,6 +86,7 @@ def main():
     p.add_argument("--steps", type=int, default=24, help="steps of the runs that are not pathologically slow")
     p.add_argument("--slow-steps", type=int, default=4,
                    help="steps of the runs on all cores under load (10-50x slower): loratune pinned, Python")
+    p.add_argument("--demo-steps", type=int, default=60)
     p.add_argument("--no-demo", action="store_true")
     a = p.parse_args()
     bench = os.path.join(a.build, "bin", "loratune_bench")
@@ -95,14 +96,14 @@ def main():
     print(f"{CORES} cores; batch {a.batch}; mean step time over the timed steps (auto's probes included)")
 
     cases = []  # (workload, runner(threads) -> (seconds, thread counts), python runner or None)
-    for name in a.models.split(","):
+    for name in filter(None, a.models.split(",")):
         bundle = bench_models.make_bundle(name, os.path.join(work, name + ".pt"))
         cases.append((f"{name} LoRA step", lambda t, loaded, b=bundle: loratune_step(
             bench, b, a.batch, a.slow_steps if loaded and t == str(CORES) else a.steps, t),
             lambda loaded, b=bundle, n=name: python_step(n, b, a.batch, a.slow_steps + 2 if loaded else a.steps)))
     if not a.no_demo and os.path.isdir(os.path.join(ROOT, "build", "demo_ci", "data", "pretrain")):
         cases.append(("demo pretraining step", lambda t, loaded: demo_pretraining(
-            binary, work, t if t == "auto" else int(t), 6 if loaded and t == str(CORES) else 20), None))
+            binary, work, t if t == "auto" else int(t), 6 if loaded and t == str(CORES) else a.demo_steps), None))
 
     for workload, run, peer in cases:
         for loaded in (False, True):
