@@ -7,12 +7,9 @@
 #include "loratune/errors.h"
 #include "loratune/image_folder.h"
 #include "loratune/loader.h"
-#include "loratune/memory.h"
 #include "loratune/memory_plan.h"
 #include "loratune/process_group.h"
 #include "loratune/threads.h"
-
-namespace fs = std::filesystem;
 
 namespace loratune {
 namespace {
