@@ -128,7 +128,8 @@ int main(int argc, char** argv) {
       ->type_name("SIZE");
   pl->add_flag("--table", plan.table, "largest batches for standard ViT and MobileCLIP shapes (no model file needed)");
   pl->add_flag("--json", plan.json, "machine-readable prediction");
-  pl->add_option("--classes", plan.classes, "head size (default: the class folders of data.train, else 10)");
+  pl->add_option("--classes", plan.classes, "head size (default: the class folders of data.train, else 10)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1000000}));
   pl->add_option("--threads", plan.threads, kThreadsHelp)->capture_default_str();
   pl->footer(footer(
       "  loratune plan --config configs/vit_base.json\n"

@@ -88,7 +88,8 @@ struct TrainConfig {
 };
 
 // The resolved configuration without the keys that do not change what training computes (where it runs, how
-// often it reports): what adapters record and what a resumed run must match.
+// often it reports), and with files and folders by their names alone: what adapters record and what a resumed run
+// must match.
 nlohmann::json result_settings(const nlohmann::json& resolved);
 
 // The full configuration with defaults, as JSON.

@@ -25,4 +25,9 @@ using ForwardFn = std::function<at::Tensor(const at::Tensor& images)>;
 Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10::Device& device, Precision precision,
                         const std::string& progress_label = "", ThreadTuner* threads = nullptr);
 
+// RuntimeFailure naming `what` (the adapter or model that made them) when any logits are inf or NaN: an adapter
+// whose finite weights overflow (or a DoRA one with a zero row norm), or a 16-bit precision too narrow for them.
+// Metrics and predictions are never made from them.
+void require_finite(const Predictions& predictions, const std::string& what, Precision precision);
+
 }  // namespace loratune

@@ -35,8 +35,11 @@ class Model {
   void clear_adapters();
   const std::vector<LoraTarget>& adapters() const { return targets_; }
   const LoraSettings& lora_settings() const { return lora_settings_; }
-  // Notes from adding adapter slots to the model's code (e.g. where dropout cannot apply), for the user.
-  const std::vector<std::string>& adapter_notes() const;
+  // Whether lora_settings().dropout reaches any adapter: not where adapters change the weight itself (DoRA, weights
+  // read outside nn.Linear), and the adapter file then records dropout 0.
+  bool dropout_applies() const;
+  // For the user: one line saying where the settings' dropout does not apply, or "".
+  std::string dropout_note() const;
 
   // Classification head: logits = features @ W^T + b.
   void init_head(int64_t num_classes);  // nn.Linear's default initialisation, global generator

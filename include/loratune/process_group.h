@@ -13,10 +13,14 @@ namespace loratune {
 
 // One worker's place, from torchrun's variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a single
 // process when WORLD_SIZE is unset). InputError for values that do not parse or do not fit together.
+// Workers on one machine started by `loratune train --nproc` meet in a store file instead (LORATUNE_STORE_FILE, in
+// a folder only the user can open): no port is opened for them beyond Gloo's own connections on 127.0.0.1.
 struct WorkerEnvironment {
   int rank = 0, world_size = 1, local_rank = 0;
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
+  std::string store_file;  // local workers: the rendezvous file; empty: rank 0 hosts a TCPStore at the master
+  std::string rendezvous() const;  // "127.0.0.1:29500", or "local" for a store file
 };
 WorkerEnvironment worker_environment();
 

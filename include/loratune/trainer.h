@@ -85,6 +85,20 @@ struct TrainerHooks {
 // Refuses to start over a run (its checkpoint exists) or to resume nothing: InputError saying what to do.
 void check_run_folder(const std::filesystem::path& output_dir, bool resume);
 
+// One writer per run folder: an advisory lock on output_dir/.lock (made with the folder if missing), held while the
+// object lives and released by the system when the process ends in any way. Taking it again in the same process
+// nests. InputError naming the process that holds it.
+class RunFolderLock {
+ public:
+  explicit RunFolderLock(const std::filesystem::path& output_dir);
+  ~RunFolderLock();
+  RunFolderLock(const RunFolderLock&) = delete;
+  RunFolderLock& operator=(const RunFolderLock&) = delete;
+
+ private:
+  std::filesystem::path key_;
+};
+
 class Trainer {
  public:
   Trainer(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val, std::vector<std::string> classes,
@@ -164,7 +178,8 @@ class Trainer {
   at::Tensor prefix_for(PrefixCache& cache, const Batch& batch);
   at::Tensor forward_logits(const Batch& batch, PrefixCache* cache);
   void save_checkpoint(const Progress& p);
-  Progress load_checkpoint();
+  // The checkpoint's state, every value checked against `schedule`: InputError naming the file and the value.
+  Progress load_checkpoint(const Schedule& schedule);
   void save_adapter_to(const std::string& name);
   void append_metrics(const nlohmann::json& line, Progress& p);
   nlohmann::json adapter_training_record() const;

@@ -32,6 +32,10 @@ struct TrainingRun {
   bool lead = true;  // false on data-parallel workers other than rank 0, which write and report nothing
 };
 
+// Claims output_dir for one run: refuses a folder that is one of the run's inputs or inside one, takes the folder's
+// lock (RunFolderLock) and checks that there is a run to resume, or none to write over. InputError saying what to do.
+std::unique_ptr<RunFolderLock> claim_run_folder(const TrainConfig& config, bool resume);
+
 // Throws InputError for bad input (folders, config, a run folder in the way), RuntimeFailure when training fails,
 // Interrupted after saving a checkpoint when asked to stop.
 TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& options = {});

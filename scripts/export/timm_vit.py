@@ -65,6 +65,10 @@ def main(argv=None):
     import timm  # noqa: E402  (user's install)
 
     model, source = create(timm, args)
+    if not isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        raise SystemExit(f"error: {args.model} is a timm {type(model).__name__}, an architecture this exporter does not "
+                         "support; it exports timm's VisionTransformer family (ViT, DeiT, DINOv2, CLIP-style ViTs, "
+                         "SigLIP's ViT): pick one of those, or `loratune import` a checkpoint folder it supports")
     model = model.eval().float()
     overrides = {"input_size": (3, args.image_size, args.image_size)} if args.image_size else {}
     data_config = timm.data.resolve_data_config(overrides, model=model)

@@ -9,6 +9,7 @@
 #include "loratune/threads.h"
 #include "loratune/errors.h"
 #include "common/files.h"
+#include "common/output_paths.h"
 #include "loratune/memory.h"
 #include "loratune/metrics.h"
 #include "plot/plot.h"
@@ -32,6 +33,8 @@ int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     if (command.data.empty()) throw InputError("--data is required: the held-out photo folder");
+    refuse_output_over_inputs(command.output, "--output",
+                              {command.model, command.adapter, command.data, command.text_model, command.class_names});
     ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
@@ -61,6 +64,7 @@ int run_eval(const EvalCommand& command) {
     options.pin_memory = device.is_cuda();
     ImageBatchSource source(folder, Preprocess::from_bundle(model.info), options);
     const Predictions pr = predict_all(model.forward(), source, device, precision, "eval", &threads);
+    require_finite(pr, command.adapter.empty() ? command.model : command.adapter, precision);
     const ClassificationMetrics m = compute_metrics(pr.logits, pr.labels);
 
     // Console report.

@@ -4,6 +4,7 @@
 
 #include "cli/common.h"
 #include "cli/commands.h"
+#include "common/output_paths.h"
 #include "loratune/threads.h"
 #include "common/files.h"
 #include "common/strings.h"
@@ -35,15 +36,6 @@ void save_checked(ImportedModel& m, const BundleInfo& info, const fs::path& outp
   }, m.extra_files);
 }
 
-void refuse_output_in_source(const fs::path& folder, const fs::path& output) {
-  std::error_code ec;
-  const fs::path dir = fs::weakly_canonical(fs::absolute(output).parent_path(), ec);
-  if (!ec && dir == fs::weakly_canonical(folder, ec))
-    throw InputError("--output " + output.string() + " is inside the checkpoint folder; write the bundle elsewhere "
-                     "(the folder may be the shared hub cache)");
-  if (fs::is_directory(output, ec)) throw InputError("--output " + output.string() + " is a folder; give a file name");
-}
-
 }  // namespace
 
 int run_import(const ImportCommand& command) {
@@ -53,7 +45,10 @@ int run_import(const ImportCommand& command) {
     if (command.image_size < 0 || command.image_size > 8192)
       throw InputError("--image-size must be between 1 and 8192 (0: the checkpoint's own)");
     const fs::path output = expand_home(command.output);
-    refuse_output_in_source(resolve_checkpoint_folder(command.source), output);
+    // The checkpoint folder may be the shared hub cache: nothing goes into it.
+    refuse_output_over_inputs(output, "--output", {resolve_checkpoint_folder(command.source)});
+    std::error_code ec;
+    if (fs::is_directory(output, ec)) throw InputError("--output " + output.string() + " is a folder; give a file name");
     const auto start = std::chrono::steady_clock::now();
     ImportOptions options;
     options.image_size = command.image_size;
@@ -62,6 +57,7 @@ int run_import(const ImportCommand& command) {
     fs::path text_output = output;
     text_output.replace_filename(output.stem().string() + "_text" + output.extension().string());
     if (with_text) image.metadata["text_model"] = text_output.filename().string();
+    if (with_text) refuse_output_over_inputs(text_output, "the text tower's file", {resolve_checkpoint_folder(command.source)});
     else image.metadata.erase("text_model");
     const BundleInfo info = BundleInfo::from_json(image.metadata, command.source);
     const at::Tensor images = at::randn({2, 3, info.image_size, info.image_size});

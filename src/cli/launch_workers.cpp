@@ -1,19 +1,20 @@
-// `loratune train --nproc N`: N local workers started the way torchrun starts them, for people without Python.
-#include <arpa/inet.h>
-#include <netinet/in.h>
+// `loratune train --nproc N`: N local workers with torchrun's variables, for people without Python. They meet in a
+// store file in a private folder instead of at a port.
 #include <signal.h>
-#include <sys/socket.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "cli/commands.h"
+#include "common/files.h"
 #include "loratune/errors.h"
 
 namespace loratune {
@@ -22,20 +23,13 @@ namespace {
 volatile sig_atomic_t g_interrupts = 0;
 void count_interrupt(int) { g_interrupts = g_interrupts + 1; }
 
-// A port the system reports free on the loopback interface (another program may still take it before rank 0 does:
-// that ends in the "port in use" error, and a rerun picks another).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw RuntimeFailure("cannot open a socket to find a free port");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
-  ::close(fd);
-  if (!ok) throw RuntimeFailure("cannot find a free port on 127.0.0.1");
-  return ntohs(addr.sin_port);
+// A folder only this user can open, for the workers' store file.
+std::filesystem::path private_folder() {
+  std::string pattern = (std::filesystem::temp_directory_path() / "loratune-workers-XXXXXX").string();
+  if (!::mkdtemp(pattern.data()))
+    throw RuntimeFailure("cannot make a folder under " + std::filesystem::temp_directory_path().string() +
+                         " for the workers' store file");
+  return pattern;
 }
 
 int exit_code_of(int status) {
@@ -50,8 +44,8 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
   return guarded([&] {
     if (workers < 1 || workers > 1024) throw InputError("--nproc must be from 1 to 1024");
     if (std::getenv("WORLD_SIZE")) throw InputError("--nproc starts workers itself: do not combine it with torchrun");
-    const char* port_env = std::getenv("MASTER_PORT");
-    const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
+    const std::filesystem::path store_folder = private_folder();
+    const std::string store_file = (store_folder / "store").string();
     std::vector<char*> argv;
     std::vector<std::string> storage = args;
     storage.insert(storage.begin(), "loratune");
@@ -64,10 +58,15 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
     sigaction(SIGINT, &action, nullptr);
     sigaction(SIGTERM, &action, nullptr);
     std::vector<pid_t> pids;
+    const pid_t launcher = ::getpid();
     for (int rank = 0; rank < workers; ++rank) {
       const pid_t pid = ::fork();
       if (pid < 0) throw RuntimeFailure("cannot start worker " + std::to_string(rank));
       if (pid == 0) {
+        // When the launcher dies (even by SIGKILL), its workers are asked to stop as Ctrl-C would: they checkpoint
+        // and exit instead of training on unsupervised.
+        ::prctl(PR_SET_PDEATHSIG, SIGINT);
+        if (::getppid() != launcher) ::_exit(exit_code::kInterrupted);  // it died before prctl
         ::setpgid(0, 0);
         ::signal(SIGINT, SIG_DFL);
         ::signal(SIGTERM, SIG_DFL);
@@ -75,8 +74,7 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
         ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
         ::setenv("WORLD_SIZE", std::to_string(workers).c_str(), 1);
         ::setenv("LOCAL_WORLD_SIZE", std::to_string(workers).c_str(), 1);
-        ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-        ::setenv("MASTER_PORT", port.c_str(), 1);
+        ::setenv("LORATUNE_STORE_FILE", store_file.c_str(), 1);
         ::setenv("LORATUNE_NPROC", std::to_string(workers).c_str(), 1);  // for the resume hint
         ::execv("/proc/self/exe", argv.data());
         std::fprintf(stderr, "error: cannot start worker %d\n", rank);
@@ -122,6 +120,7 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
+    remove_tree(store_folder);
     return result;
   });
 }

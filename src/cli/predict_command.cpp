@@ -9,6 +9,7 @@
 #include "loratune/threads.h"
 #include "loratune/errors.h"
 #include "common/files.h"
+#include "common/output_paths.h"
 #include "loratune/memory.h"
 #include "common/strings.h"
 
@@ -57,6 +58,13 @@ int run_predict(const PredictCommand& command) {
     if (command.format != "table" && command.format != "json" && command.format != "csv")
       throw InputError("--format must be table, json or csv");
     if (command.top_k < 1) throw InputError("--top-k must be at least 1");
+    if (!command.output.empty()) {
+      std::vector<fs::path> read = {command.model};
+      read.insert(read.end(), command.adapters.begin(), command.adapters.end());
+      read.insert(read.end(), command.inputs.begin(), command.inputs.end());
+      refuse_output_over_inputs(command.output, "-o", read);
+      refuse_replacing_other_kind(command.output, "-o", OutputKind::kText);
+    }
     ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
@@ -111,6 +119,8 @@ int run_predict(const PredictCommand& command) {
         }
       }
     }
+
+    for (const auto& pass : passes) require_finite(pass.predictions, pass.name, precision);
 
     // Output.
     json all = json::array();

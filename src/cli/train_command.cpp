@@ -63,8 +63,9 @@ int run_train(const TrainCommand& command) {
     options.memory_budget = command.fit_memory.empty() ? 0 : parse_memory_size(command.fit_memory);
     options.zero_shot = zero_shot_head_initializer();
     const WorkerEnvironment worker = worker_environment();
+    std::unique_ptr<RunFolderLock> lock;
     if (worker.rank == 0) {
-      check_run_folder(config.output_dir, command.resume);  // before a log file goes into it
+      lock = claim_run_folder(config, command.resume);  // before a log file goes into it
       cli::setup_logging(fs::path(config.output_dir) / "train.log");
     } else {
       spdlog::set_level(spdlog::level::warn);  // data-parallel: rank 0 reports for all

@@ -9,6 +9,7 @@
 #include "loratune/errors.h"
 
 #ifdef LORATUNE_WITH_C10D_GLOO
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -39,10 +40,15 @@ WorkerEnvironment worker_environment() {
   e.local_rank = env_int("LOCAL_RANK", e.rank, 0, 65535);
   e.master_port = env_int("MASTER_PORT", 29500, 1, 65535);
   if (const char* addr = std::getenv("MASTER_ADDR"); addr && *addr) e.master_addr = addr;
+  if (const char* file = std::getenv("LORATUNE_STORE_FILE"); file && *file) e.store_file = file;
   if (e.rank >= e.world_size)
     throw InputError("RANK " + std::to_string(e.rank) + " is not below WORLD_SIZE " + std::to_string(e.world_size) +
                      ": start the workers with ranks 0 to WORLD_SIZE-1 (torchrun does)");
   return e;
+}
+
+std::string WorkerEnvironment::rendezvous() const {
+  return store_file.empty() ? master_addr + ":" + std::to_string(master_port) : "local";
 }
 
 std::chrono::seconds distributed_timeout() {
@@ -56,15 +62,33 @@ bool distributed_available() { return true; }
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
   std::chrono::milliseconds timeout;
+  c10::intrusive_ptr<c10d::Store> store;
 };
 
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl, int rank, int size)
     : impl_(std::move(impl)), rank_(rank), size_(size) {}
-ProcessGroup::~ProcessGroup() = default;
 
-std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, std::chrono::seconds timeout) {
-  const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
-  c10::intrusive_ptr<c10d::Store> store;
+ProcessGroup::~ProcessGroup() {
+  // Rank 0's TCPStore server thread reads each request to its end: a client that sent part of one and waits blocks
+  // it, and c10d's destructor joins that thread, so the worker would never exit. The store is left to the end of
+  // the process instead (the system closes its sockets).
+  if (rank_ == 0 && dynamic_cast<c10d::TCPStore*>(impl_->store.get())) static_cast<void>(impl_->store.release());
+}
+
+namespace {
+
+// The rendezvous store: the launcher's store file for local workers, else a TCPStore hosted by rank 0.
+c10::intrusive_ptr<c10d::Store> open_store(const WorkerEnvironment& env, std::chrono::seconds timeout) {
+  if (!env.store_file.empty()) {
+    try {
+      auto store = c10::make_intrusive<c10d::FileStore>(env.store_file, env.world_size);
+      store->setTimeout(timeout);
+      return store;
+    } catch (const std::exception& e) {
+      throw RuntimeFailure("rank " + std::to_string(env.rank) + ": cannot open the store file " + env.store_file +
+                           ": " + first_line(e.what()));
+    }
+  }
   try {
     c10d::TCPStoreOptions options;
     options.port = static_cast<std::uint16_t>(env.master_port);
@@ -72,16 +96,23 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
     options.numWorkers = static_cast<std::size_t>(env.world_size);
     options.waitWorkers = true;
     options.timeout = timeout;
-    store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+    return c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
   } catch (const std::exception& e) {
     const std::string what = e.what();
     if (what.find("ddress already in use") != std::string::npos)
       throw InputError("MASTER_PORT " + std::to_string(env.master_port) + " is in use on " + env.master_addr +
                        ": choose another port (MASTER_PORT, or torchrun --master-port)");
     throw RuntimeFailure("rank " + std::to_string(env.rank) + ": the " + std::to_string(env.world_size) +
-                         " workers at " + where + " did not join within " + std::to_string(timeout.count()) +
+                         " workers at " + env.rendezvous() + " did not join within " + std::to_string(timeout.count()) +
                          " s (a worker did not start, or WORLD_SIZE differs between them): " + first_line(what));
   }
+}
+
+}  // namespace
+
+std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, std::chrono::seconds timeout) {
+  const std::string where = env.rendezvous();
+  c10::intrusive_ptr<c10d::Store> store = open_store(env, timeout);
   // Every worker says how many it expects; a disagreement is a launch error, not a hang.
   try {
     const std::string mine = std::to_string(env.world_size);
@@ -100,7 +131,8 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
                          " s (a worker did not start, or WORLD_SIZE differs between them): " + first_line(e.what()));
   }
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-  const bool loopback = env.master_addr == "localhost" || env.master_addr.rfind("127.", 0) == 0;
+  const bool loopback =
+      !env.store_file.empty() || env.master_addr == "localhost" || env.master_addr.rfind("127.", 0) == 0;
   if (const char* iface = std::getenv("GLOO_SOCKET_IFNAME"); iface && *iface)
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
   else
@@ -108,6 +140,7 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
                                         : c10d::ProcessGroupGloo::createDefaultDevice());
   auto impl = std::make_unique<Impl>();
   impl->timeout = timeout;
+  impl->store = store;
   try {
     impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("loratune", store), env.rank, env.world_size, options);

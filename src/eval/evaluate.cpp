@@ -5,6 +5,7 @@
 
 #include <chrono>
 
+#include "loratune/errors.h"
 #include "loratune/memory.h"
 #include "loratune/threads.h"
 #include "common/progress.h"
@@ -39,6 +40,17 @@ Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10
   out.logits = logits.empty() ? at::empty({0, 0}) : at::cat(logits);
   out.labels = labels.empty() ? at::empty({0}, at::kLong) : at::cat(labels);
   return out;
+}
+
+void require_finite(const Predictions& predictions, const std::string& what, Precision precision) {
+  if (predictions.logits.numel() == 0) return;
+  const int64_t bad = (~at::isfinite(predictions.logits)).any(1).sum().item<int64_t>();
+  if (bad == 0) return;
+  throw RuntimeFailure(what + " gives inf/NaN outputs for " + std::to_string(bad) + " of " +
+                       std::to_string(predictions.logits.size(0)) + " images at " + precision_name(precision) +
+                       (precision == Precision::kFp32 ? ": its weights overflow (damaged, or a diverged training run); "
+                                                        "use another adapter or retrain it"
+                                                      : ": try --precision fp32; if that fails too, its weights overflow"));
 }
 
 }  // namespace loratune

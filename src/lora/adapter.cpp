@@ -82,11 +82,13 @@ LoraKey parse_lora_key(const std::string& name) {
 // name at a dot boundary; the first key that matches wins.
 class PeftPatterns {
  public:
-  PeftPatterns(const std::map<std::string, double>& keys, const std::string& origin) {
+  template <typename Value>
+  PeftPatterns(const std::map<std::string, Value>& keys, const std::string& what, const std::string& origin) {
     if (keys.size() > kMaxPatternKeys)
-      throw InputError(origin + ": more than " + std::to_string(kMaxPatternKeys) + " alpha_pattern keys");
+      throw InputError(origin + ": more than " + std::to_string(kMaxPatternKeys) + " " + what + " keys");
     for (const auto& [key, value] : keys)
-      patterns_.emplace_back(PatternMatcher("(.*\\.)?(" + key + ")", origin + ": alpha_pattern key"), value);
+      patterns_.emplace_back(PatternMatcher("(.*\\.)?(" + key + ")", origin + ": " + what + " key"),
+                             static_cast<double>(value));
   }
   const double* find(const std::string& module) const {
     for (const auto& [matcher, value] : patterns_)
@@ -268,6 +270,11 @@ Adapter load_adapter(const fs::path& path) {
   if (hash != contents.metadata.end() && hash->second != tensors_hash(contents.tensors))
     throw InputError(origin + ": the tensors do not match the checksum written with them; the file is damaged "
                      "(copy it again, or train again)");
+  const auto format = contents.metadata.find("format");  // PEFT writes "pt" there
+  if (format != contents.metadata.end() && format->second.rfind("loratune.adapter/", 0) == 0 &&
+      format->second != kAdapterFormat)
+    throw InputError(origin + " is a " + format->second + " adapter; this loratune reads " + kAdapterFormat +
+                     ": update loratune to use it");
   Adapter a;
   json meta;
   const bool has_config = !config_path.empty() && fs::exists(config_path, ec);
@@ -278,12 +285,18 @@ Adapter load_adapter(const fs::path& path) {
       // PEFT reads adapter_config.json: it must say what the metadata says, or PEFT would apply another scale.
       Adapter peft;
       read_peft_config(peft, parse_config_file(config_path), config_path.string());
-      if (peft.lora.rank != a.lora.rank || peft.lora.alpha != a.lora.alpha || peft.lora.rslora != a.lora.rslora ||
-        peft.lora.variant != a.lora.variant)
-        throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() +
-                         " (r " + std::to_string(peft.lora.rank) + " vs " + std::to_string(a.lora.rank) +
-                         ", lora_alpha, use_rslora, variant " + peft.lora.variant + " vs " + a.lora.variant +
-                         "); the files were altered or mixed up: copy the adapter folder anew");
+      // Named as adapter_config.json names them: "<key> <there> vs <inside>".
+      std::vector<std::string> differ;
+      auto compare = [&](const std::string& key, const json& there, const json& inside) {
+        if (there != inside) differ.push_back(key + " " + there.dump() + " vs " + inside.dump());
+      };
+      compare("r", peft.lora.rank, a.lora.rank);
+      compare("lora_alpha", peft.lora.alpha, a.lora.alpha);
+      compare("use_rslora", peft.lora.rslora, a.lora.rslora);
+      compare("use_dora", peft.lora.variant == "dora", a.lora.variant == "dora");
+      if (!differ.empty())
+        throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() + " (" +
+                         join(differ, ", ") + "); the files were altered or mixed up: copy the adapter folder anew");
     }
   } else {
     // An adapter from PEFT: settings come from adapter_config.json.
@@ -293,7 +306,9 @@ Adapter load_adapter(const fs::path& path) {
     read_peft_config(a, parse_config_file(config_path), config_path.string());
   }
   check_lora_settings(a.lora, origin);
-  const PeftPatterns alpha_patterns(a.lora.alpha_pattern, origin);
+  const PeftPatterns alpha_patterns(a.lora.alpha_pattern, "alpha_pattern", origin);
+  // Ranks come from the tensors' shapes; the keys must still be patterns PEFT can read.
+  PeftPatterns(a.lora.rank_pattern, "rank_pattern", origin);
   const AdapterVariant* variant = find_variant(a.lora.variant);
 
   // Tensors: adapters by key, the head, full weights.

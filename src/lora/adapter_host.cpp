@@ -6,6 +6,8 @@
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/runtime/graph_iterator.h>
 
+#include <sstream>
+
 #include "common/torch_compat.h"
 #include "loratune/errors.h"
 #include "lora/adapter_host.h"
@@ -204,11 +206,27 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
   prepared_[type.get()] = wiring;
   prepared_param_[type.get()] = param;
   prepared_variant_[type.get()] = &variant;
+  // Traced models have a type per module instance: one kind per class name and reason.
   if (wiring == LoraWiring::kWeightDelta)
-    notes_.push_back("modules of type " + type->name()->name() + " (e.g. " + example + ") " +
-                     (only_linear ? "carry " + variant.name() + " adapters, which"
-                                  : "read " + param + " outside nn.Linear: adapters there") +
-                     " change the weight itself, so LoRA dropout does not apply to them");
+    weight_delta_kinds_.emplace(type->name()->name() + (only_linear ? ", " + variant.name() : ", " + param + " read outside nn.Linear"),
+                                example);
+}
+
+bool AdapterHost::dropout_applies() const {
+  for (const auto& [path, module] : modules_)
+    if (attached_.count(path) && prepared_.at(module.type().get()) == LoraWiring::kActivation) return true;
+  return false;
+}
+
+std::string AdapterHost::dropout_note(double dropout) const {
+  if (dropout <= 0 || weight_delta_kinds_.empty()) return "";
+  std::vector<std::string> kinds;
+  for (const auto& [kind, example] : weight_delta_kinds_) kinds.push_back(kind + " (e.g. " + example + ")");
+  std::ostringstream value;
+  value << dropout;
+  return "lora.dropout " + value.str() + " does not apply to adapters that change the weight itself: " +
+         join(kinds, "; ") + (dropout_applies() ? "; those train without it" : "; the run trains without dropout "
+                              "(set lora.dropout to 0 to say so)");
 }
 
 void AdapterHost::attach(const std::vector<LoraTarget>& targets, double dropout) {

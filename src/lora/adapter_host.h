@@ -37,8 +37,10 @@ class AdapterHost {
   void set_training(bool training);
 
   LoraWiring wiring(const std::string& module_path) const;
-  // Human-readable notes from preparation (e.g. where dropout cannot apply).
-  const std::vector<std::string>& notes() const { return notes_; }
+  // Whether LoRA dropout reaches any attached adapter (only activation-wired ones take it).
+  bool dropout_applies() const;
+  // One line when `dropout` > 0 and some attached adapters change the weight itself, so dropout skips them; else "".
+  std::string dropout_note(double dropout) const;
 
  private:
   void prepare_type(const c10::ClassTypePtr& type, const std::string& param, const std::string& example_path,
@@ -50,7 +52,7 @@ class AdapterHost {
   std::map<const c10::ClassType*, std::string> prepared_param_;
   std::map<const c10::ClassType*, const AdapterVariant*> prepared_variant_;
   std::set<std::string> attached_;
-  std::vector<std::string> notes_;
+  std::map<std::string, std::string> weight_delta_kinds_;  // "Linear, dora" -> an example module path
 };
 
 }  // namespace loratune

@@ -23,6 +23,7 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
   const std::string& prefix = model.bundle().info.module_prefix;
   a.method = model.method();
   a.lora = model.lora_settings();
+  if (model.method() == Method::kLora && !model.dropout_applies()) a.lora.dropout = 0;  // what training applied
   if (model.method() == Method::kLora)
     for (const auto& t : model.adapters()) {
       LoraTarget c = t;
@@ -70,7 +71,12 @@ std::vector<LoraTarget> bind_targets(const Adapter& a, const Bundle& bundle, con
 }
 
 void check_adapter_base(const Adapter& a, const Bundle& bundle, const std::string& origin) {
-  if (!a.base_fingerprint.empty() && a.base_fingerprint != bundle.fingerprint)
+  const bool other_base = !a.base_fingerprint.empty() && a.base_fingerprint != bundle.fingerprint;
+  // A merged file is a base of its own only for adapters trained on it.
+  if ((other_base && bundle.info.extra.contains("merged_into")) || bundle.info.kind == "classifier")
+    throw InputError(bundle.path.string() + " is already merged (" + bundle.info.name + "): " + origin +
+                     " applies to the base model it was trained on; give that one");
+  if (other_base)
     throw InputError(origin + " was trained on a different base model (adapter base fingerprint " + a.base_fingerprint +
                      " \"" + a.base_name + "\", " + bundle.path.string() + " has " + bundle.fingerprint + ")");
   bind_targets(a, bundle, origin);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <fstream>
 #include <map>
+#include <cmath>
 #include <set>
 
 #include "common/torch_compat.h"
@@ -29,6 +30,11 @@ T field(const json& j, const char* key, const T& fallback, const std::string& or
     throw InputError(origin + ": metadata field \"" + key + "\" has the wrong type (" + j.at(key).dump() + ")");
   }
 }
+
+// Beyond any vision encoder there is (the largest have 6144-d features and 1024 px inputs): larger values in a
+// bundle's metadata are damage or hostility, and would size huge allocations.
+constexpr int64_t kMaxFeatureDim = 65536;
+constexpr int64_t kMaxImageSize = 4096;
 
 const std::set<std::string> kKnownFields = {"format", "kind", "family", "architecture", "name", "feature_dim",
                                             "image_size", "resize_size", "interpolation", "mean", "std", "blocks",
@@ -78,18 +84,23 @@ BundleInfo BundleInfo::from_json(const json& j, const std::string& origin) {
   if (info.kind != "backbone" && info.kind != "classifier" && info.kind != "text_encoder")
     throw InputError(origin + ": metadata kind must be \"backbone\", \"classifier\" or \"text_encoder\", not \"" +
                      info.kind + "\"");
-  if (info.feature_dim <= 0) throw InputError(origin + ": metadata feature_dim must be a positive integer");
+  if (info.feature_dim <= 0 || info.feature_dim > kMaxFeatureDim)
+    throw InputError(origin + ": metadata feature_dim must be from 1 to " + std::to_string(kMaxFeatureDim) + " (got " +
+                     std::to_string(info.feature_dim) + ")");
   for (const auto& [key, value] : j.items())
     if (!kKnownFields.count(key)) info.extra[key] = value;
   if (info.kind == "text_encoder") return info;
-  if (info.image_size <= 0 || info.resize_size < info.image_size)
-    throw InputError(origin + ": metadata needs 0 < image_size <= resize_size");
+  if (info.image_size <= 0 || info.resize_size < info.image_size || info.resize_size > kMaxImageSize)
+    throw InputError(origin + ": metadata needs 0 < image_size <= resize_size <= " + std::to_string(kMaxImageSize) +
+                     " (got " + std::to_string(info.image_size) + ", " + std::to_string(info.resize_size) + ")");
   const std::set<std::string> interpolations = {"bilinear", "bicubic", "nearest", "area"};
   if (!interpolations.count(info.interpolation))
     throw InputError(origin + ": metadata interpolation \"" + info.interpolation +
                      "\" is not one of bilinear, bicubic, nearest, area");
   for (float s : info.std)
-    if (!(s > 0)) throw InputError(origin + ": metadata std values must be positive");
+    if (!(s > 0) || !std::isfinite(s)) throw InputError(origin + ": metadata std values must be positive and finite");
+  for (float m : info.mean)
+    if (!std::isfinite(m)) throw InputError(origin + ": metadata mean values must be finite");
   return info;
 }
 

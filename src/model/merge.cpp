@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "loratune/adapter_binding.h"
+#include "common/output_paths.h"
 #include "loratune/errors.h"
 #include "loratune/model.h"
 
@@ -37,19 +38,10 @@ def forward(self, images: Tensor) -> Tensor:
 // The merged file must not replace what it is made from.
 void refuse_overwriting_inputs(const fs::path& base, const fs::path& adapter, const fs::path& output) {
   std::error_code ec;
-  if (!fs::exists(output, ec)) return;
   if (fs::is_directory(output, ec))
     throw InputError("--output " + output.string() + " is a folder; give a file name for the merged model");
-  if (fs::equivalent(output, base, ec))
-    throw InputError("--output " + output.string() + " is the base model itself; write the merged model to another "
-                     "file (the base is what other adapters apply to)");
-  std::vector<fs::path> adapter_files = {adapter};
-  if (fs::is_directory(adapter, ec))
-    for (fs::directory_iterator it(adapter, ec), end; !ec && it != end; it.increment(ec)) adapter_files.push_back(it->path());
-  for (const auto& f : adapter_files)
-    if (fs::equivalent(output, f, ec))
-      throw InputError("--output " + output.string() + " is part of the adapter " + adapter.string() +
-                       "; write the merged model to another file");
+  refuse_output_over_inputs(output, "--output", {base, adapter});
+  refuse_replacing_other_kind(output, "--output", OutputKind::kTorchScript);
 }
 
 }  // namespace
@@ -133,6 +125,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
 
   BundleInfo info = fresh.info;
   info.name = (info.name.empty() ? base_path.filename().string() : info.name) + " + " + adapter_path.filename().string();
+  info.extra["merged_into"] = fresh.fingerprint;  // adapters are refused on it: they apply to that base
   if (options.features_only) {
     save_bundle(fresh.module, info, output, check);
   } else {

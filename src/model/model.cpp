@@ -27,7 +27,8 @@ Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(std::make_unique
 
 Model::~Model() = default;
 
-const std::vector<std::string>& Model::adapter_notes() const { return host_->notes(); }
+bool Model::dropout_applies() const { return host_->dropout_applies(); }
+std::string Model::dropout_note() const { return host_->dropout_note(lora_settings_.dropout); }
 
 void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_->prepare(targets); }
 

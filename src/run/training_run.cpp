@@ -2,6 +2,7 @@
 
 #include <spdlog/fmt/fmt.h>
 
+#include "common/output_paths.h"
 #include "common/strings.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
@@ -47,7 +48,7 @@ void report_model(const TrainConfig& c, const TrainingSetup& setup, TrainingRepo
                                percent(static_cast<double>(trainable) / static_cast<double>(total))));
   if (!model.bundle().has_block_structure() && c.gradient_checkpointing)
     reporter.warning("the model has no stem/blocks/head structure: gradient checkpointing is off");
-  for (const auto& note : model.adapter_notes()) reporter.warning(note);
+  if (const std::string note = model.dropout_note(); !note.empty()) reporter.warning(note);
   for (const auto& w : setup.warnings) reporter.warning(w);
   for (const auto& n : setup.notes) reporter.message(n);
   reporter.message(fmt::format("device {}, precision {}, batch {} x {} accumulation, gradient checkpointing {}",
@@ -57,14 +58,22 @@ void report_model(const TrainConfig& c, const TrainingSetup& setup, TrainingRepo
 
 }  // namespace
 
+std::unique_ptr<RunFolderLock> claim_run_folder(const TrainConfig& config, bool resume) {
+  refuse_output_over_inputs(config.output_dir, "output_dir", {config.model, config.data.train, config.data.val});
+  auto lock = std::make_unique<RunFolderLock>(config.output_dir);
+  check_run_folder(config.output_dir, resume);
+  return lock;
+}
+
 TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& options) {
   TrainingRun run;
   run.config = config;
   TrainConfig& c = run.config;
-  check_run_folder(c.output_dir, options.resume);  // before any slow work
-
   // Data-parallel worker: join the others; rank 0 reports and writes for all.
   const WorkerEnvironment worker = worker_environment();
+  // Before any slow work; rank 0 writes for all.
+  const std::unique_ptr<RunFolderLock> lock = worker.rank == 0 ? claim_run_folder(c, options.resume) : nullptr;
+  if (!lock) check_run_folder(c.output_dir, options.resume);
   std::unique_ptr<ProcessGroup> group;
   if (worker.world_size > 1) {
     group = ProcessGroup::join(worker, distributed_timeout());
@@ -76,8 +85,8 @@ TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& op
                         : options.reporter ? options.reporter
                                            : console_reporter(resolve_device(c.device));
   if (group)
-    reporter->message(fmt::format("data-parallel worker {} of {} (Gloo, {}:{})", group->rank(), group->size(),
-                                  worker.master_addr, worker.master_port));
+    reporter->message(fmt::format("data-parallel worker {} of {} (Gloo, {})", group->rank(), group->size(),
+                                  worker.rendezvous()));
   set_compute_threads(c.threads);
   auto [train_folder, val_folder] = scan_folders(c, *reporter);  // a bad folder fails before any model work
 

@@ -146,7 +146,8 @@ const std::vector<Key>& schema() {
        field(&C::optim, &O::weight_decay), Range::at_least(0)},
       {"optim.betas", Kind::kNumberPair, json::array({0.9, 0.999}), false, kResult, "AdamW betas",
        [](TrainConfig& c, const json& v) { c.optim.beta1 = v[0], c.optim.beta2 = v[1]; }, Range::between(0, 1, false, true)},
-      {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon", field(&C::optim, &O::eps), Range::at_least(0)},
+      {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon (keeps its division finite)", field(&C::optim, &O::eps),
+       Range::positive()},
       {"optim.grad_clip", Kind::kNumber, 1.0, false, kResult, "clip the global gradient norm; 0: off",
        field(&C::optim, &O::grad_clip), Range::at_least(0)},
       {"optim.lora_plus_ratio", Kind::kNumber, nullptr, true, kResult,
@@ -158,9 +159,10 @@ const std::vector<Key>& schema() {
       {"schedule.min_lr_ratio", Kind::kNumber, 0.0, false, kResult, "cosine decay ends at this fraction of the peak",
        field(&C::schedule, &S::min_lr_ratio), Range::between(0, 1, false, false)},
       {"batch_size", Kind::kInt, 16, false, kResult, "images per micro-batch (what must fit in memory)",
-       field(&C::batch_size), Range::at_least(1)},
+       field(&C::batch_size), Range::between(1, 65536, false, false)},
       {"grad_accum_steps", Kind::kInt, 1, false, kResult,
-       "micro-batches per optimiser step: effective batch = batch_size x this", field(&C::grad_accum_steps), Range::at_least(1)},
+       "micro-batches per optimiser step: effective batch = batch_size x this", field(&C::grad_accum_steps),
+       Range::between(1, 65536, false, false)},
       {"epochs", Kind::kInt, 10, false, kResult, "passes over the training images", field(&C::epochs), Range::at_least(1)},
       {"max_steps", Kind::kInt, nullptr, true, kResult, "stop after this many optimiser steps; null: from epochs",
        field(&C::max_steps), Range::at_least(1)},
@@ -335,9 +337,15 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
 json result_settings(const json& resolved) {
   json record = resolved;
   for (const auto& k : schema()) {
-    if (k.changes_results) continue;
     const auto ptr = pointer(k.path);
-    if (record.contains(ptr)) record[ptr.parent_pointer()].erase(ptr.back());
+    if (!record.contains(ptr)) continue;
+    if (!k.changes_results) record[ptr.parent_pointer()].erase(ptr.back());
+    // A file or folder by its name alone: an adapter shared with others does not tell the owner's folders.
+    else if (k.kind == Kind::kPath && record[ptr].is_string()) {
+      std::filesystem::path path = std::filesystem::path(record[ptr].get<std::string>()).lexically_normal();
+      if (path.filename().empty()) path = path.parent_path();  // "photos/train/"
+      record[ptr] = path.filename().string();
+    }
   }
   return record;
 }

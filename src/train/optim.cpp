@@ -124,17 +124,33 @@ safetensors::Tensors AdamW::state() const {
 
 void AdamW::load_state(const safetensors::Tensors& state) {
   if (regroup_) regroup();
-  auto get = [&](const std::string& key) -> const at::Tensor& {
+  // Checked before anything is copied: a refused checkpoint leaves the state as it was.
+  auto get = [&](const std::string& key, const at::Tensor& like) -> const at::Tensor& {
     auto it = state.find(key);
     if (it == state.end()) throw InputError("checkpoint has no optimiser state " + key);
-    return it->second;
+    const at::Tensor& t = it->second;
+    if (t.sizes() != like.sizes() || t.scalar_type() != like.scalar_type())
+      throw InputError("checkpoint optimiser state " + key + " is " + c10::toString(t.scalar_type()) + " " +
+                       c10::str(t.sizes()) + ", expected " + c10::toString(like.scalar_type()) + " " +
+                       c10::str(like.sizes()));
+    if (t.is_floating_point() && !at::isfinite(t).all().item<bool>())
+      throw InputError("checkpoint optimiser state " + key + " holds inf or NaN");
+    return t;
   };
-  at::NoGradGuard no_grad;
+  const at::Tensor& steps = get("adamw.steps", at::tensor(steps_, at::kLong));
+  if (steps.item<int64_t>() < 0) throw InputError("checkpoint optimiser state adamw.steps is negative");
+  std::vector<std::pair<at::Tensor, const at::Tensor*>> copies;
   for (auto& s : slots_) {
-    view(s, groups_[s.group].exp_avg).copy_(get("adamw." + s.param.name + ".exp_avg"));
-    view(s, groups_[s.group].exp_avg_sq).copy_(get("adamw." + s.param.name + ".exp_avg_sq"));
+    const at::Tensor avg = view(s, groups_[s.group].exp_avg), avg_sq = view(s, groups_[s.group].exp_avg_sq);
+    copies.emplace_back(avg, &get("adamw." + s.param.name + ".exp_avg", avg));
+    const at::Tensor& stored_sq = get("adamw." + s.param.name + ".exp_avg_sq", avg_sq);
+    if ((stored_sq < 0).any().item<bool>())
+      throw InputError("checkpoint optimiser state adamw." + s.param.name + ".exp_avg_sq has negative values");
+    copies.emplace_back(avg_sq, &stored_sq);
   }
-  steps_ = get("adamw.steps").item<int64_t>();
+  at::NoGradGuard no_grad;
+  for (auto& [to, from] : copies) to.copy_(*from);
+  steps_ = steps.item<int64_t>();
 }
 
 double scheduled_lr(int64_t step, int64_t total_steps, int64_t warmup_steps, double base_lr, double min_ratio) {

@@ -1,6 +1,16 @@
 // What a run keeps on disk: checkpoints that resume exactly, the metrics file, the adapters.
 #include <ATen/core/grad_mode.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
+
+#include <spdlog/fmt/fmt.h>
 
 #include "common/torch_compat.h"
 #include "loratune/adapter_binding.h"
@@ -10,6 +20,7 @@
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/trainer.h"
+#include "train/checkpoint.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -17,9 +28,50 @@ using nlohmann::json;
 namespace loratune {
 namespace {
 
-constexpr const char* kCheckpointFormat = "loratune.checkpoint/1";
+constexpr const char* kLockFile = ".lock";
+
+// This process's locks: folder -> (descriptor, holders).
+std::mutex g_locks_mutex;
+std::map<fs::path, std::pair<int, int>> g_locks;
 
 }  // namespace
+
+RunFolderLock::RunFolderLock(const fs::path& output_dir) {
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  if (ec) throw InputError("cannot create output_dir " + output_dir.string() + ": " + ec.message());
+  key_ = fs::weakly_canonical(fs::absolute(output_dir), ec);
+  std::lock_guard<std::mutex> guard(g_locks_mutex);
+  if (auto it = g_locks.find(key_); it != g_locks.end()) {
+    ++it->second.second;
+    return;
+  }
+  const fs::path path = key_ / kLockFile;
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) throw InputError("cannot open " + path.string() + ": " + std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    char pid[32] = {};
+    const ssize_t n = ::pread(fd, pid, sizeof pid - 1, 0);
+    ::close(fd);
+    const std::string holder = n > 0 ? std::string(pid, static_cast<size_t>(n)) : "?";
+    throw InputError(output_dir.string() + " is in use by another training run (process " +
+                     holder.substr(0, holder.find('\n')) + "); wait for it to end or stop it, or set output_dir to "
+                     "another folder");
+  }
+  const std::string me = std::to_string(::getpid()) + "\n";
+  // Who holds it, for the next one's message; the lock holds without this note.
+  [[maybe_unused]] const bool noted =
+      ::ftruncate(fd, 0) == 0 && ::pwrite(fd, me.data(), me.size(), 0) == static_cast<ssize_t>(me.size());
+  g_locks[key_] = {fd, 1};
+}
+
+RunFolderLock::~RunFolderLock() {
+  std::lock_guard<std::mutex> guard(g_locks_mutex);
+  auto it = g_locks.find(key_);
+  if (it == g_locks.end() || --it->second.second > 0) return;
+  ::close(it->second.first);  // releases the lock
+  g_locks.erase(it);
+}
 
 json Trainer::adapter_training_record() const {
   json record = result_settings(config_.json);
@@ -65,42 +117,110 @@ void Trainer::save_checkpoint(const Progress& p) {
                          {"stopped_early", p.stopped_early},
                          {"loss_scale", scaler_->scale()},
                          {"loss_scale_growth_tracker", scaler_->growth_tracker()}};
-  safetensors::write(dir_ / kCheckpoint, tensors,
-                     {{"format", kCheckpointFormat}, {"progress", progress.dump()}, {"resume_fingerprint", resume_fingerprint()}});
+  write_checkpoint(dir_ / kCheckpoint, tensors, {{"progress", progress.dump()}, {"resume_fingerprint", resume_fingerprint()}});
 }
 
-Trainer::Progress Trainer::load_checkpoint() {
+namespace {
+
+// The checkpoint's progress record, every value checked against the run it is meant to continue.
+class ProgressReader {
+ public:
+  ProgressReader(const fs::path& path, const std::string& text) : path_(path) {
+    try {
+      progress_ = json::parse(text);
+    } catch (const json::exception&) {
+      fail("its progress record is not JSON");
+    }
+    if (!progress_.is_object()) fail("its progress record is not a JSON object");
+  }
+  int64_t integer(const char* key, int64_t lo, int64_t hi) const {
+    const json& v = field(key);
+    if (!v.is_number_integer()) fail(std::string("progress ") + key + " is not an integer");
+    const int64_t x = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)
+                          ? INT64_MAX : v.get<int64_t>();
+    if (x < lo || x > hi)
+      fail(fmt::format("progress {} = {} is outside [{}, {}] for this run", key, x, lo, hi));
+    return x;
+  }
+  double number(const char* key, double lo, double hi) const {
+    const json& v = field(key);
+    if (!v.is_number() || !(v.get<double>() >= lo && v.get<double>() <= hi))
+      fail(fmt::format("progress {} = {} is outside [{}, {}]", key, v.dump(), lo, hi));
+    return v.get<double>();
+  }
+  bool flag(const char* key) const {
+    const json& v = field(key);
+    if (!v.is_boolean()) fail(std::string("progress ") + key + " is not true or false");
+    return v.get<bool>();
+  }
+  [[noreturn]] void fail(const std::string& what) const {
+    throw InputError(path_.string() + ": " + what + "; the file was edited, or the photo folders changed since it "
+                     "was written: restore them, or start a new run in another output_dir");
+  }
+
+ private:
+  const json& field(const char* key) const {
+    if (!progress_.contains(key)) fail(std::string("its progress record has no ") + key);
+    return progress_.at(key);
+  }
+  fs::path path_;
+  json progress_;
+};
+
+// A stored tensor must have the dtype and shape of the one it replaces, and finite values.
+const at::Tensor& stored_like(const safetensors::Tensors& tensors, const std::string& key, const at::Tensor& like,
+                              const fs::path& path) {
+  auto it = tensors.find(key);
+  if (it == tensors.end()) throw InputError(path.string() + " has no tensor " + key);
+  const at::Tensor& t = it->second;
+  if (t.scalar_type() != like.scalar_type() || t.sizes() != like.sizes())
+    throw InputError(path.string() + ": " + key + " is " + c10::toString(t.scalar_type()) + " " + c10::str(t.sizes()) +
+                     ", this run needs " + c10::toString(like.scalar_type()) + " " + c10::str(like.sizes()));
+  if (t.is_floating_point() && !at::isfinite(t).all().item<bool>())
+    throw InputError(path.string() + ": " + key + " holds inf or NaN");
+  return t;
+}
+
+}  // namespace
+
+Trainer::Progress Trainer::load_checkpoint(const Schedule& schedule) {
   const fs::path path = dir_ / kCheckpoint;
-  const auto ckpt = safetensors::read(path);
-  if (ckpt.metadata.count("format") == 0 || ckpt.metadata.at("format") != kCheckpointFormat)
-    throw InputError(path.string() + " is not a loratune checkpoint");
-  if (ckpt.metadata.at("resume_fingerprint") != resume_fingerprint())
+  const auto ckpt = read_checkpoint(path);
+  if (ckpt.metadata.count("resume_fingerprint") == 0 || ckpt.metadata.at("resume_fingerprint") != resume_fingerprint())
     throw InputError(path.string() + " was written with another configuration or base model; resuming needs the same "
                      "settings (only output_dir, device, threads, data loading and logging may change). Compare with " +
                      (dir_ / kConfig).string() + ", or start a new run in another output_dir");
-  const json progress = json::parse(ckpt.metadata.at("progress"));
+  if (ckpt.metadata.count("progress") == 0) throw InputError(path.string() + " has no progress record");
+  const ProgressReader progress(path, ckpt.metadata.at("progress"));
+  Progress p;
+  p.step = progress.integer("step", 0, schedule.total_steps);
+  p.epoch = progress.integer("epoch", 0, schedule.total_epochs);
+  p.step_in_epoch = progress.integer("step_in_epoch", 0, p.epoch < schedule.total_epochs ? schedule.steps_in_epoch(p.epoch) : 0);
+  if (p.step != std::min(p.epoch * schedule.steps_per_epoch + p.step_in_epoch, schedule.total_steps))
+    progress.fail(fmt::format("progress step {} does not fall in epoch {} at step {} of {} per epoch", p.step,
+                              p.epoch + 1, p.step_in_epoch, schedule.steps_per_epoch));
+  p.metrics_lines = progress.integer("metrics_lines", 0, INT64_MAX);
+  p.nonfinite_streak = progress.integer("nonfinite_streak", 0, p.step);
+  p.best_top1 = progress.number("best_top1", -1, 1);
+  p.best_epoch = progress.integer("best_epoch", -1, p.epoch);
+  p.stopped_early = progress.flag("stopped_early");
+  const double loss_scale = progress.number("loss_scale", std::numeric_limits<double>::min(), std::numeric_limits<float>::max());
+  const int64_t growth_tracker = progress.integer("loss_scale_growth_tracker", 0, INT64_MAX);
+
+  const at::Tensor& rng_cpu = stored_like(ckpt.tensors, "rng.cpu", compat::default_generator(c10::Device(c10::kCPU)).get_state(), path);
+  const bool device_rng = device_.is_cuda() && ckpt.tensors.count("rng.device");
+  const at::Tensor rng_device = device_rng ? stored_like(ckpt.tensors, "rng.device", compat::default_generator(device_).get_state(), path)
+                                           : at::Tensor();
+  std::vector<const at::Tensor*> params;
+  for (const auto& t : trainable_) params.push_back(&stored_like(ckpt.tensors, "param." + t.name, t.tensor, path));
+  optimizer_->load_state(ckpt.tensors);  // checks its own tensors before it changes anything
   {
     at::NoGradGuard no_grad;
-    for (auto& t : trainable_) {
-      auto it = ckpt.tensors.find("param." + t.name);
-      if (it == ckpt.tensors.end()) throw InputError(path.string() + " has no tensor for " + t.name);
-      t.tensor.copy_(it->second);
-    }
+    for (size_t i = 0; i < trainable_.size(); ++i) trainable_[i].tensor.copy_(*params[i]);
   }
-  optimizer_->load_state(ckpt.tensors);
-  compat::default_generator(c10::Device(c10::kCPU)).set_state(ckpt.tensors.at("rng.cpu"));
-  if (device_.is_cuda() && ckpt.tensors.count("rng.device"))
-    compat::default_generator(device_).set_state(ckpt.tensors.at("rng.device"));
-  scaler_->restore(progress.at("loss_scale"), progress.at("loss_scale_growth_tracker"));
-  Progress p;
-  p.step = progress.at("step");
-  p.epoch = progress.at("epoch");
-  p.step_in_epoch = progress.at("step_in_epoch");
-  p.metrics_lines = progress.at("metrics_lines");
-  p.nonfinite_streak = progress.at("nonfinite_streak");
-  p.best_top1 = progress.at("best_top1");
-  p.best_epoch = progress.at("best_epoch");
-  p.stopped_early = progress.value("stopped_early", false);
+  compat::default_generator(c10::Device(c10::kCPU)).set_state(rng_cpu);
+  if (device_rng) compat::default_generator(device_).set_state(rng_device);
+  scaler_->restore(loss_scale, growth_tracker);
 
   // Metrics written after the checkpoint belong to the lost part of the run.
   std::vector<std::string> lines;

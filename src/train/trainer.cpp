@@ -158,7 +158,12 @@ TrainSummary Trainer::run(bool resume) {
 
   Progress p;
   if (resume) {
-    p = load_checkpoint();
+    p = load_checkpoint(schedule);
+    if ((p.epoch >= schedule.total_epochs || p.stopped_early) && fs::exists(dir_ / kSummary))
+      throw InputError(fmt::format("the run in {} has finished (step {} of {}{}): nothing to resume; its adapters are "
+                                   "in {} and {}", dir_.string(), p.step, schedule.total_steps,
+                                   p.stopped_early ? ", stopped early" : "", (dir_ / kLastAdapter).string(),
+                                   (dir_ / kBestAdapter).string()));
     reporter_->message(fmt::format("resuming at step {} of {} (epoch {})", p.step, schedule.total_steps, p.epoch + 1));
   } else if (writes_files()) {
     write_file_atomic(dir_ / kConfig, config_.json.dump(2) + "\n");

@@ -198,6 +198,33 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
 
 
 class PaperCuts(unittest.TestCase):
+    def test_dora_says_once_that_dropout_does_not_reach_it_and_records_none(self):
+        cfg, out = write_config("dora_dropout", epochs=1, max_steps=2, lora={"variant": "dora", "dropout": 0.1})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err.count("lora.dropout 0.1 does not apply"), 1, err)
+        self.assertIn("the run trains without dropout", err)
+        code, info, err = run("info", os.path.join(out, "adapter"))
+        self.assertEqual(code, 0, err)
+        self.assertIn("dropout 0,", info)
+        with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+            self.assertEqual(json.load(f)["lora_dropout"], 0.0)
+
+    def test_a_merged_file_as_base_is_called_merged(self):
+        run_dir = trained_run()
+        merged = os.path.join(TMP, "merged_as_base.pt")
+        self.assertEqual(run("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output", merged)[0], 0)
+        code, _, err = run("merge", "--base", merged, "--adapter", run_dir + "/best", "--output", merged + ".2")
+        self.assertEqual(code, 3, err)
+        self.assertIn(merged + " is already merged", err)
+        backbone = os.path.join(TMP, "merged_backbone.pt")
+        self.assertEqual(run("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output", backbone,
+                             "--features-only")[0], 0)
+        code, _, err = run("eval", "--model", backbone, "--adapter", run_dir + "/best", "--data",
+                           os.path.join(IMAGES, "toy", "val"), "--output", os.path.join(TMP, "merged_eval"))
+        self.assertEqual(code, 3, err)
+        self.assertIn(backbone + " is already merged", err)
+
     def test_home_folder_in_set_values_and_config_paths(self):
         home = tempfile.mkdtemp(prefix="home_", dir=TMP)
         os.symlink(os.path.abspath(os.path.join(IMAGES, "toy")), os.path.join(home, "photos"))
@@ -291,7 +318,7 @@ class Hardening(unittest.TestCase, ExpectsInputError):
         self.assert_input_error(("train", "--config", cfg), "class folder name \"\\xB0\\xED\\xBE\\xE7\\xC0\\xCC\"")
 
     def test_huge_images_are_skipped_before_decoding(self):
-        root = os.path.join(TMP, "huge")
+        root = os.path.join(TMP, "huge_photos")
         shutil.copytree(os.path.join(IMAGES, "toy", "train"), root)
         png_header_only(os.path.join(root, "circle", "huge.png"), 20000, 20000)
         cfg, out = write_config("huge", epochs=1, max_steps=1, data={"train": root, "val_fraction": 0.1})
@@ -309,16 +336,95 @@ class Hardening(unittest.TestCase, ExpectsInputError):
                 zout.writestr(info, data[:len(data) // 2] if info is records[0] else data)
         self.assert_input_error(("info", damaged), "short_record.pt: a tensor needs 128 bytes")
 
+    def test_no_command_writes_over_or_into_its_inputs(self):
+        run_dir = trained_run()
+        scratch = os.path.join(TMP, "inputs_kept")
+        shutil.copytree(os.path.join(IMAGES, "toy", "val"), os.path.join(scratch, "photos"))
+        shutil.copytree(run_dir + "/best", os.path.join(scratch, "adapter"))
+        shutil.copy(BASE, os.path.join(scratch, "base.pt"))
+        photo = os.path.join(scratch, "photos", sorted(os.listdir(os.path.join(scratch, "photos")))[0])
+        photo = os.path.join(photo, sorted(os.listdir(photo))[0])
+        base, adapter, photos = (os.path.join(scratch, n) for n in ("base.pt", "adapter", "photos"))
+
+        def snapshot():
+            out = {}
+            for root, _, files in os.walk(scratch):
+                for f in files:
+                    with open(os.path.join(root, f), "rb") as fh:
+                        out[os.path.join(root, f)] = fh.read()
+            return out
+        before = snapshot()
+        predict = ("predict", "--model", base, "--adapter", adapter, photos, "-o")
+        self.assert_input_error((*predict, base), "-o " + base + " is the input " + base)
+        self.assert_input_error((*predict, adapter + "/adapter_model.safetensors"), "is inside the input folder " + adapter)
+        self.assert_input_error((*predict, photo), "is inside the input folder " + photos)
+        self.assert_input_error(("predict", "--model", base, "--adapter", adapter, photo, "-o", photo),
+                                "-o " + photo + " is the input " + photo)
+        self.assert_input_error(("merge", "--base", base, "--adapter", adapter, "--output", photo),
+                                "--output " + photo + " exists and is not a TorchScript file")
+        self.assert_input_error(("predict", "--model", base, "--adapter", adapter, os.path.join(IMAGES, "toy", "val"),
+                                 "-o", photo), "-o " + photo + " exists and is not a text file")
+        self.assert_input_error(("predict", "--model", base, "--adapter", adapter, os.path.join(IMAGES, "toy", "val"),
+                                 "-o", base), "-o " + base + " is the input")
+        self.assert_input_error((*predict, BASE), "-o " + BASE + " exists and is not a text file")
+        eval_args = ("eval", "--model", base, "--adapter", adapter, "--data", photos, "--output")
+        self.assert_input_error((*eval_args, photos), "--output " + photos + " is the input " + photos)
+        self.assert_input_error((*eval_args, photos + "/report"), "is inside the input folder " + photos)
+        self.assert_input_error((*eval_args, base), "is the input " + base)
+        cfg, _ = write_config("into_photos", data={"train": photos}, output_dir=photos + "/run")
+        self.assert_input_error(("train", "--config", cfg), "output_dir " + photos + "/run is inside the input folder")
+        self.assertEqual(snapshot(), before, "every input as it was, nothing added")
+        code, _, err = run(*predict, os.path.join(scratch, "predictions.txt"))
+        self.assertEqual(code, 0, err)
+
+    def test_adapters_that_overflow_are_refused_not_scored(self):
+        run_dir = trained_run()
+        val = os.path.join(IMAGES, "toy", "val")
+
+        def variant(name, change):
+            folder = os.path.join(TMP, "overflow_" + name)
+            shutil.copytree(run_dir + "/best", folder)
+            path = os.path.join(folder, "adapter_model.safetensors")
+            tensors, meta = safetensors_lite.load(path)
+            tensors, meta = change(tensors, meta)
+            del meta["tensors_hash"]  # made as a hostile user would: the checksum is optional, the file is complete
+            os.remove(os.path.join(folder, "adapter_config.json"))
+            safetensors_lite.save(tensors, path, meta)
+            return folder
+
+        def scaled(tensors, meta):  # finite values (up to 3e38) whose products overflow float32
+            return {k: v / v.abs().max().clamp(min=1e-30) * 3e38 if "lora_B" in k else v for k, v in tensors.items()}, meta
+
+        def alpha(tensors, meta):
+            record = json.loads(meta["loratune"])
+            record["lora"]["alpha"] = 1e308
+            for target in record["targets"]:
+                target["alpha"] = 1e308
+            return tensors, {**meta, "loratune": json.dumps(record)}
+        for name, change in (("values", scaled), ("alpha", alpha)):
+            with self.subTest(name):
+                folder = variant(name, change)
+                out = os.path.join(TMP, "overflow_eval_" + name)
+                code, stdout, err = run("eval", "--model", BASE, "--adapter", folder, "--data", val, "--output", out)
+                self.assertEqual(code, 4, err)
+                self.assertIn(folder + " gives inf/NaN outputs for", err.strip().splitlines()[-1])
+                self.assertNotIn("loss", stdout)
+                self.assertFalse(os.path.exists(os.path.join(out, "metrics.json")))
+                code, stdout, err = run("predict", "--model", BASE, "--adapter", folder, val)
+                self.assertEqual(code, 4, err)
+                self.assertIn("gives inf/NaN outputs", err)
+                self.assertEqual(stdout, "")
+
     def test_merge_never_overwrites_its_inputs_or_a_good_output(self):
         run_dir = trained_run()
         base_copy = os.path.join(TMP, "base_copy.pt")
         shutil.copy(BASE, base_copy)
         before = open(base_copy, "rb").read()
         self.assert_input_error(("merge", "--base", base_copy, "--adapter", run_dir + "/best", "--output", base_copy),
-                                "is the base model itself")
+                                "--output " + base_copy + " is the input " + base_copy)
         self.assertEqual(open(base_copy, "rb").read(), before)
         self.assert_input_error(("merge", "--base", BASE, "--adapter", run_dir + "/best", "--output",
-                                 run_dir + "/best/adapter_model.safetensors"), "is part of the adapter")
+                                 run_dir + "/best/adapter_model.safetensors"), "is inside the input folder " + run_dir + "/best")
         # An adapter so large that the merged file cannot match (fp32 rounding of huge logits): the check fails and
         # the good output from before stays.
         good = os.path.join(TMP, "good_merged.pt")
@@ -345,10 +451,12 @@ class Hardening(unittest.TestCase, ExpectsInputError):
         # Killed between the two renames of a directory swap: the only copy of best/ is hidden; and a stray temporary.
         os.rename(os.path.join(out, "best"), os.path.join(out, ".best.old-%d" % pid))
         os.makedirs(os.path.join(out, ".adapter.tmp-%d" % pid))
+        # The run had finished: resuming it is refused, after its folder is put back in order.
         code, _, err = run("train", "--config", cfg, "--resume")
-        self.assertEqual(code, 0, err)
+        self.assertEqual(code, 3, err)
+        self.assertIn("has finished (step", err)
         self.assertEqual(open(os.path.join(out, "best", "adapter_model.safetensors"), "rb").read(), expected)
-        self.assertEqual([n for n in os.listdir(out) if n.startswith(".")], [])
+        self.assertEqual([n for n in os.listdir(out) if n.startswith(".")], [".lock"])
 
     def test_report_on_a_diverged_run(self):
         run_dir = os.path.join(TMP, "diverged")
@@ -389,6 +497,17 @@ class MemoryPlan(unittest.TestCase, ExpectsInputError):
         self.assert_input_error(("train", "--config", cfg, "--fit-memory", "twelve"), 'memory "twelve"')
         typo, _ = write_config("plan_typo", lora={"rnak": 4})
         self.assert_input_error(("plan", "--config", typo), 'unknown key "lora.rnak"')
+
+    def test_sizes_beyond_any_run_are_refused(self):
+        cfg, _ = write_config("plan_bounds")
+        for classes in ("10000000", "-5", "0"):
+            code, _, err = run("plan", "--config", cfg, "--classes", classes)
+            self.assertEqual(code, 2, err)
+            self.assertIn("--classes", err)
+        self.assert_input_error(("plan", "--config", cfg, "--set", f"batch_size={2 ** 62}"),
+                                "batch_size must be in [1, 65536]")
+        self.assert_input_error(("plan", "--config", cfg, "--set", f"grad_accum_steps={2 ** 62}"),
+                                "grad_accum_steps must be in [1, 65536]")
 
     def test_fit_keeps_the_effective_batch_and_train_uses_it(self):
         cfg, out = write_config("plan_fit", epochs=1, batch_size=16)
@@ -441,6 +560,16 @@ def metric_lines(out, kind):
         return [json.loads(line) for line in f if json.loads(line)["type"] == kind]
 
 
+def start_training(args, out, env=None):
+    """`loratune train ARGS` in the background, returned once its first metrics line is written (or after 120 s)."""
+    p = subprocess.Popen([BIN, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.02)
+    return p
+
+
 class DataParallel(unittest.TestCase):
     """Two Gloo workers on the loopback interface against one process with the same config (global batch)."""
 
@@ -487,12 +616,7 @@ class DataParallel(unittest.TestCase):
         code, _, err = run("train", "--config", cfg, "--nproc", "2")
         self.assertEqual(code, 0, err)
         cfg, out = self.config("dp_resumed", epochs=30)
-        p = subprocess.Popen([BIN, "train", "--config", cfg, "--nproc", "2"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        metrics = os.path.join(out, "metrics.jsonl")
-        deadline = time.time() + 120
-        while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
-            time.sleep(0.02)
+        p = start_training(["--config", cfg, "--nproc", "2"], out)
         p.send_signal(signal.SIGINT)  # to the launcher, which passes it to both workers
         _, err = p.communicate(timeout=120)
         self.assertEqual(p.returncode, 130, err)
@@ -501,6 +625,72 @@ class DataParallel(unittest.TestCase):
         code, _, err = run("train", "--config", cfg, "--nproc", "2", "--resume")
         self.assertEqual(code, 0, err)
         self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
+
+    @staticmethod
+    def socket_addresses(pids):
+        """(state, local address) of the processes' TCP sockets, IPv4 and IPv6, from /proc ("0A": listening)."""
+        inodes = set()
+        for pid in pids:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        found = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[9] not in inodes:
+                        continue
+                    addr = bytes.fromhex(fields[1].split(":")[0])
+                    if len(addr) == 4:
+                        found.append((fields[3], socket.inet_ntop(socket.AF_INET, addr[::-1])))
+                    else:
+                        words = b"".join(addr[i:i + 4][::-1] for i in range(0, 16, 4))
+                        found.append((fields[3], socket.inet_ntop(socket.AF_INET6, words)))
+        return found
+
+    def test_local_workers_use_loopback_only_and_stop_with_their_launcher(self):
+        cfg, out = self.config("dp_orphans", epochs=30)
+        p = start_training(["--config", cfg, "--nproc", "2"], out)
+        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        self.assertEqual(len(workers), 2)
+        # No rendezvous port: the store is a file in a private folder; Gloo's own connections are on 127.0.0.1.
+        sockets = self.socket_addresses(workers)
+        self.assertTrue(sockets, "Gloo connects the workers")
+        self.assertTrue(all(a in ("127.0.0.1", "::ffff:127.0.0.1") for _, a in sockets), sockets)
+        # The launcher killed outright: its workers checkpoint and stop instead of training on unsupervised.
+        p.kill()
+        p.communicate(timeout=60)
+        deadline = time.time() + 90
+        while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+            time.sleep(0.1)
+        self.assertFalse(any(os.path.exists(f"/proc/{w}") for w in workers), "workers outlived their launcher")
+        self.assertTrue(os.path.exists(os.path.join(out, "checkpoint.safetensors")))
+        code, _, err = run("train", "--config", cfg, "--nproc", "2", "--resume")
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "summary.json")) as f:
+            self.assertEqual(json.load(f)["epochs"], 30)
+
+    def test_a_store_client_that_stalls_does_not_keep_rank_0_alive(self):
+        # torchrun-style workers: rank 0 hosts c10d's TCPStore. A client that sends part of a request and waits
+        # used to block its server thread, and rank 0 never exited after a finished run.
+        cfg, out = self.config("dp_stalled_client", epochs=8)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "LORATUNE_DIST_TIMEOUT": "20"}
+        procs = [subprocess.Popen([BIN, "train", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**env, "RANK": "1"}),
+                 start_training(["--config", cfg], out, env={**env, "RANK": "0"})]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"\x00" + (64).to_bytes(8, "little") + b"loratune")  # a SET whose key never ends
+            errs = [proc.communicate(timeout=120)[1] for proc in procs]
+        self.assertEqual([proc.returncode for proc in procs], [0, 0], errs)
 
     def test_faults_end_in_one_line_within_the_timeout(self):
         cfg, _ = self.config("dp_faults")
@@ -555,11 +745,12 @@ class DataParallel(unittest.TestCase):
 class Interrupt(unittest.TestCase):
     def test_ctrl_c_checkpoints_and_resume_finishes(self):
         cfg, out = write_config("interrupt", epochs=40)
-        p = subprocess.Popen([BIN, "train", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        metrics = os.path.join(out, "metrics.jsonl")
-        deadline = time.time() + 120
-        while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
-            time.sleep(0.02)
+        p = start_training(["--config", cfg], out)
+        # One writer per run folder: a second run or resume there is refused while this one trains.
+        for extra in ([], ["--resume"]):
+            code, _, err = run("train", "--config", cfg, *extra)
+            self.assertEqual(code, 3, err)
+            self.assertIn(f"{out} is in use by another training run (process {p.pid})", err)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
         self.assertEqual(p.returncode, 130, err)

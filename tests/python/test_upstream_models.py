@@ -230,6 +230,17 @@ class Timm(unittest.TestCase, Pipeline):
                     self.train_eval_merge(name, bundle, lambda m, v: m(v), reference, x, 2 * depth, exported=reference)
                 print(f"  {name}: {time.time() - start:.1f} s", flush=True)
 
+    def test_other_architectures_are_named_not_a_traceback(self):
+        for name in ("eva02_tiny_patch14_224", "beit_base_patch16_224"):
+            with self.subTest(model=name):
+                p = subprocess.run([sys.executable, os.path.join(EXPORT, "timm_vit.py"), "--model", name, "--random-init",
+                                    "--output", os.path.join(TMP, name + ".pt")], capture_output=True, text=True, env=ENV,
+                                   timeout=600)
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertNotIn("Traceback", p.stderr)
+                self.assertIn("an architecture this exporter does not support", p.stderr.strip().splitlines()[-1])
+                self.assertFalse(os.path.exists(os.path.join(TMP, name + ".pt")))
+
     def test_random_init_flag_needs_no_weights(self):
         bundle = os.path.join(TMP, "random_tiny.pt")
         out = run(sys.executable, os.path.join(EXPORT, "timm_vit.py"), "--model", "vit_tiny_patch16_224", "--random-init",

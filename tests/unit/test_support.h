@@ -4,7 +4,13 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "loratune/errors.h"
+
+#include <chrono>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <random>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -44,6 +50,53 @@ inline double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
 // the magnitude, and gradients of deep models are O(10).
 inline double scaled_diff(const at::Tensor& a, const at::Tensor& reference) {
   return max_abs_diff(a, reference) / std::max(1.0, reference.abs().max().item<double>());
+}
+
+// Bounded mutation fuzzing: bit flips, byte sets, truncation, duplication and header-length edits of a valid file.
+inline std::string mutate(const std::string& in, std::mt19937_64& rng) {
+  std::string s = in;
+  const int edits = 1 + static_cast<int>(rng() % 4);
+  for (int e = 0; e < edits && !s.empty(); ++e) {
+    const size_t at = rng() % s.size();
+    switch (rng() % 6) {
+      case 0: s[at] = static_cast<char>(s[at] ^ (1 << (rng() % 8))); break;
+      case 1: s[at] = static_cast<char>(rng()); break;
+      case 2: s.resize(at); break;
+      case 3: s.insert(at, s.substr(at, rng() % 64)); break;
+      case 4: if (s.size() > 8) s[rng() % 8] = static_cast<char>(rng()); break;  // the length prefix
+      default: s[at] = "{}[]\":,0-e"[rng() % 10]; break;                         // JSON structure
+    }
+  }
+  return s;
+}
+
+struct FuzzCount {
+  int mutations = 0, loaded = 0;
+};
+
+template <typename Load>
+FuzzCount fuzz(const std::string& original, const std::filesystem::path& file, int iterations, double seconds, Load load) {
+  std::mt19937_64 rng(12345);
+  const auto start = std::chrono::steady_clock::now();
+  int loaded = 0, i = 0;
+  for (; i < iterations; ++i) {
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > seconds) break;
+    const std::string bytes = mutate(original, rng);
+    {
+      std::ofstream out(file, std::ios::binary | std::ios::trunc);
+      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    }
+    try {
+      load();
+      ++loaded;
+    } catch (const loratune::InputError&) {
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "mutation " << i << " escaped as " << typeid(e).name() << ": " << e.what();
+      break;
+    }
+  }
+  std::printf("fuzz %s: %d mutations, %d still loaded\n", file.filename().c_str(), i, loaded);
+  return {i, loaded};
 }
 
 // Expects `expression` to throw an exception of `type` whose message contains `text`.

@@ -16,6 +16,7 @@
 #include "loratune/threads.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
+#include "train/checkpoint.h"
 #include "test_support.h"
 
 namespace loratune {
@@ -256,8 +257,9 @@ TEST(Recipes, EarlyStoppingEndsTheRunAndResumeKeepsItEnded) {
   EXPECT_EQ(s.epochs, 2);
   EXPECT_EQ(s.best_epoch, 1);
   EXPECT_EQ(s.steps, 4);
-  const TrainSummary again = run(true);
-  EXPECT_EQ(again.steps, 4) << "a stopped run stays stopped";
+  const std::string summary = bytes_of(std::filesystem::path(c.output_dir) / Trainer::kSummary);
+  EXPECT_THROW_WITH(run(true), InputError, "has finished (step 4 of 10, stopped early): nothing to resume");
+  EXPECT_EQ(bytes_of(std::filesystem::path(c.output_dir) / Trainer::kSummary), summary) << "a stopped run stays stopped";
   EXPECT_THROW_WITH(make_config(test::temp_dir("early_bad"), {{"early_stopping", {{"patience", 0}}}}), InputError,
                     "early_stopping.patience must be at least 1");
 }
@@ -287,6 +289,133 @@ TEST(Training, ResumeRefusesAChangedConfiguration) {
   TensorBatchSource train(data.images, data.labels, 2, true, true, 0);
   EXPECT_THROW_WITH(Trainer(changed, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(true),
                     InputError, "was written with another configuration or base model");
+}
+
+// A run of 9 steps (3 an epoch) stopped after step 4, for the checkpoint tests: the checkpoint says epoch 1 (0-based),
+// step 1 in it.
+struct StoppedRun {
+  ToyData data{12, 3};
+  json settings = {{"batch_size", 2}, {"grad_accum_steps", 2}, {"epochs", 3}};
+  TrainSummary run(const std::filesystem::path& dir, bool resume, TrainerHooks hooks = {}) {
+    const TrainConfig c = make_config(dir, settings);
+    auto model = make_model(c, 3);
+    TensorBatchSource train(data.images, data.labels, c.batch_size, true, true, c.seed);
+    return Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32, hooks).run(resume);
+  }
+  void stop_after_4(const std::filesystem::path& dir) {
+    EXPECT_THROW(run(dir, false, {[](int64_t step) { return step == 4; }}), Interrupted);
+  }
+};
+
+TEST(Training, CheckpointValuesOutsideTheRunAreRefusedAndLeaveItResumable) {
+  StoppedRun r;
+  const auto straight = test::temp_dir("ckpt_straight"), dir = test::temp_dir("ckpt_edited");
+  r.run(straight, false);
+  r.stop_after_4(dir);
+  const auto path = dir / Trainer::kCheckpoint;
+  const std::string original = bytes_of(path);
+  const safetensors::Contents good = safetensors::read(path);
+  const json progress = json::parse(good.metadata.at("progress"));
+  ASSERT_EQ(progress.at("epoch"), 1);
+  ASSERT_EQ(progress.at("step_in_epoch"), 1);
+
+  // Edits a hostile user could make, checksum recomputed: every one is refused by name.
+  struct Edit {
+    json patch;
+    const char* message;
+  };
+  const Edit edits[] = {
+      {{{"step_in_epoch", -1}}, "step_in_epoch = -1 is outside [0, 3]"},
+      {{{"step_in_epoch", -5}}, "step_in_epoch = -5 is outside"},
+      {{{"step_in_epoch", 2}}, "progress step 4 does not fall in epoch 2 at step 2"},
+      {{{"epoch", -(int64_t{1} << 62)}}, "progress epoch = -4611686018427387904 is outside [0, 3]"},
+      {{{"epoch", int64_t{1} << 62}}, "progress epoch = 4611686018427387904 is outside [0, 3]"},
+      {{{"step", 1000}}, "progress step = 1000 is outside [0, 9]"},
+      {{{"step", "4"}}, "progress step is not an integer"},
+      {{{"metrics_lines", -1}}, "metrics_lines = -1 is outside"},
+      {{{"nonfinite_streak", 5}}, "nonfinite_streak = 5 is outside [0, 4]"},
+      {{{"best_top1", 7}}, "best_top1 = 7 is outside [-1, 1]"},
+      {{{"best_epoch", 3}}, "best_epoch = 3 is outside [-1, 1]"},
+      {{{"loss_scale", 0}}, "loss_scale = 0 is outside"},
+      {{{"loss_scale", -1e300}}, "loss_scale"},
+      {{{"stopped_early", 1}}, "stopped_early is not true or false"},
+      {{{"step", nullptr}}, "its progress record has no step"},
+  };
+  for (const auto& edit : edits) {
+    SCOPED_TRACE(edit.patch.dump());
+    json edited = progress;
+    edited.merge_patch(edit.patch);
+    safetensors::Metadata metadata = good.metadata;
+    metadata["progress"] = edited.dump();
+    write_checkpoint(path, good.tensors, metadata);
+    EXPECT_THROW_WITH(r.run(dir, true), InputError, edit.message);
+  }
+  // Tensors that do not fit the run, checksum recomputed.
+  auto with_tensor = [&](const std::string& name, const at::Tensor& t) {
+    safetensors::Tensors tensors = good.tensors;
+    tensors[name] = t;
+    write_checkpoint(path, tensors, good.metadata);
+  };
+  const std::string param = std::find_if(good.tensors.begin(), good.tensors.end(), [](const auto& kv) {
+                              return kv.first.rfind("param.", 0) == 0;
+                            })->first;
+  with_tensor(param, at::zeros({1}));
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, param + " is Float [1], this run needs Float");
+  with_tensor(param, good.tensors.at(param).clone().fill_(std::nan("")));
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, param + " holds inf or NaN");
+  const std::string avg_sq = "adamw." + param.substr(6) + ".exp_avg_sq";
+  with_tensor(avg_sq, good.tensors.at(avg_sq).clone().fill_(-1));
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, avg_sq + " has negative values");
+  with_tensor("rng.cpu", good.tensors.at("rng.cpu").narrow(0, 0, 10).clone());
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, "rng.cpu is Byte [10], this run needs Byte");
+  with_tensor("adamw.steps", at::tensor(int64_t{-3}, at::kLong));
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, "adamw.steps is negative");
+
+  // An edit without a new checksum: refused as damaged. Then the original resumes to the uninterrupted result.
+  safetensors::Metadata metadata = good.metadata;
+  metadata["progress"] = json(progress).dump(1);
+  safetensors::write(path, good.tensors, metadata);
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, "is damaged (its checksum does not match its contents)");
+  write_file_atomic(path, original);
+  r.run(dir, true);
+  EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+            bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+}
+
+TEST(Training, AdaptersRecordFileNamesNotTheOwnersFolders) {
+  StoppedRun r;
+  r.settings["data"] = {{"train", "/home/someone/private/photos/train/"}, {"val", "/home/someone/private/val"}};
+  const auto dir = test::temp_dir("record_names");
+  r.run(dir, false);
+  const auto meta = safetensors::read(dir / Trainer::kLastAdapter / kAdapterWeightsName).metadata;
+  const json training = json::parse(meta.at("loratune")).at("training");
+  EXPECT_EQ(training.at("model"), "hf_script.pt");
+  EXPECT_EQ(training.at("data").at("train"), "train");
+  EXPECT_EQ(training.at("data").at("val"), "val");
+  EXPECT_EQ(meta.at("loratune").find("/home/someone"), std::string::npos);
+}
+
+TEST(Fuzz, CheckpointResumeTurnsEveryMutationIntoAnInputError) {
+  StoppedRun r;
+  r.settings["max_steps"] = 5;  // a mutation that resumed would train one step
+  const auto dir = test::temp_dir("fuzz_checkpoint");
+  r.stop_after_4(dir);
+  const auto path = dir / Trainer::kCheckpoint;
+  const std::string original = bytes_of(path);
+  const safetensors::Contents good = read_checkpoint(path);
+  int same_contents = 0;  // mutations that only touched bytes without meaning (header padding, JSON whitespace)
+  const test::FuzzCount count = test::fuzz(original, path, 400, 20.0, [&] {
+    const safetensors::Contents mutated = read_checkpoint(path);
+    bool same = mutated.metadata == good.metadata && mutated.tensors.size() == good.tensors.size();
+    for (const auto& [name, t] : good.tensors)
+      same = same && mutated.tensors.count(name) && mutated.tensors.at(name).equal(t);
+    same_contents += same;
+    r.run(dir, true);
+  });
+  EXPECT_GT(count.mutations, 20);
+  EXPECT_EQ(count.loaded, same_contents) << "a checkpoint that differs in anything that matters is refused";
+  write_file_atomic(path, original);
+  EXPECT_EQ(r.run(dir, true).steps, 5);
 }
 
 TEST(Training, PersistentNanLossStopsWithAHint) {
@@ -472,6 +601,18 @@ TEST(ThreadTuner, FollowsTheLoadAndNeverProbesOnAQuietMachine) {
   EXPECT_EQ(parse_threads("auto"), kAutoThreads);
   EXPECT_EQ(parse_threads("3"), 3);
   EXPECT_THROW_WITH(parse_threads("many"), InputError, "threads must be auto or a count");
+}
+
+TEST(Config, ValuesThatWouldOverflowOrExhaustTheMachineAreRefused) {
+  const auto dir = test::temp_dir("bounds");
+  const std::pair<json, const char*> cases[] = {
+      {{{"optim", {{"eps", 0}}}}, "optim.eps must be positive (got 0)"},
+      {{{"optim", {{"head_lr", -1}}}}, "optim.head_lr must be positive (got -1)"},
+      {{{"batch_size", int64_t{1} << 62}}, "batch_size must be in [1, 65536]"},
+      {{{"grad_accum_steps", int64_t{1} << 62}}, "grad_accum_steps must be in [1, 65536]"},
+      {{{"threads", 100000}}, "threads must be in [0, 4096]"},
+  };
+  for (const auto& [patch, message] : cases) EXPECT_THROW_WITH(make_config(dir, patch), InputError, message);
 }
 
 TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {

@@ -134,7 +134,15 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   });
   EXPECT_THROW_WITH(load_adapter(other_variant / kAdapterWeightsName), InputError,
                     "lora.variant must be lora or dora (got \"vera\")");
-  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "variant lora vs vera");
+  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "lora.variant must be lora or dora (got \"vera\")");
+  const fs::path future = variant("future", [](safetensors::Contents& c) { c.metadata["format"] = "loratune.adapter/999"; });
+  EXPECT_THROW_WITH(load_adapter(future), InputError, "is a loratune.adapter/999 adapter; this loratune reads loratune.adapter/1");
+  const fs::path rank_key = variant("rank_key", [](safetensors::Contents& c) {
+    json m = loratune_meta(c);
+    m["lora"]["rank_pattern"] = {{"(", 4}};
+    c.metadata["loratune"] = m.dump();
+  });
+  EXPECT_THROW_WITH(load_adapter(rank_key / kAdapterWeightsName), InputError, "rank_pattern key");
   const fs::path not_json = variant("not_json", [](safetensors::Contents& c) { c.metadata["loratune"] = "{\"method\":"; });
   EXPECT_THROW_WITH(load_adapter(not_json), InputError, "metadata is damaged");
 
@@ -154,6 +162,11 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   config["lora_alpha"] = 1.0;
   write_file_atomic(disagree / kAdapterConfigName, config.dump());
   EXPECT_THROW_WITH(load_adapter(disagree), InputError, "disagrees with the settings inside");
+  EXPECT_THROW_WITH(load_adapter(disagree), InputError, "(lora_alpha 1.0 vs ");
+  config = json::parse(read_file(good / kAdapterConfigName));
+  config["use_dora"] = true;
+  write_file_atomic(disagree / kAdapterConfigName, config.dump());
+  EXPECT_THROW_WITH(load_adapter(disagree), InputError, "(use_dora true vs false)");
   write_file_atomic(disagree / kAdapterConfigName, "{not json");
   EXPECT_THROW_WITH(load_adapter(disagree), InputError, "not valid JSON");
 }
@@ -199,6 +212,21 @@ TEST(UntrustedAdapter, PeftConfigNullsReadAsUnset) {
   EXPECT_THROW_WITH(load_adapter(adapter), InputError, "not a PEFT LoRA config");
 }
 
+TEST(UntrustedBundle, MetadataSizesThatWouldMakeHugeAllocationsAreRefused) {
+  const json good = load_bundle(test::fixture("models/hf_script.pt")).info.to_json();
+  const std::pair<json, const char*> cases[] = {
+      {{{"image_size", 1000000}, {"resize_size", 1000000}}, "image_size <= resize_size <= 4096 (got 1000000, 1000000)"},
+      {{{"feature_dim", 1000000}}, "feature_dim must be from 1 to 65536 (got 1000000)"},
+      {{{"mean", {0.5, 1e39, 0.5}}}, "metadata mean values must be finite"},
+  };
+  for (const auto& [patch, message] : cases) {
+    json j = good;
+    j.merge_patch(patch);
+    EXPECT_THROW_WITH(BundleInfo::from_json(j, "b.pt"), InputError, message);
+  }
+  EXPECT_NO_THROW(BundleInfo::from_json(good, "b.pt"));
+}
+
 TEST(UntrustedSafetensors, DeepJsonAndHugeCountsAreRefused) {
   std::string deep = "{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
   std::string bytes(8, '\0');
@@ -206,60 +234,17 @@ TEST(UntrustedSafetensors, DeepJsonAndHugeCountsAreRefused) {
   EXPECT_THROW_WITH(safetensors::parse(bytes + deep, "deep.safetensors"), InputError, "deep.safetensors");
 }
 
-// Bounded mutation fuzzing: bit flips, byte sets, truncation, duplication and header-length edits of a valid file.
-std::string mutate(const std::string& in, std::mt19937_64& rng) {
-  std::string s = in;
-  const int edits = 1 + static_cast<int>(rng() % 4);
-  for (int e = 0; e < edits && !s.empty(); ++e) {
-    const size_t at = rng() % s.size();
-    switch (rng() % 6) {
-      case 0: s[at] = static_cast<char>(s[at] ^ (1 << (rng() % 8))); break;
-      case 1: s[at] = static_cast<char>(rng()); break;
-      case 2: s.resize(at); break;
-      case 3: s.insert(at, s.substr(at, rng() % 64)); break;
-      case 4: if (s.size() > 8) s[rng() % 8] = static_cast<char>(rng()); break;  // the length prefix
-      default: s[at] = "{}[]\":,0-e"[rng() % 10]; break;                         // JSON structure
-    }
-  }
-  return s;
-}
-
-template <typename Load>
-int fuzz(const std::string& original, const fs::path& file, int iterations, double seconds, Load load) {
-  std::mt19937_64 rng(12345);
-  const auto start = std::chrono::steady_clock::now();
-  int loaded = 0, i = 0;
-  for (; i < iterations; ++i) {
-    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > seconds) break;
-    const std::string bytes = mutate(original, rng);
-    {
-      std::ofstream out(file, std::ios::binary | std::ios::trunc);
-      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    }
-    try {
-      load();
-      ++loaded;
-    } catch (const InputError&) {
-    } catch (const std::exception& e) {
-      ADD_FAILURE() << "mutation " << i << " escaped as " << typeid(e).name() << ": " << e.what();
-      break;
-    }
-  }
-  std::printf("fuzz %s: %d mutations, %d still loaded\n", file.filename().c_str(), i, loaded);
-  return i;
-}
-
 TEST(Fuzz, AdapterReaderTurnsEveryMutationIntoAnInputError) {
   const fs::path dir = test::temp_dir("fuzz_adapter");
   const fs::path adapter = write_adapter(dir);
   const std::string original = read_file(adapter / kAdapterWeightsName);
-  EXPECT_GT(fuzz(original, adapter / kAdapterWeightsName, 20000, 20.0, [&] { load_adapter(adapter); }), 100);
+  EXPECT_GT(test::fuzz(original, adapter / kAdapterWeightsName, 20000, 20.0, [&] { load_adapter(adapter); }).mutations, 100);
 }
 
 TEST(Fuzz, BundleLoaderTurnsEveryMutationIntoAnInputError) {
   const fs::path dir = test::temp_dir("fuzz_bundle");
   const std::string original = read_file(test::fixture("models/hf_trace.pt"));
-  EXPECT_GT(fuzz(original, dir / "model.pt", 3000, 20.0, [&] { load_bundle(dir / "model.pt"); }), 20);
+  EXPECT_GT(test::fuzz(original, dir / "model.pt", 3000, 20.0, [&] { load_bundle(dir / "model.pt"); }).mutations, 20);
 }
 
 }  // namespace
