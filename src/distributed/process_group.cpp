@@ -13,6 +13,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "distributed/rendezvous_store.h"
 #endif
 
 namespace loratune {
@@ -60,25 +62,22 @@ std::chrono::seconds distributed_timeout() {
 bool distributed_available() { return true; }
 
 struct ProcessGroup::Impl {
+  std::unique_ptr<RendezvousServer> server;  // rank 0, unless torchrun or a store file serves the rendezvous
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
   std::chrono::milliseconds timeout;
-  c10::intrusive_ptr<c10d::Store> store;
 };
 
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl, int rank, int size)
     : impl_(std::move(impl)), rank_(rank), size_(size) {}
 
-ProcessGroup::~ProcessGroup() {
-  // Rank 0's TCPStore server thread reads each request to its end: a client that sent part of one and waits blocks
-  // it, and c10d's destructor joins that thread, so the worker would never exit. The store is left to the end of
-  // the process instead (the system closes its sockets).
-  if (rank_ == 0 && dynamic_cast<c10d::TCPStore*>(impl_->store.get())) static_cast<void>(impl_->store.release());
-}
+ProcessGroup::~ProcessGroup() = default;
 
 namespace {
 
-// The rendezvous store: the launcher's store file for local workers, else a TCPStore hosted by rank 0.
-c10::intrusive_ptr<c10d::Store> open_store(const WorkerEnvironment& env, std::chrono::seconds timeout) {
+// The rendezvous store: the launcher's store file for local workers; torchrun's own store when its agent hosts one;
+// else ours, served by rank 0 at MASTER_ADDR:MASTER_PORT (`server`).
+c10::intrusive_ptr<c10d::Store> open_store(const WorkerEnvironment& env, std::chrono::seconds timeout,
+                                           std::unique_ptr<RendezvousServer>& server) {
   if (!env.store_file.empty()) {
     try {
       auto store = c10::make_intrusive<c10d::FileStore>(env.store_file, env.world_size);
@@ -90,21 +89,21 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorkerEnvironment& env, std::ch
     }
   }
   try {
-    c10d::TCPStoreOptions options;
-    options.port = static_cast<std::uint16_t>(env.master_port);
-    options.isServer = env.rank == 0;
-    options.numWorkers = static_cast<std::size_t>(env.world_size);
-    options.waitWorkers = true;
-    options.timeout = timeout;
-    return c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+    if (const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE"); agent && std::string(agent) == "True") {
+      c10d::TCPStoreOptions options;
+      options.port = static_cast<std::uint16_t>(env.master_port);
+      options.isServer = false;
+      options.timeout = timeout;
+      return c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+    }
+    if (env.rank == 0) server = std::make_unique<RendezvousServer>(env.master_addr, env.master_port);
+    return c10::make_intrusive<RendezvousClient>(env.master_addr, env.master_port, timeout);
+  } catch (const InputError&) {
+    throw;
   } catch (const std::exception& e) {
-    const std::string what = e.what();
-    if (what.find("ddress already in use") != std::string::npos)
-      throw InputError("MASTER_PORT " + std::to_string(env.master_port) + " is in use on " + env.master_addr +
-                       ": choose another port (MASTER_PORT, or torchrun --master-port)");
     throw RuntimeFailure("rank " + std::to_string(env.rank) + ": the " + std::to_string(env.world_size) +
                          " workers at " + env.rendezvous() + " did not join within " + std::to_string(timeout.count()) +
-                         " s (a worker did not start, or WORLD_SIZE differs between them): " + first_line(what));
+                         " s (a worker did not start, or WORLD_SIZE differs between them): " + first_line(e.what()));
   }
 }
 
@@ -112,7 +111,8 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorkerEnvironment& env, std::ch
 
 std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, std::chrono::seconds timeout) {
   const std::string where = env.rendezvous();
-  c10::intrusive_ptr<c10d::Store> store = open_store(env, timeout);
+  std::unique_ptr<RendezvousServer> server;
+  c10::intrusive_ptr<c10d::Store> store = open_store(env, timeout, server);
   // Every worker says how many it expects; a disagreement is a launch error, not a hang.
   try {
     const std::string mine = std::to_string(env.world_size);
@@ -140,7 +140,7 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
                                         : c10d::ProcessGroupGloo::createDefaultDevice());
   auto impl = std::make_unique<Impl>();
   impl->timeout = timeout;
-  impl->store = store;
+  impl->server = std::move(server);
   try {
     impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("loratune", store), env.rank, env.world_size, options);

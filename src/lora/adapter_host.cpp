@@ -208,8 +208,8 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
   prepared_variant_[type.get()] = &variant;
   // Traced models have a type per module instance: one kind per class name and reason.
   if (wiring == LoraWiring::kWeightDelta)
-    weight_delta_kinds_.emplace(type->name()->name() + (only_linear ? ", " + variant.name() : ", " + param + " read outside nn.Linear"),
-                                example);
+    weight_delta_kinds_.emplace(
+        type->name()->name() + (only_linear ? ", " + variant.name() : ", " + param + " read outside nn.Linear"), example);
 }
 
 bool AdapterHost::dropout_applies() const {

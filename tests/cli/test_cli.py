@@ -676,8 +676,9 @@ class DataParallel(unittest.TestCase):
             self.assertEqual(json.load(f)["epochs"], 30)
 
     def test_a_store_client_that_stalls_does_not_keep_rank_0_alive(self):
-        # torchrun-style workers: rank 0 hosts c10d's TCPStore. A client that sends part of a request and waits
-        # used to block its server thread, and rank 0 never exited after a finished run.
+        # Workers started with torchrun's variables: rank 0 serves the rendezvous store at MASTER_ADDR:MASTER_PORT.
+        # With c10d's TCPStore, a client that sent part of a request and waited blocked its server thread, and rank
+        # 0 never exited after a finished run; and the store listened on every interface.
         cfg, out = self.config("dp_stalled_client", epochs=8)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -687,6 +688,9 @@ class DataParallel(unittest.TestCase):
         procs = [subprocess.Popen([BIN, "train", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env={**env, "RANK": "1"}),
                  start_training(["--config", cfg], out, env={**env, "RANK": "0"})]
+        listening = [a for state, a in self.socket_addresses([procs[1].pid]) if state == "0A"]
+        self.assertTrue(listening)
+        self.assertTrue(all(a == "127.0.0.1" for a in listening), listening)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"\x00" + (64).to_bytes(8, "little") + b"loratune")  # a SET whose key never ends
             errs = [proc.communicate(timeout=120)[1] for proc in procs]
