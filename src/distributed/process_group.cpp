@@ -124,6 +124,8 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
                          std::string(theirs.begin(), theirs.end()) + ", this one with " + mine + ": start all with the same");
     }
   } catch (const InputError&) {
+    // The others learn of the disagreement from the store: it stays up until they have read it and left.
+    if (server) server->wait_for_clients_to_leave(1, std::chrono::seconds(5));
     throw;
   } catch (const std::exception& e) {
     throw RuntimeFailure("rank " + std::to_string(env.rank) + ": the " + std::to_string(env.world_size) +

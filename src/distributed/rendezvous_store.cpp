@@ -175,6 +175,11 @@ RendezvousServer::~RendezvousServer() {
   ::close(wake_[1]);
 }
 
+void RendezvousServer::wait_for_clients_to_leave(size_t remaining, std::chrono::milliseconds limit) const {
+  const auto deadline = Clock::now() + limit;
+  while (connected_ > remaining && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+}
+
 void RendezvousServer::serve() {
   std::vector<char> buffer(64 * 1024);
   for (;;) {
@@ -214,6 +219,7 @@ void RendezvousServer::serve() {
       if (fd >= 0 && clients_.size() < kMaxStoreClients) clients_.push_back({fd, {}});
       else if (fd >= 0) ::close(fd);
     }
+    connected_ = clients_.size();
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -31,6 +32,9 @@ class RendezvousServer {
   RendezvousServer(const RendezvousServer&) = delete;
   RendezvousServer& operator=(const RendezvousServer&) = delete;
 
+  // Returns once at most `remaining` clients are connected, or after `limit`.
+  void wait_for_clients_to_leave(size_t remaining, std::chrono::milliseconds limit) const;
+
  private:
   struct Client {
     int fd;
@@ -43,6 +47,7 @@ class RendezvousServer {
   int listen_fd_ = -1;
   int wake_[2] = {-1, -1};
   std::vector<Client> clients_;
+  std::atomic<size_t> connected_{0};  // clients_.size(), for other threads
   std::map<std::string, std::string> values_;
   size_t stored_bytes_ = 0;
   std::thread thread_;
