@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <unistd.h>
+
 #include <cstdlib>
+#include <filesystem>
 #include <stdexcept>
 
 #include "loratune/errors.h"
@@ -65,12 +68,17 @@ struct ProcessGroup::Impl {
   std::unique_ptr<RendezvousServer> server;  // rank 0, unless torchrun or a store file serves the rendezvous
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
   std::chrono::milliseconds timeout;
+  std::string store_folder;  // --nproc's private folder
 };
 
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl, int rank, int size)
     : impl_(std::move(impl)), rank_(rank), size_(size) {}
 
-ProcessGroup::~ProcessGroup() = default;
+ProcessGroup::~ProcessGroup() {
+  // The last worker's store removes its file; its folder then goes too (also when the launcher was killed).
+  impl_->group.reset();
+  if (!impl_->store_folder.empty()) ::rmdir(impl_->store_folder.c_str());
+}
 
 namespace {
 
@@ -143,6 +151,7 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
   auto impl = std::make_unique<Impl>();
   impl->timeout = timeout;
   impl->server = std::move(server);
+  if (!env.store_file.empty()) impl->store_folder = std::filesystem::path(env.store_file).parent_path().string();
   try {
     impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("loratune", store), env.rank, env.world_size, options);

@@ -655,7 +655,8 @@ class DataParallel(unittest.TestCase):
 
     def test_local_workers_use_loopback_only_and_stop_with_their_launcher(self):
         cfg, out = self.config("dp_orphans", epochs=30)
-        p = start_training(["--config", cfg, "--nproc", "2"], out)
+        tmpdir = tempfile.mkdtemp(prefix="tmpdir_", dir=TMP)  # where the launcher makes the store's folder
+        p = start_training(["--config", cfg, "--nproc", "2"], out, env={**os.environ, "TMPDIR": tmpdir})
         workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
         self.assertEqual(len(workers), 2)
         # No rendezvous port: the store is a file in a private folder; Gloo's own connections are on 127.0.0.1.
@@ -669,6 +670,7 @@ class DataParallel(unittest.TestCase):
         while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
             time.sleep(0.1)
         self.assertFalse(any(os.path.exists(f"/proc/{w}") for w in workers), "workers outlived their launcher")
+        self.assertEqual(os.listdir(tmpdir), [], "the last worker removes the store's folder")
         self.assertTrue(os.path.exists(os.path.join(out, "checkpoint.safetensors")))
         code, _, err = run("train", "--config", cfg, "--nproc", "2", "--resume")
         self.assertEqual(code, 0, err)
