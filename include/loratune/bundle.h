@@ -19,6 +19,10 @@ namespace loratune {
 inline constexpr const char* kBundleMetadataName = "loratune.json";
 inline constexpr int kBundleFormatVersion = 1;
 
+// Largest input side a bundle may declare (resize_size included): 4x the largest encoders' 1024 px; beyond it
+// metadata is damage or hostility, and would size huge allocations.
+inline constexpr int64_t kMaxBundleImageSize = 4096;
+
 struct BundleInfo {
   std::string kind = "backbone";  // "backbone": images -> features; "classifier": images -> logits (merged)
   std::string family;             // "vit", "mobileclip"

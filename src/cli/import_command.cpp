@@ -42,11 +42,13 @@ int run_import(const ImportCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     set_compute_threads(0);  // a fixed amount of work, run once: all cores
-    if (command.image_size < 0 || command.image_size > 8192)
-      throw InputError("--image-size must be between 1 and 8192 (0: the checkpoint's own)");
+    if (command.image_size < 0 || command.image_size > kMaxBundleImageSize)
+      throw InputError("--image-size must be between 1 and " + std::to_string(kMaxBundleImageSize) +
+                       " (0: the checkpoint's own)");
     const fs::path output = expand_home(command.output);
     // The checkpoint folder may be the shared hub cache: nothing goes into it.
-    refuse_output_over_inputs(output, "--output", {resolve_checkpoint_folder(command.source)});
+    const fs::path source_folder = resolve_checkpoint_folder(command.source);
+    refuse_output_over_inputs(output, "--output", {source_folder});
     std::error_code ec;
     if (fs::is_directory(output, ec)) throw InputError("--output " + output.string() + " is a folder; give a file name");
     const auto start = std::chrono::steady_clock::now();
@@ -56,9 +58,12 @@ int run_import(const ImportCommand& command) {
     const bool with_text = image.metadata.contains("text_model") && !command.no_text;
     fs::path text_output = output;
     text_output.replace_filename(output.stem().string() + "_text" + output.extension().string());
-    if (with_text) image.metadata["text_model"] = text_output.filename().string();
-    if (with_text) refuse_output_over_inputs(text_output, "the text tower's file", {resolve_checkpoint_folder(command.source)});
-    else image.metadata.erase("text_model");
+    if (with_text) {
+      refuse_output_over_inputs(text_output, "the text tower's file", {source_folder});
+      image.metadata["text_model"] = text_output.filename().string();
+    } else {
+      image.metadata.erase("text_model");
+    }
     const BundleInfo info = BundleInfo::from_json(image.metadata, command.source);
     const at::Tensor images = at::randn({2, 3, info.image_size, info.image_size});
     int64_t blocks = 0;

@@ -31,10 +31,9 @@ T field(const json& j, const char* key, const T& fallback, const std::string& or
   }
 }
 
-// Beyond any vision encoder there is (the largest have 6144-d features and 1024 px inputs): larger values in a
-// bundle's metadata are damage or hostility, and would size huge allocations.
+// Beyond any vision encoder there is (the largest have 6144-d features): larger values in a bundle's metadata are
+// damage or hostility, and would size huge allocations.
 constexpr int64_t kMaxFeatureDim = 65536;
-constexpr int64_t kMaxImageSize = 4096;
 
 const std::set<std::string> kKnownFields = {"format", "kind", "family", "architecture", "name", "feature_dim",
                                             "image_size", "resize_size", "interpolation", "mean", "std", "blocks",
@@ -90,8 +89,8 @@ BundleInfo BundleInfo::from_json(const json& j, const std::string& origin) {
   for (const auto& [key, value] : j.items())
     if (!kKnownFields.count(key)) info.extra[key] = value;
   if (info.kind == "text_encoder") return info;
-  if (info.image_size <= 0 || info.resize_size < info.image_size || info.resize_size > kMaxImageSize)
-    throw InputError(origin + ": metadata needs 0 < image_size <= resize_size <= " + std::to_string(kMaxImageSize) +
+  if (info.image_size <= 0 || info.resize_size < info.image_size || info.resize_size > kMaxBundleImageSize)
+    throw InputError(origin + ": metadata needs 0 < image_size <= resize_size <= " + std::to_string(kMaxBundleImageSize) +
                      " (got " + std::to_string(info.image_size) + ", " + std::to_string(info.resize_size) + ")");
   const std::set<std::string> interpolations = {"bilinear", "bicubic", "nearest", "area"};
   if (!interpolations.count(info.interpolation))
