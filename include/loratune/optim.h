@@ -35,9 +35,10 @@ class AdamW {
   // and summing over data-parallel workers.
   std::vector<at::Tensor> gradients();
 
-  // Moments and step count, for checkpoints.
+  // Moments and step count, for checkpoints. load_state checks every tensor (dtype, shape, finite, moments >= 0)
+  // before it changes anything: InputError naming `origin` (the checkpoint file).
   safetensors::Tensors state() const;
-  void load_state(const safetensors::Tensors& state);
+  void load_state(const safetensors::Tensors& state, const std::string& origin);
 
  private:
   struct Slot {

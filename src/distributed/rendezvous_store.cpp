@@ -255,10 +255,7 @@ bool RendezvousServer::answer(Client& client, const std::string& request) {
       if (!in.done()) return false;
       const auto it = values_.find(key);
       int64_t value = delta;
-      if (it != values_.end()) {
-        char* end = nullptr;
-        value = static_cast<int64_t>(std::strtoll(it->second.c_str(), &end, 10)) + delta;
-      }
+      if (it != values_.end()) value = static_cast<int64_t>(std::strtoll(it->second.c_str(), nullptr, 10)) + delta;
       if (!store(key, std::to_string(value))) return false;
       put_i64(out, value);
       break;

@@ -1,5 +1,7 @@
 #include "train/checkpoint.h"
 
+#include <ATen/ATen.h>
+
 #include "common/fingerprint.h"
 #include "loratune/errors.h"
 
@@ -40,6 +42,19 @@ safetensors::Contents read_checkpoint(const fs::path& path) {
     throw InputError(path.string() + " is damaged (its checksum does not match its contents); it cannot be resumed: "
                      "restore it from a backup, or start a new run in another output_dir");
   return ckpt;
+}
+
+const at::Tensor& stored_like(const safetensors::Tensors& tensors, const std::string& key, const at::Tensor& like,
+                              const std::string& origin) {
+  auto it = tensors.find(key);
+  if (it == tensors.end()) throw InputError(origin + " has no tensor " + key);
+  const at::Tensor& t = it->second;
+  if (t.scalar_type() != like.scalar_type() || t.sizes() != like.sizes())
+    throw InputError(origin + ": " + key + " is " + c10::toString(t.scalar_type()) + " " + c10::str(t.sizes()) +
+                     ", this run needs " + c10::toString(like.scalar_type()) + " " + c10::str(like.sizes()));
+  if (t.is_floating_point() && !at::isfinite(t).all().item<bool>())
+    throw InputError(origin + ": " + key + " holds inf or NaN");
+  return t;
 }
 
 }  // namespace loratune

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <string>
 
 #include "loratune/safetensors.h"
 
@@ -17,5 +18,10 @@ void write_checkpoint(const std::filesystem::path& path, const safetensors::Tens
 // Reads a checkpoint written by write_checkpoint: InputError naming the file when it is not one, or when its
 // checksum does not match its contents (damaged, or edited by hand).
 safetensors::Contents read_checkpoint(const std::filesystem::path& path);
+
+// The stored tensor `key` that replaces `like` on resume: InputError naming `origin` and the key when it is missing,
+// has another dtype or shape, or holds inf or NaN.
+const at::Tensor& stored_like(const safetensors::Tensors& tensors, const std::string& key, const at::Tensor& like,
+                              const std::string& origin);
 
 }  // namespace loratune

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "loratune/errors.h"
+#include "train/checkpoint.h"
 
 namespace loratune {
 
@@ -122,28 +123,16 @@ safetensors::Tensors AdamW::state() const {
   return out;
 }
 
-void AdamW::load_state(const safetensors::Tensors& state) {
+void AdamW::load_state(const safetensors::Tensors& state, const std::string& origin) {
   if (regroup_) regroup();
   // Checked before anything is copied: a refused checkpoint leaves the state as it was.
-  auto get = [&](const std::string& key, const at::Tensor& like) -> const at::Tensor& {
-    auto it = state.find(key);
-    if (it == state.end()) throw InputError("checkpoint has no optimiser state " + key);
-    const at::Tensor& t = it->second;
-    if (t.sizes() != like.sizes() || t.scalar_type() != like.scalar_type())
-      throw InputError("checkpoint optimiser state " + key + " is " + c10::toString(t.scalar_type()) + " " +
-                       c10::str(t.sizes()) + ", expected " + c10::toString(like.scalar_type()) + " " +
-                       c10::str(like.sizes()));
-    if (t.is_floating_point() && !at::isfinite(t).all().item<bool>())
-      throw InputError("checkpoint optimiser state " + key + " holds inf or NaN");
-    return t;
-  };
-  const at::Tensor& steps = get("adamw.steps", at::tensor(steps_, at::kLong));
+  const at::Tensor& steps = stored_like(state, "adamw.steps", at::tensor(steps_, at::kLong), origin);
   if (steps.item<int64_t>() < 0) throw InputError("checkpoint optimiser state adamw.steps is negative");
   std::vector<std::pair<at::Tensor, const at::Tensor*>> copies;
   for (auto& s : slots_) {
     const at::Tensor avg = view(s, groups_[s.group].exp_avg), avg_sq = view(s, groups_[s.group].exp_avg_sq);
-    copies.emplace_back(avg, &get("adamw." + s.param.name + ".exp_avg", avg));
-    const at::Tensor& stored_sq = get("adamw." + s.param.name + ".exp_avg_sq", avg_sq);
+    copies.emplace_back(avg, &stored_like(state, "adamw." + s.param.name + ".exp_avg", avg, origin));
+    const at::Tensor& stored_sq = stored_like(state, "adamw." + s.param.name + ".exp_avg_sq", avg_sq, origin);
     if ((stored_sq < 0).any().item<bool>())
       throw InputError("checkpoint optimiser state adamw." + s.param.name + ".exp_avg_sq has negative values");
     copies.emplace_back(avg_sq, &stored_sq);

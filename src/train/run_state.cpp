@@ -167,20 +167,6 @@ class ProgressReader {
   json progress_;
 };
 
-// A stored tensor must have the dtype and shape of the one it replaces, and finite values.
-const at::Tensor& stored_like(const safetensors::Tensors& tensors, const std::string& key, const at::Tensor& like,
-                              const fs::path& path) {
-  auto it = tensors.find(key);
-  if (it == tensors.end()) throw InputError(path.string() + " has no tensor " + key);
-  const at::Tensor& t = it->second;
-  if (t.scalar_type() != like.scalar_type() || t.sizes() != like.sizes())
-    throw InputError(path.string() + ": " + key + " is " + c10::toString(t.scalar_type()) + " " + c10::str(t.sizes()) +
-                     ", this run needs " + c10::toString(like.scalar_type()) + " " + c10::str(like.sizes()));
-  if (t.is_floating_point() && !at::isfinite(t).all().item<bool>())
-    throw InputError(path.string() + ": " + key + " holds inf or NaN");
-  return t;
-}
-
 }  // namespace
 
 Trainer::Progress Trainer::load_checkpoint(const Schedule& schedule) {
@@ -207,13 +193,15 @@ Trainer::Progress Trainer::load_checkpoint(const Schedule& schedule) {
   const double loss_scale = progress.number("loss_scale", std::numeric_limits<double>::min(), std::numeric_limits<float>::max());
   const int64_t growth_tracker = progress.integer("loss_scale_growth_tracker", 0, INT64_MAX);
 
-  const at::Tensor& rng_cpu = stored_like(ckpt.tensors, "rng.cpu", compat::default_generator(c10::Device(c10::kCPU)).get_state(), path);
+  const std::string origin = path.string();
+  const at::Tensor& rng_cpu =
+      stored_like(ckpt.tensors, "rng.cpu", compat::default_generator(c10::Device(c10::kCPU)).get_state(), origin);
   const bool device_rng = device_.is_cuda() && ckpt.tensors.count("rng.device");
-  const at::Tensor rng_device = device_rng ? stored_like(ckpt.tensors, "rng.device", compat::default_generator(device_).get_state(), path)
+  const at::Tensor rng_device = device_rng ? stored_like(ckpt.tensors, "rng.device", compat::default_generator(device_).get_state(), origin)
                                            : at::Tensor();
   std::vector<const at::Tensor*> params;
-  for (const auto& t : trainable_) params.push_back(&stored_like(ckpt.tensors, "param." + t.name, t.tensor, path));
-  optimizer_->load_state(ckpt.tensors);  // checks its own tensors before it changes anything
+  for (const auto& t : trainable_) params.push_back(&stored_like(ckpt.tensors, "param." + t.name, t.tensor, origin));
+  optimizer_->load_state(ckpt.tensors, origin);  // checks its own tensors before it changes anything
   {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < trainable_.size(); ++i) trainable_[i].tensor.copy_(*params[i]);
