@@ -13,8 +13,6 @@ package returns for the model: resize the short side (bilinear), center crop 256
 [0, 1], no normalisation.
 """
 import argparse
-import gzip
-import json
 import os
 import sys
 
@@ -23,9 +21,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loratune_export as lx  # noqa: E402
-
-MERGES_NAME = "bpe_merges.txt"
-
 
 class MobileCLIPImage(lx.BundleWrapper):
     """MCi image encoders (S0, S1, S2): attention only in the last stage, network.7. Paths keep Apple's names."""
@@ -87,55 +82,6 @@ def export_image(image_encoder, vit, meta, path):
     return lx.export_bundle(wrapper, meta, path, mode="trace")
 
 
-def export_text(text_encoder, merges_text, meta, path, context_length=77):
-    """Traces the text encoder (tokens [N, context] int64 -> embeddings [N, D]) with the merges file inside."""
-    wrapper = MobileCLIPText(text_encoder).eval()
-    example = torch.zeros(2, context_length, dtype=torch.long)
-    example[:, 0], example[:, 1:4] = meta["sot"], 300
-    example[:, 4] = meta["eot"]
-    with torch.enable_grad():
-        module = torch.jit.trace(wrapper, example, check_trace=False)
-    meta = {"format": lx.FORMAT_VERSION, "kind": "text_encoder", "family": "mobileclip", "tokenizer": "clip_bpe",
-            "context_length": context_length, "merges_file": MERGES_NAME, **meta}
-    torch.jit.save(module, path, _extra_files={lx.METADATA_NAME: json.dumps(meta, indent=2), MERGES_NAME: merges_text})
-    return module
-
-
-def read_merges(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
-
-
-def find_merges():
-    for package in ("mobileclip", "open_clip"):
-        try:
-            mod = __import__(package)
-        except ImportError:
-            continue
-        for folder in getattr(mod, "__path__", []):  # a package's folders (a namespace package has no __file__)
-            for root, _, files in os.walk(folder):
-                if "bpe_simple_vocab_16e6.txt.gz" in files:
-                    return os.path.join(root, "bpe_simple_vocab_16e6.txt.gz")
-    raise SystemExit("error: cannot find bpe_simple_vocab_16e6.txt.gz in mobileclip or open_clip; pass --merges")
-
-
-def preprocessing(transforms):
-    """Bundle preprocessing fields from the torchvision transforms Apple's package returns for the model."""
-    meta = {"mean": [0.0] * 3, "std": [1.0] * 3}
-    for t in transforms.transforms:
-        name = type(t).__name__
-        size = getattr(t, "size", None)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        if name == "Resize":
-            meta["resize_size"], meta["interpolation"] = int(size), t.interpolation.value
-        elif name == "CenterCrop":
-            meta["image_size"] = int(size)
-        elif name == "Normalize":
-            meta["mean"], meta["std"] = list(t.mean), list(t.std)
-    return meta
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="mobileclip_s0, mobileclip_s1, mobileclip_s2 or mobileclip_b")
@@ -160,17 +106,16 @@ def main(argv=None):
     vit = hasattr(model.image_encoder.model, "transformer")
     logit_scale = min(float(model.logit_scale.exp()), 100.0) if hasattr(model, "logit_scale") else 100.0
     embed = model.text_encoder.projection_layer.shape[1]
-    merges = read_merges(args.merges or find_merges())
-    n_merges = min(len(merges.split("\n")[1:49152 - 256 - 2 + 1]), 48894)
+    merges = lx.read_merges(args.merges or lx.find_merges())
     out = args.output
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     text_file = os.path.basename(out) + "_text.pt"
     source = "random init" if args.random_init else os.path.basename(args.checkpoint)
     name = f"{args.model} ({source})"
     export_image(model.image_encoder, vit, {"name": name, "feature_dim": embed, "text_model": text_file,
-                                            "logit_scale": logit_scale, **preprocessing(transforms)}, out + "_image.pt")
-    export_text(model.text_encoder, merges, {"name": name, "feature_dim": embed, "logit_scale": logit_scale,
-                                             "sot": 512 + n_merges, "eot": 513 + n_merges}, out + "_text.pt")
+                                            "logit_scale": logit_scale, **lx.preprocessing(transforms)}, out + "_image.pt")
+    lx.export_text(MobileCLIPText(model.text_encoder), merges,
+                   {"family": "mobileclip", "name": name, "feature_dim": embed, "logit_scale": logit_scale}, out + "_text.pt")
     print(f"wrote {out}_image.pt and {out}_text.pt")
 
 

@@ -6,7 +6,9 @@ named by the metadata field "blocks", so loratune can checkpoint block by block.
 
 Wrappers keep the original model's module names, so adapter files use the same paths as PEFT on that model.
 """
+import gzip
 import json
+import os
 
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from torch._jit_internal import FunctionModifiers
 
 METADATA_NAME = "loratune.json"
 FORMAT_VERSION = 1
+MERGES_NAME = "bpe_merges.txt"  # CLIP's BPE merges inside a text bundle
 
 
 class BundleWrapper(nn.Module):
@@ -89,6 +92,63 @@ def read_metadata(path):
     files = {METADATA_NAME: ""}
     torch.jit.load(path, _extra_files=files)
     return json.loads(files[METADATA_NAME])
+
+
+# ---- CLIP text towers ----------------------------------------------------------------------------------------------
+
+
+def read_merges(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def find_merges():
+    """CLIP's merges file from the user's open_clip or mobileclip install."""
+    for package in ("open_clip", "mobileclip"):
+        try:
+            mod = __import__(package)
+        except ImportError:
+            continue
+        for folder in getattr(mod, "__path__", []):  # a package's folders (a namespace package has no __file__)
+            for root, _, files in os.walk(folder):
+                if "bpe_simple_vocab_16e6.txt.gz" in files:
+                    return os.path.join(root, "bpe_simple_vocab_16e6.txt.gz")
+    raise SystemExit("error: cannot find bpe_simple_vocab_16e6.txt.gz in open_clip or mobileclip; pass --merges")
+
+
+def export_text(wrapper, merges_text, metadata, path, context_length=77):
+    """Traces a text encoder (tokens [N, context] int64 -> embeddings [N, D]) and saves it with CLIP's merges file
+    inside (kind "text_encoder", tokenizer "clip_bpe"). Traced with gradients enabled: adapters train through it."""
+    wrapper = wrapper.eval()
+    n_merges = min(len(merges_text.split("\n")[1:49152 - 256 - 2 + 1]), 48894)
+    sot, eot = 512 + n_merges, 513 + n_merges
+    example = torch.zeros(2, context_length, dtype=torch.long)
+    example[:, 0], example[:, 1:4], example[:, 4] = sot, 300, eot
+    with torch.enable_grad():
+        module = torch.jit.trace(wrapper, example, check_trace=False)
+    if "aten::_native_multi_head_attention" in str(module.inlined_graph):
+        raise RuntimeError("the trace recorded aten::_native_multi_head_attention (no backward); trace with grad enabled")
+    meta = {"format": FORMAT_VERSION, "kind": "text_encoder", "tokenizer": "clip_bpe", "context_length": context_length,
+            "merges_file": MERGES_NAME, "sot": sot, "eot": eot, **metadata}
+    torch.jit.save(module, path, _extra_files={METADATA_NAME: json.dumps(meta, indent=2), MERGES_NAME: merges_text})
+    return module
+
+
+def preprocessing(transforms):
+    """Bundle preprocessing fields from an evaluation transform (torchvision Compose: Resize, CenterCrop, Normalize)."""
+    meta = {"mean": [0.0] * 3, "std": [1.0] * 3}
+    for t in transforms.transforms:
+        name = type(t).__name__
+        size = getattr(t, "size", None)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if name == "Resize":
+            meta["resize_size"], meta["interpolation"] = int(size), t.interpolation.value
+        elif name == "CenterCrop":
+            meta["image_size"] = int(size)
+        elif name == "Normalize":
+            meta["mean"], meta["std"] = list(t.mean), list(t.std)
+    return meta
 
 
 # ---- wrappers for the supported layouts ---------------------------------------------------------------------------

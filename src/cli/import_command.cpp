@@ -36,6 +36,21 @@ void save_checked(ImportedModel& m, const BundleInfo& info, const fs::path& outp
   }, m.extra_files);
 }
 
+// A probe input for a tower: an image batch, or token rows for a text tower.
+at::Tensor probe_input(const BundleInfo& info) {
+  if (info.kind == "text_encoder")
+    return at::randint(1, info.extra.value("vocab_size", int64_t{1000}), {2, info.extra.value("context_length", int64_t{77})},
+                       at::kLong);
+  return at::randn({2, 3, info.image_size, info.image_size});
+}
+
+void save_text_tower(ImportedModel& text, const std::string& source, const fs::path& output) {
+  const BundleInfo info = BundleInfo::from_json(text.metadata, source + " (text tower)");
+  save_checked(text, info, output, probe_input(info));
+  std::printf("wrote %s: text tower, %lld-d embeddings\n", output.string().c_str(),
+              static_cast<long long>(info.feature_dim));
+}
+
 }  // namespace
 
 int run_import(const ImportCommand& command) {
@@ -55,6 +70,10 @@ int run_import(const ImportCommand& command) {
     ImportOptions options;
     options.image_size = command.image_size;
     ImportedModel image = import_checkpoint(command.source, Tower::image, options);
+    if (image.metadata.value("kind", "") == "text_encoder") {  // FOLDER#text: the text tower alone
+      save_text_tower(image, command.source, output);
+      return exit_code::kOk;
+    }
     const bool with_text = image.metadata.contains("text_model") && !command.no_text;
     fs::path text_output = output;
     text_output.replace_filename(output.stem().string() + "_text" + output.extension().string());
@@ -65,21 +84,17 @@ int run_import(const ImportCommand& command) {
       image.metadata.erase("text_model");
     }
     const BundleInfo info = BundleInfo::from_json(image.metadata, command.source);
-    const at::Tensor images = at::randn({2, 3, info.image_size, info.image_size});
     int64_t blocks = 0;
     if (!info.blocks.empty()) blocks = static_cast<int64_t>(submodule_at(image.module, info.blocks).children().size());
-    save_checked(image, info, output, images);
+    save_checked(image, info, output, probe_input(info));
     std::printf("wrote %s: %s, %lld blocks, %lld-d features, %lldpx (resize %lld, %s)\n", output.string().c_str(),
                 info.architecture.c_str(), static_cast<long long>(blocks), static_cast<long long>(info.feature_dim),
                 static_cast<long long>(info.image_size), static_cast<long long>(info.resize_size),
                 info.interpolation.c_str());
     if (with_text) {
       ImportedModel text = import_checkpoint(command.source, Tower::text);
-      const BundleInfo text_info = BundleInfo::from_json(text.metadata, command.source + " (text tower)");
-      const at::Tensor tokens = at::randint(1, text_info.extra.value("vocab_size", int64_t{1000}), {2, text_info.extra.value("context_length", int64_t{77})}, at::kLong);
-      save_checked(text, text_info, text_output, tokens);
-      std::printf("wrote %s: text tower, %lld-d embeddings (zero-shot: loratune eval --model %s --zero-shot ...)\n",
-                  text_output.string().c_str(), static_cast<long long>(text_info.feature_dim), output.string().c_str());
+      save_text_tower(text, command.source, text_output);
+      std::printf("zero-shot: loratune eval --model %s --zero-shot ...\n", output.string().c_str());
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("imported %s in %s\n", command.source.c_str(), human_duration(seconds).c_str());

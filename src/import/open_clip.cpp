@@ -46,7 +46,9 @@ ImportedModel vision(const Folder& folder, const json& mc, const json& pc, const
   const json vc = mc.value("vision_cfg", json::object());
   if (vc.contains("timm_model_name") && !vc["timm_model_name"].is_null())
     throw InputError(where + ": the image tower is a timm model (" + vc["timm_model_name"].dump() + "), not a "
-                     "ViT this importer builds; export MobileCLIP with scripts/export/apple_mobileclip.py");
+                     "ViT this importer builds; export MobileCLIP / MobileCLIP2 with "
+                     "scripts/export/open_clip_mobileclip.py --checkpoint " + folder.dir.string() +
+                     " (its text tower alone loads without Python as " + folder.dir.string() + "#text)");
   if (vc.value("attentional_pool", false)) throw InputError(where + ": attentional pooling is not imported");
   CheckpointTensors ckpt = read_weights(folder, "open_clip_model", "open_clip_pytorch_model.bin");
   ckpt.ignore_if(is_text_key);
@@ -133,12 +135,11 @@ ImportedModel text(const Folder& folder, const json& mc) {
   s.layers = config_int(tc, "layers", where, 12), s.context = config_int(tc, "context_length", where, 77);
   s.vocab = config_int(tc, "vocab_size", where, 49408), s.embed_dim = config_int(mc, "embed_dim", where);
   s.mlp_hidden = static_cast<int64_t>(s.width * config_number(tc, "mlp_ratio", where, 4.0));
-  if (tc.value("no_causal_mask", false)) throw InputError(where + ": text towers without a causal mask are not imported");
   TextTowerNames n;
   n.token_embedding = tp + "token_embedding.weight", n.position_embedding = tp + "positional_embedding";
   n.blocks = tp + "transformer.resblocks", n.final_norm = tp + "ln_final";
   n.projection = tp + "text_projection", n.projection_is_linear = false;
-  n.layout = resblock_layout(mc.value("quick_gelu", false), true);
+  n.layout = resblock_layout(mc.value("quick_gelu", false), !tc.value("no_causal_mask", false));  // MobileCLIP2: none
   return clip_text_bundle(folder, ckpt, n, s, "open_clip_text", merges, kClipBpe);
 }
 

@@ -27,12 +27,10 @@ UPSTREAM = os.path.abspath(sys.argv[3])
 if not os.path.isdir(os.path.join(UPSTREAM, "open_clip")):
     print(f"skipped: {UPSTREAM} has no upstream packages (see shared/upstream/README.md)")
     sys.exit(77)
-# The real open_clip first (with the stand-ins it needs on torch 1.13), then the upstream test's helpers.
-sys.path[:0] = [os.path.join(UPSTREAM, "open_clip", "src"), os.path.join(UPSTREAM, "torch113_standins")]
-import open_clip_torch113  # noqa: E402,F401
-import open_clip  # noqa: E402
-
+# The upstream test's helpers; importing it puts the real open_clip (with the stand-ins it needs on torch 1.13) and
+# timm on the path.
 import test_upstream_models as up  # noqa: E402
+import open_clip  # noqa: E402
 from test_upstream_models import BIN, TMP, relative_error, run  # noqa: E402
 import safetensors_lite  # noqa: E402
 import timm  # noqa: E402
@@ -356,6 +354,31 @@ class OpenClip(Pipeline):
         out = run(BIN, "eval", "--model", bundle, "--zero-shot", "--text-model", folder, "--data",
                   os.path.join(up.photos(), "val"), "--output", os.path.join(TMP, "open_clip_zero_shot_text"))
         self.assertIn("(zero-shot)", out)
+
+
+    def test_mobileclip2_folder_text_tower_without_python_image_tower_named(self):
+        """MobileCLIP2-S0 as published (a CustomTextCLIP whose text transformer has no causal mask): FOLDER#text
+        imports and equals open_clip's encode_text; the timm image tower is refused with the export script to use."""
+        torch.manual_seed(0)
+        model, _, _ = open_clip.create_model_and_transforms("MobileCLIP2-S0", pretrained=None)
+        model.eval()
+        folder = os.path.join(TMP, "MobileCLIP2-S0-OpenCLIP")
+        write_folder(folder, model.state_dict(), {"model_cfg": open_clip.get_model_config("MobileCLIP2-S0")},
+                     name="open_clip_config.json", weights="open_clip_model.safetensors")
+        self.add_merges(folder)
+        text_file = os.path.join(TMP, "mobileclip2_s0_text.pt")
+        run(BIN, "import", folder + "#text", "--output", text_file)
+        tokens = open_clip.get_tokenizer("MobileCLIP2-S0")(["a photo of a sneaker.", "a drawing of a boot, from above"])
+        with torch.no_grad():
+            got, ref = torch.jit.load(text_file)(tokens), model.encode_text(tokens)
+        causal = model.text.attn_mask
+        self.assertIsNone(causal, "MobileCLIP2-S0's text tower attends both ways")
+        self.assertLess(relative_error(got, ref), 1e-5)
+        p = subprocess.run([BIN, "import", folder, "--output", os.path.join(TMP, "mobileclip2_s0.pt")],
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 3, p.stderr)
+        self.assertIn("scripts/export/open_clip_mobileclip.py --checkpoint " + folder, p.stderr)
+        self.assertIn(folder + "#text", p.stderr)
 
 
 class Sources(unittest.TestCase):

@@ -27,17 +27,25 @@ if not os.path.isdir(os.path.join(UPSTREAM, "timm")):
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 EXPORT = os.path.join(ROOT, "scripts", "export")
-PATHS = [os.path.join(UPSTREAM, "timm"), os.path.join(UPSTREAM, "ml-mobileclip"),
-         os.path.join(UPSTREAM, "open_clip_vocab", "src")]  # open_clip: only its merges file (a namespace package)
+TMP = tempfile.mkdtemp(prefix="loratune_upstream_")
+# open_clip 4.2 on Debian's torch 1.13 needs the stand-ins imported first (shared/upstream/README.md); export scripts
+# run as subprocesses get them through a sitecustomize module, so the scripts themselves stay as a user runs them.
+SITE = os.path.join(TMP, "site")
+os.makedirs(SITE)
+with open(os.path.join(SITE, "sitecustomize.py"), "w") as f:
+    f.write("import open_clip_torch113\n")
+PATHS = [SITE, os.path.join(UPSTREAM, "timm"), os.path.join(UPSTREAM, "ml-mobileclip"),
+         os.path.join(UPSTREAM, "open_clip", "src"), os.path.join(UPSTREAM, "torch113_standins")]
 sys.path[:0] = PATHS + [HERE]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(PATHS))
 
+import open_clip_torch113  # noqa: E402,F401
 import mobileclip  # noqa: E402
+import open_clip  # noqa: E402
 import safetensors_lite  # noqa: E402
 import timm  # noqa: E402
 import torchvision  # noqa: E402
 
-TMP = tempfile.mkdtemp(prefix="loratune_upstream_")
 LORA = {"rank": 4, "alpha": 8.0, "rslora": True, "dropout": 0.1}  # scale 4 (alpha / sqrt(r)); alpha / r would be 2
 
 
@@ -331,6 +339,112 @@ class MobileCLIP(unittest.TestCase, Pipeline):
         out = run(BIN, "eval", "--model", prefix + "_image.pt", "--zero-shot", "--data", os.path.join(photos(), "val"),
                   "--output", os.path.join(TMP, "zero_shot"))
         self.assertIn("(zero-shot)", out)
+
+
+def informative(visual, size):
+    """Random MobileCLIP image weights made informative (see shared/upstream/README.md): layer scales 0.5, BatchNorm
+    statistics recalibrated on a few images."""
+    with torch.no_grad():
+        for pname, p in visual.named_parameters():
+            if "layer_scale" in pname:
+                p.fill_(0.5)
+        for m in visual.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        visual.train()
+        visual(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(2)))
+    visual.eval()
+
+
+def open_clip_checkpoint(name, size):
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None)
+    informative(model.visual, size)
+    return save_checkpoint(model.eval(), name)
+
+
+class OpenClipMobileCLIP(unittest.TestCase, Pipeline):
+    """MobileCLIP2 through open_clip: exported, compared with open_clip's encode_image / encode_text, then trained,
+    evaluated and merged. By default one size of each kind of tower (about 4 minutes); LORATUNE_UPSTREAM_ALL=1 runs
+    every size (about 15 minutes on 2 cores)."""
+
+    CASES = [  # name, input size, adapted weights (q, v of every attention block), in the default run
+        ("MobileCLIP2-S0", 256, 4, True),    # attention in the last stage (2 blocks); text without causal mask
+        ("MobileCLIP2-S3", 256, 12, True),   # attention in the last two stages (4 + 2 blocks): stage-level blocks
+        ("MobileCLIP2-B", 224, 24, True),    # ViT-B/16 with a convolutional stem; causal text mask
+        ("MobileCLIP2-S2", 256, 8, False),
+        ("MobileCLIP2-S4", 256, 16, False),
+        ("MobileCLIP2-L-14", 224, 48, False),
+        ("MobileCLIP-S1", 256, 8, False),    # open_clip's first-generation configs
+    ]
+
+    def test_export_compares_with_open_clip_and_trains(self):
+        everything = os.environ.get("LORATUNE_UPSTREAM_ALL") == "1"
+        tokenizer_texts = ["a photo of a sneaker.", "a drawing of a 운동화, seen from above"]
+        for name, size, targets, default in self.CASES:
+            if not (default or everything):
+                continue
+            with self.subTest(model=name):
+                start = time.time()
+                checkpoint = open_clip_checkpoint(name, size)
+                prefix = os.path.join(TMP, name)
+                run(sys.executable, os.path.join(EXPORT, "open_clip_mobileclip.py"), "--model", name, "--checkpoint",
+                    checkpoint, "--output", prefix)
+                reference, _, _ = open_clip.create_model_and_transforms(name, pretrained=checkpoint)
+                reference.eval()
+                meta = read_bundle_metadata(prefix + "_image.pt")
+                release = open_clip.get_pretrained_cfg(name, open_clip.list_pretrained_tags_by_model(name)[0])
+                self.assertEqual((meta["image_size"], meta["resize_size"], meta["interpolation"]),
+                                 (size, size, release["interpolation"]))
+                self.assertEqual(meta["mean"], [float(v) for v in release["mean"]])
+                x = self.check_bundle(prefix + "_image.pt", reference.encode_image, size, tol=2e-4)
+                tokens = open_clip.get_tokenizer(name)(tokenizer_texts)
+                with torch.no_grad():
+                    text = torch.jit.load(prefix + "_text.pt")(tokens)
+                    text_ref = reference.encode_text(tokens)
+                self.assertGreater(float((text_ref[0] - text_ref[1]).abs().max()), 1e-3)
+                self.assertLess(relative_error(text, text_ref), 1e-4)
+                self.train_eval_merge(name, prefix + "_image.pt", lambda m, v: m.encode_image(v), reference, x, targets)
+                print(f"  {name}: {time.time() - start:.1f} s", flush=True)
+                for suffix in ("_image.pt", "_text.pt"):
+                    os.remove(prefix + suffix)
+                os.remove(checkpoint)
+
+    def test_a_checkpoint_folder_as_published_and_a_wrong_tower(self):
+        """A folder with open_clip_config.json (as on the hub) gives the model and its preprocessing; a plain
+        open_clip ViT CLIP is named, not a traceback."""
+        folder = os.path.join(TMP, "MobileCLIP2-S0-OpenCLIP")
+        os.makedirs(folder)
+        torch.manual_seed(0)
+        model, _, _ = open_clip.create_model_and_transforms("MobileCLIP2-S0", pretrained=None)
+        informative(model.visual, 256)
+        torch.save(model.state_dict(), os.path.join(folder, "open_clip_pytorch_model.bin"))
+        release = open_clip.get_pretrained_cfg("MobileCLIP2-S0", "dfndr2b")
+        with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": open_clip.get_model_config("MobileCLIP2-S0"),
+                       "preprocess_cfg": {"mean": list(release["mean"]), "std": list(release["std"]),
+                                          "interpolation": "bilinear", "resize_mode": "shortest"}}, f)
+        prefix = os.path.join(TMP, "from_folder")
+        out = run(sys.executable, os.path.join(EXPORT, "open_clip_mobileclip.py"), "--checkpoint", folder,
+                  "--output", prefix)
+        self.assertIn("MobileCLIP2-S0-OpenCLIP", out)
+        meta = read_bundle_metadata(prefix + "_image.pt")
+        self.assertEqual((meta["mean"], meta["interpolation"]), ([0.0, 0.0, 0.0], "bilinear"))
+        self.check_bundle(prefix + "_image.pt", model.eval().encode_image, 256, tol=2e-4)
+        p = subprocess.run([sys.executable, os.path.join(EXPORT, "open_clip_mobileclip.py"), "--model", "ViT-B-32",
+                            "--random-init", "--output", os.path.join(TMP, "vit_b_32")], capture_output=True, text=True,
+                           env=ENV, timeout=600)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertNotIn("Traceback", p.stderr)
+        self.assertIn("loratune import", p.stderr.strip().splitlines()[-1])
+        self.assertFalse(os.path.exists(os.path.join(TMP, "vit_b_32_image.pt")))
+
+
+def read_bundle_metadata(path):
+    files = {"loratune.json": ""}
+    torch.jit.load(path, _extra_files=files)
+    return json.loads(files["loratune.json"])
 
 
 if __name__ == "__main__":
