@@ -101,7 +101,7 @@ int main(int argc, char** argv) {
   m->add_option("-b,--base", merge.base, "the base model bundle the adapter was trained on")->required();
   m->add_option("-a,--adapter", merge.adapter, "adapter folder or .safetensors")->required();
   m->add_option("-o,--output", merge.output, "TorchScript file to write")->required();
-  m->add_option("-s,--strength", merge.strength, "0..1: scale of the weight update (WiSE-FT style interpolation)")
+  m->add_option("-s,--strength", merge.strength, "0..1: share of the weight update kept; a head trained from zero-shot moves by the same share (WiSE-FT: 0 is the zero-shot model)")
       ->capture_default_str();
   m->add_flag("--features-only", merge.features_only, "write a backbone bundle (images -> features) instead of a classifier");
   m->add_option("--threads", merge.threads, kThreadsHelp)->capture_default_str();

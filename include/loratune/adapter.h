@@ -18,6 +18,8 @@ namespace loratune {
 inline constexpr const char* kAdapterWeightsName = "adapter_model.safetensors";
 inline constexpr const char* kAdapterConfigName = "adapter_config.json";
 inline constexpr const char* kAdapterFormat = "loratune.adapter/1";
+// Beside the adapter: the head training started from when it was not random (PEFT reads no such file).
+inline constexpr const char* kInitialHeadName = "initial_head.safetensors";
 
 struct Adapter {
   Method method = Method::kLora;
@@ -26,6 +28,9 @@ struct Adapter {
   std::vector<LoraTarget> targets;
   at::Tensor head_weight, head_bias;  // [classes, features], [classes]
   bool normalize_features = false;    // cosine head on L2-normalised features (zero-shot initialised)
+  // The zero-shot head training started from (head.init zero_shot), or undefined: `merge --strength` interpolates
+  // the head from it as it interpolates the weights (WiSE-FT), so that strength 0 is the zero-shot model.
+  at::Tensor initial_head_weight, initial_head_bias;
   std::vector<std::string> classes;
   std::map<std::string, at::Tensor> full_weights;  // method "full": every base parameter, by path
   std::string base_fingerprint;  // empty for adapters written by other tools

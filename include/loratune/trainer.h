@@ -197,6 +197,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<LossScaler> scaler_;
   std::vector<NamedTensor> trainable_;
+  at::Tensor initial_head_weight_, initial_head_bias_;  // head.init zero_shot: where the head started (WiSE-FT merges)
   bool use_prefix_cache_ = false;
   PrefixCache train_cache_, val_cache_;
   std::shared_ptr<TrainingReporter> reporter_;

@@ -121,7 +121,7 @@ def export_text(wrapper, merges_text, metadata, path, context_length=77):
     """Traces a text encoder (tokens [N, context] int64 -> embeddings [N, D]) and saves it with CLIP's merges file
     inside (kind "text_encoder", tokenizer "clip_bpe"). Traced with gradients enabled: adapters train through it."""
     wrapper = wrapper.eval()
-    n_merges = min(len(merges_text.split("\n")[1:49152 - 256 - 2 + 1]), 48894)
+    n_merges = min(len([line for line in merges_text.split("\n")[1:] if line.strip()]), 48894)  # as CLIP's vocabulary
     sot, eot = 512 + n_merges, 513 + n_merges
     example = torch.zeros(2, context_length, dtype=torch.long)
     example[:, 0], example[:, 1:4], example[:, 4] = sot, 300, eot

@@ -167,9 +167,16 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
                                           {"tensors_hash", tensors_hash(tensors)}};
   const std::string weights = safetensors::serialize(tensors, metadata);
   const std::string config = peft_config(a).dump(2, ' ', false, json::error_handler_t::replace) + "\n";
+  std::string initial_head;
+  if (a.initial_head_weight.defined()) {
+    const safetensors::Tensors head = {{"weight", a.initial_head_weight.detach().to(at::kCPU, at::kFloat)},
+                                       {"bias", a.initial_head_bias.detach().to(at::kCPU, at::kFloat)}};
+    initial_head = safetensors::serialize(head, {{"format", kAdapterFormat}, {"tensors_hash", tensors_hash(head)}});
+  }
   write_directory_atomic(dir, [&](const fs::path& tmp) {
     write_file_durable(tmp / kAdapterWeightsName, weights);
     write_file_durable(tmp / kAdapterConfigName, config);
+    if (!initial_head.empty()) write_file_durable(tmp / kInitialHeadName, initial_head);
   });
 }
 
@@ -241,6 +248,25 @@ std::vector<std::string> peft_flags() {
   for (const auto* variant : adapter_variants())
     if (!variant->peft_flag().empty()) flags.push_back(variant->peft_flag());
   return flags;
+}
+
+// The head training started from (kInitialHeadName): the shape of the trained head, finite, checksummed.
+void read_initial_head(Adapter& a, const fs::path& path) {
+  const auto contents = safetensors::read(path);
+  const auto hash = contents.metadata.find("tensors_hash");
+  const auto weight = contents.tensors.find("weight"), bias = contents.tensors.find("bias");
+  if (hash == contents.metadata.end() || hash->second != tensors_hash(contents.tensors) ||
+      weight == contents.tensors.end() || bias == contents.tensors.end() || contents.tensors.size() != 2)
+    throw InputError(path.string() + " is damaged (its tensors or checksum are not what loratune writes); delete it "
+                     "to merge without interpolating the head, or copy the adapter folder again");
+  if (!a.head_weight.defined() || !weight->second.is_floating_point() || !bias->second.is_floating_point() ||
+      !weight->second.sizes().equals(a.head_weight.sizes()) || !bias->second.sizes().equals(a.head_bias.sizes()))
+    throw InputError(path.string() + " does not fit the adapter's head; delete it to merge without interpolating "
+                     "the head");
+  check_finite(weight->second, path.string(), "weight");
+  check_finite(bias->second, path.string(), "bias");
+  a.initial_head_weight = weight->second.to(at::kFloat);
+  a.initial_head_bias = bias->second.to(at::kFloat);
 }
 
 json parse_config_file(const fs::path& path) {
@@ -392,6 +418,7 @@ Adapter load_adapter(const fs::path& path) {
   if (a.head_weight.defined() && a.classes.empty())
     for (int64_t i = 0; i < a.head_weight.size(0); ++i) a.classes.push_back("class_" + std::to_string(i));
   if (a.method == Method::kFull && a.full_weights.empty()) throw InputError(origin + ": method full but no base weights stored");
+  if (fs::is_directory(path, ec) && fs::exists(path / kInitialHeadName, ec)) read_initial_head(a, path / kInitialHeadName);
   return a;
 }
 

@@ -81,6 +81,14 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
                               std::to_string(options.strength));
     }
   }
+  // WiSE-FT: a head that started from zero-shot moves from there by the same strength (strength 0: the zero-shot
+  // classifier); a randomly initialised one has no such start and stays as trained.
+  at::Tensor head_weight = adapter.head_weight, head_bias = adapter.head_bias;
+  if (adapter.initial_head_weight.defined() && options.strength != 1.0 && !options.features_only) {
+    head_weight = adapter.initial_head_weight + (adapter.head_weight - adapter.initial_head_weight) * options.strength;
+    head_bias = adapter.initial_head_bias + (adapter.head_bias - adapter.initial_head_bias) * options.strength;
+    report.merged.push_back("head interpolated from its zero-shot start at strength " + std::to_string(options.strength));
+  }
 
   // The check: the file as written against the unmerged model on a seeded probe batch, before it replaces `output`.
   Model adapted(load_bundle(base_path));
@@ -108,6 +116,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
         for (const auto& p : module.named_parameters())
           p.value.copy_(originals[p.name] + (p.value - originals[p.name]) * options.strength);
       }
+      if (!options.features_only) adapted.set_head(head_weight, head_bias);
     }
     expected = options.features_only ? adapted.features(probe) : adapted.logits(probe);
   }
@@ -133,7 +142,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     info.classes = adapter.classes;
     info.blocks = info.blocks.empty() ? "" : "backbone." + info.blocks;
     info.module_prefix = "backbone." + info.module_prefix;
-    auto classifier = make_classifier(fresh.module, adapter.head_weight, adapter.head_bias, adapter.normalize_features);
+    auto classifier = make_classifier(fresh.module, head_weight, head_bias, adapter.normalize_features);
     save_bundle(classifier, info, output, check);
   }
   report.output = output.string();

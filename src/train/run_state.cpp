@@ -88,7 +88,10 @@ std::string Trainer::resume_fingerprint() const {
 
 void Trainer::save_adapter_to(const std::string& name) {
   if (!writes_files()) return;
-  save_adapter(dir_ / name, adapter_from_model(model_, classes_, adapter_training_record()));
+  Adapter adapter = adapter_from_model(model_, classes_, adapter_training_record());
+  adapter.initial_head_weight = initial_head_weight_;
+  adapter.initial_head_bias = initial_head_bias_;
+  save_adapter(dir_ / name, adapter);
 }
 
 void Trainer::append_metrics(const json& line, Progress& p) {

@@ -72,6 +72,10 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
       reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)), threads_(config.threads) {
   optimizer_ = make_optimizer(config, model);
   scaler_ = make_loss_scaler(config, precision);
+  if (config.head.init == "zero_shot" && model.has_head()) {  // as built, also on resume: before the checkpoint loads
+    initial_head_weight_ = model.head_weight().detach().to(at::kCPU).clone();
+    initial_head_bias_ = model.head_bias().detach().to(at::kCPU).clone();
+  }
 }
 
 Trainer::~Trainer() = default;

@@ -911,6 +911,58 @@ class MobileClip(unittest.TestCase):
         with open(os.path.join(TMP, "zs_merged", "metrics.json")) as f:
             self.assertEqual(json.load(f)["top1"], 1.0, "the merged cosine classifier normalises features too")
 
+    def test_wise_ft_moves_the_head_from_its_zero_shot_start(self):
+        """merge --strength s interpolates adapters and the head from where training started: at 0 the merged file is
+        the zero-shot classifier (eval --zero-shot computes it anew from the text encoder), at 1 the adapted model;
+        a randomly initialised head has no start to move from and stays as trained."""
+        def metrics(name, *model_args):
+            out = os.path.join(TMP, "wise_" + name)
+            code, _, err = run("eval", *model_args, "--data", val, "--output", out)
+            self.assertEqual(code, 0, err)
+            with open(os.path.join(out, "metrics.json")) as f:
+                return json.load(f)
+        # The toy photos, where the fixture's zero-shot classifier is unsure (the colour photos would give loss 0).
+        train, val = os.path.join(IMAGES, "toy", "train"), os.path.join(IMAGES, "toy", "val")
+        cfg, out = write_config("wise_train", model=self.IMAGE, data={"train": train, "val": val},
+                                head={"init": "zero_shot"}, epochs=2, batch_size=4, optim={"lr": 0.05})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.exists(os.path.join(out, "adapter", "initial_head.safetensors")))
+        zero_shot = metrics("zero_shot", "--model", self.IMAGE, "--zero-shot")
+        adapted = metrics("adapted", "--model", self.IMAGE, "--adapter", os.path.join(out, "adapter"))
+        self.assertGreater(abs(adapted["loss"] - zero_shot["loss"]), 1e-3, "training moved the model")
+        merged = {}
+        for strength in ("0", "0.5", "1"):
+            path = os.path.join(TMP, f"wise_{strength}.pt")
+            code, stdout, err = run("merge", "--base", self.IMAGE, "--adapter", os.path.join(out, "adapter"), "--output",
+                                    path, "--strength", strength)
+            self.assertEqual(code, 0, err)
+            merged[strength] = metrics("merged_" + strength, "--model", path)
+        self.assertAlmostEqual(merged["0"]["loss"], zero_shot["loss"], delta=1e-5 * max(1.0, zero_shot["loss"]))
+        self.assertAlmostEqual(merged["1"]["loss"], adapted["loss"], delta=1e-5 * max(1.0, adapted["loss"]))
+        self.assertGreater(min(abs(merged["0.5"]["loss"] - merged["0"]["loss"]),
+                               abs(merged["0.5"]["loss"] - merged["1"]["loss"])), 1e-4)
+        # A damaged start is named, not used.
+        damaged = os.path.join(TMP, "wise_damaged")
+        shutil.copytree(os.path.join(out, "adapter"), damaged)
+        with open(os.path.join(damaged, "initial_head.safetensors"), "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"\x7f\x7f\x7f")
+        code, _, err = run("merge", "--base", self.IMAGE, "--adapter", damaged, "--output", os.path.join(TMP, "wise_d.pt"),
+                           "--strength", "0.5")
+        self.assertEqual(code, 3, err)
+        self.assertIn("initial_head.safetensors is damaged", err)
+        self.assertFalse(os.path.exists(os.path.join(TMP, "wise_d.pt")))
+        # The same run with a random head: strength 0 keeps the trained head on the base weights.
+        cfg, out = write_config("wise_random_head", model=self.IMAGE, data={"train": train, "val": val},
+                                epochs=1, batch_size=4, optim={"lr": 0.05})
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        self.assertFalse(os.path.exists(os.path.join(out, "adapter", "initial_head.safetensors")))
+        path = os.path.join(TMP, "wise_random_0.pt")
+        self.assertEqual(run("merge", "--base", self.IMAGE, "--adapter", os.path.join(out, "adapter"), "--output", path,
+                             "--strength", "0")[0], 0)
+        self.assertNotAlmostEqual(metrics("random_0", "--model", path)["loss"], zero_shot["loss"], delta=1e-3)
+
 
 if __name__ == "__main__":
     result = unittest.main(argv=[sys.argv[0], "-v", *sys.argv[3:]], exit=False).result

@@ -18,7 +18,9 @@ import tempfile
 import time
 import unittest
 
+import numpy as np
 import torch
+from PIL import Image
 
 BIN, FIX, UPSTREAM = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
 if not os.path.isdir(os.path.join(UPSTREAM, "timm")):
@@ -439,6 +441,54 @@ class OpenClipMobileCLIP(unittest.TestCase, Pipeline):
         self.assertNotIn("Traceback", p.stderr)
         self.assertIn("loratune import", p.stderr.strip().splitlines()[-1])
         self.assertFalse(os.path.exists(os.path.join(TMP, "vit_b_32_image.pt")))
+
+
+class OpenClipZeroShot(unittest.TestCase):
+    def test_zero_shot_eval_equals_open_clip(self):
+        """`eval --zero-shot` on a MobileCLIP2-S0 export equals open_clip's own zero-shot classifier: open_clip's
+        tokenizer on the same prompts (loratune's templates; a Korean class name too), its encode_text / encode_image,
+        the exported logit scale and the release's preprocessing, on photos already at the input size (so that no
+        resampling differs)."""
+        sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+        from make_mobileclip_fixtures import TEMPLATES  # loratune's default_templates()
+        name = "MobileCLIP2-S0"
+        checkpoint = open_clip_checkpoint(name, 256)
+        prefix = os.path.join(TMP, "zero_shot_s0")
+        run(sys.executable, os.path.join(EXPORT, "open_clip_mobileclip.py"), "--model", name, "--checkpoint", checkpoint,
+            "--output", prefix)
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=checkpoint)
+        model.eval()
+        folder = os.path.join(TMP, "zero_shot_photos")
+        source = os.path.join(photos(), "train")
+        classes = sorted(os.listdir(source))
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            os.makedirs(os.path.join(folder, cls))
+            for fn in sorted(os.listdir(os.path.join(source, cls))):
+                image = Image.open(os.path.join(source, cls, fn)).convert("RGB").resize((256, 256), Image.BILINEAR)
+                image.save(os.path.join(folder, cls, os.path.splitext(fn)[0] + ".png"))
+                images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+                labels.append(label)
+        out = os.path.join(TMP, "zero_shot_s0_eval")
+        run(BIN, "eval", "--model", prefix + "_image.pt", "--zero-shot", "--data", folder, "--output", out)
+        with open(os.path.join(out, "metrics.json")) as f:
+            got = json.load(f)
+        meta = read_bundle_metadata(prefix + "_image.pt")
+        tokenizer = open_clip.get_tokenizer(name)
+        with torch.no_grad():
+            heads = []
+            for cls in classes:
+                prompts = [t.format(cls.replace("_", " ")) for t in TEMPLATES]
+                text = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+                heads.append(torch.nn.functional.normalize(text.mean(0), dim=-1))
+            head = meta["logit_scale"] * torch.stack(heads)
+            x = (torch.stack(images) - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+            logits = torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ head.t()
+            loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels)))
+        self.assertTrue(any(not c.isascii() for c in classes), "a Korean class name goes through both tokenizers")
+        self.assertGreater(float(logits.std()), 1e-3, "the logits depend on image and class")
+        self.assertAlmostEqual(got["loss"], loss, delta=1e-4 * max(1.0, loss))
+        self.assertAlmostEqual(got["top1"], int((logits.argmax(1) == torch.tensor(labels)).sum()) / len(labels), delta=1e-9)
 
 
 def read_bundle_metadata(path):
