@@ -17,7 +17,6 @@ Preprocessing is the release's (open_clip's pretrained config of the model): res
 normalise (mean 0 / std 1 for S0, S2, B; OpenAI CLIP's for S3, S4, L-14).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -120,10 +119,9 @@ def create(open_clip, args):
         if not os.path.isfile(config):
             raise SystemExit(f"error: {args.checkpoint} has no open_clip_config.json; give the folder as published "
                              "(e.g. MobileCLIP2-S2-OpenCLIP) or a weights file with --model")
-        with open(config, encoding="utf-8") as f:
-            name = args.model or json.load(f).get("model_cfg", {}).get("name") or os.path.basename(os.path.normpath(args.checkpoint))
+        folder = os.path.basename(os.path.normpath(args.checkpoint))
         model, _, transforms = open_clip.create_model_and_transforms("local-dir:" + os.path.abspath(args.checkpoint))
-        return model, transforms, name, os.path.basename(os.path.normpath(args.checkpoint))
+        return model, transforms, args.model or folder, folder
     if not args.model:
         raise SystemExit("error: --model is needed with a weights file or --random-init (e.g. --model MobileCLIP2-S2)")
     if args.model not in open_clip.list_models():
