@@ -8,6 +8,9 @@
     PEFT with the same logits.
  3. 12 GB emulation: the largest batch that trains (fp16, checkpointing) for ViT-B/16, ViT-L/16 and ViT-H/14 with the
     process capped at 12 GiB of CUDA memory.
+ 4. MobileCLIP2-S2's image tower (open_clip + timm, random init, exported by scripts/export/open_clip_mobileclip.py):
+    loratune against the same tower in PyTorch eager with LoRA r8 alpha 16 on the q and v rows of each fused qkv
+    (what PEFT cannot target), batch 32 at 256 px, fp16 autocast with loss scaling, AdamW.
 
 usage: bench_peft.py --bench build-gpu/bin/loratune_bench --work DIR --out DIR
 """
@@ -170,6 +173,94 @@ def interop(bench, work, lines):
                  f"logits up to {expected.abs().max():.2f}")
 
 
+class QVLoRA(torch.nn.Module):
+    """LoRA on the q and v rows of a fused qkv Linear: qkv(x) + s * [B_q A_q x, 0, B_v A_v x] (PEFT's initialisation:
+    A Kaiming-uniform, B zero)."""
+
+    def __init__(self, qkv, rank=8, alpha=16.0):
+        super().__init__()
+        self.qkv, self.scale, c = qkv, alpha / rank, qkv.in_features
+        self.a = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(rank, c)) for _ in range(2)])
+        self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(c, rank)) for _ in range(2)])
+        for a in self.a:
+            torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+
+    def forward(self, x):
+        q, v = ((x @ a.t()) @ b.t() * self.scale for a, b in zip(self.a, self.b))
+        return self.qkv(x) + torch.cat([q, torch.zeros_like(q), v], -1)
+
+
+def qv_lora_tower(model_name, device):
+    """open_clip's image tower, reparameterised as the export does, frozen, with QVLoRA on every fused qkv and a
+    10-class head: (tower, head, trainable tensors, input size)."""
+    import open_clip
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, pretrained=None)
+    visual = reparameterize_model(model.visual.eval(), inplace=True).to(device)
+    visual.requires_grad_(False)
+    for name, module in list(visual.named_modules()):
+        if name.endswith("qkv") and isinstance(module, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(visual.get_submodule(parent), child, QVLoRA(module).to(device))
+    head = torch.nn.Linear(open_clip.get_model_config(model_name)["embed_dim"], 10).to(device)
+    trainable = [p for p in list(visual.parameters()) + list(head.parameters()) if p.requires_grad]
+    return visual, head, trainable, open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+
+
+def eager_qv_lora_step(model_name, batch, steps=30):
+    """Images/s and peak memory of qv_lora_tower's training step in eager PyTorch (no checkpointing)."""
+    torch.cuda.empty_cache()
+    visual, head, trainable, size = qv_lora_tower(model_name, "cuda")
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    y = torch.arange(batch, device="cuda") % 10
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(head(visual(x)).float(), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"images_per_s": batch / statistics.median(times[steps // 3:]),
+            "device_peak_allocated": torch.cuda.max_memory_allocated(), "trainable": sum(p.numel() for p in trainable)}
+
+
+def mobileclip2(bench, work, lines, raw, model_name="MobileCLIP2-S2"):
+    prefix = os.path.join(work, "mobileclip2_s2")
+    if not os.path.exists(prefix + "_image.pt"):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export", "open_clip_mobileclip.py"), "--model",
+                            model_name, "--random-init", "--output", prefix], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"export: {p.stderr.strip()[-600:]}")
+    runs = {"eager": [], "loratune, checkpointing off": [], "loratune, checkpointing on": []}
+    for _ in range(2):  # interleaved
+        runs["eager"].append(eager_qv_lora_step(model_name, 32))
+        runs["loratune, checkpointing off"].append(loratune_step(bench, prefix + "_image.pt", 32, False))
+        runs["loratune, checkpointing on"].append(loratune_step(bench, prefix + "_image.pt", 32, True))
+    raw["mobileclip2_s2"] = runs
+    lines.extend(["| run | images/s | vs eager | peak allocated | vs eager |", "|---|---|---|---|---|"])
+    ei = statistics.median(x["images_per_s"] for x in runs["eager"])
+    em = max(x["device_peak_allocated"] for x in runs["eager"])
+    for who, rs in runs.items():
+        if not all(rs):
+            lines.append(f"| {who} | failed | | | |")
+            continue
+        i = statistics.median(x["images_per_s"] for x in rs)
+        m = max(x["device_peak_allocated"] for x in rs)
+        lines.append(f"| {who} | {i:.1f} | {i / ei:.2f} | {m / 2**30:.2f} GiB | {m / em:.2f} |")
+
+
 def largest_batch(bench, bundle, limit_gb=12):
     p = subprocess.run([bench, "maxbatch", f"model={bundle}", "precision=fp16", "checkpoint=1", "threads=8"],
                        capture_output=True, text=True, env={**os.environ, "LORATUNE_CUDA_MEMORY_GB": str(limit_gb)})
@@ -183,7 +274,7 @@ def main():
     p.add_argument("--bench", required=True)
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", default="speed,interop,capped", help="comma-separated parts to run")
+    p.add_argument("--parts", default="speed,interop,capped,mobileclip2", help="comma-separated parts to run")
     p.add_argument("--budget-s", type=float, default=400, help="parts not started by then are skipped")
     a = p.parse_args()
     os.makedirs(a.work, exist_ok=True)
@@ -268,6 +359,9 @@ def main():
         section("PEFT interop (ViT-B/16, r8 q/v, same base weights)", lambda: interop(a.bench, a.work, lines))
     if "capped" in parts:
         section("Largest batch that trains in 12 GiB (loratune, LoRA r8 q/v, fp16, checkpointing)", capped)
+    if "mobileclip2" in parts:
+        section("MobileCLIP2-S2 image tower, LoRA r8 q/v, batch 32 at 256 px, fp16 + loss scaling, AdamW",
+                lambda: mobileclip2(a.bench, a.work, lines, raw))
     with open(os.path.join(a.out, "gpu_benchmark.json"), "w") as f:
         json.dump(raw, f, indent=1)
 

@@ -4,7 +4,7 @@
 # Builds the core library, the C++ tests and the benchmark app against pip torch's LibTorch (no OpenCV there), runs
 # the CUDA tests, the PEFT benchmark, then the CPU test suites on LibTorch 2.x, and writes logs and tables to $OUT
 # (or ./gpu-out) as it goes. Each step is bounded; the whole run takes about 7 minutes on 16 cores.
-# BENCH_PARTS (speed,interop,capped) and CPU_SUITES (core merge training; empty: none) choose what runs.
+# BENCH_PARTS (speed,interop,capped,mobileclip2) and CPU_SUITES (core merge training; empty: none) choose what runs.
 # DRY_RUN=1 runs the same steps on a CPU machine (tests skip, Python parts that need CUDA/PEFT say so).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,8 +42,9 @@ if [ -z "${SKIP_IMPORT_CHECK:-}" ]; then
   echo "import check: exit $? after $(elapsed)"; cat "$OUT/import.log" | tail -12
 fi
 
-timeout 280 $PY scripts/gpu/bench_peft.py --bench build-gpu/bin/loratune_bench --work build-gpu/bench --out "$OUT" \
-  --budget-s 190 --parts "${BENCH_PARTS:-speed,interop,capped}" > "$OUT/bench.log" 2>&1
+PYTHONPATH="$PWD/.gpu/python${PYTHONPATH:+:$PYTHONPATH}" timeout 280 $PY scripts/gpu/bench_peft.py \
+  --bench build-gpu/bin/loratune_bench --work build-gpu/bench --out "$OUT" --budget-s 190 \
+  --parts "${BENCH_PARTS:-speed,interop,capped,mobileclip2}" > "$OUT/bench.log" 2>&1
 echo "benchmark: exit $? after $(elapsed)"; cat "$OUT/gpu_benchmark.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 
 # The CPU suites on LibTorch 2.x, while time is left (each bounded); a crash gets a backtrace from cuda-gdb.
