@@ -38,10 +38,11 @@ with open(os.path.join(SITE, "sitecustomize.py"), "w") as f:
     f.write("import open_clip_torch113\n")
 PATHS = [SITE, os.path.join(UPSTREAM, "timm"), os.path.join(UPSTREAM, "ml-mobileclip"),
          os.path.join(UPSTREAM, "open_clip", "src"), os.path.join(UPSTREAM, "torch113_standins")]
-sys.path[:0] = PATHS + [HERE]
+sys.path[:0] = PATHS + [HERE, EXPORT]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(PATHS))
 
 import open_clip_torch113  # noqa: E402,F401
+import loratune_export  # noqa: E402
 import mobileclip  # noqa: E402
 import open_clip  # noqa: E402
 import safetensors_lite  # noqa: E402
@@ -395,7 +396,7 @@ class OpenClipMobileCLIP(unittest.TestCase, Pipeline):
                     checkpoint, "--output", prefix)
                 reference, _, _ = open_clip.create_model_and_transforms(name, pretrained=checkpoint)
                 reference.eval()
-                meta = read_bundle_metadata(prefix + "_image.pt")
+                meta = loratune_export.read_metadata(prefix + "_image.pt")
                 release = open_clip.get_pretrained_cfg(name, open_clip.list_pretrained_tags_by_model(name)[0])
                 self.assertEqual((meta["image_size"], meta["resize_size"], meta["interpolation"]),
                                  (size, size, release["interpolation"]))
@@ -431,7 +432,7 @@ class OpenClipMobileCLIP(unittest.TestCase, Pipeline):
         out = run(sys.executable, os.path.join(EXPORT, "open_clip_mobileclip.py"), "--checkpoint", folder,
                   "--output", prefix)
         self.assertIn("MobileCLIP2-S0-OpenCLIP", out)
-        meta = read_bundle_metadata(prefix + "_image.pt")
+        meta = loratune_export.read_metadata(prefix + "_image.pt")
         self.assertEqual((meta["mean"], meta["interpolation"]), ([0.0, 0.0, 0.0], "bilinear"))
         self.check_bundle(prefix + "_image.pt", model.eval().encode_image, 256, tol=2e-4)
         p = subprocess.run([sys.executable, os.path.join(EXPORT, "open_clip_mobileclip.py"), "--model", "ViT-B-32",
@@ -473,7 +474,7 @@ class OpenClipZeroShot(unittest.TestCase):
         run(BIN, "eval", "--model", prefix + "_image.pt", "--zero-shot", "--data", folder, "--output", out)
         with open(os.path.join(out, "metrics.json")) as f:
             got = json.load(f)
-        meta = read_bundle_metadata(prefix + "_image.pt")
+        meta = loratune_export.read_metadata(prefix + "_image.pt")
         tokenizer = open_clip.get_tokenizer(name)
         with torch.no_grad():
             heads = []
@@ -490,11 +491,6 @@ class OpenClipZeroShot(unittest.TestCase):
         self.assertAlmostEqual(got["loss"], loss, delta=1e-4 * max(1.0, loss))
         self.assertAlmostEqual(got["top1"], int((logits.argmax(1) == torch.tensor(labels)).sum()) / len(labels), delta=1e-9)
 
-
-def read_bundle_metadata(path):
-    files = {"loratune.json": ""}
-    torch.jit.load(path, _extra_files=files)
-    return json.loads(files["loratune.json"])
 
 
 if __name__ == "__main__":
