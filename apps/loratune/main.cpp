@@ -72,7 +72,8 @@ int main(int argc, char** argv) {
   e->add_option("-m,--model", eval.model, "backbone bundle (with --adapter) or merged classifier")->required();
   e->add_option("-a,--adapter", eval.adapter, "adapter folder or .safetensors from loratune train");
   e->add_option("-d,--data", eval.data, "held-out photo folder: one subfolder per class")->required();
-  e->add_flag("--zero-shot", eval.zero_shot, "classify with a CLIP text encoder's class embeddings (no adapter)");
+  e->add_flag("--zero-shot", eval.zero_shot, "classify with a CLIP text encoder's class embeddings of this folder's "
+              "classes; with --adapter the adapted towers (the text tower too when trained with loss contrastive)");
   e->add_option("--text-model", eval.text_model, "zero-shot: text encoder bundle (default: the one the model names)");
   e->add_option("--class-names", eval.class_names, "zero-shot: JSON file {\"folder\": \"name\" or [names]}");
   e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
@@ -104,6 +105,8 @@ int main(int argc, char** argv) {
   m->add_option("-s,--strength", merge.strength, "0..1: share of the weight update kept; a head trained from zero-shot moves by the same share (WiSE-FT: 0 is the zero-shot model)")
       ->capture_default_str();
   m->add_flag("--features-only", merge.features_only, "write a backbone bundle (images -> features) instead of a classifier");
+  m->add_option("--text-model", merge.text_model, "an adapter trained with loss contrastive: the text tower it adapted "
+                "(default: the one the base names); its merged copy is written as <output>_text.pt");
   m->add_option("--threads", merge.threads, kThreadsHelp)->capture_default_str();
   m->footer(footer(
       "  loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output vit_base_photos.pt\n"

@@ -26,6 +26,13 @@ struct Adapter {
   LoraSettings lora;            // as trained
   // Module paths here are those of the original Python model (the bundle's module_prefix removed).
   std::vector<LoraTarget> targets;
+  // LoRA on a CLIP text tower trained alongside (loss contrastive), by the text model's module paths: in the same
+  // file, marked "tower": "text" in the metadata's target list. PEFT files carry no marks: route_text_targets().
+  std::vector<LoraTarget> text_targets;
+  std::string text_base_fingerprint, text_base_name;
+  // The class prompts a text-derived head was made from: {"templates": [...], "names": {"class": [names]}}, or null.
+  // `merge` remakes the head with them from the merged text tower.
+  nlohmann::json prompts;
   at::Tensor head_weight, head_bias;  // [classes, features], [classes]
   bool normalize_features = false;    // cosine head on L2-normalised features (zero-shot initialised)
   // The zero-shot head training started from (head.init zero_shot), or undefined: `merge --strength` interpolates

@@ -20,7 +20,17 @@ void check_adapter_base(const Adapter& adapter, const Bundle& bundle, const std:
 // The adapter's targets with bundle paths and row ranges, checked against the model's weights.
 std::vector<LoraTarget> bind_targets(const Adapter& adapter, const Bundle& bundle, const std::string& adapter_origin);
 
-// Puts the adapter onto the model: LoRA tensors, head and (method full) base weights.
+// The adapter's text-tower targets bound to `text`, which must be the text tower it was trained with.
+std::vector<LoraTarget> bind_text_targets(const Adapter& adapter, const Bundle& text, const std::string& adapter_origin);
+
+// For adapter files without tower marks (PEFT's, of a whole CLIP model): moves the targets that `image` lacks and
+// `text` has to adapter.text_targets.
+void route_text_targets(Adapter& adapter, const Bundle& image, const Bundle& text);
+// Whether some of adapter.targets are not modules of `image` (text-tower targets of a PEFT file, or another base).
+bool has_targets_outside(const Adapter& adapter, const Bundle& image);
+
+// Puts the adapter onto the model: LoRA tensors, head and (method full) base weights; the text adapters too when the
+// model has its text tower (else they are already in the head they made).
 void apply_adapter(Model& model, const Adapter& adapter, const std::string& adapter_origin);
 
 // Maps a module path of the bundle to the original model's path and back.

@@ -60,6 +60,12 @@ struct Bundle {
 // Throws InputError with a fix for files that are not bundles or cannot be trained.
 Bundle load_bundle(const std::filesystem::path& path);
 
+// The text encoder an image bundle names in its metadata ("text_model", relative to the image bundle); InputError
+// when it names none.
+std::filesystem::path text_model_for(const Bundle& image_bundle);
+// What to load for a text tower given as a text bundle or a CLIP checkpoint folder (its text tower).
+std::filesystem::path text_tower_path(const std::filesystem::path& given);
+
 // Saves `module` with `info` (and `extra_files`) inside the archive, atomically. `check(temporary_file)`, when given,
 // runs on the file as written before it replaces `path`; if it throws, `path` is left as it was.
 void save_bundle(torch::jit::Module& module, const BundleInfo& info, const std::filesystem::path& path,

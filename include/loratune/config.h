@@ -71,6 +71,7 @@ struct TrainConfig {
   int64_t grad_accum_steps = 1;
   int64_t epochs = 10;
   int64_t max_steps = -1;         // optimiser steps; < 0: from epochs
+  std::string loss = "cross_entropy";  // cross_entropy | contrastive (both towers, see trainer.h)
   double label_smoothing = 0.0;
   std::string precision = "auto";
   std::string frozen_dtype = "auto";  // auto | fp32 | compute

@@ -20,6 +20,7 @@ struct LoraSettings {
   // followed by ":q,v" to adapt only those slices of a fused q/k/v weight. Empty: the query and value projections
   // of every attention block, whichever layout the model uses.
   std::vector<std::string> targets;
+  std::vector<std::string> text_targets;  // the same for a CLIP text tower trained alongside (loss contrastive)
   std::map<std::string, int64_t> rank_pattern;  // pattern -> rank, overriding `rank`
   std::map<std::string, double> alpha_pattern;  // pattern -> alpha, overriding `alpha`
   int64_t last_blocks = -1;  // adapt only the targets inside the last N transformer blocks; < 0: all blocks

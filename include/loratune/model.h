@@ -41,6 +41,17 @@ class Model {
   // For the user: one line saying where the settings' dropout does not apply, or "".
   std::string dropout_note() const;
 
+  // CLIP's text tower, trained alongside the image tower (loss contrastive): tokens [N, context] -> embeddings
+  // [N, D]. Its adapters are text_adapters(); they join trainable(), to() and set_training() with the image's.
+  void set_text_tower(Bundle text);
+  bool has_text_tower() const { return text_ != nullptr; }
+  const Bundle& text_bundle() const;
+  // After set_adapters (the settings are shared). Their tensor names must differ from the image adapters'.
+  void set_text_adapters(std::vector<LoraTarget> targets);
+  const std::vector<LoraTarget>& text_adapters() const;
+  // With `checkpoint`, the tower is one recomputed segment: only the tokens are kept for backward.
+  at::Tensor text_features(const at::Tensor& tokens, bool checkpoint = false);
+
   // Classification head: logits = features @ W^T + b.
   void init_head(int64_t num_classes);  // nn.Linear's default initialisation, global generator
   void set_head(at::Tensor weight, at::Tensor bias);
@@ -50,6 +61,9 @@ class Model {
   bool normalize_features() const { return normalize_features_; }
   const at::Tensor& head_weight() const { return head_weight_; }
   const at::Tensor& head_bias() const { return head_bias_; }
+  // Whether the head trains (in trainable()); not where the text tower gives it (loss contrastive).
+  void set_head_trainable(bool on);
+  bool head_trainable() const { return head_trainable_; }
 
   // Which tensors train; the rest of the base gets requires_grad = false.
   void set_method(Method method);
@@ -75,6 +89,7 @@ class Model {
   int64_t frozen_prefix_blocks() const { return prefix_blocks_; }
   at::Tensor prefix(const at::Tensor& images);
   at::Tensor logits_from_prefix(const at::Tensor& prefix_output, bool checkpoint = false);
+  at::Tensor features_from_prefix(const at::Tensor& prefix_output, bool checkpoint = false);
 
   // For memory planning: blocks that train (after the frozen prefix), and the bytes per image of a block's output
   // for `images` (run without gradients).
@@ -86,6 +101,7 @@ class Model {
 
  private:
   void refresh_block_parameters();
+  struct TextTower;
 
   Bundle bundle_;
   std::unique_ptr<AdapterHost> host_;  // the graph rewrite (src/lora/adapter_host.h)
@@ -93,6 +109,8 @@ class Model {
   LoraSettings lora_settings_;
   at::Tensor head_weight_, head_bias_;
   bool normalize_features_ = false;
+  bool head_trainable_ = true;
+  std::unique_ptr<TextTower> text_;
   Method method_ = Method::kLora;
   c10::Device device_{c10::kCPU};
   std::vector<torch::jit::Module> blocks_;
@@ -100,7 +118,6 @@ class Model {
   std::vector<bool> block_grad_dependent_;  // see has_grad_mode_dependent_kernels
   std::vector<std::vector<at::Tensor>> block_parameters_;  // trainable tensors inside each block
   int64_t prefix_blocks_ = 0;                               // leading blocks with nothing to train
-  at::Tensor features_from_prefix(const at::Tensor& hidden, bool checkpoint);
   at::Tensor classify(const at::Tensor& features);
 };
 

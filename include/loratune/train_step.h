@@ -18,6 +18,13 @@ namespace loratune {
 double backward_micro_batch(const at::Tensor& logits, const at::Tensor& labels, double share, const LossScaler& scaler,
                             double label_smoothing = 0.0);
 
+// Backward of `loss` divided by `share` (as above) and scaled by `scaler`. Returns loss / share.
+double backward_loss(const at::Tensor& loss, double share, const LossScaler& scaler);
+
+// CLIP's symmetric contrastive loss on paired rows: image i's positive is text i and the other texts are its
+// negatives, and the same for each text; features are L2-normalised, logits = logit_scale * cosine. Computed in fp32.
+at::Tensor contrastive_loss(const at::Tensor& image_features, const at::Tensor& text_features, double logit_scale);
+
 struct StepOutcome {
   bool applied = false;      // false: inf/NaN in the gradients or the loss, the update was skipped
   double grad_norm = 0.0;    // before clipping; NaN when skipped

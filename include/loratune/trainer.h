@@ -1,5 +1,9 @@
 // The training loop: micro-batches with gradient accumulation, mixed precision with loss scaling, gradient
 // checkpointing, AdamW with warm-up + cosine, validation, best/last adapters, checkpoints that resume exactly.
+// loss contrastive (FLYP): each image is paired with one prompt of its class (drawn per image and step from the
+// class's names x templates, reproducibly); CLIP's symmetric loss over each micro-batch, its other pairs the
+// negatives (a micro-batch is its own set: accumulation and data-parallel shares add losses, not negatives).
+// Validation and saved adapters score classes by the adapted text tower's class embeddings.
 #pragma once
 
 #include <atomic>
@@ -19,6 +23,7 @@
 #include "loratune/model.h"
 #include "loratune/process_group.h"
 #include "loratune/threads.h"
+#include "loratune/training_setup.h"
 
 namespace loratune {
 
@@ -80,6 +85,10 @@ struct TrainerHooks {
   // Data-parallel workers (one Trainer per process, each reading its share of every batch): gradients are summed
   // once per optimiser step, validation metrics over all shares, and only rank 0 writes files.
   ProcessGroup* data_parallel = nullptr;
+  // loss contrastive (loratune_text, zero_shot.h): the class prompts (class_prompt_maker()) and the head from the
+  // adapted text tower for validation and saved adapters (zero_shot_head_initializer()).
+  ClassPromptMaker class_prompts;
+  ZeroShotHeadInit text_head;
 };
 
 // Refuses to start over a run (its checkpoint exists) or to resume nothing: InputError saying what to do.
@@ -165,7 +174,11 @@ class Trainer {
   // The optimiser steps of one epoch from p.step_in_epoch on, with metric lines, checkpoints and stop requests.
   void train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput);
   // Forward and backward over one optimiser step's micro-batches: the step's loss and the images it used.
-  StepResult forward_backward(int64_t micro_batches, int64_t step_images);
+  StepResult forward_backward(int64_t micro_batches, int64_t step_images, int64_t step);
+  // loss contrastive: the symmetric CLIP loss of one micro-batch and its prompts, unscaled.
+  at::Tensor contrastive_loss_of(const Batch& batch, int64_t step);
+  // loss contrastive: the head from the text tower as adapted now, if training changed it since the last time.
+  void refresh_text_head();
   // RuntimeFailure when too many steps in a row were skipped for inf/NaN gradients.
   void stop_on_nonfinite_streak(const Progress& p) const;
   // Validation at an epoch's end: the best adapter, the metrics line, early stopping.
@@ -177,6 +190,8 @@ class Trainer {
   bool decide_prefix_cache() const;
   at::Tensor prefix_for(PrefixCache& cache, const Batch& batch);
   at::Tensor forward_logits(const Batch& batch, PrefixCache* cache);
+  at::Tensor forward_features(const Batch& batch, PrefixCache* cache);
+  at::Tensor forward_images(const Batch& batch, PrefixCache* cache, bool logits);
   void save_checkpoint(const Progress& p);
   // The checkpoint's state, every value checked against `schedule`: InputError naming the file and the value.
   Progress load_checkpoint(const Schedule& schedule);
@@ -199,6 +214,9 @@ class Trainer {
   std::vector<NamedTensor> trainable_;
   at::Tensor initial_head_weight_, initial_head_bias_;  // head.init zero_shot: where the head started (WiSE-FT merges)
   bool use_prefix_cache_ = false;
+  bool contrastive_ = false;
+  ClassPrompts prompts_;          // loss contrastive
+  bool text_head_stale_ = false;  // the text adapters changed since the head was made from them
   PrefixCache train_cache_, val_cache_;
   std::shared_ptr<TrainingReporter> reporter_;
   ThreadTuner threads_;

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "loratune/amp.h"
 #include "loratune/batch_source.h"
 #include "loratune/config.h"
@@ -24,8 +26,19 @@ namespace loratune {
 using ZeroShotHeadInit =
     std::function<void(Model& model, const std::vector<std::string>& classes, const HeadConfig& head)>;
 
+// loss contrastive: every prompt of each class as tokens, for the trainer to draw one per image from (loratune_text:
+// class_prompt_maker() in zero_shot.h).
+struct ClassPrompts {
+  std::vector<at::Tensor> tokens;  // per class: [its names x templates, context] int64, on the CPU
+  nlohmann::json record;           // {"templates": [...], "names": {"class": [names]}} (Adapter::prompts)
+};
+using ClassPromptMaker =
+    std::function<ClassPrompts(const Model& model, const std::vector<std::string>& classes, const HeadConfig& head)>;
+
 // The model training starts from: the bundle, the method's trainable tensors, seeded LoRA adapters (method lora)
-// and its head (random, or zero-shot through `zero_shot`), on the CPU. Same config and seed, same tensors.
+// and its head (random, or zero-shot through `zero_shot`), on the CPU. Same config and seed, same tensors. With loss
+// contrastive also the text tower (head.text_model, or the one the bundle names) with its seeded adapters
+// (lora.text_targets), and the head, made from it, does not train.
 // InputError when head.init is zero_shot and `zero_shot` is empty.
 std::unique_ptr<Model> build_training_model(const TrainConfig& config, const std::vector<std::string>& classes,
                                             const ZeroShotHeadInit& zero_shot = {});

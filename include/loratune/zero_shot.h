@@ -4,7 +4,10 @@
 
 #include <torch/script.h>
 
+#include <nlohmann/json.hpp>
+
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -24,14 +27,15 @@ struct TextEncoder {
   int64_t embed_dim = 0;
   double logit_scale = 100.0;
   std::filesystem::path path;
+  c10::Device device{c10::kCPU};  // where `module` is: tokens go there
 };
 
 // Loads a text-encoder bundle (kind "text_encoder") with its tokenizer file inside it (a CLIP checkpoint folder: its
 // text tower).
 TextEncoder load_text_encoder(const std::filesystem::path& path);
 
-// The text encoder an image bundle names in its metadata ("text_model", relative to the image bundle).
-std::filesystem::path text_model_for(const Bundle& image_bundle);
+// The text encoder of a loaded text bundle (sharing its module: adapters on it apply).
+TextEncoder text_encoder_of(const Bundle& text_bundle);
 
 // Prompt templates ("{}" is replaced by a class name).
 const std::vector<std::string>& default_templates();
@@ -40,6 +44,9 @@ const std::vector<std::string>& default_templates();
 // folder name (underscores as spaces).
 std::map<std::string, std::vector<std::string>> class_prompt_names(const std::vector<std::string>& classes,
                                                                    const std::filesystem::path& names_file);
+
+// Each name in each template ("{}" replaced; a template without one gets the name appended).
+std::vector<std::string> fill_templates(const std::vector<std::string>& names, const std::vector<std::string>& templates);
 
 // The zero-shot head: weight [C, D] = logit_scale * normalise(mean over names x templates of normalise(text)),
 // bias 0. Use it on L2-normalised image features.
@@ -53,7 +60,14 @@ std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::v
 void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
                           const std::string& class_names, const std::vector<std::string>& templates);
 
-// head.init zero_shot for build_training_model / prepare_training.
+// head.init zero_shot for build_training_model / prepare_training; with a model that has its text tower (loss
+// contrastive) the head comes from that tower, adapters included.
 ZeroShotHeadInit zero_shot_head_initializer();
+// MergeOptions::text_head: the head from a (merged) text tower file and an adapter's recorded prompts.
+std::function<std::pair<at::Tensor, at::Tensor>(const std::filesystem::path&, const nlohmann::json&,
+                                                const std::vector<std::string>&)>
+prompt_head_maker();
+// The class prompts of loss contrastive (TrainingRunOptions::class_prompts, TrainerHooks::class_prompts).
+ClassPromptMaker class_prompt_maker();
 
 }  // namespace loratune

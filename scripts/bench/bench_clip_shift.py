@@ -5,8 +5,9 @@
    is pretrained here with open_clip's contrastive loss on captioned Fashion-MNIST ("a photo of a sneaker.", ...),
    original rendering (dark background), and saved as an open_clip checkpoint folder: loratune imports it natively.
 2. "Your photos": the same classes rendered differently (line drawings), 100 per class from the training split. Scored on the official test split in both renderings (target and original: forgetting).
-3. Rows, each over --seeds: zero-shot; cross-entropy LoRA from the zero-shot head; and each merged with WiSE-FT
-   strength 0.5 (`merge --strength 0.5`). Validation: 10% of "your photos". Time per step and peak memory come from
+3. Rows, each over --seeds: zero-shot; cross-entropy LoRA from the zero-shot head; contrastive LoRA on both towers
+   (`loss: contrastive`, FLYP: a caption-style prompt of its class per image); and each merged with WiSE-FT
+   strength 0.5 (`merge --strength 0.5`: both towers, and the head made anew from the merged text tower). Validation: 10% of "your photos". Time per step and peak memory come from
    each run's summary.json.
 
 usage: /usr/bin/python3 scripts/bench/bench_clip_shift.py [--work build/bench_clip_shift] [--seeds 0 1 2]
@@ -175,30 +176,34 @@ def main():
         rows["zero-shot"][split].append(
             evaluate(args.binary, work, "zero_shot_" + split, ["--model", model, "--zero-shot"], data[split + "_test"]))
     timing = {}
+    methods = [("ce", "cross-entropy LoRA (zero-shot head)", {}),
+               ("flyp", "contrastive LoRA, both towers (FLYP)", {"loss": "contrastive"})]
     for seed in args.seeds:
-        run_dir = os.path.join(work, f"ce_lora_seed{seed}")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = {"model": model, "data": {"train": data["target_train"], "val": None, "val_fraction": 0.1, "workers": 2},
-                  "head": {"init": "zero_shot"}, "epochs": args.epochs, "batch_size": 32, "precision": "fp32",
-                  "seed": seed, "threads": 2, "optim": {"lr": 1e-3}, "lora": {"rank": 8, "alpha": 16, "dropout": 0.1},
-                  "output_dir": run_dir}
-        with open(run_dir + ".json", "w") as f:
-            json.dump(config, f)
-        run(args.binary, "train", "--config", run_dir + ".json")
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
-        timing.setdefault("cross-entropy LoRA (zero-shot head)", []).append(
-            (config["batch_size"] / summary["train_images_per_second"], summary["peak_memory_bytes"]))
-        merged = os.path.join(work, f"ce_lora_seed{seed}_wise.pt")
-        run(args.binary, "merge", "--base", model, "--adapter", os.path.join(run_dir, "adapter"), "--output", merged,
-            "--strength", "0.5")
-        for split in ("target", "original"):
-            test = data[split + "_test"]
-            rows.setdefault("cross-entropy LoRA (zero-shot head)", {"target": [], "original": []})[split].append(
-                evaluate(args.binary, work, f"ce_{seed}_{split}", ["--model", model, "--adapter",
-                                                                  os.path.join(run_dir, "adapter")], test))
-            rows.setdefault("  + WiSE-FT 0.5", {"target": [], "original": []})[split].append(
-                evaluate(args.binary, work, f"ce_wise_{seed}_{split}", ["--model", merged], test))
+        for key, label, settings in methods:
+            run_dir = os.path.join(work, f"{key}_lora_seed{seed}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            config = {"model": model,
+                      "data": {"train": data["target_train"], "val": None, "val_fraction": 0.1, "workers": 2},
+                      "head": {"init": "zero_shot"}, "epochs": args.epochs, "batch_size": 32, "precision": "fp32",
+                      "seed": seed, "threads": 2, "optim": {"lr": 1e-3},
+                      "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}, "output_dir": run_dir, **settings}
+            with open(run_dir + ".json", "w") as f:
+                json.dump(config, f)
+            run(args.binary, "train", "--config", run_dir + ".json")
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                summary = json.load(f)
+            timing.setdefault(label, []).append(
+                (config["batch_size"] / summary["train_images_per_second"], summary["peak_memory_bytes"]))
+            merged = os.path.join(work, f"{key}_lora_seed{seed}_wise.pt")
+            run(args.binary, "merge", "--base", model, "--adapter", os.path.join(run_dir, "adapter"), "--output",
+                merged, "--strength", "0.5")
+            for split in ("target", "original"):
+                test = data[split + "_test"]
+                rows.setdefault(label, {"target": [], "original": []})[split].append(
+                    evaluate(args.binary, work, f"{key}_{seed}_{split}", ["--model", model, "--adapter",
+                                                                         os.path.join(run_dir, "adapter")], test))
+                rows.setdefault(f"{label} + WiSE-FT 0.5", {"target": [], "original": []})[split].append(
+                    evaluate(args.binary, work, f"{key}_wise_{seed}_{split}", ["--model", merged], test))
 
     def cell(values):
         values = [100 * v for v in values]

@@ -58,6 +58,7 @@ struct MergeCommand {
   std::string base, adapter, output;
   double strength = 1.0;
   bool features_only = false;
+  std::string text_model;  // the text tower of an adapter trained with loss contrastive
   std::string threads = "auto";
 };
 

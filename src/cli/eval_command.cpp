@@ -40,10 +40,16 @@ int run_eval(const EvalCommand& command) {
     const Precision precision = resolve_precision(command.precision, device);
     cli::InferenceModel model;
     if (command.zero_shot) {
-      if (!command.adapter.empty()) throw InputError("--zero-shot evaluates the base model without an adapter; drop --adapter");
       model.adapted = std::make_unique<Model>(load_bundle(command.model));
       model.info = model.adapted->bundle().info;
       model.classes = scan_image_folder(command.data).classes;
+      if (!command.adapter.empty()) {  // the adapted towers; the head comes from the (adapted) text tower
+        const Adapter adapter = load_adapter(command.adapter);
+        const auto& bundle = model.adapted->bundle();
+        model.adapted->set_text_tower(load_bundle(command.text_model.empty() ? text_model_for(bundle)
+                                                                             : text_tower_path(command.text_model)));
+        apply_adapter(*model.adapted, adapter, command.adapter);
+      }
       apply_zero_shot_head(*model.adapted, model.classes, command.text_model, command.class_names, {});
       model.adapted->to(device);
     } else {

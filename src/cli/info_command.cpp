@@ -19,8 +19,9 @@ bool looks_like_adapter(const fs::path& p) {
 void print_adapter(const fs::path& path) {
   const Adapter a = load_adapter(path);
   int64_t params = 0;
-  for (const auto& t : a.targets)
-    for (const auto& tensor : t.tensors) params += tensor.numel();
+  for (const auto* list : {&a.targets, &a.text_targets})
+    for (const auto& t : *list)
+      for (const auto& tensor : t.tensors) params += tensor.numel();
   std::printf("adapter        %s\n", path.c_str());
   std::printf("method         %s\n", method_name(a.method).c_str());
   std::printf("base           %s (fingerprint %s)\n", a.base_name.c_str(),
@@ -31,6 +32,11 @@ void print_adapter(const fs::path& path) {
                 a.targets.size(), a.targets.front().variant->name().c_str(), static_cast<long long>(a.lora.rank),
                 a.lora.alpha, a.lora.rslora ? " (rsLoRA)" : "", a.lora.dropout, human_count(static_cast<double>(params)).c_str());
     for (const auto& t : a.targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
+  }
+  if (!a.text_targets.empty()) {
+    std::printf("text tower     %s (fingerprint %s): LoRA on %zu weights (loss contrastive)\n",
+                a.text_base_name.c_str(), a.text_base_fingerprint.c_str(), a.text_targets.size());
+    for (const auto& t : a.text_targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
   }
   if (!a.full_weights.empty()) std::printf("full weights   %zu tensors\n", a.full_weights.size());
   if (a.head_weight.defined())
@@ -46,7 +52,7 @@ void print_model(const fs::path& path, const InfoCommand& command) {
   const bool text = b.info.kind == "text_encoder";
   std::printf("model          %s\n", path.c_str());
   std::printf("kind           %s (%s)\n", b.info.kind.c_str(),
-              text ? "tokens -> text embeddings; for zero-shot heads, not adapted"
+              text ? "tokens -> text embeddings; zero-shot heads, adapted with loss contrastive"
                    : b.info.kind == "classifier" ? "images -> logits; merged" : "images -> features");
   std::printf("family         %s%s%s\n", b.info.family.c_str(), b.info.architecture.empty() ? "" : " / ",
               b.info.architecture.c_str());

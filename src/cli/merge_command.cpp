@@ -3,6 +3,7 @@
 #include "loratune/errors.h"
 #include "loratune/merge.h"
 #include "loratune/threads.h"
+#include "loratune/zero_shot.h"
 
 namespace loratune {
 
@@ -15,8 +16,13 @@ int run_merge(const MergeCommand& command) {
     MergeOptions options;
     options.strength = command.strength;
     options.features_only = command.features_only;
+    options.text_model = command.text_model;
+    options.text_head = prompt_head_maker();
     const MergeReport r = merge_adapter(command.base, command.adapter, command.output, options);
     for (const auto& line : r.merged) std::printf("merged %s\n", line.c_str());
+    if (!r.text_output.empty())
+      std::printf("wrote %s (text tower, max |merged - adapted| = %.3g on probe tokens)\n", r.text_output.c_str(),
+                  r.text_max_abs_diff);
     std::printf("wrote %s (%s)\n", r.output.c_str(), command.features_only ? "backbone bundle" : "TorchScript classifier");
     std::printf("check on a probe batch: max |merged - adapted| = %.3g %s\n", r.max_abs_diff,
                 r.max_abs_diff < 1e-4 ? "(ok)" : "(LARGER THAN EXPECTED)");

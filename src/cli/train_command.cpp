@@ -62,6 +62,7 @@ int run_train(const TrainCommand& command) {
     options.resume = command.resume;
     options.memory_budget = command.fit_memory.empty() ? 0 : parse_memory_size(command.fit_memory);
     options.zero_shot = zero_shot_head_initializer();
+    options.class_prompts = class_prompt_maker();
     const WorkerEnvironment worker = worker_environment();
     std::unique_ptr<RunFolderLock> lock;
     if (worker.rank == 0) {

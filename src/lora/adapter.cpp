@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
+#include <set>
 
 #include "loratune/adapter_variant.h"
 #include "common/pattern_match.h"
@@ -36,6 +38,7 @@ json settings_json(const LoraSettings& s) {
             {"dropout", s.dropout}, {"rslora", s.rslora},
             {"targets", s.targets}, {"rank_pattern", s.rank_pattern},
             {"alpha_pattern", s.alpha_pattern}};
+  if (!s.text_targets.empty()) j["text_targets"] = s.text_targets;
   if (s.variant != "lora") j["variant"] = s.variant;  // absent: plain LoRA (files from before variants)
   return j;
 }
@@ -109,16 +112,25 @@ void check_finite(const at::Tensor& t, const std::string& origin, const std::str
     throw InputError(origin + ": tensor " + key + " holds NaN or infinite values; the adapter is damaged");
 }
 
+// Both towers' targets: PEFT sees one CLIP model.
+std::vector<const LoraTarget*> all_targets(const Adapter& a) {
+  std::vector<const LoraTarget*> out;
+  for (const auto* list : {&a.targets, &a.text_targets})
+    for (const auto& t : *list) out.push_back(&t);
+  return out;
+}
+
 json peft_config(const Adapter& a) {
   std::set<std::string> names;
-  for (const auto& t : a.targets) {
+  for (const auto* target : all_targets(a)) {
+    const LoraTarget& t = *target;
     const size_t dot = t.module.rfind('.');
     names.insert(dot == std::string::npos ? t.module : t.module.substr(dot + 1));
   }
   json rank_pattern = json::object(), alpha_pattern = json::object();
-  for (const auto& t : a.targets) {
-    if (t.rank != a.lora.rank) rank_pattern[t.module] = t.rank;
-    if (t.alpha != a.lora.alpha) alpha_pattern[t.module] = t.alpha;
+  for (const auto* t : all_targets(a)) {
+    if (t->rank != a.lora.rank) rank_pattern[t->module] = t->rank;
+    if (t->alpha != a.lora.alpha) alpha_pattern[t->module] = t->alpha;
   }
   json config = {{"peft_type", "LORA"},
           {"task_type", nullptr},
@@ -145,23 +157,34 @@ json peft_config(const Adapter& a) {
 void save_adapter(const fs::path& dir, const Adapter& a) {
   safetensors::Tensors tensors;
   json targets = json::array();
-  for (const auto& t : a.targets) {
+  const auto every_target = all_targets(a);
+  for (size_t i = 0; i < every_target.size(); ++i) {
+    const LoraTarget& t = *every_target[i];
     const auto& specs = t.variant->tensor_specs();
-    for (size_t k = 0; k < specs.size(); ++k)
-      tensors[target_key(t, specs[k].name)] = t.tensors.at(k).detach().to(at::kCPU, at::kFloat);
+    for (size_t k = 0; k < specs.size(); ++k) {
+      const std::string key = target_key(t, specs[k].name);
+      if (tensors.count(key)) throw RuntimeFailure("internal: two adapters named " + key);
+      tensors[key] = t.tensors.at(k).detach().to(at::kCPU, at::kFloat);
+    }
     targets.push_back(target_json(t));
+    if (i >= a.targets.size()) targets.back()["tower"] = "text";
   }
   if (a.head_weight.defined()) {
     tensors[std::string(kKeyPrefix) + kHeadModule + ".weight"] = a.head_weight.detach().to(at::kCPU, at::kFloat);
     tensors[std::string(kKeyPrefix) + kHeadModule + ".bias"] = a.head_bias.detach().to(at::kCPU, at::kFloat);
   }
   for (const auto& [name, w] : a.full_weights) tensors[std::string(kKeyPrefix) + name] = w.detach().to(at::kCPU);
-  const json meta = {{"method", method_name(a.method)},     {"lora", settings_json(a.lora)},
+  json meta = {{"method", method_name(a.method)},     {"lora", settings_json(a.lora)},
                      {"targets", targets},     {"classes", a.classes},
                      {"base_fingerprint", a.base_fingerprint}, {"base_name", a.base_name},
                      {"training", a.training}, {"head_module", kHeadModule},
                      {"normalize_features", a.normalize_features},
                      {"full_weights", a.full_weights.size()}};
+  if (!a.text_targets.empty()) {
+    meta["text_base_fingerprint"] = a.text_base_fingerprint;
+    meta["text_base_name"] = a.text_base_name;
+  }
+  if (!a.prompts.is_null()) meta["prompts"] = a.prompts;
   const safetensors::Metadata metadata = {{"format", kAdapterFormat},
                                           {"loratune", meta.dump(-1, ' ', false, json::error_handler_t::replace)},
                                           {"tensors_hash", tensors_hash(tensors)}};
@@ -200,6 +223,10 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     a.lora.rank_pattern = s.at("rank_pattern").get<std::map<std::string, int64_t>>();
     a.lora.alpha_pattern = s.at("alpha_pattern").get<std::map<std::string, double>>();
     a.lora.variant = s.value("variant", "lora");
+    a.lora.text_targets = s.value("text_targets", std::vector<std::string>{});
+    a.text_base_fingerprint = meta.value("text_base_fingerprint", "");
+    a.text_base_name = meta.value("text_base_name", "");
+    if (meta.contains("prompts")) a.prompts = meta.at("prompts");
     a.classes = meta.at("classes").get<std::vector<std::string>>();
     a.base_fingerprint = meta.at("base_fingerprint");
     a.base_name = meta.at("base_name");
@@ -406,6 +433,15 @@ Adapter load_adapter(const fs::path& path) {
     }
     if (a.targets.size() != meta.at("targets").size())
       throw InputError(origin + ": the file holds adapter tensors its metadata does not list");
+    std::set<TargetKey> text;
+    for (const auto& jt : meta.at("targets"))
+      if (jt.contains("tower") && jt.at("tower") == "text")
+        text.insert(TargetKey{jt.at("module").get<std::string>(), jt.at("param").get<std::string>(),
+                              jt.at("slice").get<std::string>()});
+    const auto image_end = std::stable_partition(a.targets.begin(), a.targets.end(),
+                                                 [&](const LoraTarget& t) { return text.count(t) == 0; });
+    std::move(image_end, a.targets.end(), std::back_inserter(a.text_targets));
+    a.targets.erase(image_end, a.targets.end());
   }
   if (a.head_weight.defined() != a.head_bias.defined())
     throw InputError(origin + ": classifier head is incomplete (weight and bias must both be present)");

@@ -4,6 +4,9 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+#include <iterator>
+
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -35,6 +38,17 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
     auto module = model.bundle().module;
     for (const auto& p : module.named_parameters()) a.full_weights[strip_prefix(p.name, prefix)] = p.value.detach().to(at::kCPU);
   }
+  if (model.method() == Method::kLora && model.has_text_tower()) {
+    const Bundle& text = model.text_bundle();
+    for (const auto& t : model.text_adapters()) {
+      LoraTarget c = t;
+      c.module = strip_prefix(t.module, text.info.module_prefix);
+      for (auto& tensor : c.tensors) tensor = tensor.detach().to(at::kCPU);
+      a.text_targets.push_back(std::move(c));
+    }
+    a.text_base_fingerprint = text.fingerprint;
+    a.text_base_name = text.info.name.empty() ? text.path.filename().string() : text.info.name;
+  }
   a.head_weight = model.head_weight().detach().to(at::kCPU);
   a.normalize_features = model.normalize_features();
   a.head_bias = model.head_bias().detach().to(at::kCPU);
@@ -45,9 +59,21 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
   return a;
 }
 
-std::vector<LoraTarget> bind_targets(const Adapter& a, const Bundle& bundle, const std::string& origin) {
+namespace {
+
+bool has_module(const Bundle& bundle, const std::string& path) {
+  try {
+    submodule_at(bundle.module, path);
+    return true;
+  } catch (const InputError&) {
+    return false;
+  }
+}
+
+std::vector<LoraTarget> bind_target_list(const std::vector<LoraTarget>& targets, const Bundle& bundle,
+                                         const std::string& origin) {
   std::vector<LoraTarget> out;
-  for (const auto& t : a.targets) {
+  for (const auto& t : targets) {
     LoraTarget b = t;
     b.module = add_prefix(t.module, bundle.info.module_prefix);
     torch::jit::Module m;
@@ -68,6 +94,34 @@ std::vector<LoraTarget> bind_targets(const Adapter& a, const Bundle& bundle, con
     out.push_back(std::move(b));
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<LoraTarget> bind_targets(const Adapter& a, const Bundle& bundle, const std::string& origin) {
+  return bind_target_list(a.targets, bundle, origin);
+}
+
+std::vector<LoraTarget> bind_text_targets(const Adapter& a, const Bundle& text, const std::string& origin) {
+  if (!a.text_base_fingerprint.empty() && a.text_base_fingerprint != text.fingerprint)
+    throw InputError(origin + " was trained with a different text tower (fingerprint " + a.text_base_fingerprint +
+                     " \"" + a.text_base_name + "\", " + text.path.string() + " has " + text.fingerprint + ")");
+  return bind_target_list(a.text_targets, text, origin);
+}
+
+bool has_targets_outside(const Adapter& a, const Bundle& image) {
+  return std::any_of(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) {
+    return !has_module(image, add_prefix(t.module, image.info.module_prefix));
+  });
+}
+
+void route_text_targets(Adapter& a, const Bundle& image, const Bundle& text) {
+  const auto text_begin = std::stable_partition(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) {
+    return has_module(image, add_prefix(t.module, image.info.module_prefix)) ||
+           !has_module(text, add_prefix(t.module, text.info.module_prefix));
+  });
+  std::move(text_begin, a.targets.end(), std::back_inserter(a.text_targets));
+  a.targets.erase(text_begin, a.targets.end());
 }
 
 void check_adapter_base(const Adapter& a, const Bundle& bundle, const std::string& origin) {
@@ -98,7 +152,9 @@ void check_adapter_base(const Adapter& a, const Bundle& bundle, const std::strin
   }
 }
 
-void apply_adapter(Model& model, const Adapter& a, const std::string& origin) {
+void apply_adapter(Model& model, const Adapter& given, const std::string& origin) {
+  Adapter a = given;
+  if (model.has_text_tower()) route_text_targets(a, model.bundle(), model.text_bundle());
   check_adapter_base(a, model.bundle(), origin);
   if (!a.full_weights.empty()) {
     at::NoGradGuard no_grad;
@@ -110,6 +166,9 @@ void apply_adapter(Model& model, const Adapter& a, const std::string& origin) {
   }
   if (!a.targets.empty()) model.set_adapters(bind_targets(a, model.bundle(), origin), a.lora);
   else model.clear_adapters();
+  // Without the text tower, text adapters live on in the head they made.
+  if (model.has_text_tower() && !a.text_targets.empty())
+    model.set_text_adapters(bind_text_targets(a, model.text_bundle(), origin));
   if (a.head_weight.defined()) model.set_head(a.head_weight, a.head_bias);
   model.set_normalize_features(a.normalize_features);
 }

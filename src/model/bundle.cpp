@@ -262,7 +262,10 @@ Bundle load_bundle(const fs::path& path) {
   if (fs::is_directory(status))
     throw InputError("model " + path.string() + " is a folder without config.json or open_clip_config.json; give a "
                      "bundle file (.pt) or a checkpoint folder");
+  // Text encoders carry their tokenizer's file under one of these names: read with the rest, kept in extra_files.
+  const std::vector<std::string> tokenizer_files{"bpe_merges.txt", "spiece.model"};
   torch::jit::ExtraFilesMap extra{{kBundleMetadataName, ""}};
+  for (const auto& name : tokenizer_files) extra[name] = "";
   Bundle b;
   auto first_line = [](const std::string& text) { return text.substr(0, std::min<size_t>(text.find('\n'), 300)); };
   try {
@@ -273,6 +276,8 @@ Bundle load_bundle(const fs::path& path) {
   } catch (const std::exception& e) {  // the TorchScript parser throws its own error types
     throw InputError(path.string() + " is not a TorchScript file that this LibTorch can load: " + first_line(e.what()));
   }
+  for (const auto& name : tokenizer_files)
+    if (!extra[name].empty()) b.extra_files[name] = extra[name];
   std::string meta = extra[kBundleMetadataName];
   std::string origin = path.string();
   if (meta.empty()) {
@@ -318,6 +323,17 @@ void save_bundle(torch::jit::Module& module, const BundleInfo& info, const fs::p
     }
     if (check) check(tmp);
   });
+}
+
+fs::path text_model_for(const Bundle& image_bundle) {
+  const std::string name = image_bundle.info.extra.value("text_model", "");
+  if (name.empty())
+    throw InputError(image_bundle.path.string() + " names no text encoder; pass one (--text-model or head.text_model)");
+  return text_tower_path(image_bundle.path.parent_path() / name);
+}
+
+fs::path text_tower_path(const fs::path& given) {
+  return is_checkpoint_source(given.string()) ? fs::path(text_tower_source(given.string())) : given;
 }
 
 }  // namespace loratune

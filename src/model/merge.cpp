@@ -3,6 +3,7 @@
 
 #include <ATen/core/grad_mode.h>
 #include <sstream>
+#include <tuple>
 
 #include "loratune/adapter_binding.h"
 #include "common/output_paths.h"
@@ -44,7 +45,59 @@ void refuse_overwriting_inputs(const fs::path& base, const fs::path& adapter, co
   refuse_replacing_other_kind(output, "--output", OutputKind::kTorchScript);
 }
 
+// Folds the adapter's text targets into a fresh load of `text_path`, checks the written file against the adapted
+// tower (strength 1) or the weights merged in memory, and puts it at `output`.
+void merge_text_tower(const Adapter& adapter, const fs::path& base_path, const fs::path& text_path,
+                      const fs::path& output, const MergeOptions& options, const std::string& origin,
+                      MergeReport& report) {
+  Bundle fresh = load_bundle(text_path);
+  if (fresh.info.kind != "text_encoder")
+    throw InputError(text_path.string() + " is not a text encoder bundle; pass the text tower " + origin +
+                     " was trained with (--text-model)");
+  const std::vector<LoraTarget> targets = bind_text_targets(adapter, fresh, origin);
+  const int64_t context = fresh.info.extra.value("context_length", int64_t{77});
+  at::Generator gen = at::detail::createCPUGenerator(options.probe_seed);
+  const at::Tensor probe = at::randint(1, 100, {options.probe_batch, context}, gen, at::kLong);
+  at::Tensor expected;
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& t : targets) {
+      at::Tensor w = submodule_at(fresh.module, t.module).attr(t.param).toTensor();
+      at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
+      rows.copy_(t.variant->merged_rows(t, rows, options.strength).to(w.scalar_type()));
+      report.merged.push_back("text " + t.describe() + " += " + std::to_string(t.scale() * options.strength) + " * B@A");
+    }
+    if (options.strength == 1.0) {
+      Model adapted(load_bundle(base_path));
+      adapted.set_text_tower(load_bundle(text_path));
+      apply_adapter(adapted, adapter, origin);
+      expected = adapted.text_features(probe);
+    } else {
+      expected = fresh.module.forward({probe}).toTensor();  // interpolated weights have no unmerged counterpart
+    }
+  }
+  auto check = [&](const fs::path& written) {
+    at::NoGradGuard no_grad;
+    auto merged = torch::jit::load(written.string());
+    merged.eval();
+    report.text_max_abs_diff = (merged.forward({probe}).toTensor() - expected).abs().max().item<double>();
+    if (!(report.text_max_abs_diff < kMergeTolerance))
+      throw RuntimeFailure("the merged text tower differs from the adapted one by " +
+                           std::to_string(report.text_max_abs_diff) + " on probe tokens (limit " +
+                           std::to_string(kMergeTolerance) + "); " + output.string() + " was not written");
+  };
+  BundleInfo info = fresh.info;
+  info.name = (info.name.empty() ? text_path.filename().string() : info.name) + " + " + fs::path(origin).filename().string();
+  info.extra["merged_into"] = fresh.fingerprint;
+  save_bundle(fresh.module, info, output, check, fresh.extra_files);
+  report.text_output = output.string();
+}
+
 }  // namespace
+
+fs::path merged_text_path(const fs::path& output) {
+  return output.parent_path() / (output.stem().string() + "_text" + output.extension().string());
+}
 
 MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_path, const fs::path& output,
                           const MergeOptions& options) {
@@ -54,12 +107,15 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     throw InputError("merge strength must be between 0 and 1 (got " + got.str() + ")");
   }
   refuse_overwriting_inputs(base_path, adapter_path, output);
-  const Adapter adapter = load_adapter(adapter_path);
+  Adapter adapter = load_adapter(adapter_path);
   const std::string origin = adapter_path.string();
   if (!options.features_only && !adapter.head_weight.defined())
     throw InputError(origin + " has no classification head; merge with --features-only to write a backbone");
 
   Bundle fresh = load_bundle(base_path);
+  auto text_path = [&] { return options.text_model.empty() ? text_model_for(fresh) : text_tower_path(options.text_model); };
+  if (has_targets_outside(adapter, fresh) && (!options.text_model.empty() || fresh.info.extra.contains("text_model")))
+    route_text_targets(adapter, fresh, load_bundle(text_path()));
   check_adapter_base(adapter, fresh, origin);
   MergeReport report;
   {
@@ -81,10 +137,22 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
                               std::to_string(options.strength));
     }
   }
+  // Text targets (loss contrastive): the text tower merged at the same strength, and the head remade from it.
+  at::Tensor head_weight = adapter.head_weight, head_bias = adapter.head_bias;
+  bool head_from_text = false;
+  if (!adapter.text_targets.empty()) {
+    const fs::path text_output = merged_text_path(output);
+    refuse_overwriting_inputs(text_path(), adapter_path, text_output);
+    merge_text_tower(adapter, base_path, text_path(), text_output, options, origin, report);
+    if (options.text_head && !adapter.prompts.is_null() && !options.features_only) {
+      std::tie(head_weight, head_bias) = options.text_head(text_output, adapter.prompts, adapter.classes);
+      head_from_text = true;
+      report.merged.push_back("head made from the merged text tower's class embeddings");
+    }
+  }
   // WiSE-FT: a head that started from zero-shot moves from there by the same strength (strength 0: the zero-shot
   // classifier); a randomly initialised one has no such start and stays as trained.
-  at::Tensor head_weight = adapter.head_weight, head_bias = adapter.head_bias;
-  if (adapter.initial_head_weight.defined() && options.strength != 1.0 && !options.features_only) {
+  if (!head_from_text && adapter.initial_head_weight.defined() && options.strength != 1.0 && !options.features_only) {
     head_weight = adapter.initial_head_weight + (adapter.head_weight - adapter.initial_head_weight) * options.strength;
     head_bias = adapter.initial_head_bias + (adapter.head_bias - adapter.initial_head_bias) * options.strength;
     report.merged.push_back("head interpolated from its zero-shot start at strength " + std::to_string(options.strength));
@@ -118,6 +186,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
       }
       if (!options.features_only) adapted.set_head(head_weight, head_bias);
     }
+    if (head_from_text) adapted.set_head(head_weight, head_bias);
     expected = options.features_only ? adapted.features(probe) : adapted.logits(probe);
   }
   auto check = [&](const fs::path& written) {

@@ -9,6 +9,31 @@
 #include "model/gradient_checkpoint.h"
 
 namespace loratune {
+namespace {
+
+// Frozen weights stored in `dtype` (16 bits halve them; autocast computes in its own dtype anyway).
+void store_frozen(torch::jit::Module module, at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  for (auto p : module.parameters())
+    if (p.is_floating_point()) p.set_data(p.data().to(dtype));
+  for (auto b : module.buffers())
+    if (b.is_floating_point()) b.set_data(b.data().to(dtype));
+}
+
+}  // namespace
+
+struct Model::TextTower {
+  explicit TextTower(Bundle b) : bundle(std::move(b)), host(bundle.module), grad_dependent(has_grad_mode_dependent_kernels(bundle.module)) {}
+  Bundle bundle;
+  AdapterHost host;
+  bool grad_dependent;
+  std::vector<LoraTarget> targets;
+  std::vector<at::Tensor> tensors() const {
+    std::vector<at::Tensor> out;
+    for (const auto& t : targets) out.insert(out.end(), t.tensors.begin(), t.tensors.end());
+    return out;
+  }
+};
 
 Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(std::make_unique<AdapterHost>(bundle_.module)) {
   if (bundle_.info.kind != "backbone")
@@ -48,7 +73,64 @@ void Model::set_adapters(std::vector<LoraTarget> targets, const LoraSettings& se
 void Model::clear_adapters() {
   host_->detach();
   targets_.clear();
+  if (text_) {
+    text_->host.detach();
+    text_->targets.clear();
+  }
   set_method(method_);
+}
+
+void Model::set_text_tower(Bundle text) {
+  if (text.info.kind != "text_encoder")
+    throw InputError(text.path.string() + " is not a text encoder bundle (kind \"" + text.info.kind + "\")");
+  if (text.info.feature_dim != bundle_.info.feature_dim)
+    throw InputError(text.path.string() + " gives " + std::to_string(text.info.feature_dim) + "-d embeddings, but " +
+                     bundle_.path.string() + " gives " + std::to_string(bundle_.info.feature_dim) + "-d ones");
+  for (const auto& p : text.module.parameters()) p.requires_grad_(false);
+  text_ = std::make_unique<TextTower>(std::move(text));
+  text_->bundle.module.to(device_);
+}
+
+const Bundle& Model::text_bundle() const {
+  if (!text_) throw RuntimeFailure("internal: the model has no text tower");
+  return text_->bundle;
+}
+
+const std::vector<LoraTarget>& Model::text_adapters() const {
+  static const std::vector<LoraTarget> none;
+  return text_ ? text_->targets : none;
+}
+
+void Model::set_text_adapters(std::vector<LoraTarget> targets) {
+  if (!text_) throw RuntimeFailure("internal: text adapters without a text tower");
+  for (auto& t : targets) {
+    t.variant->check(t, "text adapter");
+    for (const auto& image : targets_)
+      if (image.name() == t.name())
+        throw InputError("the text tower's " + t.module + " has the same path as an image tower weight; the towers "
+                         "must name their modules apart (re-export them)");
+    for (auto& tensor : t.tensors)
+      if (tensor.device() != device_) tensor = tensor.to(device_).detach().requires_grad_(tensor.requires_grad());
+  }
+  text_->host.prepare(targets);
+  text_->host.attach(targets, lora_settings_.dropout);
+  text_->targets = std::move(targets);
+  set_method(method_);
+}
+
+at::Tensor Model::text_features(const at::Tensor& tokens, bool checkpoint) {
+  if (!text_) throw RuntimeFailure("internal: the model has no text tower");
+  if (checkpoint && at::GradMode::is_enabled() && !text_->targets.empty())
+    return checkpointed_block(text_->bundle.module, tokens, text_->tensors(), text_->grad_dependent);
+  return run_block(text_->bundle.module, tokens);
+}
+
+void Model::set_head_trainable(bool on) {
+  head_trainable_ = on;
+  if (has_head()) {
+    head_weight_.requires_grad_(on);
+    head_bias_.requires_grad_(on);
+  }
 }
 
 void Model::init_head(int64_t num_classes) {
@@ -64,8 +146,8 @@ void Model::set_head(at::Tensor weight, at::Tensor bias) {
   if (weight.dim() != 2 || weight.size(1) != d || bias.dim() != 1 || bias.size(0) != weight.size(0))
     throw InputError("classification head has shape [" + c10::str(weight.sizes()) + "] + [" + c10::str(bias.sizes()) +
                      "], but the model's features have " + std::to_string(d) + " dimensions");
-  head_weight_ = weight.to(device_, at::kFloat).detach().requires_grad_(true);
-  head_bias_ = bias.to(device_, at::kFloat).detach().requires_grad_(true);
+  head_weight_ = weight.to(device_, at::kFloat).detach().requires_grad_(head_trainable_);
+  head_bias_ = bias.to(device_, at::kFloat).detach().requires_grad_(head_trainable_);
 }
 
 void Model::set_method(Method method) {
@@ -74,6 +156,8 @@ void Model::set_method(Method method) {
   for (auto& t : targets_) {
     for (auto& tensor : t.tensors) tensor.requires_grad_(method == Method::kLora);
   }
+  if (text_)
+    for (auto& tensor : text_->tensors()) tensor.requires_grad_(method == Method::kLora);
   refresh_block_parameters();
 }
 
@@ -100,7 +184,10 @@ std::vector<NamedTensor> Model::trainable() const {
     for (const auto& t : targets_) {
       for (size_t k = 0; k < t.tensors.size(); ++k) out.push_back({t.tensor_name(k), t.tensors[k]});
     }
-  if (has_head()) {
+  if (method_ == Method::kLora && text_)
+    for (const auto& t : text_->targets)
+      for (size_t k = 0; k < t.tensors.size(); ++k) out.push_back({t.tensor_name(k), t.tensors[k]});
+  if (has_head() && head_trainable_) {
     out.push_back({"head.weight", head_weight_});
     out.push_back({"head.bias", head_bias_});
   }
@@ -124,28 +211,36 @@ int64_t Model::total_count() const {
   for (const auto& t : targets_)
     for (const auto& tensor : t.tensors) n += tensor.numel();
   if (has_head()) n += head_weight_.numel() + head_bias_.numel();
+  if (text_) {
+    for (const auto& p : text_->bundle.module.parameters()) n += p.numel();
+    for (const auto& tensor : text_->tensors()) n += tensor.numel();
+  }
   return n;
 }
 
 void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
   device_ = device;
   bundle_.module.to(device);
-  if (frozen_dtype != at::kFloat && method_ != Method::kFull) {
-    at::NoGradGuard no_grad;
-    for (auto p : bundle_.module.parameters())
-      if (p.is_floating_point()) p.set_data(p.data().to(frozen_dtype));
-    for (auto b : bundle_.module.buffers())
-      if (b.is_floating_point()) b.set_data(b.data().to(frozen_dtype));
-  }
+  if (frozen_dtype != at::kFloat && method_ != Method::kFull) store_frozen(bundle_.module, frozen_dtype);
   for (auto& t : targets_) {
     for (auto& tensor : t.tensors) tensor = tensor.to(device).detach().requires_grad_(tensor.requires_grad());
   }
   if (!targets_.empty()) host_->attach(targets_, lora_settings_.dropout);
+  if (text_) {
+    text_->bundle.module.to(device);
+    if (frozen_dtype != at::kFloat) store_frozen(text_->bundle.module, frozen_dtype);
+    for (auto& t : text_->targets)
+      for (auto& tensor : t.tensors) tensor = tensor.to(device).detach().requires_grad_(tensor.requires_grad());
+    if (!text_->targets.empty()) text_->host.attach(text_->targets, lora_settings_.dropout);
+  }
   if (has_head()) set_head(head_weight_, head_bias_);
   refresh_block_parameters();
 }
 
-void Model::set_training(bool training) { host_->set_training(training); }
+void Model::set_training(bool training) {
+  host_->set_training(training);
+  if (text_) text_->host.set_training(training);
+}
 
 bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Method::kFull; }
 

@@ -124,6 +124,7 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   install_caching_cpu_allocator();  // tensor bytes on the CPU are counted there
   TrainConfig c = config;
   c.head.init = "random";  // a zero-shot head has the same size
+  c.loss = "cross_entropy";  // the image tower's steps; a contrastive run's text tower is not measured
   c.gradient_checkpointing = checkpoint;
   std::vector<std::string> names;
   for (int64_t i = 0; i < classes; ++i) names.push_back("class " + std::to_string(i));

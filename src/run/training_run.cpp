@@ -41,6 +41,11 @@ void report_model(const TrainConfig& c, const TrainingSetup& setup, TrainingRepo
     reporter.message(fmt::format("LoRA on {} weights (rank {}, alpha {}{}):", model.adapters().size(), c.lora.rank,
                                  c.lora.alpha, c.lora.rslora ? ", rsLoRA" : ""));
     for (const auto& t : model.adapters()) reporter.message("  " + t.describe());
+    if (model.has_text_tower()) {
+      reporter.message(fmt::format("and on {} weights of the text tower {} (loss contrastive):",
+                                   model.text_adapters().size(), model.text_bundle().path.filename().string()));
+      for (const auto& t : model.text_adapters()) reporter.message("  " + t.describe());
+    }
   }
   const int64_t trainable = model.trainable_count(), total = model.total_count();
   reporter.message(fmt::format("method {}: {} trainable of {} parameters ({})", method_name(c.method),
@@ -118,6 +123,8 @@ TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& op
   hooks.data_parallel = group.get();
   hooks.reporter = reporter;
   hooks.stop_after_step = options.stop_after_step;
+  hooks.class_prompts = options.class_prompts;
+  hooks.text_head = options.zero_shot;
   Trainer trainer(c, *setup.model, train, val.get(), train_folder.classes, setup.device, setup.precision, hooks);
   run.summary = trainer.run(options.resume);
   return run;

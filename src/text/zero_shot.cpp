@@ -17,9 +17,11 @@ using nlohmann::json;
 namespace loratune {
 
 TextEncoder load_text_encoder(const fs::path& given) {
-  // A checkpoint folder means its text tower.
-  const fs::path path = is_checkpoint_source(given.string()) ? fs::path(text_tower_source(given.string())) : given;
-  Bundle b = load_bundle(path);
+  return text_encoder_of(load_bundle(text_tower_path(given)));
+}
+
+TextEncoder text_encoder_of(const Bundle& b) {
+  const fs::path& path = b.path;
   if (b.info.kind != "text_encoder")
     throw InputError(path.string() + " is not a text encoder bundle (kind \"" + b.info.kind +
                      "\"); export one with scripts/export/apple_mobileclip.py or import a CLIP checkpoint folder");
@@ -45,13 +47,6 @@ TextEncoder load_text_encoder(const fs::path& given) {
                 b.info.feature_dim, b.info.extra.value("logit_scale", 100.0), path};
   t.module.eval();
   return t;
-}
-
-fs::path text_model_for(const Bundle& image_bundle) {
-  const std::string name = image_bundle.info.extra.value("text_model", "");
-  if (name.empty())
-    throw InputError(image_bundle.path.string() + " names no text encoder; pass one (--text-model or head.text_model)");
-  return image_bundle.path.parent_path() / name;
 }
 
 const std::vector<std::string>& default_templates() {
@@ -90,20 +85,25 @@ std::map<std::string, std::vector<std::string>> class_prompt_names(const std::ve
   return out;
 }
 
+std::vector<std::string> fill_templates(const std::vector<std::string>& names, const std::vector<std::string>& templates) {
+  std::vector<std::string> prompts;
+  for (const auto& name : names)
+    for (const auto& t : templates) {
+      const size_t at_brace = t.find("{}");
+      prompts.push_back(at_brace == std::string::npos ? t + " " + name : t.substr(0, at_brace) + name + t.substr(at_brace + 2));
+    }
+  return prompts;
+}
+
 std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::vector<std::string>& classes,
                                                  const std::map<std::string, std::vector<std::string>>& names,
                                                  const std::vector<std::string>& templates) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> rows;
   for (const auto& c : classes) {
-    std::vector<std::string> prompts;
-    for (const auto& name : names.at(c))
-      for (const auto& t : templates) {
-        const size_t at_brace = t.find("{}");
-        prompts.push_back(at_brace == std::string::npos ? t + " " + name : t.substr(0, at_brace) + name + t.substr(at_brace + 2));
-      }
-    const at::Tensor tokens = text.tokenizer->tokenize(prompts, text.context_length);
-    at::Tensor emb = text.module.forward({tokens}).toTensor().to(at::kFloat);
+    const at::Tensor tokens = text.tokenizer->tokenize(fill_templates(names.at(c), templates), text.context_length)
+                                  .to(text.device);
+    at::Tensor emb = text.module.forward({tokens}).toTensor().to(at::kCPU, at::kFloat);
     emb = emb / emb.norm(2, -1, true);
     at::Tensor mean = emb.mean(0);
     rows.push_back(mean / mean.norm());
@@ -113,8 +113,12 @@ std::pair<at::Tensor, at::Tensor> zero_shot_head(TextEncoder& text, const std::v
 
 void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes, const std::string& text_model,
                           const std::string& class_names, const std::vector<std::string>& templates) {
-  const fs::path text_path = text_model.empty() ? text_model_for(model.bundle()) : fs::path(text_model);
-  TextEncoder text = load_text_encoder(text_path);
+  // The model's own text tower when it has one (adapted by contrastive training), else the one named.
+  TextEncoder text = model.has_text_tower() ? text_encoder_of(model.text_bundle())
+                                            : load_text_encoder(text_model.empty() ? text_model_for(model.bundle())
+                                                                                   : fs::path(text_model));
+  text.device = model.device();
+  const fs::path& text_path = text.path;
   if (text.embed_dim != model.bundle().info.feature_dim)
     throw InputError(text_path.string() + " gives " + std::to_string(text.embed_dim) + "-d embeddings, but " +
                      model.bundle().path.string() + " gives " + std::to_string(model.bundle().info.feature_dim) + "-d ones");
@@ -128,6 +132,39 @@ void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes,
 ZeroShotHeadInit zero_shot_head_initializer() {
   return [](Model& model, const std::vector<std::string>& classes, const HeadConfig& head) {
     apply_zero_shot_head(model, classes, head.text_model, head.class_names, head.templates);
+  };
+}
+
+ClassPromptMaker class_prompt_maker() {
+  return [](const Model& model, const std::vector<std::string>& classes, const HeadConfig& head) {
+    if (!model.has_text_tower()) throw RuntimeFailure("internal: class prompts without a text tower");
+    const TextEncoder text = text_encoder_of(model.text_bundle());
+    const auto names = class_prompt_names(classes, head.class_names);
+    const auto& templates = head.templates.empty() ? default_templates() : head.templates;
+    ClassPrompts out;
+    json names_record = json::object();
+    for (const auto& c : classes) {
+      out.tokens.push_back(text.tokenizer->tokenize(fill_templates(names.at(c), templates), text.context_length));
+      names_record[c] = names.at(c);
+    }
+    out.record = {{"templates", templates}, {"names", names_record}};
+    return out;
+  };
+}
+
+std::function<std::pair<at::Tensor, at::Tensor>(const fs::path&, const json&, const std::vector<std::string>&)>
+prompt_head_maker() {
+  return [](const fs::path& text_model, const json& prompts, const std::vector<std::string>& classes) {
+    std::map<std::string, std::vector<std::string>> names;
+    std::vector<std::string> templates;
+    try {
+      templates = prompts.at("templates").get<std::vector<std::string>>();
+      for (const auto& c : classes) names[c] = prompts.at("names").at(c).get<std::vector<std::string>>();
+    } catch (const json::exception& e) {
+      throw InputError("the adapter's recorded class prompts are damaged (" + std::string(e.what()) + ")");
+    }
+    TextEncoder text = load_text_encoder(text_model);
+    return zero_shot_head(text, classes, names, templates);
   };
 }
 

@@ -123,6 +123,9 @@ const std::vector<Key>& schema() {
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv, or all-linear (every Linear in the "
        "blocks); []: query and value of every block",
        field(&C::lora, &L::targets)},
+      {"lora.text_targets", Kind::kStringList, json::array(), false, kResult,
+       "loss contrastive: the text tower's targets, as lora.targets; []: query and value of every block",
+       field(&C::lora, &L::text_targets)},
       {"lora.last_blocks", Kind::kInt, nullptr, true, kResult,
        "adapt only the last N transformer blocks (no backward through the blocks before them); null: all",
        field(&C::lora, &L::last_blocks), lora_rules::kLastBlocks},
@@ -166,6 +169,10 @@ const std::vector<Key>& schema() {
       {"epochs", Kind::kInt, 10, false, kResult, "passes over the training images", field(&C::epochs), Range::at_least(1)},
       {"max_steps", Kind::kInt, nullptr, true, kResult, "stop after this many optimiser steps; null: from epochs",
        field(&C::max_steps), Range::at_least(1)},
+      {"loss", Kind::kString, "cross_entropy", false, kResult,
+       "cross_entropy: train the head on class labels; contrastive: CLIP's image-text loss on a class prompt per "
+       "image (FLYP), LoRA on both towers, classes scored by the adapted text tower",
+       field(&C::loss), Range::any(), {"cross_entropy", "contrastive"}},
       {"label_smoothing", Kind::kNumber, 0.0, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing), Range::between(0, 1, false, true)},
       {"precision", Kind::kString, "auto", false, kResult,
        "compute precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)", field(&C::precision), Range::any(), precision_choices()},
@@ -330,6 +337,15 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
     fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
   if (c.output_dir.empty()) fail("output_dir must not be empty");
+  if (c.loss == "contrastive") {
+    if (c.method != Method::kLora)
+      fail("loss contrastive trains LoRA adapters on both towers: set method to lora");
+    if (c.head.init != "zero_shot")
+      fail("loss contrastive scores classes with the text tower: set head.init to zero_shot");
+    if (c.label_smoothing > 0) fail("label_smoothing applies to loss cross_entropy; set it to 0");
+    if (c.optim.head_lr > 0) fail("optim.head_lr: with loss contrastive the head is not trained (the text tower "
+                                  "gives it); remove it");
+  }
 }
 
 }  // namespace

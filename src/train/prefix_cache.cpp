@@ -27,14 +27,22 @@ at::Tensor Trainer::prefix_for(PrefixCache& cache, const Batch& batch) {
   return h;
 }
 
-at::Tensor Trainer::forward_logits(const Batch& batch, PrefixCache* cache) {
+at::Tensor Trainer::forward_logits(const Batch& batch, PrefixCache* cache) { return forward_images(batch, cache, true); }
+
+at::Tensor Trainer::forward_features(const Batch& batch, PrefixCache* cache) {
+  return forward_images(batch, cache, false);
+}
+
+at::Tensor Trainer::forward_images(const Batch& batch, PrefixCache* cache, bool logits) {
+  const bool checkpoint = config_.gradient_checkpointing;
   if (cache) {
     const at::Tensor h = prefix_for(*cache, batch);
     AutocastScope autocast(device_, precision_);
-    return model_.logits_from_prefix(h, config_.gradient_checkpointing);
+    return logits ? model_.logits_from_prefix(h, checkpoint) : model_.features_from_prefix(h, checkpoint);
   }
   AutocastScope autocast(device_, precision_);
-  return model_.logits(batch.images.to(device_, /*non_blocking=*/true), config_.gradient_checkpointing);
+  const at::Tensor images = batch.images.to(device_, /*non_blocking=*/true);
+  return logits ? model_.logits(images, checkpoint) : model_.features(images, checkpoint);
 }
 
 }  // namespace loratune

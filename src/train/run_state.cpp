@@ -80,7 +80,8 @@ json Trainer::adapter_training_record() const {
 }
 
 std::string Trainer::resume_fingerprint() const {
-  const std::string text = adapter_training_record().dump() + "|" + model_.bundle().fingerprint;
+  const std::string text = adapter_training_record().dump() + "|" + model_.bundle().fingerprint +
+                           (model_.has_text_tower() ? "|" + model_.text_bundle().fingerprint : "");
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash_bytes(text.data(), text.size(), 7)));
   return hex;
@@ -88,7 +89,9 @@ std::string Trainer::resume_fingerprint() const {
 
 void Trainer::save_adapter_to(const std::string& name) {
   if (!writes_files()) return;
+  refresh_text_head();
   Adapter adapter = adapter_from_model(model_, classes_, adapter_training_record());
+  if (contrastive_) adapter.prompts = prompts_.record;
   adapter.initial_head_weight = initial_head_weight_;
   adapter.initial_head_bias = initial_head_bias_;
   save_adapter(dir_ / name, adapter);

@@ -27,6 +27,16 @@ std::atomic<bool> g_stop_requested{false};
 constexpr int64_t kMaxNonFiniteSteps = 3;       // fp32/bf16: NaN/inf this many steps in a row stops the run
 constexpr int64_t kMaxNonFiniteStepsFp16 = 25;  // fp16: the scaler may need a few halvings first
 
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// A well-spread draw from three counters.
+uint64_t mix_bits(uint64_t a, uint64_t b, uint64_t c) { return splitmix64(splitmix64(splitmix64(a) ^ b) ^ c); }
+
 
 }  // namespace
 
@@ -76,11 +86,29 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
     initial_head_weight_ = model.head_weight().detach().to(at::kCPU).clone();
     initial_head_bias_ = model.head_bias().detach().to(at::kCPU).clone();
   }
+  contrastive_ = config.loss == "contrastive";
+  if (contrastive_) {
+    if (!model.has_text_tower() || !hooks_.class_prompts || !hooks_.text_head)
+      throw InputError("loss contrastive needs the model's text tower (build_training_model) and the CLIP text side: "
+                       "link loratune_text and pass class_prompt_maker() and zero_shot_head_initializer()");
+    prompts_ = hooks_.class_prompts(model, classes_, config.head);
+    text_head_stale_ = true;  // on resume the adapters the head must follow are loaded later
+  }
 }
 
 Trainer::~Trainer() = default;
 
+void Trainer::refresh_text_head() {
+  if (!contrastive_ || !text_head_stale_) return;
+  model_.set_training(false);
+  at::NoGradGuard no_grad;
+  AutocastScope autocast(device_, precision_);
+  hooks_.text_head(model_, classes_, config_.head);
+  text_head_stale_ = false;
+}
+
 Trainer::Validation Trainer::validate() {
+  refresh_text_head();
   model_.set_training(false);
   at::NoGradGuard no_grad;
   PrefixCache* cache = use_prefix_cache_ ? &val_cache_ : nullptr;
@@ -233,7 +261,7 @@ void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& s
     const int64_t micro_batches = std::min(schedule.accum, schedule.batches_per_epoch - p.step_in_epoch * schedule.accum);
     const int64_t step_images =
         schedule.images_before_step(p.step_in_epoch + 1) - schedule.images_before_step(p.step_in_epoch);
-    StepResult step = forward_backward(micro_batches, step_images);
+    StepResult step = forward_backward(micro_batches, step_images, p.step);
     bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1));
     if (hooks_.data_parallel) reduce_step(step.loss, step.images_done, stop);  // every worker agrees to stop
     const double lr = scheduled_lr(p.step, schedule.total_steps, schedule.warmup, config_.optim.lr,
@@ -241,6 +269,7 @@ void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& s
     const StepOutcome outcome =
         apply_step(*optimizer_, *scaler_, lr, config_.optim.grad_clip, std::isfinite(step.loss));
     p.nonfinite_streak = outcome.applied ? 0 : p.nonfinite_streak + 1;
+    text_head_stale_ = contrastive_;
     ++p.step;
     ++p.step_in_epoch;
     const double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
@@ -269,20 +298,42 @@ void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& s
   reporter_->epoch_end();
 }
 
-Trainer::StepResult Trainer::forward_backward(int64_t micro_batches, int64_t step_images) {
+Trainer::StepResult Trainer::forward_backward(int64_t micro_batches, int64_t step_images, int64_t step) {
   StepResult result;
   for (int64_t k = 0; k < micro_batches; ++k) {
     auto batch = train_.next();
     if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
     if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
-    const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
-    const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
     // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
     const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
-    result.loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
+    if (contrastive_) {
+      result.loss += backward_loss(contrastive_loss_of(*batch, step), share, *scaler_);
+    } else {
+      const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
+      const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
+      result.loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
+    }
     result.images_done += static_cast<int64_t>(batch->indices.size());
   }
   return result;
+}
+
+at::Tensor Trainer::contrastive_loss_of(const Batch& batch, int64_t step) {
+  // One prompt per image, a function of the seed, the step and the image: the same after a resume.
+  std::vector<at::Tensor> rows;
+  for (size_t k = 0; k < batch.indices.size(); ++k) {
+    const at::Tensor& prompts = prompts_.tokens.at(static_cast<size_t>(batch.labels[static_cast<int64_t>(k)].item<int64_t>()));
+    const uint64_t draw = mix_bits(config_.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(batch.indices[k]));
+    rows.push_back(prompts[static_cast<int64_t>(draw % static_cast<uint64_t>(prompts.size(0)))]);
+  }
+  const at::Tensor tokens = at::stack(rows).to(device_, /*non_blocking=*/true);
+  const at::Tensor images = forward_features(batch, use_prefix_cache_ ? &train_cache_ : nullptr);
+  at::Tensor texts;
+  {
+    AutocastScope autocast(device_, precision_);
+    texts = model_.text_features(tokens, config_.gradient_checkpointing);
+  }
+  return contrastive_loss(images, texts, model_.text_bundle().info.extra.value("logit_scale", 100.0));
 }
 
 void Trainer::stop_on_nonfinite_streak(const Progress& p) const {

@@ -77,6 +77,17 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     init_adapter_tensors(targets, model->module());
     model->set_adapters(targets, c.lora);
   }
+  if (c.loss == "contrastive") {
+    model->set_text_tower(load_bundle(c.head.text_model.empty() ? text_model_for(model->bundle())
+                                                                : text_tower_path(c.head.text_model)));
+    LoraSettings text_settings = c.lora;
+    text_settings.targets = c.lora.text_targets;
+    const torch::jit::Module& text = model->text_bundle().module;
+    auto text_targets = resolve_targets(text, text_settings, model->text_bundle().info.blocks);
+    init_adapter_tensors(text_targets, text);
+    model->set_text_adapters(text_targets);
+    model->set_head_trainable(false);
+  }
   model->init_head(static_cast<int64_t>(classes.size()));
   if (c.head.init == "zero_shot") {
     if (!zero_shot)
@@ -95,11 +106,12 @@ std::unique_ptr<AdamW> make_optimizer(const TrainConfig& c, const Model& model) 
     optimizer->set_lr_multiplier("head.bias", c.optim.head_lr / c.optim.lr);
   }
   if (c.optim.lora_plus_ratio > 0 && model.method() == Method::kLora)  // LoRA+ (Hayou et al. 2024): B learns faster
-    for (const auto& t : model.adapters()) {
-      const auto& specs = t.variant->tensor_specs();
-      for (size_t k = 0; k < specs.size(); ++k)
-        if (specs[k].up_projection) optimizer->set_lr_multiplier(t.tensor_name(k), c.optim.lora_plus_ratio);
-    }
+    for (const auto* targets : {&model.adapters(), &model.text_adapters()})
+      for (const auto& t : *targets) {
+        const auto& specs = t.variant->tensor_specs();
+        for (size_t k = 0; k < specs.size(); ++k)
+          if (specs[k].up_projection) optimizer->set_lr_multiplier(t.tensor_name(k), c.optim.lora_plus_ratio);
+      }
   return optimizer;
 }
 

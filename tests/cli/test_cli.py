@@ -964,6 +964,125 @@ class MobileClip(unittest.TestCase):
         self.assertNotAlmostEqual(metrics("random_0", "--model", path)["loss"], zero_shot["loss"], delta=1e-3)
 
 
+
+def lora_delta(tensors, module, slice_, scale):
+    """s * B @ A of one adapted slice, from an adapter's tensors."""
+    a = tensors[f"base_model.model.{module}.lora_A.{slice_}.weight"].double()
+    b = tensors[f"base_model.model.{module}.lora_B.{slice_}.weight"].double()
+    return scale * b @ a
+
+
+class Contrastive(unittest.TestCase):
+    """loss contrastive (FLYP): LoRA on both towers of the MobileCLIP fixture, each toy photo paired with a prompt of its
+    class; the saved head is the adapted text tower's zero-shot classifier."""
+    IMAGE = MobileClip.IMAGE
+    TEXT = os.path.join(FIX, "models", "mobileclip_text.pt")
+    TRAIN, VAL = os.path.join(IMAGES, "toy", "train"), os.path.join(IMAGES, "toy", "val")
+
+    def config(self, name, **extra):
+        settings = {"model": self.IMAGE, "data": {"train": self.TRAIN, "val": self.VAL, "workers": 2},
+                    "loss": "contrastive", "head": {"init": "zero_shot"}, "epochs": 2, "batch_size": 6,
+                    "optim": {"lr": 0.02}, "log_every_steps": 1}
+        settings.update(extra)
+        return write_config(name, **settings)
+
+    def eval_metrics(self, name, *args):
+        out = os.path.join(TMP, "flyp_eval_" + name)
+        code, stdout, err = run("eval", *args, "--data", self.VAL, "--output", out)
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "metrics.json")) as f:
+            return json.load(f)
+
+    def test_both_towers_train_and_classes_are_scored_by_the_adapted_text_tower(self):
+        cfg, out = self.config("flyp")
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("weights of the text tower mobileclip_text.pt (loss contrastive)", err)
+        adapter = os.path.join(out, "adapter")
+        code, stdout, err = run("info", adapter)
+        self.assertEqual(code, 0, err)
+        self.assertIn("text tower", stdout)
+        self.assertIn("text_encoder.transformer.1.pre_norm_mha.1.qkv_proj", stdout)
+        tensors, _ = safetensors_lite.load(os.path.join(adapter, "adapter_model.safetensors"))
+        text_b = [k for k in tensors if k.startswith("base_model.model.text_encoder.") and ".lora_B." in k]
+        self.assertEqual(len(text_b), 4)
+        self.assertTrue(all(float(tensors[k].abs().max()) > 0 for k in text_b), "the text adapters trained")
+        # The saved head scores as the adapted text tower does when asked anew, unlike the base text tower.
+        saved = self.eval_metrics("saved", "--model", self.IMAGE, "--adapter", adapter)
+        anew = self.eval_metrics("anew", "--model", self.IMAGE, "--adapter", adapter, "--zero-shot")
+        base = self.eval_metrics("base", "--model", self.IMAGE, "--zero-shot")
+        self.assertAlmostEqual(saved["loss"], anew["loss"], delta=1e-5 * max(1.0, saved["loss"]))
+        self.assertGreater(abs(saved["loss"] - base["loss"]), 1e-3, "training moved the model")
+        with open(os.path.join(out, "summary.json")) as f:
+            self.assertAlmostEqual(json.load(f)["final_val_loss"], saved["loss"], delta=1e-5 * max(1.0, saved["loss"]))
+        # Without the adapted text tower's head the adapter still classifies (eval loads no text tower).
+        self.assertEqual(saved["top1"], anew["top1"])
+
+    def test_merge_writes_both_towers_as_python_computes_them(self):
+        cfg, out = self.config("flyp_merge", epochs=1)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        adapter = os.path.join(out, "adapter")
+        tensors, _ = safetensors_lite.load(os.path.join(adapter, "adapter_model.safetensors"))
+        base_text = {k: v.double() for k, v in torch.jit.load(self.TEXT).state_dict().items()}
+        zero_shot = self.eval_metrics("merge_zs", "--model", self.IMAGE, "--zero-shot")
+        adapted = self.eval_metrics("merge_adapted", "--model", self.IMAGE, "--adapter", adapter)
+        for strength in ("1", "0.5", "0"):
+            merged = os.path.join(TMP, f"flyp_merged_{strength}.pt")
+            code, stdout, err = run("merge", "--base", self.IMAGE, "--adapter", adapter, "--output", merged,
+                                    "--strength", strength)
+            self.assertEqual(code, 0, err)
+            text_file = os.path.join(TMP, f"flyp_merged_{strength}_text.pt")
+            self.assertIn(text_file, stdout)
+            got = torch.jit.load(text_file).state_dict()
+            for layer in range(2):
+                module = f"text_encoder.transformer.{layer}.pre_norm_mha.1.qkv_proj"
+                expected = base_text[module + ".weight"].clone()
+                rows = expected.shape[0] // 3
+                for slice_, begin in (("q", 0), ("v", 2 * rows)):
+                    expected[begin:begin + rows] += float(strength) * lora_delta(tensors, module, slice_, 16.0 / 8)
+                self.assertLess(float((got[module + ".weight"].double() - expected).abs().max()), 1e-6, module)
+            metrics = self.eval_metrics("merged_" + strength, "--model", merged)
+            if strength == "1":
+                self.assertAlmostEqual(metrics["loss"], adapted["loss"], delta=1e-4 * max(1.0, adapted["loss"]))
+            if strength == "0":  # the base CLIP: its zero-shot classifier, made from the (unchanged) text tower
+                self.assertAlmostEqual(metrics["loss"], zero_shot["loss"], delta=1e-4 * max(1.0, zero_shot["loss"]))
+        self.assertIn("head made from the merged text tower", stdout)
+
+    def test_interrupted_run_resumes_to_the_uninterrupted_result(self):
+        cfg, whole = self.config("flyp_whole", epochs=12, batch_size=4, grad_accum_steps=2)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        cfg, out = self.config("flyp_resumed", epochs=12, batch_size=4, grad_accum_steps=2)
+        p = start_training(["--config", cfg], out)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 130, err)
+        code, _, err = run("train", "--config", cfg, "--resume")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
+
+    def test_mixed_precision_and_two_workers(self):
+        cfg, out = self.config("flyp_bf16", epochs=1, precision="bf16")
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        lines = metric_lines(out, "train")
+        self.assertTrue(lines and all(np.isfinite(line["loss"]) for line in lines))
+        cfg, out = self.config("flyp_dp", epochs=1, lora={"dropout": 0.0})
+        code, _, err = run("train", "--config", cfg, "--nproc", "2")
+        self.assertEqual(code, 0, err)
+        self.assertIn("data-parallel worker 0 of 2", err)
+        tensors, _ = safetensors_lite.load(os.path.join(out, "adapter", "adapter_model.safetensors"))
+        self.assertEqual(sum(k.startswith("base_model.model.text_encoder.") for k in tensors), 8)
+
+    def test_settings_it_cannot_use_are_named(self):
+        for extra, message in (({"method": "full"}, "set method to lora"),
+                               ({"head": {"init": "random"}}, "set head.init to zero_shot"),
+                               ({"label_smoothing": 0.1}, "label_smoothing applies to loss cross_entropy")):
+            cfg, _ = self.config("flyp_bad", **extra)
+            code, _, err = run("train", "--config", cfg)
+            self.assertEqual(code, 3, err)
+            self.assertIn(message, err)
+
+
 if __name__ == "__main__":
     result = unittest.main(argv=[sys.argv[0], "-v", *sys.argv[3:]], exit=False).result
     shutil.rmtree(TMP, ignore_errors=True)

@@ -11,7 +11,9 @@
 #include "common/files.h"
 #include "loratune/loader.h"
 #include "loratune/merge.h"
+#include "loratune/safetensors.h"
 #include "loratune/sentencepiece_tokenizer.h"
+#include "loratune/train_step.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
 #include "loratune/zero_shot.h"
@@ -231,6 +233,69 @@ TEST(MobileClip, PrefixCacheGivesIdenticalTrainingWithoutAugmentation) {
   const auto l0 = losses(metrics[0]), l1 = losses(metrics[1]);
   ASSERT_EQ(l0.size(), l1.size());
   for (size_t i = 0; i < l0.size(); ++i) EXPECT_NEAR(l0[i], l1[i], 1e-6 * std::abs(l0[i])) << "line " << i;
+}
+
+// The model of the contrastive reference: both towers, the PEFT-style adapter on both (routed by which tower has
+// each module: the file has no tower marks).
+std::unique_ptr<Model> contrastive_model(bool with_adapter = true) {
+  auto model = std::make_unique<Model>(load_bundle(fixture("models/mobileclip_trace.pt")));
+  model->set_text_tower(load_bundle(fixture("models/mobileclip_text.pt")));
+  if (with_adapter) apply_adapter(*model, load_adapter(fixture("models/adapter_contrastive")), "adapter_contrastive");
+  return model;
+}
+
+std::string peft_key(const LoraTarget& t, const std::string& tensor) {
+  return "base_model.model." + t.module + ".lora_" + tensor + "." + t.slice + ".weight";
+}
+
+TEST(Contrastive, LossAndGradientsThroughBothTowersMatchPython) {
+  const auto ref = safetensors::read(fixture("models/ref_contrastive.safetensors")).tensors;
+  for (bool checkpoint : {false, true}) {
+    SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
+    auto model = contrastive_model();
+    ASSERT_EQ(model->adapters().size(), 4u);       // q and v of the last stage's 2 attention blocks
+    ASSERT_EQ(model->text_adapters().size(), 4u);  // q and v of the 2 text blocks
+    EXPECT_EQ(model->trainable().size(), 16u);     // A and B of each; the head (none here) would not train
+    const at::Tensor loss = contrastive_loss(model->features(ref.at("input"), checkpoint),
+                                             model->text_features(ref.at("tokens").to(at::kLong), checkpoint),
+                                             ref.at("logit_scale").item<double>());
+    EXPECT_NEAR(loss.item<double>(), ref.at("loss").item<double>(), 1e-5);
+    loss.backward();
+    for (const auto* targets : {&model->adapters(), &model->text_adapters()})
+      for (const auto& t : *targets) {
+        SCOPED_TRACE(t.describe());
+        EXPECT_LT(test::scaled_diff(t.A().grad(), ref.at("grad." + peft_key(t, "A"))), 1e-4);
+        EXPECT_LT(test::scaled_diff(t.B().grad(), ref.at("grad." + peft_key(t, "B"))), 1e-4);
+      }
+  }
+}
+
+TEST(Contrastive, AdapterFilesMarkTheTextTowerAndModelsWithoutItKeepOnlyTheHead) {
+  auto model = contrastive_model();
+  model->init_head(3);
+  const auto dir = test::temp_dir("contrastive_adapter");
+  save_adapter(dir / "a", adapter_from_model(*model, {"blue", "green", "red"}, json::object()));
+  const Adapter a = load_adapter(dir / "a");
+  ASSERT_EQ(a.targets.size(), 4u);
+  ASSERT_EQ(a.text_targets.size(), 4u);
+  EXPECT_EQ(a.text_targets[0].module.rfind("text_encoder.", 0), 0u);
+  EXPECT_EQ(a.text_base_fingerprint, model->text_bundle().fingerprint);
+  // Without the text tower: the image adapters and the head; with it: both towers, equal to the source model's.
+  Model image_only(load_bundle(fixture("models/mobileclip_trace.pt")));
+  apply_adapter(image_only, a, "a");
+  EXPECT_EQ(image_only.adapters().size(), 4u);
+  auto both = contrastive_model(false);
+  apply_adapter(*both, a, "a");
+  ASSERT_EQ(both->text_adapters().size(), 4u);
+  const at::Tensor tokens = at::randint(1, 100, {2, 77}, at::kLong);
+  at::NoGradGuard no_grad;
+  EXPECT_TRUE(at::equal(both->text_features(tokens), model->text_features(tokens)));
+  // Another text tower (other weights, same shapes) is refused by fingerprint.
+  auto other = std::make_unique<Model>(load_bundle(fixture("models/mobileclip_trace.pt")));
+  Bundle text = load_bundle(fixture("models/mobileclip_text.pt"));
+  text.fingerprint = "0000";
+  other->set_text_tower(std::move(text));
+  EXPECT_THROW_WITH(apply_adapter(*other, a, "a"), InputError, "trained with a different text tower");
 }
 
 }  // namespace
