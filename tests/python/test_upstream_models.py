@@ -476,21 +476,44 @@ class OpenClipZeroShot(unittest.TestCase):
             got = json.load(f)
         meta = loratune_export.read_metadata(prefix + "_image.pt")
         tokenizer = open_clip.get_tokenizer(name)
-        with torch.no_grad():
-            heads = []
-            for cls in classes:
-                prompts = [t.format(cls.replace("_", " ")) for t in TEMPLATES]
-                text = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
-                heads.append(torch.nn.functional.normalize(text.mean(0), dim=-1))
-            head = meta["logit_scale"] * torch.stack(heads)
-            x = (torch.stack(images) - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
-            logits = torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ head.t()
-            loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels)))
+
+        def open_clip_zero_shot(model):
+            with torch.no_grad():
+                heads = []
+                for cls in classes:
+                    prompts = [t.format(cls.replace("_", " ")) for t in TEMPLATES]
+                    text = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+                    heads.append(torch.nn.functional.normalize(text.mean(0), dim=-1))
+                head = meta["logit_scale"] * torch.stack(heads)
+                x = (torch.stack(images) - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+                logits = torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ head.t()
+                return logits, float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels)))
+
+        logits, loss = open_clip_zero_shot(model)
         self.assertTrue(any(not c.isascii() for c in classes), "a Korean class name goes through both tokenizers")
         self.assertGreater(float(logits.std()), 1e-3, "the logits depend on image and class")
         self.assertAlmostEqual(got["loss"], loss, delta=1e-4 * max(1.0, loss))
         self.assertAlmostEqual(got["top1"], int((logits.argmax(1) == torch.tensor(labels)).sum()) / len(labels), delta=1e-9)
 
+        # loss contrastive (FLYP) on both towers: the adapter folded into open_clip's whole CLIP, as PEFT reads its keys
+        # (visual.trunk... and text.transformer...), is the classifier loratune saved and the one that
+        # `eval --zero-shot --adapter` makes anew from the adapted towers.
+        run_dir = os.path.join(TMP, "flyp_s0")
+        with open(run_dir + ".json", "w") as f:
+            json.dump({"model": prefix + "_image.pt", "data": {"train": folder, "val": folder}, "loss": "contrastive",
+                       "head": {"init": "zero_shot"}, "max_steps": 2, "batch_size": 4, "optim": {"lr": 0.01},
+                       "precision": "fp32", "lora": {"dropout": 0.0}, "output_dir": run_dir}, f)
+        run(BIN, "train", "--config", run_dir + ".json")
+        adapter = os.path.join(run_dir, "adapter")
+        _, _, folded = fold_adapter(model, adapter)
+        self.assertEqual(folded, 4 + 2 * len(model.text.transformer.resblocks), "q/v of S0's image and text attention")
+        _, adapted_loss = open_clip_zero_shot(model)
+        self.assertGreater(abs(adapted_loss - loss), 1e-4, "training moved the model")
+        for extra in ([], ["--zero-shot"]):
+            out = os.path.join(TMP, "flyp_s0_eval" + "".join(extra))
+            run(BIN, "eval", "--model", prefix + "_image.pt", "--adapter", adapter, *extra, "--data", folder, "--output", out)
+            with open(os.path.join(out, "metrics.json")) as f:
+                self.assertAlmostEqual(json.load(f)["loss"], adapted_loss, delta=1e-4 * max(1.0, adapted_loss), msg=extra)
 
 
 if __name__ == "__main__":
