@@ -124,7 +124,6 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   install_caching_cpu_allocator();  // tensor bytes on the CPU are counted there
   TrainConfig c = config;
   c.head.init = "random";  // a zero-shot head has the same size
-  c.loss = "cross_entropy";  // the image tower's steps; a contrastive run's text tower is not measured
   c.gradient_checkpointing = checkpoint;
   std::vector<std::string> names;
   for (int64_t i = 0; i < classes; ++i) names.push_back("class " + std::to_string(i));
@@ -141,10 +140,14 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   const auto trainable = model->trainable();
   for (const auto& t : trainable) p.trainable_parameters += t.tensor.numel();
   std::map<std::string, int64_t> frozen;
-  for (const auto& param : model->module().parameters(/*recurse=*/true))
-    if (!param.requires_grad()) frozen[dtype_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
-  for (const auto& buffer : model->module().buffers(/*recurse=*/true))
-    frozen[dtype_name(buffer.scalar_type())] += static_cast<int64_t>(buffer.nbytes());
+  std::vector<torch::jit::Module> towers{model->module()};  // with loss contrastive the text tower too
+  if (model->has_text_tower()) towers.push_back(model->text_bundle().module);
+  for (const auto& tower : towers) {
+    for (const auto& param : tower.parameters(/*recurse=*/true))
+      if (!param.requires_grad()) frozen[dtype_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
+    for (const auto& buffer : tower.buffers(/*recurse=*/true))
+      frozen[dtype_name(buffer.scalar_type())] += static_cast<int64_t>(buffer.nbytes());
+  }
   p.frozen_by_dtype.assign(frozen.begin(), frozen.end());
 
   const int64_t size = model->bundle().info.image_size;
@@ -162,7 +165,17 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
     const int64_t base = tensor_bytes(p.device).current;
     reset_peak_memory(p.device);
     Reading r;
-    {
+    if (model->has_text_tower()) {  // loss contrastive: a prompt per image through the text tower
+      const int64_t context = model->text_bundle().info.extra.value("context_length", int64_t{77});
+      const at::Tensor tokens = at::randint(1, 100, {b, context}, at::kLong).to(p.device);
+      at::Tensor loss;
+      {
+        AutocastScope autocast(p.device, precision);
+        loss = contrastive_loss(model->features(x, checkpoint), model->text_features(tokens, checkpoint), 100.0);
+      }
+      r.kept = tensor_bytes(p.device).current - base;
+      backward_loss(loss, 1.0, *scaler);
+    } else {
       at::Tensor logits;
       {
         AutocastScope autocast(p.device, precision);

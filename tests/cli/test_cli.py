@@ -1073,6 +1073,19 @@ class Contrastive(unittest.TestCase):
         tensors, _ = safetensors_lite.load(os.path.join(out, "adapter", "adapter_model.safetensors"))
         self.assertEqual(sum(k.startswith("base_model.model.text_encoder.") for k in tensors), 8)
 
+    def test_plan_counts_the_text_tower(self):
+        cfg, _ = self.config("flyp_plan")
+        plans = {}
+        for loss in ("contrastive", "cross_entropy"):
+            code, text, err = run("plan", "--config", cfg, "--set", "loss=" + loss, "--json")
+            self.assertEqual(code, 0, err)
+            plans[loss] = {item["name"]: item for item in json.loads(text)["items"]}
+        text_bytes = sum(t.numel() * t.element_size() for t in torch.jit.load(self.TEXT).state_dict().values())
+        frozen = "frozen weights (fp32)"
+        self.assertEqual(plans["contrastive"][frozen]["bytes"] - plans["cross_entropy"][frozen]["bytes"], text_bytes)
+        trainable = "trainable tensors, gradients, AdamW"
+        self.assertEqual(plans["contrastive"][trainable]["detail"], "parameters: 5120 x 16 bytes")  # both towers, no head
+
     def test_settings_it_cannot_use_are_named(self):
         for extra, message in (({"method": "full"}, "set method to lora"),
                                ({"head": {"init": "random"}}, "set head.init to zero_shot"),
