@@ -76,6 +76,10 @@ int main(int argc, char** argv) {
               "classes; with --adapter the adapted towers (the text tower too when trained with loss contrastive)");
   e->add_option("--text-model", eval.text_model, "zero-shot: text encoder bundle (default: the one the model names)");
   e->add_option("--class-names", eval.class_names, "zero-shot: JSON file {\"folder\": \"name\" or [names]}");
+  e->add_option("--frozen-dtype", eval.frozen_dtype,
+                "int8 | nf4: score the adapter on the base quantised as a run with that frozen_dtype trained it "
+                "(default: the base as stored, as merge folds it)")
+      ->check(CLI::IsMember({"int8", "nf4"}));
   e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
   add_compute_options(e, eval);
   e->add_option("--workers", eval.workers, "decoding threads (0: one per core)")->capture_default_str();

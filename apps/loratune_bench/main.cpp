@@ -1,6 +1,7 @@
 // Measurements for scripts/bench/ and scripts/gpu/ (one JSON line on stdout per run). Arguments are key=value.
 //   loratune_bench step   model=M batch=B precision=fp32|bf16|fp16 checkpoint=0|1 steps=N [device=cpu|cuda]
 //                         [threads=2|auto] [last_blocks=N] [save=ADAPTER_DIR] [probe=INPUT.safetensors] [phase_steps=N]
+//                         [frozen=int8|nf4]
 //       LoRA (r8, alpha 16, q/v) training steps on one fixed batch: median step time, peak memory (RSS, CUDA
 //       allocator, and the peak tensor bytes that `loratune plan` predicts), and with
 //       phase_steps the mean seconds of forward, backward and optimizer over N more steps; optionally
@@ -64,7 +65,8 @@ void sync(const c10::Device& device) {
 }
 
 // The model as `loratune train` builds it (seed 0, LoRA r8 on q/v without dropout, a 10-class head), on `device`
-// with frozen weights in 16 bits under mixed precision on CUDA, as `loratune train` does by default.
+// with frozen weights in 16 bits under mixed precision on CUDA, as `loratune train` does by default; frozen=int8|nf4
+// quantises the blocks' Linear weights (frozen_dtype int8 / nf4).
 std::unique_ptr<Model> benchmark_model(const Args& a, const c10::Device& device, Precision precision,
                                        std::vector<std::string>& class_names) {
   nlohmann::json config = {{"model", get(a, "model")}, {"data", {{"train", "-"}}}, {"lora", {{"dropout", 0.0}}}};
@@ -72,7 +74,9 @@ std::unique_ptr<Model> benchmark_model(const Args& a, const c10::Device& device,
   class_names.clear();
   for (int c = 0; c < 10; ++c) class_names.push_back("class_" + std::to_string(c));
   auto model = build_training_model(parse_train_config(config, "benchmark"), class_names);
-  model->to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat);
+  const std::string frozen = get(a, "frozen", "");
+  const QuantFormat quant = frozen == "int8" ? QuantFormat::kInt8 : frozen == "nf4" ? QuantFormat::kNf4 : QuantFormat::kNone;
+  model->to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat, quant);
   return model;
 }
 

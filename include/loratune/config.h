@@ -74,7 +74,7 @@ struct TrainConfig {
   std::string loss = "cross_entropy";  // cross_entropy | contrastive (both towers, see trainer.h)
   double label_smoothing = 0.0;
   std::string precision = "auto";
-  std::string frozen_dtype = "auto";  // auto | fp32 | compute
+  std::string frozen_dtype = "auto";  // auto | fp32 | compute | int8 | nf4
   bool gradient_checkpointing = true;
   LossScaleConfig loss_scale;
   EarlyStoppingConfig early_stopping;

@@ -20,6 +20,7 @@
 
 #include "loratune/amp.h"
 #include "loratune/config.h"
+#include "loratune/quantize.h"
 
 namespace loratune {
 
@@ -40,7 +41,9 @@ struct MemoryProfile {
   c10::Device device{c10::kCPU};
   Precision precision = Precision::kFp32;
   at::ScalarType frozen_dtype = at::kFloat;
+  QuantFormat frozen_quant = QuantFormat::kNone;
   bool checkpoint = false;
+  double step_seconds = 0;  // measured profiles: wall time of the probe's step of 4 images
   std::vector<std::pair<std::string, int64_t>> frozen_by_dtype;  // frozen weight bytes per dtype name
   int64_t trainable_parameters = 0;  // each holds 16 bytes: fp32 value, gradient, two AdamW moments
   int64_t extra_fixed = 0;           // the rest of the measured baseline (CUDA: cuBLAS workspaces), or a constant
@@ -79,10 +82,11 @@ int64_t planned_bytes(const MemoryEstimate& estimate, const c10::Device& device)
 // Largest micro-batch whose estimate fits `usable` bytes (0 if none).
 int64_t largest_micro_batch(const MemoryProfile& profile, int64_t usable);
 
-// Measures the profile of `config`'s run on its device with this precision, frozen dtype and checkpointing: builds
-// the model as training does (`classes` sets the head size) and runs steps of micro-batches 2 and 4.
+// Measures the profile of `config`'s run on its device with this precision, frozen dtype, quantisation and
+// checkpointing: builds the model as training does (`classes` sets the head size) and runs steps of micro-batches
+// 2 and 4.
 MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision precision, at::ScalarType frozen_dtype,
-                           bool checkpoint);
+                           bool checkpoint, QuantFormat frozen_quant = QuantFormat::kNone);
 
 // The settings chosen for a budget, as --set overrides of the config.
 struct MemoryFit {
@@ -90,6 +94,8 @@ struct MemoryFit {
   bool checkpoint = false;
   Precision precision = Precision::kFp32;
   at::ScalarType frozen_dtype = at::kFloat;
+  QuantFormat frozen_quant = QuantFormat::kNone;
+  double step_time_ratio = 0;  // quantised fits: the probe's step time over the unquantised one's (same settings)
   MemoryEstimate estimate;
   std::vector<std::string> overrides;  // "batch_size=16", ...
 };
@@ -99,9 +105,12 @@ struct FitResult {
 };
 // Tries the precisions and frozen dtypes the config leaves open ("auto"), checkpointing off and on, and the
 // micro-batches that divide the effective batch (batch_size x grad_accum_steps); picks the fastest that fits
-// (16-bit over fp32, no checkpointing over checkpointing, larger micro-batches). InputError when the budget is
-// below the frozen weights alone.
+// (16-bit over fp32, no checkpointing over checkpointing, larger micro-batches). When nothing fits that way and the
+// config leaves the frozen weights unquantised (method lora), int8 and then nf4 weights with checkpointing. InputError
+// when the budget is below the frozen weights alone in the most compact form tried.
 FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget);
+// For a fit with quantised frozen weights, its cost in time as measured by the probes; "" otherwise.
+std::string fit_cost_note(const MemoryFit& fit);
 
 // Standard shapes for `plan --table` (no weights needed).
 struct ArchitectureShape {
@@ -117,7 +126,9 @@ std::vector<ArchitectureShape> standard_architectures();
 
 enum class Tuning { kLora, kFull };
 // The formula for a transformer with fused (sdpa) attention on CUDA under 16-bit autocast: LoRA r8 on query/value
-// without dropout and frozen weights in 16 bits, or full fine-tuning with fp32 master weights.
-MemoryProfile vit_memory_profile(const ArchitectureShape& shape, Tuning tuning, bool checkpoint);
+// without dropout and frozen weights in 16 bits (or the blocks' Linear weights in `quant`), or full fine-tuning with
+// fp32 master weights.
+MemoryProfile vit_memory_profile(const ArchitectureShape& shape, Tuning tuning, bool checkpoint,
+                                 QuantFormat quant = QuantFormat::kNone);
 
 }  // namespace loratune

@@ -11,6 +11,7 @@
 #include "loratune/lora.h"
 #include "loratune/method.h"
 #include "loratune/named_tensor.h"
+#include "loratune/quantize.h"
 
 namespace loratune {
 
@@ -72,8 +73,12 @@ class Model {
   int64_t trainable_count() const;
   int64_t total_count() const;  // base + adapters + head
 
-  // Moves everything to `device`; frozen base weights are stored as `frozen_dtype` (fp16/bf16 halves them).
-  void to(const c10::Device& device, at::ScalarType frozen_dtype = at::kFloat);
+  // Moves everything to `device`; frozen base weights are stored as `frozen_dtype` (fp16/bf16 halves them). With
+  // `frozen_quant` (method lora, once, after the adapters are set), the frozen Linear weights inside the blocks are
+  // quantised one by one on `device` and dequantised only while their layer runs; the rest stays `frozen_dtype`.
+  void to(const c10::Device& device, at::ScalarType frozen_dtype = at::kFloat,
+          QuantFormat frozen_quant = QuantFormat::kNone);
+  const FrozenQuantization& frozen_quantization() const { return quantization_; }
 
   // LoRA dropout on/off (the base always runs in eval mode: no dropout, BatchNorm statistics frozen).
   void set_training(bool training);
@@ -111,6 +116,7 @@ class Model {
   bool normalize_features_ = false;
   bool head_trainable_ = true;
   std::unique_ptr<TextTower> text_;
+  FrozenQuantization quantization_;
   Method method_ = Method::kLora;
   c10::Device device_{c10::kCPU};
   std::vector<torch::jit::Module> blocks_;

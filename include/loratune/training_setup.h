@@ -48,6 +48,7 @@ struct TrainingSetup {
   c10::Device device{c10::kCPU};
   Precision precision = Precision::kFp32;
   at::ScalarType frozen_dtype = at::kFloat;
+  QuantFormat frozen_quant = QuantFormat::kNone;  // frozen_dtype int8 / nf4: the blocks' Linear weights
   LoaderOptions train_loader, val_loader;
   std::vector<std::string> warnings;  // for the user (e.g. the fp32 fallback of frozen weights and why)
   std::vector<std::string> notes;     // informative (e.g. frozen weights stored in bf16)
@@ -61,6 +62,8 @@ std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& config, Precisio
 // Where `train` stores frozen weights for this precision: 16 bits with mixed precision on CUDA (or where the config
 // says "compute"), else fp32. prepare_training falls back to fp32 when a model's graph breaks with 16-bit weights.
 at::ScalarType frozen_dtype_for(const TrainConfig& config, Precision precision, const c10::Device& device);
+// The quantisation frozen_dtype asks for (int8, nf4), else none.
+QuantFormat frozen_quant_for(const TrainConfig& config);
 
 TrainingSetup prepare_training(const TrainConfig& config, const std::vector<std::string>& classes,
                                const ZeroShotHeadInit& zero_shot = {});

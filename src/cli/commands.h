@@ -35,6 +35,7 @@ struct EvalCommand {
   bool zero_shot = false;       // no adapter: classify with the text encoder's class embeddings (CLIP models)
   std::string text_model;       // zero-shot: text encoder bundle (default: the one the model names)
   std::string class_names;      // zero-shot: JSON file mapping folder names to prompt names
+  std::string frozen_dtype;     // int8 | nf4: the base's block Linear weights quantised, as a run trained them
   std::string output = "eval";
   std::string device = "auto", precision = "auto";
   int64_t batch_size = 32;

@@ -55,6 +55,13 @@ int run_eval(const EvalCommand& command) {
     } else {
       model = cli::load_inference_model(command.model, command.adapter, device);
     }
+    if (!command.frozen_dtype.empty()) {
+      if (!model.adapted)
+        throw InputError(command.model + " is a merged classifier: --frozen-dtype quantises a base under an adapter; "
+                         "pass the base model and --adapter");
+      model.adapted->to(device, at::kFloat, command.frozen_dtype == "int8" ? QuantFormat::kInt8 : QuantFormat::kNf4);
+      spdlog::info("{}", quantization_note(model.adapted->frozen_quantization()));
+    }
 
     const ImageFolder folder = scan_image_folder_for(command.data, model.classes);
     log_skipped(folder.skipped, command.data);

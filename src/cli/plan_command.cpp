@@ -55,10 +55,13 @@ int print_table(const PlanCommand& command) {
     nlohmann::json out = nlohmann::json::array();
     for (const auto& shape : standard_architectures()) {
       nlohmann::json settings;
-      for (const auto& [name, tuning, checkpoint] : {std::tuple{"lora", Tuning::kLora, false},
-                                                      std::tuple{"lora_checkpoint", Tuning::kLora, true},
-                                                      std::tuple{"full_checkpoint", Tuning::kFull, true}}) {
-        const MemoryProfile p = vit_memory_profile(shape, tuning, checkpoint);
+      for (const auto& [name, tuning, checkpoint, quant] :
+           {std::tuple{"lora", Tuning::kLora, false, QuantFormat::kNone},
+            std::tuple{"lora_checkpoint", Tuning::kLora, true, QuantFormat::kNone},
+            std::tuple{"lora_checkpoint_int8", Tuning::kLora, true, QuantFormat::kInt8},
+            std::tuple{"lora_checkpoint_nf4", Tuning::kLora, true, QuantFormat::kNf4},
+            std::tuple{"full_checkpoint", Tuning::kFull, true, QuantFormat::kNone}}) {
+        const MemoryProfile p = vit_memory_profile(shape, tuning, checkpoint, quant);
         const int64_t fixed = estimate_memory(p, 0).total;
         settings[name] = {{"fixed", fixed}, {"per_image", estimate_memory(p, 1).total - fixed},
                           {"largest_batch", largest_micro_batch(p, usable)}};
@@ -74,20 +77,24 @@ int print_table(const PlanCommand& command) {
               gb(budget).c_str(), gb(usable).c_str());
   std::vector<std::vector<std::string>> rows;
   for (const auto& shape : standard_architectures()) {
-    auto cell = [&](Tuning tuning, bool checkpoint) {
+    auto cell = [&](Tuning tuning, bool checkpoint, QuantFormat quant = QuantFormat::kNone) {
       if (tuning == Tuning::kFull && shape.frozen_prefix_per_image > 0) return std::string("-");
-      const int64_t b = largest_micro_batch(vit_memory_profile(shape, tuning, checkpoint), usable);
+      const int64_t b = largest_micro_batch(vit_memory_profile(shape, tuning, checkpoint, quant), usable);
       return b == 0 ? std::string("does not fit") : std::to_string(b);
     };
     const MemoryProfile at32 = vit_memory_profile(shape, Tuning::kLora, true);
     rows.push_back({shape.name, human_count(static_cast<double>(shape.parameters)), std::to_string(shape.image_size),
-                    cell(Tuning::kLora, false), cell(Tuning::kLora, true), cell(Tuning::kFull, true),
-                    gb(estimate_memory(at32, 32).total), shape.note});
+                    cell(Tuning::kLora, false), cell(Tuning::kLora, true),
+                    cell(Tuning::kLora, true, QuantFormat::kInt8), cell(Tuning::kLora, true, QuantFormat::kNf4),
+                    cell(Tuning::kFull, true), gb(estimate_memory(at32, 32).total),
+                    gb(estimate_memory(vit_memory_profile(shape, Tuning::kLora, true, QuantFormat::kNf4), 32).total),
+                    shape.note});
   }
-  std::printf("%s", cli::format_table({"model", "params", "px", "LoRA", "LoRA + checkpointing",
-                                       "full + checkpointing", "LoRA + ckpt, batch 32", "note"},
+  std::printf("%s", cli::format_table({"model", "params", "px", "LoRA", "LoRA + ckpt", "+ int8", "+ nf4",
+                                       "full + ckpt", "LoRA + ckpt, batch 32", "+ nf4, batch 32", "note"},
                                       rows).c_str());
-  std::printf("\nFull fine-tuning keeps fp32 weights, gradients and AdamW moments (16 bytes a parameter) and 16-bit "
+  std::printf("\nint8 / nf4: the blocks' Linear weights quantised (frozen_dtype int8 / nf4), each dequantised while its layer "
+              "runs. Full fine-tuning keeps fp32 weights, gradients and AdamW moments (16 bytes a parameter) and 16-bit "
               "copies; \"-\": its convolutional stages are not modelled.\n");
   return exit_code::kOk;
 }
@@ -105,7 +112,8 @@ int run_plan(const PlanCommand& command) {
     const Precision precision = resolve_precision(c.precision, device);
     const at::ScalarType frozen = frozen_dtype_for(c, precision, device);
     if (!command.json) std::fprintf(stderr, "measuring two small training steps on %s...\n", device.str().c_str());
-    const MemoryProfile profile = probe_memory(c, classes, precision, frozen, c.gradient_checkpointing);
+    const QuantFormat quant = frozen_quant_for(c);
+    const MemoryProfile profile = probe_memory(c, classes, precision, frozen, c.gradient_checkpointing, quant);
     const MemoryEstimate estimate = estimate_memory(profile, c.batch_size);
     std::optional<FitResult> fit;
     if (budget > 0) fit = fit_memory(c, classes, budget);
@@ -118,7 +126,10 @@ int run_plan(const PlanCommand& command) {
     }
     std::printf("Predicted peak memory of %s on %s: %s, frozen weights %s, gradient checkpointing %s, %lld classes\n%s\n\n",
                 c.model.c_str(), device.str().c_str(), precision_name(precision).c_str(),
-                precision_name(frozen == at::kFloat ? Precision::kFp32 : precision).c_str(),
+                quant != QuantFormat::kNone
+                    ? (quant_format_name(quant) + " in the blocks' Linear layers, the rest " +
+                       precision_name(frozen == at::kFloat ? Precision::kFp32 : precision)).c_str()
+                    : precision_name(frozen == at::kFloat ? Precision::kFp32 : precision).c_str(),
                 c.gradient_checkpointing ? "on" : "off", static_cast<long long>(classes), profile.source.c_str());
     print_estimate(profile, estimate, c.batch_size);
     if (!fit) return exit_code::kOk;
@@ -134,6 +145,7 @@ int run_plan(const PlanCommand& command) {
     std::string sets;
     for (const auto& o : f.overrides) sets += " --set " + o;
     std::printf("%s\n", sets.substr(1).c_str());
+    if (const std::string cost = fit_cost_note(f); !cost.empty()) std::printf("%s\n", cost.c_str());
     return exit_code::kOk;
   });
 }

@@ -38,6 +38,12 @@ void for_each_node(std::shared_ptr<Graph> graph, F&& f) {
   for (Node* n = it.next(); n != nullptr; n = it.next()) f(n);
 }
 
+// aten::linear, or the call that replaces it in models with quantised frozen weights (src/quant).
+bool is_linear_call(const Node* n) {
+  static const c10::Symbol frozen_linear = c10::Symbol::fromQualString("loratune::frozen_linear");
+  return n->kind() == c10::aten::linear || n->kind() == frozen_linear;
+}
+
 bool reads_attribute(const Node* n, const std::string& name) {
   return n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == name;
 }
@@ -69,6 +75,33 @@ bool weight_is_read(const torch::jit::Module& root, const std::string& module_pa
   return read;
 }
 
+WeightReads weight_reads(const std::vector<std::pair<std::string, torch::jit::Module>>& modules,
+                         const c10::ClassTypePtr& type, const std::string& param) {
+  WeightReads reads;
+  std::set<const c10::ClassType*> seen;
+  for (const auto& [path, module] : modules) {
+    if (!seen.insert(module.type().get()).second) continue;
+    bool reads_here = false;
+    for (const auto& method : module.get_methods()) {
+      if (is_lora_method(method.name())) continue;
+      auto graph = compat::method_graph(method.function());
+      for_each_node(graph, [&](Node* n) {
+        if (!reads_attribute(n, param) || n->input(0)->type() != type) return;
+        ++reads.count;
+        if (module.type() != type || n->input(0) != graph->inputs()[0]) {
+          reads.only_own_linear = false;
+          reads_here = true;
+          return;
+        }
+        for (const auto& use : n->output()->uses())
+          if (!is_linear_call(use.user) || use.offset != 1) reads.only_own_linear = false;
+      });
+    }
+    if (reads_here) reads.foreign_readers.push_back(module);
+  }
+  return reads;
+}
+
 AdapterHost::AdapterHost(torch::jit::Module root) : root_(std::move(root)) {
   for (const auto& nm : root_.named_modules()) modules_.emplace_back(nm.name, nm.value);
 }
@@ -98,34 +131,9 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
       throw InputError("module " + example + " already has an attribute " + name +
                        "; export the base model without adapters (merge them first)");
 
-  // Where is the weight read, and how? Reads by the type's own methods through aten::linear allow the activation
-  // wiring; any other read, or a read by another module's code (nn.MultiheadAttention passes out_proj.weight to
-  // its attention function), needs the weight wiring, applied where the read happens.
-  bool only_linear = true;
-  size_t reads = 0;
-  std::set<const c10::ClassType*> seen;
-  std::vector<torch::jit::Module> foreign_readers;  // one module per other type whose code reads the weight
-  for (const auto& [path, module] : modules_) {
-    if (!seen.insert(module.type().get()).second) continue;
-    bool reads_here = false;
-    for (const auto& method : module.get_methods()) {
-      if (is_lora_method(method.name())) continue;
-      auto graph = compat::method_graph(method.function());
-      for_each_node(graph, [&](Node* n) {
-        if (!reads_attribute(n, param) || n->input(0)->type() != type) return;
-        ++reads;
-        if (module.type() != type || n->input(0) != graph->inputs()[0]) {
-          only_linear = false;
-          reads_here = true;
-          return;
-        }
-        for (const auto& use : n->output()->uses())
-          if (use.user->kind() != c10::aten::linear || use.offset != 1) only_linear = false;
-      });
-    }
-    if (reads_here) foreign_readers.push_back(module);
-  }
-  if (reads == 0) throw InputError("cannot adapt " + example + ": its code never reads " + param);
+  const WeightReads reads = weight_reads(modules_, type, param);
+  if (reads.count == 0) throw InputError("cannot adapt " + example + ": its code never reads " + param);
+  const bool only_linear = reads.only_own_linear;
   const LoraWiring wiring =
       only_linear && variant.activation_code() != nullptr ? LoraWiring::kActivation : LoraWiring::kWeightDelta;
 
@@ -183,7 +191,7 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
     graph->lint();
   }
   // Reads by other modules' code: the weight they get passes through the adapted module's lora_weight.
-  for (auto& reader : foreign_readers) {
+  for (auto& reader : reads.foreign_readers) {
     for (const auto& method : reader.get_methods()) {
       if (is_lora_method(method.name())) continue;
       auto graph = compat::method_graph(method.function());

@@ -15,6 +15,17 @@ namespace loratune {
 // True when some code of the model reads the weight `param` of the module at `module_path`.
 bool weight_is_read(const torch::jit::Module& root, const std::string& module_path, const std::string& param);
 
+// Where a module type's weight `param` is read, over the methods of every module in `modules` (lora_* methods
+// excluded): reads by the type's own methods that only feed aten::linear allow activation wiring and quantisation;
+// other readers see the weight itself.
+struct WeightReads {
+  size_t count = 0;
+  bool only_own_linear = true;
+  std::vector<torch::jit::Module> foreign_readers;  // one module per other type whose code reads the weight
+};
+WeightReads weight_reads(const std::vector<std::pair<std::string, torch::jit::Module>>& modules,
+                         const c10::ClassTypePtr& type, const std::string& param);
+
 // How an adapted weight is wired into the model's code.
 enum class LoraWiring {
   kActivation,   // low-rank term added after each aten::linear that reads the weight (dropout applies)

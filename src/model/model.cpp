@@ -7,17 +7,19 @@
 #include "loratune/adapter_variant.h"
 #include "loratune/errors.h"
 #include "model/gradient_checkpoint.h"
+#include "quant/frozen_weights.h"
 
 namespace loratune {
 namespace {
 
-// Frozen weights stored in `dtype` (16 bits halve them; autocast computes in its own dtype anyway).
+// Frozen weights stored in `dtype` (16 bits halve them; autocast computes in its own dtype anyway). Quantised
+// weights keep their formats.
 void store_frozen(torch::jit::Module module, at::ScalarType dtype) {
   at::NoGradGuard no_grad;
   for (auto p : module.parameters())
     if (p.is_floating_point()) p.set_data(p.data().to(dtype));
-  for (auto b : module.buffers())
-    if (b.is_floating_point()) b.set_data(b.data().to(dtype));
+  for (const auto& b : module.named_buffers())
+    if (b.value.is_floating_point() && !is_quantized_weight_buffer(b.name)) b.value.set_data(b.value.data().to(dtype));
 }
 
 }  // namespace
@@ -201,7 +203,7 @@ int64_t Model::trainable_count() const {
 }
 
 int64_t Model::base_parameter_count() const {
-  int64_t n = 0;
+  int64_t n = quantization_.parameters;  // their dense weights are empty now
   for (const auto& p : bundle_.module.parameters()) n += p.numel();
   return n;
 }
@@ -218,8 +220,19 @@ int64_t Model::total_count() const {
   return n;
 }
 
-void Model::to(const c10::Device& device, at::ScalarType frozen_dtype) {
+void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantFormat frozen_quant) {
   device_ = device;
+  if (frozen_quant != QuantFormat::kNone && quantization_.format == QuantFormat::kNone) {
+    if (method_ != Method::kLora) throw InputError("quantised frozen weights need method lora");
+    if (block_paths_.empty())
+      throw InputError(bundle_.path.filename().string() + " has no block structure: its Linear weights cannot be "
+                       "quantised block by block (export it with blocks, or use frozen_dtype compute)");
+    quantization_ = quantize_frozen_linears(bundle_.module, block_paths_, frozen_quant, device);
+    if (quantization_.modules == 0)
+      throw InputError("frozen_dtype " + quant_format_name(frozen_quant) + ": no frozen Linear weight in the blocks "
+                       "can be quantised (each is read outside nn.Linear, e.g. by DoRA adapters); use frozen_dtype "
+                       "compute");
+  }
   bundle_.module.to(device);
   if (frozen_dtype != at::kFloat && method_ != Method::kFull) store_frozen(bundle_.module, frozen_dtype);
   for (auto& t : targets_) {

@@ -9,13 +9,13 @@ constexpr int64_t kLoraRank = 8;
 constexpr int64_t kTableClasses = 10;
 
 ArchitectureShape vit(const std::string& name, int64_t dim, int64_t heads, int64_t blocks, int64_t parameters,
-                      int64_t patch = 16) {
+                      int64_t patch = 16, int64_t mlp = 0) {
   ArchitectureShape s;
   s.name = name;
   s.patch = patch;
   s.tokens = (s.image_size / patch) * (s.image_size / patch) + 1;
   s.dim = dim;
-  s.mlp = 4 * dim;
+  s.mlp = mlp > 0 ? mlp : 4 * dim;
   s.heads = heads;
   s.blocks = blocks;
   s.parameters = parameters;
@@ -47,17 +47,22 @@ ArchitectureShape mobileclip_hybrid(const std::string& name, int64_t stem_channe
 std::vector<ArchitectureShape> standard_architectures() {
   ArchitectureShape mobileclip_b = vit("MobileCLIP-B", 768, 12, 12, 86'300'000);
   mobileclip_b.note = "ViT-B/16 image encoder";
+  ArchitectureShape internvit_6b = vit("InternViT-6B", 3200, 25, 45, 5'900'000'000, 14, 12800);
+  internvit_6b.note = "its shape at 224 px (its 448 px release has 4x the tokens)";
   return {vit("ViT-Ti/16", 192, 3, 12, 5'700'000),
           vit("ViT-S/16", 384, 6, 12, 22'100'000),
           vit("ViT-B/16", 768, 12, 12, 86'600'000),
           vit("ViT-L/16", 1024, 16, 24, 304'300'000),
           vit("ViT-H/14", 1280, 16, 32, 632'000'000, 14),
+          vit("ViT-g/14", 1408, 16, 40, 1'011'000'000, 14, 6144),
+          vit("ViT-bigG/14", 1664, 16, 48, 1'845'000'000, 14, 8192),
+          internvit_6b,
           mobileclip_hybrid("MobileCLIP-S0", 64, 512, 2, 11'400'000),
           mobileclip_hybrid("MobileCLIP-S2", 80, 640, 4, 35'700'000),
           mobileclip_b};
 }
 
-MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool checkpoint) {
+MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool checkpoint, QuantFormat quant) {
   // Bytes one image keeps per block under 16-bit autocast with fused attention (N tokens, D width, M MLP width,
   // h heads), from what autograd saves: each LayerNorm's fp32 input (4ND each), the attention's q, k, v and output
   // (8ND) and its log-sum-exp (4hN), the GELU input (2NM); LoRA adds its input (2ND) and the rank-r products; full
@@ -76,7 +81,19 @@ MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool
   p.checkpoint = checkpoint;
   const int64_t lora_parameters = s.blocks * 2 * kLoraRank * 2 * d;
   const int64_t head_parameters = d * kTableClasses + kTableClasses;
-  if (lora) {
+  if (lora && quant != QuantFormat::kNone) {
+    // The blocks' Linear weights quantised (int8: a byte each and an fp32 scale per row; NF4: half a byte, an int8
+    // scale per 64 and the group scales), the rest 16-bit; one layer's weight is dense while it runs: its 16-bit
+    // copy and the index or fp32 temporaries of its dequantisation, about 4 bytes an element.
+    const int64_t linear = s.blocks * (4 * d * d + 2 * d * m);
+    const int64_t rows = s.blocks * (4 * d + m + d);
+    const int64_t stored = quant == QuantFormat::kInt8 ? linear + 4 * rows : linear / 2 + linear / 64 + 4 * (linear / 64 / 256 + 1);
+    p.frozen_dtype = at::kHalf;
+    p.frozen_quant = quant;
+    p.frozen_by_dtype = {{"fp16", (s.parameters - linear) * 2}, {quant_format_name(quant) + ", quantised Linear weights", stored}};
+    p.trainable_parameters = lora_parameters + head_parameters;
+    p.extra_fixed = 4 * d * m;
+  } else if (lora) {
     p.frozen_dtype = at::kHalf;
     p.frozen_by_dtype = {{"fp16", s.parameters * 2}};
     p.trainable_parameters = lora_parameters + head_parameters;
@@ -85,7 +102,7 @@ MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool
     p.trainable_parameters = s.parameters + head_parameters;
   }
   // cuBLAS workspaces and other buffers (measured 90-113 MB); full fine-tuning adds autocast's 16-bit weight copies.
-  p.extra_fixed = 96 * kMiB + (lora ? 0 : 2 * s.parameters);
+  p.extra_fixed += 96 * kMiB + (lora ? 0 : 2 * s.parameters);
   p.input_per_image = 3 * s.image_size * s.image_size * 4;
   p.trained_blocks = s.blocks;
   p.block_output_per_image = n * d * 2;

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <map>
+#include <tuple>
 
 #include "common/strings.h"
 #include "loratune/cpu_allocator.h"
@@ -15,6 +17,7 @@
 #include "loratune/model.h"
 #include "loratune/train_step.h"
 #include "loratune/training_setup.h"
+#include "quant/frozen_weights.h"
 
 namespace loratune {
 namespace {
@@ -120,7 +123,7 @@ int64_t largest_micro_batch(const MemoryProfile& p, int64_t usable) {
 }
 
 MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision precision, at::ScalarType frozen_dtype,
-                           bool checkpoint) {
+                           bool checkpoint, QuantFormat frozen_quant) {
   install_caching_cpu_allocator();  // tensor bytes on the CPU are counted there
   TrainConfig c = config;
   c.head.init = "random";  // a zero-shot head has the same size
@@ -131,11 +134,12 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   p.device = resolve_device(c.device);
   p.precision = precision;
   p.frozen_dtype = frozen_dtype;
+  p.frozen_quant = frozen_quant;
   p.checkpoint = checkpoint;
   p.source = "measured on " + p.device.str() + ": training steps of 2 and 4 images";
   const TensorBytes before_model = tensor_bytes(p.device);
   auto model = build_training_model(c, names);
-  model->to(p.device, frozen_dtype);
+  model->to(p.device, frozen_dtype, frozen_quant);
   model->set_training(true);
   const auto trainable = model->trainable();
   for (const auto& t : trainable) p.trainable_parameters += t.tensor.numel();
@@ -145,8 +149,10 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   for (const auto& tower : towers) {
     for (const auto& param : tower.parameters(/*recurse=*/true))
       if (!param.requires_grad()) frozen[dtype_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
-    for (const auto& buffer : tower.buffers(/*recurse=*/true))
-      frozen[dtype_name(buffer.scalar_type())] += static_cast<int64_t>(buffer.nbytes());
+    for (const auto& buffer : tower.named_buffers(/*recurse=*/true))
+      frozen[is_quantized_weight_buffer(buffer.name) ? quant_format_name(frozen_quant) + ", quantised Linear weights"
+                                                     : dtype_name(buffer.value.scalar_type())] +=
+          static_cast<int64_t>(buffer.value.nbytes());
   }
   p.frozen_by_dtype.assign(frozen.begin(), frozen.end());
 
@@ -191,7 +197,11 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   step(2);  // allocates gradients, AdamW moments and the device's workspaces
   const int64_t baseline = tensor_bytes(p.device).current - before_model.current;
   p.extra_fixed = std::max<int64_t>(0, baseline - frozen_bytes(p) - p.trainable_parameters * kTrainableBytes);
-  const Reading r2 = step(2), r4 = step(4);
+  const Reading r2 = step(2);
+  const auto start = std::chrono::steady_clock::now();
+  const Reading r4 = step(4);
+  (void)at::zeros({1}, at::TensorOptions().device(p.device)).cpu();  // waits for the device's queued work
+  p.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   auto line = [](int64_t at2, int64_t at4) {
     LinearBytes l;
     l.per_image = std::max<int64_t>(0, (at4 - at2) / 2);
@@ -215,6 +225,7 @@ struct Candidate {
   Precision precision;
   at::ScalarType frozen_dtype;
   bool checkpoint;
+  QuantFormat quant = QuantFormat::kNone;
 };
 
 // The settings `train` would use for each open choice of precision and frozen dtype (as prepare_training decides:
@@ -229,9 +240,17 @@ std::vector<Candidate> candidates(const TrainConfig& c, const c10::Device& devic
     std::vector<at::ScalarType> frozen = {at::kFloat};
     if (frozen_dtype_for(c, p, device) != at::kFloat) frozen.insert(frozen.begin(), compute_dtype(p));
     for (const at::ScalarType f : frozen)
-      for (const bool ckpt : {false, true}) out.push_back({p, f, ckpt});
+      for (const bool ckpt : {false, true}) out.push_back({p, f, ckpt, frozen_quant_for(c)});
   }
   return out;
+}
+
+// Quantised frozen weights when nothing else fits: int8, then nf4, with checkpointing, in the first precision tried.
+std::vector<Candidate> quantized_candidates(const TrainConfig& c, const c10::Device& device) {
+  if (c.method != Method::kLora || frozen_quant_for(c) != QuantFormat::kNone) return {};
+  const Candidate first = candidates(c, device).front();
+  return {{first.precision, first.frozen_dtype, true, QuantFormat::kInt8},
+          {first.precision, first.frozen_dtype, true, QuantFormat::kNf4}};
 }
 
 std::vector<std::string> overrides_for(const TrainConfig& c, const MemoryFit& f) {
@@ -239,12 +258,26 @@ std::vector<std::string> overrides_for(const TrainConfig& c, const MemoryFit& f)
                                   "grad_accum_steps=" + std::to_string(f.accumulation),
                                   std::string("gradient_checkpointing=") + (f.checkpoint ? "true" : "false"),
                                   "precision=" + precision_name(f.precision)};
-  if (c.method != Method::kFull && f.precision != Precision::kFp32)
+  if (f.frozen_quant != QuantFormat::kNone)
+    out.push_back("frozen_dtype=" + quant_format_name(f.frozen_quant));
+  else if (c.method != Method::kFull && f.precision != Precision::kFp32)
     out.push_back(std::string("frozen_dtype=") + (f.frozen_dtype == at::kFloat ? "fp32" : "compute"));
   return out;
 }
 
 }  // namespace
+
+std::string fit_cost_note(const MemoryFit& f) {
+  if (f.frozen_quant == QuantFormat::kNone) return "";
+  std::string note = "frozen Linear weights quantised to " + quant_format_name(f.frozen_quant) +
+                     " (nothing cheaper fits): each layer dequantises its weight when it runs";
+  if (f.step_time_ratio > 0) {
+    char ratio[32];
+    std::snprintf(ratio, sizeof ratio, "%.2fx", f.step_time_ratio);
+    note += std::string("; the probe's step took ") + ratio + " the unquantised one's";
+  }
+  return note;
+}
 
 FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget) {
   const c10::Device device = resolve_device(config.device);
@@ -252,34 +285,42 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
   const int64_t effective = config.batch_size * config.grad_accum_steps;
   FitResult result;
   double best_score = 0;
-  int64_t smallest_need = -1;
-  std::string smallest_settings;
+  int64_t smallest_need = -1, smallest_frozen = -1;
+  std::string smallest_settings, smallest_frozen_settings;
   std::string last_error;
-  for (const Candidate& cand : candidates(config, device)) {
+  std::map<std::tuple<Precision, at::ScalarType, bool>, double> unquantized_seconds;
+  auto settings_text = [](const Candidate& cand) {
+    return precision_name(cand.precision) + ", frozen weights " +
+           (cand.quant != QuantFormat::kNone ? quant_format_name(cand.quant) : dtype_name(cand.frozen_dtype)) +
+           (cand.checkpoint ? ", checkpointing" : "");
+  };
+  auto consider = [&](const Candidate& cand) {
     MemoryProfile p;
     try {
-      p = probe_memory(config, classes, cand.precision, cand.frozen_dtype, cand.checkpoint);
+      p = probe_memory(config, classes, cand.precision, cand.frozen_dtype, cand.checkpoint, cand.quant);
     } catch (const c10::Error& e) {  // e.g. a graph that breaks with 16-bit frozen weights: train would not use it
       last_error = e.what_without_backtrace();
-      continue;
+      return;
     }
-    if (frozen_bytes(p) > usable)
-      throw InputError("memory " + human_bytes(static_cast<double>(budget)) + " is below what the frozen weights alone take (" +
-                       human_bytes(static_cast<double>(frozen_bytes(p))) + " in " + dtype_name(cand.frozen_dtype) +
-                       ", of " + human_bytes(static_cast<double>(usable)) + " usable): choose a smaller model");
+    if (cand.quant == QuantFormat::kNone)
+      unquantized_seconds[{cand.precision, cand.frozen_dtype, cand.checkpoint}] = p.step_seconds;
+    if (smallest_frozen < 0 || frozen_bytes(p) < smallest_frozen) {
+      smallest_frozen = frozen_bytes(p);
+      smallest_frozen_settings = settings_text(cand);
+    }
+    if (frozen_bytes(p) > usable) return;
     const MemoryEstimate one = estimate_memory(p, 1);
     if (smallest_need < 0 || planned_bytes(one, device) < smallest_need) {
       smallest_need = planned_bytes(one, device);
-      smallest_settings = precision_name(cand.precision) + ", frozen weights " + dtype_name(cand.frozen_dtype) +
-                          (cand.checkpoint ? ", checkpointing" : "") + ", micro-batch 1";
+      smallest_settings = settings_text(cand) + ", micro-batch 1";
     }
     int64_t m = std::min(largest_micro_batch(p, usable), effective);
     while (m > 0 && effective % m != 0) --m;  // micro-batches that divide the effective batch keep it
-    if (m == 0) continue;
+    if (m == 0) return;
     // Throughput model: 16-bit steps about twice as fast, checkpointing costs a quarter, tiny micro-batches waste.
     const double score = static_cast<double>(std::min<int64_t>(m, 32)) * (cand.precision == Precision::kFp32 ? 1.0 : 2.0) *
                          (cand.checkpoint ? 0.75 : 1.0) * (cand.frozen_dtype == at::kFloat ? 1.0 : 1.01);
-    if (score <= best_score) continue;
+    if (score <= best_score) return;
     best_score = score;
     MemoryFit f;
     f.micro_batch = m;
@@ -287,11 +328,25 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
     f.checkpoint = cand.checkpoint;
     f.precision = cand.precision;
     f.frozen_dtype = cand.frozen_dtype;
+    f.frozen_quant = cand.quant;
+    const auto plain = unquantized_seconds.find({cand.precision, cand.frozen_dtype, cand.checkpoint});
+    if (cand.quant != QuantFormat::kNone && plain != unquantized_seconds.end() && plain->second > 0)
+      f.step_time_ratio = p.step_seconds / plain->second;
     f.estimate = estimate_memory(p, m);
     f.overrides = overrides_for(config, f);
     result.fit = f;
-  }
-  if (smallest_need < 0) throw RuntimeFailure("no setting could run a training step: " + first_line(last_error));
+  };
+  for (const Candidate& cand : candidates(config, device)) consider(cand);
+  if (!result.fit)  // the cheaper choices do not fit: quantise the frozen weights, int8 before nf4
+    for (const Candidate& cand : quantized_candidates(config, device)) {
+      consider(cand);
+      if (result.fit) break;
+    }
+  if (smallest_frozen < 0) throw RuntimeFailure("no setting could run a training step: " + first_line(last_error));
+  if (smallest_need < 0)
+    throw InputError("memory " + human_bytes(static_cast<double>(budget)) + " is below what the frozen weights alone "
+                     "take (" + human_bytes(static_cast<double>(smallest_frozen)) + " with " + smallest_frozen_settings +
+                     ", of " + human_bytes(static_cast<double>(usable)) + " usable): choose a smaller model");
   if (!result.fit)
     result.failure = "nothing fits in " + human_bytes(static_cast<double>(budget)) + " (" +
                      human_bytes(static_cast<double>(usable)) + " usable): the smallest run needs " +

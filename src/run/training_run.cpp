@@ -106,6 +106,7 @@ TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& op
                                   human_bytes(static_cast<double>(options.memory_budget)),
                                   human_bytes(static_cast<double>(planned_bytes(fit.fit->estimate, resolve_device(c.device)))),
                                   join(run.fit_overrides, " --set ")));
+    if (const std::string cost = fit_cost_note(*fit.fit); !cost.empty()) reporter->message(cost);
   }
   TrainingSetup setup = prepare_training(c, train_folder.classes, options.zero_shot);
   if (group)

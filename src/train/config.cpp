@@ -177,8 +177,9 @@ const std::vector<Key>& schema() {
       {"precision", Kind::kString, "auto", false, kResult,
        "compute precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)", field(&C::precision), Range::any(), precision_choices()},
       {"frozen_dtype", Kind::kString, "auto", false, kResult,
-       "storage of frozen base weights (auto: the compute dtype on CUDA with mixed precision)",
-       field(&C::frozen_dtype), Range::any(), {"auto", "fp32", "compute"}},
+       "storage of frozen base weights (auto: the compute dtype on CUDA with mixed precision; int8, nf4: the blocks' "
+       "Linear weights quantised, the rest as auto)",
+       field(&C::frozen_dtype), Range::any(), {"auto", "fp32", "compute", "int8", "nf4"}},
       {"gradient_checkpointing", Kind::kBool, true, false, kResult,
        "recompute each block in backward instead of storing activations", field(&C::gradient_checkpointing)},
       {"loss_scale.init", Kind::kNumber, 65536.0, false, kResult, "fp16: initial loss scale",
@@ -337,6 +338,8 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
     fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
   if (c.output_dir.empty()) fail("output_dir must not be empty");
+  if ((c.frozen_dtype == "int8" || c.frozen_dtype == "nf4") && c.method != Method::kLora)
+    fail("frozen_dtype " + c.frozen_dtype + " quantises the frozen base under LoRA adapters: set method to lora");
   if (c.loss == "contrastive") {
     if (c.method != Method::kLora)
       fail("loss contrastive trains LoRA adapters on both towers: set method to lora");

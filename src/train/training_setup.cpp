@@ -58,9 +58,9 @@ std::vector<LoraTarget> in_last_blocks(std::vector<LoraTarget> targets, const Bu
 
 std::unique_ptr<Model> model_on_device(const TrainConfig& c, const std::vector<std::string>& classes,
                                        const ZeroShotHeadInit& zero_shot, const c10::Device& device,
-                                       at::ScalarType frozen) {
+                                       at::ScalarType frozen, QuantFormat quant) {
   auto model = build_training_model(c, classes, zero_shot);
-  model->to(device, frozen);
+  model->to(device, frozen, quant);
   return model;
 }
 
@@ -124,8 +124,12 @@ std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& c, Precision pre
 
 at::ScalarType frozen_dtype_for(const TrainConfig& c, Precision precision, const c10::Device& device) {
   const bool mixed = precision != Precision::kFp32;
-  const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype == "auto" && device.is_cuda());
+  const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype != "fp32" && device.is_cuda());
   return compact && mixed && c.method != Method::kFull ? compute_dtype(precision) : at::kFloat;
+}
+
+QuantFormat frozen_quant_for(const TrainConfig& c) {
+  return c.frozen_dtype == "int8" ? QuantFormat::kInt8 : c.frozen_dtype == "nf4" ? QuantFormat::kNf4 : QuantFormat::kNone;
 }
 
 TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::string>& classes,
@@ -134,18 +138,20 @@ TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::stri
   s.device = resolve_device(c.device);
   s.precision = resolve_precision(c.precision, s.device);
   s.frozen_dtype = frozen_dtype_for(c, s.precision, s.device);
-  s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype);
+  s.frozen_quant = frozen_quant_for(c);
+  s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype, s.frozen_quant);
   if (s.frozen_dtype != at::kFloat) {
     const std::string problem = probe_training_step(*s.model, s.device, s.precision, c.gradient_checkpointing);
     if (!problem.empty()) {
       s.warnings.push_back("frozen weights stay in fp32: the model fails with " + precision_name(s.precision) +
                            "-stored weights (" + problem + ")");
       s.frozen_dtype = at::kFloat;
-      s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype);
+      s.model = model_on_device(c, classes, zero_shot, s.device, s.frozen_dtype, s.frozen_quant);
     } else {
       s.notes.push_back("frozen base weights stored as " + precision_name(s.precision));
     }
   }
+  if (s.frozen_quant != QuantFormat::kNone) s.notes.push_back(quantization_note(s.model->frozen_quantization()));
 
   s.train_loader.batch_size = c.batch_size;
   s.train_loader.shuffle = s.train_loader.augment = true;  // the last, smaller batch trains too
