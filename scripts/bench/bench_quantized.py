@@ -19,18 +19,13 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_memory_plan import export  # noqa: E402  (a random-weight timm ViT from ../shared/upstream/timm)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-UPSTREAM = os.path.join(os.path.dirname(ROOT), "shared", "upstream")
 MODELS = {"b": ("ViT-B/16", "vit_base_patch16_224"), "l": ("ViT-L/16", "vit_large_patch16_224")}
 FORMATS = ("fp32", "int8", "nf4")
-
-
-def export(timm_name, path):
-    if not os.path.exists(path):
-        env = {**os.environ, "PYTHONPATH": os.path.join(UPSTREAM, "timm")}
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export", "timm_vit.py"), "--model", timm_name,
-                        "--random-init", "--output", path], check=True, env=env, capture_output=True)
-    return path
 
 
 def step(model, batch, steps, fmt):

@@ -581,6 +581,16 @@ def start_training(args, out, env=None):
     return p
 
 
+def interrupt_and_resume(test, cfg, out):
+    """Starts `train --config CFG`, interrupts it with Ctrl-C after its first metrics line, then resumes it to the end."""
+    p = start_training(["--config", cfg], out)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    test.assertEqual(p.returncode, 130, err)
+    code, _, err = run("train", "--config", cfg, "--resume")
+    test.assertEqual(code, 0, err)
+
+
 class DataParallel(unittest.TestCase):
     """Two Gloo workers on the loopback interface against one process with the same config (global batch)."""
 
@@ -1063,12 +1073,7 @@ class Contrastive(unittest.TestCase):
         cfg, whole = self.config("flyp_whole", epochs=12, batch_size=4, grad_accum_steps=2)
         self.assertEqual(run("train", "--config", cfg)[0], 0)
         cfg, out = self.config("flyp_resumed", epochs=12, batch_size=4, grad_accum_steps=2)
-        p = start_training(["--config", cfg], out)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-        self.assertEqual(p.returncode, 130, err)
-        code, _, err = run("train", "--config", cfg, "--resume")
-        self.assertEqual(code, 0, err)
+        interrupt_and_resume(self, cfg, out)
         self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
 
     def test_mixed_precision_and_two_workers(self):
@@ -1147,12 +1152,7 @@ class QuantizedBase(unittest.TestCase):
         cfg, whole = self.config("quant_whole", "int8", epochs=8, batch_size=4)
         self.assertEqual(run("train", "--config", cfg)[0], 0)
         cfg, out = self.config("quant_resumed", "int8", epochs=8, batch_size=4)
-        p = start_training(["--config", cfg], out)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-        self.assertEqual(p.returncode, 130, err)
-        code, _, err = run("train", "--config", cfg, "--resume")
-        self.assertEqual(code, 0, err)
+        interrupt_and_resume(self, cfg, out)
         self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
 
         cfg, one = self.config("quant_dp", "nf4", batch_size=6, grad_accum_steps=2)
