@@ -24,6 +24,7 @@
 #include "loratune/named_tensor.h"
 #include "loratune/optim.h"
 #include "loratune/process_group.h"
+#include "loratune/quantize.h"
 #include "loratune/safetensors.h"
 #include "loratune/targets.h"
 #include "loratune/threads.h"

@@ -1,6 +1,6 @@
 """The source folders form layers and includes only run down them (README, "Layout"):
 
-    common -> io -> import -> lora -> model -> data -> eval -> distributed -> train -> plan -> run -> text -> plot
+    common -> io -> import -> lora -> quant -> model -> data -> eval -> distributed -> train -> plan -> run -> text -> plot
     -> cli -> apps
 
 A folder may include its own headers and those of folders to its left. Public headers (include/loratune) belong to
@@ -18,13 +18,14 @@ import os
 import re
 import sys
 
-ORDER = ["common", "io", "import", "lora", "model", "data", "eval", "distributed", "train", "plan", "run", "text",
+ORDER = ["common", "io", "import", "lora", "quant", "model", "data", "eval", "distributed", "train", "plan", "run", "text",
          "plot", "cli", "apps"]
 OWNER = {
     "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_tensor", "threads"],
     "io": ["safetensors"],
     "import": ["import"],
     "lora": ["adapter", "adapter_variant", "lora", "targets"],
+    "quant": ["quantize"],
     "model": ["adapter_binding", "bundle", "merge", "model"],
     "data": ["batch_source", "image", "image_folder", "loader", "transform"],
     "eval": ["evaluate", "metrics"],
