@@ -74,7 +74,7 @@ std::unique_ptr<Model> benchmark_model(const Args& a, const c10::Device& device,
   class_names.clear();
   for (int c = 0; c < 10; ++c) class_names.push_back("class_" + std::to_string(c));
   auto model = build_training_model(parse_train_config(config, "benchmark"), class_names);
-  const std::string frozen = get(a, "frozen", "");
+  const std::string frozen = get(a, "frozen", "dense");
   const QuantFormat quant = frozen == "int8" ? QuantFormat::kInt8 : frozen == "nf4" ? QuantFormat::kNf4 : QuantFormat::kNone;
   model->to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat, quant);
   return model;

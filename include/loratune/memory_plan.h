@@ -56,6 +56,10 @@ struct MemoryProfile {
                                       // exceed the step's (measured profiles see it in their peak)
   int64_t host_batch_bytes_per_image = 0;  // one decoded image in the data pipeline (host memory)
   int64_t host_batches = 0;                // batches the loader holds (prefetched and in the workers)
+  // CPU only: the process's resident memory beyond tensors during the probe's step of 4 images (libraries, thread
+  // stacks, the caching allocator's free blocks), measured.
+  int64_t process_baseline = 0;
+  int64_t resize_size = 0;  // the model's: photos are cached (data.cache) at this short side
 };
 
 struct MemoryItem {

@@ -7,8 +7,12 @@
    steps of `loratune_bench step` (the caching CPU allocator's high-water mark of tensor bytes; on a GPU machine with
    --device cuda, the CUDA allocator's peak). Prints each case, then the median and worst relative error.
 2. The formula of `plan --table` against the CUDA peaks measured on an H200 (docs/measurements/*.json).
+3. --resident: on the CPU, plan's resident total (tensors, data pipeline, decoded-photo cache, process baseline)
+   against the peak RSS of real `loratune train` runs (one epoch on 100 of the demo's photos, validation included),
+   ViT-Ti/S, micro-batch 8 and 16, checkpointing off and on. Needs the demo's photos (`bash scripts/demo.sh`).
 
 usage: /usr/bin/python3 scripts/bench/bench_memory_plan.py [--build build] [--device cpu] [--models ti,s,b]
+       /usr/bin/python3 scripts/bench/bench_memory_plan.py --resident [--models ti,s]
 """
 import argparse
 import glob
@@ -79,16 +83,57 @@ def formula_vs_gpu(binary):
         print(f"| {name} | {setting} | {batch} | {pred / 2**30:.3f} GiB | {peak / 2**30:.3f} GiB | {pred / peak - 1:+.1%} |")
 
 
+def resident_vs_rss(binary, work, models):
+    photos = os.path.join(ROOT, "demo", "data", "photos", "train")
+    if not os.path.isdir(photos):
+        sys.exit(f"{photos} is missing: run `bash scripts/demo.sh` first")
+    subset = os.path.join(work, "photos_100")
+    if not os.path.isdir(subset):
+        for c in sorted(os.listdir(photos)):
+            os.makedirs(os.path.join(subset, c))
+            for f in sorted(os.listdir(os.path.join(photos, c)))[:20]:
+                os.symlink(os.path.join(photos, c, f), os.path.join(subset, c, f))
+    print("plan's resident total vs the peak RSS of `loratune train` (1 epoch, 100 photos, fp32, LoRA r8 q/v):\n")
+    print("| model | batch | checkpointing | tensors | photo cache | baseline | planned resident | measured peak RSS | "
+          "error |\n|---|---|---|---|---|---|---|---|---|")
+    errors = []
+    for key in models.split(","):
+        name, timm_name = MODELS[key]
+        model = export(timm_name, os.path.join(work, timm_name + ".pt"))
+        for batch in (8, 16):
+            for ckpt in ("false", "true"):
+                config = os.path.join(work, "resident.json")
+                with open(config, "w") as f:
+                    json.dump({"model": model, "data": {"train": subset, "val_fraction": 0.1, "workers": 2},
+                               "epochs": 1, "batch_size": batch, "precision": "fp32", "threads": 2,
+                               "gradient_checkpointing": ckpt == "true", "lora": {"dropout": 0.0},
+                               "output_dir": os.path.join(work, "resident_run")}, f)
+                plan = json.loads(subprocess.run([binary, "plan", "--config", config, "--json"], check=True,
+                                                 capture_output=True, text=True).stdout)
+                subprocess.run([binary, "train", "--config", config], check=True, capture_output=True)
+                with open(os.path.join(work, "resident_run", "summary.json")) as f:
+                    rss = json.load(f)["peak_memory_bytes"]
+                r = plan["resident"]
+                errors.append(abs(r["total"] / rss - 1))
+                print(f"| {name} | {batch} | {'on' if ckpt == 'true' else 'off'} | {plan['total'] / 2**20:.0f} MiB | "
+                      f"{r['image_cache'] / 2**20:.0f} MiB | {r['process_baseline'] / 2**20:.0f} MiB | "
+                      f"{r['total'] / 2**20:.0f} MiB | {rss / 2**20:.0f} MiB | {r['total'] / rss - 1:+.1%} |", flush=True)
+    print(f"\n{len(errors)} runs: median error {statistics.median(errors):.1%}, worst {max(errors):.1%}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default=os.path.join(ROOT, "build"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="ti,s,b")
     p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--resident", action="store_true", help="plan's resident total against train's peak RSS (CPU)")
     a = p.parse_args()
     binary, bench = os.path.join(a.build, "bin", "loratune"), os.path.join(a.build, "bin", "loratune_bench")
     work = os.path.join(a.build, "bench_memory_plan")
     os.makedirs(work, exist_ok=True)
+    if a.resident:
+        return resident_vs_rss(binary, work, "ti,s" if a.models == "ti,s,b" else a.models)
     precisions = ["fp32", "bf16"] if a.device == "cpu" else ["fp32", "fp16"]
     print(f"Predicted vs measured peak tensor bytes on {a.device}, LoRA r8 q/v (no dropout), AdamW, 2 steps:\n")
     print("| model | batch | checkpointing | precision | predicted | measured | error |\n|---|---|---|---|---|---|---|")

@@ -8,6 +8,8 @@
 #include "common/strings.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
+#include "loratune/image_folder.h"
+#include "loratune/loader.h"
 #include "loratune/memory_plan.h"
 #include "loratune/threads.h"
 #include "loratune/training_setup.h"
@@ -19,20 +21,56 @@ namespace {
 
 std::string gb(int64_t bytes) { return human_bytes(static_cast<double>(bytes)); }
 
-void print_estimate(const MemoryProfile& profile, const MemoryEstimate& e, int64_t micro_batch) {
+// On the CPU, what the process's resident set should peak at, beside the tensors: the data pipeline, the loaders'
+// decoded-photo cache (data.cache) and the process baseline the probe measured.
+struct ResidentMemory {
+  int64_t cached_photos = 0, image_cache = 0, total = 0;
+};
+
+ResidentMemory resident_memory(const TrainConfig& c, const MemoryProfile& p, const MemoryEstimate& e) {
+  ResidentMemory r;
+  Preprocess preprocess;
+  preprocess.resize_size = p.resize_size;
+  for (const std::string& folder : {c.data.train, c.data.val}) {
+    std::error_code ec;
+    if (folder.empty() || !fs::is_directory(folder, ec)) continue;
+    const size_t photos = scan_image_folder(folder).samples.size();
+    if (!caches_decoded_images(c.data.cache, photos, preprocess)) continue;
+    r.cached_photos += static_cast<int64_t>(photos);
+    r.image_cache += decoded_cache_bytes(photos, preprocess);
+  }
+  r.total = e.total + e.host_buffers + r.image_cache + p.process_baseline;
+  return r;
+}
+
+void print_estimate(const TrainConfig& c, const MemoryProfile& profile, const MemoryEstimate& e, int64_t micro_batch) {
   std::vector<std::vector<std::string>> rows;
   for (const auto& item : e.items) rows.push_back({item.name, gb(item.bytes), item.detail});
   rows.push_back({"predicted peak", gb(e.total), "micro-batch " + std::to_string(micro_batch)});
   std::printf("%s", cli::format_table({"", "bytes", ""}, rows).c_str());
   std::printf("host memory: data pipeline %s (%lld batches of decoded images)%s\n", gb(e.host_buffers).c_str(),
               static_cast<long long>(profile.host_batches), profile.device.is_cuda() ? "" : ", counted on the CPU");
+  if (profile.device.is_cuda()) return;
+  const ResidentMemory r = resident_memory(c, profile, e);
+  std::printf("resident memory (compare with the peak RSS train prints): %s = tensors %s + data pipeline %s + "
+              "decoded-photo cache %s (%lld photos at %lld px, data.cache %s) + process baseline %s (libraries, threads, "
+              "the allocator's free blocks; measured by the probe)\n",
+              gb(r.total).c_str(), gb(e.total).c_str(), gb(e.host_buffers).c_str(), gb(r.image_cache).c_str(),
+              static_cast<long long>(r.cached_photos), static_cast<long long>(profile.resize_size),
+              c.data.cache.c_str(), gb(profile.process_baseline).c_str());
 }
 
-nlohmann::json estimate_json(const MemoryProfile& p, const MemoryEstimate& e, int64_t micro_batch) {
+nlohmann::json estimate_json(const TrainConfig& c, const MemoryProfile& p, const MemoryEstimate& e, int64_t micro_batch) {
   nlohmann::json items = nlohmann::json::array();
   for (const auto& item : e.items) items.push_back({{"name", item.name}, {"bytes", item.bytes}, {"detail", item.detail}});
-  return {{"micro_batch", micro_batch}, {"checkpoint", p.checkpoint}, {"precision", precision_name(p.precision)},
-          {"total", e.total}, {"host_buffers", e.host_buffers}, {"items", items}, {"source", p.source}};
+  nlohmann::json out = {{"micro_batch", micro_batch}, {"checkpoint", p.checkpoint}, {"precision", precision_name(p.precision)},
+                        {"total", e.total}, {"host_buffers", e.host_buffers}, {"items", items}, {"source", p.source}};
+  if (!p.device.is_cuda()) {
+    const ResidentMemory r = resident_memory(c, p, e);
+    out["resident"] = {{"total", r.total}, {"image_cache", r.image_cache}, {"cached_photos", r.cached_photos},
+                       {"process_baseline", p.process_baseline}};
+  }
+  return out;
 }
 
 // Classes for the head's size: the class folders of data.train when it is a folder, else 10.
@@ -118,7 +156,7 @@ int run_plan(const PlanCommand& command) {
     std::optional<FitResult> fit;
     if (budget > 0) fit = fit_memory(c, classes, budget);
     if (command.json) {
-      nlohmann::json out = estimate_json(profile, estimate, c.batch_size);
+      nlohmann::json out = estimate_json(c, profile, estimate, c.batch_size);
       if (fit && fit->fit) out["fit"] = {{"overrides", fit->fit->overrides}, {"total", fit->fit->estimate.total}};
       if (fit && !fit->fit) out["fit"] = {{"failure", fit->failure}};
       std::printf("%s\n", out.dump(1).c_str());
@@ -131,7 +169,7 @@ int run_plan(const PlanCommand& command) {
                        precision_name(frozen == at::kFloat ? Precision::kFp32 : precision)).c_str()
                     : precision_name(frozen == at::kFloat ? Precision::kFp32 : precision).c_str(),
                 c.gradient_checkpointing ? "on" : "off", static_cast<long long>(classes), profile.source.c_str());
-    print_estimate(profile, estimate, c.batch_size);
+    print_estimate(c, profile, estimate, c.batch_size);
     if (!fit) return exit_code::kOk;
     if (!fit->fit) {
       std::fprintf(stderr, "error: %s\n", fit->failure.c_str());

@@ -20,11 +20,20 @@ constexpr int kMaxWorkers = 256;
 
 }  // namespace
 
+int64_t decoded_cache_bytes(size_t images, const Preprocess& preprocess) {
+  return static_cast<int64_t>(images) * preprocess.resize_size * preprocess.resize_size * 3;
+}
+
+bool caches_decoded_images(const std::string& cache, size_t images, const Preprocess& preprocess) {
+  // auto decides on 1.4x the square size: photos are rarely square.
+  const double estimate = 1.4 * static_cast<double>(decoded_cache_bytes(images, preprocess));
+  return cache == "memory" || (cache == "auto" && estimate <= kAutoCacheBytes);
+}
+
 ImageBatchSource::ImageBatchSource(ImageFolder folder, Preprocess preprocess, LoaderOptions options)
     : folder_(std::move(folder)), preprocess_(preprocess), options_(std::move(options)) {
   if (options_.batch_size < 1) throw InputError("batch size must be >= 1");
-  const double estimate = static_cast<double>(folder_.samples.size()) * preprocess_.resize_size * preprocess_.resize_size * 3 * 1.4;
-  cache_enabled_ = options_.cache == "memory" || (options_.cache == "auto" && estimate <= kAutoCacheBytes);
+  cache_enabled_ = caches_decoded_images(options_.cache, folder_.samples.size(), preprocess_);
   if (cache_enabled_) {
     cache_.assign(folder_.samples.size(), nullptr);
     for (size_t i = 0; i < folder_.samples.size(); ++i) cache_once_.push_back(std::make_unique<std::once_flag>());

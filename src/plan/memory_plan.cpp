@@ -157,6 +157,7 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   p.frozen_by_dtype.assign(frozen.begin(), frozen.end());
 
   const int64_t size = model->bundle().info.image_size;
+  p.resize_size = model->bundle().info.resize_size;
   p.input_per_image = 3 * size * size * static_cast<int64_t>(sizeof(float));
   p.host_batch_bytes_per_image = p.input_per_image;
   p.host_batches = std::max<int64_t>(1, c.data.prefetch_batches) + 1;  // prefetched, and the one being filled
@@ -202,6 +203,8 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   const Reading r4 = step(4);
   (void)at::zeros({1}, at::TensorOptions().device(p.device)).cpu();  // waits for the device's queued work
   p.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!p.device.is_cuda())
+    p.process_baseline = std::max<int64_t>(0, read_memory(p.device).peak_rss - tensor_bytes(p.device).peak);
   auto line = [](int64_t at2, int64_t at4) {
     LinearBytes l;
     l.per_image = std::max<int64_t>(0, (at4 - at2) / 2);
