@@ -76,6 +76,7 @@ struct TrainConfig {
   std::string precision = "auto";
   std::string frozen_dtype = "auto";  // auto | fp32 | compute | int8 | nf4
   bool gradient_checkpointing = true;
+  std::string offload = "none";  // none | weights | activations | both (CUDA; see Model::set_offload)
   LossScaleConfig loss_scale;
   EarlyStoppingConfig early_stopping;
   std::string device = "auto";

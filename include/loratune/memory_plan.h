@@ -60,6 +60,10 @@ struct MemoryProfile {
   // stacks, the caching allocator's free blocks), measured.
   int64_t process_baseline = 0;
   int64_t resize_size = 0;  // the model's: photos are cached (data.cache) at this short side
+  // offload (CUDA): what waits in pinned host memory, not on the device: frozen weights, and the checkpointed
+  // blocks' saved inputs per image.
+  int64_t host_offload_fixed = 0;
+  int64_t host_offload_per_image = 0;
 };
 
 struct MemoryItem {
@@ -74,6 +78,7 @@ struct MemoryEstimate {
   std::vector<MemoryItem> items;
   int64_t total = 0;
   int64_t host_buffers = 0;
+  int64_t host_offload = 0;  // offload: pinned host memory (weights and saved block inputs)
 };
 MemoryEstimate estimate_memory(const MemoryProfile& profile, int64_t micro_batch);
 
@@ -99,7 +104,8 @@ struct MemoryFit {
   Precision precision = Precision::kFp32;
   at::ScalarType frozen_dtype = at::kFloat;
   QuantFormat frozen_quant = QuantFormat::kNone;
-  double step_time_ratio = 0;  // quantised fits: the probe's step time over the unquantised one's (same settings)
+  bool offload = false;        // offload both (CUDA)
+  double step_time_ratio = 0;  // quantised or offloaded fits: the probe's step time over the plain one's (same settings)
   MemoryEstimate estimate;
   std::vector<std::string> overrides;  // "batch_size=16", ...
 };
@@ -110,10 +116,11 @@ struct FitResult {
 // Tries the precisions and frozen dtypes the config leaves open ("auto"), checkpointing off and on, and the
 // micro-batches that divide the effective batch (batch_size x grad_accum_steps); picks the fastest that fits
 // (16-bit over fp32, no checkpointing over checkpointing, larger micro-batches). When nothing fits that way and the
-// config leaves the frozen weights unquantised (method lora), int8 and then nf4 weights with checkpointing. InputError
+// config leaves the frozen weights unquantised (method lora), int8 and then nf4 weights with checkpointing; on CUDA, when
+// that fails too, offload both, then offload both with nf4 weights. InputError
 // when the budget is below the frozen weights alone in the most compact form tried.
 FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget);
-// For a fit with quantised frozen weights, its cost in time as measured by the probes; "" otherwise.
+// For a fit with quantised frozen weights or offload, its cost in time as measured by the probes; "" otherwise.
 std::string fit_cost_note(const MemoryFit& fit);
 
 // Standard shapes for `plan --table` (no weights needed).
@@ -131,8 +138,9 @@ std::vector<ArchitectureShape> standard_architectures();
 enum class Tuning { kLora, kFull };
 // The formula for a transformer with fused (sdpa) attention on CUDA under 16-bit autocast: LoRA r8 on query/value
 // without dropout and frozen weights in 16 bits (or the blocks' Linear weights in `quant`), or full fine-tuning with
-// fp32 master weights.
+// fp32 master weights. `offload` (LoRA with checkpointing): offload both, the blocks' Linear weights and saved inputs
+// in host memory, two blocks' on the GPU.
 MemoryProfile vit_memory_profile(const ArchitectureShape& shape, Tuning tuning, bool checkpoint,
-                                 QuantFormat quant = QuantFormat::kNone);
+                                 QuantFormat quant = QuantFormat::kNone, bool offload = false);
 
 }  // namespace loratune

@@ -16,6 +16,14 @@
 namespace loratune {
 
 class AdapterHost;
+class BlockOffload;
+
+// What stays in host memory during training (meant for CUDA; see Model::set_offload).
+struct OffloadSettings {
+  bool weights = false;      // the blocks' frozen tensors, copied to the device one block ahead of use
+  bool activations = false;  // the inputs checkpointed blocks keep for backward, copied back one block ahead
+  bool any() const { return weights || activations; }
+};
 
 class Model {
  public:
@@ -80,6 +88,18 @@ class Model {
           QuantFormat frozen_quant = QuantFormat::kNone);
   const FrozenQuantization& frozen_quantization() const { return quantization_; }
 
+  // Offloading to host memory (method lora), applied by the next to(): the blocks' frozen tensors stay in host memory
+  // (pinned on CUDA) in their storage dtype, quantised or not, and only the running block's and the next one's are
+  // on the device (in backward too); with checkpointing, the blocks' saved inputs go to host memory and come back one
+  // block ahead in backward. On CUDA the copies run on a side stream; on the CPU the same schedule runs with plain
+  // copies (nothing is saved there: training leaves it off on the CPU).
+  void set_offload(OffloadSettings settings);
+  const OffloadSettings& offload() const { return offload_settings_; }
+  // Bytes of frozen weights waiting in host memory (weight offload).
+  int64_t offloaded_weight_bytes() const;
+  // The most blocks whose weights were on the device at once since the last call (0 without weight offload).
+  int64_t take_peak_resident_blocks();
+
   // LoRA dropout on/off (the base always runs in eval mode: no dropout, BatchNorm statistics frozen).
   void set_training(bool training);
 
@@ -106,6 +126,8 @@ class Model {
 
  private:
   void refresh_block_parameters();
+  // Runs blocks [first, last) on `h`, checkpointed where `checkpoint` and gradients are on, offloading if set.
+  at::Tensor run_blocks(at::Tensor h, size_t first, size_t last, bool checkpoint);
   struct TextTower;
 
   Bundle bundle_;
@@ -117,6 +139,8 @@ class Model {
   bool head_trainable_ = true;
   std::unique_ptr<TextTower> text_;
   FrozenQuantization quantization_;
+  OffloadSettings offload_settings_;
+  c10::intrusive_ptr<BlockOffload> offload_;  // made by to()
   Method method_ = Method::kLora;
   c10::Device device_{c10::kCPU};
   std::vector<torch::jit::Module> blocks_;

@@ -64,6 +64,8 @@ std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& config, Precisio
 at::ScalarType frozen_dtype_for(const TrainConfig& config, Precision precision, const c10::Device& device);
 // The quantisation frozen_dtype asks for (int8, nf4), else none.
 QuantFormat frozen_quant_for(const TrainConfig& config);
+// What `offload` asks for (applied on CUDA only).
+OffloadSettings offload_settings_for(const TrainConfig& config);
 
 TrainingSetup prepare_training(const TrainConfig& config, const std::vector<std::string>& classes,
                                const ZeroShotHeadInit& zero_shot = {});

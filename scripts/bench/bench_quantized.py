@@ -91,7 +91,8 @@ def quality(a):
                 json.dump(config, f)
             subprocess.run([binary, "train", "--config", path], check=True, capture_output=True)
             scores = {}
-            for kind, extra in (("unmerged", ["--frozen-dtype", fmt]), ("merged", [])):
+            quantised_eval = ["--frozen-dtype", fmt] if fmt != "fp32" else []
+            for kind, extra in (("unmerged", quantised_eval), ("merged", [])):
                 out = os.path.join(work, f"eval_{fmt}_{seed}_{kind}")
                 subprocess.run([binary, "eval", "--model", backbone, "--adapter", os.path.join(run_dir, "best"),
                                 "--data", os.path.join(photos, "test"), "--output", out, *extra], check=True,

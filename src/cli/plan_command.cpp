@@ -50,6 +50,9 @@ void print_estimate(const TrainConfig& c, const MemoryProfile& profile, const Me
   std::printf("%s", cli::format_table({"", "bytes", ""}, rows).c_str());
   std::printf("host memory: data pipeline %s (%lld batches of decoded images)%s\n", gb(e.host_buffers).c_str(),
               static_cast<long long>(profile.host_batches), profile.device.is_cuda() ? "" : ", counted on the CPU");
+  if (e.host_offload > 0)
+    std::printf("pinned host memory (offload): %s (frozen weights %s, saved block inputs %s)\n", gb(e.host_offload).c_str(),
+                gb(profile.host_offload_fixed).c_str(), gb(e.host_offload - profile.host_offload_fixed).c_str());
   if (profile.device.is_cuda()) return;
   const ResidentMemory r = resident_memory(c, profile, e);
   std::printf("resident memory (compare with the peak RSS train prints): %s = tensors %s + data pipeline %s + "
@@ -64,7 +67,8 @@ nlohmann::json estimate_json(const TrainConfig& c, const MemoryProfile& p, const
   nlohmann::json items = nlohmann::json::array();
   for (const auto& item : e.items) items.push_back({{"name", item.name}, {"bytes", item.bytes}, {"detail", item.detail}});
   nlohmann::json out = {{"micro_batch", micro_batch}, {"checkpoint", p.checkpoint}, {"precision", precision_name(p.precision)},
-                        {"total", e.total}, {"host_buffers", e.host_buffers}, {"items", items}, {"source", p.source}};
+                        {"total", e.total}, {"host_buffers", e.host_buffers}, {"host_offload", e.host_offload},
+                        {"items", items}, {"source", p.source}};
   if (!p.device.is_cuda()) {
     const ResidentMemory r = resident_memory(c, p, e);
     out["resident"] = {{"total", r.total}, {"image_cache", r.image_cache}, {"cached_photos", r.cached_photos},
@@ -98,8 +102,11 @@ int print_table(const PlanCommand& command) {
             std::tuple{"lora_checkpoint", Tuning::kLora, true, QuantFormat::kNone},
             std::tuple{"lora_checkpoint_int8", Tuning::kLora, true, QuantFormat::kInt8},
             std::tuple{"lora_checkpoint_nf4", Tuning::kLora, true, QuantFormat::kNf4},
+            std::tuple{"lora_checkpoint_offload", Tuning::kLora, true, QuantFormat::kNone},
+            std::tuple{"lora_checkpoint_nf4_offload", Tuning::kLora, true, QuantFormat::kNf4},
             std::tuple{"full_checkpoint", Tuning::kFull, true, QuantFormat::kNone}}) {
-        const MemoryProfile p = vit_memory_profile(shape, tuning, checkpoint, quant);
+        const bool offload = std::string(name).find("_offload") != std::string::npos;
+        const MemoryProfile p = vit_memory_profile(shape, tuning, checkpoint, quant, offload);
         const int64_t fixed = estimate_memory(p, 0).total;
         settings[name] = {{"fixed", fixed}, {"per_image", estimate_memory(p, 1).total - fixed},
                           {"largest_batch", largest_micro_batch(p, usable)}};
@@ -115,24 +122,27 @@ int print_table(const PlanCommand& command) {
               gb(budget).c_str(), gb(usable).c_str());
   std::vector<std::vector<std::string>> rows;
   for (const auto& shape : standard_architectures()) {
-    auto cell = [&](Tuning tuning, bool checkpoint, QuantFormat quant = QuantFormat::kNone) {
+    auto cell = [&](Tuning tuning, bool checkpoint, QuantFormat quant = QuantFormat::kNone, bool offload = false) {
       if (tuning == Tuning::kFull && shape.frozen_prefix_per_image > 0) return std::string("-");
-      const int64_t b = largest_micro_batch(vit_memory_profile(shape, tuning, checkpoint, quant), usable);
+      const int64_t b = largest_micro_batch(vit_memory_profile(shape, tuning, checkpoint, quant, offload), usable);
       return b == 0 ? std::string("does not fit") : std::to_string(b);
     };
     const MemoryProfile at32 = vit_memory_profile(shape, Tuning::kLora, true);
     rows.push_back({shape.name, human_count(static_cast<double>(shape.parameters)), std::to_string(shape.image_size),
                     cell(Tuning::kLora, false), cell(Tuning::kLora, true),
                     cell(Tuning::kLora, true, QuantFormat::kInt8), cell(Tuning::kLora, true, QuantFormat::kNf4),
-                    cell(Tuning::kFull, true), gb(estimate_memory(at32, 32).total),
+                    cell(Tuning::kLora, true, QuantFormat::kNf4, true), cell(Tuning::kFull, true),
+                    gb(estimate_memory(at32, 32).total),
                     gb(estimate_memory(vit_memory_profile(shape, Tuning::kLora, true, QuantFormat::kNf4), 32).total),
                     shape.note});
   }
   std::printf("%s", cli::format_table({"model", "params", "px", "LoRA", "LoRA + ckpt", "+ int8", "+ nf4",
-                                       "full + ckpt", "LoRA + ckpt, batch 32", "+ nf4, batch 32", "note"},
+                                       "+ nf4, offload", "full + ckpt", "LoRA + ckpt, batch 32", "+ nf4, batch 32",
+                                       "note"},
                                       rows).c_str());
   std::printf("\nint8 / nf4: the blocks' Linear weights quantised (frozen_dtype int8 / nf4), each dequantised while its layer "
-              "runs. Full fine-tuning keeps fp32 weights, gradients and AdamW moments (16 bytes a parameter) and 16-bit "
+              "runs; offload: offload both, the blocks' weights and saved inputs in pinned host memory, two blocks' on "
+              "the GPU at a time. Full fine-tuning keeps fp32 weights, gradients and AdamW moments (16 bytes a parameter) and 16-bit "
               "copies; \"-\": its convolutional stages are not modelled.\n");
   return exit_code::kOk;
 }

@@ -39,7 +39,8 @@ struct AutocastState {
 
 struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
   static variable_list forward(AutogradContext* ctx, at::Tensor input, at::TensorList parameters,
-                               torch::jit::Module block, bool forward_with_grad) {
+                               torch::jit::Module block, bool forward_with_grad,
+                               c10::intrusive_ptr<RecomputeHooks> hooks, int64_t index) {
     const AutocastState autocast = AutocastState::current();
     ctx->saved_data["block"] = block._ivalue();
     ctx->saved_data["autocast"] = std::vector<int64_t>{autocast.cpu, autocast.cuda, static_cast<int64_t>(autocast.cpu_dtype),
@@ -47,7 +48,11 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     ctx->saved_data["rng_cpu"] = compat::default_generator(c10::Device(c10::kCPU)).get_state();
     if (input.is_cuda()) ctx->saved_data["rng_device"] = compat::default_generator(input.device()).get_state();
     ctx->saved_data["input_requires_grad"] = input.requires_grad();
-    std::vector<at::Tensor> saved{input};
+    if (hooks) {
+      ctx->saved_data["hooks"] = c10::IValue::make_capsule(hooks);
+      ctx->saved_data["index"] = index;
+    }
+    std::vector<at::Tensor> saved{hooks ? hooks->stash_input(index, input) : input};
     saved.insert(saved.end(), parameters.begin(), parameters.end());
     ctx->save_for_backward(saved);
     if (!forward_with_grad) return {run_block(block, input)};
@@ -59,7 +64,13 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
+    c10::intrusive_ptr<RecomputeHooks> hooks;
+    int64_t index = 0;
+    if (ctx->saved_data.count("hooks")) {
+      hooks = c10::static_intrusive_pointer_cast<RecomputeHooks>(ctx->saved_data["hooks"].toCapsule());
+      index = ctx->saved_data["index"].toInt();
+    }
+    const at::Tensor input = hooks ? hooks->restore_input(index, saved[0]) : saved[0];
     const std::vector<at::Tensor> parameters(saved.begin() + 1, saved.end());
     torch::jit::Module block(ctx->saved_data["block"].toObject());
     const auto flags = ctx->saved_data["autocast"].toIntVector();
@@ -82,6 +93,7 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     const bool input_requires_grad = ctx->saved_data["input_requires_grad"].toBool();
     at::Tensor x = input.detach().requires_grad_(input_requires_grad);
     at::Tensor out;
+    if (hooks) hooks->before_recompute(index);
     {
       at::AutoGradMode enable_grad(true);
       // The executor's "no optimisation" flag is per thread, and CUDA backward runs on autograd's device thread:
@@ -104,12 +116,16 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     if (!wrt.empty() && out.requires_grad())
       grads = torch::autograd::grad({out}, wrt, {grad_outputs[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                     /*allow_unused=*/true);
+    out = at::Tensor();  // the recomputed graph, and with it the block's weights, goes before the next block's
+    if (hooks) hooks->after_recompute(index);
     variable_list result;
     size_t next = 0;
     result.push_back(input_requires_grad && !grads.empty() ? grads[next++] : at::Tensor());
     for (const auto& p : parameters) result.push_back(p.requires_grad() && !grads.empty() ? grads[next++] : at::Tensor());
     result.push_back(at::Tensor());  // the block itself
     result.push_back(at::Tensor());  // forward_with_grad
+    result.push_back(at::Tensor());  // hooks
+    result.push_back(at::Tensor());  // index
     return result;
   }
 };
@@ -124,8 +140,9 @@ at::Tensor run_block(const torch::jit::Module& block, const at::Tensor& input) {
 }
 
 at::Tensor checkpointed_block(const torch::jit::Module& block, const at::Tensor& input,
-                              const std::vector<at::Tensor>& parameters, bool forward_with_grad) {
-  return BlockCheckpoint::apply(input, at::TensorList(parameters), block, forward_with_grad)[0];
+                              const std::vector<at::Tensor>& parameters, bool forward_with_grad,
+                              c10::intrusive_ptr<RecomputeHooks> hooks, int64_t index) {
+  return BlockCheckpoint::apply(input, at::TensorList(parameters), block, forward_with_grad, std::move(hooks), index)[0];
 }
 
 bool has_grad_mode_dependent_kernels(const torch::jit::Module& module) {

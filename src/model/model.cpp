@@ -7,6 +7,7 @@
 #include "loratune/adapter_variant.h"
 #include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
+#include "model/block_offload.h"
 #include "model/gradient_checkpoint.h"
 #include "quant/frozen_weights.h"
 
@@ -177,6 +178,7 @@ void Model::refresh_block_parameters() {
   }
   if (method_ != Method::kFull)
     while (prefix_blocks_ < static_cast<int64_t>(blocks_.size()) && block_parameters_[prefix_blocks_].empty()) ++prefix_blocks_;
+  if (offload_) offload_->set_first_recomputed(prefix_blocks_);
 }
 
 std::vector<NamedTensor> Model::trainable() const {
@@ -205,6 +207,7 @@ int64_t Model::trainable_count() const {
 
 int64_t Model::base_parameter_count() const {
   int64_t n = quantization_.parameters;  // their dense weights are empty now
+  if (offload_) n += offload_->host_parameter_count();  // so are the offloaded ones' slots
   for (const auto& p : bundle_.module.parameters()) n += p.numel();
   return n;
 }
@@ -221,8 +224,21 @@ int64_t Model::total_count() const {
   return n;
 }
 
+void Model::set_offload(OffloadSettings settings) {
+  if (offload_) throw RuntimeFailure("internal: offload is set before the model moves to its device");
+  offload_settings_ = settings;
+}
+
+int64_t Model::offloaded_weight_bytes() const { return offload_ ? offload_->host_weight_bytes() : 0; }
+
+int64_t Model::take_peak_resident_blocks() {
+  if (!offload_) return 0;
+  const int64_t peak = offload_->peak_resident_blocks();
+  offload_->reset_peak();
+  return peak;
+}
+
 void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantFormat frozen_quant) {
-  device_ = device;
   if (frozen_quant != QuantFormat::kNone && quantization_.format == QuantFormat::kNone) {
     if (method_ != Method::kLora) throw InputError("quantised frozen weights need method lora");
     if (block_paths_.empty())
@@ -235,6 +251,20 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
                        "can be quantised (each is read outside nn.Linear, e.g. by DoRA adapters); use frozen_dtype "
                        "compute");
   }
+  if (offload_settings_.any() && !offload_) {
+    if (method_ != Method::kLora) throw InputError("offload needs method lora (it moves frozen weights)");
+    if (block_paths_.empty())
+      throw InputError(bundle_.path.filename().string() + " has no block structure: it cannot be offloaded block by "
+                       "block (export it with blocks, or set offload to none)");
+    // The host copies keep the storage dtype; what stays in the module (placeholders) moves below.
+    if (frozen_dtype != at::kFloat) store_frozen(bundle_.module, frozen_dtype);
+    offload_ = c10::make_intrusive<BlockOffload>(blocks_, device, offload_settings_.weights,
+                                                 offload_settings_.activations, prefix_blocks_);
+    release_cached_cpu_memory();
+  } else if (offload_ && device != device_) {
+    throw RuntimeFailure("internal: an offloaded model cannot move to another device");
+  }
+  device_ = device;
   bundle_.module.to(device);
   if (frozen_dtype != at::kFloat && method_ != Method::kFull) store_frozen(bundle_.module, frozen_dtype);
   for (auto& t : targets_) {
@@ -262,8 +292,7 @@ bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Me
 at::Tensor Model::prefix(const at::Tensor& images) {
   if (!has_frozen_prefix()) throw RuntimeFailure("internal: the model has no frozen prefix");
   at::NoGradGuard no_grad;  // nothing here trains: keep no activations
-  at::Tensor h = bundle_.module.get_method("stem")({images}).toTensor();
-  for (int64_t i = 0; i < prefix_blocks_; ++i) h = run_block(blocks_[i], h);
+  at::Tensor h = run_blocks(bundle_.module.get_method("stem")({images}).toTensor(), 0, prefix_blocks_, false);
   if (method_ == Method::kLinearProbe) h = bundle_.module.get_method("head")({h}).toTensor();
   // One memory layout, whether the next step gets this tensor or cached rows stacked again: kernels may
   // differ by layout and the results in their last bits.
@@ -272,12 +301,20 @@ at::Tensor Model::prefix(const at::Tensor& images) {
 
 at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint) {
   if (method_ == Method::kLinearProbe) return hidden;
-  const bool grad = at::GradMode::is_enabled();
-  at::Tensor h = hidden;
-  for (size_t i = static_cast<size_t>(prefix_blocks_); i < blocks_.size(); ++i)
-    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i], block_grad_dependent_[i])
-                           : run_block(blocks_[i], h);
+  const at::Tensor h = run_blocks(hidden, prefix_blocks_, blocks_.size(), checkpoint);
   return bundle_.module.get_method("head")({h}).toTensor();
+}
+
+at::Tensor Model::run_blocks(at::Tensor h, size_t first, size_t last, bool checkpoint) {
+  const bool recompute = checkpoint && at::GradMode::is_enabled();
+  for (size_t i = first; i < last; ++i) {
+    const bool final_block = i + 1 == blocks_.size();
+    if (offload_) offload_->enter(i, final_block ? -1 : static_cast<int64_t>(i + 1));
+    h = recompute ? checkpointed_block(blocks_[i], h, block_parameters_[i], block_grad_dependent_[i], offload_, i)
+                  : run_block(blocks_[i], h);
+    if (offload_) offload_->leave(i, /*keep=*/recompute && final_block);  // backward starts with it
+  }
+  return h;
 }
 
 at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
@@ -289,10 +326,7 @@ at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
   }
   if (has_frozen_prefix()) return features_from_prefix(prefix(images), checkpoint);
   // Method full: everything trains.
-  at::Tensor h = bundle_.module.get_method("stem")({images}).toTensor();
-  for (size_t i = 0; i < blocks_.size(); ++i)
-    h = grad && checkpoint ? checkpointed_block(blocks_[i], h, block_parameters_[i], block_grad_dependent_[i])
-                           : run_block(blocks_[i], h);
+  const at::Tensor h = run_blocks(bundle_.module.get_method("stem")({images}).toTensor(), 0, blocks_.size(), checkpoint);
   return bundle_.module.get_method("head")({h}).toTensor();
 }
 
@@ -305,7 +339,7 @@ at::Tensor Model::classify(const at::Tensor& features) {
 int64_t Model::block_output_bytes(const at::Tensor& images) {
   if (blocks_.empty()) return 0;
   at::NoGradGuard no_grad;
-  const at::Tensor h = run_block(blocks_[0], bundle_.module.get_method("stem")({images}).toTensor());
+  const at::Tensor h = run_blocks(bundle_.module.get_method("stem")({images}).toTensor(), 0, 1, false);
   return static_cast<int64_t>(h.nbytes()) / std::max<int64_t>(1, images.size(0));
 }
 

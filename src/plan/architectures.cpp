@@ -62,7 +62,8 @@ std::vector<ArchitectureShape> standard_architectures() {
           mobileclip_b};
 }
 
-MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool checkpoint, QuantFormat quant) {
+MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool checkpoint, QuantFormat quant,
+                                 bool offload) {
   // Bytes one image keeps per block under 16-bit autocast with fused attention (N tokens, D width, M MLP width,
   // h heads), from what autograd saves: each LayerNorm's fp32 input (4ND each), the attention's q, k, v and output
   // (8ND) and its log-sum-exp (4hN), the GELU input (2NM); LoRA adds its input (2ND) and the rank-r products; full
@@ -81,11 +82,28 @@ MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool
   p.checkpoint = checkpoint;
   const int64_t lora_parameters = s.blocks * 2 * kLoraRank * 2 * d;
   const int64_t head_parameters = d * kTableClasses + kTableClasses;
-  if (lora && quant != QuantFormat::kNone) {
+  const int64_t linear = s.blocks * (4 * d * d + 2 * d * m);  // the blocks' Linear weights
+  if (lora && offload) {
+    // offload both: the blocks' Linear weights wait in host memory, two blocks' on the GPU at a time (the rest of
+    // the blocks' tensors, norms and biases, is counted as if it stayed); the checkpointed blocks' saved inputs too.
+    const int64_t rows = s.blocks * (4 * d + m + d);
+    const int64_t stored = quant == QuantFormat::kInt8 ? linear + 4 * rows
+                           : quant == QuantFormat::kNf4 ? linear / 2 + linear / 64 + 4 * (linear / 64 / 256 + 1)
+                                                        : 2 * linear;
+    const int64_t two_blocks = stored * std::min<int64_t>(2, s.blocks) / std::max<int64_t>(1, s.blocks);
+    p.frozen_dtype = at::kHalf;
+    p.frozen_quant = quant;
+    p.frozen_by_dtype = {{"fp16", (s.parameters - linear) * 2},
+                         {"Linear weights of 2 blocks (offload), " +
+                              (quant == QuantFormat::kNone ? std::string("fp16") : quant_format_name(quant)),
+                          two_blocks}};
+    p.host_offload_fixed = stored - two_blocks;
+    p.trainable_parameters = lora_parameters + head_parameters;
+    p.extra_fixed = quant == QuantFormat::kNone ? 0 : 4 * d * m;
+  } else if (lora && quant != QuantFormat::kNone) {
     // The blocks' Linear weights quantised (int8: a byte each and an fp32 scale per row; NF4: half a byte, an int8
     // scale per 64 and the group scales), the rest 16-bit; one layer's weight is dense while it runs: its 16-bit
     // copy and the index or fp32 temporaries of its dequantisation, about 4 bytes an element.
-    const int64_t linear = s.blocks * (4 * d * d + 2 * d * m);
     const int64_t rows = s.blocks * (4 * d + m + d);
     const int64_t stored = quant == QuantFormat::kInt8 ? linear + 4 * rows : linear / 2 + linear / 64 + 4 * (linear / 64 / 256 + 1);
     p.frozen_dtype = at::kHalf;
@@ -106,7 +124,11 @@ MemoryProfile vit_memory_profile(const ArchitectureShape& s, Tuning tuning, bool
   p.input_per_image = 3 * s.image_size * s.image_size * 4;
   p.trained_blocks = s.blocks;
   p.block_output_per_image = n * d * 2;
-  if (checkpoint) {
+  if (checkpoint && lora && offload) {
+    p.kept.per_image = std::min<int64_t>(2, s.blocks) * p.block_output_per_image;  // in flight to or from the host
+    p.host_offload_per_image = s.blocks * p.block_output_per_image;
+    p.extra.per_image = block + backward;
+  } else if (checkpoint) {
     p.kept.per_image = s.blocks * p.block_output_per_image;
     p.extra.per_image = block + backward;
   } else {

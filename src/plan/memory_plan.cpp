@@ -79,7 +79,9 @@ MemoryEstimate estimate_memory(const MemoryProfile& p, int64_t b) {
   for (const auto& item : e.items) before_step += item.bytes;
   const std::string per_block = human_bytes(static_cast<double>(p.block_output_per_image * b));
   e.items.push_back({"activations kept for backward", p.kept.at(b),
-                     p.checkpoint ? "outputs of " + std::to_string(p.trained_blocks) + " blocks, " + per_block +
+                     p.host_offload_per_image > 0 ? "outputs of 2 blocks in flight, " + per_block +
+                                                        " each (the others in host memory: offload)"
+                     : p.checkpoint ? "outputs of " + std::to_string(p.trained_blocks) + " blocks, " + per_block +
                                         " each (checkpointing)"
                                   : "all of " + std::to_string(p.trained_blocks) + " blocks, about " +
                                         human_bytes(p.trained_blocks > 0 ? static_cast<double>(p.kept.at(b)) / p.trained_blocks : 0) +
@@ -94,6 +96,7 @@ MemoryEstimate estimate_memory(const MemoryProfile& p, int64_t b) {
     e.total = prefix_peak;
   }
   e.host_buffers = p.host_batch_bytes_per_image * b * p.host_batches;
+  e.host_offload = p.host_offload_fixed + p.host_offload_per_image * b;
   return e;
 }
 
@@ -139,7 +142,9 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   p.source = "measured on " + p.device.str() + ": training steps of 2 and 4 images";
   const TensorBytes before_model = tensor_bytes(p.device);
   auto model = build_training_model(c, names);
+  if (p.device.is_cuda()) model->set_offload(offload_settings_for(c));
   model->to(p.device, frozen_dtype, frozen_quant);
+  p.host_offload_fixed = model->offloaded_weight_bytes();
   model->set_training(true);
   const auto trainable = model->trainable();
   for (const auto& t : trainable) p.trainable_parameters += t.tensor.numel();
@@ -219,6 +224,7 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
     AutocastScope autocast(p.device, precision);
     p.block_output_per_image = model->block_output_bytes(at::randn({1, 3, size, size}).to(p.device));
   }
+  if (model->offload().activations) p.host_offload_per_image = p.trained_blocks * p.block_output_per_image;
   return p;
 }
 
@@ -229,6 +235,7 @@ struct Candidate {
   at::ScalarType frozen_dtype;
   bool checkpoint;
   QuantFormat quant = QuantFormat::kNone;
+  bool offload = false;  // offload both (CUDA)
 };
 
 // The settings `train` would use for each open choice of precision and frozen dtype (as prepare_training decides:
@@ -256,11 +263,20 @@ std::vector<Candidate> quantized_candidates(const TrainConfig& c, const c10::Dev
           {first.precision, first.frozen_dtype, true, QuantFormat::kNf4}};
 }
 
+// On CUDA, when quantising is not enough either: offload both, without and then with nf4 weights.
+std::vector<Candidate> offload_candidates(const TrainConfig& c, const c10::Device& device) {
+  if (!device.is_cuda() || c.method != Method::kLora || c.offload != "none") return {};
+  const Candidate first = candidates(c, device).front();
+  return {{first.precision, first.frozen_dtype, true, frozen_quant_for(c), true},
+          {first.precision, first.frozen_dtype, true, QuantFormat::kNf4, true}};
+}
+
 std::vector<std::string> overrides_for(const TrainConfig& c, const MemoryFit& f) {
   std::vector<std::string> out = {"batch_size=" + std::to_string(f.micro_batch),
                                   "grad_accum_steps=" + std::to_string(f.accumulation),
                                   std::string("gradient_checkpointing=") + (f.checkpoint ? "true" : "false"),
                                   "precision=" + precision_name(f.precision)};
+  if (f.offload) out.push_back("offload=both");
   if (f.frozen_quant != QuantFormat::kNone)
     out.push_back("frozen_dtype=" + quant_format_name(f.frozen_quant));
   else if (c.method != Method::kFull && f.precision != Precision::kFp32)
@@ -271,13 +287,19 @@ std::vector<std::string> overrides_for(const TrainConfig& c, const MemoryFit& f)
 }  // namespace
 
 std::string fit_cost_note(const MemoryFit& f) {
-  if (f.frozen_quant == QuantFormat::kNone) return "";
-  std::string note = "frozen Linear weights quantised to " + quant_format_name(f.frozen_quant) +
-                     " (nothing cheaper fits): each layer dequantises its weight when it runs";
+  if (f.frozen_quant == QuantFormat::kNone && !f.offload) return "";
+  std::vector<std::string> parts;
+  if (f.frozen_quant != QuantFormat::kNone)
+    parts.push_back("frozen Linear weights quantised to " + quant_format_name(f.frozen_quant) +
+                    " (each layer dequantises its weight when it runs)");
+  if (f.offload)
+    parts.push_back("offload both (the blocks' weights and saved inputs wait in pinned host memory and are copied in "
+                    "one block ahead)");
+  std::string note = join(parts, " and ") + ": nothing cheaper fits";
   if (f.step_time_ratio > 0) {
     char ratio[32];
     std::snprintf(ratio, sizeof ratio, "%.2fx", f.step_time_ratio);
-    note += std::string("; the probe's step took ") + ratio + " the unquantised one's";
+    note += std::string("; the probe's step took ") + ratio + " the plain one's";
   }
   return note;
 }
@@ -295,17 +317,19 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
   auto settings_text = [](const Candidate& cand) {
     return precision_name(cand.precision) + ", frozen weights " +
            (cand.quant != QuantFormat::kNone ? quant_format_name(cand.quant) : dtype_name(cand.frozen_dtype)) +
-           (cand.checkpoint ? ", checkpointing" : "");
+           (cand.checkpoint ? ", checkpointing" : "") + (cand.offload ? ", offload both" : "");
   };
   auto consider = [&](const Candidate& cand) {
     MemoryProfile p;
     try {
-      p = probe_memory(config, classes, cand.precision, cand.frozen_dtype, cand.checkpoint, cand.quant);
+      TrainConfig c = config;
+      if (cand.offload) c.offload = "both";
+      p = probe_memory(c, classes, cand.precision, cand.frozen_dtype, cand.checkpoint, cand.quant);
     } catch (const c10::Error& e) {  // e.g. a graph that breaks with 16-bit frozen weights: train would not use it
       last_error = e.what_without_backtrace();
       return;
     }
-    if (cand.quant == QuantFormat::kNone)
+    if (cand.quant == QuantFormat::kNone && !cand.offload)
       unquantized_seconds[{cand.precision, cand.frozen_dtype, cand.checkpoint}] = p.step_seconds;
     if (smallest_frozen < 0 || frozen_bytes(p) < smallest_frozen) {
       smallest_frozen = frozen_bytes(p);
@@ -332,8 +356,9 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
     f.precision = cand.precision;
     f.frozen_dtype = cand.frozen_dtype;
     f.frozen_quant = cand.quant;
+    f.offload = cand.offload;
     const auto plain = unquantized_seconds.find({cand.precision, cand.frozen_dtype, cand.checkpoint});
-    if (cand.quant != QuantFormat::kNone && plain != unquantized_seconds.end() && plain->second > 0)
+    if ((cand.quant != QuantFormat::kNone || cand.offload) && plain != unquantized_seconds.end() && plain->second > 0)
       f.step_time_ratio = p.step_seconds / plain->second;
     f.estimate = estimate_memory(p, m);
     f.overrides = overrides_for(config, f);
@@ -342,6 +367,11 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
   for (const Candidate& cand : candidates(config, device)) consider(cand);
   if (!result.fit)  // the cheaper choices do not fit: quantise the frozen weights, int8 before nf4
     for (const Candidate& cand : quantized_candidates(config, device)) {
+      consider(cand);
+      if (result.fit) break;
+    }
+  if (!result.fit)  // nor that: keep the blocks' weights and saved inputs in host memory
+    for (const Candidate& cand : offload_candidates(config, device)) {
       consider(cand);
       if (result.fit) break;
     }

@@ -182,6 +182,11 @@ const std::vector<Key>& schema() {
        field(&C::frozen_dtype), Range::any(), {"auto", "fp32", "compute", "int8", "nf4"}},
       {"gradient_checkpointing", Kind::kBool, true, false, kResult,
        "recompute each block in backward instead of storing activations", field(&C::gradient_checkpointing)},
+      {"offload", Kind::kString, "none", false, kNotResult,
+       "CUDA: keep in pinned host memory, copied in one block ahead on a side stream: weights (the blocks' frozen "
+       "weights, two blocks on the GPU at a time), activations (the inputs checkpointed blocks keep for backward), "
+       "or both; on the CPU it does nothing",
+       field(&C::offload), Range::any(), {"none", "weights", "activations", "both"}},
       {"loss_scale.init", Kind::kNumber, 65536.0, false, kResult, "fp16: initial loss scale",
        field(&C::loss_scale, &LS::init), Range::positive()},
       {"loss_scale.growth_interval", Kind::kInt, 2000, false, kResult, "fp16: clean steps before the scale doubles",
@@ -340,6 +345,11 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.output_dir.empty()) fail("output_dir must not be empty");
   if ((c.frozen_dtype == "int8" || c.frozen_dtype == "nf4") && c.method != Method::kLora)
     fail("frozen_dtype " + c.frozen_dtype + " quantises the frozen base under LoRA adapters: set method to lora");
+  if (c.offload != "none" && c.method != Method::kLora)
+    fail("offload " + c.offload + " moves the frozen base under LoRA adapters: set method to lora");
+  if (c.offload != "none" && !c.gradient_checkpointing)
+    fail("offload " + c.offload + " needs gradient_checkpointing true: without it backward keeps every block's "
+         "weights and activations on the GPU");
   if (c.loss == "contrastive") {
     if (c.method != Method::kLora)
       fail("loss contrastive trains LoRA adapters on both towers: set method to lora");

@@ -60,6 +60,7 @@ std::unique_ptr<Model> model_on_device(const TrainConfig& c, const std::vector<s
                                        const ZeroShotHeadInit& zero_shot, const c10::Device& device,
                                        at::ScalarType frozen, QuantFormat quant) {
   auto model = build_training_model(c, classes, zero_shot);
+  if (device.is_cuda()) model->set_offload(offload_settings_for(c));
   model->to(device, frozen, quant);
   return model;
 }
@@ -128,6 +129,10 @@ at::ScalarType frozen_dtype_for(const TrainConfig& c, Precision precision, const
   return compact && mixed && c.method != Method::kFull ? compute_dtype(precision) : at::kFloat;
 }
 
+OffloadSettings offload_settings_for(const TrainConfig& c) {
+  return {c.offload == "weights" || c.offload == "both", c.offload == "activations" || c.offload == "both"};
+}
+
 QuantFormat frozen_quant_for(const TrainConfig& c) {
   return c.frozen_dtype == "int8" ? QuantFormat::kInt8 : c.frozen_dtype == "nf4" ? QuantFormat::kNf4 : QuantFormat::kNone;
 }
@@ -152,6 +157,10 @@ TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::stri
     }
   }
   if (s.frozen_quant != QuantFormat::kNone) s.notes.push_back(quantization_note(s.model->frozen_quantization()));
+  if (c.offload != "none" && !s.device.is_cuda())
+    s.notes.push_back("offload " + c.offload + " applies on CUDA; on the CPU it does nothing");
+  if (s.model->offload().weights) s.notes.push_back("offload: two blocks' frozen weights on the GPU at a time");
+  if (s.model->offload().activations) s.notes.push_back("offload: checkpointed blocks keep their inputs in host memory");
 
   s.train_loader.batch_size = c.batch_size;
   s.train_loader.shuffle = s.train_loader.augment = true;  // the last, smaller batch trains too

@@ -555,6 +555,11 @@ class MemoryPlan(unittest.TestCase, ExpectsInputError):
         self.assertGreater(small["4GB"]["ViT-bigG/14"]["lora_checkpoint_nf4"], small["4GB"]["ViT-bigG/14"]["lora_checkpoint_int8"])
         self.assertEqual(small["8GB"]["InternViT-6B"]["lora_checkpoint"], 0)
         self.assertGreater(small["8GB"]["InternViT-6B"]["lora_checkpoint_nf4"], 0)
+        # Offload both: two blocks' weights and saved inputs on the GPU; a 6B encoder at batch 32 on an 8 GB card.
+        self.assertGreaterEqual(small["8GB"]["InternViT-6B"]["lora_checkpoint_nf4_offload"], 32)
+        self.assertGreater(small["4GB"]["InternViT-6B"]["lora_checkpoint_offload"], 0)
+        self.assertGreater(small["8GB"]["InternViT-6B"]["lora_checkpoint_nf4_offload"],
+                           small["8GB"]["InternViT-6B"]["lora_checkpoint_nf4"])
         self.assertIn("ViT-g/14", small["4GB"])
 
 
@@ -1147,6 +1152,20 @@ class QuantizedBase(unittest.TestCase):
             merged = os.path.join(TMP, f"quant_merged_{fmt}.pt")
             self.assertEqual(run("merge", "--base", BASE, "--adapter", adapter, "--output", merged)[0], 0)
             self.assertAlmostEqual(self.eval_loss(fmt + "_merged", "--model", merged), dense, delta=1e-4 * max(1.0, dense))
+
+    def test_offload_is_checked_and_on_the_cpu_does_nothing(self):
+        cfg, out = self.config("offload_cpu", "nf4", offload="both")
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("offload both applies on CUDA; on the CPU it does nothing", err)
+        cfg, _ = self.config("offload_no_ckpt", "fp32", offload="weights", gradient_checkpointing=False)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 3, err)
+        self.assertIn("offload weights needs gradient_checkpointing true", err.strip().splitlines()[-1])
+        cfg, _ = self.config("offload_full", "fp32", offload="activations", method="full")
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 3, err)
+        self.assertIn("set method to lora", err.strip().splitlines()[-1])
 
     def test_resume_data_parallel_and_the_prefix_cache_keep_working(self):
         cfg, whole = self.config("quant_whole", "int8", epochs=8, batch_size=4)

@@ -27,13 +27,14 @@ class Cuda : public ::testing::Test {
   }
   const c10::Device gpu{c10::kCUDA, 0};
 
-  std::unique_ptr<Model> lora_model(const std::string& name, at::ScalarType frozen) {
+  std::unique_ptr<Model> lora_model(const std::string& name, at::ScalarType frozen, OffloadSettings offload = {}) {
     torch::manual_seed(0);
     auto m = std::make_unique<Model>(load_bundle(fixture("models/" + name + ".pt")));
     auto targets = resolve_targets(m->module(), LoraSettings{});
     init_adapter_tensors(targets, m->module());
     m->set_adapters(targets, LoraSettings{});
     m->init_head(3);
+    m->set_offload(offload);
     m->to(gpu, frozen);
     return m;
   }
@@ -109,6 +110,44 @@ TEST_F(Cuda, CheckpointingLowersAllocatorPeak) {
   std::printf("CUDA activation peak: %lld bytes without, %lld with checkpointing\n",
               static_cast<long long>(activations[0]), static_cast<long long>(activations[1]));
   EXPECT_LT(activations[1], activations[0] * 0.8);
+}
+
+// offload weights / activations: the same step within rounding (copies on a side stream must land before use), at
+// most two blocks' weights on the GPU, the blocks' weights off the GPU between steps, and no higher allocator peak.
+TEST_F(Cuda, OffloadedStepMatchesWithLessOnTheGpu) {
+  const at::Tensor x = at::randn({64, 3, 32, 32}).to(gpu), y = (at::arange(64, at::kLong) % 3).to(gpu);
+  struct Result {
+    std::vector<at::Tensor> grads;
+    int64_t held = 0, peak = 0;
+  };
+  auto run = [&](OffloadSettings offload) {
+    Result r;
+    const int64_t empty = read_memory(gpu).device_allocated;
+    auto model = lora_model("timm_script", at::kHalf, offload);
+    r.held = read_memory(gpu).device_allocated - empty;
+    reset_peak_memory(gpu);
+    for (int i = 0; i < 2; ++i) {  // the second step reuses what the first left in the side stream's wake
+      discard_gradients(model->trainable());
+      AutocastScope autocast(gpu, Precision::kFp16);
+      at::cross_entropy_loss(model->logits(x, true).to(at::kFloat), y).backward();
+    }
+    r.peak = read_memory(gpu).device_peak_allocated - empty;
+    for (const auto& t : model->trainable()) r.grads.push_back(t.tensor.grad().to(at::kCPU));
+    if (offload.weights) EXPECT_LE(model->take_peak_resident_blocks(), 2);
+    return r;
+  };
+  const Result plain = run({});
+  for (const OffloadSettings offload : {OffloadSettings{true, false}, OffloadSettings{false, true}, OffloadSettings{true, true}}) {
+    SCOPED_TRACE(std::string(offload.weights ? "weights " : "") + (offload.activations ? "activations" : ""));
+    const Result r = run(offload);
+    ASSERT_EQ(r.grads.size(), plain.grads.size());
+    for (size_t k = 0; k < r.grads.size(); ++k) EXPECT_LT(test::scaled_diff(r.grads[k], plain.grads[k]), 1e-3) << k;
+    if (offload.weights) EXPECT_LT(r.held, plain.held) << "the blocks' weights wait in host memory";
+    EXPECT_LE(r.peak, plain.peak + (1 << 20));
+    std::printf("offload %d/%d: held %lld vs %lld bytes, step peak %lld vs %lld\n", offload.weights, offload.activations,
+                static_cast<long long>(r.held), static_cast<long long>(plain.held), static_cast<long long>(r.peak),
+                static_cast<long long>(plain.peak));
+  }
 }
 
 TEST_F(Cuda, MergedOnCpuMatchesAdaptedOnGpu) {
