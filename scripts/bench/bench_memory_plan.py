@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def resident_vs_rss(binary, work, models):
                                "output_dir": os.path.join(work, "resident_run")}, f)
                 plan = json.loads(subprocess.run([binary, "plan", "--config", config, "--json"], check=True,
                                                  capture_output=True, text=True).stdout)
+                shutil.rmtree(os.path.join(work, "resident_run"), ignore_errors=True)  # a fresh run each time
                 subprocess.run([binary, "train", "--config", config], check=True, capture_output=True)
                 with open(os.path.join(work, "resident_run", "summary.json")) as f:
                     rss = json.load(f)["peak_memory_bytes"]
