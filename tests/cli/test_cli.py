@@ -1222,8 +1222,9 @@ class QuantizedBase(unittest.TestCase):
         code, text, err = run("plan", "--config", cfg, "--memory", f"{budget / 2**20:.5f}MB")
         self.assertEqual(code, 0, err + text)
         self.assertIn("--set frozen_dtype=int8", text)
-        self.assertIn("frozen Linear weights quantised to int8 (nothing cheaper fits)", text)
-        self.assertIn("the unquantised one's", text)
+        self.assertIn("frozen Linear weights quantised to int8 (each layer dequantises its weight when it runs): "
+                      "nothing cheaper fits", text)
+        self.assertIn("the plain one's", text)
 
     def test_settings_it_cannot_use_are_named_and_dora_layers_stay_dense(self):
         cfg, _ = self.config("quant_full", "nf4", method="full")

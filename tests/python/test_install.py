@@ -54,7 +54,8 @@ def main():
         config = os.path.join(TMP, name + ".json")
         with open(config, "w") as f:
             json.dump({"model": bundle, "data": {"train": os.path.join(FIX, "images", "toy", "train"), "workers": 2},
-                       "epochs": 1, "batch_size": 16, "precision": "fp32", "output_dir": os.path.join(TMP, name)}, f)
+                       "epochs": 1, "batch_size": 16, "precision": "fp32", "output_dir": os.path.join(TMP, name),
+                       "threads": 2}, f)  # pinned: `auto` follows the machine's load, and float sums with it
         run(*program, config)
         with open(os.path.join(TMP, name, "adapter", "adapter_model.safetensors"), "rb") as f:
             adapters.append(f.read())
