@@ -25,8 +25,6 @@ class BlockOffload : public RecomputeHooks {
   BlockOffload(std::vector<torch::jit::Module> blocks, const c10::Device& device, bool weights, bool activations,
                int64_t first_recomputed);
 
-  bool offloads_weights() const { return weights_; }
-  bool offloads_activations() const { return activations_; }
   int64_t host_weight_bytes() const { return host_bytes_; }
   int64_t host_parameter_count() const { return host_parameters_; }
   void set_first_recomputed(int64_t block) { first_recomputed_ = block; }
