@@ -1,7 +1,8 @@
 // A caching allocator for CPU tensors, as CUDA has one: freed blocks of 256 KB and more are kept by size class and
-// reused. glibc returns large freed blocks to the system and maps them again on the next step, which costs a page
-// fault per 4 KB (training steps ran ~30% slower than in Python) and leaves the resident set far above the memory
-// actually live. Installed by the applications at start-up; library users may install it too.
+// reused for requests of the same size down to half of it. glibc returns large freed blocks to the system and maps
+// them again on the next step, which costs a page fault per 4 KB (training steps ran ~30% slower than in Python) and
+// leaves the resident set far above the memory actually live. Installed by the applications at start-up; library
+// users may install it too.
 #pragma once
 
 #include <cstdint>

@@ -59,6 +59,9 @@ struct MemoryProfile {
   // CPU only: the process's resident memory beyond tensors during the probe's step of 4 images (libraries, thread
   // stacks, the caching allocator's free blocks), measured.
   int64_t process_baseline = 0;
+  // CPU only: the process's resident peak while the model loads (with quantised frozen weights: the dense model
+  // before quantising), measured. The run's peak RSS is the larger of this and the training peak.
+  int64_t load_peak_rss = 0;
   int64_t resize_size = 0;  // the model's: photos are cached (data.cache) at this short side
   // offload (CUDA): what waits in pinned host memory, not on the device: frozen weights, and the checkpointed
   // blocks' saved inputs per image.

@@ -9,13 +9,16 @@
 2. The formula of `plan --table` against the CUDA peaks measured on an H200 (docs/measurements/*.json).
 3. --resident: on the CPU, plan's resident total (tensors, data pipeline, decoded-photo cache, process baseline)
    against the peak RSS of real `loratune train` runs (one epoch on 100 of the demo's photos, validation included),
-   ViT-Ti/S, micro-batch 8 and 16, checkpointing off and on. Needs the demo's photos (`bash scripts/demo.sh`).
+   ViT-Ti/S, micro-batch 8 and 16, checkpointing off and on; --frozen int8,nf4 adds quantised frozen weights.
+   Needs the demo's photos (`bash scripts/demo.sh`).
 
 usage: /usr/bin/python3 scripts/bench/bench_memory_plan.py [--build build] [--device cpu] [--models ti,s,b]
-       /usr/bin/python3 scripts/bench/bench_memory_plan.py --resident [--models ti,s]
+       /usr/bin/python3 scripts/bench/bench_memory_plan.py --resident [--models ti,s] [--batches 8,16]
+                                                           [--frozen fp32,int8,nf4]
 """
 import argparse
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -84,7 +87,7 @@ def formula_vs_gpu(binary):
         print(f"| {name} | {setting} | {batch} | {pred / 2**30:.3f} GiB | {peak / 2**30:.3f} GiB | {pred / peak - 1:+.1%} |")
 
 
-def resident_vs_rss(binary, work, models):
+def resident_vs_rss(binary, work, models, batches, frozen):
     photos = os.path.join(ROOT, "demo", "data", "photos", "train")
     if not os.path.isdir(photos):
         sys.exit(f"{photos} is missing: run `bash scripts/demo.sh` first")
@@ -95,31 +98,31 @@ def resident_vs_rss(binary, work, models):
             for f in sorted(os.listdir(os.path.join(photos, c)))[:20]:
                 os.symlink(os.path.join(photos, c, f), os.path.join(subset, c, f))
     print("plan's resident total vs the peak RSS of `loratune train` (1 epoch, 100 photos, fp32, LoRA r8 q/v):\n")
-    print("| model | batch | checkpointing | tensors | photo cache | baseline | planned resident | measured peak RSS | "
-          "error |\n|---|---|---|---|---|---|---|---|---|")
+    print("| model | frozen weights | batch | checkpointing | tensors | photo cache | baseline | planned resident | "
+          "measured peak RSS | error |\n|---|---|---|---|---|---|---|---|---|---|")
     errors = []
     for key in models.split(","):
         name, timm_name = MODELS[key]
         model = export(timm_name, os.path.join(work, timm_name + ".pt"))
-        for batch in (8, 16):
-            for ckpt in ("false", "true"):
-                config = os.path.join(work, "resident.json")
-                with open(config, "w") as f:
-                    json.dump({"model": model, "data": {"train": subset, "val_fraction": 0.1, "workers": 2},
-                               "epochs": 1, "batch_size": batch, "precision": "fp32", "threads": 2,
-                               "gradient_checkpointing": ckpt == "true", "lora": {"dropout": 0.0},
-                               "output_dir": os.path.join(work, "resident_run")}, f)
-                plan = json.loads(subprocess.run([binary, "plan", "--config", config, "--json"], check=True,
-                                                 capture_output=True, text=True).stdout)
-                shutil.rmtree(os.path.join(work, "resident_run"), ignore_errors=True)  # a fresh run each time
-                subprocess.run([binary, "train", "--config", config], check=True, capture_output=True)
-                with open(os.path.join(work, "resident_run", "summary.json")) as f:
-                    rss = json.load(f)["peak_memory_bytes"]
-                r = plan["resident"]
-                errors.append(abs(r["total"] / rss - 1))
-                print(f"| {name} | {batch} | {'on' if ckpt == 'true' else 'off'} | {plan['total'] / 2**20:.0f} MiB | "
-                      f"{r['image_cache'] / 2**20:.0f} MiB | {r['process_baseline'] / 2**20:.0f} MiB | "
-                      f"{r['total'] / 2**20:.0f} MiB | {rss / 2**20:.0f} MiB | {r['total'] / rss - 1:+.1%} |", flush=True)
+        for fmt, batch, ckpt in itertools.product(frozen.split(","), batches, ("false", "true")):
+            config = os.path.join(work, "resident.json")
+            with open(config, "w") as f:
+                json.dump({"model": model, "data": {"train": subset, "val_fraction": 0.1, "workers": 2},
+                           "epochs": 1, "batch_size": batch, "precision": "fp32", "threads": 2,
+                           "gradient_checkpointing": ckpt == "true", "lora": {"dropout": 0.0},
+                           "frozen_dtype": fmt,
+                           "output_dir": os.path.join(work, "resident_run")}, f)
+            plan = json.loads(subprocess.run([binary, "plan", "--config", config, "--json"], check=True,
+                                             capture_output=True, text=True).stdout)
+            shutil.rmtree(os.path.join(work, "resident_run"), ignore_errors=True)  # a fresh run each time
+            subprocess.run([binary, "train", "--config", config], check=True, capture_output=True)
+            with open(os.path.join(work, "resident_run", "summary.json")) as f:
+                rss = json.load(f)["peak_memory_bytes"]
+            r = plan["resident"]
+            errors.append(abs(r["total"] / rss - 1))
+            print(f"| {name} | {fmt} | {batch} | {'on' if ckpt == 'true' else 'off'} | "
+                  f"{plan['total'] / 2**20:.0f} MiB | {r['image_cache'] / 2**20:.0f} MiB | {r['process_baseline'] / 2**20:.0f} MiB | "
+                  f"{r['total'] / 2**20:.0f} MiB | {rss / 2**20:.0f} MiB | {r['total'] / rss - 1:+.1%} |", flush=True)
     print(f"\n{len(errors)} runs: median error {statistics.median(errors):.1%}, worst {max(errors):.1%}")
 
 
@@ -130,12 +133,14 @@ def main():
     p.add_argument("--models", default="ti,s,b")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--resident", action="store_true", help="plan's resident total against train's peak RSS (CPU)")
+    p.add_argument("--frozen", default="fp32", help="with --resident: frozen weight formats, e.g. fp32,int8,nf4")
     a = p.parse_args()
     binary, bench = os.path.join(a.build, "bin", "loratune"), os.path.join(a.build, "bin", "loratune_bench")
     work = os.path.join(a.build, "bench_memory_plan")
     os.makedirs(work, exist_ok=True)
     if a.resident:
-        return resident_vs_rss(binary, work, "ti,s" if a.models == "ti,s,b" else a.models)
+        batches = [8, 16] if a.batches == "1,8,32" else [int(b) for b in a.batches.split(",")]
+        return resident_vs_rss(binary, work, "ti,s" if a.models == "ti,s,b" else a.models, batches, a.frozen)
     precisions = ["fp32", "bf16"] if a.device == "cpu" else ["fp32", "fp16"]
     print(f"Predicted vs measured peak tensor bytes on {a.device}, LoRA r8 q/v (no dropout), AdamW, 2 steps:\n")
     print("| model | batch | checkpointing | precision | predicted | measured | error |\n|---|---|---|---|---|---|---|")
@@ -150,7 +155,7 @@ def main():
                     pred = predicted(binary, model, batch, ckpt, precision, a.device)
                     meas = measured(bench, model, batch, ckpt, precision, a.device)
                     errors.append(abs(pred / meas - 1))
-                    print(f"| {name} | {batch} | {'on' if ckpt else 'off'} | {precision} | {pred / 2**20:.1f} MiB | "
+                    print(f"| {name} | {fmt} | {batch} | {'on' if ckpt else 'off'} | {precision} | {pred / 2**20:.1f} MiB | "
                           f"{meas / 2**20:.1f} MiB | {pred / meas - 1:+.1%} |", flush=True)
     print(f"\n{len(errors)} cases: median error {statistics.median(errors):.1%}, worst {max(errors):.1%} "
           f"({time.time() - start:.0f} s)")

@@ -1,5 +1,6 @@
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <tuple>
 
@@ -21,10 +22,11 @@ namespace {
 
 std::string gb(int64_t bytes) { return human_bytes(static_cast<double>(bytes)); }
 
-// On the CPU, what the process's resident set should peak at, beside the tensors: the data pipeline, the loaders'
-// decoded-photo cache (data.cache) and the process baseline the probe measured.
+// On the CPU, what the process's resident set should peak at: while training, the tensors, the data pipeline, the
+// loaders' decoded-photo cache (data.cache) and the process baseline the probe measured; or while loading the model,
+// if that is more (dense weights before quantising).
 struct ResidentMemory {
-  int64_t cached_photos = 0, image_cache = 0, total = 0;
+  int64_t cached_photos = 0, image_cache = 0, training = 0, total = 0;
 };
 
 ResidentMemory resident_memory(const TrainConfig& c, const MemoryProfile& p, const MemoryEstimate& e) {
@@ -39,7 +41,8 @@ ResidentMemory resident_memory(const TrainConfig& c, const MemoryProfile& p, con
     r.cached_photos += static_cast<int64_t>(photos);
     r.image_cache += decoded_cache_bytes(photos, preprocess);
   }
-  r.total = e.total + e.host_buffers + r.image_cache + p.process_baseline;
+  r.training = e.total + e.host_buffers + r.image_cache + p.process_baseline;
+  r.total = std::max(r.training, p.load_peak_rss);
   return r;
 }
 
@@ -55,12 +58,16 @@ void print_estimate(const TrainConfig& c, const MemoryProfile& profile, const Me
                 gb(profile.host_offload_fixed).c_str(), gb(e.host_offload - profile.host_offload_fixed).c_str());
   if (profile.device.is_cuda()) return;
   const ResidentMemory r = resident_memory(c, profile, e);
-  std::printf("resident memory (compare with the peak RSS train prints): %s = tensors %s + data pipeline %s + "
-              "decoded-photo cache %s (%lld photos at %lld px, data.cache %s) + process baseline %s (libraries, threads, "
-              "the allocator's free blocks; measured by the probe)\n",
-              gb(r.total).c_str(), gb(e.total).c_str(), gb(e.host_buffers).c_str(), gb(r.image_cache).c_str(),
+  std::printf("resident memory while training: %s = tensors %s + data pipeline %s + decoded-photo cache %s (%lld "
+              "photos at %lld px, data.cache %s) + process baseline %s (libraries, threads, the allocator's free blocks; "
+              "measured by the probe)\n",
+              gb(r.training).c_str(), gb(e.total).c_str(), gb(e.host_buffers).c_str(), gb(r.image_cache).c_str(),
               static_cast<long long>(r.cached_photos), static_cast<long long>(profile.resize_size),
               c.data.cache.c_str(), gb(profile.process_baseline).c_str());
+  std::printf("resident memory while loading the model: %s (measured by the probe)\n",
+              gb(profile.load_peak_rss).c_str());
+  std::printf("peak resident memory (compare with the peak RSS train prints): %s, %s\n", gb(r.total).c_str(),
+              r.total > r.training ? "while loading" : "while training");
 }
 
 nlohmann::json estimate_json(const TrainConfig& c, const MemoryProfile& p, const MemoryEstimate& e, int64_t micro_batch) {
@@ -71,7 +78,8 @@ nlohmann::json estimate_json(const TrainConfig& c, const MemoryProfile& p, const
                         {"items", items}, {"source", p.source}};
   if (!p.device.is_cuda()) {
     const ResidentMemory r = resident_memory(c, p, e);
-    out["resident"] = {{"total", r.total}, {"image_cache", r.image_cache}, {"cached_photos", r.cached_photos},
+    out["resident"] = {{"total", r.total}, {"training", r.training}, {"loading", p.load_peak_rss},
+                       {"image_cache", r.image_cache}, {"cached_photos", r.cached_photos},
                        {"process_baseline", p.process_baseline}};
   }
   return out;

@@ -15,7 +15,7 @@ namespace {
 
 constexpr size_t kSmallest = 256 * 1024;  // smaller blocks go to the default allocator (glibc reuses them well)
 
-// Size classes: 1/8 steps between powers of two, so a block serves requests up to 12.5% smaller.
+// Size classes: 1/8 steps between powers of two.
 size_t size_class(size_t n) {
   size_t power = 1;
   while (power * 2 <= n) power *= 2;
@@ -57,20 +57,24 @@ class CachingCpuAllocator final : public c10::Allocator {
   c10::DataPtr take(size_t n) {
     void* ptr = nullptr;
     const size_t size = n < kSmallest ? 0 : size_class(n);  // 0: not cached
+    size_t block = size;
     if (size > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(size);
-      if (it != free_.end()) {
+      // The smallest cached block that fits, up to twice the size: a shorter last batch or a validation batch
+      // reuses the full batch's blocks instead of holding new ones beside them.
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= 2 * size) {
+        block = it->first;
         ptr = it->second;
         free_.erase(it);
-        cached_ -= static_cast<int64_t>(size);
+        cached_ -= static_cast<int64_t>(block);
       }
     }
     if (!ptr) ptr = c10::alloc_cpu(size > 0 ? size : n);
     if (ptr) {
       std::lock_guard<std::mutex> lock(mutex_);
-      live_.emplace(ptr, Block{size, n});
-      in_use_ += static_cast<int64_t>(size);
+      live_.emplace(ptr, Block{block, n});
+      in_use_ += static_cast<int64_t>(block);
       tensor_bytes_ += static_cast<int64_t>(n);
       peak_tensor_bytes_ = std::max(peak_tensor_bytes_, tensor_bytes_);
     }

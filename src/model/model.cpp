@@ -245,7 +245,6 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
       throw InputError(bundle_.path.filename().string() + " has no block structure: its Linear weights cannot be "
                        "quantised block by block (export it with blocks, or use frozen_dtype compute)");
     quantization_ = quantize_frozen_linears(bundle_.module, block_paths_, frozen_quant, device);
-    release_cached_cpu_memory();  // the dense weights: freed, they would stay in the CPU allocator's cache
     if (quantization_.modules == 0)
       throw InputError("frozen_dtype " + quant_format_name(frozen_quant) + ": no frozen Linear weight in the blocks "
                        "can be quantised (each is read outside nn.Linear, e.g. by DoRA adapters); use frozen_dtype "

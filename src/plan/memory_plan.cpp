@@ -141,9 +141,11 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   p.checkpoint = checkpoint;
   p.source = "measured on " + p.device.str() + ": training steps of 2 and 4 images";
   const TensorBytes before_model = tensor_bytes(p.device);
+  reset_peak_memory(p.device);
   auto model = build_training_model(c, names);
   if (p.device.is_cuda()) model->set_offload(offload_settings_for(c));
   model->to(p.device, frozen_dtype, frozen_quant);
+  if (!p.device.is_cuda()) p.load_peak_rss = read_memory(p.device).peak_rss;
   p.host_offload_fixed = model->offloaded_weight_bytes();
   model->set_training(true);
   const auto trainable = model->trainable();

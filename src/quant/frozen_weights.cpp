@@ -8,6 +8,7 @@
 
 #include "common/torch_compat.h"
 #include "lora/adapter_host.h"
+#include "loratune/cpu_allocator.h"
 
 namespace loratune {
 namespace {
@@ -105,19 +106,24 @@ FrozenQuantization quantize_frozen_linears(torch::jit::Module root, const std::v
     if (rewritten.insert(module.type().get()).second) rewrite_type(module.type());
   }
   for (auto& [path, module] : chosen) {
-    const at::Tensor weight = module.attr("weight").toTensor();
-    const QuantizedWeight q = quantize_weight(weight.to(device), format);
-    module.setattr("frozen_format", static_cast<int64_t>(format));
-    module.setattr("frozen_shape", c10::List<int64_t>(q.shape));
-    module.setattr("frozen_data", q.data);
-    module.setattr("frozen_scale", q.scale);
-    module.setattr("frozen_scale2", q.scale2);
-    module.register_parameter("weight", at::empty({0}, weight.options()), false);
-    ++result.modules;
-    result.quantized.push_back(path);
-    result.parameters += weight.numel();
-    result.dense_bytes += static_cast<int64_t>(weight.nbytes());
-    result.stored_bytes += q.bytes();
+    {
+      const at::Tensor weight = module.attr("weight").toTensor();
+      const QuantizedWeight q = quantize_weight(weight.to(device), format);
+      module.setattr("frozen_format", static_cast<int64_t>(format));
+      module.setattr("frozen_shape", c10::List<int64_t>(q.shape));
+      module.setattr("frozen_data", q.data);
+      module.setattr("frozen_scale", q.scale);
+      module.setattr("frozen_scale2", q.scale2);
+      module.register_parameter("weight", at::empty({0}, weight.options()), false);
+      ++result.modules;
+      result.quantized.push_back(path);
+      result.parameters += weight.numel();
+      result.dense_bytes += static_cast<int64_t>(weight.nbytes());
+      result.stored_bytes += q.bytes();
+    }
+    // The dense weight and the temporaries go back to the system one weight at a time: loading peaks at the dense
+    // model, not at the dense model plus its quantised copy.
+    release_cached_cpu_memory();
   }
   return result;
 }

@@ -533,6 +533,22 @@ class MemoryPlan(unittest.TestCase, ExpectsInputError):
         self.assertIn("nothing fits in 204.80 KB", err)
         self.assertIn("the smallest run needs", err)
 
+    def test_resident_total_is_the_peak_rss_train_reaches(self):
+        # On the CPU, plan's resident total (the larger of training's and loading's) against the peak RSS of the
+        # run itself; with nf4 the dense weights are read before they are quantised.
+        for fmt in ("fp32", "nf4"):
+            cfg, out = write_config("plan_rss_" + fmt, epochs=1, frozen_dtype=fmt, threads=2, lora={"dropout": 0.0})
+            code, text, err = run("plan", "--config", cfg, "--json")
+            self.assertEqual(code, 0, err)
+            resident = json.loads(text)["resident"]
+            self.assertEqual(resident["total"], max(resident["training"], resident["loading"]))
+            self.assertGreater(resident["loading"], 0)
+            code, _, err = run("train", "--config", cfg)
+            self.assertEqual(code, 0, err)
+            with open(os.path.join(out, "summary.json")) as f:
+                rss = json.load(f)["peak_memory_bytes"]
+            self.assertLess(abs(resident["total"] / rss - 1), 0.10, f"{fmt}: planned {resident}, measured {rss}")
+
     def test_table_of_standard_models(self):
         code, out, err = run("plan", "--table", "--memory", "12GB")
         self.assertEqual(code, 0, err)
