@@ -63,6 +63,23 @@ void rewrite_type(const c10::ClassTypePtr& type) {
   }
 }
 
+// Replaces one Linear's dense weight by its quantised slots (the dense tensor is released when this returns).
+void quantize_module(torch::jit::Module& module, QuantFormat format, const c10::Device& device,
+                     FrozenQuantization& result) {
+  const at::Tensor weight = module.attr("weight").toTensor();
+  const QuantizedWeight q = quantize_weight(weight.to(device), format);
+  module.setattr("frozen_format", static_cast<int64_t>(format));
+  module.setattr("frozen_shape", c10::List<int64_t>(q.shape));
+  module.setattr("frozen_data", q.data);
+  module.setattr("frozen_scale", q.scale);
+  module.setattr("frozen_scale2", q.scale2);
+  module.register_parameter("weight", at::empty({0}, weight.options()), false);
+  ++result.modules;
+  result.parameters += weight.numel();
+  result.dense_bytes += static_cast<int64_t>(weight.nbytes());
+  result.stored_bytes += q.bytes();
+}
+
 }  // namespace
 
 bool is_quantized_weight_buffer(const std::string& name) {
@@ -106,21 +123,8 @@ FrozenQuantization quantize_frozen_linears(torch::jit::Module root, const std::v
     if (rewritten.insert(module.type().get()).second) rewrite_type(module.type());
   }
   for (auto& [path, module] : chosen) {
-    {
-      const at::Tensor weight = module.attr("weight").toTensor();
-      const QuantizedWeight q = quantize_weight(weight.to(device), format);
-      module.setattr("frozen_format", static_cast<int64_t>(format));
-      module.setattr("frozen_shape", c10::List<int64_t>(q.shape));
-      module.setattr("frozen_data", q.data);
-      module.setattr("frozen_scale", q.scale);
-      module.setattr("frozen_scale2", q.scale2);
-      module.register_parameter("weight", at::empty({0}, weight.options()), false);
-      ++result.modules;
-      result.quantized.push_back(path);
-      result.parameters += weight.numel();
-      result.dense_bytes += static_cast<int64_t>(weight.nbytes());
-      result.stored_bytes += q.bytes();
-    }
+    quantize_module(module, format, device, result);
+    result.quantized.push_back(path);
     // The dense weight and the temporaries go back to the system one weight at a time: loading peaks at the dense
     // model, not at the dense model plus its quantised copy.
     release_cached_cpu_memory();
