@@ -141,12 +141,14 @@ bool is_valid_utf8(const std::string& s) {
   return true;
 }
 
-std::string escape_invalid_utf8(const std::string& s) {
+namespace {
+
+std::string escaped(const std::string& s, bool controls) {
   std::string out;
   for (size_t i = 0; i < s.size();) {
     uint32_t cp = 0;
     const size_t n = decode_utf8(s, i, cp);
-    if (n == 0) {
+    if (n == 0 || (controls && (cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0)))) {
       char buf[8];
       std::snprintf(buf, sizeof buf, "\\x%02X", static_cast<unsigned char>(s[i]));
       out += buf;
@@ -158,5 +160,11 @@ std::string escape_invalid_utf8(const std::string& s) {
   }
   return out;
 }
+
+}  // namespace
+
+std::string escape_invalid_utf8(const std::string& s) { return escaped(s, false); }
+
+std::string printable(const std::string& s) { return escaped(s, true); }
 
 }  // namespace loratune

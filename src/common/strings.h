@@ -32,4 +32,7 @@ bool is_valid_utf8(const std::string& s);
 // `s` with each byte that is not part of valid UTF-8 written as \xNN (for messages and JSON files).
 std::string escape_invalid_utf8(const std::string& s);
 
+// `s` as one line of a message: invalid UTF-8 bytes and control characters (newline, escape, ...) as \xNN.
+std::string printable(const std::string& s);
+
 }  // namespace loratune

@@ -1,4 +1,6 @@
 // Checkpoint sources (folders, hub ids in the local cache), their weights and configs, and the family dispatch.
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <set>
 
@@ -60,35 +62,67 @@ bool is_checkpoint_source(const std::string& source) {
   return fs::is_regular_file(fs::path(s) / "config.json", ec) || fs::is_regular_file(fs::path(s) / "open_clip_config.json", ec);
 }
 
+namespace {
+
+bool is_hex_commit(const std::string& s) {
+  return s.size() == 40 && std::all_of(s.begin(), s.end(), [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
+}
+
+// A part of a hub id or a revision name as the hub allows them: letters, digits, '-', '_', '.', not starting or ending
+// with '-' or '.', no "--" or "..", at most `max` characters.
+bool is_hub_name(const std::string& s, size_t max) {
+  if (s.empty() || s.size() > max || s.find("--") != std::string::npos || s.find("..") != std::string::npos) return false;
+  for (char c : {s.front(), s.back()})
+    if (c == '-' || c == '.') return false;
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
+
+}  // namespace
+
 fs::path resolve_checkpoint_folder(const std::string& source_with_tower) {
   const std::string source = strip_tower(source_with_tower, nullptr);
   if (source.rfind("hf:", 0) != 0) {
     std::error_code ec;
-    if (!fs::is_directory(source, ec)) throw InputError("checkpoint folder " + source + " does not exist");
+    if (!fs::is_directory(source, ec)) throw InputError("checkpoint folder " + printable(source) + " does not exist");
     return source;
   }
   std::string id = source.substr(3), revision = "main";
   if (const size_t at = id.find('@'); at != std::string::npos) revision = id.substr(at + 1), id = id.substr(0, at);
   const size_t slash = id.find('/');
-  if (id.empty() || revision.empty() || id.find("..") != std::string::npos || revision.find('/') != std::string::npos ||
-      revision.find("..") != std::string::npos)
-    throw InputError("\"" + source + "\" is not a hub id: write hf:ORG/NAME or hf:ORG/NAME@REVISION");
-  std::string repo_dir = "models--" + (slash == std::string::npos ? id : id.substr(0, slash) + "--" + id.substr(slash + 1));
-  const fs::path repo = hub_cache() / repo_dir;
+  const std::string org = slash == std::string::npos ? "" : id.substr(0, slash);
+  const std::string name = slash == std::string::npos ? id : id.substr(slash + 1);
+  if ((slash != std::string::npos && !is_hub_name(org, 96)) || !is_hub_name(name, 96) ||
+      !(is_hub_name(revision, 128) || is_hex_commit(revision)))
+    throw InputError("\"" + printable(source) + "\" is not a hub id: write hf:ORG/NAME or hf:ORG/NAME@REVISION (letters, "
+                     "digits, '-', '_', '.'; a revision is a branch, a tag or a 40-digit commit)");
+  const fs::path cache = hub_cache();
+  const fs::path repo = cache / ("models--" + (org.empty() ? name : org + "--" + name));
   const std::string fetch = "hf download " + id + (revision == "main" ? "" : " --revision " + revision);
   std::error_code ec;
-  fs::path snapshot;
+  std::string commit = revision;  // a commit hash given directly
   if (fs::is_regular_file(repo / "refs" / revision, ec)) {
-    std::string commit = read_file(repo / "refs" / revision);
+    if (fs::file_size(repo / "refs" / revision, ec) > 4096)
+      throw InputError((repo / "refs" / revision).string() + ": not a hub cache ref (over 4 KiB)");
+    commit = read_file(repo / "refs" / revision);
     while (!commit.empty() && std::isspace(static_cast<unsigned char>(commit.back()))) commit.pop_back();
-    snapshot = repo / "snapshots" / commit;
-  } else {
-    snapshot = repo / "snapshots" / revision;  // a commit hash given directly
+    if (!is_hex_commit(commit))
+      throw InputError((repo / "refs" / revision).string() + ": the hub cache's ref of " + id + "@" + revision +
+                       " must hold a 40-digit commit hash, not \"" + printable(commit.substr(0, 80)) + "\"");
+  } else if (!is_hex_commit(revision)) {
+    commit.clear();
   }
-  if (!fs::is_directory(snapshot, ec))
+  const fs::path snapshots = repo / "snapshots", snapshot = snapshots / commit;
+  if (commit.empty() || !fs::is_directory(snapshot, ec))
     throw InputError(id + (revision == "main" ? "" : "@" + revision) + " is not in the local Hugging Face cache (" +
-                     hub_cache().string() + "); loratune does not download: fetch it with `" + fetch +
+                     printable(cache.string()) + "); loratune does not download: fetch it with `" + fetch +
                      "`, or pass the folder");
+  // The snapshot folder itself must be in the repository's snapshots/ (its files may link into blobs/).
+  const fs::path real = fs::canonical(snapshot, ec), real_snapshots = fs::canonical(snapshots, ec);
+  if (ec || real.parent_path() != real_snapshots)
+    throw InputError(snapshot.string() + ": the hub cache's snapshot of " + id + " leads outside " +
+                     snapshots.string() + "; not loaded");
   return snapshot;
 }
 
