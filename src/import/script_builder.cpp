@@ -18,6 +18,8 @@ std::string shape_text(c10::IntArrayRef shape) {
   return s + "]";
 }
 
+}  // namespace
+
 std::string activation_source(Activation a, const std::string& var) {
   switch (a) {
     case Activation::gelu: return "torch.gelu(" + var + ")";
@@ -27,8 +29,6 @@ std::string activation_source(Activation a, const std::string& var) {
   }
   return var;
 }
-
-}  // namespace
 
 std::string float_literal(double value) {
   std::ostringstream s;

@@ -42,6 +42,8 @@ class CheckpointTensors {
 // Source text of the activation functions a config can name.
 enum class Activation { gelu, gelu_tanh, quick_gelu, silu };
 Activation activation_from_name(const std::string& name, const std::string& where);
+// TorchScript source applying `a` to the variable `var`.
+std::string activation_source(Activation a, const std::string& var);
 
 class ScriptBuilder {
  public:

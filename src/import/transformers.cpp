@@ -227,7 +227,6 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
     place(b, root, "vision_model.head.mlp.fc2", b.linear(ckpt, hp + "mlp.fc2", C, shape.mlp_hidden, Bias::yes));
     stem += "    return x + " + e + ".position_embedding.weight.unsqueeze(0)\n";
     const std::string H = std::to_string(heads), D = std::to_string(C / heads), Cs = std::to_string(C);
-    const std::string act = l.activation == Activation::gelu_tanh ? "torch.gelu(m, approximate='tanh')" : "torch.gelu(m)";
     head += "    h = self.vision_model.post_layernorm.forward(hidden)\n"
             "    B = h.size(0)\n    N = h.size(1)\n"
             "    mh = self.vision_model.head\n"
@@ -240,7 +239,7 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
             "    a = mh.attention.out_proj.forward(a)\n"
             "    m = mh.layernorm.forward(a)\n"
             "    m = mh.mlp.fc1.forward(m)\n"
-            "    m = " + act + "\n"
+            "    m = " + activation_source(l.activation, "m") + "\n"
             "    return (a + mh.mlp.fc2.forward(m))[:, 0]\n";
   } else {
     stem += "    cls = " + e + ".class_embedding.reshape(1, 1, " + std::to_string(C) + ").expand(x.size(0), -1, -1)\n"

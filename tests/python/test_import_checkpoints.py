@@ -48,8 +48,12 @@ def perturb(model, seed=0):
 
 
 def timm_model(arch, **kwargs):
+    """A random-weight timm model of `arch`, 2 blocks deep; the arguments that differ from the architecture's
+    definition are kept for its config.json (timm's own model_args), as a user's push_to_hf_hub writes them."""
     torch.manual_seed(0)
-    return perturb(timm.create_model(arch, pretrained=False, num_classes=0, depth=2, **kwargs))
+    model = perturb(timm.create_model(arch, pretrained=False, num_classes=0, depth=2, **kwargs))
+    model.model_args = dict(depth=2, **kwargs)
+    return model
 
 
 def write_folder(path, tensors, config, name="config.json", weights="model.safetensors", extra=None):
@@ -71,7 +75,7 @@ def write_text(path, text):
 def timm_folder(model, path):
     os.makedirs(path, exist_ok=True)
     safetensors_lite.save(model.state_dict(), os.path.join(path, "model.safetensors"))
-    save_config_for_hf(model, pathlib.Path(path) / "config.json")
+    save_config_for_hf(model, pathlib.Path(path) / "config.json", model_args=getattr(model, "model_args", None))
     return path
 
 
@@ -145,6 +149,59 @@ class TimmFolders(Pipeline):
                 size = model.patch_embed.img_size[0]
                 model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
                 self.check_import(timm_folder(model, os.path.join(TMP, "timm_" + arch)), model, size)
+
+    def test_architectures_are_built_as_timm_defines_them(self):
+        """What only the architecture's definition says (activation, pooling, norm eps, tokens) comes from the name:
+        SigLIP towers with the tanh GELU and the attention-pool ("map") head, DeiT-III, registers, FlexiViT, q/k norm,
+        CLIP's QuickGELU. One of each kind of entry in the table; model_args only shrink the width."""
+        small = {"embed_dim": 192, "num_heads": 3}
+        cases = [("vit_base_patch32_siglip_gap_256", small),        # gelu_tanh, avg, no class token, no fc_norm
+                 ("vit_base_patch32_siglip_256", small),            # gelu_tanh, map head
+                 ("vit_base_patch16_siglip_224", small),            # exact GELU, map head
+                 ("deit3_small_patch16_224", {}),                   # no_embed_class, layer scale
+                 ("vit_wee_patch16_reg1_gap_256", {}),              # register, no class token, avg + fc_norm
+                 ("flexivit_small", {}),                            # FlexiViT
+                 ("vit_tiny_patch16_224", {"qk_norm": True}),       # q/k norm (from model_args)
+                 ("vit_base_patch32_clip_quickgelu_224", small)]    # QuickGELU, pre-norm, eps 1e-5
+        for arch, kwargs in cases:
+            with self.subTest(arch=arch):
+                model = timm_model(arch, **kwargs)
+                size = model.patch_embed.img_size[0]
+                model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
+                self.check_import(timm_folder(model, os.path.join(TMP, "timm_" + arch)), model, size)
+
+    def refused(self, folder):
+        p = subprocess.run([BIN, "import", folder, "--output", folder + ".pt"], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 3, p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertFalse(os.path.exists(folder + ".pt"))
+        return p.stderr
+
+    def test_other_architectures_are_refused_by_name(self):
+        """timm folders of other model kinds, and VisionTransformers with parts loratune does not build, say so."""
+        cases = [("eva02_tiny_patch14_224", {}, "eva02_tiny_patch14_224 is an Eva (rotary position embeddings"),
+                 ("beit_base_patch16_224", {"embed_dim": 192, "num_heads": 3}, "beit_base_patch16_224 is a BEiT"),
+                 ("vit_relpos_small_patch16_224", {}, "is a ViT with relative position embeddings"),
+                 ("vit_dwee_patch16_reg1_gap_256", {}, "a timm VisionTransformer with differential attention"),
+                 ("vit_pwee_patch16_reg1_gap_256", {}, "parallelscalingblock blocks")]
+        for arch, kwargs, message in cases:
+            with self.subTest(arch=arch):
+                model = timm_model(arch, **kwargs)
+                err = self.refused(timm_folder(model, os.path.join(TMP, "timm_" + arch)))
+                self.assertIn(message, err)
+                self.assertIn("supported: timm VisionTransformers", err)
+        folder = timm_folder(timm_model("vit_tiny_patch16_224"), os.path.join(TMP, "timm_unknown"))
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        config["architecture"] = "vit_made_up_patch16_224.some_tag"
+        write_text(os.path.join(folder, "config.json"), json.dumps(config))
+        self.assertIn('"vit_made_up_patch16_224" is not an architecture timm', self.refused(folder))
+        # A supported architecture whose tensors are not the ones its definition implies: the file is blamed.
+        folder = timm_folder(timm_model("vit_tiny_patch16_224"), os.path.join(TMP, "timm_no_class_token"))
+        config["architecture"], config["model_args"] = "vit_medium_patch16_gap_256", {"depth": 2, "embed_dim": 192,
+                                                                                      "num_heads": 3}
+        write_text(os.path.join(folder, "config.json"), json.dumps(config))
+        self.assertIn('tensor "cls_token" is present, but vit_medium_patch16_gap_256', self.refused(folder))
 
     def test_image_size_resamples_the_position_table_as_timm_does(self):
         model = timm_model("vit_tiny_patch16_224")
@@ -391,11 +448,12 @@ class Sources(unittest.TestCase):
     def test_hub_cache_ids_resolve_offline(self):
         cache = os.path.join(TMP, "hub")
         repo = os.path.join(cache, "models--someone--tiny-vit")
-        snapshot = os.path.join(repo, "snapshots", "0123abc")
+        commit = "0123abc" * 5 + "01234"
+        snapshot = os.path.join(repo, "snapshots", commit)
         os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
         shutil.copytree(self.folder(), snapshot, dirs_exist_ok=True)
         with open(os.path.join(repo, "refs", "main"), "w") as f:
-            f.write("0123abc")
+            f.write(commit + "\n")
         env = dict(os.environ, HF_HUB_CACHE=cache)
         out = subprocess.run([BIN, "info", "hf:someone/tiny-vit"], capture_output=True, text=True, env=env)
         self.assertEqual(out.returncode, 0, out.stderr)
@@ -403,6 +461,43 @@ class Sources(unittest.TestCase):
         missing = subprocess.run([BIN, "info", "hf:someone/other@v2"], capture_output=True, text=True, env=env)
         self.assertEqual(missing.returncode, 3)
         self.assertIn("hf download someone/other --revision v2", missing.stderr)
+
+    def test_hub_cache_refs_and_ids_stay_inside_the_cache(self):
+        cache = os.path.join(TMP, "hub_hostile")
+        repo = os.path.join(cache, "models--someone--tiny-vit")
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        shutil.copytree(self.folder(), os.path.join(repo, "snapshots", commit), dirs_exist_ok=True)
+        outside = os.path.join(TMP, "outside_the_cache")
+        shutil.copytree(self.folder(), outside, dirs_exist_ok=True)
+        os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+        os.symlink(outside, os.path.join(repo, "snapshots", "f" * 40))
+        env = dict(os.environ, HF_HUB_CACHE=cache)
+
+        def info(source, ref=None):
+            if ref is not None:
+                write_text(os.path.join(repo, "refs", "main"), ref)
+            return subprocess.run([BIN, "info", source], capture_output=True, text=True, env=env)
+
+        self.assertEqual(info("hf:someone/tiny-vit", commit).returncode, 0)
+        self.assertEqual(info("hf:someone/tiny-vit@" + commit).returncode, 0)  # a commit given directly
+        cases = [("hf:someone/tiny-vit", outside, "must hold a 40-digit commit hash"),            # absolute path
+                 ("hf:someone/tiny-vit", "../../../" + os.path.basename(outside), "40-digit commit"),  # ..
+                 ("hf:someone/tiny-vit", "not-a-commit", "40-digit commit"),
+                 ("hf:someone/tiny-vit", "f" * 40, "leads outside"),                              # linked out
+                 ("hf:someone/tiny-vit@.", None, "is not a hub id"),
+                 ("hf:someone/tiny-vit@..", None, "is not a hub id"),
+                 ("hf:/etc/passwd", None, "is not a hub id"),
+                 ("hf:someone/../../etc", None, "is not a hub id"),
+                 ("hf:someone/tiny\nvit\x1b[31m", None, "is not a hub id")]
+        for source, ref, message in cases:
+            with self.subTest(source=source, ref=ref):
+                p = info(source, ref)
+                self.assertEqual(p.returncode, 3, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, "one line, control characters escaped")
+                self.assertNotIn("\x1b", p.stderr)
+                self.assertIn(message, p.stderr)
+                self.assertNotIn("hf download /etc", p.stderr)
+        self.assertIn("tiny\\x0Avit\\x1B[31m", info("hf:someone/tiny\nvit\x1b[31m").stderr)
 
     def expect_error(self, mutate, *expected):
         path = os.path.join(TMP, "broken")
@@ -437,13 +532,19 @@ class Sources(unittest.TestCase):
                           '"llama"', "vit, deit, dinov2")
         self.expect_error(lambda p: os.rename(os.path.join(p, "model.safetensors"), os.path.join(p, "pytorch_model.bin")),
                           "pickled weights are not read")
-        self.expect_error(lambda p: config(p, global_pool="map"), "global_pool")
+        # global_pool at the top of config.json is informational (timm builds from the name and model_args).
+        self.expect_error(lambda p: config(p, model_args={"depth": 2, "global_pool": "map"}),
+                          '"attn_pool.latent" is missing, but vit_tiny_patch16_224')
+        self.expect_error(lambda p: config(p, model_args={"depth": 2, "patch_size": 0}),
+                          "model_args.patch_size must be a positive integer")
+        self.expect_error(lambda p: config(p, model_args={"depth": 2, "num_heads": 5}),
+                          "5 heads (num_heads) do not divide embed_dim 192")
         self.expect_error(lambda p: write_text(os.path.join(p, "config.json"), "{not json"), "not valid JSON")
 
 
 if __name__ == "__main__":
     started = time.time()
-    result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    result = unittest.main(argv=[sys.argv[0], "-v", *sys.argv[4:]], exit=False).result
     failed = len(result.failures) + len(result.errors)
     print(f"{result.testsRun - failed} passed, {failed} failed ({time.time() - started:.0f} s)")
     shutil.rmtree(TMP, ignore_errors=True)
