@@ -21,8 +21,12 @@ class ClipTokenizer : public TextTokenizer {
   // merges of bpe_simple_vocab_16e6.txt.
   explicit ClipTokenizer(const std::string& merges_text, size_t max_merges = 48894);
 
-  // BPE token ids of `text`, without start/end tokens.
-  std::vector<int64_t> encode(const std::string& text) const;
+  // Work is bounded whatever the text: a word of more than kMaxWordBytes bytes (a run of letters, say) is encoded
+  // in parts of at most that many bytes (CLIP's reference would merge across them; no real word is that long).
+  static constexpr size_t kMaxWordBytes = 256;
+
+  // BPE token ids of `text`, without start/end tokens; at most `max_tokens` of them (the rest is not encoded).
+  std::vector<int64_t> encode(const std::string& text, size_t max_tokens = SIZE_MAX) const;
   // [N, context] int64: <start_of_text>, tokens, <end_of_text>, zero padding; too long: truncated with <end_of_text>
   // kept as the last token.
   at::Tensor tokenize(const std::vector<std::string>& texts, int64_t context = 77) const override;
@@ -36,7 +40,8 @@ class ClipTokenizer : public TextTokenizer {
   static std::vector<std::string> pre_tokenize(const std::string& cleaned);
 
  private:
-  std::vector<std::string> bpe(const std::string& token) const;
+  // `end_of_word`: the token is the end of its word (its last symbol carries </w>).
+  std::vector<std::string> bpe(const std::string& token, bool end_of_word) const;
 
   std::string byte_encoder_[256];
   std::unordered_map<std::string, int64_t> encoder_;

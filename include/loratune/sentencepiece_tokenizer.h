@@ -1,6 +1,8 @@
 // SentencePiece unigram tokenizer (SigLIP's text side), reading the `spiece.model` file that text-encoder bundles
 // carry: NFKC normalisation (ICU), whitespace as U+2581 with a leading one, then the most probable segmentation
-// under the pieces' scores (Viterbi); characters no piece covers become the unknown token.
+// under the pieces' scores (Viterbi over a byte trie of the pieces); characters no piece covers become the unknown
+// token. Work is bounded whatever the file holds: pieces of at most kMaxPieceBytes, at most kMaxPieces of them, and
+// the first kMaxTextBytes of a normalised text are segmented (far more than any context length needs).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +22,8 @@ struct SentencePieceOptions {
 
 class SentencePieceTokenizer : public TextTokenizer {
  public:
+  static constexpr size_t kMaxPieceBytes = 1024, kMaxPieces = 1'000'000, kMaxTextBytes = 64 * 1024;
+
   // `model`: the bytes of a SentencePiece model file (a protobuf ModelProto). InputError when it is not one, or
   // not a unigram model.
   explicit SentencePieceTokenizer(const std::string& model, SentencePieceOptions options = {});
@@ -38,8 +42,10 @@ class SentencePieceTokenizer : public TextTokenizer {
     int64_t id;
     float score;
   };
-  std::unordered_map<std::string, Piece> pieces_;
-  size_t longest_piece_ = 0;
+  // The trie of the pieces' bytes: edges_[node << 8 | byte] is the child; piece_of_[node] the piece ending there.
+  uint32_t child(uint32_t node, unsigned char byte) const;
+  std::unordered_map<uint64_t, uint32_t> edges_;
+  std::vector<Piece> piece_of_;  // id -1: no piece ends at that node
   float unknown_score_ = 0;
   int64_t unk_ = 0, eos_ = 1, pad_ = 0;
   bool nfkc_ = true, dummy_prefix_ = true, collapse_whitespace_ = true;

@@ -168,11 +168,11 @@ ClipTokenizer::ClipTokenizer(const std::string& merges_text, size_t max_merges) 
   eot_ = static_cast<int64_t>(vocab.size()) - 1;
 }
 
-std::vector<std::string> ClipTokenizer::bpe(const std::string& token) const {
+std::vector<std::string> ClipTokenizer::bpe(const std::string& token, bool end_of_word) const {
   std::vector<std::string> word;
   for (const UChar32 c : code_points(token)) word.push_back(utf8_of(c));
   if (word.empty()) return word;
-  word.back() += "</w>";
+  if (end_of_word) word.back() += "</w>";
   while (word.size() > 1) {
     size_t best_rank = SIZE_MAX, best = 0;
     for (size_t i = 0; i + 1 < word.size(); ++i) {
@@ -195,13 +195,20 @@ std::vector<std::string> ClipTokenizer::bpe(const std::string& token) const {
   return word;
 }
 
-std::vector<int64_t> ClipTokenizer::encode(const std::string& text) const {
+std::vector<int64_t> ClipTokenizer::encode(const std::string& text, size_t max_tokens) const {
   std::vector<int64_t> ids;
   for (const auto& piece : pre_tokenize(clean(text))) {
-    std::string mapped;
-    for (unsigned char b : piece) mapped += byte_encoder_[b];
-    for (const auto& symbol : bpe(mapped)) ids.push_back(encoder_.at(symbol));
+    for (size_t begin = 0; begin < piece.size() && ids.size() < max_tokens;) {
+      size_t end = std::min(piece.size(), begin + kMaxWordBytes);
+      while (end < piece.size() && end > begin + 1 && (static_cast<unsigned char>(piece[end]) & 0xC0) == 0x80) --end;
+      std::string mapped;
+      for (size_t k = begin; k < end; ++k) mapped += byte_encoder_[static_cast<unsigned char>(piece[k])];
+      for (const auto& symbol : bpe(mapped, end == piece.size())) ids.push_back(encoder_.at(symbol));
+      begin = end;
+    }
+    if (ids.size() >= max_tokens) break;
   }
+  if (ids.size() > max_tokens) ids.resize(max_tokens);
   return ids;
 }
 
@@ -210,7 +217,7 @@ at::Tensor ClipTokenizer::tokenize(const std::vector<std::string>& texts, int64_
   auto acc = out.accessor<int64_t, 2>();
   for (size_t row = 0; row < texts.size(); ++row) {
     std::vector<int64_t> ids{sot_};
-    const auto body = encode(texts[row]);
+    const auto body = encode(texts[row], static_cast<size_t>(std::max<int64_t>(context, 0)));
     ids.insert(ids.end(), body.begin(), body.end());
     ids.push_back(eot_);
     if (static_cast<int64_t>(ids.size()) > context) {

@@ -151,11 +151,23 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, Sentenc
   const auto count = static_cast<int64_t>(listed.size());
   if (unk < 0 || unk >= count || eos < 0 || eos >= count || pad >= count)
     throw InputError("the SentencePiece model's special token ids lie outside its " + std::to_string(count) + " pieces");
-  for (auto& [text, piece] : listed)
-    if (!text.empty()) {
-      longest_piece_ = std::max(longest_piece_, text.size());
-      pieces_.emplace(std::move(text), piece);
+  if (listed.size() > kMaxPieces)
+    throw InputError("the SentencePiece model holds " + std::to_string(listed.size()) + " pieces (limit " +
+                     std::to_string(kMaxPieces) + ")");
+  piece_of_.push_back({-1, 0});
+  for (const auto& [text, piece] : listed) {
+    if (text.empty()) continue;
+    if (text.size() > kMaxPieceBytes)
+      throw InputError("the SentencePiece model has a piece of " + std::to_string(text.size()) + " bytes (limit " +
+                       std::to_string(kMaxPieceBytes) + ")");
+    uint32_t node = 0;
+    for (unsigned char byte : text) {
+      auto [it, added] = edges_.emplace(uint64_t{node} << 8 | byte, static_cast<uint32_t>(piece_of_.size()));
+      if (added) piece_of_.push_back({-1, 0});
+      node = it->second;
     }
+    if (piece_of_[node].id < 0) piece_of_[node] = piece;  // the first of duplicate pieces wins
+  }
   nfkc_ = normalizer.find("nfkc") != std::string::npos;
   unknown_score_ = (min_score == std::numeric_limits<float>::max() ? 0.0f : min_score) - kUnknownPenalty;
   unk_ = unk, eos_ = eos;
@@ -198,8 +210,18 @@ std::string SentencePieceTokenizer::normalize(const std::string& text) const {
   return escaped;
 }
 
+uint32_t SentencePieceTokenizer::child(uint32_t node, unsigned char byte) const {
+  auto it = edges_.find(uint64_t{node} << 8 | byte);
+  return it == edges_.end() ? 0 : it->second;
+}
+
 std::vector<int64_t> SentencePieceTokenizer::encode(const std::string& text) const {
-  const std::string s = normalize(text);
+  std::string s = normalize(text.substr(0, 4 * kMaxTextBytes));
+  if (s.size() > kMaxTextBytes) {  // cut at a character boundary
+    size_t cut = kMaxTextBytes;
+    while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+    s.resize(cut);
+  }
   const size_t n = s.size();
   // best[i]: the highest total score of a segmentation of s[0:i]; back[i]: its last piece (start, id).
   std::vector<double> best(n + 1, -std::numeric_limits<double>::infinity());
@@ -209,15 +231,20 @@ std::vector<int64_t> SentencePieceTokenizer::encode(const std::string& text) con
     if (best[i] == -std::numeric_limits<double>::infinity()) continue;
     const size_t first = std::min(n - i, char_length(static_cast<unsigned char>(s[i])));
     bool single = false;
-    for (size_t len = first; len <= std::min(longest_piece_, n - i);) {
-      auto it = pieces_.find(s.substr(i, len));
-      if (it != pieces_.end()) {
+    // Walk the trie along s[i:]; a piece counts where it ends on a character boundary.
+    uint32_t node = 0;
+    size_t boundary = i + first;
+    for (size_t j = i; j < n; ++j) {
+      node = child(node, static_cast<unsigned char>(s[j]));
+      if (node == 0) break;
+      if (j + 1 < boundary) continue;
+      const size_t len = j + 1 - i;
+      if (const Piece& piece = piece_of_[node]; piece.id >= 0) {
         single |= len == first;
-        const double score = best[i] + it->second.score;
-        if (score > best[i + len]) best[i + len] = score, back[i + len] = {i, it->second.id};
+        const double score = best[i] + piece.score;
+        if (score > best[i + len]) best[i + len] = score, back[i + len] = {i, piece.id};
       }
-      if (i + len >= n) break;
-      len += char_length(static_cast<unsigned char>(s[i + len]));
+      if (j + 1 < n) boundary = std::min(n, j + 1 + char_length(static_cast<unsigned char>(s[j + 1])));
     }
     if (!single && best[i] + unknown_score_ > best[i + first])
       best[i + first] = best[i] + unknown_score_, back[i + first] = {i, unk_};

@@ -4,6 +4,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <map>
+#include <random>
+#include <set>
+
 #include "loratune/adapter_binding.h"
 #include "loratune/targets.h"
 #include "loratune/clip_tokenizer.h"
@@ -101,6 +105,114 @@ TEST(SentencePieceTokenizer, RejectsDamagedModels) {
     } catch (const InputError&) {
     }
   }
+}
+
+// A SentencePiece ModelProto of unigram pieces (normal pieces, then <unk> as id `pieces.size()`), no normaliser and
+// no dummy prefix, so that a test controls exactly what is segmented.
+std::string sentencepiece_model(const std::vector<std::pair<std::string, float>>& pieces) {
+  auto varint = [](uint64_t v) {
+    std::string out;
+    for (; v >= 0x80; v >>= 7) out += static_cast<char>((v & 0x7F) | 0x80);
+    return out + static_cast<char>(v);
+  };
+  auto field_bytes = [&](int field, const std::string& bytes) { return varint(uint64_t(field) << 3 | 2) + varint(bytes.size()) + bytes; };
+  auto field_int = [&](int field, uint64_t v) { return varint(uint64_t(field) << 3) + varint(v); };
+  std::string model;
+  auto piece = [&](const std::string& text, float score, int kind) {
+    std::string p = field_bytes(1, text) + varint(2 << 3 | 5);
+    p.append(reinterpret_cast<const char*>(&score), 4);
+    return field_bytes(1, p + field_int(3, static_cast<uint64_t>(kind)));
+  };
+  for (const auto& [text, score] : pieces) model += piece(text, score, 1);
+  model += piece("<unk>", 0, 2);
+  const auto unk = pieces.size();
+  model += field_bytes(2, field_int(3, 1) + field_int(40, unk) + field_int(42, unk) + field_int(43, unk));
+  model += field_bytes(3, field_bytes(1, "identity") + field_int(3, 0) + field_int(4, 0));
+  return model;
+}
+
+// The segmentation as the tokenizer first computed it: every substring length at character boundaries looked up
+// (quadratic in the piece length; the reference for the trie walk).
+std::vector<int64_t> reference_segmentation(const std::vector<std::pair<std::string, float>>& pieces, const std::string& s) {
+  std::map<std::string, std::pair<int64_t, float>> table;
+  float lowest = 0;
+  for (size_t k = 0; k < pieces.size(); ++k) {
+    table.emplace(pieces[k].first, std::pair<int64_t, float>{static_cast<int64_t>(k), pieces[k].second});
+    lowest = std::min(lowest, pieces[k].second);
+  }
+  const int64_t unk = static_cast<int64_t>(pieces.size());
+  const size_t n = s.size();
+  std::vector<double> best(n + 1, -1e300);
+  std::vector<std::pair<size_t, int64_t>> back(n + 1, {0, -1});
+  best[0] = 0;
+  for (size_t i = 0; i < n; ++i) {  // ASCII: every byte is a character
+    bool single = false;
+    for (size_t len = 1; i + len <= n; ++len) {
+      auto it = table.find(s.substr(i, len));
+      if (it == table.end()) continue;
+      single |= len == 1;
+      if (best[i] + it->second.second > best[i + len]) best[i + len] = best[i] + it->second.second, back[i + len] = {i, it->second.first};
+    }
+    if (!single && best[i] + lowest - 10.0 > best[i + 1]) best[i + 1] = best[i] + lowest - 10.0, back[i + 1] = {i, unk};
+  }
+  std::vector<int64_t> ids;
+  for (size_t i = n; i > 0; i = back[i].first) ids.push_back(back[i].second);
+  std::reverse(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return a == unk && b == unk; }), ids.end());
+  return ids;
+}
+
+TEST(SentencePieceTokenizer, TrieSegmentationEqualsTheExhaustiveOne) {
+  std::mt19937 rng(7);
+  for (int round = 0; round < 40; ++round) {
+    std::vector<std::pair<std::string, float>> pieces;
+    std::set<std::string> seen;
+    const int count = 3 + static_cast<int>(rng() % 30);
+    while (static_cast<int>(pieces.size()) < count) {
+      std::string text(1 + rng() % 5, 'a');
+      for (char& c : text) c = static_cast<char>('a' + rng() % 4);
+      if (seen.insert(text).second) pieces.push_back({text, -static_cast<float>(rng() % 1000) / 100.0f});
+    }
+    const SentencePieceTokenizer tok(sentencepiece_model(pieces));
+    for (int k = 0; k < 10; ++k) {
+      std::string text(rng() % 40, 'a');
+      for (char& c : text) c = static_cast<char>('a' + rng() % 5);  // 'e': no piece, the unknown token
+      ASSERT_EQ(tok.encode(text), reference_segmentation(pieces, text)) << text;
+    }
+  }
+}
+
+TEST(SentencePieceTokenizer, WorkIsBoundedWhateverTheModelHolds) {
+  EXPECT_THROW_WITH(SentencePieceTokenizer(sentencepiece_model({{std::string(2000, 'a'), -1.0f}})), InputError,
+                    "a piece of 2000 bytes (limit 1024)");
+  // 1,000 pieces sharing prefixes (a, aa, ..., a x 1000) and a text of 200,000 a's: the trie walk stops at the
+  // longest piece, and the text is segmented up to kMaxTextBytes. The best segmentation is the fewest pieces.
+  std::vector<std::pair<std::string, float>> chain;
+  for (size_t len = 1; len <= 1000; ++len) chain.push_back({std::string(len, 'a'), -1.0f});
+  const SentencePieceTokenizer tok(sentencepiece_model(chain));
+  const std::vector<int64_t> ids = tok.encode(std::string(200000, 'a'));
+  const size_t n = SentencePieceTokenizer::kMaxTextBytes;
+  ASSERT_EQ(ids.size(), (n + 999) / 1000);
+  size_t covered = 0;
+  for (int64_t id : ids) covered += static_cast<size_t>(id) + 1;  // piece k is k + 1 a's
+  EXPECT_EQ(covered, n);
+  // Invalid UTF-8 in a prompt is text like any other (replacement characters), never a crash.
+  EXPECT_EQ(tok.tokenize({std::string("\xff\xfe a \xc3", 6)}, 8).size(1), 8);
+}
+
+TEST(ClipTokenizer, LongWordsAndTextsAreBounded) {
+  const ClipTokenizer tok = small_tokenizer();
+  // A 300,000-letter word and a 300,000-word text: only what fills the context is encoded.
+  const at::Tensor rows = tok.tokenize({std::string(300000, 'a'), [] {
+                                          std::string t;
+                                          for (int k = 0; k < 300000; ++k) t += "red ";
+                                          return t;
+                                        }()},
+                                       77);
+  EXPECT_EQ(rows.size(1), 77);
+  EXPECT_EQ(rows[0][76].item<int64_t>(), rows[1][76].item<int64_t>()) << "both truncated, end token last";
+  EXPECT_EQ(tok.encode("red photo", 1), tok.encode("red"));
+  EXPECT_FALSE(tok.encode(std::string("\xff\xfe a \xc3", 6)).empty());
 }
 
 TEST(ClipTokenizer, RejectsDamagedMergesFiles) {
