@@ -205,6 +205,17 @@ Trainer::Progress Trainer::load_checkpoint(const Schedule& schedule) {
   const bool device_rng = device_.is_cuda() && ckpt.tensors.count("rng.device");
   const at::Tensor rng_device = device_rng ? stored_like(ckpt.tensors, "rng.device", compat::default_generator(device_).get_state(), origin)
                                            : at::Tensor();
+  // A generator state of the right size can still be one LibTorch refuses: tried on copies before anything changes.
+  for (auto [state, device] : {std::pair<const at::Tensor*, c10::Device>{&rng_cpu, c10::Device(c10::kCPU)},
+                               {&rng_device, device_}}) {
+    if (!state->defined()) continue;
+    try {
+      compat::default_generator(device).clone().set_state(*state);
+    } catch (const c10::Error&) {
+      throw InputError(origin + ": the random generator state (rng." + (device.is_cpu() ? "cpu" : "device") +
+                       ") is not one LibTorch accepts; the checkpoint is damaged");
+    }
+  }
   std::vector<const at::Tensor*> params;
   for (const auto& t : trainable_) params.push_back(&stored_like(ckpt.tensors, "param." + t.name, t.tensor, origin));
   optimizer_->load_state(ckpt.tensors, origin);  // checks its own tensors before it changes anything

@@ -368,6 +368,10 @@ TEST(Training, CheckpointValuesOutsideTheRunAreRefusedAndLeaveItResumable) {
   EXPECT_THROW_WITH(r.run(dir, true), InputError, avg_sq + " has negative values");
   with_tensor("rng.cpu", good.tensors.at("rng.cpu").narrow(0, 0, 10).clone());
   EXPECT_THROW_WITH(r.run(dir, true), InputError, "rng.cpu is Byte [10], this run needs Byte");
+  at::Tensor rng = good.tensors.at("rng.cpu").clone();
+  rng[19] = 1;  // the right size, but mt19937's position (bytes 16-23) past its 624 words: a state LibTorch refuses
+  with_tensor("rng.cpu", rng);
+  EXPECT_THROW_WITH(r.run(dir, true), InputError, "random generator state (rng.cpu) is not one LibTorch accepts");
   with_tensor("adamw.steps", at::tensor(int64_t{-3}, at::kLong));
   EXPECT_THROW_WITH(r.run(dir, true), InputError, "adamw.steps is negative");
 
