@@ -13,15 +13,13 @@
 #include <string>
 #include <vector>
 
+#include "loratune/import.h"  // kMaxBundleImageSize
+
 namespace loratune {
 
 // Name of the metadata file inside the TorchScript archive (extra files), or `<model>.json` beside it.
 inline constexpr const char* kBundleMetadataName = "loratune.json";
 inline constexpr int kBundleFormatVersion = 1;
-
-// Largest input side a bundle may declare (resize_size included): 4x the largest encoders' 1024 px; beyond it
-// metadata is damage or hostility, and would size huge allocations.
-inline constexpr int64_t kMaxBundleImageSize = 4096;
 
 struct BundleInfo {
   std::string kind = "backbone";  // "backbone": images -> features; "classifier": images -> logits (merged)

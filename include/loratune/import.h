@@ -17,6 +17,10 @@ namespace loratune {
 
 enum class Tower { image, text };
 
+// Largest input side a bundle may declare (resize_size included): 4x the largest encoders' 1024 px; beyond it
+// metadata is damage or hostility, and would size huge allocations. Imports check configs against it.
+inline constexpr int64_t kMaxBundleImageSize = 4096;
+
 // A source names a checkpoint folder: a directory with config.json or open_clip_config.json, or
 // "hf:ORG/NAME[@REVISION]" in the local Hugging Face cache. A trailing "#text" asks for the text tower of a CLIP.
 bool is_checkpoint_source(const std::string& source);

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -32,8 +33,15 @@ CheckpointTensors read_weights(const Folder& folder, const std::string& stem, co
 // Typed config values with errors that name the file and key.
 int64_t config_int(const nlohmann::json& j, const std::string& key, const std::string& where,
                    std::optional<int64_t> fallback = std::nullopt);
+// The most transformer blocks an imported tower may have (the largest published encoders have under 100).
+inline constexpr int64_t kMaxImportedLayers = 1024;
+
+// A size (width, heads, patch, image size, layers, ...): an integer from 1 to `max`.
+int64_t config_size(const nlohmann::json& j, const std::string& key, const std::string& where,
+                    std::optional<int64_t> fallback = std::nullopt, int64_t max = int64_t{1} << 24);
+// A number; with bounds, one in (low, high] (an eps in (0, 1], a ratio in (0, 64]).
 double config_number(const nlohmann::json& j, const std::string& key, const std::string& where,
-                     std::optional<double> fallback = std::nullopt);
+                     std::optional<double> fallback = std::nullopt, double low = -HUGE_VAL, double high = HUGE_VAL);
 std::string config_string(const nlohmann::json& j, const std::string& key, const std::string& where,
                           std::optional<std::string> fallback = std::nullopt);
 

@@ -198,13 +198,26 @@ int64_t config_int(const json& j, const std::string& key, const std::string& whe
   return j[key].get<int64_t>();
 }
 
-double config_number(const json& j, const std::string& key, const std::string& where, std::optional<double> fallback) {
+int64_t config_size(const json& j, const std::string& key, const std::string& where, std::optional<int64_t> fallback,
+                    int64_t max) {
+  const int64_t v = config_int(j, key, where, fallback);
+  if (v < 1 || v > max)
+    throw InputError(where + ": \"" + key + "\" must be from 1 to " + std::to_string(max) + ", not " + std::to_string(v));
+  return v;
+}
+
+double config_number(const json& j, const std::string& key, const std::string& where, std::optional<double> fallback,
+                     double low, double high) {
   if (!j.contains(key) || j[key].is_null()) {
     if (fallback) return *fallback;
     throw InputError(where + ": \"" + key + "\" is missing");
   }
-  if (!j[key].is_number()) throw InputError(where + ": \"" + key + "\" must be a number, not " + j[key].dump());
-  return j[key].get<double>();
+  if (!j[key].is_number()) throw InputError(where + ": \"" + key + "\" must be a number, not " + printable(j[key].dump()));
+  const double v = j[key].get<double>();
+  if (!(v > low && v <= high))
+    throw InputError(where + ": \"" + key + "\" must be in (" + float_literal(low) + ", " + float_literal(high) + "], not " +
+                     j[key].dump());
+  return v;
 }
 
 std::string config_string(const json& j, const std::string& key, const std::string& where,
@@ -241,8 +254,9 @@ json image_metadata(const std::string& architecture, const Folder& folder, int64
 
 }  // namespace importer
 
-ImportedModel import_checkpoint(const std::string& source_with_tower, Tower tower, const ImportOptions& options) {
-  const std::string source = strip_tower(source_with_tower, &tower);
+namespace {
+
+ImportedModel build_checkpoint(const std::string& source, Tower tower, const ImportOptions& options) {
   const importer::Folder folder = folder_of(source);
   ImportedModel out;
   if (folder.has("open_clip_config.json")) {
@@ -265,6 +279,21 @@ ImportedModel import_checkpoint(const std::string& source_with_tower, Tower towe
   if (tower == Tower::image && has_text_tower(source))
     out.metadata["text_model"] = text_tower_source(fs::absolute(folder.dir).lexically_normal().string());
   return out;
+}
+
+}  // namespace
+
+ImportedModel import_checkpoint(const std::string& source_with_tower, Tower tower, const ImportOptions& options) {
+  const std::string source = strip_tower(source_with_tower, &tower);
+  // Values the checks above let through but LibTorch or the JSON reader still refuse are the folder's fault too.
+  try {
+    return build_checkpoint(source, tower, options);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    throw InputError(printable(source) + ": the checkpoint does not build (" + printable(what.substr(0, what.find('\n'))) + ")");
+  } catch (const json::exception& e) {
+    throw InputError(printable(source) + ": a config value has the wrong type (" + printable(e.what()) + ")");
+  }
 }
 
 std::string text_tower_source(const std::string& source) {

@@ -25,8 +25,8 @@ BlockLayout resblock_layout(bool quick_gelu, bool causal) {
 }
 
 int64_t heads_of(const json& cfg, int64_t width, const std::string& where, bool text) {
-  if (text) return config_int(cfg, "heads", where, 8);
-  const int64_t head_width = config_int(cfg, "head_width", where, 64);
+  if (text) return config_size(cfg, "heads", where, 8);
+  const int64_t head_width = config_size(cfg, "head_width", where, 64);
   if (head_width == 0 || width % head_width != 0) throw InputError(where + ": vision head_width does not divide width");
   return width / head_width;
 }
@@ -52,13 +52,21 @@ ImportedModel vision(const Folder& folder, const json& mc, const json& pc, const
   if (vc.value("attentional_pool", false)) throw InputError(where + ": attentional pooling is not imported");
   CheckpointTensors ckpt = read_weights(folder, "open_clip_model", "open_clip_pytorch_model.bin");
   ckpt.ignore_if(is_text_key);
-  const int64_t W = config_int(vc, "width", where, 768), layers = config_int(vc, "layers", where, 12);
-  const int64_t patch = config_int(vc, "patch_size", where, 16), heads = heads_of(vc, W, where, false);
-  const int64_t trained_size = vc.contains("image_size") && vc["image_size"].is_array()
-                                   ? vc["image_size"][0].get<int64_t>()
-                                   : config_int(vc, "image_size", where, 224);
-  const int64_t mlp = static_cast<int64_t>(W * config_number(vc, "mlp_ratio", where, 4.0));
-  const int64_t embed_dim = config_int(mc, "embed_dim", where);
+  const int64_t W = config_size(vc, "width", where, 768), layers = config_size(vc, "layers", where, 12, kMaxImportedLayers);
+  const int64_t patch = config_size(vc, "patch_size", where, 16), heads = heads_of(vc, W, where, false);
+  int64_t trained_size = 224;
+  if (vc.contains("image_size") && vc["image_size"].is_array()) {
+    const json& size = vc["image_size"];
+    if (size.empty() || size.size() > 2 || !size[0].is_number_integer() || size[0] != size.back() ||
+        size[0].get<int64_t>() < 1 || size[0].get<int64_t>() > kMaxBundleImageSize)
+      throw InputError(where + ": vision_cfg.image_size must be a size or [size, size] from 1 to " +
+                       std::to_string(kMaxBundleImageSize) + ", not " + size.dump());
+    trained_size = size[0].get<int64_t>();
+  } else {
+    trained_size = config_size(vc, "image_size", where, 224, kMaxBundleImageSize);
+  }
+  const int64_t mlp = static_cast<int64_t>(W * config_number(vc, "mlp_ratio", where, 4.0, 0.0, 64.0));
+  const int64_t embed_dim = config_size(mc, "embed_dim", where);
   const bool quick = mc.value("quick_gelu", false);
   const std::string pool = config_string(vc, "pool_type", where, "tok");
   const bool ln_after_pool = vc.value("final_ln_after_pool", false), ln_pre = !vc.value("no_ln_pre", false);
@@ -131,10 +139,10 @@ ImportedModel text(const Folder& folder, const json& mc) {
   ckpt.ignore_if([](const std::string& k) { return k.rfind("visual.", 0) == 0 || k == "attn_mask" || k == "logit_bias"; });
   const std::string tp = text_prefix(ckpt);
   TextTowerShape s;
-  s.width = config_int(tc, "width", where, 512), s.heads = heads_of(tc, s.width, where, true);
-  s.layers = config_int(tc, "layers", where, 12), s.context = config_int(tc, "context_length", where, 77);
-  s.vocab = config_int(tc, "vocab_size", where, 49408), s.embed_dim = config_int(mc, "embed_dim", where);
-  s.mlp_hidden = static_cast<int64_t>(s.width * config_number(tc, "mlp_ratio", where, 4.0));
+  s.width = config_size(tc, "width", where, 512), s.heads = heads_of(tc, s.width, where, true);
+  s.layers = config_size(tc, "layers", where, 12, kMaxImportedLayers), s.context = config_size(tc, "context_length", where, 77);
+  s.vocab = config_size(tc, "vocab_size", where, 49408), s.embed_dim = config_size(mc, "embed_dim", where);
+  s.mlp_hidden = static_cast<int64_t>(s.width * config_number(tc, "mlp_ratio", where, 4.0, 0.0, 64.0));
   TextTowerNames n;
   n.token_embedding = tp + "token_embedding.weight", n.position_embedding = tp + "positional_embedding";
   n.blocks = tp + "transformer.resblocks", n.final_norm = tp + "ln_final";

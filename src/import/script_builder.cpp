@@ -64,9 +64,14 @@ at::Tensor CheckpointTensors::take(const std::string& key, const std::vector<int
   return take_any(key, static_cast<int64_t>(shape.size()));
 }
 
-std::vector<int64_t> CheckpointTensors::shape(const std::string& key) const {
+std::vector<int64_t> CheckpointTensors::shape(const std::string& key, int64_t dims) const {
   auto it = tensors_.find(key);
   if (it == tensors_.end()) throw InputError(origin_ + ": tensor \"" + key + "\" is missing");
+  if (it->second.dim() != dims)
+    throw InputError(origin_ + ": tensor \"" + key + "\" has shape " + shape_text(it->second.sizes()) + ", expected " +
+                     std::to_string(dims) + " dimensions");
+  for (int64_t size : it->second.sizes())
+    if (size < 1) throw InputError(origin_ + ": tensor \"" + key + "\" has shape " + shape_text(it->second.sizes()));
   return it->second.sizes().vec();
 }
 

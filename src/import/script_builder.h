@@ -24,8 +24,9 @@ class CheckpointTensors {
   at::Tensor take(const std::string& key, const std::vector<int64_t>& shape);
   // As take(), with any shape of `dims` dimensions (sizes then read from it).
   at::Tensor take_any(const std::string& key, int64_t dims);
-  // The shape of a tensor still present (InputError naming the key when absent).
-  std::vector<int64_t> shape(const std::string& key) const;
+  // The shape of a tensor still present, of `dims` dimensions each at least 1 (InputError naming the key when
+  // absent or of another shape).
+  std::vector<int64_t> shape(const std::string& key, int64_t dims) const;
   // Keys still present with this prefix.
   std::vector<std::string> keys_with_prefix(const std::string& prefix) const;
   // Tensors the model does not use (a classifier, a pooler, the other tower): dropped without error.

@@ -8,7 +8,6 @@
 #include "common/strings.h"
 #include "import/families.h"
 #include "import/timm_architectures.h"
-#include "loratune/bundle.h"
 #include "loratune/errors.h"
 
 using nlohmann::json;
@@ -104,6 +103,8 @@ TimmVit timm_vit(const std::string& arch, const json& config, const std::string&
   v.distilled = definition->distilled;
   v.patch = size_arg(a, "patch_size", v.patch, where), v.channels = size_arg(a, "in_chans", v.channels, where);
   v.dim = size_arg(a, "embed_dim", v.dim, where), v.depth = size_arg(a, "depth", v.depth, where);
+  if (v.depth > kMaxImportedLayers)
+    throw InputError(where + ": model_args.depth must be at most " + std::to_string(kMaxImportedLayers));
   v.heads = size_arg(a, "num_heads", v.heads, where);
   if (v.dim % v.heads != 0)
     throw InputError(where + ": " + std::to_string(v.heads) + " heads (num_heads) do not divide embed_dim " +

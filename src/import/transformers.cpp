@@ -3,6 +3,7 @@
 // vision_model.encoder.layers.N.self_attn.q_proj), so adapter keys are PEFT's on those models.
 #include <cmath>
 
+#include "common/strings.h"
 #include "import/families.h"
 #include "loratune/errors.h"
 
@@ -25,12 +26,14 @@ Preprocessing preprocessing(const Folder& folder, int64_t config_image_size, Pre
     const json p = folder.json_file(name);
     const std::string where = folder.where(name);
     auto side = [&](const json& v, const char* what) -> int64_t {
-      if (v.is_number_integer()) return v.get<int64_t>();
-      if (v.is_object()) {
+      json size = v;
+      if (v.is_object())
         for (const char* k : {"shortest_edge", "height"})
-          if (v.contains(k) && v[k].is_number_integer()) return v[k].get<int64_t>();
-      }
-      throw InputError(where + ": \"" + what + "\" is not a size this importer reads (" + v.dump() + ")");
+          if (v.contains(k) && v[k].is_number_integer()) size = v[k];
+      if (size.is_number_integer() && size.get<int64_t>() >= 1 && size.get<int64_t>() <= kMaxBundleImageSize)
+        return size.get<int64_t>();
+      throw InputError(where + ": \"" + what + "\" is not a size from 1 to " + std::to_string(kMaxBundleImageSize) +
+                       " this importer reads (" + printable(v.dump().substr(0, 200)) + ")");
     };
     if (p.contains("size") && !p["size"].is_null()) pre.resize_size = pre.image_size = side(p["size"], "size");
     if (p.value("do_center_crop", false) && p.contains("crop_size") && !p["crop_size"].is_null())
@@ -80,20 +83,20 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
            k.rfind("distillation_classifier.", 0) == 0 || k == kp + "embeddings.mask_token";
   });
 
-  const int64_t C = config_int(config, "hidden_size", where), layers = config_int(config, "num_hidden_layers", where);
-  const int64_t heads = config_int(config, "num_attention_heads", where);
-  const int64_t patch = config_int(config, "patch_size", where), channels = config_int(config, "num_channels", where, 3);
-  const int64_t config_size = config_int(config, "image_size", where);
+  const int64_t C = config_size(config, "hidden_size", where), layers = config_size(config, "num_hidden_layers", where, std::nullopt, kMaxImportedLayers);
+  const int64_t heads = config_size(config, "num_attention_heads", where);
+  const int64_t patch = config_size(config, "patch_size", where), channels = config_size(config, "num_channels", where, 3);
+  const int64_t trained_size = config_size(config, "image_size", where, std::nullopt, kMaxBundleImageSize);
   Preprocessing defaults;
   if (!dinov2) defaults.interpolation = "bilinear";
   if (dinov2) defaults.mean = {0.485f, 0.456f, 0.406f}, defaults.std = {0.229f, 0.224f, 0.225f};
-  const Preprocessing pre = preprocessing(folder, config_size, defaults, options);
+  const Preprocessing pre = preprocessing(folder, trained_size, defaults, options);
 
   BlockLayout l;
   l.q = "attention.attention.query", l.k = "attention.attention.key", l.v = "attention.attention.value";
   l.out = "attention.output.dense";
   l.qkv_bias = config.value("qkv_bias", true);
-  l.eps = config_number(config, "layer_norm_eps", where, dinov2 ? 1e-6 : 1e-12);
+  l.eps = config_number(config, "layer_norm_eps", where, dinov2 ? 1e-6 : 1e-12, 0.0, 1.0);
   l.activation = activation_from_name(config_string(config, "hidden_act", where, "gelu"), where);
   BlockShape shape{C, heads, 0};
   const std::string layer_keys = ckpt.has(kp + "layers.0.attention.attention.query.weight") ? "layers." : "encoder.layer.";
@@ -102,10 +105,10 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
     l.swiglu = config.value("use_swiglu_ffn", false);
     l.fc1 = l.swiglu ? "mlp.weights_in" : "mlp.fc1", l.fc2 = l.swiglu ? "mlp.weights_out" : "mlp.fc2";
     if (l.swiglu) l.activation = Activation::silu;
-    shape.mlp_hidden = ckpt.shape(kp + layer_keys + "0." + l.fc1 + ".weight")[0] / (l.swiglu ? 2 : 1);
+    shape.mlp_hidden = ckpt.shape(kp + layer_keys + "0." + l.fc1 + ".weight", 2)[0] / (l.swiglu ? 2 : 1);
   } else {
     l.norm1 = "layernorm_before", l.norm2 = "layernorm_after", l.fc1 = "intermediate.dense", l.fc2 = "output.dense";
-    shape.mlp_hidden = config_int(config, "intermediate_size", where);
+    shape.mlp_hidden = config_size(config, "intermediate_size", where);
   }
 
   ScriptBuilder b;
@@ -120,7 +123,7 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   const int64_t registers = type == "dinov2_with_registers" ? config_int(config, "num_register_tokens", where) : 0;
   if (registers) add_parameter(embeddings, "register_tokens", ckpt.take(kp + "embeddings.register_tokens", {1, registers, C}));
   const int64_t prefix = distilled ? 2 : 1;
-  const int64_t old_grid = config_size / patch, grid = pre.image_size / patch;
+  const int64_t old_grid = trained_size / patch, grid = pre.image_size / patch;
   if (pre.image_size % patch != 0)
     throw InputError(where + ": image size " + std::to_string(pre.image_size) + " is not a multiple of the patch size " +
                      std::to_string(patch));
@@ -169,28 +172,28 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
            k == "logit_bias" || is_position_ids(k);
   });
   const std::string kp = key_prefix(ckpt, "vision_model", "embeddings.patch_embedding.weight");
-  const int64_t C = config_int(vc, "hidden_size", where), layers = config_int(vc, "num_hidden_layers", where);
-  const int64_t heads = config_int(vc, "num_attention_heads", where), patch = config_int(vc, "patch_size", where);
-  const int64_t channels = config_int(vc, "num_channels", where, 3), config_size = config_int(vc, "image_size", where);
+  const int64_t C = config_size(vc, "hidden_size", where), layers = config_size(vc, "num_hidden_layers", where, std::nullopt, kMaxImportedLayers);
+  const int64_t heads = config_size(vc, "num_attention_heads", where), patch = config_size(vc, "patch_size", where);
+  const int64_t channels = config_size(vc, "num_channels", where, 3), trained_size = config_size(vc, "image_size", where, std::nullopt, kMaxBundleImageSize);
   Preprocessing defaults;
   if (!siglip) defaults.mean = {0.48145466f, 0.4578275f, 0.40821073f}, defaults.std = {0.26862954f, 0.26130258f, 0.27577711f};
-  const Preprocessing pre = preprocessing(folder, config_size, defaults, options);
+  const Preprocessing pre = preprocessing(folder, trained_size, defaults, options);
   if (pre.image_size % patch != 0)
     throw InputError(where + ": image size " + std::to_string(pre.image_size) + " is not a multiple of the patch size");
 
   BlockLayout l;
   l.norm1 = "layer_norm1", l.norm2 = "layer_norm2", l.q = "self_attn.q_proj", l.k = "self_attn.k_proj";
   l.v = "self_attn.v_proj", l.out = "self_attn.out_proj", l.fc1 = "mlp.fc1", l.fc2 = "mlp.fc2";
-  l.eps = config_number(vc, "layer_norm_eps", where, siglip ? 1e-6 : 1e-5);
+  l.eps = config_number(vc, "layer_norm_eps", where, siglip ? 1e-6 : 1e-5, 0.0, 1.0);
   l.activation = activation_from_name(config_string(vc, "hidden_act", where, siglip ? "gelu_pytorch_tanh" : "quick_gelu"), where);
-  const BlockShape shape{C, heads, config_int(vc, "intermediate_size", where)};
+  const BlockShape shape{C, heads, config_size(vc, "intermediate_size", where)};
 
   ScriptBuilder b;
   torch::jit::Module root = b.container("ImportedVisionTower");
   const std::string emb = "vision_model.embeddings";
   place(b, root, emb + ".patch_embedding",
         b.patch_conv(ckpt, kp + "embeddings.patch_embedding", C, channels, patch, siglip ? Bias::yes : Bias::no));
-  const int64_t prefix = siglip ? 0 : 1, old_grid = config_size / patch, grid = pre.image_size / patch;
+  const int64_t prefix = siglip ? 0 : 1, old_grid = trained_size / patch, grid = pre.image_size / patch;
   torch::jit::Module pos = b.container("Embedding");
   at::Tensor table = ckpt.take(kp + "embeddings.position_embedding.weight", {prefix + old_grid * old_grid, C});
   add_parameter(pos, "weight", resample_position_table(table.unsqueeze(0), prefix, old_grid, old_grid, grid, grid).squeeze(0));
@@ -247,7 +250,7 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
             "    return self.vision_model.pre_layrnorm.forward(x)\n";
     head += "    h = self.vision_model.post_layernorm.forward(hidden[:, 0])\n";
     if (ckpt.has("visual_projection.weight")) {
-      feature_dim = ckpt.shape("visual_projection.weight")[0];
+      feature_dim = ckpt.shape("visual_projection.weight", 2)[0];
       place(b, root, "visual_projection", b.linear(ckpt, "visual_projection", feature_dim, C, Bias::no));
       head += "    return self.visual_projection.forward(h)\n";
     } else {
@@ -278,12 +281,12 @@ ImportedModel text_tower(const Folder& folder, const json& config, bool siglip) 
            is_position_ids(k);
   });
   TextTowerShape s;
-  s.width = config_int(tc, "hidden_size", where), s.heads = config_int(tc, "num_attention_heads", where);
-  s.layers = config_int(tc, "num_hidden_layers", where), s.mlp_hidden = config_int(tc, "intermediate_size", where);
-  s.context = config_int(tc, "max_position_embeddings", where, siglip ? 64 : 77);
-  s.vocab = config_int(tc, "vocab_size", where, siglip ? 32000 : 49408);
-  s.embed_dim = siglip ? config_int(tc, "projection_size", where, s.width) : config_int(config, "projection_dim", where, 512);
-  s.eps = config_number(tc, "layer_norm_eps", where, siglip ? 1e-6 : 1e-5);
+  s.width = config_size(tc, "hidden_size", where), s.heads = config_size(tc, "num_attention_heads", where);
+  s.layers = config_size(tc, "num_hidden_layers", where, std::nullopt, kMaxImportedLayers), s.mlp_hidden = config_size(tc, "intermediate_size", where);
+  s.context = config_size(tc, "max_position_embeddings", where, siglip ? 64 : 77);
+  s.vocab = config_size(tc, "vocab_size", where, siglip ? 32000 : 49408);
+  s.embed_dim = siglip ? config_size(tc, "projection_size", where, s.width) : config_size(config, "projection_dim", where, 512);
+  s.eps = config_number(tc, "layer_norm_eps", where, siglip ? 1e-6 : 1e-5, 0.0, 1.0);
   TextTowerNames n;
   n.token_embedding = "text_model.embeddings.token_embedding.weight";
   n.position_embedding = "text_model.embeddings.position_embedding.weight";

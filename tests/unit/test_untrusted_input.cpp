@@ -12,6 +12,8 @@
 #include "loratune/targets.h"
 #include "loratune/bundle.h"
 #include "loratune/errors.h"
+#include "loratune/import.h"
+#include "loratune/threads.h"
 #include "common/files.h"
 #include "loratune/model.h"
 #include "loratune/safetensors.h"
@@ -245,6 +247,144 @@ TEST(Fuzz, BundleLoaderTurnsEveryMutationIntoAnInputError) {
   const fs::path dir = test::temp_dir("fuzz_bundle");
   const std::string original = read_file(test::fixture("models/hf_trace.pt"));
   EXPECT_GT(test::fuzz(original, dir / "model.pt", 3000, 20.0, [&] { load_bundle(dir / "model.pt"); }).mutations, 20);
+}
+
+// Checkpoint folders made here from random tensors (a 1-block ViT, width 32, 2 heads, patch 8, 32 px), in the
+// layouts of timm and transformers, then mutated as a fuzzer would: every config value replaced by values of the
+// wrong kind or size, every tensor by one of the wrong rank, size or type. import_checkpoint must give a bundle whose
+// forward runs, or an InputError; never another exception, a crash (the sanitizer job runs this) or a hang.
+struct CheckpointFolder {
+  json config;
+  safetensors::Tensors tensors;
+};
+
+CheckpointFolder tiny_timm_folder() {
+  const int64_t C = 32, patches = 16;
+  CheckpointFolder f;
+  f.config = {{"architecture", "vit_tiny_patch16_224.augreg_in21k"},
+              {"num_classes", 0},
+              {"model_args", {{"embed_dim", C}, {"num_heads", 2}, {"depth", 1}, {"patch_size", 8}, {"img_size", 32}}},
+              {"pretrained_cfg", {{"input_size", {3, 32, 32}}, {"crop_pct", 0.9}, {"interpolation", "bicubic"},
+                                  {"mean", {0.5, 0.5, 0.5}}, {"std", {0.5, 0.5, 0.5}}}}};
+  auto& t = f.tensors;
+  t["cls_token"] = at::randn({1, 1, C});
+  t["pos_embed"] = at::randn({1, 1 + patches, C});
+  t["patch_embed.proj.weight"] = at::randn({C, 3, 8, 8}) * 0.05;
+  t["patch_embed.proj.bias"] = at::randn({C});
+  for (const char* norm : {"blocks.0.norm1", "blocks.0.norm2", "norm"})
+    t[std::string(norm) + ".weight"] = at::ones({C}), t[std::string(norm) + ".bias"] = at::zeros({C});
+  for (auto [name, out, in] : {std::tuple<const char*, int64_t, int64_t>{"blocks.0.attn.qkv", 3 * C, C},
+                               {"blocks.0.attn.proj", C, C}, {"blocks.0.mlp.fc1", 4 * C, C}, {"blocks.0.mlp.fc2", C, 4 * C}})
+    t[std::string(name) + ".weight"] = at::randn({out, in}) * 0.1, t[std::string(name) + ".bias"] = at::randn({out}) * 0.1;
+  return f;
+}
+
+CheckpointFolder tiny_transformers_folder() {
+  const int64_t C = 32;
+  CheckpointFolder f;
+  f.config = {{"model_type", "vit"}, {"hidden_size", C}, {"num_hidden_layers", 1}, {"num_attention_heads", 2},
+              {"intermediate_size", 4 * C}, {"image_size", 32}, {"patch_size", 8}, {"num_channels", 3},
+              {"hidden_act", "gelu"}, {"layer_norm_eps", 1e-12}, {"qkv_bias", true}};
+  auto& t = f.tensors;
+  const std::string e = "vit.embeddings.", l = "vit.encoder.layer.0.";
+  t[e + "cls_token"] = at::randn({1, 1, C});
+  t[e + "position_embeddings"] = at::randn({1, 17, C});
+  t[e + "patch_embeddings.projection.weight"] = at::randn({C, 3, 8, 8}) * 0.05;
+  t[e + "patch_embeddings.projection.bias"] = at::randn({C});
+  for (const std::string norm : {l + "layernorm_before", l + "layernorm_after", std::string("vit.layernorm")})
+    t[norm + ".weight"] = at::ones({C}), t[norm + ".bias"] = at::zeros({C});
+  for (auto [name, out, in] : {std::tuple<std::string, int64_t, int64_t>{"attention.attention.query", C, C},
+                               {"attention.attention.key", C, C}, {"attention.attention.value", C, C},
+                               {"attention.output.dense", C, C}, {"intermediate.dense", 4 * C, C},
+                               {"output.dense", C, 4 * C}})
+    t[l + name + ".weight"] = at::randn({out, in}) * 0.1, t[l + name + ".bias"] = at::randn({out}) * 0.1;
+  return f;
+}
+
+void write_folder(const fs::path& dir, const CheckpointFolder& f) {
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / "config.json") << f.config.dump();
+  safetensors::write(dir / "model.safetensors", f.tensors, {});
+}
+
+// Every leaf of a JSON object, as a JSON pointer.
+void leaves(const json& j, const json::json_pointer& at, std::vector<json::json_pointer>& out) {
+  if (j.is_object() && !j.empty()) {
+    for (const auto& [k, v] : j.items()) leaves(v, at / k, out);
+  } else if (j.is_array() && !j.empty()) {
+    for (size_t i = 0; i < j.size(); ++i) leaves(j[i], at / i, out);
+  } else {
+    out.push_back(at);
+  }
+}
+
+// "bundle" or "error"; anything else fails the test.
+std::string import_outcome(const fs::path& dir, const std::string& what) {
+  try {
+    ImportedModel m = import_checkpoint(dir.string());
+    const int64_t size = m.metadata.value("image_size", 32);
+    if (size > 64) return "bundle";  // a larger input size is valid; running it adds nothing but time
+    at::NoGradGuard no_grad;
+    m.module.forward({at::randn({1, 3, size, size})});
+    return "bundle";
+  } catch (const InputError&) {
+    return "error";
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << what << ": not an InputError: " << e.what();
+    return "other";
+  }
+}
+
+TEST(UntrustedCheckpointFolder, MutatedConfigsAndTensorsAreInputErrorsOrWorkingModels) {
+  set_compute_threads(1);
+  const fs::path dir = test::temp_dir("fuzz_import") / "folder";
+  const json values[] = {0, -1, int64_t{1} << 40, 0.5, "x", nullptr, json::array(), json::array({0}), json::object(),
+                         true, 1e300};
+  std::mt19937 rng(3);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(240);
+  for (const auto& [family, make] : {std::pair<const char*, CheckpointFolder (*)()>{"timm", tiny_timm_folder},
+                                     {"transformers", tiny_transformers_folder}}) {
+    const CheckpointFolder good = make();
+    write_folder(dir, good);
+    ASSERT_EQ(import_outcome(dir, "the unmutated folder"), "bundle") << family;
+    std::map<std::string, int> outcomes;
+    std::vector<json::json_pointer> paths;
+    leaves(good.config, json::json_pointer(), paths);
+    for (const auto& path : paths)
+      for (const json& value : values) {
+        CheckpointFolder f = good;
+        f.config[path] = value;
+        write_folder(dir, f);
+        ++outcomes["config " + import_outcome(dir, std::string(family) + " " + path.to_string() + " = " + value.dump())];
+      }
+    for (const auto& [key, tensor] : good.tensors) {
+      const std::vector<std::pair<const char*, at::Tensor>> mutants = {
+          {"0-d", at::ones({})}, {"empty", tensor.narrow(0, 0, 0).clone()}, {"integer", tensor.to(at::kLong)},
+          {"extra dimension", tensor.unsqueeze(0)}, {"longer", at::cat({tensor, tensor})},
+          {"nan", tensor.clone().fill_(std::nan(""))}};
+      for (const auto& [how, mutant] : mutants) {
+        CheckpointFolder f = good;
+        f.tensors[key] = mutant;
+        write_folder(dir, f);
+        ++outcomes["tensor " + import_outcome(dir, std::string(family) + " " + key + " " + how)];
+      }
+    }
+    // Random byte flips in the weights file (its header included).
+    write_folder(dir, good);
+    const std::string bytes = read_file(dir / "model.safetensors");
+    for (int k = 0; k < 60 && std::chrono::steady_clock::now() < deadline; ++k) {
+      std::string damaged = bytes;
+      const size_t at = rng() % std::min<size_t>(damaged.size(), k % 2 ? damaged.size() : 512);
+      damaged[at] = static_cast<char>(rng());
+      std::ofstream(dir / "model.safetensors", std::ios::binary) << damaged;
+      ++outcomes["bytes " + import_outcome(dir, std::string(family) + " byte " + std::to_string(at))];
+    }
+    std::string summary;
+    for (const auto& [outcome, n] : outcomes) summary += " " + outcome + ": " + std::to_string(n) + ";";
+    std::printf("%s folders:%s\n", family, summary.c_str());
+    EXPECT_EQ(outcomes.count("config other") + outcomes.count("tensor other") + outcomes.count("bytes other"), 0u);
+  }
 }
 
 }  // namespace
