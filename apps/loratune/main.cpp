@@ -122,6 +122,7 @@ int main(int argc, char** argv) {
   i->add_option("path", info.path, "model bundle (.pt), merged classifier, or adapter (folder or .safetensors)")->required();
   i->add_option("-c,--config", info.config, "training config whose LoRA settings to resolve on this model");
   i->add_option("--set", info.overrides, "config overrides, e.g. --set lora.targets='[\"qkv:q,k,v\"]'")->type_name("KEY=VALUE")->allow_extra_args(false);
+  i->add_option("--threads", info.threads, kThreadsHelp)->capture_default_str();
   i->footer(footer(
       "  loratune info models/vit_base.pt\n"
       "  loratune info models/vit_base.pt --set lora.rank=16 --set 'lora.targets=[\"query\",\"value\",\"dense\"]'\n"
@@ -154,6 +155,7 @@ int main(int argc, char** argv) {
       ->required();
   im->add_option("--image-size", import.image_size, "input size (default: the checkpoint's); position tables are resampled");
   im->add_flag("--no-text", import.no_text, "skip a CLIP's text tower");
+  im->add_option("--threads", import.threads, kThreadsHelp)->capture_default_str();
   im->footer(footer(
       "  hf download google/vit-base-patch16-224-in21k        # once, with the hub's own tool\n"
       "  loratune import hf:google/vit-base-patch16-224-in21k --output models/vit_base.pt\n"

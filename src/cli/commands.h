@@ -67,6 +67,7 @@ struct InfoCommand {
   std::string path;                   // model bundle, merged classifier or adapter
   std::string config;                 // optional: show what this config would adapt
   std::vector<std::string> overrides;
+  std::string threads = "auto";
 };
 
 struct ImportCommand {
@@ -74,6 +75,7 @@ struct ImportCommand {
   std::string output;      // bundle file; a CLIP's text tower goes beside it as <stem>_text.pt
   int64_t image_size = 0;  // 0: the checkpoint's own
   bool no_text = false;    // skip a CLIP's text tower
+  std::string threads = "auto";
 };
 
 struct ReportCommand {

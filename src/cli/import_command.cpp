@@ -25,6 +25,9 @@ void save_checked(ImportedModel& m, const BundleInfo& info, const fs::path& outp
     at::NoGradGuard no_grad;
     expected = m.module.forward({probe}).toTensor();
   }
+  if (!expected.isfinite().all().item<bool>())
+    throw InputError(output.string() + " was not written: the imported model gives inf or NaN on a test input; the "
+                     "checkpoint's weights or a config value (an eps, a scale) are not usable");
   save_bundle(m.module, info, output, [&](const fs::path& written) {
     m.module = torch::jit::Module();
     at::NoGradGuard no_grad;
@@ -56,7 +59,7 @@ void save_text_tower(ImportedModel& text, const std::string& source, const fs::p
 int run_import(const ImportCommand& command) {
   return guarded([&] {
     cli::setup_logging();
-    set_compute_threads(0);  // a fixed amount of work, run once: all cores
+    set_compute_threads(parse_threads(command.threads));  // one pass over fixed work: auto is the load-aware start
     if (command.image_size < 0 || command.image_size > kMaxBundleImageSize)
       throw InputError("--image-size must be between 1 and " + std::to_string(kMaxBundleImageSize) +
                        " (0: the checkpoint's own)");

@@ -3,6 +3,7 @@
 #include "loratune/errors.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/targets.h"
+#include "loratune/threads.h"
 #include "loratune/import.h"
 #include "loratune/safetensors.h"
 #include "common/strings.h"
@@ -102,6 +103,7 @@ void print_model(const fs::path& path, const InfoCommand& command) {
 int run_info(const InfoCommand& command) {
   return guarded([&] {
     cli::setup_logging();
+    set_compute_threads(parse_threads(command.threads));
     if (command.path.empty()) throw InputError("give a model bundle (.pt) or an adapter (folder or .safetensors)");
     const fs::path path = command.path;
     if (is_checkpoint_source(command.path)) return print_model(path, command), exit_code::kOk;

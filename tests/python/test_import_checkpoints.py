@@ -347,6 +347,9 @@ class TransformersLayouts(Pipeline):
                   "--output", os.path.join(TMP, "siglip_zero_shot"))
         self.assertIn("(zero-shot)", out)
         self.assertIn("sentencepiece", run(BIN, "info", bundle.replace(".pt", "_text.pt")))
+        meta = up.loratune_export.read_metadata(bundle.replace(".pt", "_text.pt"))
+        self.assertEqual(meta["kind"], "text_encoder")
+        self.assertFalse({"mean", "std", "image_size", "interpolation"} & set(meta), "no image preprocessing")
 
 
 class OpenClip(Pipeline):
@@ -540,6 +543,102 @@ class Sources(unittest.TestCase):
         self.expect_error(lambda p: config(p, model_args={"depth": 2, "num_heads": 5}),
                           "5 heads (num_heads) do not divide embed_dim 192")
         self.expect_error(lambda p: write_text(os.path.join(p, "config.json"), "{not json"), "not valid JSON")
+
+
+class MutatedFolders(unittest.TestCase):
+    """Hostile checkpoint folders, as a fuzzer makes them: every value of every config file replaced by values of
+    the wrong kind or size, and tensors replaced by ones of the wrong rank, size or type. Each import is a clean
+    one-line error with exit 3 (nothing written) or a bundle that loads and runs; never a crash, a hang or exit 4."""
+    VALUES = [0, -1, 2 ** 40, 0.5, "x", None, [], [0], {}, True]
+
+    def families(self):
+        timm_src = timm_folder(timm_model("vit_tiny_patch16_224"), os.path.join(TMP, "fuzz_timm"))
+        clip = OpenClip()
+        model = clip.model()
+        open_clip_src = write_folder(os.path.join(TMP, "fuzz_open_clip"), model.state_dict(),
+                                     {"model_cfg": OpenClip.MODEL_CFG, "preprocess_cfg": {"interpolation": "bicubic"}},
+                                     name="open_clip_config.json", weights="open_clip_model.safetensors")
+        clip.add_merges(open_clip_src)
+        vit = timm_model("vit_tiny_patch16_224")
+        sd = vit.state_dict()
+        t = {"vit.embeddings.cls_token": sd["cls_token"], "vit.embeddings.position_embeddings": sd["pos_embed"],
+             "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+             "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+             "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"]}
+        t.update(hf_blocks(sd, 2, "vit.encoder.layer.", VIT_NAMES))
+        pre = {"do_resize": True, "size": {"height": 224, "width": 224}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+        hf_src = write_folder(os.path.join(TMP, "fuzz_hf_vit"), t, hf_config(vit, "vit"),
+                              extra={"preprocessor_config.json": pre})
+        return {"timm": (timm_src, "config.json", "model.safetensors"),
+                "open_clip": (open_clip_src, "open_clip_config.json", "open_clip_model.safetensors"),
+                "transformers": (hf_src, "config.json", "model.safetensors")}
+
+    @staticmethod
+    def leaves(value, path=()):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from MutatedFolders.leaves(v, path + (k,))
+        else:
+            yield path
+
+    @staticmethod
+    def replaced(config, path, value):
+        config = json.loads(json.dumps(config))
+        node = config
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        return config
+
+    def outcome(self, folder):
+        bundle = folder + ".pt"
+        p = subprocess.run([BIN, "import", folder, "--output", bundle, "--no-text", "--threads", "1"],
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode == 0:
+            size = up.loratune_export.read_metadata(bundle)["image_size"]
+            with torch.no_grad():  # what was written loads and runs
+                features = torch.jit.load(bundle)(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
+            self.assertTrue(bool(torch.isfinite(features).all()), folder)
+            os.remove(bundle)
+            return "bundle"
+        self.assertEqual(p.returncode, 3, f"{folder}: exit {p.returncode}\n{p.stderr[-2000:]}")
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertFalse(os.path.exists(bundle), "nothing written")
+        return "error"
+
+    def test_config_and_tensor_mutations_are_clean_errors(self):
+        counts = {}
+        rng = torch.Generator().manual_seed(0)
+        for family, (source, config_name, weights) in self.families().items():
+            with open(os.path.join(source, config_name)) as f:
+                config = json.load(f)
+            mutations = []
+            for path in self.leaves(config):
+                for value in self.VALUES:
+                    mutations.append(("config", path, value))
+            tensors, _ = safetensors_lite.load(os.path.join(source, weights))
+            for key in sorted(tensors)[::3]:
+                for kind in ("scalar", "empty", "integer", "extra_dim"):
+                    mutations.append(("tensor", key, kind))
+            order = torch.randperm(len(mutations), generator=rng).tolist()[:20]  # a sample: the C++ fuzz test has all
+            for i in order:
+                what, where, how = mutations[i]
+                folder = os.path.join(TMP, f"fuzz_{family}_{i}")
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.copytree(source, folder)
+                if what == "config":
+                    write_text(os.path.join(folder, config_name), json.dumps(self.replaced(config, where, how)))
+                else:
+                    t = dict(tensors)
+                    old = t[where]
+                    t[where] = {"scalar": lambda: torch.tensor(1.0), "empty": lambda: old.new_zeros((0,) + old.shape[1:]),
+                                "integer": lambda: old.long(), "extra_dim": lambda: old.unsqueeze(0)}[how]()
+                    safetensors_lite.save(t, os.path.join(folder, weights))
+                with self.subTest(family=family, mutation=(what, where, how)):
+                    result = self.outcome(folder)
+                    counts[(family, result)] = counts.get((family, result), 0) + 1
+                shutil.rmtree(folder, ignore_errors=True)
+        print("mutated folders:", ", ".join(f"{f} {r} {n}" for (f, r), n in sorted(counts.items())), file=sys.stderr)
 
 
 if __name__ == "__main__":
