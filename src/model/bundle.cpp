@@ -49,11 +49,13 @@ json BundleInfo::to_json() const {
   j["architecture"] = architecture;
   j["name"] = name;
   j["feature_dim"] = feature_dim;
-  j["image_size"] = image_size;
-  j["resize_size"] = resize_size;
-  j["interpolation"] = interpolation;
-  j["mean"] = mean;
-  j["std"] = std;
+  if (kind != "text_encoder") {  // a text tower takes token ids: no image preprocessing
+    j["image_size"] = image_size;
+    j["resize_size"] = resize_size;
+    j["interpolation"] = interpolation;
+    j["mean"] = mean;
+    j["std"] = std;
+  }
   j["blocks"] = blocks;
   j["module_prefix"] = module_prefix;
   if (!classes.empty()) j["classes"] = classes;

@@ -86,7 +86,7 @@ const std::vector<Key>& schema() {
       {"data.val", Kind::kPath, nullptr, true, kResult, "held-out folder with the same classes; null: split data.train",
        path_field(&C::data, &D::val)},
       {"data.val_fraction", Kind::kNumber, 0.1, false, kResult, "fraction of each class held out when data.val is null",
-       field(&C::data, &D::val_fraction), Range::between(0, 1, false, true)},
+       field(&C::data, &D::val_fraction), Range::between(0, 1, true, true)},
       {"data.split_seed", Kind::kInt, 0, false, kResult, "seed of that split", field(&C::data, &D::split_seed), Range::at_least(0)},
       {"data.workers", Kind::kInt, 0, false, kNotResult, "decoding threads; 0: one per CPU core", field(&C::data, &D::workers), Range::at_least(0)},
       {"data.prefetch_batches", Kind::kInt, 4, false, kNotResult, "batches decoded ahead of training",
@@ -330,8 +330,6 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.model.empty())
     fail("\"model\" is required: a model bundle (.pt), a checkpoint folder or hf:ORG/NAME (`loratune import --help`)");
   if (c.data.train.empty()) fail("\"data.train\" is required: the photo folder to train on");
-  if (c.data.val.empty() && !(c.data.val_fraction > 0))
-    fail("data.val_fraction must be between 0 and 1 (exclusive) when data.val is null");
   if (c.data.prefix_cache == "memory" && c.data.augment.enabled)
     fail("data.prefix_cache memory needs data.augment.enabled false: augmented images differ every epoch, so their "
          "prefix outputs cannot be reused");
