@@ -518,7 +518,7 @@ class OpenClipZeroShot(unittest.TestCase):
 
 if __name__ == "__main__":
     started = time.time()
-    result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
+    result = unittest.main(argv=[sys.argv[0], "-v", *sys.argv[4:]], exit=False).result
     failed = len(result.failures) + len(result.errors)
     print(f"{result.testsRun - failed} passed, {failed} failed ({time.time() - started:.0f} s)")
     shutil.rmtree(TMP, ignore_errors=True)
