@@ -12,7 +12,7 @@ BUILD_DIR=${LORATUNE_SANITIZE_DIR:-build-sanitize}
 FLAGS="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 # -O1 with line tables only: what sanitizer reports need, at half the compile time of -O2 -g.
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Sanitize -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1 -DNDEBUG" \
-  -DLORATUNE_WITH_VISION=OFF -DLORATUNE_BUILD_BENCH=OFF \
+  -DLORATUNE_WITH_VISION=OFF -DLORATUNE_BUILD_BENCH=OFF -DCMAKE_UNITY_BUILD=ON \
   -DCMAKE_CXX_FLAGS="$FLAGS" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 # LibTorch is not instrumented and keeps allocations until exit: leaks are not ours to judge here.

@@ -24,6 +24,8 @@
 
 namespace loratune {
 
+inline constexpr int64_t kMiB = int64_t{1} << 20;  // sizes in plans and their messages
+
 // "12GB", "12 GiB", "11.5G", "900MB": G, GB and GiB all mean 2^30 bytes (as GPU memory is counted), M, MB and
 // MiB 2^20. InputError with a one-line hint otherwise.
 int64_t parse_memory_size(const std::string& text);

@@ -7,19 +7,17 @@
 #include <cstdlib>
 #include <fstream>
 
+#include "data/byte_order.h"
+
 namespace loratune {
 namespace {
 
-uint32_t be16(const uchar* p) { return (p[0] << 8) | p[1]; }
-uint32_t be32(const uchar* p) { return (be16(p) << 16) | be16(p + 2); }
-uint32_t le16(const uchar* p) { return p[0] | (p[1] << 8); }
-uint32_t le32(const uchar* p) { return le16(p) | (le16(p + 2) << 16); }
 
 // Width and height from the header of a PNG, JPEG, BMP, WebP or TIFF file, without decoding; {0, 0} if unknown.
 std::pair<uint64_t, uint64_t> header_dimensions(const std::vector<uchar>& b) {
   const size_t n = b.size();
   if (n >= 24 && b[0] == 0x89 && b[1] == 'P' && b[12] == 'I' && b[13] == 'H' && b[14] == 'D' && b[15] == 'R')
-    return {be32(&b[16]), be32(&b[20])};
+    return {read_be32(&b[16]), read_be32(&b[20])};
   if (n >= 4 && b[0] == 0xff && b[1] == 0xd8) {
     for (size_t i = 2; i + 9 < n;) {
       if (b[i] != 0xff) return {0, 0};
@@ -29,23 +27,23 @@ std::pair<uint64_t, uint64_t> header_dimensions(const std::vector<uchar>& b) {
         continue;
       }
       const bool sof = marker >= 0xc0 && marker <= 0xcf && marker != 0xc4 && marker != 0xc8 && marker != 0xcc;
-      if (sof) return {be16(&b[i + 7]), be16(&b[i + 5])};
+      if (sof) return {read_be16(&b[i + 7]), read_be16(&b[i + 5])};
       if (marker == 0xd8 || (marker >= 0xd0 && marker <= 0xd7) || marker == 0x01) {
         i += 2;
         continue;
       }
-      i += 2 + be16(&b[i + 2]);
+      i += 2 + read_be16(&b[i + 2]);
     }
     return {0, 0};
   }
   if (n >= 26 && b[0] == 'B' && b[1] == 'M') {
-    const auto w = static_cast<int32_t>(le32(&b[18])), h = static_cast<int32_t>(le32(&b[22]));
+    const auto w = static_cast<int32_t>(read_le32(&b[18])), h = static_cast<int32_t>(read_le32(&b[22]));
     return {static_cast<uint64_t>(std::abs(static_cast<int64_t>(w))), static_cast<uint64_t>(std::abs(static_cast<int64_t>(h)))};
   }
   if (n >= 30 && std::equal(b.begin(), b.begin() + 4, "RIFF") && std::equal(b.begin() + 8, b.begin() + 12, "WEBP")) {
-    if (std::equal(b.begin() + 12, b.begin() + 16, "VP8 ")) return {le16(&b[26]) & 0x3fff, le16(&b[28]) & 0x3fff};
+    if (std::equal(b.begin() + 12, b.begin() + 16, "VP8 ")) return {read_le16(&b[26]) & 0x3fff, read_le16(&b[28]) & 0x3fff};
     if (std::equal(b.begin() + 12, b.begin() + 16, "VP8L")) {
-      const uint32_t bits = le32(&b[21]);
+      const uint32_t bits = read_le32(&b[21]);
       return {(bits & 0x3fff) + 1, ((bits >> 14) & 0x3fff) + 1};
     }
     if (std::equal(b.begin() + 12, b.begin() + 16, "VP8X"))
@@ -54,8 +52,8 @@ std::pair<uint64_t, uint64_t> header_dimensions(const std::vector<uchar>& b) {
   }
   if (n >= 8 && ((b[0] == 'I' && b[1] == 'I') || (b[0] == 'M' && b[1] == 'M'))) {
     const bool little = b[0] == 'I';
-    auto u16 = [&](size_t at) { return little ? le16(&b[at]) : be16(&b[at]); };
-    auto u32 = [&](size_t at) { return little ? le32(&b[at]) : be32(&b[at]); };
+    auto u16 = [&](size_t at) { return little ? read_le16(&b[at]) : read_be16(&b[at]); };
+    auto u32 = [&](size_t at) { return little ? read_le32(&b[at]) : read_be32(&b[at]); };
     const size_t ifd = u32(4);
     if (ifd + 2 > n) return {0, 0};
     uint64_t w = 0, h = 0;

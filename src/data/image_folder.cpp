@@ -10,6 +10,7 @@
 #include "loratune/batch_source.h"
 #include "loratune/errors.h"
 #include "common/strings.h"
+#include "data/byte_order.h"
 
 namespace fs = std::filesystem;
 
@@ -20,8 +21,6 @@ std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   return s;
 }
-
-uint32_t le32(const unsigned char* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
 
 bool is_hidden(const fs::path& p) { return !p.filename().empty() && p.filename().string()[0] == '.'; }
 
@@ -112,9 +111,9 @@ std::string quick_image_check(const fs::path& path) {
   if (got >= 8 && std::equal(head.begin(), head.begin() + 8, std::array<unsigned char, 8>{0x89, 'P', 'N', 'G', 0x0d, 0x0a, 0x1a, 0x0a}.begin()))
     return tail_has({'I', 'E', 'N', 'D'}) ? "" : "truncated PNG (no IEND chunk)";
   if (got >= 6 && head[0] == 'B' && head[1] == 'M')
-    return le32(&head[2]) <= size ? "" : "truncated BMP (shorter than its header says)";
+    return read_le32(&head[2]) <= size ? "" : "truncated BMP (shorter than its header says)";
   if (got >= 12 && std::equal(head.begin(), head.begin() + 4, "RIFF") && std::equal(head.begin() + 8, head.begin() + 12, "WEBP"))
-    return static_cast<uint64_t>(le32(&head[4])) + 8 <= size ? "" : "truncated WebP (shorter than its header says)";
+    return static_cast<uint64_t>(read_le32(&head[4])) + 8 <= size ? "" : "truncated WebP (shorter than its header says)";
   if (got >= 4 && ((head[0] == 'I' && head[1] == 'I' && head[2] == 42 && head[3] == 0) ||
                    (head[0] == 'M' && head[1] == 'M' && head[2] == 0 && head[3] == 42)))
     return "";

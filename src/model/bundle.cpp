@@ -22,7 +22,7 @@ namespace loratune {
 namespace {
 
 template <typename T>
-T field(const json& j, const char* key, const T& fallback, const std::string& origin) {
+T metadata_field(const json& j, const char* key, const T& fallback, const std::string& origin) {
   if (!j.contains(key)) return fallback;
   try {
     return j.at(key).get<T>();
@@ -64,24 +64,24 @@ json BundleInfo::to_json() const {
 
 BundleInfo BundleInfo::from_json(const json& j, const std::string& origin) {
   if (!j.is_object()) throw InputError(origin + ": bundle metadata is not a JSON object");
-  const int format = field<int>(j, "format", 0, origin);
+  const int format = metadata_field<int>(j, "format", 0, origin);
   if (format != kBundleFormatVersion)
     throw InputError(origin + ": bundle metadata format " + std::to_string(format) + " is not supported (expected " +
                      std::to_string(kBundleFormatVersion) + "); re-export the model with scripts/export/");
   BundleInfo info;
-  info.kind = field<std::string>(j, "kind", info.kind, origin);
-  info.family = field<std::string>(j, "family", "", origin);
-  info.architecture = field<std::string>(j, "architecture", "", origin);
-  info.name = field<std::string>(j, "name", "", origin);
-  info.feature_dim = field<int64_t>(j, "feature_dim", 0, origin);
-  info.image_size = field<int64_t>(j, "image_size", info.image_size, origin);
-  info.resize_size = field<int64_t>(j, "resize_size", info.resize_size, origin);
-  info.interpolation = field<std::string>(j, "interpolation", info.interpolation, origin);
-  info.mean = field<std::array<float, 3>>(j, "mean", info.mean, origin);
-  info.std = field<std::array<float, 3>>(j, "std", info.std, origin);
-  info.blocks = field<std::string>(j, "blocks", "", origin);
-  info.module_prefix = field<std::string>(j, "module_prefix", "", origin);
-  info.classes = field<std::vector<std::string>>(j, "classes", {}, origin);
+  info.kind = metadata_field<std::string>(j, "kind", info.kind, origin);
+  info.family = metadata_field<std::string>(j, "family", "", origin);
+  info.architecture = metadata_field<std::string>(j, "architecture", "", origin);
+  info.name = metadata_field<std::string>(j, "name", "", origin);
+  info.feature_dim = metadata_field<int64_t>(j, "feature_dim", 0, origin);
+  info.image_size = metadata_field<int64_t>(j, "image_size", info.image_size, origin);
+  info.resize_size = metadata_field<int64_t>(j, "resize_size", info.resize_size, origin);
+  info.interpolation = metadata_field<std::string>(j, "interpolation", info.interpolation, origin);
+  info.mean = metadata_field<std::array<float, 3>>(j, "mean", info.mean, origin);
+  info.std = metadata_field<std::array<float, 3>>(j, "std", info.std, origin);
+  info.blocks = metadata_field<std::string>(j, "blocks", "", origin);
+  info.module_prefix = metadata_field<std::string>(j, "module_prefix", "", origin);
+  info.classes = metadata_field<std::vector<std::string>>(j, "classes", {}, origin);
   if (info.kind != "backbone" && info.kind != "classifier" && info.kind != "text_encoder")
     throw InputError(origin + ": metadata kind must be \"backbone\", \"classifier\" or \"text_encoder\", not \"" +
                      info.kind + "\"");

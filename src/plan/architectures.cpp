@@ -4,7 +4,6 @@
 namespace loratune {
 namespace {
 
-constexpr int64_t kMiB = int64_t{1} << 20;
 constexpr int64_t kLoraRank = 8;
 constexpr int64_t kTableClasses = 10;
 

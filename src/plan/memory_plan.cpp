@@ -22,13 +22,12 @@
 namespace loratune {
 namespace {
 
-constexpr int64_t kMiB = int64_t{1} << 20;
 constexpr int64_t kGiB = int64_t{1} << 30;
 constexpr int64_t kCudaContext = 512 * kMiB;
 constexpr double kFitMargin = 0.10;
 constexpr int64_t kTrainableBytes = 16;  // fp32 value, gradient and the two AdamW moments
 
-std::string dtype_name(at::ScalarType t) {
+std::string precision_name(at::ScalarType t) {
   return t == at::kHalf ? "fp16" : t == at::kBFloat16 ? "bf16" : t == at::kFloat ? "fp32" : std::string(c10::toString(t));
 }
 
@@ -155,10 +154,10 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   if (model->has_text_tower()) towers.push_back(model->text_bundle().module);
   for (const auto& tower : towers) {
     for (const auto& param : tower.parameters(/*recurse=*/true))
-      if (!param.requires_grad()) frozen[dtype_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
+      if (!param.requires_grad()) frozen[precision_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
     for (const auto& buffer : tower.named_buffers(/*recurse=*/true))
       frozen[is_quantized_weight_buffer(buffer.name) ? quant_format_name(frozen_quant) + ", quantised Linear weights"
-                                                     : dtype_name(buffer.value.scalar_type())] +=
+                                                     : precision_name(buffer.value.scalar_type())] +=
           static_cast<int64_t>(buffer.value.nbytes());
   }
   p.frozen_by_dtype.assign(frozen.begin(), frozen.end());
@@ -318,7 +317,7 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
   std::map<std::tuple<Precision, at::ScalarType, bool>, double> unquantized_seconds;
   auto settings_text = [](const Candidate& cand) {
     return precision_name(cand.precision) + ", frozen weights " +
-           (cand.quant != QuantFormat::kNone ? quant_format_name(cand.quant) : dtype_name(cand.frozen_dtype)) +
+           (cand.quant != QuantFormat::kNone ? quant_format_name(cand.quant) : precision_name(cand.frozen_dtype)) +
            (cand.checkpoint ? ", checkpointing" : "") + (cand.offload ? ", offload both" : "");
   };
   auto consider = [&](const Candidate& cand) {

@@ -16,7 +16,7 @@ namespace {
 
 using test::fixture;
 
-struct Step {
+struct OffloadStep {
   at::Tensor logits;
   std::vector<at::Tensor> grads;  // adapters', then the head's
 };
@@ -48,9 +48,9 @@ std::unique_ptr<Model> lora_model(const std::string& name, bool last_block_only,
   return m;
 }
 
-Step step(Model& model, const at::Tensor& input, const at::Tensor& probe) {
+OffloadStep step(Model& model, const at::Tensor& input, const at::Tensor& probe) {
   for (const auto& t : model.trainable()) t.tensor.mutable_grad() = at::Tensor();
-  Step s;
+  OffloadStep s;
   s.logits = model.logits(input, /*checkpoint=*/true);
   (s.logits * probe).sum().backward();
   for (const auto& t : model.trainable()) s.grads.push_back(t.tensor.grad().clone());
@@ -82,7 +82,7 @@ TEST_P(Offload, StepEqualsTheOrdinaryStepWithTwoBlocksInPlaceAtMost) {
     if (settings.weights) EXPECT_EQ(block_weights_in_place(*offloaded), 0) << "weights wait in host memory";
     const at::Tensor input = at::randn({2, 3, 32, 32}), probe = at::randn({2, 3});
     for (int repeat = 0; repeat < 2; ++repeat) {
-      const Step a = step(*plain, input, probe), b = step(*offloaded, input, probe);
+      const OffloadStep a = step(*plain, input, probe), b = step(*offloaded, input, probe);
       EXPECT_TRUE(at::equal(a.logits, b.logits));
       ASSERT_EQ(a.grads.size(), b.grads.size());
       for (size_t k = 0; k < a.grads.size(); ++k) EXPECT_TRUE(at::equal(a.grads[k], b.grads[k])) << k;

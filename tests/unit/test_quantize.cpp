@@ -141,13 +141,13 @@ TEST_P(QuantizedGrid, QuantisedModelGivesThePythonReference) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, QuantizedGrid, ::testing::Values("int8", "nf4"));
 
-struct Step {
+struct QuantizedStep {
   at::Tensor logits;
   std::vector<at::Tensor> grads;  // adapters', then the head's
 };
 
-Step adapted_step(Model& model, const at::Tensor& input, const at::Tensor& probe, bool checkpoint) {
-  Step s;
+QuantizedStep adapted_step(Model& model, const at::Tensor& input, const at::Tensor& probe, bool checkpoint) {
+  QuantizedStep s;
   s.logits = model.logits(input, checkpoint);
   (s.logits * probe).sum().backward();
   for (const auto& t : model.adapters())
@@ -199,9 +199,9 @@ TEST_P(QuantizedLayouts, StepEqualsTheDequantisedWeightsAndStaysNearTheDenseStep
     SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
     for (Model* m : {&quantized, &dequantized, &dense})
       for (const auto& t : m->trainable()) t.tensor.mutable_grad() = at::Tensor();
-    const Step a = adapted_step(quantized, input, probe, checkpoint);
-    const Step b = adapted_step(dequantized, input, probe, checkpoint);
-    const Step c = adapted_step(dense, input, probe, checkpoint);
+    const QuantizedStep a = adapted_step(quantized, input, probe, checkpoint);
+    const QuantizedStep b = adapted_step(dequantized, input, probe, checkpoint);
+    const QuantizedStep c = adapted_step(dense, input, probe, checkpoint);
     EXPECT_LT(scaled_diff(a.logits, b.logits), 1e-5);
     ASSERT_EQ(a.grads.size(), b.grads.size());
     for (size_t k = 0; k < a.grads.size(); ++k) EXPECT_LT(scaled_diff(a.grads[k], b.grads[k]), 1e-5) << k;
