@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -88,6 +89,27 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
   return e;
 }
 
+// The deepest nesting of objects and arrays in JSON text (brackets inside strings not counted).
+int json_nesting_depth(std::string::const_iterator begin, std::string::const_iterator end) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (auto it = begin; it != end; ++it) {
+    const char c = *it;
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 // The header's length from the first 8 bytes of a file of `file_size` bytes, checked.
 uint64_t header_length(const char* first8, uint64_t file_size, const std::string& origin) {
   if (file_size < 8) throw InputError(origin + ": not a safetensors file (shorter than its 8-byte header length)");
@@ -107,13 +129,13 @@ Contents decode(const std::string& head, uint64_t file_size, const std::string& 
                 const std::function<void(uint64_t, void*, size_t)>& read_data) {
   const uint64_t header_len = read_u64_le(head.data());  // checked by header_length()
   json header;
-  // The header is {name: {dtype, shape: [...], data_offsets: [...]}}: anything nested deeper is not a header.
-  const json::parser_callback_t shallow = [&](int depth, json::parse_event_t, json&) {
-    if (depth > kMaxHeaderDepth) throw InputError(origin + ": not a safetensors header (JSON nested too deeply)");
-    return true;
-  };
+  const auto text_begin = head.begin() + 8, text_end = text_begin + static_cast<std::ptrdiff_t>(header_len);
+  // The header is {name: {dtype, shape: [...], data_offsets: [...]}}: anything nested deeper is not a header. Checked
+  // by a scan before parsing (a parser callback would make nlohmann's parser quadratic in the number of tensors).
+  if (json_nesting_depth(text_begin, text_end) > kMaxHeaderDepth + 1)
+    throw InputError(origin + ": not a safetensors header (JSON nested too deeply)");
   try {
-    header = json::parse(head.begin() + 8, head.begin() + 8 + static_cast<std::ptrdiff_t>(header_len), shallow);
+    header = json::parse(text_begin, text_end);
   } catch (const json::exception& e) {
     throw InputError(origin + ": header is not valid JSON (" + std::string(e.what()) + ")");
   }

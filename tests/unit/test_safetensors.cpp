@@ -74,5 +74,23 @@ TEST(Safetensors, RejectsMalformedFilesClearly) {
                     "__metadata__ value of \"k\" is not a string");
 }
 
+// Header shape limits: nesting deeper than a header's is refused before parsing, and the tensor count is bounded;
+// a header of 100,000 tensors parses in linear time (a parser callback once made that quadratic: minutes).
+TEST(Safetensors, HeaderNestingAndTensorCountAreBounded) {
+  EXPECT_THROW_WITH(safetensors::parse(with_header(R"({"a": {"b": {"c": [[1]]}}})", ""), "mem"), InputError,
+                    "nested too deeply");
+  EXPECT_THROW_WITH(safetensors::parse(with_header(std::string(100000, '[') + std::string(100000, ']'), ""), "mem"),
+                    InputError, "nested too deeply");
+  auto many = [](size_t n) {
+    std::string header = "{";
+    for (size_t i = 0; i < n; ++i)
+      header += (i ? ",\"t" : "\"t") + std::to_string(i) + R"(":{"dtype":"U8","shape":[1],"data_offsets":[)" +
+                std::to_string(i) + "," + std::to_string(i + 1) + "]}";
+    return with_header(header + "}", std::string(n, '\0'));
+  };
+  EXPECT_THROW_WITH(safetensors::parse(many(100001), "mem"), InputError, "100001 tensors (limit 100000)");
+  EXPECT_EQ(safetensors::parse(many(100000), "mem").tensors.size(), 100000u);
+}
+
 }  // namespace
 }  // namespace loratune
