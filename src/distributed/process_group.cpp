@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <stdexcept>
@@ -152,6 +153,9 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const WorkerEnvironment& env, s
   impl->timeout = timeout;
   impl->server = std::move(server);
   if (!env.store_file.empty()) impl->store_folder = std::filesystem::path(env.store_file).parent_path().string();
+  // A peer that died closes its sockets: writing to them must be an error this worker reports ("lost the other
+  // workers"), not a SIGPIPE that ends it silently with code 141.
+  std::signal(SIGPIPE, SIG_IGN);
   try {
     impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("loratune", store), env.rank, env.world_size, options);
