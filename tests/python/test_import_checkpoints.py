@@ -137,18 +137,22 @@ class Pipeline(unittest.TestCase, up.Pipeline):
 
 
 class TimmFolders(Pipeline):
-    def test_timm_variants_equal_timm(self):
-        cases = [("vit_tiny_patch16_224", {}),                                         # class token
-                 ("deit_tiny_distilled_patch16_224", {}),                              # + distillation token
-                 ("vit_small_patch14_reg4_dinov2", {"img_size": 98}),                  # registers, layer scale
-                 ("vit_base_patch16_clip_224", {"embed_dim": 192, "num_heads": 3}),    # pre-norm, eps 1e-5
-                 ("vit_medium_patch16_gap_256", {"embed_dim": 192, "num_heads": 3})]  # no class token, avg, no qkv bias
+    def check_against_timm(self, cases):
+        """Each (architecture, timm arguments): its timm folder imports equal to timm's forward."""
         for arch, kwargs in cases:
             with self.subTest(arch=arch):
                 model = timm_model(arch, **kwargs)
                 size = model.patch_embed.img_size[0]
                 model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
                 self.check_import(timm_folder(model, os.path.join(TMP, "timm_" + arch)), model, size)
+
+    def test_timm_variants_equal_timm(self):
+        cases = [("vit_tiny_patch16_224", {}),                                         # class token
+                 ("deit_tiny_distilled_patch16_224", {}),                              # + distillation token
+                 ("vit_small_patch14_reg4_dinov2", {"img_size": 98}),                  # registers, layer scale
+                 ("vit_base_patch16_clip_224", {"embed_dim": 192, "num_heads": 3}),    # pre-norm, eps 1e-5
+                 ("vit_medium_patch16_gap_256", {"embed_dim": 192, "num_heads": 3})]  # no class token, avg, no qkv bias
+        self.check_against_timm(cases)
 
     def test_architectures_are_built_as_timm_defines_them(self):
         """What only the architecture's definition says (activation, pooling, norm eps, tokens) comes from the name:
@@ -163,12 +167,7 @@ class TimmFolders(Pipeline):
                  ("flexivit_small", {}),                            # FlexiViT
                  ("vit_tiny_patch16_224", {"qk_norm": True}),       # q/k norm (from model_args)
                  ("vit_base_patch32_clip_quickgelu_224", small)]    # QuickGELU, pre-norm, eps 1e-5
-        for arch, kwargs in cases:
-            with self.subTest(arch=arch):
-                model = timm_model(arch, **kwargs)
-                size = model.patch_embed.img_size[0]
-                model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
-                self.check_import(timm_folder(model, os.path.join(TMP, "timm_" + arch)), model, size)
+        self.check_against_timm(cases)
 
     def refused(self, folder):
         p = subprocess.run([BIN, "import", folder, "--output", folder + ".pt"], capture_output=True, text=True)
