@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the core library (no OpenCV) and its C++ tests with AddressSanitizer + UndefinedBehaviorSanitizer in
-# ./build-sanitize and runs them: the safetensors/adapter reader and bundle loader fuzz loops, the training loop
-# (resume, accumulation, checkpointing), merges and LoRA references against Python. Any sanitizer report fails the
-# run. Needs the fixtures that `bash scripts/test.sh` generates (it runs their generators itself if missing).
+# Builds the core library and the tokenizers (no OpenCV) and their C++ tests with AddressSanitizer +
+# UndefinedBehaviorSanitizer in ./build-sanitize and runs them: the safetensors/adapter/checkpoint-folder readers',
+# bundle loader's and tokenizers' fuzz loops, the training loop (resume, accumulation, checkpointing), merges and LoRA
+# references against Python. Any sanitizer report fails the run. Needs the fixtures that `bash scripts/test.sh`
+# generates (it runs their generators itself if missing).
 #   bash scripts/check_sanitizers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

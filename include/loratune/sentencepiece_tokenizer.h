@@ -34,6 +34,7 @@ class SentencePieceTokenizer : public TextTokenizer {
   at::Tensor tokenize(const std::vector<std::string>& texts, int64_t context) const override;
   int64_t end_token() const override { return eos_; }
   int64_t pad_token() const { return pad_; }
+  int64_t vocab_size() const { return vocab_size_; }  // the model's pieces: every id is below it
   // The normalised text that is segmented (exposed for tests).
   std::string normalize(const std::string& text) const;
 
@@ -47,7 +48,7 @@ class SentencePieceTokenizer : public TextTokenizer {
   std::unordered_map<uint64_t, uint32_t> edges_;
   std::vector<Piece> piece_of_;  // id -1: no piece ends at that node
   float unknown_score_ = 0;
-  int64_t unk_ = 0, eos_ = 1, pad_ = 0;
+  int64_t unk_ = 0, eos_ = 1, pad_ = 0, vocab_size_ = 0;
   bool nfkc_ = true, dummy_prefix_ = true, collapse_whitespace_ = true;
   SentencePieceOptions options_;
 };

@@ -170,7 +170,7 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, Sentenc
   }
   nfkc_ = normalizer.find("nfkc") != std::string::npos;
   unknown_score_ = (min_score == std::numeric_limits<float>::max() ? 0.0f : min_score) - kUnknownPenalty;
-  unk_ = unk, eos_ = eos;
+  unk_ = unk, eos_ = eos, vocab_size_ = count;
   pad_ = options.pad_with_end || pad < 0 ? eos : pad;
 }
 
