@@ -35,6 +35,10 @@ struct ClassPrompts {
 using ClassPromptMaker =
     std::function<ClassPrompts(const Model& model, const std::vector<std::string>& classes, const HeadConfig& head)>;
 
+// The weights LoRA adapts in `bundle` under `settings`: lora.targets resolved, then kept to the last
+// lora.last_blocks blocks. Training and `loratune info` both ask this (InputError when nothing is left).
+std::vector<LoraTarget> adapted_targets(const Bundle& bundle, const LoraSettings& settings);
+
 // The model training starts from: the bundle, the method's trainable tensors, seeded LoRA adapters (method lora)
 // and its head (random, or zero-shot through `zero_shot`), on the CPU. Same config and seed, same tensors. With loss
 // contrastive also the text tower (head.text_model, or the one the bundle names) with its seeded adapters

@@ -3,6 +3,7 @@
 #include "loratune/errors.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/targets.h"
+#include "loratune/training_setup.h"
 #include "loratune/threads.h"
 #include "loratune/import.h"
 #include "loratune/safetensors.h"
@@ -88,7 +89,7 @@ void print_model(const fs::path& path, const InfoCommand& command) {
     if (command.config.empty()) overrides.insert(overrides.begin(), {"model=" + path.string(), "data.train=-"});
     settings = load_train_config(command.config, overrides).lora;
   }
-  const auto targets = resolve_targets(b.module, settings, b.info.blocks);
+  const auto targets = adapted_targets(b, settings);
   int64_t lora_params = 0;
   for (const auto& t : targets) lora_params += t.variant->parameter_count(t);
   std::printf("%s would adapt %zu weights, %s LoRA parameters (%s of the base):\n",

@@ -67,14 +67,17 @@ std::unique_ptr<Model> model_on_device(const TrainConfig& c, const std::vector<s
 
 }  // namespace
 
+std::vector<LoraTarget> adapted_targets(const Bundle& bundle, const LoraSettings& settings) {
+  return in_last_blocks(resolve_targets(bundle.module, settings, bundle.info.blocks), bundle, settings.last_blocks);
+}
+
 std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vector<std::string>& classes,
                                             const ZeroShotHeadInit& zero_shot) {
   torch::manual_seed(static_cast<uint64_t>(c.seed));
   auto model = std::make_unique<Model>(load_bundle(c.model));
   model->set_method(c.method);
   if (c.method == Method::kLora) {
-    auto targets = in_last_blocks(resolve_targets(model->module(), c.lora, model->bundle().info.blocks),
-                                  model->bundle(), c.lora.last_blocks);
+    auto targets = adapted_targets(model->bundle(), c.lora);
     init_adapter_tensors(targets, model->module());
     model->set_adapters(targets, c.lora);
   }
