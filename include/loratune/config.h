@@ -14,8 +14,10 @@
 
 namespace loratune {
 
-// The structs mirror the JSON document: `optim.lr` in JSON is `config.optim.lr` here. Each key is declared once, in
-// the schema of config.cpp (type, default, help, where it lands, whether it changes results).
+// The structs mirror the JSON document: `optim.lr` in JSON is `config.optim.lr` here. A key's default is its
+// member's initial value below (LoraSettings: lora.h; AugmentConfig: batch_source.h); everything else about it (type,
+// range, choices, help, whether it changes results) is declared once, in the schema of config.cpp, which reads the
+// default from a default-constructed TrainConfig. A config filled in code is checked with check_train_config().
 struct DataConfig {
   std::string train;              // photo folder: <root>/<class>/...
   std::string val;                // held-out folder; empty: split `train` by `val_fraction`
@@ -86,16 +88,25 @@ struct TrainConfig {
   int64_t eval_every_epochs = 1;
   int64_t checkpoint_every_steps = 0;  // 0: at the end of each epoch only
   int64_t log_every_steps = 10;
-  nlohmann::json json;  // the resolved configuration, every key present
 };
 
 // The resolved configuration without the keys that do not change what training computes (where it runs, how
 // often it reports), and with files and folders by their names alone: what adapters record and what a resumed run
 // must match.
 nlohmann::json result_settings(const nlohmann::json& resolved);
+// Where a run's recorded result settings (result_settings, "precision" resolved) and this one's differ, one
+// "key recorded vs now" each; empty: resuming continues the same computation. Numbers compare by value. A key the
+// recording version did not know (added by an upgrade) must be at its default here; a key this version no longer
+// has is not compared.
+std::vector<std::string> changed_settings(const nlohmann::json& recorded, const nlohmann::json& now);
 
 // The full configuration with defaults, as JSON.
 nlohmann::json default_config_json();
+// `config` as the JSON document it stands for, every key present (null for keys that are not set).
+nlohmann::json config_json(const TrainConfig& config);
+// Every key's type, range and choices and the rules between keys, as for a file: InputError naming the key and what
+// to do. For configs filled in code; run_training() and Trainer check theirs.
+void check_train_config(const TrainConfig& config);
 // One line per key: path, type, default, description (for --help and docs).
 std::string config_reference();
 

@@ -14,7 +14,7 @@ namespace loratune {
 struct LoraSettings {
   int64_t rank = 8;
   double alpha = 16.0;
-  double dropout = 0.0;
+  double dropout = 0.1;  // on the adapter input, in training
   bool rslora = false;  // scale alpha / sqrt(rank) instead of alpha / rank
   // Target patterns: a module name suffix ("query"), or "re:<regex>" matched against the whole path, optionally
   // followed by ":q,v" to adapt only those slices of a fused q/k/v weight. Empty: the query and value projections

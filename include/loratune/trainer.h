@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -198,7 +199,9 @@ class Trainer {
   void save_adapter_to(const std::string& name);
   void append_metrics(const nlohmann::json& line, Progress& p);
   nlohmann::json adapter_training_record() const;
-  std::string resume_fingerprint() const;
+  std::string base_fingerprint() const;  // the base model's (and text tower's) fingerprint
+  // Refuses to resume a checkpoint written for other settings or another base (InputError listing what differs).
+  void check_resumable(const std::map<std::string, std::string>& metadata, const std::filesystem::path& path) const;
 
   const TrainConfig& config_;
   Model& model_;

@@ -21,22 +21,37 @@ namespace {
 enum class Kind { kString, kPath, kInt, kIntOrAuto, kNumber, kBool, kStringList, kNumberPair, kIntMap, kNumberMap };
 
 using Setter = std::function<void(TrainConfig&, const json&)>;
+using Getter = std::function<json(const TrainConfig&)>;
+
+// Where a key lands in the struct, both ways.
+struct Binding {
+  Setter set;  // puts the (checked) JSON value into the struct
+  Getter get;  // the struct's value as JSON (before the key's null rule)
+};
 
 struct Key {
-  Key(const char* path, Kind kind, json fallback, bool nullable, bool changes_results, const char* help, Setter set,
+  Key(const char* path, Kind kind, bool nullable, bool changes_results, std::string help, Binding binding,
       Range range = Range::any(), std::vector<std::string> choices = {})
-      : path(path), kind(kind), fallback(std::move(fallback)), nullable(nullable), changes_results(changes_results),
-        help(help), set(std::move(set)), range(range), choices(std::move(choices)) {}
+      : path(path), kind(kind), nullable(nullable), changes_results(changes_results), help(std::move(help)),
+        binding(std::move(binding)), range(range), choices(std::move(choices)) {}
 
   const char* path;
   Kind kind;
-  json fallback;
-  bool nullable;
+  bool nullable;         // null means "not set": "" for strings, a negative number otherwise
   bool changes_results;  // false: where and how visibly it runs (a resumed run may change these)
-  const char* help;
-  Setter set;            // puts the (checked) JSON value into the struct
+  std::string help;
+  Binding binding;
   Range range;                       // numbers: the value (each element of a pair, each value of a map)
   std::vector<std::string> choices;  // strings: the values allowed; empty: any
+
+  void set(TrainConfig& c, const json& v) const { binding.set(c, v); }
+  // The struct's value; null where a nullable key holds its "not set" value.
+  json get(const TrainConfig& c) const {
+    json v = binding.get(c);
+    if (nullable && ((v.is_string() && v.get<std::string>().empty()) || (v.is_number() && v.get<double>() < 0)))
+      return nullptr;
+    return v;
+  }
 };
 
 constexpr bool kResult = true, kNotResult = false;
@@ -54,22 +69,38 @@ void assign(std::vector<T>& out, const json& v) { out = v.get<std::vector<T>>();
 template <typename T>
 void assign(std::map<std::string, T>& out, const json& v) { out = v.get<std::map<std::string, T>>(); }
 
+// Struct member -> JSON value.
+template <typename T>
+json value_of(const T& member) { return member; }
+json value_of(const Method& member) { return method_name(member); }
+
 // Where a key lands: a chain of members, e.g. field(&TrainConfig::optim, &OptimConfig::lr).
 template <typename... Members>
-Setter field(Members... members) {
-  return [=](TrainConfig& c, const json& v) { assign((c .* ... .* members), v); };
+Binding field(Members... members) {
+  return {[=](TrainConfig& c, const json& v) { assign((c .* ... .* members), v); },
+          [=](const TrainConfig& c) { return value_of((c .* ... .* members)); }};
 }
 // A path: "~" is the home folder.
 template <typename... Members>
-Setter path_field(Members... members) {
-  return [=](TrainConfig& c, const json& v) { (c .* ... .* members) = v.is_null() ? "" : expand_home(v.get<std::string>()); };
+Binding path_field(Members... members) {
+  return {[=](TrainConfig& c, const json& v) { (c .* ... .* members) = v.is_null() ? "" : expand_home(v.get<std::string>()); },
+          [=](const TrainConfig& c) { return json((c .* ... .* members)); }};
 }
-// [a, b] into two members.
-Setter pair_field(double AugmentConfig::*first, double AugmentConfig::*second) {
-  return [=](TrainConfig& c, const json& v) { c.data.augment.*first = v[0], c.data.augment.*second = v[1]; };
+// [a, b] from two members.
+template <typename Section, typename... Members>
+Binding pair_field(double Section::*first, double Section::*second, Members... section) {
+  return {[=](TrainConfig& c, const json& v) {
+            auto& s = (c .* ... .* section);
+            s.*first = v[0], s.*second = v[1];
+          },
+          [=](const TrainConfig& c) {
+            const auto& s = (c .* ... .* section);
+            return json::array({s.*first, s.*second});
+          }};
 }
 
-// The schema: every key, its type, default, meaning and place. Nothing else is accepted.
+// The schema: every key, its type, meaning and place (its default: the member's initial value in the structs).
+// Nothing else is accepted.
 const std::vector<Key>& schema() {
   using C = TrainConfig;
   using D = DataConfig;
@@ -80,135 +111,136 @@ const std::vector<Key>& schema() {
   using S = ScheduleConfig;
   using LS = LossScaleConfig;
   static const std::vector<Key> keys = {
-      {"model", Kind::kPath, "", false, kResult, "a bundle (.pt), a checkpoint folder (transformers, timm, open_clip) or hf:ORG/NAME from the hub cache", path_field(&C::model)},
-      {"data.train", Kind::kPath, "", false, kResult, "photo folder: one subfolder per class, images in any depth below",
+      {"model", Kind::kPath, false, kResult, "a bundle (.pt), a checkpoint folder (transformers, timm, open_clip) or hf:ORG/NAME from the hub cache", path_field(&C::model)},
+      {"data.train", Kind::kPath, false, kResult, "photo folder: one subfolder per class, images in any depth below",
        path_field(&C::data, &D::train)},
-      {"data.val", Kind::kPath, nullptr, true, kResult, "held-out folder with the same classes; null: split data.train",
+      {"data.val", Kind::kPath, true, kResult, "held-out folder with the same classes; null: split data.train",
        path_field(&C::data, &D::val)},
-      {"data.val_fraction", Kind::kNumber, 0.1, false, kResult, "fraction of each class held out when data.val is null",
+      {"data.val_fraction", Kind::kNumber, false, kResult, "fraction of each class held out when data.val is null",
        field(&C::data, &D::val_fraction), Range::between(0, 1, true, true)},
-      {"data.split_seed", Kind::kInt, 0, false, kResult, "seed of that split", field(&C::data, &D::split_seed), Range::at_least(0)},
-      {"data.workers", Kind::kInt, 0, false, kNotResult, "decoding threads; 0: one per CPU core", field(&C::data, &D::workers), Range::at_least(0)},
-      {"data.prefetch_batches", Kind::kInt, 4, false, kNotResult, "batches decoded ahead of training",
+      {"data.split_seed", Kind::kInt, false, kResult, "seed of that split", field(&C::data, &D::split_seed), Range::at_least(0)},
+      {"data.workers", Kind::kInt, false, kNotResult, "decoding threads; 0: one per CPU core", field(&C::data, &D::workers), Range::at_least(0)},
+      {"data.prefetch_batches", Kind::kInt, false, kNotResult, "batches decoded ahead of training",
        field(&C::data, &D::prefetch_batches), Range::at_least(1)},
-      {"data.cache", Kind::kString, "auto", false, kNotResult,
+      {"data.cache", Kind::kString, false, kNotResult,
        "keep decoded, resized images in memory (auto: if they fit in 2 GB)", field(&C::data, &D::cache), Range::any(), {"auto", "memory", "off"}},
-      {"data.prefix_cache", Kind::kString, "auto", false, kNotResult,
+      {"data.prefix_cache", Kind::kString, false, kNotResult,
        "keep the output of the frozen prefix (stem and blocks without adapters; whole backbone for linear_probe) per "
        "image and reuse it in later epochs; valid only without augmentation (auto: on when augmentation is off and a "
        "block or more is frozen)",
        field(&C::data, &D::prefix_cache), Range::any(), {"auto", "memory", "off"}},
-      {"data.max_image_pixels", Kind::kInt, kDefaultMaxImagePixels, false, kResult,
+      {"data.max_image_pixels", Kind::kInt, false, kResult,
        "skip (and list) images with more pixels than this, before decoding them; 0: no limit",
        field(&C::data, &D::max_image_pixels), Range::at_least(0)},
-      {"data.augment.enabled", Kind::kBool, true, false, kResult, "training augmentation on/off",
+      {"data.augment.enabled", Kind::kBool, false, kResult, "training augmentation on/off",
        field(&C::data, &D::augment, &A::enabled)},
-      {"data.augment.scale", Kind::kNumberPair, json::array({0.35, 1.0}), false, kResult,
-       "random resized crop: area fraction range", pair_field(&A::scale_min, &A::scale_max), Range::between(0, 1, true, false)},
-      {"data.augment.ratio", Kind::kNumberPair, json::array({0.75, 4.0 / 3.0}), false, kResult,
-       "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max), Range::positive()},
-      {"data.augment.hflip", Kind::kBool, true, false, kResult, "random horizontal flip",
+      {"data.augment.scale", Kind::kNumberPair, false, kResult,
+       "random resized crop: area fraction range", pair_field(&A::scale_min, &A::scale_max, &C::data, &D::augment), Range::between(0, 1, true, false)},
+      {"data.augment.ratio", Kind::kNumberPair, false, kResult,
+       "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max, &C::data, &D::augment), Range::positive()},
+      {"data.augment.hflip", Kind::kBool, false, kResult, "random horizontal flip",
        field(&C::data, &D::augment, &A::hflip)},
-      {"method", Kind::kString, "lora", false, kResult, "what trains: adapters on a frozen base (lora), every weight (full) or the head alone (linear_probe)", field(&C::method), Range::any(), method_names()},
-      {"lora.rank", Kind::kInt, 8, false, kResult, "adapter rank r", field(&C::lora, &L::rank), lora_rules::kRank},
-      {"lora.alpha", Kind::kNumber, 16.0, false, kResult, "scale s = alpha / r (alpha / sqrt(r) with rslora)",
+      {"method", Kind::kString, false, kResult, "what trains: adapters on a frozen base (lora), every weight (full) or the head alone (linear_probe)", field(&C::method), Range::any(), method_names()},
+      {"lora.rank", Kind::kInt, false, kResult, "adapter rank r", field(&C::lora, &L::rank), lora_rules::kRank},
+      {"lora.alpha", Kind::kNumber, false, kResult, "scale s = alpha / r (alpha / sqrt(r) with rslora)",
        field(&C::lora, &L::alpha), lora_rules::kAlpha},
-      {"lora.dropout", Kind::kNumber, 0.1, false, kResult, "dropout on the adapter input", field(&C::lora, &L::dropout), lora_rules::kDropout},
-      {"lora.rslora", Kind::kBool, false, false, kResult, "rank-stabilised scaling alpha / sqrt(r)",
+      {"lora.dropout", Kind::kNumber, false, kResult, "dropout on the adapter input", field(&C::lora, &L::dropout), lora_rules::kDropout},
+      {"lora.rslora", Kind::kBool, false, kResult, "rank-stabilised scaling alpha / sqrt(r)",
        field(&C::lora, &L::rslora)},
-      {"lora.variant", Kind::kString, "lora", false, kResult,
+      {"lora.variant", Kind::kString, false, kResult,
        "adapter kind; dora is weight-decomposed: a trained magnitude per output row (PEFT's use_dora)",
        field(&C::lora, &L::variant), Range::any(), variant_names()},
-      {"lora.targets", Kind::kStringList, json::array(), false, kResult,
+      {"lora.targets", Kind::kStringList, false, kResult,
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv, or all-linear (every Linear in the "
        "blocks); []: query and value of every block",
        field(&C::lora, &L::targets)},
-      {"lora.text_targets", Kind::kStringList, json::array(), false, kResult,
+      {"lora.text_targets", Kind::kStringList, false, kResult,
        "loss contrastive: the text tower's targets, as lora.targets; []: query and value of every block",
        field(&C::lora, &L::text_targets)},
-      {"lora.last_blocks", Kind::kInt, nullptr, true, kResult,
+      {"lora.last_blocks", Kind::kInt, true, kResult,
        "adapt only the last N transformer blocks (no backward through the blocks before them); null: all",
        field(&C::lora, &L::last_blocks), lora_rules::kLastBlocks},
-      {"lora.rank_pattern", Kind::kIntMap, json::object(), false, kResult, "pattern -> rank overrides",
+      {"lora.rank_pattern", Kind::kIntMap, false, kResult, "pattern -> rank overrides",
        field(&C::lora, &L::rank_pattern), lora_rules::kRank},
-      {"lora.alpha_pattern", Kind::kNumberMap, json::object(), false, kResult, "pattern -> alpha overrides",
+      {"lora.alpha_pattern", Kind::kNumberMap, false, kResult, "pattern -> alpha overrides",
        field(&C::lora, &L::alpha_pattern), lora_rules::kAlpha},
-      {"head.init", Kind::kString, "random", false, kResult,
+      {"head.init", Kind::kString, false, kResult,
        "how the head starts; zero_shot: from the text encoder's class embeddings (cosine classifier, CLIP models)",
        field(&C::head, &H::init), Range::any(), {"random", "zero_shot"}},
-      {"head.text_model", Kind::kPath, nullptr, true, kResult,
+      {"head.text_model", Kind::kPath, true, kResult,
        "zero_shot: text encoder bundle; null: the one the model names", path_field(&C::head, &H::text_model)},
-      {"head.class_names", Kind::kPath, nullptr, true, kResult, "zero_shot: JSON file {\"folder\": \"name\" or [names]}",
+      {"head.class_names", Kind::kPath, true, kResult, "zero_shot: JSON file {\"folder\": \"name\" or [names]}",
        path_field(&C::head, &H::class_names)},
-      {"head.templates", Kind::kStringList, json::array(), false, kResult,
+      {"head.templates", Kind::kStringList, false, kResult,
        "zero_shot: prompt templates with {}; []: defaults", field(&C::head, &H::templates)},
-      {"optim.lr", Kind::kNumber, 1e-3, false, kResult, "peak learning rate (AdamW)", field(&C::optim, &O::lr), Range::positive()},
-      {"optim.head_lr", Kind::kNumber, nullptr, true, kResult, "learning rate of the classification head; null: optim.lr",
+      {"optim.lr", Kind::kNumber, false, kResult, "peak learning rate (AdamW)", field(&C::optim, &O::lr), Range::positive()},
+      {"optim.head_lr", Kind::kNumber, true, kResult, "learning rate of the classification head; null: optim.lr",
        field(&C::optim, &O::head_lr), Range::positive()},
-      {"optim.weight_decay", Kind::kNumber, 0.01, false, kResult, "decoupled weight decay on matrices",
+      {"optim.weight_decay", Kind::kNumber, false, kResult, "decoupled weight decay on matrices",
        field(&C::optim, &O::weight_decay), Range::at_least(0)},
-      {"optim.betas", Kind::kNumberPair, json::array({0.9, 0.999}), false, kResult, "AdamW betas",
-       [](TrainConfig& c, const json& v) { c.optim.beta1 = v[0], c.optim.beta2 = v[1]; }, Range::between(0, 1, false, true)},
-      {"optim.eps", Kind::kNumber, 1e-8, false, kResult, "AdamW epsilon (keeps its division finite)", field(&C::optim, &O::eps),
+      {"optim.betas", Kind::kNumberPair, false, kResult, "AdamW betas",
+       pair_field(&O::beta1, &O::beta2, &C::optim), Range::between(0, 1, false, true)},
+      {"optim.eps", Kind::kNumber, false, kResult, "AdamW epsilon (keeps its division finite)", field(&C::optim, &O::eps),
        Range::positive()},
-      {"optim.grad_clip", Kind::kNumber, 1.0, false, kResult, "clip the global gradient norm; 0: off",
+      {"optim.grad_clip", Kind::kNumber, false, kResult, "clip the global gradient norm; 0: off",
        field(&C::optim, &O::grad_clip), Range::at_least(0)},
-      {"optim.lora_plus_ratio", Kind::kNumber, nullptr, true, kResult,
+      {"optim.lora_plus_ratio", Kind::kNumber, true, kResult,
        "LoRA+: learning rate of the B matrices = this x optim.lr (PEFT's loraplus_lr_ratio; 16 is its suggestion); "
        "null: off",
        field(&C::optim, &O::lora_plus_ratio), Range::positive()},
-      {"schedule.warmup_fraction", Kind::kNumber, 0.05, false, kResult, "linear warm-up over this fraction of the steps",
+      {"schedule.warmup_fraction", Kind::kNumber, false, kResult, "linear warm-up over this fraction of the steps",
        field(&C::schedule, &S::warmup_fraction), Range::between(0, 1, false, true)},
-      {"schedule.min_lr_ratio", Kind::kNumber, 0.0, false, kResult, "cosine decay ends at this fraction of the peak",
+      {"schedule.min_lr_ratio", Kind::kNumber, false, kResult, "cosine decay ends at this fraction of the peak",
        field(&C::schedule, &S::min_lr_ratio), Range::between(0, 1, false, false)},
-      {"batch_size", Kind::kInt, 16, false, kResult, "images per micro-batch (what must fit in memory)",
+      {"batch_size", Kind::kInt, false, kResult, "images per micro-batch (what must fit in memory)",
        field(&C::batch_size), Range::between(1, 65536, false, false)},
-      {"grad_accum_steps", Kind::kInt, 1, false, kResult,
+      {"grad_accum_steps", Kind::kInt, false, kResult,
        "micro-batches per optimiser step: effective batch = batch_size x this", field(&C::grad_accum_steps),
        Range::between(1, 65536, false, false)},
-      {"epochs", Kind::kInt, 10, false, kResult, "passes over the training images", field(&C::epochs), Range::at_least(1)},
-      {"max_steps", Kind::kInt, nullptr, true, kResult, "stop after this many optimiser steps; null: from epochs",
+      {"epochs", Kind::kInt, false, kResult, "passes over the training images", field(&C::epochs), Range::at_least(1)},
+      {"max_steps", Kind::kInt, true, kResult, "stop after this many optimiser steps; null: from epochs",
        field(&C::max_steps), Range::at_least(1)},
-      {"loss", Kind::kString, "cross_entropy", false, kResult,
+      {"loss", Kind::kString, false, kResult,
        "cross_entropy: train the head on class labels; contrastive: CLIP's image-text loss on a class prompt per "
        "image (FLYP), LoRA on both towers, classes scored by the adapted text tower",
        field(&C::loss), Range::any(), {"cross_entropy", "contrastive"}},
-      {"label_smoothing", Kind::kNumber, 0.0, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing), Range::between(0, 1, false, true)},
-      {"precision", Kind::kString, "auto", false, kResult,
+      {"label_smoothing", Kind::kNumber, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing), Range::between(0, 1, false, true)},
+      {"precision", Kind::kString, false, kResult,
        "compute precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)", field(&C::precision), Range::any(), precision_choices()},
-      {"frozen_dtype", Kind::kString, "auto", false, kResult,
+      {"frozen_dtype", Kind::kString, false, kResult,
        "storage of frozen base weights (auto: the compute dtype on CUDA with mixed precision; int8, nf4: the blocks' "
        "Linear weights quantised, the rest as auto)",
        field(&C::frozen_dtype), Range::any(), {"auto", "fp32", "compute", "int8", "nf4"}},
-      {"gradient_checkpointing", Kind::kBool, true, false, kResult,
+      {"gradient_checkpointing", Kind::kBool, false, kResult,
        "recompute each block in backward instead of storing activations", field(&C::gradient_checkpointing)},
-      {"offload", Kind::kString, "none", false, kNotResult,
+      {"offload", Kind::kString, false, kNotResult,
        "CUDA: keep in pinned host memory, copied in one block ahead on a side stream: weights (the blocks' frozen "
        "weights, two blocks on the GPU at a time), activations (the inputs checkpointed blocks keep for backward), "
        "or both; on the CPU it does nothing",
        field(&C::offload), Range::any(), {"none", "weights", "activations", "both"}},
-      {"loss_scale.init", Kind::kNumber, 65536.0, false, kResult, "fp16: initial loss scale",
+      {"loss_scale.init", Kind::kNumber, false, kResult, "fp16: initial loss scale",
        field(&C::loss_scale, &LS::init), Range::positive()},
-      {"loss_scale.growth_interval", Kind::kInt, 2000, false, kResult, "fp16: clean steps before the scale doubles",
+      {"loss_scale.growth_interval", Kind::kInt, false, kResult, "fp16: clean steps before the scale doubles",
        field(&C::loss_scale, &LS::growth_interval), Range::at_least(1)},
-      {"early_stopping.patience", Kind::kInt, nullptr, true, kResult,
+      {"early_stopping.patience", Kind::kInt, true, kResult,
        "stop when this many validations in a row bring no better top-1 (the best adapter is kept); null: off",
        field(&C::early_stopping, &EarlyStoppingConfig::patience), Range::at_least(1)},
-      {"device", Kind::kString, "auto", false, kNotResult, "auto | cpu | cuda | cuda:N", field(&C::device)},
-      {"threads", Kind::kIntOrAuto, "auto", false, kNotResult,
+      {"device", Kind::kString, false, kNotResult, "auto | cpu | cuda | cuda:N", field(&C::device)},
+      {"threads", Kind::kIntOrAuto, false, kNotResult,
        "CPU threads for compute: auto follows the machine's load (fewer threads while other programs are busy); a "
        "number pins it (0: one per core; pin it for bit-identical reruns on any load)",
-       [](TrainConfig& c, const json& v) { c.threads = v.is_string() ? kAutoThreads : v.get<int>(); },
+       {[](TrainConfig& c, const json& v) { c.threads = v.is_string() ? kAutoThreads : v.get<int>(); },
+        [](const TrainConfig& c) { return c.threads == kAutoThreads ? json("auto") : json(c.threads); }},
        Range::between(0, 4096, false, false), {"auto"}},
-      {"seed", Kind::kInt, 0, false, kResult,
+      {"seed", Kind::kInt, false, kResult,
        "seed of adapter/head initialisation, shuffling, augmentation and dropout", field(&C::seed)},
-      {"output_dir", Kind::kPath, "runs/default", false, kNotResult,
+      {"output_dir", Kind::kPath, false, kNotResult,
        "run folder: adapters, checkpoints, metrics, summary", path_field(&C::output_dir)},
-      {"eval_every_epochs", Kind::kInt, 1, false, kResult, "validate every N epochs (and at the end)",
+      {"eval_every_epochs", Kind::kInt, false, kResult, "validate every N epochs (and at the end)",
        field(&C::eval_every_epochs), Range::at_least(1)},
-      {"checkpoint_every_steps", Kind::kInt, 0, false, kNotResult,
+      {"checkpoint_every_steps", Kind::kInt, false, kNotResult,
        "also checkpoint every N optimiser steps; 0: each epoch only", field(&C::checkpoint_every_steps), Range::at_least(0)},
-      {"log_every_steps", Kind::kInt, 10, false, kNotResult, "metrics.jsonl line every N optimiser steps",
+      {"log_every_steps", Kind::kInt, false, kNotResult, "metrics.jsonl line every N optimiser steps",
        field(&C::log_every_steps), Range::at_least(1)},
   };
   return keys;
@@ -306,7 +338,6 @@ TrainConfig to_struct(const json& j, const std::string& origin) {
       throw InputError(origin + ": " + e.what());
     }
   }
-  c.json = j;
   return c;
 }
 
@@ -377,20 +408,44 @@ json result_settings(const json& resolved) {
   return record;
 }
 
-json default_config_json() {
+std::vector<std::string> changed_settings(const json& recorded, const json& now) {
+  const json defaults = result_settings(default_config_json());
+  std::vector<std::string> changed;
+  for (const auto& k : schema()) {
+    if (!k.changes_results) continue;
+    const auto ptr = pointer(k.path);
+    const json value = now.contains(ptr) ? now.at(ptr) : json();
+    if (!recorded.contains(ptr)) {
+      const json fallback = defaults.contains(ptr) ? defaults.at(ptr) : json();
+      if (value != fallback)
+        changed.push_back(std::string(k.path) + " (new since the run began; its default " + fallback.dump() +
+                          " resumes it) vs " + value.dump());
+    } else if (recorded.at(ptr) != value) {
+      changed.push_back(std::string(k.path) + " " + recorded.at(ptr).dump() + " vs " + value.dump());
+    }
+  }
+  return changed;
+}
+
+json default_config_json() { return config_json(TrainConfig{}); }
+
+json config_json(const TrainConfig& config) {
   json j = json::object();
-  for (const auto& k : schema()) j[pointer(k.path)] = k.fallback;
+  for (const auto& k : schema()) j[pointer(k.path)] = k.get(config);
   return j;
 }
 
+void check_train_config(const TrainConfig& config) { parse_train_config(config_json(config), "configuration"); }
+
 std::string config_reference() {
   std::string out;
+  const TrainConfig defaults;
   for (const auto& k : schema()) {
     std::string line = std::string("  ") + k.path;
     line.resize(std::max<size_t>(line.size() + 1, 30), ' ');
     std::string type = std::string(kind_name(k.kind)) + (k.nullable ? " or null" : "");
     type.resize(std::max<size_t>(type.size() + 1, 26), ' ');
-    out += line + type + "default " + k.fallback.dump() + "\n" + std::string(32, ' ') + k.help + "\n";
+    out += line + type + "default " + k.get(defaults).dump() + "\n" + std::string(32, ' ') + k.help + "\n";
     if (!k.choices.empty()) out += std::string(32, ' ') + "one of: " + join(k.choices, " | ") + "\n";
     if (k.range.bounded())
       out += std::string(32, ' ') + "range: " +
@@ -467,7 +522,7 @@ TrainConfig load_train_config(const std::filesystem::path& path, const std::vect
 }
 
 TrainConfig with_overrides(const TrainConfig& config, const std::vector<std::string>& overrides) {
-  json document = config.json;
+  json document = config_json(config);
   apply_overrides(document, overrides);
   return parse_train_config(document, "configuration");
 }

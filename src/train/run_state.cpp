@@ -17,6 +17,7 @@
 #include "loratune/errors.h"
 #include "common/files.h"
 #include "common/fingerprint.h"
+#include "common/strings.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/trainer.h"
@@ -74,17 +75,60 @@ RunFolderLock::~RunFolderLock() {
 }
 
 json Trainer::adapter_training_record() const {
-  json record = result_settings(config_.json);
+  json record = result_settings(config_json(config_));
   record["precision"] = precision_name(precision_);
   return record;
 }
 
-std::string Trainer::resume_fingerprint() const {
-  const std::string text = adapter_training_record().dump() + "|" + model_.bundle().fingerprint +
-                           (model_.has_text_tower() ? "|" + model_.text_bundle().fingerprint : "");
+std::string Trainer::base_fingerprint() const {
+  return model_.bundle().fingerprint + (model_.has_text_tower() ? "|" + model_.text_bundle().fingerprint : "");
+}
+
+namespace {
+
+// Checkpoints written before the settings were recorded in them held only this hash of the settings record and the
+// base fingerprint.
+std::string legacy_resume_fingerprint(const json& record, const std::string& base) {
+  const std::string text = record.dump() + "|" + base;
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash_bytes(text.data(), text.size(), 7)));
   return hex;
+}
+
+}  // namespace
+
+void Trainer::check_resumable(const std::map<std::string, std::string>& metadata, const fs::path& path) const {
+  const std::string fix = "; resuming needs the same settings (only output_dir, device, threads, data loading and "
+                          "logging may change): restore them, or start a new run in another output_dir";
+  json recorded;
+  if (metadata.count("settings")) {
+    if (metadata.count("base_fingerprint") == 0 || metadata.at("base_fingerprint") != base_fingerprint())
+      throw InputError(path.string() + " was written for another base model" + fix);
+    try {
+      recorded = json::parse(metadata.at("settings"));
+    } catch (const json::exception&) {
+    }
+    if (!recorded.is_object()) throw InputError(path.string() + ": its settings record is not a JSON object" + fix);
+  } else {
+    // An older checkpoint: the run folder's config.json holds the settings its hash covers.
+    json document;
+    try {
+      document = json::parse(read_file(dir_ / kConfig));
+    } catch (const std::exception&) {
+    }
+    if (document.is_object()) {
+      recorded = result_settings(document);
+      recorded["precision"] = precision_name(precision_);
+    }
+    if (metadata.count("resume_fingerprint") == 0 || !document.is_object() ||
+        metadata.at("resume_fingerprint") != legacy_resume_fingerprint(recorded, base_fingerprint()))
+      throw InputError(path.string() + " was written with another configuration or base model (compare with " +
+                       (dir_ / kConfig).string() + ")" + fix);
+  }
+  const auto changed = changed_settings(recorded, adapter_training_record());
+  if (!changed.empty())
+    throw InputError(path.string() + " was written with other settings (recorded vs now: " + join(changed, "; ") + ")" +
+                     fix);
 }
 
 void Trainer::save_adapter_to(const std::string& name) {
@@ -123,7 +167,10 @@ void Trainer::save_checkpoint(const Progress& p) {
                          {"stopped_early", p.stopped_early},
                          {"loss_scale", scaler_->scale()},
                          {"loss_scale_growth_tracker", scaler_->growth_tracker()}};
-  write_checkpoint(dir_ / kCheckpoint, tensors, {{"progress", progress.dump()}, {"resume_fingerprint", resume_fingerprint()}});
+  write_checkpoint(dir_ / kCheckpoint, tensors,
+                   {{"progress", progress.dump()},
+                    {"settings", adapter_training_record().dump()},
+                    {"base_fingerprint", base_fingerprint()}});
 }
 
 namespace {
@@ -178,10 +225,7 @@ class ProgressReader {
 Trainer::Progress Trainer::load_checkpoint(const Schedule& schedule) {
   const fs::path path = dir_ / kCheckpoint;
   const auto ckpt = read_checkpoint(path);
-  if (ckpt.metadata.count("resume_fingerprint") == 0 || ckpt.metadata.at("resume_fingerprint") != resume_fingerprint())
-    throw InputError(path.string() + " was written with another configuration or base model; resuming needs the same "
-                     "settings (only output_dir, device, threads, data loading and logging may change). Compare with " +
-                     (dir_ / kConfig).string() + ", or start a new run in another output_dir");
+  check_resumable(ckpt.metadata, path);
   if (ckpt.metadata.count("progress") == 0) throw InputError(path.string() + " has no progress record");
   const ProgressReader progress(path, ckpt.metadata.at("progress"));
   Progress p;

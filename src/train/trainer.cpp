@@ -80,6 +80,7 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
       precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()),
       reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)), threads_(config.threads) {
+  check_train_config(config);  // a config filled in code gets the checks a file gets
   optimizer_ = make_optimizer(config, model);
   scaler_ = make_loss_scaler(config, precision);
   if (config.head.init == "zero_shot" && model.has_head()) {  // as built, also on resume: before the checkpoint loads
@@ -198,7 +199,7 @@ TrainSummary Trainer::run(bool resume) {
                                    (dir_ / kBestAdapter).string()));
     reporter_->message(fmt::format("resuming at step {} of {} (epoch {})", p.step, schedule.total_steps, p.epoch + 1));
   } else if (writes_files()) {
-    write_file_atomic(dir_ / kConfig, config_.json.dump(2) + "\n");
+    write_file_atomic(dir_ / kConfig, config_json(config_).dump(2) + "\n");
     write_file_atomic(dir_ / kMetrics, "");
   }
 

@@ -11,6 +11,7 @@
 #include "loratune/config.h"
 #include "loratune/errors.h"
 #include "common/files.h"
+#include "common/fingerprint.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/threads.h"
@@ -288,7 +289,7 @@ TEST(Training, ResumeRefusesAChangedConfiguration) {
   auto model = make_model(changed, 3);
   TensorBatchSource train(data.images, data.labels, 2, true, true, 0);
   EXPECT_THROW_WITH(Trainer(changed, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(true),
-                    InputError, "was written with another configuration or base model");
+                    InputError, "was written with other settings (recorded vs now: optim.lr 0.001 vs 0.5)");
 }
 
 // A run of 9 steps (3 an epoch) stopped after step 4, for the checkpoint tests: the checkpoint says epoch 1 (0-based),
@@ -384,6 +385,50 @@ TEST(Training, CheckpointValuesOutsideTheRunAreRefusedAndLeaveItResumable) {
   r.run(dir, true);
   EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
             bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+}
+
+// An upgrade that adds a key (at a default that keeps the old behaviour) must not strand the runs begun before it:
+// a checkpoint whose settings lack the key resumes to the uninterrupted result, in today's format and in the one
+// before it (a hash of the settings in config.json, nothing else); setting the new key to another value is refused
+// by name.
+TEST(Training, CheckpointsFromBeforeAnUpgradeThatAddedAKeyResume) {
+  StoppedRun r;
+  const auto straight = test::temp_dir("upgrade_straight");
+  r.run(straight, false);
+  const std::string new_key = "label_smoothing";  // stands for a key the run's version did not have
+  for (const bool legacy : {false, true}) {
+    SCOPED_TRACE(legacy ? "hash-only checkpoint" : "checkpoint with its settings");
+    const auto dir = test::temp_dir(legacy ? "upgrade_legacy" : "upgrade_settings");
+    r.stop_after_4(dir);
+    const auto path = dir / Trainer::kCheckpoint;
+    const safetensors::Contents ckpt = read_checkpoint(path);
+    json settings = json::parse(ckpt.metadata.at("settings"));
+    ASSERT_TRUE(settings.contains(new_key));
+    settings.erase(new_key);
+    safetensors::Metadata metadata = ckpt.metadata;
+    if (legacy) {  // what the previous release wrote: config.json without the key, and the hash over it
+      json document = json::parse(read_file(dir / Trainer::kConfig));
+      document.erase(new_key);
+      write_file_atomic(dir / Trainer::kConfig, document.dump(2));
+      const std::string text = settings.dump() + "|" + metadata.at("base_fingerprint");
+      char hex[17];
+      std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash_bytes(text.data(), text.size(), 7)));
+      metadata = {{"progress", ckpt.metadata.at("progress")}, {"resume_fingerprint", hex}};
+    } else {
+      metadata["settings"] = settings.dump();
+    }
+    write_checkpoint(path, ckpt.tensors, metadata);
+    const std::string checkpoint = bytes_of(path), config = bytes_of(dir / Trainer::kConfig);
+    r.settings[new_key] = 0.1;
+    EXPECT_THROW_WITH(r.run(dir, true), InputError,
+                      "label_smoothing (new since the run began; its default 0.0 resumes it) vs 0.1");
+    r.settings.erase(new_key);
+    write_file_atomic(path, checkpoint);
+    write_file_atomic(dir / Trainer::kConfig, config);
+    r.run(dir, true);
+    EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+              bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+  }
 }
 
 TEST(Training, AdaptersRecordFileNamesNotTheOwnersFolders) {
@@ -527,7 +572,7 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   const TrainConfig c = parse_train_config({{"model", "m.pt"}, {"data", {{"train", "photos"}}}}, "c.json");
   EXPECT_EQ(c.lora.rank, 8);
   EXPECT_EQ(c.method, Method::kLora);
-  EXPECT_TRUE(c.json.contains("optim"));
+  EXPECT_EQ(config_json(c)["optim"]["lr"], 1e-3);
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rnak", 4}}}}, "c.json"),
                     InputError, "c.json: unknown key \"lora.rnak\" (did you mean \"lora.rank\"?)");
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"learning_rate", 1}}, "c.json"),
@@ -544,6 +589,57 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   EXPECT_EQ(o.output_dir, "runs/x");
   EXPECT_DOUBLE_EQ(o.optim.head_lr, 0.01);
   EXPECT_THROW_WITH(load_train_config(dir / "c.json", {"lora.rank"}), InputError, "expected key=value");
+}
+
+// Every key read from a document lands in the struct and comes back out of it unchanged (each key's two-way
+// binding names one member), and the defaults are the structs' initial values.
+TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
+  const json document = json::parse(R"({
+    "model": "/m.pt", "data": {"train": "/p", "val": "/v", "val_fraction": 0.2, "split_seed": 3, "workers": 2,
+      "prefetch_batches": 5, "cache": "memory", "prefix_cache": "off", "max_image_pixels": 7,
+      "augment": {"enabled": false, "scale": [0.5, 0.9], "ratio": [0.5, 2.0], "hflip": false}},
+    "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora",
+      "targets": ["qkv:q"], "text_targets": ["q_proj"], "last_blocks": 2, "rank_pattern": {"a": 2},
+      "alpha_pattern": {"b": 1.5}},
+    "head": {"init": "zero_shot", "text_model": "/t.pt", "class_names": "/n.json", "templates": ["a {}"]},
+    "optim": {"lr": 0.02, "head_lr": 0.03, "weight_decay": 0.5, "betas": [0.8, 0.9], "eps": 1e-6, "grad_clip": 2.0,
+      "lora_plus_ratio": null},
+    "schedule": {"warmup_fraction": 0.2, "min_lr_ratio": 0.1}, "batch_size": 3, "grad_accum_steps": 2, "epochs": 4,
+    "max_steps": 9, "loss": "cross_entropy", "label_smoothing": 0.1, "precision": "bf16", "frozen_dtype": "compute",
+    "gradient_checkpointing": false, "offload": "none", "loss_scale": {"init": 128.0, "growth_interval": 7},
+    "early_stopping": {"patience": 2}, "device": "cpu", "threads": 3, "seed": 11, "output_dir": "/o",
+    "eval_every_epochs": 2, "checkpoint_every_steps": 5, "log_every_steps": 6})");
+  const json defaults = default_config_json(), flat = document.flatten(), flat_defaults = defaults.flatten();
+  ASSERT_EQ(flat.size(), flat_defaults.size()) << "the document sets every key";
+  for (const auto& [key, value] : flat.items())  // loss and offload: other values need other keys
+    if (!value.is_null() && key != "/loss" && key != "/offload")
+      EXPECT_NE(value, flat_defaults.value(key, json())) << key << ": the document differs from the default";
+  EXPECT_EQ(config_json(parse_train_config(document, "doc")), document);
+
+  const TrainConfig in_code;
+  EXPECT_EQ(defaults["lora"]["dropout"], in_code.lora.dropout);
+  EXPECT_EQ(defaults["lora"]["dropout"], LoraSettings{}.dropout) << "LoraSettings' default is the config's";
+  EXPECT_EQ(defaults["data"]["augment"]["ratio"][1], AugmentConfig{}.ratio_max);
+  EXPECT_TRUE(defaults["optim"]["head_lr"].is_null()) << "not set";
+  EXPECT_EQ(defaults["threads"], "auto");
+}
+
+// A config filled in code gets the checks a file gets (public), and what Trainer writes is that config.
+TEST(Config, ConfigsFilledInCodeAreChecked) {
+  TrainConfig c;
+  EXPECT_THROW_WITH(check_train_config(c), InputError, "\"model\" is required");
+  c.model = "m.pt";
+  c.data.train = "photos";
+  check_train_config(c);
+  c.lora.dropout = 1.5;
+  EXPECT_THROW_WITH(check_train_config(c), InputError, "lora.dropout must be in [0, 1) (got 1.5)");
+  c.lora.dropout = 0.0;
+  c.method = Method::kFull;
+  c.frozen_dtype = "nf4";
+  EXPECT_THROW_WITH(check_train_config(c), InputError, "frozen_dtype nf4 quantises the frozen base");
+  c.method = Method::kLora;
+  c.precision = "fp8";
+  EXPECT_THROW_WITH(check_train_config(c), InputError, "precision must be");
 }
 
 // The tuner against a simulated machine: `others` cores busy elsewhere, and a step time per thread count.
@@ -632,7 +728,7 @@ TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {
   EXPECT_THROW_WITH(with({{"optim", {{"betas", {0.9, 1.0}}}}}), InputError, "optim.betas entries must be in [0, 1) (got 1.0)");
   EXPECT_THROW_WITH(with({{"lora", {{"rank_pattern", {{"query", 0}}}}}}), InputError,
                     "lora.rank_pattern values must be at least 1 (got 0)");
-  EXPECT_THROW_WITH(with({{"lora", {{"variant", "vera"}}}}), InputError, "lora.variant must be lora or dora (got \"vera\")");
+  EXPECT_THROW_WITH(with({{"lora", {{"variant", "vera"}}}}), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
   EXPECT_THROW_WITH(with({{"schedule", {{"min_lr_ratio", 1.5}}}}), InputError, "schedule.min_lr_ratio must be in [0, 1]");
   EXPECT_NO_THROW(with({{"seed", -3}}));  // seeds have no range
   // The LoRA rules are the same ones a target list and an adapter file are checked with (test_untrusted_input).
