@@ -23,6 +23,7 @@ struct AdapterTensorSpec {
   std::string name;
   std::vector<AdapterDim> shape;
   bool up_projection = false;  // LoRA+ (optim.lora_plus_ratio) trains it at that multiple of the learning rate
+  bool trainable = true;       // false: fixed at its initialisation (not in Model::trainable(), no weight decay)
 
   std::vector<int64_t> shape_for(const LoraTarget& target) const;
 };
@@ -31,11 +32,14 @@ class AdapterVariant {
  public:
   virtual ~AdapterVariant() = default;
   virtual std::string name() const = 0;
+  // One line for `--help-config`: what it is and where it comes from.
+  virtual std::string summary() const = 0;
   // The key in PEFT's adapter_config.json that is true for this variant ("use_dora"); empty for plain LoRA.
   virtual std::string peft_flag() const = 0;
   // Its tensors, in order; every variant starts with LoRA's A [rank, in_features] and B [rows, rank].
   virtual const std::vector<AdapterTensorSpec>& tensor_specs() const = 0;
-  // Creates the tensors of `target` (fp32, trainable); `base_rows` are the adapted rows of the frozen weight.
+  // Creates the tensors of `target` (fp32, requiring gradients where their specs train); `base_rows` are the adapted
+  // rows of the frozen weight.
   virtual void init(LoraTarget& target, const at::Tensor& base_rows) const = 0;
   // TorchScript methods added to each rewritten module type. `lora_forward(self, x, y)` adds the adapter's output
   // to y = linear(x, W, b) (activation wiring; nullptr: the variant needs the weight wiring everywhere);
@@ -58,7 +62,5 @@ std::vector<std::string> variant_names();
 // By name: nullptr when unknown / InputError naming the choices.
 const AdapterVariant* find_variant(const std::string& name);
 const AdapterVariant& variant_by_name(const std::string& name);
-// DoRA (Liu et al. 2024): m * (W + s * B @ A) / ||W + s * B @ A|| per output row.
-const AdapterVariant& dora_variant();
 
 }  // namespace loratune

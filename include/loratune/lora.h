@@ -55,6 +55,8 @@ struct LoraTarget : TargetKey {
   const AdapterVariant* variant = &lora_variant();
   std::vector<at::Tensor> tensors;  // the variant's tensors, in the order of its tensor_specs()
 
+  // Whether tensors[k] trains (its variant's spec says; LoRA-FA keeps A fixed).
+  bool trains(size_t k) const;
   // Plain LoRA's two tensors: A [rank, in_features], B [rows, rank].
   at::Tensor& A() { return tensors.at(0); }
   at::Tensor& B() { return tensors.at(1); }

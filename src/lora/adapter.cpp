@@ -39,7 +39,7 @@ json settings_json(const LoraSettings& s) {
             {"targets", s.targets}, {"rank_pattern", s.rank_pattern},
             {"alpha_pattern", s.alpha_pattern}};
   if (!s.text_targets.empty()) j["text_targets"] = s.text_targets;
-  if (s.variant != "lora") j["variant"] = s.variant;  // absent: plain LoRA (files from before variants)
+  if (s.variant != lora_variant().name()) j["variant"] = s.variant;  // absent: plain LoRA (files from before variants)
   return j;
 }
 
@@ -222,7 +222,7 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     a.lora.targets = s.at("targets").get<std::vector<std::string>>();
     a.lora.rank_pattern = s.at("rank_pattern").get<std::map<std::string, int64_t>>();
     a.lora.alpha_pattern = s.at("alpha_pattern").get<std::map<std::string, double>>();
-    a.lora.variant = s.value("variant", "lora");
+    a.lora.variant = s.value("variant", lora_variant().name());
     a.lora.text_targets = s.value("text_targets", std::vector<std::string>{});
     a.text_base_fingerprint = meta.value("text_base_fingerprint", "");
     a.text_base_name = meta.value("text_base_name", "");
@@ -346,7 +346,9 @@ Adapter load_adapter(const fs::path& path) {
       compare("r", peft.lora.rank, a.lora.rank);
       compare("lora_alpha", peft.lora.alpha, a.lora.alpha);
       compare("use_rslora", peft.lora.rslora, a.lora.rslora);
-      compare("use_dora", peft.lora.variant == "dora", a.lora.variant == "dora");
+      for (const auto* variant : adapter_variants())
+        if (!variant->peft_flag().empty())
+          compare(variant->peft_flag(), peft.lora.variant == variant->name(), a.lora.variant == variant->name());
       if (!differ.empty())
         throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() + " (" +
                          join(differ, ", ") + "); the files were altered or mixed up: copy the adapter folder anew");

@@ -1,4 +1,4 @@
-// The adapter variants and their registry: plain LoRA, W' = W + s * B @ A on the target's rows, and DoRA.
+// The adapter variants and their registry: plain LoRA, W' = W + s * B @ A on the target's rows, DoRA and LoRA-FA.
 #include "loratune/adapter_variant.h"
 
 #include <ATen/core/grad_mode.h>
@@ -92,6 +92,7 @@ std::vector<AdapterTensorSpec> lora_specs() {
 class Lora : public AdapterVariant {
  public:
   std::string name() const override { return "lora"; }
+  std::string summary() const override { return "W + s * B @ A (Hu et al. 2021)"; }
   std::string peft_flag() const override { return ""; }
 
   const std::vector<AdapterTensorSpec>& tensor_specs() const override {
@@ -102,8 +103,9 @@ class Lora : public AdapterVariant {
   void init(LoraTarget& t, const at::Tensor&) const override {
     at::NoGradGuard no_grad;
     const double bound = 1.0 / std::sqrt(static_cast<double>(t.in_features));
-    t.tensors = {at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(true),
-                 at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(true)};
+    const auto& specs = tensor_specs();
+    t.tensors = {at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(specs[0].trainable),
+                 at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(specs[1].trainable)};
   }
 
   const char* activation_code() const override { return kActivationCode; }
@@ -123,6 +125,9 @@ class Lora : public AdapterVariant {
 class Dora : public Lora {
  public:
   std::string name() const override { return "dora"; }
+  std::string summary() const override {
+    return "weight-decomposed: a trained magnitude per output row (Liu et al. 2024; PEFT's use_dora)";
+  }
   std::string peft_flag() const override { return "use_dora"; }
 
   const std::vector<AdapterTensorSpec>& tensor_specs() const override {
@@ -159,6 +164,23 @@ class Dora : public Lora {
 
 };
 
+// LoRA-FA (Zhang et al. 2023): A stays at its random initialisation, only B trains (half the optimiser state, and
+// backward needs no input activations for A). The file is plain LoRA: PEFT loads it as one.
+class LoraFa : public Lora {
+ public:
+  std::string name() const override { return "lora_fa"; }
+  std::string summary() const override { return "A fixed at its random start, only B trains (Zhang et al. 2023)"; }
+
+  const std::vector<AdapterTensorSpec>& tensor_specs() const override {
+    static const std::vector<AdapterTensorSpec> specs = [] {
+      auto s = lora_specs();
+      s[0].trainable = false;
+      return s;
+    }();
+    return specs;
+  }
+};
+
 }  // namespace
 
 const AdapterVariant& lora_variant() {
@@ -168,7 +190,8 @@ const AdapterVariant& lora_variant() {
 
 const std::vector<const AdapterVariant*>& adapter_variants() {
   static const Dora dora;
-  static const std::vector<const AdapterVariant*> all = {&lora_variant(), &dora};
+  static const LoraFa lora_fa;
+  static const std::vector<const AdapterVariant*> all = {&lora_variant(), &dora, &lora_fa};
   return all;
 }
 

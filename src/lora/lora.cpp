@@ -34,6 +34,8 @@ std::string LoraTarget::describe() const {
          (variant == &lora_variant() ? "" : " " + variant->name());
 }
 
+bool LoraTarget::trains(size_t k) const { return variant->tensor_specs().at(k).trainable; }
+
 std::string LoraTarget::tensor_name(size_t k) const { return "lora." + name() + "." + variant->tensor_specs().at(k).name; }
 
 void check_lora_settings(const LoraSettings& s, const std::string& origin) {

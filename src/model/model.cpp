@@ -2,6 +2,7 @@
 
 #include <ATen/core/grad_mode.h>
 #include <cmath>
+#include <utility>
 
 #include "lora/adapter_host.h"
 #include "loratune/adapter_variant.h"
@@ -157,11 +158,9 @@ void Model::set_head(at::Tensor weight, at::Tensor bias) {
 void Model::set_method(Method method) {
   method_ = method;
   for (const auto& p : bundle_.module.parameters()) p.requires_grad_(method == Method::kFull);
-  for (auto& t : targets_) {
-    for (auto& tensor : t.tensors) tensor.requires_grad_(method == Method::kLora);
-  }
-  if (text_)
-    for (auto& tensor : text_->tensors()) tensor.requires_grad_(method == Method::kLora);
+  for (const std::vector<LoraTarget>* targets : {&std::as_const(targets_), &text_adapters()})
+    for (const auto& t : *targets)
+      for (size_t k = 0; k < t.tensors.size(); ++k) t.tensors[k].requires_grad_(method == Method::kLora && t.trains(k));
   refresh_block_parameters();
 }
 
@@ -174,7 +173,8 @@ void Model::refresh_block_parameters() {
     if (method_ == Method::kLora)
       for (const auto& t : targets_)
         if (t.module.compare(0, block_paths_[i].size() + 1, block_paths_[i] + ".") == 0)
-          block_parameters_[i].insert(block_parameters_[i].end(), t.tensors.begin(), t.tensors.end());
+          for (size_t k = 0; k < t.tensors.size(); ++k)
+            if (t.trains(k)) block_parameters_[i].push_back(t.tensors[k]);
   }
   if (method_ != Method::kFull)
     while (prefix_blocks_ < static_cast<int64_t>(blocks_.size()) && block_parameters_[prefix_blocks_].empty()) ++prefix_blocks_;
@@ -186,12 +186,10 @@ std::vector<NamedTensor> Model::trainable() const {
   if (method_ == Method::kFull)
     for (const auto& p : bundle_.module.named_parameters()) out.push_back({"base." + p.name, p.value});
   if (method_ == Method::kLora)
-    for (const auto& t : targets_) {
-      for (size_t k = 0; k < t.tensors.size(); ++k) out.push_back({t.tensor_name(k), t.tensors[k]});
-    }
-  if (method_ == Method::kLora && text_)
-    for (const auto& t : text_->targets)
-      for (size_t k = 0; k < t.tensors.size(); ++k) out.push_back({t.tensor_name(k), t.tensors[k]});
+    for (const auto* targets : {&targets_, &text_adapters()})
+      for (const auto& t : *targets)
+        for (size_t k = 0; k < t.tensors.size(); ++k)
+          if (t.trains(k)) out.push_back({t.tensor_name(k), t.tensors[k]});
   if (has_head() && head_trainable_) {
     out.push_back({"head.weight", head_weight_});
     out.push_back({"head.bias", head_bias_});

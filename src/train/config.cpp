@@ -99,6 +99,13 @@ Binding pair_field(double Section::*first, double Section::*second, Members... s
           }};
 }
 
+// lora.variant's help, from the registry: each variant and what it is.
+std::string variants_help() {
+  std::vector<std::string> parts;
+  for (const auto* v : adapter_variants()) parts.push_back(v->name() + ": " + v->summary());
+  return "adapter kind; " + join(parts, "; ");
+}
+
 // The schema: every key, its type, meaning and place (its default: the member's initial value in the structs).
 // Nothing else is accepted.
 const std::vector<Key>& schema() {
@@ -148,7 +155,7 @@ const std::vector<Key>& schema() {
       {"lora.rslora", Kind::kBool, false, kResult, "rank-stabilised scaling alpha / sqrt(r)",
        field(&C::lora, &L::rslora)},
       {"lora.variant", Kind::kString, false, kResult,
-       "adapter kind; dora is weight-decomposed: a trained magnitude per output row (PEFT's use_dora)",
+       variants_help(),
        field(&C::lora, &L::variant), Range::any(), variant_names()},
       {"lora.targets", Kind::kStringList, false, kResult,
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv, or all-linear (every Linear in the "

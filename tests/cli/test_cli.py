@@ -473,7 +473,7 @@ class Hardening(unittest.TestCase, ExpectsInputError):
 
     def test_recipe_settings_that_cannot_work(self):
         cfg, _ = write_config("recipes")
-        self.assert_input_error(("train", "--config", cfg, "--set", "lora.variant=dorra"), "lora.variant must be lora or dora")
+        self.assert_input_error(("train", "--config", cfg, "--set", "lora.variant=dorra"), "lora.variant must be lora, dora or lora_fa")
         self.assert_input_error(("train", "--config", cfg, "--set", "optim.lora_plus_ratio=-1"),
                                 "optim.lora_plus_ratio must be positive")
         self.assert_input_error(("train", "--config", cfg, "--set", "lora.last_blocks=9"),

@@ -3,6 +3,7 @@
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
+#include "loratune/adapter.h"
 #include "loratune/adapter_binding.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/targets.h"
@@ -94,6 +95,46 @@ TEST_P(LoraReference, DoraForwardAndGradientsMatchPython) {
   const auto adapter_dir = fixture("models/adapter_" + GetParam() + "_dora");
   ASSERT_EQ(load_adapter(adapter_dir).lora.variant, "dora");
   expect_matches_reference(bundle_path(), adapter_dir, ref, "dora");
+}
+
+// LoRA-FA against the LoRA reference (its forward is LoRA's): B's gradient is Python's, A is fixed (no gradient, not
+// trained); one AdamW step with weight decay moves B as AdamW moves it on Python's gradient and leaves A bit-identical.
+TEST_P(LoraReference, LoraFaTrainsOnlyBAgainstPython) {
+  const auto ref = reference();
+  Adapter adapter = load_adapter(adapter_path());
+  adapter.lora.variant = "lora_fa";
+  for (auto& t : adapter.targets) t.variant = &variant_by_name("lora_fa");
+  Model model(load_bundle(bundle_path()));
+  apply_adapter(model, adapter, "lora_fa");
+  std::vector<at::Tensor> a_before, b_before;
+  for (const auto& t : model.adapters()) {
+    a_before.push_back(t.tensors[0].detach().clone());
+    b_before.push_back(t.tensors[1].detach().clone());
+  }
+  const auto trainable = model.trainable();
+  EXPECT_EQ(trainable.size(), model.adapters().size() + 2) << "every B and the head, no A";
+  for (const auto& n : trainable) EXPECT_EQ(n.name.find(".A"), std::string::npos) << n.name;
+
+  const at::Tensor logits = model.logits(ref.at("input"));
+  EXPECT_LT(scaled_diff(logits, ref.at("adapted_logits")), 1e-5);
+  (logits * ref.at("probe")).sum().backward();
+  const double lr = 0.01, decay = 0.1;
+  AdamW optimizer(trainable, AdamWOptions{0.9, 0.999, 1e-8, decay});
+  optimizer.step(lr);
+  const std::string& prefix = model.bundle().info.module_prefix;
+  for (size_t i = 0; i < model.adapters().size(); ++i) {
+    const auto& t = model.adapters()[i];
+    SCOPED_TRACE(t.describe());
+    EXPECT_FALSE(t.tensors[0].grad().defined());
+    EXPECT_TRUE(at::equal(t.tensors[0], a_before[i])) << "A is fixed";
+    // AdamW's first step: decoupled decay, then lr * g / (|g| + eps) (bias corrections cancel).
+    const at::Tensor g = ref.at("grad." + peft_key(t, prefix, "B")).to(at::kDouble);
+    const at::Tensor expected = b_before[i].to(at::kDouble) * (1 - lr * decay) - lr * g / (g.abs() + 1e-8);
+    const at::Tensor clear = g.abs() > 1e-3 * g.abs().max();  // where float rounding cannot flip the step's sign
+    const at::Tensor error = (t.tensors[1].detach().to(at::kDouble) - expected).abs();
+    EXPECT_LT(error.masked_select(clear).max().item<double>(), 1e-5);
+    EXPECT_LE(error.max().item<double>(), 2 * lr + 1e-6);
+  }
 }
 
 TEST_P(LoraReference, OnlyAdaptersAndHeadTrainAndLossFalls) {
@@ -214,7 +255,7 @@ TEST(AdapterVariants, SpecsDescribeTheTensorsEachVariantMakes) {
     }
   }
   EXPECT_EQ(find_variant("vera"), nullptr);
-  EXPECT_THROW_WITH(variant_by_name("vera"), InputError, "lora.variant must be lora or dora (got \"vera\")");
+  EXPECT_THROW_WITH(variant_by_name("vera"), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
 }
 
 TEST(Bundles, RefuseNoGradTracedAttentionWithAFix) {

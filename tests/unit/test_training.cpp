@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 
+#include "loratune/adapter.h"
 #include "loratune/adapter_binding.h"
 #include "loratune/config.h"
 #include "loratune/errors.h"
@@ -428,6 +429,32 @@ TEST(Training, CheckpointsFromBeforeAnUpgradeThatAddedAKeyResume) {
     r.run(dir, true);
     EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
               bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+  }
+}
+
+// LoRA-FA through the loop: A stays at its seeded start (not trained, no optimiser state, no weight decay), B
+// trains, and a stopped run resumes to the uninterrupted adapter (A rebuilt from the seed, not from the checkpoint).
+TEST(Training, LoraFaKeepsAAtItsStartThroughTrainingAndResume) {
+  StoppedRun r;
+  r.settings["lora"] = {{"variant", "lora_fa"}};
+  r.settings["optim"] = {{"weight_decay", 0.5}};
+  const auto straight = test::temp_dir("lora_fa_straight"), dir = test::temp_dir("lora_fa_resumed");
+  r.run(straight, false);
+  r.stop_after_4(dir);
+  const auto ckpt = read_checkpoint(dir / Trainer::kCheckpoint);
+  for (const auto& [name, tensor] : ckpt.tensors) EXPECT_EQ(name.find(".A"), std::string::npos) << name;
+  r.run(dir, true);
+  EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+            bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+
+  const auto start = make_model(make_config(test::temp_dir("lora_fa_start"), r.settings), 3);
+  const Adapter trained = load_adapter(straight / Trainer::kLastAdapter);
+  EXPECT_EQ(trained.lora.variant, "lora_fa");
+  ASSERT_EQ(trained.targets.size(), start->adapters().size());
+  for (size_t i = 0; i < trained.targets.size(); ++i) {
+    SCOPED_TRACE(trained.targets[i].describe());
+    EXPECT_TRUE(at::equal(trained.targets[i].tensors[0], start->adapters()[i].tensors[0])) << "A as seeded";
+    EXPECT_GT(trained.targets[i].tensors[1].abs().max().item<float>(), 0.0f) << "B trained from zero";
   }
 }
 

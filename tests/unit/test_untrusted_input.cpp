@@ -135,8 +135,8 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
     c.metadata["loratune"] = m.dump();
   });
   EXPECT_THROW_WITH(load_adapter(other_variant / kAdapterWeightsName), InputError,
-                    "lora.variant must be lora or dora (got \"vera\")");
-  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "lora.variant must be lora or dora (got \"vera\")");
+                    "lora.variant must be lora, dora or lora_fa (got \"vera\")");
+  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
   const fs::path future = variant("future", [](safetensors::Contents& c) { c.metadata["format"] = "loratune.adapter/999"; });
   EXPECT_THROW_WITH(load_adapter(future), InputError, "is a loratune.adapter/999 adapter; this loratune reads loratune.adapter/1");
   const fs::path rank_key = variant("rank_key", [](safetensors::Contents& c) {
