@@ -70,6 +70,31 @@ def check_readme(root, uses):
     return failures
 
 
+def check_contributing(root):
+    """CONTRIBUTING.md's "Where a change goes": every file it names exists, and every function it names as `name()`
+    is defined in one of the files named in the same bullet."""
+    text = open(os.path.join(root, "CONTRIBUTING.md"), encoding="utf-8").read()
+    section = text.split("## Where a change goes", 1)[1].split("\n## ", 1)[0]
+    failures = []
+    for bullet in re.split(r"\n- ", section)[1:]:
+        paths = [p for p in re.findall(r"`([A-Za-z0-9_./<>-]+\.(?:cpp|h|py|txt))`", bullet) if "<" not in p]
+        paths += re.findall(r"`(CMakeLists\.txt)`", bullet)
+        for path in paths:
+            if not os.path.exists(os.path.join(root, path)):
+                failures.append(f"CONTRIBUTING.md names {path}, which does not exist")
+        sources = "".join(open(os.path.join(root, p), encoding="utf-8").read() for p in set(paths)
+                          if os.path.exists(os.path.join(root, p)))
+        for function in re.findall(r"`([a-z_]+)\(\)`", bullet):
+            if not re.search(rf"\b{function}\(", sources):
+                failures.append(f"CONTRIBUTING.md names {function}(), which none of {sorted(set(paths))} defines")
+        for test in re.findall(r"`([A-Z][A-Za-z]+\.[A-Z][A-Za-z]+)", bullet):
+            suite, name = test.split(".")
+            if not re.search(rf"TEST(_P)?\({suite}, {name}", "".join(
+                    open(p, encoding="utf-8").read() for p in glob.glob(os.path.join(root, "tests", "unit", "*.cpp")))):
+                failures.append(f"CONTRIBUTING.md names the test {test}..., which tests/unit does not hold")
+    return failures
+
+
 def main(root):
     failures = []
     public = sorted(os.path.basename(p)[:-2] for p in glob.glob(os.path.join(root, "include", "loratune", "*.h")))
@@ -124,6 +149,7 @@ def main(root):
             failures.append(f"include/loratune/{h}.h is in {len(gathered[h])} umbrella headers, not one")
 
     failures += check_readme(root, uses)
+    failures += check_contributing(root)
     for folder in ORDER:
         print(f"{folder:11s} -> {', '.join(sorted(uses[folder] - {folder}, key=ORDER.index))}")
     for f in failures:
