@@ -104,7 +104,11 @@ INSTANTIATE_TEST_SUITE_P(Layouts, Offload,
                          ::testing::Combine(::testing::Values("timm_script", "hf_trace", "torchvision_script",
                                                               "timm_deep_script"),
                                             ::testing::Values("weights", "activations", "both"),
-                                            ::testing::Values("dense", "nf4")));
+                                            ::testing::Values("dense", "nf4")),
+                         [](const auto& info) {  // <layout>_<offloaded>_<weights>: filters can name a layout
+                           return std::get<0>(info.param) + std::string("_") + std::get<1>(info.param) + "_" +
+                                  std::get<2>(info.param);
+                         });
 
 TEST(OffloadSchedule, ABlockWhoseWeightsWereNotBroughtInFails) {
   auto model = lora_model("timm_script", false, QuantFormat::kNone, {true, false});

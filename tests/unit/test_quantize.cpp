@@ -218,7 +218,10 @@ TEST_P(QuantizedLayouts, StepEqualsTheDequantisedWeightsAndStaysNearTheDenseStep
 
 INSTANTIATE_TEST_SUITE_P(Layouts, QuantizedLayouts,
                          ::testing::Combine(::testing::Values("timm_script", "hf_trace", "torchvision_script"),
-                                            ::testing::Values("int8", "nf4")));
+                                            ::testing::Values("int8", "nf4")),
+                         [](const auto& info) {  // <layout>_<format>: filters can name a layout
+                           return std::get<0>(info.param) + std::string("_") + std::get<1>(info.param);
+                         });
 
 // bf16 autocast: the quantised layers compute in bf16 like the dense ones, and gradients reach the adapters.
 TEST(QuantizedModel, AutocastComputesInItsDtype) {
