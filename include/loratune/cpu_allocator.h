@@ -7,10 +7,27 @@
 
 #include <cstdint>
 
+namespace c10 {
+struct Allocator;
+}
+
 namespace loratune {
 
 // Makes the caching allocator LibTorch's CPU allocator (idempotent).
 void install_caching_cpu_allocator();
+
+// The caching allocator for as long as the object lives; LibTorch's CPU allocator before comes back at the end
+// (probe_memory counts tensor bytes there without changing the caller's allocator).
+class CachingCpuAllocatorScope {
+ public:
+  CachingCpuAllocatorScope();
+  ~CachingCpuAllocatorScope();
+  CachingCpuAllocatorScope(const CachingCpuAllocatorScope&) = delete;
+  CachingCpuAllocatorScope& operator=(const CachingCpuAllocatorScope&) = delete;
+
+ private:
+  c10::Allocator* previous_;
+};
 
 // Frees every cached block that is not in use (e.g. after training, before a long evaluation).
 void release_cached_cpu_memory();

@@ -23,6 +23,19 @@ int available_cores();
 // other processes leave (read over 0.1 s; at least 1). Returns the count set.
 int set_compute_threads(int threads);
 
+// set_compute_threads for as long as the object lives; the calling thread's count before comes back at the end, so
+// that a library call leaves the caller's setting as it found it.
+class ComputeThreadsScope {
+ public:
+  explicit ComputeThreadsScope(int threads);
+  ~ComputeThreadsScope();
+  ComputeThreadsScope(const ComputeThreadsScope&) = delete;
+  ComputeThreadsScope& operator=(const ComputeThreadsScope&) = delete;
+
+ private:
+  int previous_;
+};
+
 // CPU use of the whole machine and of this process between two readings.
 class CpuLoad {
  public:

@@ -6,14 +6,11 @@
 // Validation and saved adapters score classes by the adapted text tower's class embeddings.
 #pragma once
 
-#include <atomic>
-#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -79,7 +76,8 @@ class TrainingReporter {
 std::shared_ptr<TrainingReporter> console_reporter(const c10::Device& device);
 
 struct TrainerHooks {
-  // Called after each optimiser step; returning true stops the run as Ctrl-C would (checkpoint, Interrupted).
+  // Called after each optimiser step; returning true stops the run (checkpoint, Interrupted). A program that stops
+  // on a signal sets its own flag in the handler and returns it here (`loratune train` does for Ctrl-C).
   std::function<bool(int64_t step)> stop_after_step;
   // Where progress goes; empty: console_reporter.
   std::shared_ptr<TrainingReporter> reporter;
@@ -116,11 +114,8 @@ class Trainer {
   ~Trainer();
 
   // Trains (or continues the checkpoint in output_dir with `resume`). Throws Interrupted after saving a
-  // checkpoint when a stop was requested.
+  // checkpoint when hooks.stop_after_step asked to stop.
   TrainSummary run(bool resume);
-
-  // Asks the loop to stop after the current optimiser step (safe from a signal handler).
-  static void request_stop();
 
   // Files the run writes, relative to output_dir.
   static constexpr const char* kLastAdapter = "adapter";
@@ -131,98 +126,8 @@ class Trainer {
   static constexpr const char* kConfig = "config.json";
 
  private:
-  struct Progress {
-    int64_t step = 0, epoch = 0, step_in_epoch = 0, metrics_lines = 0, nonfinite_streak = 0;
-    double best_top1 = -1;
-    int64_t best_epoch = -1;
-    bool stopped_early = false;
-  };
-  struct Validation {
-    double loss = 0, top1 = 0;
-  };
-
-  // Outputs of the model's frozen prefix by sample index, reused across epochs (no augmentation only).
-  struct PrefixCache {
-    std::unordered_map<int64_t, at::Tensor> rows;
-  };
-
-  // The run's arithmetic: steps per epoch (the last may have fewer micro-batches), total steps and epochs, warm-up.
-  struct Schedule {
-    int64_t accum = 1, batch_size = 1, batches_per_epoch = 0, steps_per_epoch = 0, images_per_epoch = 0;
-    int64_t total_steps = 0, total_epochs = 0, warmup = 0;
-    int64_t images_before_step(int64_t step_in_epoch) const;
-    int64_t steps_in_epoch(int64_t epoch) const;
-  };
-  // Optimiser steps between two metrics.jsonl lines: mean loss of the finite steps, images per second.
-  struct MetricWindow {
-    double loss = 0;
-    int64_t steps = 0, images = 0;
-    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
-    void add(bool finite, double step_loss, int64_t step_images);
-    nlohmann::json line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
-                        const LossScaler& scaler, int threads) const;
-  };
-  struct Throughput {
-    double seconds = 0;  // inside training steps
-    int64_t images = 0;
-  };
-  struct StepResult {
-    double loss = 0;
-    int64_t images_done = 0;
-  };
-
-  Schedule plan_schedule() const;
-  // The optimiser steps of one epoch from p.step_in_epoch on, with metric lines, checkpoints and stop requests.
-  void train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput);
-  // Forward and backward over one optimiser step's micro-batches: the step's loss and the images it used.
-  StepResult forward_backward(int64_t micro_batches, int64_t step_images, int64_t step);
-  // loss contrastive: the symmetric CLIP loss of one micro-batch and its prompts, unscaled.
-  at::Tensor contrastive_loss_of(const Batch& batch, int64_t step);
-  // loss contrastive: the head from the text tower as adapted now, if training changed it since the last time.
-  void refresh_text_head();
-  // RuntimeFailure when too many steps in a row were skipped for inf/NaN gradients.
-  void stop_on_nonfinite_streak(const Progress& p) const;
-  // Validation at an epoch's end: the best adapter, the metrics line, early stopping.
-  void validate_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary);
-  Validation validate();
-  // Data-parallel: sums the step's gradients and its loss, image count and stop request over the workers.
-  void reduce_step(double& step_loss, int64_t& step_images_done, bool& stop);
-  bool writes_files() const { return !hooks_.data_parallel || hooks_.data_parallel->rank() == 0; }
-  bool decide_prefix_cache() const;
-  at::Tensor prefix_for(PrefixCache& cache, const Batch& batch);
-  at::Tensor forward_logits(const Batch& batch, PrefixCache* cache);
-  at::Tensor forward_features(const Batch& batch, PrefixCache* cache);
-  at::Tensor forward_images(const Batch& batch, PrefixCache* cache, bool logits);
-  void save_checkpoint(const Progress& p);
-  // The checkpoint's state, every value checked against `schedule`: InputError naming the file and the value.
-  Progress load_checkpoint(const Schedule& schedule);
-  void save_adapter_to(const std::string& name);
-  void append_metrics(const nlohmann::json& line, Progress& p);
-  nlohmann::json adapter_training_record() const;
-  std::string base_fingerprint() const;  // the base model's (and text tower's) fingerprint
-  // Refuses to resume a checkpoint written for other settings or another base (InputError listing what differs).
-  void check_resumable(const std::map<std::string, std::string>& metadata, const std::filesystem::path& path) const;
-
-  const TrainConfig& config_;
-  Model& model_;
-  BatchSource& train_;
-  BatchSource* val_;
-  std::vector<std::string> classes_;
-  c10::Device device_;
-  Precision precision_;
-  TrainerHooks hooks_;
-  std::filesystem::path dir_;
-  std::unique_ptr<AdamW> optimizer_;
-  std::unique_ptr<LossScaler> scaler_;
-  std::vector<NamedTensor> trainable_;
-  at::Tensor initial_head_weight_, initial_head_bias_;  // head.init zero_shot: where the head started (WiSE-FT merges)
-  bool use_prefix_cache_ = false;
-  bool contrastive_ = false;
-  ClassPrompts prompts_;          // loss contrastive
-  bool text_head_stale_ = false;  // the text adapters changed since the head was made from them
-  PrefixCache train_cache_, val_cache_;
-  std::shared_ptr<TrainingReporter> reporter_;
-  ThreadTuner threads_;
+  class Impl;  // the loop's state and steps (src/train/trainer_impl.h)
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace loratune

@@ -22,7 +22,7 @@ struct TrainingRunOptions {
   ZeroShotHeadInit zero_shot;   // for head.init zero_shot: loratune::zero_shot_head_initializer() (zero_shot.h)
   ClassPromptMaker class_prompts;  // for loss contrastive: loratune::class_prompt_maker() (zero_shot.h)
   std::shared_ptr<TrainingReporter> reporter;  // empty: console_reporter
-  // Called after each optimiser step; true stops the run as Trainer::request_stop() does (checkpoint, Interrupted).
+  // Called after each optimiser step; true stops the run (checkpoint, Interrupted): TrainerHooks::stop_after_step.
   std::function<bool(int64_t step)> stop_after_step;
 };
 

@@ -1,3 +1,4 @@
+#include <atomic>
 #include <csignal>
 
 #include <spdlog/spdlog.h>
@@ -17,8 +18,11 @@ namespace fs = std::filesystem;
 namespace loratune {
 namespace {
 
+// Ctrl-C: the run stops after the current optimiser step (checkpoint, then a resume command).
+std::atomic<bool> g_interrupted{false};
+
 void on_interrupt(int) {
-  Trainer::request_stop();
+  g_interrupted = true;
   std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C stops at once
 }
 
@@ -63,6 +67,7 @@ int run_train(const TrainCommand& command) {
     options.memory_budget = command.fit_memory.empty() ? 0 : parse_memory_size(command.fit_memory);
     options.zero_shot = zero_shot_head_initializer();
     options.class_prompts = class_prompt_maker();
+    options.stop_after_step = [](int64_t) { return g_interrupted.load(); };
     const WorkerEnvironment worker = worker_environment();
     std::unique_ptr<RunFolderLock> lock;
     if (worker.rank == 0) {

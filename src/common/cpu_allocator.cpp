@@ -122,10 +122,14 @@ void CachingCpuAllocator::give_back(void* ptr) {
 
 }  // namespace
 
-void install_caching_cpu_allocator() {
-  static std::once_flag once;
-  std::call_once(once, [] { c10::SetCPUAllocator(instance(), /*priority=*/1); });
+void install_caching_cpu_allocator() { c10::SetCPUAllocator(instance(), /*priority=*/1); }
+
+CachingCpuAllocatorScope::CachingCpuAllocatorScope() : previous_(c10::GetCPUAllocator()) {
+  install_caching_cpu_allocator();
 }
+
+// Blocks allocated meanwhile keep their deleter: freeing them later returns them to the caching allocator.
+CachingCpuAllocatorScope::~CachingCpuAllocatorScope() { c10::SetCPUAllocator(previous_, /*priority=*/1); }
 
 void release_cached_cpu_memory() { instance()->release_cached(); }
 

@@ -62,6 +62,12 @@ int set_compute_threads(int threads) {
   return n;
 }
 
+ComputeThreadsScope::ComputeThreadsScope(int threads) : previous_(at::get_num_threads()) {
+  set_compute_threads(threads);
+}
+
+ComputeThreadsScope::~ComputeThreadsScope() { at::set_num_threads(previous_); }
+
 CpuLoad::CpuLoad() {
   std::ifstream stat("/proc/stat");
   machine_cores_ = 0;

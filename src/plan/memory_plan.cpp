@@ -126,7 +126,7 @@ int64_t largest_micro_batch(const MemoryProfile& p, int64_t usable) {
 
 MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision precision, at::ScalarType frozen_dtype,
                            bool checkpoint, QuantFormat frozen_quant) {
-  install_caching_cpu_allocator();  // tensor bytes on the CPU are counted there
+  const CachingCpuAllocatorScope allocator;  // tensor bytes on the CPU are counted there
   TrainConfig c = config;
   c.head.init = "random";  // a zero-shot head has the same size
   c.gradient_checkpointing = checkpoint;

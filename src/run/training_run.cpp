@@ -92,7 +92,7 @@ TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& op
   if (group)
     reporter->message(fmt::format("data-parallel worker {} of {} (Gloo, {})", group->rank(), group->size(),
                                   worker.rendezvous()));
-  set_compute_threads(c.threads);
+  const ComputeThreadsScope threads(c.threads);  // the caller's count comes back when the run ends
   auto [train_folder, val_folder] = scan_folders(c, *reporter);  // a bad folder fails before any model work
 
   if (options.memory_budget > 0) {

@@ -1,16 +1,16 @@
 // The frozen prefix cache: outputs of the stem and the blocks without trainable tensors, per image, reused across
 // epochs when augmentation is off.
-#include "loratune/trainer.h"
+#include "train/trainer_impl.h"
 
 namespace loratune {
 
-bool Trainer::decide_prefix_cache() const {
+bool Trainer::Impl::decide_prefix_cache() const {
   const std::string& mode = config_.data.prefix_cache;
   if (mode == "off" || !model_.has_frozen_prefix() || config_.data.augment.enabled) return false;
   return mode == "memory" || model_.frozen_prefix_blocks() > 0 || model_.method() == Method::kLinearProbe;
 }
 
-at::Tensor Trainer::prefix_for(PrefixCache& cache, const Batch& batch) {
+at::Tensor Trainer::Impl::prefix_for(PrefixCache& cache, const Batch& batch) {
   const bool cached = std::all_of(batch.indices.begin(), batch.indices.end(),
                                   [&](int64_t i) { return cache.rows.count(i) > 0; });
   if (cached) {
@@ -27,13 +27,13 @@ at::Tensor Trainer::prefix_for(PrefixCache& cache, const Batch& batch) {
   return h;
 }
 
-at::Tensor Trainer::forward_logits(const Batch& batch, PrefixCache* cache) { return forward_images(batch, cache, true); }
+at::Tensor Trainer::Impl::forward_logits(const Batch& batch, PrefixCache* cache) { return forward_images(batch, cache, true); }
 
-at::Tensor Trainer::forward_features(const Batch& batch, PrefixCache* cache) {
+at::Tensor Trainer::Impl::forward_features(const Batch& batch, PrefixCache* cache) {
   return forward_images(batch, cache, false);
 }
 
-at::Tensor Trainer::forward_images(const Batch& batch, PrefixCache* cache, bool logits) {
+at::Tensor Trainer::Impl::forward_images(const Batch& batch, PrefixCache* cache, bool logits) {
   const bool checkpoint = config_.gradient_checkpointing;
   if (cache) {
     const at::Tensor h = prefix_for(*cache, batch);

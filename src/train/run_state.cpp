@@ -20,7 +20,7 @@
 #include "common/strings.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
-#include "loratune/trainer.h"
+#include "train/trainer_impl.h"
 #include "train/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -74,13 +74,13 @@ RunFolderLock::~RunFolderLock() {
   g_locks.erase(it);
 }
 
-json Trainer::adapter_training_record() const {
+json Trainer::Impl::adapter_training_record() const {
   json record = result_settings(config_json(config_));
   record["precision"] = precision_name(precision_);
   return record;
 }
 
-std::string Trainer::base_fingerprint() const {
+std::string Trainer::Impl::base_fingerprint() const {
   return model_.bundle().fingerprint + (model_.has_text_tower() ? "|" + model_.text_bundle().fingerprint : "");
 }
 
@@ -97,7 +97,7 @@ std::string legacy_resume_fingerprint(const json& record, const std::string& bas
 
 }  // namespace
 
-void Trainer::check_resumable(const std::map<std::string, std::string>& metadata, const fs::path& path) const {
+void Trainer::Impl::check_resumable(const std::map<std::string, std::string>& metadata, const fs::path& path) const {
   const std::string fix = "; resuming needs the same settings (only output_dir, device, threads, data loading and "
                           "logging may change): restore them, or start a new run in another output_dir";
   json recorded;
@@ -131,7 +131,7 @@ void Trainer::check_resumable(const std::map<std::string, std::string>& metadata
                      fix);
 }
 
-void Trainer::save_adapter_to(const std::string& name) {
+void Trainer::Impl::save_adapter_to(const std::string& name) {
   if (!writes_files()) return;
   refresh_text_head();
   Adapter adapter = adapter_from_model(model_, classes_, adapter_training_record());
@@ -141,7 +141,7 @@ void Trainer::save_adapter_to(const std::string& name) {
   save_adapter(dir_ / name, adapter);
 }
 
-void Trainer::append_metrics(const json& line, Progress& p) {
+void Trainer::Impl::append_metrics(const json& line, Progress& p) {
   if (!writes_files()) return;
   std::ofstream out(dir_ / kMetrics, std::ios::app);
   out << line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
@@ -151,7 +151,7 @@ void Trainer::append_metrics(const json& line, Progress& p) {
   reporter_->metrics_line(line);
 }
 
-void Trainer::save_checkpoint(const Progress& p) {
+void Trainer::Impl::save_checkpoint(const Progress& p) {
   if (!writes_files()) return;
   safetensors::Tensors tensors = optimizer_->state();
   for (const auto& t : trainable_) tensors["param." + t.name] = t.tensor;
@@ -222,7 +222,7 @@ class ProgressReader {
 
 }  // namespace
 
-Trainer::Progress Trainer::load_checkpoint(const Schedule& schedule) {
+Trainer::Impl::Progress Trainer::Impl::load_checkpoint(const Schedule& schedule) {
   const fs::path path = dir_ / kCheckpoint;
   const auto ckpt = read_checkpoint(path);
   check_resumable(ckpt.metadata, path);

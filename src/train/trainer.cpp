@@ -1,4 +1,4 @@
-#include "loratune/trainer.h"
+#include "train/trainer_impl.h"
 
 #include <ATen/core/grad_mode.h>
 #include <spdlog/fmt/fmt.h>
@@ -22,7 +22,6 @@ using nlohmann::json;
 namespace loratune {
 namespace {
 
-std::atomic<bool> g_stop_requested{false};
 
 constexpr int64_t kMaxNonFiniteSteps = 3;       // fp32/bf16: NaN/inf this many steps in a row stops the run
 constexpr int64_t kMaxNonFiniteStepsFp16 = 25;  // fp16: the scaler may need a few halvings first
@@ -63,7 +62,6 @@ json TrainSummary::to_json() const {
           {"skipped_files", skipped}};
 }
 
-void Trainer::request_stop() { g_stop_requested = true; }
 
 void check_run_folder(const fs::path& output_dir, bool resume) {
   const bool have_checkpoint = fs::exists(output_dir / Trainer::kCheckpoint);
@@ -77,6 +75,14 @@ void check_run_folder(const fs::path& output_dir, bool resume) {
 
 Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val,
                  std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
+    : impl_(std::make_unique<Impl>(config, model, train, val, std::move(classes), device, precision, std::move(hooks))) {}
+
+Trainer::~Trainer() = default;
+
+TrainSummary Trainer::run(bool resume) { return impl_->run(resume); }
+
+Trainer::Impl::Impl(const TrainConfig& config, Model& model, BatchSource& train, BatchSource* val,
+                    std::vector<std::string> classes, const c10::Device& device, Precision precision, TrainerHooks hooks)
     : config_(config), model_(model), train_(train), val_(val), classes_(std::move(classes)), device_(device),
       precision_(precision), hooks_(std::move(hooks)), dir_(config.output_dir), trainable_(model.trainable()),
       reporter_(hooks_.reporter ? hooks_.reporter : console_reporter(device)), threads_(config.threads) {
@@ -97,9 +103,7 @@ Trainer::Trainer(const TrainConfig& config, Model& model, BatchSource& train, Ba
   }
 }
 
-Trainer::~Trainer() = default;
-
-void Trainer::refresh_text_head() {
+void Trainer::Impl::refresh_text_head() {
   if (!contrastive_ || !text_head_stale_) return;
   model_.set_training(false);
   at::NoGradGuard no_grad;
@@ -108,7 +112,7 @@ void Trainer::refresh_text_head() {
   text_head_stale_ = false;
 }
 
-Trainer::Validation Trainer::validate() {
+Trainer::Impl::Validation Trainer::Impl::validate() {
   refresh_text_head();
   model_.set_training(false);
   at::NoGradGuard no_grad;
@@ -141,7 +145,7 @@ Trainer::Validation Trainer::validate() {
   return {totals[0] / totals[2], totals[1] / totals[2]};
 }
 
-void Trainer::reduce_step(double& step_loss, int64_t& step_images_done, bool& stop) {
+void Trainer::Impl::reduce_step(double& step_loss, int64_t& step_images_done, bool& stop) {
   // The optimiser's flat buffers: one collective per group (a share without images adds zeros).
   std::vector<at::Tensor> grads = optimizer_->gradients();
   hooks_.data_parallel->sum(grads);
@@ -153,7 +157,7 @@ void Trainer::reduce_step(double& step_loss, int64_t& step_images_done, bool& st
   stop = totals[3] > 0;
 }
 
-Trainer::Schedule Trainer::plan_schedule() const {
+Trainer::Impl::Schedule Trainer::Impl::plan_schedule() const {
   Schedule s;
   s.accum = config_.grad_accum_steps;
   s.batch_size = config_.batch_size;
@@ -171,16 +175,15 @@ Trainer::Schedule Trainer::plan_schedule() const {
   return s;
 }
 
-int64_t Trainer::Schedule::images_before_step(int64_t step_in_epoch) const {
+int64_t Trainer::Impl::Schedule::images_before_step(int64_t step_in_epoch) const {
   return std::min(step_in_epoch * accum * batch_size, images_per_epoch);
 }
 
-int64_t Trainer::Schedule::steps_in_epoch(int64_t epoch) const {
+int64_t Trainer::Impl::Schedule::steps_in_epoch(int64_t epoch) const {
   return std::min(steps_per_epoch, total_steps - epoch * steps_per_epoch);
 }
 
-TrainSummary Trainer::run(bool resume) {
-  g_stop_requested = false;
+TrainSummary Trainer::Impl::run(bool resume) {
   const auto start = std::chrono::steady_clock::now();
   if (writes_files()) {
     fs::create_directories(dir_);
@@ -248,7 +251,7 @@ TrainSummary Trainer::run(bool resume) {
   return summary;
 }
 
-void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput) {
+void Trainer::Impl::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput) {
   const int64_t steps_this_epoch = schedule.steps_in_epoch(p.epoch);
   if (use_prefix_cache_ && static_cast<int64_t>(train_cache_.rows.size()) >= train_.num_usable())
     train_.set_images_needed(false);
@@ -263,7 +266,7 @@ void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& s
     const int64_t step_images =
         schedule.images_before_step(p.step_in_epoch + 1) - schedule.images_before_step(p.step_in_epoch);
     StepResult step = forward_backward(micro_batches, step_images, p.step);
-    bool stop = g_stop_requested || (hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1));
+    bool stop = hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1);
     if (hooks_.data_parallel) reduce_step(step.loss, step.images_done, stop);  // every worker agrees to stop
     const double lr = scheduled_lr(p.step, schedule.total_steps, schedule.warmup, config_.optim.lr,
                                    config_.schedule.min_lr_ratio);
@@ -299,7 +302,7 @@ void Trainer::train_epoch(const Schedule& schedule, Progress& p, TrainSummary& s
   reporter_->epoch_end();
 }
 
-Trainer::StepResult Trainer::forward_backward(int64_t micro_batches, int64_t step_images, int64_t step) {
+Trainer::Impl::StepResult Trainer::Impl::forward_backward(int64_t micro_batches, int64_t step_images, int64_t step) {
   StepResult result;
   for (int64_t k = 0; k < micro_batches; ++k) {
     auto batch = train_.next();
@@ -319,7 +322,7 @@ Trainer::StepResult Trainer::forward_backward(int64_t micro_batches, int64_t ste
   return result;
 }
 
-at::Tensor Trainer::contrastive_loss_of(const Batch& batch, int64_t step) {
+at::Tensor Trainer::Impl::contrastive_loss_of(const Batch& batch, int64_t step) {
   // One prompt per image, a function of the seed, the step and the image: the same after a resume.
   std::vector<at::Tensor> rows;
   for (size_t k = 0; k < batch.indices.size(); ++k) {
@@ -337,7 +340,7 @@ at::Tensor Trainer::contrastive_loss_of(const Batch& batch, int64_t step) {
   return contrastive_loss(images, texts, model_.text_bundle().info.extra.value("logit_scale", 100.0));
 }
 
-void Trainer::stop_on_nonfinite_streak(const Progress& p) const {
+void Trainer::Impl::stop_on_nonfinite_streak(const Progress& p) const {
   if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)
     throw RuntimeFailure("fp16 overflow: " + std::to_string(p.nonfinite_streak) + " steps in a row had inf/NaN "
                          "gradients (loss scale now " + std::to_string(scaler_->scale()) + "); use precision bf16 "
@@ -348,13 +351,13 @@ void Trainer::stop_on_nonfinite_streak(const Progress& p) const {
                          " is probably too high; lower optim.lr or lengthen schedule.warmup_fraction");
 }
 
-void Trainer::MetricWindow::add(bool finite, double step_loss, int64_t step_images) {
+void Trainer::Impl::MetricWindow::add(bool finite, double step_loss, int64_t step_images) {
   loss += finite ? step_loss : 0;
   steps += finite;
   images += step_images;
 }
 
-json Trainer::MetricWindow::line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
+json Trainer::Impl::MetricWindow::line(int64_t step, int64_t epoch, double lr, double grad_norm, int64_t memory,
                                  const LossScaler& scaler, int threads) const {
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   json line = {{"type", "train"},
@@ -370,7 +373,7 @@ json Trainer::MetricWindow::line(int64_t step, int64_t epoch, double lr, double 
   return line;
 }
 
-void Trainer::validate_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary) {
+void Trainer::Impl::validate_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary) {
   const Validation v = validate();
   const bool best = v.top1 > p.best_top1;
   if (best) {

@@ -5,6 +5,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "loratune/adapter.h"
 #include "loratune/errors.h"
@@ -230,14 +231,16 @@ TEST(TrainingRun, OneCallFromConfigToRunAndAStoppedRunResumesToTheSameAdapter) {
   auto config = [&](const std::string& out) {
     return parse_train_config({{"model", fixture("models/timm_script.pt").string()},
                                {"data", {{"train", images("edge").string()}, {"val_fraction", 0.25}, {"workers", 2}}},
-                               {"epochs", 2}, {"batch_size", 2}, {"precision", "fp32"}, {"seed", 5},
+                               {"epochs", 2}, {"batch_size", 2}, {"precision", "fp32"}, {"seed", 5}, {"threads", 1},
                                {"output_dir", (dir / out).string()}},
                               "test");
   };
   auto lines = std::make_shared<KeptLines>();
   TrainingRunOptions options;
   options.reporter = lines;
+  at::set_num_threads(3);
   const TrainingRun whole = run_training(config("whole"), options);
+  EXPECT_EQ(at::get_num_threads(), 3) << "the run's thread count (1) does not outlive it";
   EXPECT_TRUE(whole.lead);
   EXPECT_EQ(whole.summary.epochs, 2);
   EXPECT_EQ(whole.summary.steps, 6) << "3 + 3 training images in batches of 2, for two epochs";
@@ -249,6 +252,7 @@ TEST(TrainingRun, OneCallFromConfigToRunAndAStoppedRunResumesToTheSameAdapter) {
   stopped.reporter = std::make_shared<TrainingReporter>();
   stopped.stop_after_step = [](int64_t step) { return step == 4; };
   EXPECT_THROW(run_training(config("split"), stopped), Interrupted);
+  EXPECT_EQ(at::get_num_threads(), 3);
   EXPECT_THROW_WITH(run_training(config("split"), {}), InputError, "already holds a run; continue it with --resume");
   TrainingRunOptions resumed;
   resumed.resume = true;

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
 
 #include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
@@ -69,7 +70,10 @@ TEST(MemoryPlan, PredictsTheMeasuredPeakOfATrainingStep) {
 
 TEST(MemoryPlan, EstimateAddsUpAndGrowsLinearly) {
   const TrainConfig c = tiny_config(true, "fp32");
+  c10::SetCPUAllocator(c10::GetDefaultCPUAllocator(), /*priority=*/1);  // a caller without the caching allocator
   const MemoryProfile p = probe_memory(c, 3, Precision::kFp32, at::kFloat, true);
+  EXPECT_EQ(c10::GetCPUAllocator(), c10::GetDefaultCPUAllocator()) << "probing leaves the caller's allocator";
+  install_caching_cpu_allocator();
   EXPECT_EQ(p.trained_blocks, 2);
   EXPECT_GT(p.kept.per_image, 0);
   EXPECT_GT(p.extra.per_image, 0);
