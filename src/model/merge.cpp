@@ -36,6 +36,30 @@ def forward(self, images: Tensor) -> Tensor:
   return classifier;
 }
 
+// Folds each target's adapter into its rows of `module`'s weights at `strength`; `report` (if given) lists them.
+void fold_targets(const torch::jit::Module& module, const std::vector<LoraTarget>& targets, double strength,
+                  std::vector<std::string>* report, const std::string& tower = "") {
+  at::NoGradGuard no_grad;
+  for (const auto& t : targets) {
+    at::Tensor w = submodule_at(module, t.module).attr(t.param).toTensor();
+    at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
+    rows.copy_(t.variant->merged_rows(t, rows, strength).to(w.scalar_type()));
+    if (report) report->push_back(tower + t.describe() + " += " + std::to_string(t.scale() * strength) + " * B@A");
+  }
+}
+
+// Method full: every stored base weight moved from the base towards the trained one by `strength`.
+void interpolate_full_weights(const torch::jit::Module& module, const Adapter& adapter, const std::string& prefix,
+                              double strength) {
+  at::NoGradGuard no_grad;
+  for (const auto& p : module.named_parameters()) {
+    auto it = adapter.full_weights.find(strip_prefix(p.name, prefix));
+    if (it == adapter.full_weights.end()) continue;
+    const at::Tensor base = p.value.to(at::kFloat);
+    p.value.copy_((base + (it->second.to(at::kFloat) - base) * strength).to(p.value.scalar_type()));
+  }
+}
+
 // The merged file must not replace what it is made from.
 void refuse_overwriting_inputs(const fs::path& base, const fs::path& adapter, const fs::path& output) {
   std::error_code ec;
@@ -58,15 +82,10 @@ void merge_text_tower(const Adapter& adapter, const fs::path& base_path, const f
   const int64_t context = fresh.info.extra.value("context_length", int64_t{77});
   at::Generator gen = at::detail::createCPUGenerator(options.probe_seed);
   const at::Tensor probe = at::randint(1, 100, {options.probe_batch, context}, gen, at::kLong);
+  fold_targets(fresh.module, targets, options.strength, &report.merged, "text ");
   at::Tensor expected;
   {
     at::NoGradGuard no_grad;
-    for (const auto& t : targets) {
-      at::Tensor w = submodule_at(fresh.module, t.module).attr(t.param).toTensor();
-      at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
-      rows.copy_(t.variant->merged_rows(t, rows, options.strength).to(w.scalar_type()));
-      report.merged.push_back("text " + t.describe() + " += " + std::to_string(t.scale() * options.strength) + " * B@A");
-    }
     if (options.strength == 1.0) {
       Model adapted(load_bundle(base_path));
       adapted.set_text_tower(load_bundle(text_path));
@@ -91,6 +110,55 @@ void merge_text_tower(const Adapter& adapter, const fs::path& base_path, const f
   info.extra["merged_into"] = fresh.fingerprint;
   save_bundle(fresh.module, info, output, check, fresh.extra_files);
   report.text_output = output.string();
+}
+
+// The head of the merged classifier: as trained; remade from the merged text tower (loss contrastive, with prompts);
+// or, for a head that started from zero-shot, moved from that start by the strength (WiSE-FT: strength 0 is the
+// zero-shot classifier). A randomly initialised head has no such start and stays as trained.
+struct MergedHead {
+  at::Tensor weight, bias;
+  bool from_text = false;
+};
+
+MergedHead merged_head(const Adapter& adapter, const fs::path& text_output, const MergeOptions& options,
+                       MergeReport& report) {
+  MergedHead head{adapter.head_weight, adapter.head_bias};
+  if (options.features_only) return head;
+  if (!text_output.empty() && options.text_head && !adapter.prompts.is_null()) {
+    std::tie(head.weight, head.bias) = options.text_head(text_output, adapter.prompts, adapter.classes);
+    head.from_text = true;
+    report.merged.push_back("head made from the merged text tower's class embeddings");
+  } else if (adapter.initial_head_weight.defined() && options.strength != 1.0) {
+    head.weight = adapter.initial_head_weight + (adapter.head_weight - adapter.initial_head_weight) * options.strength;
+    head.bias = adapter.initial_head_bias + (adapter.head_bias - adapter.initial_head_bias) * options.strength;
+    report.merged.push_back("head interpolated from its zero-shot start at strength " + std::to_string(options.strength));
+  }
+  return head;
+}
+
+// What the merged file must compute on `probe`: the unmerged adapted model (strength 1), or at another strength
+// (interpolated weights have no unmerged counterpart) the merge applied in memory to an unmerged load of the base.
+at::Tensor expected_output(const fs::path& base_path, const Adapter& adapter, const Bundle& fresh,
+                           const MergedHead& head, const MergeOptions& options, const std::string& origin,
+                           const at::Tensor& probe) {
+  Model adapted(load_bundle(base_path));
+  apply_adapter(adapted, adapter, origin);
+  if (!adapter.head_weight.defined() || options.features_only) adapted.init_head(1);
+  if (options.strength != 1.0) {
+    fold_targets(adapted.module(), bind_targets(adapter, fresh, origin), options.strength, nullptr);
+    adapted.clear_adapters();
+    if (!adapter.full_weights.empty()) {  // apply_adapter put the trained weights in: moved from the base's instead
+      const Bundle base = load_bundle(base_path);
+      std::map<std::string, at::Tensor> originals;
+      for (const auto& p : base.module.named_parameters()) originals[p.name] = p.value;
+      at::NoGradGuard no_grad;
+      for (const auto& p : adapted.module().named_parameters())
+        p.value.copy_(originals[p.name] + (p.value - originals[p.name]) * options.strength);
+    }
+  }
+  if (!options.features_only && (options.strength != 1.0 || head.from_text)) adapted.set_head(head.weight, head.bias);
+  at::NoGradGuard no_grad;
+  return options.features_only ? adapted.features(probe) : adapted.logits(probe);
 }
 
 }  // namespace
@@ -118,77 +186,26 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     route_text_targets(adapter, fresh, load_bundle(text_path()));
   check_adapter_base(adapter, fresh, origin);
   MergeReport report;
-  {
-    at::NoGradGuard no_grad;
-    for (const auto& t : bind_targets(adapter, fresh, origin)) {
-      at::Tensor w = submodule_at(fresh.module, t.module).attr(t.param).toTensor();
-      at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
-      rows.copy_(t.variant->merged_rows(t, rows, options.strength).to(w.scalar_type()));
-      report.merged.push_back(t.describe() + " += " + std::to_string(t.scale() * options.strength) + " * B@A");
-    }
-    if (!adapter.full_weights.empty()) {
-      for (const auto& p : fresh.module.named_parameters()) {
-        auto it = adapter.full_weights.find(strip_prefix(p.name, fresh.info.module_prefix));
-        if (it == adapter.full_weights.end()) continue;
-        const at::Tensor base = p.value.to(at::kFloat);
-        p.value.copy_((base + (it->second.to(at::kFloat) - base) * options.strength).to(p.value.scalar_type()));
-      }
-      report.merged.push_back(std::to_string(adapter.full_weights.size()) + " base weights interpolated at strength " +
-                              std::to_string(options.strength));
-    }
+  fold_targets(fresh.module, bind_targets(adapter, fresh, origin), options.strength, &report.merged);
+  if (!adapter.full_weights.empty()) {
+    interpolate_full_weights(fresh.module, adapter, fresh.info.module_prefix, options.strength);
+    report.merged.push_back(std::to_string(adapter.full_weights.size()) + " base weights interpolated at strength " +
+                            std::to_string(options.strength));
   }
-  // Text targets (loss contrastive): the text tower merged at the same strength, and the head remade from it.
-  at::Tensor head_weight = adapter.head_weight, head_bias = adapter.head_bias;
-  bool head_from_text = false;
+  // Text targets (loss contrastive): the text tower merged at the same strength beside the output.
+  fs::path text_output;
   if (!adapter.text_targets.empty()) {
-    const fs::path text_output = merged_text_path(output);
+    text_output = merged_text_path(output);
     refuse_overwriting_inputs(text_path(), adapter_path, text_output);
     merge_text_tower(adapter, base_path, text_path(), text_output, options, origin, report);
-    if (options.text_head && !adapter.prompts.is_null() && !options.features_only) {
-      std::tie(head_weight, head_bias) = options.text_head(text_output, adapter.prompts, adapter.classes);
-      head_from_text = true;
-      report.merged.push_back("head made from the merged text tower's class embeddings");
-    }
   }
-  // WiSE-FT: a head that started from zero-shot moves from there by the same strength (strength 0: the zero-shot
-  // classifier); a randomly initialised one has no such start and stays as trained.
-  if (!head_from_text && adapter.initial_head_weight.defined() && options.strength != 1.0 && !options.features_only) {
-    head_weight = adapter.initial_head_weight + (adapter.head_weight - adapter.initial_head_weight) * options.strength;
-    head_bias = adapter.initial_head_bias + (adapter.head_bias - adapter.initial_head_bias) * options.strength;
-    report.merged.push_back("head interpolated from its zero-shot start at strength " + std::to_string(options.strength));
-  }
+  const MergedHead head = merged_head(adapter, text_output, options, report);
 
-  // The check: the file as written against the unmerged model on a seeded probe batch, before it replaces `output`.
-  Model adapted(load_bundle(base_path));
-  apply_adapter(adapted, adapter, origin);
-  if (!adapter.head_weight.defined() || options.features_only) adapted.init_head(1);
+  // The check: the file as written against the expected output on a seeded probe batch, before it replaces `output`.
   const int64_t s = fresh.info.image_size;
   at::Generator gen = at::detail::createCPUGenerator(options.probe_seed);
   const at::Tensor probe = at::randn({options.probe_batch, 3, s, s}, gen);
-  at::Tensor expected;
-  {
-    at::NoGradGuard no_grad;
-    if (options.strength != 1.0) {
-      // Interpolated weights have no unmerged counterpart: compare against merged weights applied in memory instead.
-      auto module = adapted.module();
-      for (const auto& t : bind_targets(adapter, fresh, origin)) {
-        at::Tensor w = submodule_at(module, t.module).attr(t.param).toTensor();
-        at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
-        rows.copy_(t.variant->merged_rows(t, rows, options.strength).to(w.scalar_type()));
-      }
-      adapted.clear_adapters();
-      if (!adapter.full_weights.empty()) {
-        Bundle base = load_bundle(base_path);
-        std::map<std::string, at::Tensor> originals;
-        for (const auto& p : base.module.named_parameters()) originals[p.name] = p.value;
-        for (const auto& p : module.named_parameters())
-          p.value.copy_(originals[p.name] + (p.value - originals[p.name]) * options.strength);
-      }
-      if (!options.features_only) adapted.set_head(head_weight, head_bias);
-    }
-    if (head_from_text) adapted.set_head(head_weight, head_bias);
-    expected = options.features_only ? adapted.features(probe) : adapted.logits(probe);
-  }
+  const at::Tensor expected = expected_output(base_path, adapter, fresh, head, options, origin, probe);
   auto check = [&](const fs::path& written) {
     at::NoGradGuard no_grad;
     auto merged = torch::jit::load(written.string());
@@ -211,7 +228,7 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
     info.classes = adapter.classes;
     info.blocks = info.blocks.empty() ? "" : "backbone." + info.blocks;
     info.module_prefix = "backbone." + info.module_prefix;
-    auto classifier = make_classifier(fresh.module, head_weight, head_bias, adapter.normalize_features);
+    auto classifier = make_classifier(fresh.module, head.weight, head.bias, adapter.normalize_features);
     save_bundle(classifier, info, output, check);
   }
   report.output = output.string();
