@@ -1,4 +1,5 @@
-// Classification metrics from logits: top-1/top-5, per-class precision/recall/F1/support, confusion matrix.
+// Classification metrics from logits: top-1/top-5, per-class precision/recall/F1/support, confusion matrix,
+// calibration (reliability bins and expected calibration error).
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -15,6 +16,17 @@ struct ClassMetrics {
   int64_t support = 0;
 };
 
+// One bin of a reliability diagram: the predictions whose top-1 probability lies in (lower, upper].
+struct CalibrationBin {
+  double lower = 0, upper = 0;
+  int64_t count = 0;
+  double confidence = 0;  // mean top-1 probability of the bin's predictions
+  double accuracy = 0;    // fraction of them that are right
+};
+
+// Equal-width confidence bins of the reliability diagram and of the expected calibration error (Guo et al. 2017).
+constexpr int kCalibrationBins = 15;
+
 struct ClassificationMetrics {
   int64_t count = 0;
   double loss = 0;            // mean cross-entropy
@@ -23,6 +35,8 @@ struct ClassificationMetrics {
   std::vector<ClassMetrics> per_class;
   double macro_precision = 0, macro_recall = 0, macro_f1 = 0;
   std::vector<std::vector<int64_t>> confusion;  // [true][predicted]
+  std::vector<CalibrationBin> calibration;      // kCalibrationBins bins of the top-1 probability
+  double ece = 0;  // expected calibration error: sum over bins of count/N * |accuracy - confidence|
 
   nlohmann::json to_json(const std::vector<std::string>& classes) const;
 };

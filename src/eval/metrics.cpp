@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "loratune/errors.h"
 
 namespace loratune {
@@ -31,6 +34,22 @@ ClassificationMetrics compute_metrics(const at::Tensor& logits_in, const at::Ten
   if (c > 5) {
     const at::Tensor top5 = std::get<1>(logits.topk(5, 1));
     m.top5 = top5.eq(labels.unsqueeze(1)).any(1).to(at::kDouble).mean().item<double>();
+  }
+  m.calibration.resize(kCalibrationBins);
+  for (int b = 0; b < kCalibrationBins; ++b)
+    m.calibration[b].lower = static_cast<double>(b) / kCalibrationBins,
+    m.calibration[b].upper = static_cast<double>(b + 1) / kCalibrationBins;
+  const at::Tensor top_probability = std::get<0>(logits.softmax(1).max(1));
+  const auto confidence = top_probability.accessor<double, 1>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int b = std::clamp(static_cast<int>(std::ceil(confidence[i] * kCalibrationBins)) - 1, 0, kCalibrationBins - 1);
+    CalibrationBin& bin = m.calibration[b];
+    ++bin.count, bin.confidence += confidence[i], bin.accuracy += truth[i] == pred[i];
+  }
+  for (CalibrationBin& bin : m.calibration) {
+    if (bin.count == 0) continue;
+    bin.confidence /= bin.count, bin.accuracy /= bin.count;
+    m.ece += static_cast<double>(bin.count) / n * std::abs(bin.accuracy - bin.confidence);
   }
   for (int64_t k = 0; k < c; ++k) {
     int64_t tp = m.confusion[k][k], predicted_k = 0, actual_k = 0;
@@ -67,6 +86,12 @@ nlohmann::json ClassificationMetrics::to_json(const std::vector<std::string>& cl
                       {"confusion_matrix", confusion},
                       {"classes", classes}};
   if (top5 >= 0) j["top5"] = top5;
+  nlohmann::json bins = nlohmann::json::array();
+  for (const CalibrationBin& b : calibration)
+    bins.push_back({{"lower", b.lower}, {"upper", b.upper}, {"count", b.count}, {"confidence", b.confidence},
+                    {"accuracy", b.accuracy}});
+  j["calibration"] = bins;
+  j["ece"] = ece;
   return j;
 }
 
