@@ -80,13 +80,16 @@ int main(int argc, char** argv) {
                 "int8 | nf4: score the adapter on the base quantised as a run with that frozen_dtype trained it "
                 "(default: the base as stored, as merge folds it)")
       ->check(CLI::IsMember({"int8", "nf4"}));
-  e->add_option("-o,--output", eval.output, "folder for metrics.json, confusion_matrix.png, misclassified.csv")->capture_default_str();
+  e->add_option("-o,--output", eval.output,
+                "folder for metrics.json, predictions.csv, misclassified.csv, confusion_matrix.png")->capture_default_str();
+  e->add_flag("--report", eval.report, "also write report.html there: numbers, confusion matrix, photos, calibration");
   add_compute_options(e, eval);
   e->add_option("--workers", eval.workers, "decoding threads (0: one per core)")->capture_default_str();
   e->footer(footer(
       "  loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test\n"
       "  loratune eval --model vit_base_photos.pt --data photos/test --output eval_merged\n"
-      "  loratune eval --model models/mobileclip_s0_image.pt --zero-shot --data photos/test   # before any training"));
+      "  loratune eval --model models/mobileclip_s0_image.pt --zero-shot --data photos/test   # before any training\n"
+      "  loratune eval --model vit_base_photos.pt --data photos/test --report   # + eval/report.html"));
 
   loratune::PredictCommand predict;
   auto* p = app.add_subcommand("predict", "top-k labels for images, with one or several adapters on one base");
@@ -165,10 +168,18 @@ int main(int argc, char** argv) {
       "Families: " + loratune::supported_checkpoint_families()));
 
   loratune::ReportCommand report;
-  auto* r = app.add_subcommand("report", "plots (loss, learning rate, validation accuracy) and a summary of a run");
-  r->add_option("run_dir", report.run_dir, "the output_dir of a training run")->required();
-  r->add_option("-o,--output", report.output, "folder for the PNG plots (default: the run folder)");
-  r->footer(footer("  loratune report runs/vit_base"));
+  auto* r = app.add_subcommand("report", "one HTML page of runs and evaluations (curves, per-class table, confusion "
+                               "matrix, misclassified photos, calibration), two side by side; a run's PNG plots");
+  r->add_option("sources", report.sources, "training run folders (output_dir) and evaluation folders (eval --output); "
+                "two are compared side by side")->required();
+  r->add_option("-e,--eval", report.evals, "an evaluation folder of the run's adapter (repeatable)");
+  r->add_option("-o,--output", report.output, "a .html file, or a folder for report.html and one run's PNG plots "
+                "(default: the first source)");
+  r->footer(footer(
+      "  loratune report runs/vit_base                                   # runs/vit_base/report.html + PNG plots\n"
+      "  loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test --output eval/vit\n"
+      "  loratune report runs/vit_base --eval eval/vit --output vit_base.html\n"
+      "  loratune report eval/lora eval/full --output compare.html        # two adapters on the same photos"));
 
   // Each subcommand runs its own handler; one without a handler leaves `exit_code` unset and is reported.
   int exit_code = -1;

@@ -37,6 +37,7 @@ struct EvalCommand {
   std::string class_names;      // zero-shot: JSON file mapping folder names to prompt names
   std::string frozen_dtype;     // int8 | nf4: the base's block Linear weights quantised, as a run trained them
   std::string output = "eval";
+  bool report = false;          // also write report.html (the evaluation part of `loratune report`)
   std::string device = "auto", precision = "auto";
   int64_t batch_size = 32;
   int workers = 0;
@@ -79,8 +80,9 @@ struct ImportCommand {
 };
 
 struct ReportCommand {
-  std::string run_dir;
-  std::string output;  // default: the run folder
+  std::vector<std::string> sources;  // training run folders and evaluation folders (two: side by side)
+  std::vector<std::string> evals;    // --eval: evaluation folders of the runs' adapters
+  std::string output;  // a .html file, or a folder for report.html (+ PNG plots of one run); default: sources[0]
 };
 
 int run_train(const TrainCommand& command);

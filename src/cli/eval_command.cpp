@@ -13,21 +13,12 @@
 #include "loratune/memory.h"
 #include "loratune/metrics.h"
 #include "plot/plot.h"
+#include "report/report.h"
 #include "common/strings.h"
 
 namespace fs = std::filesystem;
 
 namespace loratune {
-namespace {
-
-std::string csv_field(const std::string& s) {
-  if (s.find_first_of(",\"\n") == std::string::npos) return s;
-  std::string out = "\"";
-  for (char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
-  return out + "\"";
-}
-
-}  // namespace
 
 int run_eval(const EvalCommand& command) {
   return guarded([&] {
@@ -95,7 +86,7 @@ int run_eval(const EvalCommand& command) {
     std::printf(", loss %.4f over %lld images (%s)\n", m.loss, static_cast<long long>(m.count),
                 command.zero_shot ? "zero-shot" : model.merged ? "merged model" : "base + adapter");
 
-    // Files: metrics.json, confusion_matrix.png, misclassified.csv.
+    // Files: metrics.json, predictions.csv, misclassified.csv, confusion_matrix.png (and report.html).
     const fs::path out = command.output;
     fs::create_directories(out);
     nlohmann::json j = m.to_json(model.classes);
@@ -104,27 +95,30 @@ int run_eval(const EvalCommand& command) {
     j["data"] = command.data;
     j["classes_without_images"] = missing;
     j["skipped_files"] = folder.skipped.size() + source.skipped().size() - folder.skipped.size();
-    write_file_atomic(out / "metrics.json", j.dump(2) + "\n");
-    const auto legend = write_confusion_matrix(out / "confusion_matrix.png", m.confusion, model.classes,
+    write_file_atomic(out / EvalFiles::kMetrics, j.dump(2) + "\n");
+    const auto legend = write_confusion_matrix(out / EvalFiles::kConfusionPng, m.confusion, model.classes,
                                                "confusion matrix: " + fs::path(command.data).filename().string());
     if (!legend.empty()) write_file_atomic(out / "confusion_matrix_legend.txt", join(legend, "\n") + "\n");
 
     const at::Tensor probs = pr.logits.softmax(1);
     const at::Tensor predicted = probs.argmax(1);
-    std::string csv = "path,true,predicted,confidence\n";
-    int64_t wrong = 0;
+    std::vector<EvaluatedPhoto> photos, wrong;
     for (int64_t i = 0; i < pr.logits.size(0); ++i) {
       const int64_t t = pr.labels[i].item<int64_t>(), p = predicted[i].item<int64_t>();
-      if (t == p) continue;
-      ++wrong;
-      char conf[16];
-      std::snprintf(conf, sizeof conf, "%.4f", probs[i][p].item<float>());
-      csv += csv_field(folder.samples[pr.indices[i]].path.string()) + "," + csv_field(model.classes[t]) + "," +
-             csv_field(model.classes[p]) + "," + conf + "\n";
+      photos.push_back({fs::absolute(folder.samples[pr.indices[i]].path).lexically_normal().string(), t, p,
+                        probs[i][p].item<double>()});
+      if (t != p) wrong.push_back(photos.back());
     }
-    write_file_atomic(out / "misclassified.csv", csv);
-    std::printf("wrote %s, %s, %s (%lld misclassified)\n", (out / "metrics.json").c_str(),
-                (out / "confusion_matrix.png").c_str(), (out / "misclassified.csv").c_str(), static_cast<long long>(wrong));
+    write_file_atomic(out / EvalFiles::kPredictions, predictions_csv(photos, model.classes));
+    write_file_atomic(out / EvalFiles::kMisclassified, predictions_csv(wrong, model.classes));
+    std::printf("wrote %s, %s, %s, %s (%zu misclassified)\n", (out / EvalFiles::kMetrics).c_str(),
+                (out / EvalFiles::kPredictions).c_str(), (out / EvalFiles::kMisclassified).c_str(),
+                (out / EvalFiles::kConfusionPng).c_str(), wrong.size());
+    if (command.report) {
+      const std::string html = render_report({}, {read_eval(out)});
+      write_file_atomic(out / EvalFiles::kReport, html);
+      std::printf("report: %s (%s)\n", (out / EvalFiles::kReport).c_str(), human_bytes(static_cast<double>(html.size())).c_str());
+    }
     return exit_code::kOk;
   });
 }

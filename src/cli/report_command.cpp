@@ -1,13 +1,14 @@
+#include <algorithm>
 #include <cmath>
-#include <fstream>
 
 #include "cli/common.h"
 #include "cli/commands.h"
-#include "loratune/errors.h"
 #include "common/files.h"
-#include "plot/plot.h"
 #include "common/strings.h"
+#include "loratune/errors.h"
 #include "loratune/trainer.h"
+#include "plot/plot.h"
+#include "report/report.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -15,9 +16,39 @@ using nlohmann::json;
 namespace loratune {
 namespace {
 
-// A number field of a metrics or summary line; NaN when missing, null (NaN written by JSON) or not a number.
-double number(const nlohmann::json& j, const char* key) {
-  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : std::nan("");
+// The run's numbers on the console, as the report's summary table shows them.
+void print_run(const RunRecord& run) {
+  std::printf("run %s\n", run.dir.c_str());
+  const json& s = run.summary;
+  if (s.is_object()) {
+    auto number = [&](const char* key) { return s.contains(key) && s[key].is_number() ? s[key].get<double>() : std::nan(""); };
+    auto text = [&](const char* key) { return s.contains(key) && s[key].is_string() ? s[key].get<std::string>() : "?"; };
+    std::printf("  method %s, %.0f steps, %.0f epochs, %s, %s\n", text("method").c_str(), number("steps"),
+                number("epochs"), human_duration(number("seconds")).c_str(), text("precision").c_str());
+    std::printf("  trainable parameters %s of %s; peak memory %s\n", human_count(number("trainable_params")).c_str(),
+                human_count(number("total_params")).c_str(), human_bytes(number("peak_memory_bytes")).c_str());
+  } else {
+    std::printf("  (no summary.json: the run has not finished)\n");
+  }
+  if (!run.loss.y.empty())
+    std::printf("  train loss: first %.4f, last %.4f (smoothed %.4f)\n", run.loss.y.front(), run.loss.y.back(),
+                run.smooth.y.back());
+  const auto& acc = run.val_top1;
+  if (!acc.y.empty()) {
+    const auto best = std::max_element(acc.y.begin(), acc.y.end()) - acc.y.begin();
+    std::printf("  validation top-1: best %.2f%% at epoch %g, last %.2f%%\n", acc.y[best], acc.x[best], acc.y.back());
+  }
+}
+
+void write_plots(const RunRecord& run, const fs::path& dir) {
+  std::vector<Series> loss{run.loss};
+  if (run.loss.y.size() >= 40) loss.push_back(run.smooth);
+  write_line_chart(dir / "loss.png", loss, {"training loss", "optimiser step", "cross-entropy", false});
+  write_line_chart(dir / "lr.png", {run.lr}, {"learning rate", "optimiser step", "learning rate", false});
+  write_line_chart(dir / "val_accuracy.png", {run.val_top1}, {"validation top-1 accuracy", "epoch", "top-1 (%)", false});
+  write_line_chart(dir / "val_loss.png", {run.val_loss}, {"validation loss", "epoch", "cross-entropy", false});
+  std::printf("  plots: %s, %s, %s, %s\n", (dir / "loss.png").c_str(), (dir / "lr.png").c_str(),
+              (dir / "val_accuracy.png").c_str(), (dir / "val_loss.png").c_str());
 }
 
 }  // namespace
@@ -25,77 +56,30 @@ double number(const nlohmann::json& j, const char* key) {
 int run_report(const ReportCommand& command) {
   return guarded([&] {
     cli::setup_logging();
-    const fs::path dir = command.run_dir;
-    const fs::path metrics_path = dir / Trainer::kMetrics;
-    if (!fs::exists(metrics_path))
-      throw InputError(dir.string() + " is not a training run folder (no " + Trainer::kMetrics + ")");
-    Series loss{"train loss", {}, {}}, smooth{"moving average", {}, {}}, lr{"learning rate", {}, {}};
-    Series val_acc{"validation top-1 (%)", {}, {}}, val_loss{"validation loss", {}, {}};
-    std::ifstream in(metrics_path);
-    std::string line;
-    int64_t line_no = 0;
-    // Debiased exponential moving average (as TensorBoard's smoothing), drawn for long runs only.
-    constexpr double kSmoothing = 0.9;
-    double ema = 0.0, ema_weight = 0.0;
-    while (std::getline(in, line)) {
-      ++line_no;
-      if (line.empty()) continue;
-      json j;
-      try {
-        j = json::parse(line);
-      } catch (const json::exception&) {
-        throw InputError(metrics_path.string() + ":" + std::to_string(line_no) + ": not a JSON line");
-      }
-      if (!j.is_object()) throw InputError(metrics_path.string() + ":" + std::to_string(line_no) + ": not a JSON object");
-      const json type = j.value("type", json());
-      const double step = number(j, "step");
-      // A diverged run writes NaN losses as null: those points are left out of the plots.
-      if (type == "train" && std::isfinite(number(j, "loss"))) {
-        const double l = number(j, "loss");
-        loss.x.push_back(step), loss.y.push_back(l);
-        ema = kSmoothing * ema + (1 - kSmoothing) * l;
-        ema_weight = kSmoothing * ema_weight + (1 - kSmoothing);
-        smooth.x.push_back(step), smooth.y.push_back(ema / ema_weight);
-        if (std::isfinite(number(j, "lr"))) lr.x.push_back(step), lr.y.push_back(number(j, "lr"));
-      } else if (type == "val") {
-        const double epoch = number(j, "epoch");
-        if (std::isfinite(number(j, "val_top1"))) val_acc.x.push_back(epoch), val_acc.y.push_back(100.0 * number(j, "val_top1"));
-        if (std::isfinite(number(j, "val_loss"))) val_loss.x.push_back(epoch), val_loss.y.push_back(number(j, "val_loss"));
-      }
+    std::vector<RunRecord> runs;
+    std::vector<EvalRecord> evals;
+    for (const std::string& source : command.sources) {
+      if (is_run_folder(source)) runs.push_back(read_run(source));
+      else if (is_eval_folder(source)) evals.push_back(read_eval(source));
+      else if (!fs::exists(source)) throw InputError(source + " does not exist");
+      else
+        throw InputError(source + " is neither a training run folder (" + Trainer::kMetrics + ") nor an evaluation "
+                         "folder (" + EvalFiles::kMetrics + " from loratune eval)");
     }
-    const fs::path out = command.output.empty() ? dir : fs::path(command.output);
-    fs::create_directories(out);
-    std::vector<Series> loss_series{loss};
-    if (loss.y.size() >= 40) loss_series.push_back(smooth);
-    write_line_chart(out / "loss.png", loss_series, {"training loss", "optimiser step", "cross-entropy", false});
-    write_line_chart(out / "lr.png", {lr}, {"learning rate", "optimiser step", "learning rate", false});
-    write_line_chart(out / "val_accuracy.png", {val_acc}, {"validation top-1 accuracy", "epoch", "top-1 (%)", false});
-    write_line_chart(out / "val_loss.png", {val_loss}, {"validation loss", "epoch", "cross-entropy", false});
+    for (const std::string& dir : command.evals) evals.push_back(read_eval(dir));
 
-    std::printf("run %s\n", dir.c_str());
-    if (fs::exists(dir / Trainer::kSummary)) {
-      json s;
-      try {
-        s = json::parse(read_file(dir / Trainer::kSummary));
-      } catch (const json::exception& e) {
-        throw InputError((dir / Trainer::kSummary).string() + ": not valid JSON (" + e.what() + ")");
-      }
-      auto text = [&](const char* key) { return s.contains(key) && s[key].is_string() ? s[key].get<std::string>() : "?"; };
-      std::printf("  method %s, %.0f steps, %.0f epochs, %s, %s\n", text("method").c_str(), number(s, "steps"),
-                  number(s, "epochs"), human_duration(number(s, "seconds")).c_str(), text("precision").c_str());
-      std::printf("  trainable parameters %s of %s; peak memory %s\n", human_count(number(s, "trainable_params")).c_str(),
-                  human_count(number(s, "total_params")).c_str(), human_bytes(number(s, "peak_memory_bytes")).c_str());
-    } else {
-      std::printf("  (no summary.json: the run has not finished)\n");
+    // A .html path is the page alone; a folder gets report.html and, for one run, the PNG plots.
+    const bool page_only = fs::path(command.output).extension() == ".html";
+    const fs::path folder = command.output.empty() ? fs::path(command.sources.at(0)) : fs::path(command.output);
+    const fs::path page = page_only ? folder : folder / EvalFiles::kReport;
+    if (!page.parent_path().empty()) fs::create_directories(page.parent_path());
+    for (const RunRecord& run : runs) {
+      print_run(run);
+      if (!page_only && runs.size() == 1) write_plots(run, folder);
     }
-    if (!loss.y.empty())
-      std::printf("  train loss: first %.4f, last %.4f (smoothed %.4f)\n", loss.y.front(), loss.y.back(), smooth.y.back());
-    if (!val_acc.y.empty()) {
-      const auto best = std::max_element(val_acc.y.begin(), val_acc.y.end()) - val_acc.y.begin();
-      std::printf("  validation top-1: best %.2f%% at epoch %g, last %.2f%%\n", val_acc.y[best], val_acc.x[best], val_acc.y.back());
-    }
-    std::printf("  plots: %s, %s, %s, %s\n", (out / "loss.png").c_str(), (out / "lr.png").c_str(),
-                (out / "val_accuracy.png").c_str(), (out / "val_loss.png").c_str());
+    const std::string html = render_report(runs, evals);
+    write_file_atomic(page, html);
+    std::printf("report: %s (%s)\n", page.c_str(), human_bytes(static_cast<double>(html.size())).c_str());
     return exit_code::kOk;
   });
 }

@@ -3,6 +3,7 @@ resume, eval metrics against a Python computation from the merged file's logits,
 
 usage: test_cli.py LORATUNE_BINARY FIXTURE_DIR [TestClass ...]
 """
+import csv
 import json
 import os
 import shutil
@@ -100,7 +101,7 @@ class BadInput(unittest.TestCase, ExpectsInputError):
         self.assert_input_error(("eval", "--model", os.path.join(TMP, "nope.pt"), "--data", IMAGES),
                                 "model file " + os.path.join(TMP, "nope.pt") + " does not exist")
         self.assert_input_error(("info", os.path.join(TMP, "nothing")), "does not exist")
-        self.assert_input_error(("report", TMP), "is not a training run folder (no metrics.jsonl)")
+        self.assert_input_error(("report", TMP), "is neither a training run folder (metrics.jsonl) nor an evaluation folder")
         self.assert_input_error(("predict", "--model", BASE, "--adapter", trained_run() + "/best", os.path.join(TMP, "x.png")),
                                 "input " + os.path.join(TMP, "x.png") + " does not exist")
 
@@ -825,8 +826,15 @@ def python_metrics(logits, labels, classes):
         prec = tp / predicted if predicted else 0.0
         rec = tp / actual if actual else 0.0
         per.append((prec, rec, 2 * prec * rec / (prec + rec) if prec + rec else 0.0, actual))
+    # Expected calibration error over 15 equal-width bins of the top probability, (lower, upper] each.
+    confidence = logits.double().softmax(1).max(1).values
+    bins = (torch.ceil(confidence * 15).long() - 1).clamp(0, 14)
+    ece = sum(float((bins == b).sum()) / len(labels) *
+              abs(float((pred == labels)[bins == b].double().mean()) - float(confidence[bins == b].mean()))
+              for b in range(15) if (bins == b).any())
     return {"top1": float((pred == labels).float().mean()), "confusion": cm, "per_class": per,
-            "loss": float(torch.nn.functional.cross_entropy(logits.double(), labels))}
+            "loss": float(torch.nn.functional.cross_entropy(logits.double(), labels)), "ece": ece,
+            "predicted": pred.tolist(), "confidence": confidence.tolist()}
 
 
 class EvalAgainstPython(unittest.TestCase):
@@ -851,13 +859,14 @@ class EvalAgainstPython(unittest.TestCase):
         # Python: the merged file's logits on the same images (already 36x36: preprocessing is a 2-pixel crop).
         model = torch.jit.load(merged).eval()
         classes = results["merged"]["classes"]
-        xs, ys = [], []
+        xs, ys, paths = [], [], []
         for label, name in enumerate(classes):
             for fn in sorted(os.listdir(os.path.join(data, name))):
                 with Image.open(os.path.join(data, name, fn)) as im:
                     rgb = np.asarray(im.convert("RGB"), np.float32)[2:34, 2:34]
                 xs.append(torch.from_numpy((rgb / 255.0 - 0.5) / 0.5).permute(2, 0, 1))
                 ys.append(label)
+                paths.append(os.path.abspath(os.path.join(data, name, fn)))
         with torch.no_grad():
             logits = model(torch.stack(xs))
         ref = python_metrics(logits, torch.tensor(ys), classes)
@@ -871,6 +880,16 @@ class EvalAgainstPython(unittest.TestCase):
             self.assertAlmostEqual(got["per_class"][k]["f1"], f1, places=9)
             self.assertEqual(got["per_class"][k]["support"], support)
         self.assertAlmostEqual(got["macro_f1"], sum(p[2] for p in ref["per_class"]) / 3, places=9)
+        self.assertAlmostEqual(got["ece"], ref["ece"], places=5)
+        self.assertEqual(sum(b["count"] for b in got["calibration"]), len(ys))
+        # predictions.csv: every photo, its predicted class and that class's probability.
+        with open(os.path.join(TMP, "eval_merged", "predictions.csv"), newline="", encoding="utf-8") as f:
+            rows = {r["path"]: r for r in csv.DictReader(f)}
+        self.assertEqual(sorted(rows), sorted(paths))
+        for path, label, predicted, confidence in zip(paths, ys, ref["predicted"], ref["confidence"]):
+            self.assertEqual(rows[path]["true"], classes[label])
+            self.assertEqual(rows[path]["predicted"], classes[predicted])
+            self.assertAlmostEqual(float(rows[path]["confidence"]), confidence, places=5)
 
 
 class Predict(unittest.TestCase):
@@ -917,6 +936,7 @@ class Predict(unittest.TestCase):
         for png in ("loss.png", "lr.png", "val_accuracy.png"):
             with Image.open(os.path.join(run_dir, png)) as im:
                 self.assertGreater(im.size[0], 100)
+        self.assertIn("report: " + os.path.join(run_dir, "report.html"), out)  # tests/python/test_report_page.py opens pages
 
 
 class FrozenWeights(unittest.TestCase):

@@ -1,7 +1,7 @@
 """The source folders form layers and includes only run down them (README, "Layout"):
 
     common -> io -> import -> lora -> quant -> model -> data -> eval -> distributed -> train -> plan -> run -> text -> plot
-    -> cli -> apps
+    -> report -> cli -> apps
 
 A folder may include its own headers and those of folders to its left. Public headers (include/loratune) belong to
 the folder that implements them, listed below; a new public header must be added here. Also checked:
@@ -19,7 +19,7 @@ import re
 import sys
 
 ORDER = ["common", "io", "import", "lora", "quant", "model", "data", "eval", "distributed", "train", "plan", "run", "text",
-         "plot", "cli", "apps"]
+         "plot", "report", "cli", "apps"]
 OWNER = {
     "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_tensor", "threads"],
     "io": ["safetensors"],
