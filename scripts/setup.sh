@@ -16,6 +16,7 @@ PACKAGES=(
   python3-sentencepiece        # trains the small SentencePiece model the tokenizer test compares with
   dataset-fashion-mnist        # real images for the demo
   fonts-nanum                  # a font with Hangul, so Korean class names render in plots
+  chromium python3-websocket   # the report's tests open it in headless Chromium (DevTools protocol)
 )
 
 missing=()
