@@ -7,7 +7,8 @@
  3. adapted to the new classes three ways: lora (q/v), full, linear_probe;
  4. each evaluated on the held-out folder; the LoRA adapter merged and the merged file evaluated again; a few
     predictions;
- 5. one table: method, trainable parameters, held-out top-1, peak memory, wall time.
+ 5. one table: method, trainable parameters, held-out top-1, peak memory, wall time; and report.html, the page to
+    look at: the first two methods' runs and held-out evaluations side by side.
 
 Re-running reuses the folders and the pretrained backbone. Profiles: demo (README command 1, < 10 min on 2 cores),
 ci (a reduced run for the test suite, with assertions), bench (larger, several seeds, report to a file).
@@ -178,10 +179,17 @@ def main():
         for name in methods:
             accs = [100 * r["top1"] for r in results if r["method"] == name]
             lines.append(f"| {name} | {sum(accs) / len(accs):.2f}% | {min(accs):.2f}% | {max(accs):.2f}% |")
+    # The page to look at: LoRA's run and evaluation beside the second method's (same held-out photos).
+    page = os.path.join(out, "report.html")
+    runs = [r for r in results if r["seed"] == prof["seeds"][0]][:2]
+    run([a.binary, "report", *[r["run"] for r in runs],
+         *[arg for r in runs for arg in ("--eval", os.path.join(out, "eval", os.path.basename(r["run"])))],
+         "--output", page])
     lines += ["", f"LoRA merged into the backbone: held-out top-1 {100 * merged_metrics['top1']:.2f}% "
                   f"(unmerged {100 * lora_run['top1']:.2f}%)",
               f"plots: {lora_run['run']}/*.png (training curves), {os.path.join(out, 'eval')}/*/confusion_matrix.png",
-              f"total time {time.time() - start:.0f} s"]
+              f"total time {time.time() - start:.0f} s",
+              f"report: {page} (open it in a browser)"]
     table = "\n".join(lines)
     print(table)
     if a.report:
