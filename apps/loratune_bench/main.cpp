@@ -74,8 +74,7 @@ std::unique_ptr<Model> benchmark_model(const Args& a, const c10::Device& device,
   class_names.clear();
   for (int c = 0; c < 10; ++c) class_names.push_back("class_" + std::to_string(c));
   auto model = build_training_model(parse_train_config(config, "benchmark"), class_names);
-  const std::string frozen = get(a, "frozen", "dense");
-  const QuantFormat quant = frozen == "int8" ? QuantFormat::kInt8 : frozen == "nf4" ? QuantFormat::kNf4 : QuantFormat::kNone;
+  const QuantFormat quant = parse_quant_format(get(a, "frozen", "none"), "frozen");
   model->to(device, precision != Precision::kFp32 && device.is_cuda() ? compute_dtype(precision) : at::kFloat, quant);
   return model;
 }
@@ -270,7 +269,7 @@ int loader_benchmark(const Args& a) {
   o.batch_size = std::stoll(get(a, "batch"));
   o.shuffle = o.augment = o.drop_last = true;
   o.workers = std::stoi(get(a, "workers"));
-  o.cache = "off";
+  o.cache = CacheMode::kOff;
   Preprocess p;
   p.image_size = 224;
   p.resize_size = 256;

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "loratune/named_enum.h"
+
 namespace loratune {
 
 // Training augmentation: random resized crop and horizontal flip.
@@ -23,6 +25,14 @@ struct AugmentConfig {
 // Images with more pixels than this are skipped before decoding (a 20000x20000 PNG would take 1.2 GB decoded).
 inline constexpr int64_t kDefaultMaxImagePixels = 100'000'000;
 
+// Whether decoded photos (data.cache) or the frozen prefix's outputs (data.prefix_cache) are kept in memory.
+enum class CacheMode { kAuto, kMemory, kOff };
+template <>
+struct NamedEnum<CacheMode> {
+  static constexpr std::pair<CacheMode, const char*> names[] = {
+      {CacheMode::kAuto, "auto"}, {CacheMode::kMemory, "memory"}, {CacheMode::kOff, "off"}};
+};
+
 // How photo folders are read into batches (ImageBatchSource in loader.h).
 struct LoaderOptions {
   int64_t batch_size = 16;
@@ -33,7 +43,7 @@ struct LoaderOptions {
   uint64_t seed = 0;
   int workers = 0;            // 0: one per core
   int prefetch_batches = 4;
-  std::string cache = "off";  // auto | memory | off
+  CacheMode cache = CacheMode::kOff;
   bool pin_memory = false;    // page-locked batches for faster copies to CUDA
   int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed (0: no limit)
   // Data-parallel workers: each batch keeps only part `shard_index` of `shard_count` contiguous parts, so the

@@ -25,14 +25,21 @@ struct DataConfig {
   uint64_t split_seed = 0;
   int workers = 0;                // 0: one per CPU core
   int prefetch_batches = 4;
-  std::string cache = "auto";     // auto | memory | off
-  std::string prefix_cache = "auto";  // auto | memory | off: reuse the frozen prefix's output across epochs
+  CacheMode cache = CacheMode::kAuto;
+  CacheMode prefix_cache = CacheMode::kAuto;  // reuse the frozen prefix's output across epochs
   int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed; 0: no limit
   AugmentConfig augment;
 };
 
+// How the classification head starts: random, or from the text tower's class embeddings (CLIP-like models).
+enum class HeadInit { kRandom, kZeroShot };
+template <>
+struct NamedEnum<HeadInit> {
+  static constexpr std::pair<HeadInit, const char*> names[] = {{HeadInit::kRandom, "random"}, {HeadInit::kZeroShot, "zero_shot"}};
+};
+
 struct HeadConfig {
-  std::string init = "random";        // random | zero_shot
+  HeadInit init = HeadInit::kRandom;
   std::string text_model;             // zero_shot: text encoder bundle (empty: the one the model names)
   std::string class_names;            // zero_shot: JSON file mapping folder names to prompt names
   std::vector<std::string> templates; // zero_shot: prompt templates (empty: defaults)
@@ -61,6 +68,33 @@ struct LossScaleConfig {
   int64_t growth_interval = 2000;
 };
 
+// What training minimises: cross-entropy of the head's logits, or the contrastive loss of both towers (trainer.h).
+enum class TrainingLoss { kCrossEntropy, kContrastive };
+template <>
+struct NamedEnum<TrainingLoss> {
+  static constexpr std::pair<TrainingLoss, const char*> names[] = {
+      {TrainingLoss::kCrossEntropy, "cross_entropy"}, {TrainingLoss::kContrastive, "contrastive"}};
+};
+
+// How frozen base weights are stored: auto (compute dtype on CUDA with mixed precision), fp32, the compute dtype, or
+// the blocks' Linear weights quantised (int8, nf4).
+enum class FrozenStorage { kAuto, kFp32, kCompute, kInt8, kNf4 };
+template <>
+struct NamedEnum<FrozenStorage> {
+  static constexpr std::pair<FrozenStorage, const char*> names[] = {
+      {FrozenStorage::kAuto, "auto"}, {FrozenStorage::kFp32, "fp32"}, {FrozenStorage::kCompute, "compute"},
+      {FrozenStorage::kInt8, "int8"}, {FrozenStorage::kNf4, "nf4"}};
+};
+
+// What moves to the host during training (CUDA; Model::set_offload).
+enum class OffloadMode { kNone, kWeights, kActivations, kBoth };
+template <>
+struct NamedEnum<OffloadMode> {
+  static constexpr std::pair<OffloadMode, const char*> names[] = {
+      {OffloadMode::kNone, "none"}, {OffloadMode::kWeights, "weights"}, {OffloadMode::kActivations, "activations"},
+      {OffloadMode::kBoth, "both"}};
+};
+
 struct TrainConfig {
   std::string model;
   DataConfig data;
@@ -73,12 +107,12 @@ struct TrainConfig {
   int64_t grad_accum_steps = 1;
   int64_t epochs = 10;
   int64_t max_steps = -1;         // optimiser steps; < 0: from epochs
-  std::string loss = "cross_entropy";  // cross_entropy | contrastive (both towers, see trainer.h)
+  TrainingLoss loss = TrainingLoss::kCrossEntropy;
   double label_smoothing = 0.0;
   std::string precision = "auto";
-  std::string frozen_dtype = "auto";  // auto | fp32 | compute | int8 | nf4
+  FrozenStorage frozen_dtype = FrozenStorage::kAuto;
   bool gradient_checkpointing = true;
-  std::string offload = "none";  // none | weights | activations | both (CUDA; see Model::set_offload)
+  OffloadMode offload = OffloadMode::kNone;
   LossScaleConfig loss_scale;
   EarlyStoppingConfig early_stopping;
   std::string device = "auto";

@@ -21,7 +21,7 @@ namespace loratune {
 // wider ones take more), and whether the data.cache setting `cache` (auto | memory | off) keeps them: auto caches up to
 // 2 GiB.
 int64_t decoded_cache_bytes(size_t images, const Preprocess& preprocess);
-bool caches_decoded_images(const std::string& cache, size_t images, const Preprocess& preprocess);
+bool caches_decoded_images(CacheMode cache, size_t images, const Preprocess& preprocess);
 
 class ImageBatchSource : public BatchSource {
  public:

@@ -21,6 +21,7 @@
 #include "loratune/method.h"
 #include "loratune/metrics.h"
 #include "loratune/model.h"
+#include "loratune/named_enum.h"
 #include "loratune/named_tensor.h"
 #include "loratune/optim.h"
 #include "loratune/process_group.h"

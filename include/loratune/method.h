@@ -2,7 +2,10 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "loratune/named_enum.h"
 
 namespace loratune {
 
@@ -12,9 +15,15 @@ enum class Method {
   kLinearProbe,  // only the head trained, base frozen
 };
 
+template <>
+struct NamedEnum<Method> {
+  static constexpr std::pair<Method, const char*> names[] = {
+      {Method::kLora, "lora"}, {Method::kFull, "full"}, {Method::kLinearProbe, "linear_probe"}};
+};
+
 // "lora", "full", "linear_probe"; parse_method throws InputError for anything else.
-const std::vector<std::string>& method_names();
-Method parse_method(const std::string& name);
-std::string method_name(Method method);
+inline std::vector<std::string> method_names() { return enum_names<Method>(); }
+inline Method parse_method(const std::string& name) { return parse_enum<Method>(name, "method"); }
+inline std::string method_name(Method method) { return enum_name(method); }
 
 }  // namespace loratune

@@ -13,6 +13,8 @@ namespace loratune {
 enum class QuantFormat { kNone = 0, kInt8 = 1, kNf4 = 2 };
 
 std::string quant_format_name(QuantFormat format);  // "none", "int8", "nf4"
+// The format a name gives ("none", "int8", "nf4"); InputError naming `what` for any other.
+QuantFormat parse_quant_format(const std::string& name, const std::string& what);
 
 // Elements per NF4 block, and NF4 blocks per group sharing one fp32 scale for their 8-bit block scales.
 constexpr int64_t kNf4BlockSize = 64;

@@ -50,7 +50,7 @@ int run_eval(const EvalCommand& command) {
       if (!model.adapted)
         throw InputError(command.model + " is a merged classifier: --frozen-dtype quantises a base under an adapter; "
                          "pass the base model and --adapter");
-      model.adapted->to(device, at::kFloat, command.frozen_dtype == "int8" ? QuantFormat::kInt8 : QuantFormat::kNf4);
+      model.adapted->to(device, at::kFloat, parse_quant_format(command.frozen_dtype, "--frozen-dtype"));
       spdlog::info("{}", quantization_note(model.adapted->frozen_quantization()));
     }
 

@@ -63,7 +63,7 @@ void print_estimate(const TrainConfig& c, const MemoryProfile& profile, const Me
               "measured by the probe)\n",
               gb(r.training).c_str(), gb(e.total).c_str(), gb(e.host_buffers).c_str(), gb(r.image_cache).c_str(),
               static_cast<long long>(r.cached_photos), static_cast<long long>(profile.resize_size),
-              c.data.cache.c_str(), gb(profile.process_baseline).c_str());
+              enum_name(c.data.cache).c_str(), gb(profile.process_baseline).c_str());
   std::printf("resident memory while loading the model: %s (measured by the probe)\n",
               gb(profile.load_peak_rss).c_str());
   std::printf("peak resident memory (compare with the peak RSS train prints): %s, %s\n", gb(r.total).c_str(),

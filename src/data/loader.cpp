@@ -24,10 +24,10 @@ int64_t decoded_cache_bytes(size_t images, const Preprocess& preprocess) {
   return static_cast<int64_t>(images) * preprocess.resize_size * preprocess.resize_size * 3;
 }
 
-bool caches_decoded_images(const std::string& cache, size_t images, const Preprocess& preprocess) {
+bool caches_decoded_images(CacheMode cache, size_t images, const Preprocess& preprocess) {
   // auto decides on 1.4x the square size: photos are rarely square.
   const double estimate = 1.4 * static_cast<double>(decoded_cache_bytes(images, preprocess));
-  return cache == "memory" || (cache == "auto" && estimate <= kAutoCacheBytes);
+  return cache == CacheMode::kMemory || (cache == CacheMode::kAuto && estimate <= kAutoCacheBytes);
 }
 
 ImageBatchSource::ImageBatchSource(ImageFolder folder, Preprocess preprocess, LoaderOptions options)

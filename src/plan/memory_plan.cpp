@@ -128,7 +128,7 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
                            bool checkpoint, QuantFormat frozen_quant) {
   const CachingCpuAllocatorScope allocator;  // tensor bytes on the CPU are counted there
   TrainConfig c = config;
-  c.head.init = "random";  // a zero-shot head has the same size
+  c.head.init = HeadInit::kRandom;  // a zero-shot head has the same size
   c.gradient_checkpointing = checkpoint;
   std::vector<std::string> names;
   for (int64_t i = 0; i < classes; ++i) names.push_back("class " + std::to_string(i));
@@ -266,7 +266,7 @@ std::vector<Candidate> quantized_candidates(const TrainConfig& c, const c10::Dev
 
 // On CUDA, when quantising is not enough either: offload both, without and then with nf4 weights.
 std::vector<Candidate> offload_candidates(const TrainConfig& c, const c10::Device& device) {
-  if (!device.is_cuda() || c.method != Method::kLora || c.offload != "none") return {};
+  if (!device.is_cuda() || c.method != Method::kLora || c.offload != OffloadMode::kNone) return {};
   const Candidate first = candidates(c, device).front();
   return {{first.precision, first.frozen_dtype, true, frozen_quant_for(c), true},
           {first.precision, first.frozen_dtype, true, QuantFormat::kNf4, true}};
@@ -324,7 +324,7 @@ FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget)
     MemoryProfile p;
     try {
       TrainConfig c = config;
-      if (cand.offload) c.offload = "both";
+      if (cand.offload) c.offload = OffloadMode::kBoth;
       p = probe_memory(c, classes, cand.precision, cand.frozen_dtype, cand.checkpoint, cand.quant);
     } catch (const c10::Error& e) {  // e.g. a graph that breaks with 16-bit frozen weights: train would not use it
       last_error = e.what_without_backtrace();

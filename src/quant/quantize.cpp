@@ -141,6 +141,12 @@ std::string quant_format_name(QuantFormat format) {
   return "?";
 }
 
+QuantFormat parse_quant_format(const std::string& name, const std::string& what) {
+  for (const QuantFormat f : {QuantFormat::kNone, QuantFormat::kInt8, QuantFormat::kNf4})
+    if (quant_format_name(f) == name) return f;
+  throw InputError(what + " " + name + ": not a quantisation format (none, int8, nf4)");
+}
+
 const std::array<float, 16>& nf4_code_book() {
   // The quantiles of N(0, 1) normalised to [-1, 1] with an exact zero, as published with QLoRA.
   static const std::array<float, 16> code = {

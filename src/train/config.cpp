@@ -3,6 +3,7 @@
 #include <functional>
 #include <map>
 #include <sstream>
+#include <type_traits>
 
 #include "common/files.h"
 #include "common/strings.h"
@@ -63,7 +64,8 @@ void assign(int64_t& out, const json& v) { out = v.is_null() ? -1 : v.get<int64_
 void assign(uint64_t& out, const json& v) { out = v.get<uint64_t>(); }
 void assign(double& out, const json& v) { out = v.is_null() ? -1.0 : v.get<double>(); }
 void assign(bool& out, const json& v) { out = v.get<bool>(); }
-void assign(Method& out, const json& v) { out = parse_method(v.get<std::string>()); }
+template <typename E>
+std::enable_if_t<std::is_enum_v<E>> assign(E& out, const json& v) { out = parse_enum<E>(v.get<std::string>(), "value"); }
 template <typename T>
 void assign(std::vector<T>& out, const json& v) { out = v.get<std::vector<T>>(); }
 template <typename T>
@@ -71,8 +73,10 @@ void assign(std::map<std::string, T>& out, const json& v) { out = v.get<std::map
 
 // Struct member -> JSON value.
 template <typename T>
-json value_of(const T& member) { return member; }
-json value_of(const Method& member) { return method_name(member); }
+json value_of(const T& member) {
+  if constexpr (std::is_enum_v<T>) return enum_name(member);
+  else return member;
+}
 
 // Where a key lands: a chain of members, e.g. field(&TrainConfig::optim, &OptimConfig::lr).
 template <typename... Members>
@@ -130,12 +134,12 @@ const std::vector<Key>& schema() {
       {"data.prefetch_batches", Kind::kInt, false, kNotResult, "batches decoded ahead of training",
        field(&C::data, &D::prefetch_batches), Range::at_least(1)},
       {"data.cache", Kind::kString, false, kNotResult,
-       "keep decoded, resized images in memory (auto: if they fit in 2 GB)", field(&C::data, &D::cache), Range::any(), {"auto", "memory", "off"}},
+       "keep decoded, resized images in memory (auto: if they fit in 2 GB)", field(&C::data, &D::cache), Range::any(), enum_names<CacheMode>()},
       {"data.prefix_cache", Kind::kString, false, kNotResult,
        "keep the output of the frozen prefix (stem and blocks without adapters; whole backbone for linear_probe) per "
        "image and reuse it in later epochs; valid only without augmentation (auto: on when augmentation is off and a "
        "block or more is frozen)",
-       field(&C::data, &D::prefix_cache), Range::any(), {"auto", "memory", "off"}},
+       field(&C::data, &D::prefix_cache), Range::any(), enum_names<CacheMode>()},
       {"data.max_image_pixels", Kind::kInt, false, kResult,
        "skip (and list) images with more pixels than this, before decoding them; 0: no limit",
        field(&C::data, &D::max_image_pixels), Range::at_least(0)},
@@ -173,7 +177,7 @@ const std::vector<Key>& schema() {
        field(&C::lora, &L::alpha_pattern), lora_rules::kAlpha},
       {"head.init", Kind::kString, false, kResult,
        "how the head starts; zero_shot: from the text encoder's class embeddings (cosine classifier, CLIP models)",
-       field(&C::head, &H::init), Range::any(), {"random", "zero_shot"}},
+       field(&C::head, &H::init), Range::any(), enum_names<HeadInit>()},
       {"head.text_model", Kind::kPath, true, kResult,
        "zero_shot: text encoder bundle; null: the one the model names", path_field(&C::head, &H::text_model)},
       {"head.class_names", Kind::kPath, true, kResult, "zero_shot: JSON file {\"folder\": \"name\" or [names]}",
@@ -210,21 +214,21 @@ const std::vector<Key>& schema() {
       {"loss", Kind::kString, false, kResult,
        "cross_entropy: train the head on class labels; contrastive: CLIP's image-text loss on a class prompt per "
        "image (FLYP), LoRA on both towers, classes scored by the adapted text tower",
-       field(&C::loss), Range::any(), {"cross_entropy", "contrastive"}},
+       field(&C::loss), Range::any(), enum_names<TrainingLoss>()},
       {"label_smoothing", Kind::kNumber, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing), Range::between(0, 1, false, true)},
       {"precision", Kind::kString, false, kResult,
        "compute precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)", field(&C::precision), Range::any(), precision_choices()},
       {"frozen_dtype", Kind::kString, false, kResult,
        "storage of frozen base weights (auto: the compute dtype on CUDA with mixed precision; int8, nf4: the blocks' "
        "Linear weights quantised, the rest as auto)",
-       field(&C::frozen_dtype), Range::any(), {"auto", "fp32", "compute", "int8", "nf4"}},
+       field(&C::frozen_dtype), Range::any(), enum_names<FrozenStorage>()},
       {"gradient_checkpointing", Kind::kBool, false, kResult,
        "recompute each block in backward instead of storing activations", field(&C::gradient_checkpointing)},
       {"offload", Kind::kString, false, kNotResult,
        "CUDA: keep in pinned host memory, copied in one block ahead on a side stream: weights (the blocks' frozen "
        "weights, two blocks on the GPU at a time), activations (the inputs checkpointed blocks keep for backward), "
        "or both; on the CPU it does nothing",
-       field(&C::offload), Range::any(), {"none", "weights", "activations", "both"}},
+       field(&C::offload), Range::any(), enum_names<OffloadMode>()},
       {"loss_scale.init", Kind::kNumber, false, kResult, "fp16: initial loss scale",
        field(&C::loss_scale, &LS::init), Range::positive()},
       {"loss_scale.growth_interval", Kind::kInt, false, kResult, "fp16: clean steps before the scale doubles",
@@ -368,7 +372,7 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.model.empty())
     fail("\"model\" is required: a model bundle (.pt), a checkpoint folder or hf:ORG/NAME (`loratune import --help`)");
   if (c.data.train.empty()) fail("\"data.train\" is required: the photo folder to train on");
-  if (c.data.prefix_cache == "memory" && c.data.augment.enabled)
+  if (c.data.prefix_cache == CacheMode::kMemory && c.data.augment.enabled)
     fail("data.prefix_cache memory needs data.augment.enabled false: augmented images differ every epoch, so their "
          "prefix outputs cannot be reused");
   for (const auto& t : c.head.templates)
@@ -379,17 +383,17 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
     fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
   if (c.output_dir.empty()) fail("output_dir must not be empty");
-  if ((c.frozen_dtype == "int8" || c.frozen_dtype == "nf4") && c.method != Method::kLora)
-    fail("frozen_dtype " + c.frozen_dtype + " quantises the frozen base under LoRA adapters: set method to lora");
-  if (c.offload != "none" && c.method != Method::kLora)
-    fail("offload " + c.offload + " moves the frozen base under LoRA adapters: set method to lora");
-  if (c.offload != "none" && !c.gradient_checkpointing)
-    fail("offload " + c.offload + " needs gradient_checkpointing true: without it backward keeps every block's "
+  if ((c.frozen_dtype == FrozenStorage::kInt8 || c.frozen_dtype == FrozenStorage::kNf4) && c.method != Method::kLora)
+    fail("frozen_dtype " + enum_name(c.frozen_dtype) + " quantises the frozen base under LoRA adapters: set method to lora");
+  if (c.offload != OffloadMode::kNone && c.method != Method::kLora)
+    fail("offload " + enum_name(c.offload) + " moves the frozen base under LoRA adapters: set method to lora");
+  if (c.offload != OffloadMode::kNone && !c.gradient_checkpointing)
+    fail("offload " + enum_name(c.offload) + " needs gradient_checkpointing true: without it backward keeps every block's "
          "weights and activations on the GPU");
-  if (c.loss == "contrastive") {
+  if (c.loss == TrainingLoss::kContrastive) {
     if (c.method != Method::kLora)
       fail("loss contrastive trains LoRA adapters on both towers: set method to lora");
-    if (c.head.init != "zero_shot")
+    if (c.head.init != HeadInit::kZeroShot)
       fail("loss contrastive scores classes with the text tower: set head.init to zero_shot");
     if (c.label_smoothing > 0) fail("label_smoothing applies to loss cross_entropy; set it to 0");
     if (c.optim.head_lr > 0) fail("optim.head_lr: with loss contrastive the head is not trained (the text tower "

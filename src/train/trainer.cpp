@@ -89,11 +89,11 @@ Trainer::Impl::Impl(const TrainConfig& config, Model& model, BatchSource& train,
   check_train_config(config);  // a config filled in code gets the checks a file gets
   optimizer_ = make_optimizer(config, model);
   scaler_ = make_loss_scaler(config, precision);
-  if (config.head.init == "zero_shot" && model.has_head()) {  // as built, also on resume: before the checkpoint loads
+  if (config.head.init == HeadInit::kZeroShot && model.has_head()) {  // as built, also on resume: before the checkpoint loads
     initial_head_weight_ = model.head_weight().detach().to(at::kCPU).clone();
     initial_head_bias_ = model.head_bias().detach().to(at::kCPU).clone();
   }
-  contrastive_ = config.loss == "contrastive";
+  contrastive_ = config.loss == TrainingLoss::kContrastive;
   if (contrastive_) {
     if (!model.has_text_tower() || !hooks_.class_prompts || !hooks_.text_head)
       throw InputError("loss contrastive needs the model's text tower (build_training_model) and the CLIP text side: "

@@ -81,7 +81,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     init_adapter_tensors(targets, model->module());
     model->set_adapters(targets, c.lora);
   }
-  if (c.loss == "contrastive") {
+  if (c.loss == TrainingLoss::kContrastive) {
     model->set_text_tower(load_bundle(c.head.text_model.empty() ? text_model_for(model->bundle())
                                                                 : text_tower_path(c.head.text_model)));
     LoraSettings text_settings = c.lora;
@@ -93,7 +93,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     model->set_head_trainable(false);
   }
   model->init_head(static_cast<int64_t>(classes.size()));
-  if (c.head.init == "zero_shot") {
+  if (c.head.init == HeadInit::kZeroShot) {
     if (!zero_shot)
       throw InputError("head.init zero_shot needs the CLIP text encoder: link loratune_text and pass "
                        "loratune::zero_shot_head_initializer()");
@@ -128,16 +128,22 @@ std::unique_ptr<LossScaler> make_loss_scaler(const TrainConfig& c, Precision pre
 
 at::ScalarType frozen_dtype_for(const TrainConfig& c, Precision precision, const c10::Device& device) {
   const bool mixed = precision != Precision::kFp32;
-  const bool compact = c.frozen_dtype == "compute" || (c.frozen_dtype != "fp32" && device.is_cuda());
+  const bool compact =
+      c.frozen_dtype == FrozenStorage::kCompute || (c.frozen_dtype != FrozenStorage::kFp32 && device.is_cuda());
   return compact && mixed && c.method != Method::kFull ? compute_dtype(precision) : at::kFloat;
 }
 
 OffloadSettings offload_settings_for(const TrainConfig& c) {
-  return {c.offload == "weights" || c.offload == "both", c.offload == "activations" || c.offload == "both"};
+  return {c.offload == OffloadMode::kWeights || c.offload == OffloadMode::kBoth,
+          c.offload == OffloadMode::kActivations || c.offload == OffloadMode::kBoth};
 }
 
 QuantFormat frozen_quant_for(const TrainConfig& c) {
-  return c.frozen_dtype == "int8" ? QuantFormat::kInt8 : c.frozen_dtype == "nf4" ? QuantFormat::kNf4 : QuantFormat::kNone;
+  switch (c.frozen_dtype) {
+    case FrozenStorage::kInt8: return QuantFormat::kInt8;
+    case FrozenStorage::kNf4: return QuantFormat::kNf4;
+    default: return QuantFormat::kNone;
+  }
 }
 
 TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::string>& classes,
@@ -160,8 +166,8 @@ TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::stri
     }
   }
   if (s.frozen_quant != QuantFormat::kNone) s.notes.push_back(quantization_note(s.model->frozen_quantization()));
-  if (c.offload != "none" && !s.device.is_cuda())
-    s.notes.push_back("offload " + c.offload + " applies on CUDA; on the CPU it does nothing");
+  if (c.offload != OffloadMode::kNone && !s.device.is_cuda())
+    s.notes.push_back("offload " + enum_name(c.offload) + " applies on CUDA; on the CPU it does nothing");
   if (s.model->offload().weights) s.notes.push_back("offload: two blocks' frozen weights on the GPU at a time");
   if (s.model->offload().activations) s.notes.push_back("offload: checkpointed blocks keep their inputs in host memory");
 

@@ -21,7 +21,7 @@ import sys
 ORDER = ["common", "io", "import", "lora", "quant", "model", "data", "eval", "distributed", "train", "plan", "run", "text",
          "plot", "report", "cli", "apps"]
 OWNER = {
-    "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_tensor", "threads"],
+    "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_enum", "named_tensor", "threads"],
     "io": ["safetensors"],
     "import": ["import"],
     "lora": ["adapter", "adapter_variant", "lora", "targets"],
@@ -35,7 +35,7 @@ OWNER = {
     "run": ["training_run"],
     "text": ["clip_tokenizer", "sentencepiece_tokenizer", "text_tokenizer", "zero_shot"],
 }
-HEADER_ONLY = {"errors", "named_tensor", "text_tokenizer"}
+HEADER_ONLY = {"errors", "method", "named_tensor", "text_tokenizer"}
 # Umbrella header -> the CMake library whose public headers it gathers.
 UMBRELLAS = {"loratune": "loratune", "vision": "loratune_vision", "text": "loratune_text"}
 HEADER_FOLDER = {h: folder for folder, headers in OWNER.items() for h in headers}

@@ -107,7 +107,7 @@ TEST(Transforms, EvalTransformNormalisesExactly) {
   EXPECT_NEAR(t[2][7][0].item<float>(), 0.2f, 1e-6);
 }
 
-LoaderOptions training_options(int workers, const std::string& cache) {
+LoaderOptions training_options(int workers, CacheMode cache) {
   LoaderOptions o;
   o.batch_size = 5;
   o.shuffle = o.drop_last = o.augment = true;
@@ -137,8 +137,8 @@ Preprocess toy_preprocess() {
 
 TEST(Loader, SameBatchesWhateverTheNumberOfWorkers) {
   const ImageFolder f = scan_image_folder(images("toy/train"));
-  ImageBatchSource one(f, toy_preprocess(), training_options(1, "off"));
-  ImageBatchSource many(f, toy_preprocess(), training_options(3, "off"));
+  ImageBatchSource one(f, toy_preprocess(), training_options(1, CacheMode::kOff));
+  ImageBatchSource many(f, toy_preprocess(), training_options(3, CacheMode::kOff));
   for (int64_t epoch : {0, 1}) {
     const auto a = epoch_batches(one, epoch), b = epoch_batches(many, epoch);
     ASSERT_EQ(a.size(), 14u);  // 72 images, batches of 5, last incomplete one dropped
@@ -161,7 +161,7 @@ TEST(Loader, CacheGivesTheSameEvalBatches) {
   o.batch_size = 7;
   o.workers = 2;
   ImageBatchSource plain(f, toy_preprocess(), o);
-  o.cache = "memory";
+  o.cache = CacheMode::kMemory;
   ImageBatchSource cached(f, toy_preprocess(), o);
   EXPECT_TRUE(cached.caching());
   for (int pass = 0; pass < 2; ++pass) {
@@ -199,7 +199,7 @@ TEST(TrainingOnPhotos, LossFallsAndValidationBeatsChance) {
                                             {"optim", {{"lr", 0.005}}}},
                                            "test");
   auto model = build_training_model(c, {"a", "b", "c"});
-  LoaderOptions o = training_options(2, "auto");
+  LoaderOptions o = training_options(2, CacheMode::kAuto);
   o.batch_size = 8;
   ImageBatchSource train(train_folder, toy_preprocess(), o);
   LoaderOptions vo;

@@ -662,7 +662,7 @@ TEST(Config, ConfigsFilledInCodeAreChecked) {
   EXPECT_THROW_WITH(check_train_config(c), InputError, "lora.dropout must be in [0, 1) (got 1.5)");
   c.lora.dropout = 0.0;
   c.method = Method::kFull;
-  c.frozen_dtype = "nf4";
+  c.frozen_dtype = FrozenStorage::kNf4;
   EXPECT_THROW_WITH(check_train_config(c), InputError, "frozen_dtype nf4 quantises the frozen base");
   c.method = Method::kLora;
   c.precision = "fp8";
