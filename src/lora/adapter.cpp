@@ -304,21 +304,24 @@ json parse_config_file(const fs::path& path) {
   }
 }
 
-}  // namespace
+// The adapter's safetensors file and the adapter_config.json beside it (which may not exist).
+struct AdapterFiles {
+  fs::path weights, config;
+};
 
-Adapter load_adapter(const fs::path& path) {
-  fs::path weights_path = path, config_path;
+AdapterFiles locate_adapter(const fs::path& path) {
   std::error_code ec;
   if (fs::is_directory(path, ec)) {
-    weights_path = path / kAdapterWeightsName;
-    config_path = path / kAdapterConfigName;
-    if (!fs::exists(weights_path, ec)) throw InputError(path.string() + " is not an adapter: it has no " + kAdapterWeightsName);
-  } else {
-    if (!fs::exists(path, ec)) throw InputError("adapter " + path.string() + " does not exist");
-    config_path = path.parent_path() / kAdapterConfigName;
+    if (!fs::exists(path / kAdapterWeightsName, ec))
+      throw InputError(path.string() + " is not an adapter: it has no " + kAdapterWeightsName);
+    return {path / kAdapterWeightsName, path / kAdapterConfigName};
   }
-  const auto contents = safetensors::read(weights_path);
-  const std::string origin = path.string();
+  if (!fs::exists(path, ec)) throw InputError("adapter " + path.string() + " does not exist");
+  return {path, path.parent_path() / kAdapterConfigName};
+}
+
+// The checksum loratune writes, and the format version.
+void check_envelope(const safetensors::Contents& contents, const std::string& origin) {
   const auto hash = contents.metadata.find("tensors_hash");
   if (hash != contents.metadata.end() && hash->second != tensors_hash(contents.tensors))
     throw InputError(origin + ": the tensors do not match the checksum written with them; the file is damaged "
@@ -328,45 +331,95 @@ Adapter load_adapter(const fs::path& path) {
       format->second != kAdapterFormat)
     throw InputError(origin + " is a " + format->second + " adapter; this loratune reads " + kAdapterFormat +
                      ": update loratune to use it");
-  Adapter a;
-  json meta;
-  const bool has_config = !config_path.empty() && fs::exists(config_path, ec);
-  auto it = contents.metadata.find("loratune");
-  if (it != contents.metadata.end()) {
-    meta = read_loratune_metadata(a, it->second, origin);
-    if (has_config && fs::is_directory(path, ec)) {
-      // PEFT reads adapter_config.json: it must say what the metadata says, or PEFT would apply another scale.
-      Adapter peft;
-      read_peft_config(peft, parse_config_file(config_path), config_path.string());
-      // Named as adapter_config.json names them: "<key> <there> vs <inside>".
-      std::vector<std::string> differ;
-      auto compare = [&](const std::string& key, const json& there, const json& inside) {
-        if (there != inside) differ.push_back(key + " " + there.dump() + " vs " + inside.dump());
-      };
-      compare("r", peft.lora.rank, a.lora.rank);
-      compare("lora_alpha", peft.lora.alpha, a.lora.alpha);
-      compare("use_rslora", peft.lora.rslora, a.lora.rslora);
-      for (const auto* variant : adapter_variants())
-        if (!variant->peft_flag().empty())
-          compare(variant->peft_flag(), peft.lora.variant == variant->name(), a.lora.variant == variant->name());
-      if (!differ.empty())
-        throw InputError(config_path.string() + " disagrees with the settings inside " + weights_path.string() + " (" +
-                         join(differ, ", ") + "); the files were altered or mixed up: copy the adapter folder anew");
-    }
-  } else {
-    // An adapter from PEFT: settings come from adapter_config.json.
+}
+
+// PEFT reads adapter_config.json: it must say what loratune's metadata says, or PEFT would apply another scale.
+void check_peft_config_agrees(const Adapter& a, const AdapterFiles& files) {
+  Adapter peft;
+  read_peft_config(peft, parse_config_file(files.config), files.config.string());
+  // Named as adapter_config.json names them: "<key> <there> vs <inside>".
+  std::vector<std::string> differ;
+  auto compare = [&](const std::string& key, const json& there, const json& inside) {
+    if (there != inside) differ.push_back(key + " " + there.dump() + " vs " + inside.dump());
+  };
+  compare("r", peft.lora.rank, a.lora.rank);
+  compare("lora_alpha", peft.lora.alpha, a.lora.alpha);
+  compare("use_rslora", peft.lora.rslora, a.lora.rslora);
+  for (const auto* variant : adapter_variants())
+    if (!variant->peft_flag().empty())
+      compare(variant->peft_flag(), peft.lora.variant == variant->name(), a.lora.variant == variant->name());
+  if (!differ.empty())
+    throw InputError(files.config.string() + " disagrees with the settings inside " + files.weights.string() + " (" +
+                     join(differ, ", ") + "); the files were altered or mixed up: copy the adapter folder anew");
+}
+
+// The adapter's settings: loratune's metadata (returned) or, for a PEFT adapter, adapter_config.json (null returned).
+json read_settings(Adapter& a, const safetensors::Contents& contents, const AdapterFiles& files, bool folder,
+                   const std::string& origin) {
+  std::error_code ec;
+  const bool has_config = fs::exists(files.config, ec);
+  const auto it = contents.metadata.find("loratune");
+  if (it == contents.metadata.end()) {
     if (!has_config)
       throw InputError(origin + " has no loratune metadata and no adapter_config.json beside it; cannot tell its "
                        "lora_alpha");
-    read_peft_config(a, parse_config_file(config_path), config_path.string());
+    read_peft_config(a, parse_config_file(files.config), files.config.string());
+    return nullptr;
   }
-  check_lora_settings(a.lora, origin);
+  json meta = read_loratune_metadata(a, it->second, origin);
+  if (has_config && folder) check_peft_config_agrees(a, files);
+  return meta;
+}
+
+// One adapter tensor (a "lora_A"-like key) into its target's slot of the variant's tensor specs.
+void place_adapter_tensor(std::map<TargetKey, LoraTarget>& found, const LoraKey& k, const std::string& key,
+                          const at::Tensor& tensor, const AdapterVariant* variant, const std::string& origin) {
+  std::string module = k.module, param = "weight";
+  const size_t dot = module.rfind('.');
+  const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
+  if (last.size() > 7 && last.compare(last.size() - 7, 7, "_weight") == 0)
+    param = last, module = dot == std::string::npos ? "" : module.substr(0, dot);
+  LoraTarget& t = found[TargetKey{module, param, k.slice}];
+  t.module = module;
+  t.param = param;
+  t.slice = k.slice;
+  t.variant = variant;
+  const auto& specs = variant->tensor_specs();
+  t.tensors.resize(specs.size());
+  const auto slot = std::find_if(specs.begin(), specs.end(), [&](const AdapterTensorSpec& s) { return s.name == k.tensor; });
+  if (slot == specs.end())
+    throw InputError(origin + ": tensor " + key + " belongs to another adapter variant than " + variant->name() +
+                     " (adapter_config.json names the variant: " + join(peft_flags(), ", ") + ")");
+  if (tensor.dim() != static_cast<int64_t>(slot->shape.size()) || !tensor.is_floating_point())
+    throw InputError(origin + ": tensor " + key + " is not a " + std::to_string(slot->shape.size()) +
+                     "-D floating point tensor");
+  t.tensors[static_cast<size_t>(slot - specs.begin())] = tensor.to(at::kFloat);
+}
+
+// A target whose tensors are all there: its rank and sizes from their shapes, its alpha from the patterns.
+void complete_target(LoraTarget& t, const Adapter& a, const PeftPatterns& alpha_patterns, const std::string& origin) {
+  if (!t.A().defined() || !t.B().defined())
+    throw InputError(origin + ": adapter " + t.module + " has only one of lora_A / lora_B");
+  if (t.A().size(0) != t.B().size(1))
+    throw InputError(origin + ": adapter " + t.module + " has lora_A rank " + std::to_string(t.A().size(0)) +
+                     " but lora_B rank " + std::to_string(t.B().size(1)));
+  if (t.A().size(0) == 0 || t.A().size(1) == 0 || t.B().size(0) == 0)
+    throw InputError(origin + ": adapter " + t.module + " has an empty lora_A or lora_B (rank 0); the file is damaged");
+  t.rank = t.A().size(0);
+  t.in_features = t.A().size(1);
+  t.rows = t.B().size(0);
+  t.variant->check(t, origin);
+  t.rslora = a.lora.rslora;
+  const double* alpha = alpha_patterns.find(t.module);
+  t.alpha = alpha ? *alpha : a.lora.alpha;
+}
+
+// Tensors: adapters by key, the head, full weights.
+void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::string& origin) {
   const PeftPatterns alpha_patterns(a.lora.alpha_pattern, "alpha_pattern", origin);
   // Ranks come from the tensors' shapes; the keys must still be patterns PEFT can read.
   PeftPatterns(a.lora.rank_pattern, "rank_pattern", origin);
   const AdapterVariant* variant = find_variant(a.lora.variant);
-
-  // Tensors: adapters by key, the head, full weights.
   std::map<TargetKey, LoraTarget> found;
   const std::string head_prefix = std::string(kKeyPrefix) + kHeadModule + ".";
   for (const auto& [key, tensor] : contents.tensors) {
@@ -377,86 +430,71 @@ Adapter load_adapter(const fs::path& path) {
     std::string name = key;
     if (name.compare(0, std::strlen(kKeyPrefix), kKeyPrefix) == 0) name = name.substr(std::strlen(kKeyPrefix));
     const LoraKey k = parse_lora_key(name);
-    if (!k.tensor.empty()) {
-      std::string module = k.module, param = "weight";
-      const size_t dot = module.rfind('.');
-      const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
-      if (last.size() > 7 && last.compare(last.size() - 7, 7, "_weight") == 0)
-        param = last, module = dot == std::string::npos ? "" : module.substr(0, dot);
-      LoraTarget& t = found[TargetKey{module, param, k.slice}];
-      t.module = module;
-      t.param = param;
-      t.slice = k.slice;
-      t.variant = variant;
-      const auto& specs = variant->tensor_specs();
-      t.tensors.resize(specs.size());
-      const auto slot = std::find_if(specs.begin(), specs.end(), [&](const AdapterTensorSpec& s) { return s.name == k.tensor; });
-      if (slot == specs.end())
-        throw InputError(origin + ": tensor " + key + " belongs to another adapter variant than " + variant->name() +
-                         " (adapter_config.json names the variant: " + join(peft_flags(), ", ") + ")");
-      if (tensor.dim() != static_cast<int64_t>(slot->shape.size()) || !tensor.is_floating_point())
-        throw InputError(origin + ": tensor " + key + " is not a " + std::to_string(slot->shape.size()) +
-                         "-D floating point tensor");
-      t.tensors[static_cast<size_t>(slot - specs.begin())] = tensor.to(at::kFloat);
-    } else if (key == head_prefix + "weight") {
-      a.head_weight = tensor.to(at::kFloat);
-    } else if (key == head_prefix + "bias") {
-      a.head_bias = tensor.to(at::kFloat);
-    } else {
-      a.full_weights[name] = tensor;
-    }
+    if (!k.tensor.empty()) place_adapter_tensor(found, k, key, tensor, variant, origin);
+    else if (key == head_prefix + "weight") a.head_weight = tensor.to(at::kFloat);
+    else if (key == head_prefix + "bias") a.head_bias = tensor.to(at::kFloat);
+    else a.full_weights[name] = tensor;
   }
   for (auto& [id, t] : found) {
-    if (!t.A().defined() || !t.B().defined())
-      throw InputError(origin + ": adapter " + t.module + " has only one of lora_A / lora_B");
-    if (t.A().size(0) != t.B().size(1))
-      throw InputError(origin + ": adapter " + t.module + " has lora_A rank " + std::to_string(t.A().size(0)) +
-                       " but lora_B rank " + std::to_string(t.B().size(1)));
-    if (t.A().size(0) == 0 || t.A().size(1) == 0 || t.B().size(0) == 0)
-      throw InputError(origin + ": adapter " + t.module + " has an empty lora_A or lora_B (rank 0); the file is damaged");
-    t.rank = t.A().size(0);
-    t.in_features = t.A().size(1);
-    t.rows = t.B().size(0);
-    t.variant->check(t, origin);
-    t.rslora = a.lora.rslora;
-    const double* alpha = alpha_patterns.find(t.module);
-    t.alpha = alpha ? *alpha : a.lora.alpha;
+    complete_target(t, a, alpha_patterns, origin);
     a.targets.push_back(std::move(t));
   }
-  if (!meta.is_null()) {
-    // Exact ranks and alphas as recorded, slice by slice.
-    for (const auto& jt : meta.at("targets")) {
-      const std::string module = jt.at("module").get<std::string>();
-      const TargetKey key{module, jt.at("param").get<std::string>(), jt.at("slice").get<std::string>()};
-      auto match = std::find_if(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) { return t == key; });
-      if (match == a.targets.end()) throw InputError(origin + ": adapter " + module + " is listed but has no tensors");
-      match->alpha = jt.at("alpha").get<double>();
-      if (!(match->alpha > 0)) throw InputError(origin + ": adapter " + module + " has alpha <= 0");
-    }
-    if (a.targets.size() != meta.at("targets").size())
-      throw InputError(origin + ": the file holds adapter tensors its metadata does not list");
-    std::set<TargetKey> text;
-    for (const auto& jt : meta.at("targets"))
-      if (jt.contains("tower") && jt.at("tower") == "text")
-        text.insert(TargetKey{jt.at("module").get<std::string>(), jt.at("param").get<std::string>(),
-                              jt.at("slice").get<std::string>()});
-    const auto image_end = std::stable_partition(a.targets.begin(), a.targets.end(),
-                                                 [&](const LoraTarget& t) { return text.count(t) == 0; });
-    std::move(image_end, a.targets.end(), std::back_inserter(a.text_targets));
-    a.targets.erase(image_end, a.targets.end());
+}
+
+// loratune's metadata lists every target: exact alphas as recorded, slice by slice, and the text tower's targets.
+void apply_recorded_targets(Adapter& a, const json& meta, const std::string& origin) {
+  for (const auto& jt : meta.at("targets")) {
+    const std::string module = jt.at("module").get<std::string>();
+    const TargetKey key{module, jt.at("param").get<std::string>(), jt.at("slice").get<std::string>()};
+    auto match = std::find_if(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) { return t == key; });
+    if (match == a.targets.end()) throw InputError(origin + ": adapter " + module + " is listed but has no tensors");
+    match->alpha = jt.at("alpha").get<double>();
+    if (!(match->alpha > 0)) throw InputError(origin + ": adapter " + module + " has alpha <= 0");
   }
+  if (a.targets.size() != meta.at("targets").size())
+    throw InputError(origin + ": the file holds adapter tensors its metadata does not list");
+  std::set<TargetKey> text;
+  for (const auto& jt : meta.at("targets"))
+    if (jt.contains("tower") && jt.at("tower") == "text")
+      text.insert(TargetKey{jt.at("module").get<std::string>(), jt.at("param").get<std::string>(),
+                            jt.at("slice").get<std::string>()});
+  const auto image_end = std::stable_partition(a.targets.begin(), a.targets.end(),
+                                               [&](const LoraTarget& t) { return text.count(t) == 0; });
+  std::move(image_end, a.targets.end(), std::back_inserter(a.text_targets));
+  a.targets.erase(image_end, a.targets.end());
+}
+
+// The classifier head: both tensors, [classes, features] and [classes], one name per class (named if none stored).
+void check_head(Adapter& a, const std::string& origin) {
   if (a.head_weight.defined() != a.head_bias.defined())
     throw InputError(origin + ": classifier head is incomplete (weight and bias must both be present)");
-  if (a.head_weight.defined() && (a.head_weight.dim() != 2 || a.head_bias.dim() != 1 ||
-                                  a.head_bias.size(0) != a.head_weight.size(0)))
+  if (!a.head_weight.defined()) return;
+  if (a.head_weight.dim() != 2 || a.head_bias.dim() != 1 || a.head_bias.size(0) != a.head_weight.size(0))
     throw InputError(origin + ": classifier weight must be [classes, features] and its bias [classes]");
-  if (a.head_weight.defined() && !a.classes.empty() && static_cast<int64_t>(a.classes.size()) != a.head_weight.size(0))
+  if (!a.classes.empty() && static_cast<int64_t>(a.classes.size()) != a.head_weight.size(0))
     throw InputError(origin + ": " + std::to_string(a.classes.size()) + " class names for a head of " +
                      std::to_string(a.head_weight.size(0)) + " outputs");
-  if (a.head_weight.defined() && a.classes.empty())
+  if (a.classes.empty())
     for (int64_t i = 0; i < a.head_weight.size(0); ++i) a.classes.push_back("class_" + std::to_string(i));
+}
+
+}  // namespace
+
+Adapter load_adapter(const fs::path& path) {
+  std::error_code ec;
+  const bool folder = fs::is_directory(path, ec);
+  const AdapterFiles files = locate_adapter(path);
+  const auto contents = safetensors::read(files.weights);
+  const std::string origin = path.string();
+  check_envelope(contents, origin);
+  Adapter a;
+  const json meta = read_settings(a, contents, files, folder, origin);
+  check_lora_settings(a.lora, origin);
+  read_tensors(a, contents, origin);
+  if (!meta.is_null()) apply_recorded_targets(a, meta, origin);
+  check_head(a, origin);
   if (a.method == Method::kFull && a.full_weights.empty()) throw InputError(origin + ": method full but no base weights stored");
-  if (fs::is_directory(path, ec) && fs::exists(path / kInitialHeadName, ec)) read_initial_head(a, path / kInitialHeadName);
+  if (folder && fs::exists(path / kInitialHeadName, ec)) read_initial_head(a, path / kInitialHeadName);
   return a;
 }
 
