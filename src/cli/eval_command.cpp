@@ -1,6 +1,7 @@
 #include <spdlog/spdlog.h>
 
-#include <fstream>
+#include <algorithm>
+#include <iterator>
 
 #include "cli/common.h"
 #include "loratune/zero_shot.h"
@@ -20,6 +21,69 @@ namespace fs = std::filesystem;
 
 namespace loratune {
 
+namespace {
+
+// The model --model/--adapter/--zero-shot name, on `device`, its base quantised when --frozen-dtype asks.
+cli::InferenceModel load_eval_model(const EvalCommand& command, const c10::Device& device) {
+  cli::InferenceModel model;
+  if (command.zero_shot) {
+    model.adapted = std::make_unique<Model>(load_bundle(command.model));
+    model.info = model.adapted->bundle().info;
+    model.classes = scan_image_folder(command.data).classes;
+    if (!command.adapter.empty()) {  // the adapted towers; the head comes from the (adapted) text tower
+      const Adapter adapter = load_adapter(command.adapter);
+      const auto& bundle = model.adapted->bundle();
+      model.adapted->set_text_tower(load_bundle(command.text_model.empty() ? text_model_for(bundle)
+                                                                           : text_tower_path(command.text_model)));
+      apply_adapter(*model.adapted, adapter, command.adapter);
+    }
+    apply_zero_shot_head(*model.adapted, model.classes, command.text_model, command.class_names, {});
+    model.adapted->to(device);
+  } else {
+    model = cli::load_inference_model(command.model, command.adapter, device);
+  }
+  if (!command.frozen_dtype.empty()) {
+    if (!model.adapted)
+      throw InputError(command.model + " is a merged classifier: --frozen-dtype quantises a base under an adapter; "
+                       "pass the base model and --adapter");
+    model.adapted->to(device, at::kFloat, parse_quant_format(command.frozen_dtype, "--frozen-dtype"));
+    spdlog::info("{}", quantization_note(model.adapted->frozen_quantization()));
+  }
+  return model;
+}
+
+// Per-class precision / recall / F1 and the totals, on the console.
+void print_metrics(const ClassificationMetrics& m, const std::vector<std::string>& classes, const std::string& how) {
+  std::vector<std::vector<std::string>> rows;
+  for (size_t k = 0; k < m.per_class.size(); ++k) {
+    const auto& c = m.per_class[k];
+    rows.push_back({classes[k], cli::percent(c.precision, 1), cli::percent(c.recall, 1), cli::percent(c.f1, 1),
+                    std::to_string(c.support)});
+  }
+  rows.push_back({"macro average", cli::percent(m.macro_precision, 1), cli::percent(m.macro_recall, 1),
+                  cli::percent(m.macro_f1, 1), std::to_string(m.count)});
+  std::printf("\n%s", cli::format_table({"class", "precision", "recall", "F1", "support"}, rows).c_str());
+  std::printf("\ntop-1 %s", cli::percent(m.top1).c_str());
+  if (m.top5 >= 0) std::printf(", top-5 %s", cli::percent(m.top5).c_str());
+  std::printf(", loss %.4f over %lld images (%s)\n", m.loss, static_cast<long long>(m.count), how.c_str());
+}
+
+// Every photo with its true class, the predicted one and its probability, in the order predicted.
+std::vector<EvaluatedPhoto> evaluated_photos(const Predictions& pr, const ImageFolder& folder) {
+  const at::Tensor probs = pr.logits.softmax(1).to(at::kDouble);
+  const at::Tensor predicted = probs.argmax(1);
+  const auto p = probs.accessor<double, 2>();
+  const auto label = pr.labels.accessor<int64_t, 1>();
+  const auto top = predicted.accessor<int64_t, 1>();
+  std::vector<EvaluatedPhoto> photos;
+  for (int64_t i = 0; i < probs.size(0); ++i)
+    photos.push_back({fs::absolute(folder.samples[pr.indices[i]].path).lexically_normal().string(), label[i], top[i],
+                      p[i][top[i]]});
+  return photos;
+}
+
+}  // namespace
+
 int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
@@ -29,30 +93,7 @@ int run_eval(const EvalCommand& command) {
     ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
-    cli::InferenceModel model;
-    if (command.zero_shot) {
-      model.adapted = std::make_unique<Model>(load_bundle(command.model));
-      model.info = model.adapted->bundle().info;
-      model.classes = scan_image_folder(command.data).classes;
-      if (!command.adapter.empty()) {  // the adapted towers; the head comes from the (adapted) text tower
-        const Adapter adapter = load_adapter(command.adapter);
-        const auto& bundle = model.adapted->bundle();
-        model.adapted->set_text_tower(load_bundle(command.text_model.empty() ? text_model_for(bundle)
-                                                                             : text_tower_path(command.text_model)));
-        apply_adapter(*model.adapted, adapter, command.adapter);
-      }
-      apply_zero_shot_head(*model.adapted, model.classes, command.text_model, command.class_names, {});
-      model.adapted->to(device);
-    } else {
-      model = cli::load_inference_model(command.model, command.adapter, device);
-    }
-    if (!command.frozen_dtype.empty()) {
-      if (!model.adapted)
-        throw InputError(command.model + " is a merged classifier: --frozen-dtype quantises a base under an adapter; "
-                         "pass the base model and --adapter");
-      model.adapted->to(device, at::kFloat, parse_quant_format(command.frozen_dtype, "--frozen-dtype"));
-      spdlog::info("{}", quantization_note(model.adapted->frozen_quantization()));
-    }
+    cli::InferenceModel model = load_eval_model(command, device);
 
     const ImageFolder folder = scan_image_folder_for(command.data, model.classes);
     log_skipped(folder.skipped, command.data);
@@ -70,21 +111,7 @@ int run_eval(const EvalCommand& command) {
     const Predictions pr = predict_all(model.forward(), source, device, precision, "eval", &threads);
     require_finite(pr, command.adapter.empty() ? command.model : command.adapter, precision);
     const ClassificationMetrics m = compute_metrics(pr.logits, pr.labels);
-
-    // Console report.
-    std::vector<std::vector<std::string>> rows;
-    for (size_t k = 0; k < m.per_class.size(); ++k) {
-      const auto& c = m.per_class[k];
-      rows.push_back({model.classes[k], cli::percent(c.precision, 1), cli::percent(c.recall, 1), cli::percent(c.f1, 1),
-                      std::to_string(c.support)});
-    }
-    rows.push_back({"macro average", cli::percent(m.macro_precision, 1), cli::percent(m.macro_recall, 1),
-                    cli::percent(m.macro_f1, 1), std::to_string(m.count)});
-    std::printf("\n%s", cli::format_table({"class", "precision", "recall", "F1", "support"}, rows).c_str());
-    std::printf("\ntop-1 %s", cli::percent(m.top1).c_str());
-    if (m.top5 >= 0) std::printf(", top-5 %s", cli::percent(m.top5).c_str());
-    std::printf(", loss %.4f over %lld images (%s)\n", m.loss, static_cast<long long>(m.count),
-                command.zero_shot ? "zero-shot" : model.merged ? "merged model" : "base + adapter");
+    print_metrics(m, model.classes, command.zero_shot ? "zero-shot" : model.merged ? "merged model" : "base + adapter");
 
     // Files: metrics.json, predictions.csv, misclassified.csv, confusion_matrix.png (and report.html).
     const fs::path out = command.output;
@@ -94,21 +121,14 @@ int run_eval(const EvalCommand& command) {
     j["adapter"] = command.adapter;
     j["data"] = command.data;
     j["classes_without_images"] = missing;
-    j["skipped_files"] = folder.skipped.size() + source.skipped().size() - folder.skipped.size();
+    j["skipped_files"] = source.skipped().size();
     write_file_atomic(out / EvalFiles::kMetrics, j.dump(2) + "\n");
     const auto legend = write_confusion_matrix(out / EvalFiles::kConfusionPng, m.confusion, model.classes,
                                                "confusion matrix: " + fs::path(command.data).filename().string());
     if (!legend.empty()) write_file_atomic(out / "confusion_matrix_legend.txt", join(legend, "\n") + "\n");
-
-    const at::Tensor probs = pr.logits.softmax(1);
-    const at::Tensor predicted = probs.argmax(1);
-    std::vector<EvaluatedPhoto> photos, wrong;
-    for (int64_t i = 0; i < pr.logits.size(0); ++i) {
-      const int64_t t = pr.labels[i].item<int64_t>(), p = predicted[i].item<int64_t>();
-      photos.push_back({fs::absolute(folder.samples[pr.indices[i]].path).lexically_normal().string(), t, p,
-                        probs[i][p].item<double>()});
-      if (t != p) wrong.push_back(photos.back());
-    }
+    const std::vector<EvaluatedPhoto> photos = evaluated_photos(pr, folder);
+    std::vector<EvaluatedPhoto> wrong;
+    std::copy_if(photos.begin(), photos.end(), std::back_inserter(wrong), [](const auto& p) { return p.truth != p.predicted; });
     write_file_atomic(out / EvalFiles::kPredictions, predictions_csv(photos, model.classes));
     write_file_atomic(out / EvalFiles::kMisclassified, predictions_csv(wrong, model.classes));
     std::printf("wrote %s, %s, %s, %s (%zu misclassified)\n", (out / EvalFiles::kMetrics).c_str(),

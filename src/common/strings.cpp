@@ -167,4 +167,11 @@ std::string escape_invalid_utf8(const std::string& s) { return escaped(s, false)
 
 std::string printable(const std::string& s) { return escaped(s, true); }
 
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\r\n") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return out + "\"";
+}
+
 }  // namespace loratune

@@ -35,4 +35,7 @@ std::string escape_invalid_utf8(const std::string& s);
 // `s` as one line of a message: invalid UTF-8 bytes and control characters (newline, escape, ...) as \xNN.
 std::string printable(const std::string& s);
 
+// `s` as one CSV field (RFC 4180): quoted, with quotes doubled, where it holds a comma, a quote or a line break.
+std::string csv_field(const std::string& s);
+
 }  // namespace loratune

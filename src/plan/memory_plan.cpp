@@ -124,6 +124,86 @@ int64_t largest_micro_batch(const MemoryProfile& p, int64_t usable) {
   return good;
 }
 
+namespace {
+
+// Bytes of the frozen tensors (parameters without gradients and buffers) of the model's towers, by storage type.
+std::vector<std::pair<std::string, int64_t>> frozen_by_dtype(Model& model, QuantFormat frozen_quant) {
+  std::map<std::string, int64_t> frozen;
+  std::vector<torch::jit::Module> towers{model.module()};  // with loss contrastive the text tower too
+  if (model.has_text_tower()) towers.push_back(model.text_bundle().module);
+  for (const auto& tower : towers) {
+    for (const auto& param : tower.parameters(/*recurse=*/true))
+      if (!param.requires_grad()) frozen[precision_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
+    for (const auto& buffer : tower.named_buffers(/*recurse=*/true))
+      frozen[is_quantized_weight_buffer(buffer.name) ? quant_format_name(frozen_quant) + ", quantised Linear weights"
+                                                     : precision_name(buffer.value.scalar_type())] +=
+          static_cast<int64_t>(buffer.value.nbytes());
+  }
+  return {frozen.begin(), frozen.end()};
+}
+
+// Tensor bytes of one training step: kept after the forward (activations for the backward), and at the peak.
+struct StepReading {
+  int64_t kept = 0, peak = 0;
+};
+
+// Runs one optimiser step of `b` random images (and prompts, for loss contrastive) and reads the device's bytes.
+class StepProbe {
+ public:
+  StepProbe(Model& model, const TrainConfig& config, const MemoryProfile& profile, int64_t classes)
+      : model_(model), config_(config), p_(profile), classes_(classes),
+        optimizer_(make_optimizer(config, model)), scaler_(make_loss_scaler(config, profile.precision)) {}
+
+  StepReading step(int64_t b) {
+    const int64_t size = model_.bundle().info.image_size;
+    const at::Tensor x = at::randn({b, 3, size, size}).to(p_.device);
+    const at::Tensor y = (at::arange(b, at::kLong) % classes_).to(p_.device);
+    const int64_t base = tensor_bytes(p_.device).current;
+    reset_peak_memory(p_.device);
+    StepReading r;
+    if (model_.has_text_tower()) {  // loss contrastive: a prompt per image through the text tower
+      const int64_t context = model_.text_bundle().info.extra.value("context_length", int64_t{77});
+      const at::Tensor tokens = at::randint(1, 100, {b, context}, at::kLong).to(p_.device);
+      at::Tensor loss;
+      {
+        AutocastScope autocast(p_.device, p_.precision);
+        loss = contrastive_loss(model_.features(x, p_.checkpoint), model_.text_features(tokens, p_.checkpoint), 100.0);
+      }
+      r.kept = tensor_bytes(p_.device).current - base;
+      backward_loss(loss, 1.0, *scaler_);
+    } else {
+      at::Tensor logits;
+      {
+        AutocastScope autocast(p_.device, p_.precision);
+        logits = model_.logits(x, p_.checkpoint);
+      }
+      r.kept = tensor_bytes(p_.device).current - base;
+      backward_micro_batch(logits, y, 1.0, *scaler_);
+    }
+    apply_step(*optimizer_, *scaler_, config_.optim.lr, config_.optim.grad_clip);
+    r.peak = tensor_bytes(p_.device).peak - base;
+    return r;
+  }
+
+ private:
+  Model& model_;
+  const TrainConfig& config_;
+  const MemoryProfile& p_;
+  int64_t classes_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<LossScaler> scaler_;
+};
+
+// The line through two readings at 2 and 4 images.
+LinearBytes line_through(int64_t at2, int64_t at4) {
+  LinearBytes l;
+  l.per_image = std::max<int64_t>(0, (at4 - at2) / 2);
+  l.fixed = std::max<int64_t>(0, at2 - 2 * l.per_image);
+  return l;
+}
+
+}  // namespace
+
 MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision precision, at::ScalarType frozen_dtype,
                            bool checkpoint, QuantFormat frozen_quant) {
   const CachingCpuAllocatorScope allocator;  // tensor bytes on the CPU are counted there
@@ -139,6 +219,8 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   p.frozen_quant = frozen_quant;
   p.checkpoint = checkpoint;
   p.source = "measured on " + p.device.str() + ": training steps of 2 and 4 images";
+
+  // The model as training holds it.
   const TensorBytes before_model = tensor_bytes(p.device);
   reset_peak_memory(p.device);
   auto model = build_training_model(c, names);
@@ -147,78 +229,28 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   if (!p.device.is_cuda()) p.load_peak_rss = read_memory(p.device).peak_rss;
   p.host_offload_fixed = model->offloaded_weight_bytes();
   model->set_training(true);
-  const auto trainable = model->trainable();
-  for (const auto& t : trainable) p.trainable_parameters += t.tensor.numel();
-  std::map<std::string, int64_t> frozen;
-  std::vector<torch::jit::Module> towers{model->module()};  // with loss contrastive the text tower too
-  if (model->has_text_tower()) towers.push_back(model->text_bundle().module);
-  for (const auto& tower : towers) {
-    for (const auto& param : tower.parameters(/*recurse=*/true))
-      if (!param.requires_grad()) frozen[precision_name(param.scalar_type())] += static_cast<int64_t>(param.nbytes());
-    for (const auto& buffer : tower.named_buffers(/*recurse=*/true))
-      frozen[is_quantized_weight_buffer(buffer.name) ? quant_format_name(frozen_quant) + ", quantised Linear weights"
-                                                     : precision_name(buffer.value.scalar_type())] +=
-          static_cast<int64_t>(buffer.value.nbytes());
-  }
-  p.frozen_by_dtype.assign(frozen.begin(), frozen.end());
-
+  for (const auto& t : model->trainable()) p.trainable_parameters += t.tensor.numel();
+  p.frozen_by_dtype = frozen_by_dtype(*model, frozen_quant);
   const int64_t size = model->bundle().info.image_size;
   p.resize_size = model->bundle().info.resize_size;
   p.input_per_image = 3 * size * size * static_cast<int64_t>(sizeof(float));
   p.host_batch_bytes_per_image = p.input_per_image;
   p.host_batches = std::max<int64_t>(1, c.data.prefetch_batches) + 1;  // prefetched, and the one being filled
-  auto optimizer = make_optimizer(c, *model);
-  auto scaler = make_loss_scaler(c, precision);
-  struct Reading {
-    int64_t kept = 0, peak = 0;
-  };
-  auto step = [&](int64_t b) {
-    const at::Tensor x = at::randn({b, 3, size, size}).to(p.device);
-    const at::Tensor y = (at::arange(b, at::kLong) % classes).to(p.device);
-    const int64_t base = tensor_bytes(p.device).current;
-    reset_peak_memory(p.device);
-    Reading r;
-    if (model->has_text_tower()) {  // loss contrastive: a prompt per image through the text tower
-      const int64_t context = model->text_bundle().info.extra.value("context_length", int64_t{77});
-      const at::Tensor tokens = at::randint(1, 100, {b, context}, at::kLong).to(p.device);
-      at::Tensor loss;
-      {
-        AutocastScope autocast(p.device, precision);
-        loss = contrastive_loss(model->features(x, checkpoint), model->text_features(tokens, checkpoint), 100.0);
-      }
-      r.kept = tensor_bytes(p.device).current - base;
-      backward_loss(loss, 1.0, *scaler);
-    } else {
-      at::Tensor logits;
-      {
-        AutocastScope autocast(p.device, precision);
-        logits = model->logits(x, checkpoint);
-      }
-      r.kept = tensor_bytes(p.device).current - base;
-      backward_micro_batch(logits, y, 1.0, *scaler);
-    }
-    apply_step(*optimizer, *scaler, c.optim.lr, c.optim.grad_clip);
-    r.peak = tensor_bytes(p.device).peak - base;
-    return r;
-  };
-  step(2);  // allocates gradients, AdamW moments and the device's workspaces
+
+  // Steps of 2 and 4 images; the first allocates gradients, AdamW moments and the device's workspaces.
+  StepProbe probe(*model, c, p, classes);
+  probe.step(2);
   const int64_t baseline = tensor_bytes(p.device).current - before_model.current;
   p.extra_fixed = std::max<int64_t>(0, baseline - frozen_bytes(p) - p.trainable_parameters * kTrainableBytes);
-  const Reading r2 = step(2);
+  const StepReading r2 = probe.step(2);
   const auto start = std::chrono::steady_clock::now();
-  const Reading r4 = step(4);
+  const StepReading r4 = probe.step(4);
   (void)at::zeros({1}, at::TensorOptions().device(p.device)).cpu();  // waits for the device's queued work
   p.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!p.device.is_cuda())
     p.process_baseline = std::max<int64_t>(0, read_memory(p.device).peak_rss - tensor_bytes(p.device).peak);
-  auto line = [](int64_t at2, int64_t at4) {
-    LinearBytes l;
-    l.per_image = std::max<int64_t>(0, (at4 - at2) / 2);
-    l.fixed = std::max<int64_t>(0, at2 - 2 * l.per_image);
-    return l;
-  };
-  p.kept = line(r2.kept, r4.kept);
-  p.extra = line(r2.peak - r2.kept, r4.peak - r4.kept);
+  p.kept = line_through(r2.kept, r4.kept);
+  p.extra = line_through(r2.peak - r2.kept, r4.peak - r4.kept);
   p.trained_blocks = model->trained_block_count();
   {
     at::NoGradGuard no_grad;

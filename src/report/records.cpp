@@ -31,13 +31,6 @@ json read_json(const fs::path& path) {
   }
 }
 
-std::string csv_field(const std::string& s) {
-  if (s.find_first_of(",\"\r\n") == std::string::npos) return s;
-  std::string out = "\"";
-  for (char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
-  return out + "\"";
-}
-
 // RFC 4180 records: fields split at commas, quoted fields may hold commas, quotes ("") and line breaks.
 std::vector<std::vector<std::string>> parse_csv(const std::string& text, const fs::path& path) {
   std::vector<std::vector<std::string>> rows(1, std::vector<std::string>(1));

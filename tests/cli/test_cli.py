@@ -4,6 +4,7 @@ resume, eval metrics against a Python computation from the merged file's logits,
 usage: test_cli.py LORATUNE_BINARY FIXTURE_DIR [TestClass ...]
 """
 import csv
+import io
 import json
 import os
 import shutil
@@ -915,6 +916,26 @@ class Predict(unittest.TestCase):
         labels = {r["adapter"]: r["top"][0]["label"] for r in both if r["path"].endswith("000.png") and "stripes" in r["path"]}
         self.assertEqual(labels[run_dir + "/best"], "stripes")
         self.assertTrue(labels[second].startswith("class_"), "the second adapter's own class names")
+
+    def test_csv_holds_commas_and_quotes_in_names(self):
+        run_dir = trained_run()
+        folder = os.path.join(TMP, "predict_csv")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(IMAGES, "toy", "val", "circle", "000.png"), os.path.join(folder, 'a, "b".png'))
+        shutil.copy(os.path.join(IMAGES, "toy", "val", "circle", "001.png"), os.path.join(folder, "plain.png"))
+        args = ("predict", "--model", BASE, "--adapter", run_dir + "/best", folder, "--top-k", "2")
+        code, table, err = run(*args, "--format", "json")
+        self.assertEqual(code, 0, err)
+        want = [[r["adapter"], r["path"], str(k + 1), t["label"], t["probability"]]
+                for r in json.loads(table) for k, t in enumerate(r["top"])]
+        code, text, err = run(*args, "--format", "csv")
+        self.assertEqual(code, 0, err)
+        rows = list(csv.reader(io.StringIO(text)))
+        self.assertEqual(rows[0], ["adapter", "path", "rank", "label", "probability"])
+        self.assertEqual([r[:4] for r in rows[1:]], [w[:4] for w in want])
+        for r, w in zip(rows[1:], want):
+            self.assertAlmostEqual(float(r[4]), w[4], places=5)
+        self.assertTrue(any(r[1].endswith('a, "b".png') for r in rows[1:]))
 
     def test_info_and_report(self):
         run_dir = trained_run()
