@@ -357,6 +357,10 @@ std::string render_report(const std::vector<RunRecord>& runs, const std::vector<
   std::string body;
   if (!runs.empty()) body += runs_section(runs, run_names);
   for (size_t k = 0; k < evals.size(); ++k) body += evaluation_section(evals[k], eval_names[k], k);
+  if (evals.empty())
+    body += "<p class=\"muted\" id=\"no-evaluation\">Per-class numbers, the photos and a photo-by-photo comparison "
+            "come from evaluations on held-out photos: <code>loratune eval --model MODEL --adapter RUN/best --data "
+            "PHOTOS --output EVAL</code>, then <code>loratune report RUN --eval EVAL</code>.</p>";
   if (pair.first >= 0) body += comparison_section(evals, pair, eval_names, data);
   else if (evals.size() > 1)
     body += "<p class=\"muted\">The evaluations are of different photos or classes: no photo-by-photo comparison.</p>";

@@ -958,6 +958,8 @@ class Predict(unittest.TestCase):
             with Image.open(os.path.join(run_dir, png)) as im:
                 self.assertGreater(im.size[0], 100)
         self.assertIn("report: " + os.path.join(run_dir, "report.html"), out)  # tests/python/test_report_page.py opens pages
+        with open(os.path.join(run_dir, "report.html"), encoding="utf-8") as f:
+            self.assertIn('id="no-evaluation"', f.read(), "a run alone: the page says how to add evaluations")
 
 
 class FrozenWeights(unittest.TestCase):
