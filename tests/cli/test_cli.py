@@ -72,6 +72,23 @@ class Help(unittest.TestCase):
             self.assertEqual(code, 0, cmd)
             self.assertIn("Examples:", out, cmd)
 
+    def test_bash_completion_from_the_command_table(self):
+        code, script, err = run("--completion", "bash")
+        self.assertEqual(code, 0, err)
+
+        def complete(*words):
+            """What bash completes for `loratune <words>` (the last word being typed)."""
+            words = ("loratune",) + words
+            shell = (script + "\nCOMP_WORDS=(" + " ".join(f"'{w}'" for w in words) + f"); COMP_CWORD={len(words) - 1}\n"
+                     "_loratune; printf '%s\\n' \"${COMPREPLY[@]}\"")
+            return subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.split()
+
+        self.assertIn("predict", complete("pr"))
+        self.assertEqual(complete("predict", "--fo"), ["--format"])
+        self.assertEqual(sorted(complete("predict", "--format", "")), ["csv", "json", "table"])
+        self.assertEqual(complete("eval", "--frozen-dtype", "n"), ["nf4"])
+        self.assertIn("--help-config", complete("train", "--he"))
+
     def test_config_reference(self):
         code, out, _ = run("train", "--help-config")
         self.assertEqual(code, 0)
