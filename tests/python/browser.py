@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,14 @@ def _read(path):
         return ""
 
 
+def _group_alive(group):
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class Browser:
     def __init__(self, width=1280, height=900, timeout=60):
         if not os.path.exists(CHROMIUM):
@@ -38,7 +47,7 @@ class Browser:
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={self.profile}",
              f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its own process group
         self.timeout = timeout
         self.dialogs = []  # alert/confirm/prompt a page opened: a test of hostile names expects none
         self.console_errors = []
@@ -67,8 +76,15 @@ class Browser:
     def close(self):
         if getattr(self, "ws", None):
             self.ws.close()
-        self.process.kill()
+        # Chromium's helper processes (zygote, renderer, GPU) write into the profile too: stop them all first.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait()
+        deadline = time.time() + 3
+        while time.time() < deadline and _group_alive(self.process.pid):
+            time.sleep(0.05)
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def _event(self, message):
