@@ -95,99 +95,112 @@ std::vector<std::string> candidate_modules(const torch::jit::Module& module) {
   return out;
 }
 
-std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings,
-                                        const std::string& blocks_path) {
-  check_lora_settings(settings, "LoRA settings");
-  const AdapterVariant& variant = variant_by_name(settings.variant);
-  const auto weights = adaptable_weights(module);
+namespace {
 
-  // (weight, slices) pairs chosen
-  std::vector<std::pair<Weight, std::vector<std::string>>> chosen;
-  if (settings.targets.empty()) {
-    for (const auto& w : weights) {
-      const std::string name = last_name(w.module);
-      if (w.param == "weight" && kSeparateQV.count(name)) chosen.push_back({w, {}});
-      else if (fused(w) && (w.param == "in_proj_weight" || kFusedQKV.count(name))) chosen.push_back({w, {"q", "v"}});
+// A weight chosen for adapters, whole (no slices) or by its q/k/v slices.
+using Choice = std::pair<Weight, std::vector<std::string>>;
+
+// A module with both `weight` and `in_proj_weight` is adapted through in_proj_weight.
+bool shadowed_by_in_proj(const Weight& w, const std::vector<Weight>& weights) {
+  return w.param == "weight" && std::any_of(weights.begin(), weights.end(), [&](const Weight& o) {
+           return o.module == w.module && o.param == "in_proj_weight";
+         });
+}
+
+// No lora.targets: every attention query and value projection, separate or the q/v slices of a fused one.
+std::vector<Choice> query_value_weights(const std::vector<Weight>& weights, const torch::jit::Module& module) {
+  std::vector<Choice> chosen;
+  for (const auto& w : weights) {
+    const std::string name = last_name(w.module);
+    if (w.param == "weight" && kSeparateQV.count(name)) chosen.push_back({w, {}});
+    else if (fused(w) && (w.param == "in_proj_weight" || kFusedQKV.count(name))) chosen.push_back({w, {"q", "v"}});
+  }
+  if (chosen.empty())
+    throw InputError("found no attention query/value projections to adapt (looked for modules named query/value, "
+                     "q_proj/v_proj, or fused qkv/in_proj weights); set lora.targets. Candidates: " +
+                     join(candidate_modules(module), ", ", 12));
+  return chosen;
+}
+
+// "all-linear": every 2-D weight the blocks read.
+std::vector<Choice> all_linear_weights(const std::vector<Weight>& weights, const torch::jit::Module& module,
+                                       const std::string& blocks_path) {
+  if (blocks_path.empty())
+    throw InputError("lora.targets \"all-linear\" needs a model with a blocks structure (export it with "
+                     "scripts/export/); name the modules instead");
+  std::vector<Choice> chosen;
+  for (const auto& w : weights)
+    if (w.module.compare(0, blocks_path.size() + 1, blocks_path + ".") == 0 && !shadowed_by_in_proj(w, weights) &&
+        weight_is_read(module, w.module, w.param))
+      chosen.push_back({w, {}});
+  return chosen;
+}
+
+// One lora.targets entry: the weights its pattern matches (InputError, with the nearest name, when none).
+std::vector<Choice> matching_weights(const std::string& text, const std::vector<Weight>& weights,
+                                     const torch::jit::Module& module) {
+  const Pattern p = parse_pattern(text);
+  std::vector<Choice> chosen;
+  for (const auto& w : weights) {
+    if (!p.matches(w.module) || shadowed_by_in_proj(w, weights)) continue;
+    if (!p.slices.empty() && !fused(w))
+      throw InputError("LoRA target \"" + text + "\" asks for q/k/v slices, but " + w.module + " has a [" +
+                       std::to_string(w.rows) + "x" + std::to_string(w.cols) +
+                       "] weight, not a fused [3C x C] one; drop the \":" + join(p.slices, ",") + "\"");
+    chosen.push_back({w, p.slices});
+  }
+  if (chosen.empty()) {
+    std::vector<std::string> names;
+    for (const auto& w : weights) names.push_back(w.module), names.push_back(last_name(w.module));
+    const std::string close = nearest(p.name, names);
+    throw InputError("LoRA target \"" + text + "\" matches no module" +
+                     (close.empty() ? "" : " (did you mean \"" + close + "\"?)") +
+                     ". Candidates: " + join(candidate_modules(module), ", ", 12));
+  }
+  return chosen;
+}
+
+// lora.rank_pattern / lora.alpha_pattern: the value of the last pattern that applies to a module (and slice).
+template <typename T>
+class PerModule {
+ public:
+  PerModule(const std::map<std::string, T>& values, const char* key, const char* requirement) : values_(values) {
+    for (const auto& [k, v] : values) {
+      if (!(v > 0)) throw InputError(std::string("lora.") + key + "[\"" + k + "\"] must be " + requirement);
+      patterns_.push_back(parse_pattern(k));
     }
-    if (chosen.empty())
-      throw InputError("found no attention query/value projections to adapt (looked for modules named query/value, "
-                       "q_proj/v_proj, or fused qkv/in_proj weights); set lora.targets. Candidates: " +
-                       join(candidate_modules(module), ", ", 12));
-  } else {
-    for (const auto& text : settings.targets) {
-      if (text == kAllLinear) {
-        if (blocks_path.empty())
-          throw InputError("lora.targets \"all-linear\" needs a model with a blocks structure (export it with "
-                           "scripts/export/); name the modules instead");
-        for (const auto& w : weights) {
-          if (w.module.compare(0, blocks_path.size() + 1, blocks_path + ".") != 0) continue;
-          if (w.param == "weight" &&
-              std::any_of(weights.begin(), weights.end(),
-                          [&](const Weight& o) { return o.module == w.module && o.param == "in_proj_weight"; }))
-            continue;
-          if (weight_is_read(module, w.module, w.param)) chosen.push_back({w, {}});
-        }
-        continue;
-      }
-      const Pattern p = parse_pattern(text);
-      size_t matched = 0;
-      for (const auto& w : weights) {
-        if (!p.matches(w.module)) continue;
-        // A module with both `weight` and `in_proj_weight` is adapted through in_proj_weight.
-        if (w.param == "weight" &&
-            std::any_of(weights.begin(), weights.end(),
-                        [&](const Weight& o) { return o.module == w.module && o.param == "in_proj_weight"; }))
-          continue;
-        if (!p.slices.empty() && !fused(w))
-          throw InputError("LoRA target \"" + text + "\" asks for q/k/v slices, but " + w.module + " has a [" +
-                           std::to_string(w.rows) + "x" + std::to_string(w.cols) +
-                           "] weight, not a fused [3C x C] one; drop the \":" + join(p.slices, ",") + "\"");
-        chosen.push_back({w, p.slices});
-        ++matched;
-      }
-      if (matched == 0) {
-        std::vector<std::string> names;
-        for (const auto& w : weights) names.push_back(w.module), names.push_back(last_name(w.module));
-        const std::string close = nearest(p.name, names);
-        throw InputError("LoRA target \"" + text + "\" matches no module" +
-                         (close.empty() ? "" : " (did you mean \"" + close + "\"?)") +
-                         ". Candidates: " + join(candidate_modules(module), ", ", 12));
-      }
-    }
+  }
+  T value(const std::string& module, const std::string& slice, T fallback) const {
+    for (const auto& p : patterns_)
+      if (p.matches(module) && (p.slices.empty() || std::find(p.slices.begin(), p.slices.end(), slice) != p.slices.end()))
+        fallback = values_.at(p.text);
+    return fallback;
   }
 
-  std::vector<Pattern> rank_patterns, alpha_patterns;
-  for (const auto& [k, v] : settings.rank_pattern) {
-    if (v <= 0) throw InputError("lora.rank_pattern[\"" + k + "\"] must be a positive integer");
-    rank_patterns.push_back(parse_pattern(k));
-  }
-  for (const auto& [k, v] : settings.alpha_pattern) {
-    if (!(v > 0)) throw InputError("lora.alpha_pattern[\"" + k + "\"] must be positive");
-    alpha_patterns.push_back(parse_pattern(k));
-  }
-  auto pattern_applies = [](const Pattern& p, const std::string& module, const std::string& slice) {
-    return p.matches(module) && (p.slices.empty() || std::find(p.slices.begin(), p.slices.end(), slice) != p.slices.end());
-  };
+ private:
+  const std::map<std::string, T>& values_;
+  std::vector<Pattern> patterns_;
+};
 
+// The chosen weights as targets, one per slice, with their ranks and alphas; each weight once.
+std::vector<LoraTarget> targets_of(const std::vector<Choice>& chosen, const LoraSettings& settings,
+                                   const AdapterVariant& variant) {
+  const PerModule<int64_t> ranks(settings.rank_pattern, "rank_pattern", "a positive integer");
+  const PerModule<double> alphas(settings.alpha_pattern, "alpha_pattern", "positive");
   std::vector<LoraTarget> out;
   std::set<TargetKey> seen;
   for (const auto& [w, slices] : chosen) {
-    std::vector<std::string> parts = slices.empty() ? std::vector<std::string>{""} : slices;
-    for (const auto& slice : parts) {
+    for (const auto& slice : slices.empty() ? std::vector<std::string>{""} : slices) {
       LoraTarget t;
       t.module = w.module;
       t.param = w.param;
       t.slice = slice;
       t.in_features = w.cols;
       std::tie(t.row_begin, t.rows) = t.rows_in(w.rows);
-      t.rank = settings.rank;
-      t.alpha = settings.alpha;
+      t.rank = ranks.value(w.module, slice, settings.rank);
+      t.alpha = alphas.value(w.module, slice, settings.alpha);
       t.rslora = settings.rslora;
       t.variant = &variant;
-      for (const auto& p : rank_patterns)
-        if (pattern_applies(p, w.module, slice)) t.rank = settings.rank_pattern.at(p.text);
-      for (const auto& p : alpha_patterns)
-        if (pattern_applies(p, w.module, slice)) t.alpha = settings.alpha_pattern.at(p.text);
       if (!seen.insert(t).second) continue;  // several patterns may select the same weight
       if (!slice.empty() && std::any_of(out.begin(), out.end(), [&](const LoraTarget& o) {
             return o.module == t.module && o.param == t.param && o.slice.empty();
@@ -196,6 +209,24 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
       out.push_back(std::move(t));
     }
   }
+  return out;
+}
+
+}  // namespace
+
+std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const LoraSettings& settings,
+                                        const std::string& blocks_path) {
+  check_lora_settings(settings, "LoRA settings");
+  const AdapterVariant& variant = variant_by_name(settings.variant);
+  const auto weights = adaptable_weights(module);
+  std::vector<Choice> chosen;
+  if (settings.targets.empty()) chosen = query_value_weights(weights, module);
+  for (const auto& text : settings.targets) {
+    const auto more = text == kAllLinear ? all_linear_weights(weights, module, blocks_path)
+                                         : matching_weights(text, weights, module);
+    chosen.insert(chosen.end(), more.begin(), more.end());
+  }
+  std::vector<LoraTarget> out = targets_of(chosen, settings, variant);
   for (const auto& t : out) {
     if (std::any_of(out.begin(), out.end(), [&](const LoraTarget& o) { return o.module == t.module && o.param != t.param; }))
       throw InputError("LoRA targets select two different weights of module " + t.module + "; adapt one of them");
