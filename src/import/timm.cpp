@@ -173,25 +173,22 @@ void expect_tensor(const CheckpointTensors& ckpt, const std::string& key, bool e
                    " such tensor; the checkpoint does not match its config");
 }
 
-}  // namespace
-
-ImportedModel import_timm(const Folder& folder, const json& config, const ImportOptions& options) {
-  const std::string where = folder.where("config.json");
-  const std::string arch = config_string(config, "architecture", where);
-  const TimmVit v = timm_vit(arch, config, where);
-  CheckpointTensors ckpt = read_weights(folder, "model", "pytorch_model.bin");
-  ckpt.ignore_if([](const std::string& k) { return k.rfind("head.", 0) == 0 || k.rfind("head_dist.", 0) == 0; });
-  const bool use_fc_norm = v.final_norm && v.fc_norm, use_norm = v.final_norm && !v.fc_norm;
+// The tensors the architecture (with model_args) has, and only those.
+void expect_architecture_tensors(const CheckpointTensors& ckpt, const TimmVit& v, const std::string& arch) {
   expect_tensor(ckpt, "cls_token", v.class_token, arch);
   expect_tensor(ckpt, "dist_token", v.distilled, arch);
   expect_tensor(ckpt, "reg_token", v.registers > 0, arch);
   expect_tensor(ckpt, "norm_pre.weight", v.pre_norm, arch);
-  expect_tensor(ckpt, "norm.weight", use_norm, arch);
-  expect_tensor(ckpt, "fc_norm.weight", use_fc_norm, arch);
+  expect_tensor(ckpt, "norm.weight", v.final_norm && !v.fc_norm, arch);
+  expect_tensor(ckpt, "fc_norm.weight", v.final_norm && v.fc_norm, arch);
   expect_tensor(ckpt, "attn_pool.latent", v.pool == "map", arch);
   expect_tensor(ckpt, "blocks.0.ls1.gamma", v.layer_scale && v.depth > 0, arch);
   expect_tensor(ckpt, "blocks.0.attn.q_norm.weight", v.qk_norm && v.depth > 0, arch);
+}
 
+// config.json's pretrained_cfg: input size (or --image-size), crop, interpolation, mean and std.
+Preprocessing timm_preprocessing(const json& config, const TimmVit& v, const ImportOptions& options,
+                                 const std::string& where) {
   const json cfg = config.value("pretrained_cfg", json::object());
   if (!cfg.is_object()) throw InputError(where + ": \"pretrained_cfg\" is not an object");
   Preprocessing pre;
@@ -221,8 +218,12 @@ ImportedModel import_timm(const Folder& folder, const json& config, const Import
   if (pre.image_size % v.patch != 0)
     throw InputError(where + ": image size " + std::to_string(pre.image_size) + " is not a multiple of patch " +
                      std::to_string(v.patch));
+  return pre;
+}
 
-  const int64_t C = v.dim, prefix = v.prefix(), pos_prefix = v.no_embed_class ? 0 : prefix;
+// pos_embed, checked to be a square grid after its prefix rows and resampled to `grid` x `grid`.
+at::Tensor position_table(CheckpointTensors& ckpt, const TimmVit& v, int64_t grid) {
+  const int64_t C = v.dim, pos_prefix = v.no_embed_class ? 0 : v.prefix();
   const at::Tensor pos_embed = ckpt.take_any("pos_embed", 3);
   const int64_t table = pos_embed.size(1);
   const auto old_grid = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(std::max<int64_t>(table - pos_prefix, 0)))));
@@ -230,12 +231,56 @@ ImportedModel import_timm(const Folder& folder, const json& config, const Import
     throw InputError(ckpt.origin() + ": tensor \"pos_embed\" of shape [" + std::to_string(pos_embed.size(0)) + ", " +
                      std::to_string(table) + ", " + std::to_string(pos_embed.size(2)) + "] is not a square grid of " +
                      "width " + std::to_string(C) + " after " + std::to_string(pos_prefix) + " prefix rows");
-  const int64_t grid = pre.image_size / v.patch;
+  return resample_position_table(pos_embed, pos_prefix, old_grid, old_grid, grid, grid);
+}
+
+// TorchScript of the stem: patches, prefix tokens (class, distillation, registers), positions, pre-norm.
+std::string stem_source(const TimmVit& v) {
+  std::string tokens = "[";
+  if (v.class_token) tokens += "self.model.cls_token.expand(B, -1, -1), ";
+  if (v.distilled) tokens += "self.model.dist_token.expand(B, -1, -1), ";
+  if (v.registers) tokens += "self.model.reg_token.expand(B, -1, -1), ";
+  std::string stem = "def stem(self, images):\n"
+                     "    x = self.model.patch_embed.proj.forward(images).flatten(2).transpose(1, 2)\n"
+                     "    B = x.size(0)\n";
+  if (v.no_embed_class) stem += "    x = x + self.model.pos_embed\n";
+  if (v.prefix()) stem += "    x = torch.cat(" + tokens + "x], 1)\n";
+  if (!v.no_embed_class) stem += "    x = x + self.model.pos_embed\n";
+  if (v.pre_norm) stem += "    x = self.model.norm_pre.forward(x)\n";
+  return stem + "    return x\n";
+}
+
+// TorchScript of the head: final norm, pooling (token, average, distilled pair, attention pool), fc_norm.
+std::string head_source(ScriptBuilder& b, torch::jit::Module& root, CheckpointTensors& ckpt, const TimmVit& v) {
+  const bool use_fc_norm = v.final_norm && v.fc_norm, use_norm = v.final_norm && !v.fc_norm;
+  const std::string prefix = std::to_string(v.prefix());
+  std::string head = "def head(self, hidden):\n    h = hidden\n";
+  if (use_norm) head += "    h = self.model.norm.forward(h)\n";
+  if (v.pool == "map") head += "    h = h[:, " + prefix + ":]\n" + attention_pool_source(b, root, ckpt, v);
+  else if (v.distilled) head += "    h = (h[:, 0] + h[:, 1]) * 0.5\n";
+  else if (v.pool == "token") head += "    h = h[:, 0]\n";
+  else head += "    h = h[:, " + prefix + ":].mean(1)\n";
+  if (use_fc_norm) head += "    h = self.model.fc_norm.forward(h)\n";
+  return head + "    return h\n";
+}
+
+}  // namespace
+
+ImportedModel import_timm(const Folder& folder, const json& config, const ImportOptions& options) {
+  const std::string where = folder.where("config.json");
+  const std::string arch = config_string(config, "architecture", where);
+  const TimmVit v = timm_vit(arch, config, where);
+  CheckpointTensors ckpt = read_weights(folder, "model", "pytorch_model.bin");
+  ckpt.ignore_if([](const std::string& k) { return k.rfind("head.", 0) == 0 || k.rfind("head_dist.", 0) == 0; });
+  expect_architecture_tensors(ckpt, v, arch);
+  const Preprocessing pre = timm_preprocessing(config, v, options, where);
+  const at::Tensor pos_embed = position_table(ckpt, v, pre.image_size / v.patch);
 
   BlockLayout l;
   l.norm1 = "norm1", l.norm2 = "norm2", l.attention = BlockLayout::Attention::fused, l.qkv = "attn.qkv";
   l.q_norm = "attn.q_norm", l.k_norm = "attn.k_norm", l.out = "attn.proj", l.scale1 = "ls1.gamma", l.scale2 = "ls2.gamma";
   l.fc1 = "mlp.fc1", l.fc2 = "mlp.fc2", l.qkv_bias = v.qkv_bias, l.eps = v.eps, l.activation = v.activation;
+  const int64_t C = v.dim;
   const BlockShape shape{C, v.heads, v.mlp_hidden()};
 
   ScriptBuilder b;
@@ -245,36 +290,16 @@ ImportedModel import_timm(const Folder& folder, const json& config, const Import
   if (v.class_token) add_parameter(model, "cls_token", ckpt.take("cls_token", {1, 1, C}));
   if (v.registers) add_parameter(model, "reg_token", ckpt.take("reg_token", {1, v.registers, C}));
   if (v.distilled) add_parameter(model, "dist_token", ckpt.take("dist_token", {1, 1, C}));
-  add_parameter(model, "pos_embed", resample_position_table(pos_embed, pos_prefix, old_grid, old_grid, grid, grid));
+  add_parameter(model, "pos_embed", pos_embed);
   if (v.pre_norm) place(b, root, "model.norm_pre", b.layer_norm(ckpt, "norm_pre", C, l.eps));
   for (int64_t i = 0; i < v.depth; ++i)
     place(b, root, "model.blocks." + std::to_string(i),
           transformer_block(b, ckpt, "blocks." + std::to_string(i) + ".", l, shape));
-  if (use_norm) place(b, root, "model.norm", b.layer_norm(ckpt, "norm", C, l.eps));
-  if (use_fc_norm) place(b, root, "model.fc_norm", b.layer_norm(ckpt, "fc_norm", C, l.eps));
-
-  std::string tokens = "[";
-  if (v.class_token) tokens += "self.model.cls_token.expand(B, -1, -1), ";
-  if (v.distilled) tokens += "self.model.dist_token.expand(B, -1, -1), ";
-  if (v.registers) tokens += "self.model.reg_token.expand(B, -1, -1), ";
-  std::string stem = "def stem(self, images):\n"
-                     "    x = self.model.patch_embed.proj.forward(images).flatten(2).transpose(1, 2)\n"
-                     "    B = x.size(0)\n";
-  if (v.no_embed_class) stem += "    x = x + self.model.pos_embed\n";
-  if (prefix) stem += "    x = torch.cat(" + tokens + "x], 1)\n";
-  if (!v.no_embed_class) stem += "    x = x + self.model.pos_embed\n";
-  if (v.pre_norm) stem += "    x = self.model.norm_pre.forward(x)\n";
-  stem += "    return x\n";
-  std::string head = "def head(self, hidden):\n    h = hidden\n";
-  if (use_norm) head += "    h = self.model.norm.forward(h)\n";
-  if (v.pool == "map") head += "    h = h[:, " + std::to_string(prefix) + ":]\n" + attention_pool_source(b, root, ckpt, v);
-  else if (v.distilled) head += "    h = (h[:, 0] + h[:, 1]) * 0.5\n";
-  else if (v.pool == "token") head += "    h = h[:, 0]\n";
-  else head += "    h = h[:, " + std::to_string(prefix) + ":].mean(1)\n";
-  if (use_fc_norm) head += "    h = self.model.fc_norm.forward(h)\n";
-  head += "    return h\n";
+  if (v.final_norm && !v.fc_norm) place(b, root, "model.norm", b.layer_norm(ckpt, "norm", C, l.eps));
+  if (v.final_norm && v.fc_norm) place(b, root, "model.fc_norm", b.layer_norm(ckpt, "fc_norm", C, l.eps));
+  const std::string head = head_source(b, root, ckpt, v);
   ckpt.expect_all_taken();
-  b.define(root, stem);
+  b.define(root, stem_source(v));
   b.define(root, head);
   b.define(root, "def forward(self, images):\n    h = self.stem(images)\n" +
                      run_blocks_source("self.model.blocks", v.depth, "h") + "    return self.head(h)\n");
