@@ -157,6 +157,51 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   return out;
 }
 
+// SigLIP's attention-pooling head (a learned probe attends over the tokens, then an MLP), placed under
+// vision_model.head; returns the TorchScript lines of head().
+std::string siglip_pool_head(ScriptBuilder& b, torch::jit::Module& root, CheckpointTensors& ckpt, const std::string& kp,
+                             const BlockLayout& l, const BlockShape& shape) {
+  const int64_t C = shape.dim, heads = shape.heads;
+  const std::string hp = kp + "head.";
+  torch::jit::Module attn = b.container("MultiheadAttention");
+  add_parameter(attn, "in_proj_weight", ckpt.take(hp + "attention.in_proj_weight", {3 * C, C}));
+  add_parameter(attn, "in_proj_bias", ckpt.take(hp + "attention.in_proj_bias", {3 * C}));
+  place(b, attn, "out_proj", b.linear(ckpt, hp + "attention.out_proj", C, C, Bias::yes));
+  place(b, root, "vision_model.head.attention", attn);
+  torch::jit::Module map_head = root.attr("vision_model").toModule().attr("head").toModule();
+  add_parameter(map_head, "probe", ckpt.take(hp + "probe", {1, 1, C}));
+  place(b, root, "vision_model.head.layernorm", b.layer_norm(ckpt, hp + "layernorm", C, l.eps));
+  place(b, root, "vision_model.head.mlp.fc1", b.linear(ckpt, hp + "mlp.fc1", shape.mlp_hidden, C, Bias::yes));
+  place(b, root, "vision_model.head.mlp.fc2", b.linear(ckpt, hp + "mlp.fc2", C, shape.mlp_hidden, Bias::yes));
+  const std::string H = std::to_string(heads), D = std::to_string(C / heads), Cs = std::to_string(C);
+  return "    h = self.vision_model.post_layernorm.forward(hidden)\n"
+         "    B = h.size(0)\n    N = h.size(1)\n"
+         "    mh = self.vision_model.head\n"
+         "    w = mh.attention.in_proj_weight\n    bias = mh.attention.in_proj_bias\n"
+         "    q = torch.linear(mh.probe.expand(B, -1, -1), w[0:" + Cs + "], bias[0:" + Cs + "]).reshape(B, 1, " + H + ", " + D + ").transpose(1, 2)\n"
+         "    k = torch.linear(h, w[" + Cs + ":" + std::to_string(2 * C) + "], bias[" + Cs + ":" + std::to_string(2 * C) + "]).reshape(B, N, " + H + ", " + D + ").transpose(1, 2)\n"
+         "    v = torch.linear(h, w[" + std::to_string(2 * C) + ":], bias[" + std::to_string(2 * C) + ":]).reshape(B, N, " + H + ", " + D + ").transpose(1, 2)\n"
+         "    s = torch.matmul(q, k.transpose(-2, -1)) * " + float_literal(1.0 / std::sqrt(static_cast<double>(C / heads))) + "\n"
+         "    a = torch.matmul(torch.softmax(s, -1), v).transpose(1, 2).reshape(B, 1, " + Cs + ")\n"
+         "    a = mh.attention.out_proj.forward(a)\n"
+         "    m = mh.layernorm.forward(a)\n"
+         "    m = mh.mlp.fc1.forward(m)\n"
+         "    m = " + activation_source(l.activation, "m") + "\n"
+         "    return (a + mh.mlp.fc2.forward(m))[:, 0]\n";
+}
+
+// CLIP's head: post-norm of the class token, then visual_projection where the checkpoint has it. Returns the
+// TorchScript lines of head() and sets `feature_dim`.
+std::string clip_class_token_head(ScriptBuilder& b, torch::jit::Module& root, CheckpointTensors& ckpt, int64_t C,
+                                  int64_t& feature_dim) {
+  std::string head = "    h = self.vision_model.post_layernorm.forward(hidden[:, 0])\n";
+  feature_dim = C;
+  if (!ckpt.has("visual_projection.weight")) return head + "    return h\n";
+  feature_dim = ckpt.shape("visual_projection.weight", 2)[0];
+  place(b, root, "visual_projection", b.linear(ckpt, "visual_projection", feature_dim, C, Bias::no));
+  return head + "    return self.visual_projection.forward(h)\n";
+}
+
 // The vision tower of CLIP (class embedding, pre-norm, post-norm of the class token, projection) or SigLIP (no class
 // token, attention-pooling head).
 ImportedModel clip_like_vision(const Folder& folder, const json& config, const std::string& type,
@@ -217,45 +262,13 @@ ImportedModel clip_like_vision(const Folder& folder, const json& config, const s
   if (siglip) {
     if (!vc.value("vision_use_head", true) || !ckpt.has(kp + "head.probe"))
       throw InputError(where + ": a SigLIP vision tower without its attention-pooling head is not supported");
-    const std::string hp = kp + "head.";
-    torch::jit::Module attn = b.container("MultiheadAttention");
-    add_parameter(attn, "in_proj_weight", ckpt.take(hp + "attention.in_proj_weight", {3 * C, C}));
-    add_parameter(attn, "in_proj_bias", ckpt.take(hp + "attention.in_proj_bias", {3 * C}));
-    place(b, attn, "out_proj", b.linear(ckpt, hp + "attention.out_proj", C, C, Bias::yes));
-    place(b, root, "vision_model.head.attention", attn);
-    torch::jit::Module map_head = root.attr("vision_model").toModule().attr("head").toModule();
-    add_parameter(map_head, "probe", ckpt.take(hp + "probe", {1, 1, C}));
-    place(b, root, "vision_model.head.layernorm", b.layer_norm(ckpt, hp + "layernorm", C, l.eps));
-    place(b, root, "vision_model.head.mlp.fc1", b.linear(ckpt, hp + "mlp.fc1", shape.mlp_hidden, C, Bias::yes));
-    place(b, root, "vision_model.head.mlp.fc2", b.linear(ckpt, hp + "mlp.fc2", C, shape.mlp_hidden, Bias::yes));
+    head += siglip_pool_head(b, root, ckpt, kp, l, shape);
     stem += "    return x + " + e + ".position_embedding.weight.unsqueeze(0)\n";
-    const std::string H = std::to_string(heads), D = std::to_string(C / heads), Cs = std::to_string(C);
-    head += "    h = self.vision_model.post_layernorm.forward(hidden)\n"
-            "    B = h.size(0)\n    N = h.size(1)\n"
-            "    mh = self.vision_model.head\n"
-            "    w = mh.attention.in_proj_weight\n    bias = mh.attention.in_proj_bias\n"
-            "    q = torch.linear(mh.probe.expand(B, -1, -1), w[0:" + Cs + "], bias[0:" + Cs + "]).reshape(B, 1, " + H + ", " + D + ").transpose(1, 2)\n"
-            "    k = torch.linear(h, w[" + Cs + ":" + std::to_string(2 * C) + "], bias[" + Cs + ":" + std::to_string(2 * C) + "]).reshape(B, N, " + H + ", " + D + ").transpose(1, 2)\n"
-            "    v = torch.linear(h, w[" + std::to_string(2 * C) + ":], bias[" + std::to_string(2 * C) + ":]).reshape(B, N, " + H + ", " + D + ").transpose(1, 2)\n"
-            "    s = torch.matmul(q, k.transpose(-2, -1)) * " + float_literal(1.0 / std::sqrt(static_cast<double>(C / heads))) + "\n"
-            "    a = torch.matmul(torch.softmax(s, -1), v).transpose(1, 2).reshape(B, 1, " + Cs + ")\n"
-            "    a = mh.attention.out_proj.forward(a)\n"
-            "    m = mh.layernorm.forward(a)\n"
-            "    m = mh.mlp.fc1.forward(m)\n"
-            "    m = " + activation_source(l.activation, "m") + "\n"
-            "    return (a + mh.mlp.fc2.forward(m))[:, 0]\n";
   } else {
     stem += "    cls = " + e + ".class_embedding.reshape(1, 1, " + std::to_string(C) + ").expand(x.size(0), -1, -1)\n"
             "    x = torch.cat([cls, x], 1) + " + e + ".position_embedding.weight.unsqueeze(0)\n"
             "    return self.vision_model.pre_layrnorm.forward(x)\n";
-    head += "    h = self.vision_model.post_layernorm.forward(hidden[:, 0])\n";
-    if (ckpt.has("visual_projection.weight")) {
-      feature_dim = ckpt.shape("visual_projection.weight", 2)[0];
-      place(b, root, "visual_projection", b.linear(ckpt, "visual_projection", feature_dim, C, Bias::no));
-      head += "    return self.visual_projection.forward(h)\n";
-    } else {
-      head += "    return h\n";
-    }
+    head += clip_class_token_head(b, root, ckpt, C, feature_dim);
   }
   ckpt.expect_all_taken();
   b.define(root, stem);
