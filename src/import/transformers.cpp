@@ -70,6 +70,42 @@ bool is_position_ids(const std::string& k) {
   return k.size() >= tail.size() && k.compare(k.size() - tail.size(), tail.size(), tail) == 0;
 }
 
+// The blocks of a ViT, DeiT or DINOv2 checkpoint (DINOv2: layer scale, an MLP or SwiGLU whose width the tensors give).
+std::pair<BlockLayout, BlockShape> vit_like_blocks(const json& config, const CheckpointTensors& ckpt,
+                                                   const std::string& layer_prefix, bool dinov2, const std::string& where) {
+  BlockLayout l;
+  l.q = "attention.attention.query", l.k = "attention.attention.key", l.v = "attention.attention.value";
+  l.out = "attention.output.dense";
+  l.qkv_bias = config.value("qkv_bias", true);
+  l.eps = config_number(config, "layer_norm_eps", where, dinov2 ? 1e-6 : 1e-12, 0.0, 1.0);
+  l.activation = activation_from_name(config_string(config, "hidden_act", where, "gelu"), where);
+  BlockShape shape{config_size(config, "hidden_size", where), config_size(config, "num_attention_heads", where), 0};
+  if (dinov2) {
+    l.norm1 = "norm1", l.norm2 = "norm2", l.scale1 = "layer_scale1.lambda1", l.scale2 = "layer_scale2.lambda1";
+    l.swiglu = config.value("use_swiglu_ffn", false);
+    l.fc1 = l.swiglu ? "mlp.weights_in" : "mlp.fc1", l.fc2 = l.swiglu ? "mlp.weights_out" : "mlp.fc2";
+    if (l.swiglu) l.activation = Activation::silu;
+    shape.mlp_hidden = ckpt.shape(layer_prefix + "0." + l.fc1 + ".weight", 2)[0] / (l.swiglu ? 2 : 1);
+  } else {
+    l.norm1 = "layernorm_before", l.norm2 = "layernorm_after", l.fc1 = "intermediate.dense", l.fc2 = "output.dense";
+    shape.mlp_hidden = config_size(config, "intermediate_size", where);
+  }
+  return {l, shape};
+}
+
+// TorchScript of the stem: patches, class (and distillation) token, positions, then the register tokens.
+std::string vit_like_stem_source(const std::string& e, bool distilled, bool registers) {
+  std::string stem = "def stem(self, images):\n"
+                     "    x = " + e + ".patch_embeddings.projection.forward(images).flatten(2).transpose(1, 2)\n"
+                     "    B = x.size(0)\n";
+  stem += distilled ? "    x = torch.cat([" + e + ".cls_token.expand(B, -1, -1), " + e +
+                          ".distillation_token.expand(B, -1, -1), x], 1)\n"
+                    : "    x = torch.cat([" + e + ".cls_token.expand(B, -1, -1), x], 1)\n";
+  stem += "    x = x + " + e + ".position_embeddings\n";
+  if (registers) stem += "    x = torch.cat([x[:, :1], " + e + ".register_tokens.expand(B, -1, -1), x[:, 1:]], 1)\n";
+  return stem + "    return x\n";
+}
+
 // ViT, DeiT and DINOv2: embeddings (class, distillation and register tokens), encoder.layer.N (layers.N in files of
 // transformers 5.9 and later, whose ViTModel has no encoder), layernorm. Module paths follow the file.
 ImportedModel vit_like(const Folder& folder, const json& config, const std::string& type, const ImportOptions& options) {
@@ -84,7 +120,6 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   });
 
   const int64_t C = config_size(config, "hidden_size", where), layers = config_size(config, "num_hidden_layers", where, std::nullopt, kMaxImportedLayers);
-  const int64_t heads = config_size(config, "num_attention_heads", where);
   const int64_t patch = config_size(config, "patch_size", where), channels = config_size(config, "num_channels", where, 3);
   const int64_t trained_size = config_size(config, "image_size", where, std::nullopt, kMaxBundleImageSize);
   Preprocessing defaults;
@@ -92,24 +127,8 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   if (dinov2) defaults.mean = {0.485f, 0.456f, 0.406f}, defaults.std = {0.229f, 0.224f, 0.225f};
   const Preprocessing pre = preprocessing(folder, trained_size, defaults, options);
 
-  BlockLayout l;
-  l.q = "attention.attention.query", l.k = "attention.attention.key", l.v = "attention.attention.value";
-  l.out = "attention.output.dense";
-  l.qkv_bias = config.value("qkv_bias", true);
-  l.eps = config_number(config, "layer_norm_eps", where, dinov2 ? 1e-6 : 1e-12, 0.0, 1.0);
-  l.activation = activation_from_name(config_string(config, "hidden_act", where, "gelu"), where);
-  BlockShape shape{C, heads, 0};
   const std::string layer_keys = ckpt.has(kp + "layers.0.attention.attention.query.weight") ? "layers." : "encoder.layer.";
-  if (dinov2) {
-    l.norm1 = "norm1", l.norm2 = "norm2", l.scale1 = "layer_scale1.lambda1", l.scale2 = "layer_scale2.lambda1";
-    l.swiglu = config.value("use_swiglu_ffn", false);
-    l.fc1 = l.swiglu ? "mlp.weights_in" : "mlp.fc1", l.fc2 = l.swiglu ? "mlp.weights_out" : "mlp.fc2";
-    if (l.swiglu) l.activation = Activation::silu;
-    shape.mlp_hidden = ckpt.shape(kp + layer_keys + "0." + l.fc1 + ".weight", 2)[0] / (l.swiglu ? 2 : 1);
-  } else {
-    l.norm1 = "layernorm_before", l.norm2 = "layernorm_after", l.fc1 = "intermediate.dense", l.fc2 = "output.dense";
-    shape.mlp_hidden = config_size(config, "intermediate_size", where);
-  }
+  const auto [l, shape] = vit_like_blocks(config, ckpt, kp + layer_keys, dinov2, where);
 
   ScriptBuilder b;
   torch::jit::Module root = b.container("ImportedViT");
@@ -137,16 +156,7 @@ ImportedModel vit_like(const Folder& folder, const json& config, const std::stri
   place(b, root, base + ".layernorm", b.layer_norm(ckpt, kp + "layernorm", C, l.eps));
   ckpt.expect_all_taken();
 
-  const std::string e = "self." + emb;
-  std::string stem = "def stem(self, images):\n"
-                     "    x = " + e + ".patch_embeddings.projection.forward(images).flatten(2).transpose(1, 2)\n"
-                     "    B = x.size(0)\n";
-  stem += distilled ? "    x = torch.cat([" + e + ".cls_token.expand(B, -1, -1), " + e +
-                          ".distillation_token.expand(B, -1, -1), x], 1)\n"
-                    : "    x = torch.cat([" + e + ".cls_token.expand(B, -1, -1), x], 1)\n";
-  stem += "    x = x + " + e + ".position_embeddings\n";
-  if (registers) stem += "    x = torch.cat([x[:, :1], " + e + ".register_tokens.expand(B, -1, -1), x[:, 1:]], 1)\n";
-  stem += "    return x\n";
+  const std::string stem = vit_like_stem_source("self." + emb, distilled, registers > 0);
   const std::string head = "def head(self, hidden):\n    h = self." + base + ".layernorm.forward(hidden)\n" +
                            (distilled ? "    return (h[:, 0] + h[:, 1]) * 0.5\n" : "    return h[:, 0]\n");
   b.define(root, stem);
