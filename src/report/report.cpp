@@ -343,13 +343,13 @@ std::string render_report(const std::vector<RunRecord>& runs, const std::vector<
 
   json data = {{"maxTiles", options.max_tiles}, {"comparison", nullptr}};
   json eval_data = json::array();
-  size_t photos_total = 0;
+  std::set<std::string> evaluated;  // photos, each once however many evaluations scored it
   for (const EvalRecord& e : evals) {
     json photos = json::array();
     for (const auto& p : e.photos)
       photos.push_back({display_name(p.path, e.info), p.truth, p.predicted, std::round(p.confidence * 1e4) / 1e4,
                         thumbnails.index(p.path)});
-    photos_total += e.photos.size();
+    for (const auto& p : e.photos) evaluated.insert(p.path);
     eval_data.push_back({{"dir", fs::absolute(e.dir).lexically_normal().string()}, {"classes", e.classes}, {"photos", photos}});
   }
   data["evals"] = eval_data;
@@ -369,7 +369,7 @@ std::string render_report(const std::vector<RunRecord>& runs, const std::vector<
   std::vector<std::string> titles;
   if (!run_names.empty()) titles.push_back((runs.size() > 1 ? "runs " : "run ") + join(run_names, ", "));
   if (!eval_names.empty()) titles.push_back((evals.size() > 1 ? "evaluations " : "evaluation ") + join(eval_names, ", "));
-  std::string footer = std::to_string(thumbnails.uris().size()) + " of " + std::to_string(photos_total) +
+  std::string footer = std::to_string(thumbnails.uris().size()) + " of " + std::to_string(evaluated.size()) +
                        " evaluated photos embedded as thumbnails (at most " + std::to_string(options.max_thumbnails) +
                        ", errors first)";
   if (thumbnails.unreadable()) footer += "; " + std::to_string(thumbnails.unreadable()) + " could not be read any more";

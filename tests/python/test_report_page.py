@@ -158,6 +158,9 @@ class HostileNames(unittest.TestCase):
             self.assertEqual(b.js("document.querySelector('[data-compare=a-only]').textContent"), str(a_only))
             self.assertEqual(b.js("document.querySelector('[data-compare=b-only]').textContent"), str(b_only))
             self.assertEqual(len(b.js("[...document.querySelectorAll('#a-only .tile')]")), a_only)
+            # Each photo counts once in the footer, however many evaluations scored it.
+            self.assertIn(f"{len(data['thumbs'])} of {len({r['path'] for r in a + c})} evaluated photos embedded",
+                          b.js("document.querySelector('footer').textContent"))
             # Curves of both runs: one line per run in the loss chart.
             self.assertEqual(b.js("document.querySelectorAll('#training svg')[0].querySelectorAll('polyline').length"), 2)
             # Self-contained: the page fetched nothing (thumbnails are data: URIs).
