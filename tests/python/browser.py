@@ -43,11 +43,14 @@ class Browser:
         if not os.path.exists(CHROMIUM):
             raise RuntimeError(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
         self.profile = tempfile.mkdtemp(prefix="loratune_chromium_")
+        scratch = os.path.join(self.profile, "tmp")  # Chromium's own temporary files (singleton sockets) go here too
+        os.mkdir(scratch)
         self.process = subprocess.Popen(
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={self.profile}",
              f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its own process group
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": scratch},
+            start_new_session=True)  # its own process group
         self.timeout = timeout
         self.dialogs = []  # alert/confirm/prompt a page opened: a test of hostile names expects none
         self.console_errors = []
