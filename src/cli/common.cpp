@@ -118,11 +118,5 @@ std::string format_table(const std::vector<std::string>& header, const std::vect
   return out;
 }
 
-std::string percent(double fraction, int decimals) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.*f%%", decimals, 100.0 * fraction);
-  return buf;
-}
-
 }  // namespace cli
 }  // namespace loratune

@@ -34,6 +34,4 @@ InferenceModel load_inference_model(const std::string& model, const std::string&
 // Prints a table with aligned columns (UTF-8 aware).
 std::string format_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
 
-std::string percent(double fraction, int decimals = 2);
-
 }  // namespace loratune::cli

@@ -57,14 +57,14 @@ void print_metrics(const ClassificationMetrics& m, const std::vector<std::string
   std::vector<std::vector<std::string>> rows;
   for (size_t k = 0; k < m.per_class.size(); ++k) {
     const auto& c = m.per_class[k];
-    rows.push_back({classes[k], cli::percent(c.precision, 1), cli::percent(c.recall, 1), cli::percent(c.f1, 1),
+    rows.push_back({classes[k], percent(c.precision, 1), percent(c.recall, 1), percent(c.f1, 1),
                     std::to_string(c.support)});
   }
-  rows.push_back({"macro average", cli::percent(m.macro_precision, 1), cli::percent(m.macro_recall, 1),
-                  cli::percent(m.macro_f1, 1), std::to_string(m.count)});
+  rows.push_back({"macro average", percent(m.macro_precision, 1), percent(m.macro_recall, 1),
+                  percent(m.macro_f1, 1), std::to_string(m.count)});
   std::printf("\n%s", cli::format_table({"class", "precision", "recall", "F1", "support"}, rows).c_str());
-  std::printf("\ntop-1 %s", cli::percent(m.top1).c_str());
-  if (m.top5 >= 0) std::printf(", top-5 %s", cli::percent(m.top5).c_str());
+  std::printf("\ntop-1 %s", percent(m.top1).c_str());
+  if (m.top5 >= 0) std::printf(", top-5 %s", percent(m.top5).c_str());
   std::printf(", loss %.4f over %lld images (%s)\n", m.loss, static_cast<long long>(m.count), how.c_str());
 }
 

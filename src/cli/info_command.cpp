@@ -95,7 +95,7 @@ void print_model(const fs::path& path, const InfoCommand& command) {
   std::printf("%s would adapt %zu weights, %s LoRA parameters (%s of the base):\n",
               command.config.empty() && command.overrides.empty() ? "the default LoRA settings" : "this config",
               targets.size(), human_count(static_cast<double>(lora_params)).c_str(),
-              cli::percent(static_cast<double>(lora_params) / params, 3).c_str());
+              percent(static_cast<double>(lora_params) / params, 3).c_str());
   for (const auto& t : targets) std::printf("  %s\n", t.describe().c_str());
 }
 

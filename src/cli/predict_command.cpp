@@ -116,7 +116,7 @@ std::string format_predictions(const std::vector<Pass>& passes, const ImageFolde
       for (int64_t r = 0; r < k; ++r) {
         const std::string& name = pass.classes[label[i][r]];
         preds.push_back({{"label", name}, {"probability", p[i][r]}});
-        cell += (r ? ", " : "") + name + " " + cli::percent(p[i][r], 1);
+        cell += (r ? ", " : "") + name + " " + percent(p[i][r], 1);
         char prob[16];
         std::snprintf(prob, sizeof prob, "%.6f", p[i][r]);
         csv += csv_field(pass.name) + "," + csv_field(path) + "," + std::to_string(r + 1) + "," + csv_field(name) + "," +

@@ -43,11 +43,11 @@ void print_result(const TrainingRun& run) {
   std::printf("\ntraining done in %s: %lld steps, %s train images/s\n", human_duration(s.seconds).c_str(),
               static_cast<long long>(s.steps), human_count(s.train_images_per_second).c_str());
   if (s.best_val_top1 >= 0)
-    std::printf("best validation top-1 %s (epoch %lld), last %s\n", cli::percent(s.best_val_top1).c_str(),
-                static_cast<long long>(s.best_epoch), cli::percent(s.final_val_top1).c_str());
+    std::printf("best validation top-1 %s (epoch %lld), last %s\n", percent(s.best_val_top1).c_str(),
+                static_cast<long long>(s.best_epoch), percent(s.final_val_top1).c_str());
   std::printf("trainable parameters %s of %s (%s); peak memory %s\n", human_count(static_cast<double>(s.trainable_params)).c_str(),
               human_count(static_cast<double>(s.total_params)).c_str(),
-              cli::percent(static_cast<double>(s.trainable_params) / s.total_params, 3).c_str(),
+              percent(static_cast<double>(s.trainable_params) / s.total_params, 3).c_str(),
               human_bytes(static_cast<double>(s.peak_memory)).c_str());
   std::printf("adapters: %s (best), %s (last); metrics: %s\n", (dir / Trainer::kBestAdapter).c_str(),
               (dir / Trainer::kLastAdapter).c_str(), (dir / Trainer::kMetrics).c_str());

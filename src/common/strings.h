@@ -22,6 +22,8 @@ std::string join(const std::vector<std::string>& items, const std::string& sep =
 std::string human_count(double n);
 std::string human_bytes(double bytes);
 std::string human_duration(double seconds);
+// 0.1234 -> "12.34%" (with `decimals` digits after the point).
+std::string percent(double fraction, int decimals = 2);
 
 // Number of display columns of a UTF-8 string (East Asian wide characters count as two).
 size_t display_width(const std::string& utf8);

@@ -19,12 +19,6 @@ using nlohmann::json;
 namespace loratune {
 namespace {
 
-std::string percent(double fraction, int decimals = 2) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.*f%%", decimals, 100 * fraction);
-  return buf;
-}
-
 std::string fixed(double v, int decimals) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
