@@ -14,6 +14,8 @@
 
 namespace loratune {
 
+class AdapterInit;
+
 // A dimension of an adapter tensor, in terms of its target.
 enum class AdapterDim { kRank, kInFeatures, kRows };
 
@@ -38,9 +40,9 @@ class AdapterVariant {
   virtual std::string peft_flag() const = 0;
   // Its tensors, in order; every variant starts with LoRA's A [rank, in_features] and B [rows, rank].
   virtual const std::vector<AdapterTensorSpec>& tensor_specs() const = 0;
-  // Creates the tensors of `target` (fp32, requiring gradients where their specs train); `base_rows` are the adapted
-  // rows of the frozen weight.
-  virtual void init(LoraTarget& target, const at::Tensor& base_rows) const = 0;
+  // Creates the tensors of `target` (fp32, requiring gradients where their specs train), A and B as `start` gives
+  // them; `base_rows` are the adapted rows of the frozen weight as they were before the start took anything.
+  virtual void init(LoraTarget& target, const at::Tensor& base_rows, const AdapterInit& start) const = 0;
   // TorchScript methods added to each rewritten module type. `lora_forward(self, x, y)` adds the adapter's output
   // to y = linear(x, W, b) (activation wiring; nullptr: the variant needs the weight wiring everywhere);
   // `lora_weight(self, w)` returns the adapted weight (weight wiring).

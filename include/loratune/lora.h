@@ -25,6 +25,7 @@ struct LoraSettings {
   std::map<std::string, double> alpha_pattern;  // pattern -> alpha, overriding `alpha`
   int64_t last_blocks = -1;  // adapt only the targets inside the last N transformer blocks; < 0: all blocks
   std::string variant = "lora";  // a registered AdapterVariant's name (adapter_variants())
+  std::string init = "kaiming_uniform";  // how A and B start: a registered AdapterInit's name (adapter_inits())
 };
 
 // Which rows of which weight an adapter sits on: the weight `param` of module `module`, whole or one q/k/v slice of
@@ -54,6 +55,9 @@ struct LoraTarget : TargetKey {
   bool rslora = false;
   const AdapterVariant* variant = &lora_variant();
   std::vector<at::Tensor> tensors;  // the variant's tensors, in the order of its tensor_specs()
+  // Where the start took s * B0 @ A0 from the frozen weight (PiSSA, OLoRA): A0 and B0, undefined otherwise
+  // (adapter_init.h: files give it back).
+  at::Tensor taken_A, taken_B;
 
   // Whether tensors[k] trains (its variant's spec says; LoRA-FA keeps A fixed).
   bool trains(size_t k) const;

@@ -4,6 +4,7 @@
 
 #include "loratune/adapter.h"
 #include "loratune/adapter_binding.h"
+#include "loratune/adapter_init.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/amp.h"
 #include "loratune/batch_source.h"

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "loratune/adapter_init.h"
 #include "loratune/lora.h"
 
 namespace loratune {
@@ -20,8 +21,10 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
 // Modules that could carry an adapter (those with a 2-D weight), for error messages and `loratune info`.
 std::vector<std::string> candidate_modules(const torch::jit::Module& module);
 
-// Each target's variant creates its tensors (LoRA: A kaiming-uniform with bound 1/sqrt(in) as PEFT, B = 0; fp32,
-// requires_grad) from torch's global generator. `module` is the model the targets were resolved on.
-void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Module& module);
+// Each target's variant creates its tensors (fp32, requires_grad), A and B as `start` gives them (random ones from
+// torch's global generator). `module` is the model the targets were resolved on; a start that takes a part of the
+// weight (PiSSA, OLoRA) leaves its rows of the weight as W - s * B0 @ A0 and the target holds A0 and B0.
+void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Module& module,
+                          const AdapterInit& start = default_adapter_init());
 
 }  // namespace loratune

@@ -1,6 +1,7 @@
 #include "cli/common.h"
 #include "cli/commands.h"
 #include "loratune/errors.h"
+#include "loratune/adapter_init.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/targets.h"
 #include "loratune/training_setup.h"
@@ -30,8 +31,9 @@ void print_adapter(const fs::path& path) {
               a.base_fingerprint.empty() ? "not recorded: written by another tool" : a.base_fingerprint.c_str());
   std::printf("classes        %zu: %s\n", a.classes.size(), join(a.classes, ", ", 20).c_str());
   if (!a.targets.empty()) {
-    std::printf("LoRA           %zu weights, variant %s, rank %lld, alpha %g%s, dropout %g, %s parameters\n",
-                a.targets.size(), a.targets.front().variant->name().c_str(), static_cast<long long>(a.lora.rank),
+    const std::string start = a.lora.init == default_adapter_init().name() ? "" : ", started with " + a.lora.init;
+    std::printf("LoRA           %zu weights, variant %s%s, rank %lld, alpha %g%s, dropout %g, %s parameters\n",
+                a.targets.size(), a.targets.front().variant->name().c_str(), start.c_str(), static_cast<long long>(a.lora.rank),
                 a.lora.alpha, a.lora.rslora ? " (rsLoRA)" : "", a.lora.dropout, human_count(static_cast<double>(params)).c_str());
     for (const auto& t : a.targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
   }

@@ -5,6 +5,7 @@
 #include <iterator>
 #include <set>
 
+#include "loratune/adapter_init.h"
 #include "loratune/adapter_variant.h"
 #include "common/pattern_match.h"
 #include "loratune/errors.h"
@@ -40,6 +41,8 @@ json settings_json(const LoraSettings& s) {
             {"alpha_pattern", s.alpha_pattern}};
   if (!s.text_targets.empty()) j["text_targets"] = s.text_targets;
   if (s.variant != lora_variant().name()) j["variant"] = s.variant;  // absent: plain LoRA (files from before variants)
+  // How training started (absent: the default); the tensors apply to the unmodified base whatever the start.
+  if (s.init != default_adapter_init().name()) j["init"] = s.init;
   return j;
 }
 
@@ -223,6 +226,7 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     a.lora.rank_pattern = s.at("rank_pattern").get<std::map<std::string, int64_t>>();
     a.lora.alpha_pattern = s.at("alpha_pattern").get<std::map<std::string, double>>();
     a.lora.variant = s.value("variant", lora_variant().name());
+    a.lora.init = s.value("init", default_adapter_init().name());
     a.lora.text_targets = s.value("text_targets", std::vector<std::string>{});
     a.text_base_fingerprint = meta.value("text_base_fingerprint", "");
     a.text_base_name = meta.value("text_base_name", "");
@@ -251,6 +255,21 @@ T setting_or(const json& c, const char* key, T fallback) {
   return it == c.end() || it->is_null() ? fallback : it->get<T>();
 }
 
+// PEFT saves a PiSSA / OLoRA adapter as trained (its A and B apply to the base minus their start) unless it is saved
+// with path_initial_model_for_weight_conversion, which makes it a LoRA on the unmodified base and says
+// init_lora_weights true. CorDA and LoftQ change the base as well.
+void refuse_modified_base_start(const json& c, const std::string& where) {
+  const auto it = c.find("init_lora_weights");
+  if (it == c.end() || !it->is_string()) return;
+  const std::string value = it->get<std::string>();
+  const std::string start = value.substr(0, value.find("_niter_"));  // "pissa_niter_16": PiSSA by fast SVD
+  const AdapterInit* init = find_adapter_init(start);
+  if ((init != nullptr && init->takes_from_weight()) || start == "corda" || start == "loftq")
+    throw InputError(where + ": init_lora_weights \"" + value + "\" means the adapter applies to a base that PEFT "
+                     "changed at its start; save it in PEFT with save_pretrained(..., "
+                     "path_initial_model_for_weight_conversion=...) so that it applies to the unmodified base");
+}
+
 // PEFT's adapter_config.json: the settings of an adapter written by PEFT.
 void read_peft_config(Adapter& a, const json& c, const std::string& where) {
   try {
@@ -262,6 +281,7 @@ void read_peft_config(Adapter& a, const json& c, const std::string& where) {
     a.lora.variant = lora_variant().name();
     for (const auto* variant : adapter_variants())
       if (!variant->peft_flag().empty() && setting_or(c, variant->peft_flag().c_str(), false)) a.lora.variant = variant->name();
+    refuse_modified_base_start(c, where);
     if (c.contains("rank_pattern") && c["rank_pattern"].is_object()) a.lora.rank_pattern = c["rank_pattern"];
     if (c.contains("alpha_pattern") && c["alpha_pattern"].is_object()) a.lora.alpha_pattern = c["alpha_pattern"];
     a.base_name = setting_or<std::string>(c, "base_model_name_or_path", "");

@@ -4,9 +4,8 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
-#include <cmath>
-
 #include "common/value_rules.h"
+#include "loratune/adapter_init.h"
 #include "loratune/errors.h"
 
 namespace loratune {
@@ -100,12 +99,11 @@ class Lora : public AdapterVariant {
     return specs;
   }
 
-  void init(LoraTarget& t, const at::Tensor&) const override {
+  void init(LoraTarget& t, const at::Tensor& base_rows, const AdapterInit& start) const override {
     at::NoGradGuard no_grad;
-    const double bound = 1.0 / std::sqrt(static_cast<double>(t.in_features));
+    auto [a, b] = start.start(t, base_rows);
     const auto& specs = tensor_specs();
-    t.tensors = {at::empty({t.rank, t.in_features}, at::kFloat).uniform_(-bound, bound).requires_grad_(specs[0].trainable),
-                 at::zeros({t.rows, t.rank}, at::kFloat).requires_grad_(specs[1].trainable)};
+    t.tensors = {a.requires_grad_(specs[0].trainable), b.requires_grad_(specs[1].trainable)};
   }
 
   const char* activation_code() const override { return kActivationCode; }
@@ -139,8 +137,10 @@ class Dora : public Lora {
     return specs;
   }
 
-  void init(LoraTarget& t, const at::Tensor& base_rows) const override {
-    Lora::init(t, base_rows);
+  // The magnitude starts at the row norms of W before the start took anything (= W - s*B0@A0 + s*B0@A0): the
+  // adapted model starts as the base whatever the start.
+  void init(LoraTarget& t, const at::Tensor& base_rows, const AdapterInit& start) const override {
+    Lora::init(t, base_rows, start);
     at::NoGradGuard no_grad;
     t.tensors.push_back(base_rows.to(at::kFloat).norm(2, {1}).requires_grad_(true));
   }

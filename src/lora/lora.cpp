@@ -5,6 +5,7 @@
 
 #include "common/strings.h"
 #include "lora/lora_rules.h"
+#include "loratune/adapter_init.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/errors.h"
 
@@ -51,6 +52,8 @@ void check_lora_settings(const LoraSettings& s, const std::string& origin) {
   if (s.last_blocks >= 0) check("last_blocks", lora_rules::kLastBlocks, static_cast<double>(s.last_blocks));
   if (find_variant(s.variant) == nullptr)
     throw InputError(origin + ": lora.variant must be " + choices_text(variant_names()) + " (got \"" + s.variant + "\")");
+  if (find_adapter_init(s.init) == nullptr)
+    throw InputError(origin + ": lora.init must be " + choices_text(adapter_init_names()) + " (got \"" + s.init + "\")");
 }
 
 }  // namespace loratune

@@ -1,3 +1,5 @@
+#include <ATen/core/grad_mode.h>
+
 #include <cmath>
 #include <memory>
 
@@ -239,7 +241,8 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
   return out;
 }
 
-void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Module& module) {
+void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Module& module,
+                          const AdapterInit& start) {
   for (auto& t : targets) {
     torch::jit::Module owner = module;
     for (size_t start = 0; start < t.module.size();) {
@@ -247,8 +250,13 @@ void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Mo
       owner = owner.attr(t.module.substr(start, dot == std::string::npos ? std::string::npos : dot - start)).toModule();
       start = dot == std::string::npos ? t.module.size() : dot + 1;
     }
-    const at::Tensor weight = owner.attr(t.param).toTensor();
-    t.variant->init(t, weight.narrow(0, t.row_begin, t.rows).detach());
+    const at::Tensor rows = owner.attr(t.param).toTensor().detach().narrow(0, t.row_begin, t.rows);
+    t.variant->init(t, rows, start);
+    if (!start.takes_from_weight()) continue;
+    at::NoGradGuard no_grad;
+    t.taken_A = t.A().detach().clone();
+    t.taken_B = t.B().detach().clone();
+    rows.copy_(rows.to(at::kFloat) - at::mm(t.taken_B, t.taken_A) * t.scale());
   }
 }
 

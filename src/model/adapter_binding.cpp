@@ -1,5 +1,6 @@
 #include "loratune/adapter_binding.h"
 
+#include "loratune/adapter_init.h"
 #include "loratune/errors.h"
 
 #include <ATen/core/grad_mode.h>
@@ -29,7 +30,7 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
   if (model.method() == Method::kLora && !model.dropout_applies()) a.lora.dropout = 0;  // what training applied
   if (model.method() == Method::kLora)
     for (const auto& t : model.adapters()) {
-      LoraTarget c = t;
+      LoraTarget c = on_unmodified_base(t);
       c.module = strip_prefix(t.module, prefix);
       for (auto& tensor : c.tensors) tensor = tensor.detach().to(at::kCPU);
       a.targets.push_back(std::move(c));
@@ -41,7 +42,7 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
   if (model.method() == Method::kLora && model.has_text_tower()) {
     const Bundle& text = model.text_bundle();
     for (const auto& t : model.text_adapters()) {
-      LoraTarget c = t;
+      LoraTarget c = on_unmodified_base(t);
       c.module = strip_prefix(t.module, text.info.module_prefix);
       for (auto& tensor : c.tensors) tensor = tensor.detach().to(at::kCPU);
       a.text_targets.push_back(std::move(c));
@@ -49,6 +50,9 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
     a.text_base_fingerprint = text.fingerprint;
     a.text_base_name = text.info.name.empty() ? text.path.filename().string() : text.info.name;
   }
+  // Targets whose start took a part of the weight are written as changes of the unmodified base.
+  if (std::any_of(model.adapters().begin(), model.adapters().end(), [](const LoraTarget& t) { return t.taken_A.defined(); }))
+    a.lora = settings_on_unmodified_base(a.lora);
   a.head_weight = model.head_weight().detach().to(at::kCPU);
   a.normalize_features = model.normalize_features();
   a.head_bias = model.head_bias().detach().to(at::kCPU);

@@ -9,6 +9,7 @@
 #include "common/strings.h"
 #include "common/value_rules.h"
 #include "lora/lora_rules.h"
+#include "loratune/adapter_init.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/amp.h"
 #include "loratune/errors.h"
@@ -110,6 +111,13 @@ std::string variants_help() {
   return "adapter kind; " + join(parts, "; ");
 }
 
+// lora.init's help, from the registry.
+std::string inits_help() {
+  std::vector<std::string> parts;
+  for (const auto* i : adapter_inits()) parts.push_back(i->name() + ": " + i->summary());
+  return "how A and B start; " + join(parts, "; ");
+}
+
 // The schema: every key, its type, meaning and place (its default: the member's initial value in the structs).
 // Nothing else is accepted.
 const std::vector<Key>& schema() {
@@ -161,6 +169,8 @@ const std::vector<Key>& schema() {
       {"lora.variant", Kind::kString, false, kResult,
        variants_help(),
        field(&C::lora, &L::variant), Range::any(), variant_names()},
+      {"lora.init", Kind::kString, false, kResult, inits_help(), field(&C::lora, &L::init), Range::any(),
+       adapter_init_names()},
       {"lora.targets", Kind::kStringList, false, kResult,
        "module name suffixes or re:<regex>, with :q,v for slices of fused qkv, or all-linear (every Linear in the "
        "blocks); []: query and value of every block",

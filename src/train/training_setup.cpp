@@ -78,7 +78,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
   model->set_method(c.method);
   if (c.method == Method::kLora) {
     auto targets = adapted_targets(model->bundle(), c.lora);
-    init_adapter_tensors(targets, model->module());
+    init_adapter_tensors(targets, model->module(), adapter_init_by_name(c.lora.init));
     model->set_adapters(targets, c.lora);
   }
   if (c.loss == TrainingLoss::kContrastive) {
@@ -88,7 +88,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     text_settings.targets = c.lora.text_targets;
     const torch::jit::Module& text = model->text_bundle().module;
     auto text_targets = resolve_targets(text, text_settings, model->text_bundle().info.blocks);
-    init_adapter_tensors(text_targets, text);
+    init_adapter_tensors(text_targets, text, adapter_init_by_name(c.lora.init));
     model->set_text_adapters(text_targets);
     model->set_head_trainable(false);
   }

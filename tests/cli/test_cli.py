@@ -171,7 +171,12 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
         "mha_slices": ("torchvision_script", {"rank": 2, "alpha": 6.0, "targets": ["self_attention:q,v"], "dropout": 0.0}),
         "dora_fused": ("timm_script", {"rank": 4, "alpha": 8.0, "variant": "dora", "dropout": 0.0}),
         "all_linear_last_block": ("hf_script", {"rank": 2, "alpha": 4.0, "targets": ["all-linear"], "last_blocks": 1}),
+        # Starts taken from the weight: the file is PEFT's conversion, rank 2r on the unmodified base, same scale.
+        "pissa_rslora_fused": ("timm_script", {"rank": 4, "alpha": 8.0, "rslora": True, "init": "pissa", "dropout": 0.0,
+                                               "rank_pattern": {"qkv": 2}}),
+        "olora_dora": ("hf_script", {"rank": 4, "alpha": 8.0, "variant": "dora", "init": "olora", "dropout": 0.0}),
     }
+    TAKES_FROM_WEIGHT = ("pissa", "olora")
 
     @staticmethod
     def expected_scale(lora, module):
@@ -179,7 +184,8 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
             return next((v for k, v in patterns.items() if module == k or module.endswith("." + k)), default)
         rank = pick(lora.get("rank_pattern", {}), lora["rank"])
         alpha = pick(lora.get("alpha_pattern", {}), lora["alpha"])
-        return rank, alpha / (rank ** 0.5 if lora.get("rslora") else rank)
+        scale = alpha / (rank ** 0.5 if lora.get("rslora") else rank)
+        return rank * (2 if lora.get("init") in AdapterSettingsRoundTrip.TAKES_FROM_WEIGHT else 1), scale
 
     def test_eval_reproduces_training_and_peft_config_scales(self):
         for name, (base, lora) in self.CASES.items():
@@ -199,9 +205,12 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
 
                 with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
                     peft = json.load(f)
-                self.assertEqual((peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["use_rslora"], peft["use_dora"]),
-                                 (lora["rank"], lora["alpha"], lora.get("dropout", 0.1), lora.get("rslora", False),
-                                  lora.get("variant") == "dora"))
+                doubled = lora.get("init") in self.TAKES_FROM_WEIGHT
+                self.assertEqual((peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["use_rslora"], peft["use_dora"],
+                                  peft["init_lora_weights"]),
+                                 (lora["rank"] * (2 if doubled else 1),
+                                  lora["alpha"] * ((2 ** 0.5 if lora.get("rslora") else 2) if doubled else 1),
+                                  lora.get("dropout", 0.1), lora.get("rslora", False), lora.get("variant") == "dora", True))
                 _, meta = safetensors_lite.load(os.path.join(out, "adapter", "adapter_model.safetensors"))
                 modules = {t["module"] for t in json.loads(meta["loratune"])["targets"]}
                 self.assertTrue(modules)
@@ -214,7 +223,9 @@ class AdapterSettingsRoundTrip(unittest.TestCase):
                     self.assertAlmostEqual(scale, want_scale, places=12, msg=module)
                 code, info, _ = run("info", os.path.join(out, "adapter"))
                 self.assertEqual(code, 0)
-                self.assertIn(f"rank {lora['rank']}, alpha {lora['alpha']:g}", info)
+                self.assertIn(f"rank {peft['r']}, alpha {peft['lora_alpha']:g}", info)
+                if doubled:
+                    self.assertIn(f"started with {lora['init']}, rank", info)
                 self.assertIn(f"dropout {lora.get('dropout', 0.1):g}", info)
 
 

@@ -24,7 +24,7 @@ OWNER = {
     "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_enum", "named_tensor", "threads"],
     "io": ["safetensors"],
     "import": ["import"],
-    "lora": ["adapter", "adapter_variant", "lora", "targets"],
+    "lora": ["adapter", "adapter_init", "adapter_variant", "lora", "targets"],
     "quant": ["quantize"],
     "model": ["adapter_binding", "bundle", "merge", "model"],
     "data": ["batch_source", "image", "image_folder", "loader", "transform"],

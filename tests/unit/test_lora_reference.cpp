@@ -1,9 +1,11 @@
 // LoRA and DoRA on every layout and export mode, compared with eager PyTorch in float64 on the same weights and
-// inputs (tests/fixtures/reference.py computes W + s*B@A, and m * (W + s*B@A) / ||W + s*B@A|| for DoRA).
+// inputs (tests/fixtures/reference.py computes W + s*B@A, and m * (W + s*B@A) / ||W + s*B@A|| for DoRA, and the
+// PiSSA and OLoRA starts as PEFT does).
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include "loratune/adapter.h"
+#include "loratune/adapter_init.h"
 #include "loratune/adapter_binding.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/targets.h"
@@ -166,6 +168,97 @@ TEST_P(LoraReference, OnlyAdaptersAndHeadTrainAndLossFalls) {
   EXPECT_LT(loss_now().item<double>(), 0.5 * initial);
 }
 
+// Settings of the reference starts (tests/fixtures/reference.py: RANK 4, ALPHA 8) on each layout's q and v.
+LoraSettings start_settings(const std::string& start) {
+  LoraSettings s;
+  s.rank = 4;
+  s.alpha = 8.0;
+  s.init = start;
+  return s;
+}
+
+// `a` with each of its rank components (row k of A, column k of B) signed as in `like`: singular and QR factors are
+// defined up to those signs.
+at::Tensor signed_like(const at::Tensor& a, const at::Tensor& like, int64_t component_dim) {
+  const at::Tensor dots = (a.to(at::kDouble) * like.to(at::kDouble)).sum(1 - component_dim, true);
+  return a.to(at::kDouble) * at::where(dots < 0, -1.0, 1.0);
+}
+
+// PiSSA and OLoRA against PEFT's pissa_init / olora_init in float64: A0, B0 (up to the sign of each component) and
+// the rows left in the frozen weight; the adapted model starts as the base.
+TEST_P(LoraReference, StartsTakenFromTheWeightMatchPeft) {
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_init.safetensors")).tensors;
+  const auto base = reference().at("base_features");
+  for (const std::string start : {"pissa", "olora"}) {
+    SCOPED_TRACE(start);
+    Model model(load_bundle(bundle_path()));
+    const LoraSettings settings = start_settings(start);
+    auto targets = resolve_targets(model.module(), settings);
+    init_adapter_tensors(targets, model.module(), adapter_init_by_name(start));
+    const std::string& prefix = model.bundle().info.module_prefix;
+    auto weight_of = [&](const LoraTarget& t) {
+      for (const auto& p : model.module().named_parameters())
+        if (p.name == t.module + "." + t.param) return p.value;
+      throw std::runtime_error("no weight " + t.module);
+    };
+    for (const auto& t : targets) {
+      SCOPED_TRACE(t.describe());
+      const at::Tensor a = ref.at(start + "." + peft_key(t, prefix, "A")), b = ref.at(start + "." + peft_key(t, prefix, "B"));
+      EXPECT_LT(scaled_diff(signed_like(t.A(), a, 0), a), 1e-4);
+      EXPECT_LT(scaled_diff(signed_like(t.B(), b, 1), b), 1e-4);
+      EXPECT_TRUE(t.A().requires_grad() && t.B().requires_grad());
+      EXPECT_TRUE(at::equal(t.taken_A, t.A()) && at::equal(t.taken_B, t.B()));
+      const at::Tensor rows = weight_of(t).narrow(0, t.row_begin, t.rows);
+      EXPECT_LT(scaled_diff(rows, ref.at(start + "." + peft_key(t, prefix, "rows"))), 1e-5);
+    }
+    model.set_adapters(targets, settings);
+    at::NoGradGuard no_grad;
+    EXPECT_LT(scaled_diff(model.features(reference().at("input")), base), 1e-5);
+  }
+}
+
+// What training changed from such a start, saved and applied to the unmodified base, gives the trained model's
+// logits: the file holds [A; A0] and [B, -B0] at rank 2r with alpha keeping the scale (PEFT's conversion), for LoRA
+// and DoRA, with and without rsLoRA.
+TEST_P(LoraReference, TakenStartsAreGivenBackInTheFile) {
+  const at::Tensor x = reference().at("input");
+  for (const std::string variant : {"lora", "dora"})
+    for (const bool rslora : {false, true}) {
+      SCOPED_TRACE(variant + (rslora ? " rslora" : ""));
+      torch::manual_seed(3);
+      Model trained(load_bundle(bundle_path()));
+      LoraSettings settings = start_settings("pissa");
+      settings.variant = variant;
+      settings.rslora = rslora;
+      settings.dropout = 0.0;
+      auto targets = resolve_targets(trained.module(), settings);
+      init_adapter_tensors(targets, trained.module(), adapter_init_by_name("pissa"));
+      {
+        at::NoGradGuard no_grad;
+        for (auto& t : targets)
+          for (auto& tensor : t.tensors) tensor.add_(at::randn_like(tensor) * 0.05 * tensor.abs().mean());
+      }
+      trained.set_adapters(targets, settings);
+      trained.init_head(3);
+      at::Tensor expected;
+      {
+        at::NoGradGuard no_grad;
+        expected = trained.logits(x);
+      }
+      const auto dir = test::temp_dir("taken_start") / (variant + (rslora ? "_rs" : ""));
+      save_adapter(dir, adapter_from_model(trained, {"a", "b", "c"}, nlohmann::json::object()));
+      const Adapter file = load_adapter(dir);
+      EXPECT_EQ(file.lora.rank, 8);
+      EXPECT_DOUBLE_EQ(file.lora.alpha, rslora ? 8.0 * std::sqrt(2.0) : 16.0);
+      EXPECT_EQ(file.lora.init, "pissa");
+      for (const auto& t : file.targets) EXPECT_DOUBLE_EQ(t.scale(), targets.front().scale());
+      Model applied(load_bundle(bundle_path()));
+      apply_adapter(applied, file, dir.string());
+      at::NoGradGuard no_grad;
+      EXPECT_LT(scaled_diff(applied.logits(x), expected), 1e-5);
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, LoraReference,
                          ::testing::Values("hf_script", "hf_trace", "timm_script", "timm_trace", "torchvision_script",
                                            "torchvision_trace", "mobileclip_trace"));
@@ -256,6 +349,40 @@ TEST(AdapterVariants, SpecsDescribeTheTensorsEachVariantMakes) {
   }
   EXPECT_EQ(find_variant("vera"), nullptr);
   EXPECT_THROW_WITH(variant_by_name("vera"), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
+}
+
+// The starts that draw A: PEFT's default (uniform in +-1/sqrt(in)) and Gaussian (std 1/r); B = 0 for both, the
+// weight untouched. The registry names every start once.
+TEST(AdapterInits, RandomStartsDrawAAsPeftAndLeaveTheWeight) {
+  EXPECT_EQ(adapter_init_names(), (std::vector<std::string>{"kaiming_uniform", "gaussian", "pissa", "olora"}));
+  EXPECT_EQ(&default_adapter_init(), find_adapter_init(LoraSettings{}.init));
+  EXPECT_THROW_WITH(adapter_init_by_name("eva"), InputError,
+                    "lora.init must be kaiming_uniform, gaussian, pissa or olora (got \"eva\")");
+  for (const std::string start : {"kaiming_uniform", "gaussian"}) {
+    SCOPED_TRACE(start);
+    torch::manual_seed(5);
+    Model model(load_bundle(fixture("models/timm_script.pt")));
+    std::vector<at::Tensor> before;
+    for (const auto& p : model.module().named_parameters()) before.push_back(p.value.clone());
+    LoraSettings settings;
+    settings.rank = 4;
+    settings.init = start;
+    settings.targets = {"all-linear"};
+    auto targets = resolve_targets(model.module(), settings, model.bundle().info.blocks);
+    init_adapter_tensors(targets, model.module(), adapter_init_by_name(start));
+    std::vector<at::Tensor> a;
+    for (const auto& t : targets) {
+      EXPECT_EQ(t.B().abs().max().item<float>(), 0.0f);
+      EXPECT_FALSE(t.taken_A.defined());
+      if (start == "kaiming_uniform")
+        EXPECT_LE(t.A().abs().max().item<double>(), 1.0 / std::sqrt(static_cast<double>(t.in_features)));
+      a.push_back(t.A().detach().flatten());
+    }
+    const double std = at::cat(a).std().item<double>();
+    if (start == "gaussian") EXPECT_NEAR(std, 1.0 / settings.rank, 0.1 / settings.rank);
+    size_t k = 0;
+    for (const auto& p : model.module().named_parameters()) EXPECT_TRUE(at::equal(p.value, before.at(k++))) << p.name;
+  }
 }
 
 TEST(Bundles, RefuseNoGradTracedAttentionWithAFix) {

@@ -458,6 +458,27 @@ TEST(Training, LoraFaKeepsAAtItsStartThroughTrainingAndResume) {
   }
 }
 
+// PiSSA through the loop: the start is taken from the base again on resume (the same rows, so the same A0 and B0),
+// the resumed run ends with the uninterrupted adapter, and the file is a rank-2r LoRA on the unmodified base.
+TEST(Training, PissaResumesToTheUninterruptedAdapter) {
+  StoppedRun r;
+  r.settings["lora"] = {{"init", "pissa"}};
+  const auto straight = test::temp_dir("pissa_straight"), dir = test::temp_dir("pissa_resumed");
+  r.run(straight, false);
+  r.stop_after_4(dir);
+  r.run(dir, true);
+  EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+            bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+  const Adapter trained = load_adapter(straight / Trainer::kLastAdapter);
+  const auto start = make_model(make_config(test::temp_dir("pissa_start"), r.settings), 3);
+  ASSERT_EQ(trained.targets.size(), start->adapters().size());
+  for (size_t i = 0; i < trained.targets.size(); ++i) {
+    const LoraTarget& t = trained.targets[i];
+    EXPECT_EQ(t.rank, 2 * start->adapters()[i].rank) << t.describe();
+    EXPECT_TRUE(at::equal(t.A().narrow(0, t.rank / 2, t.rank / 2), start->adapters()[i].taken_A)) << "A0 as taken";
+  }
+}
+
 TEST(Training, AdaptersRecordFileNamesNotTheOwnersFolders) {
   StoppedRun r;
   r.settings["data"] = {{"train", "/home/someone/private/photos/train/"}, {"val", "/home/someone/private/val"}};
@@ -625,7 +646,7 @@ TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
     "model": "/m.pt", "data": {"train": "/p", "val": "/v", "val_fraction": 0.2, "split_seed": 3, "workers": 2,
       "prefetch_batches": 5, "cache": "memory", "prefix_cache": "off", "max_image_pixels": 7,
       "augment": {"enabled": false, "scale": [0.5, 0.9], "ratio": [0.5, 2.0], "hflip": false}},
-    "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora",
+    "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora", "init": "olora",
       "targets": ["qkv:q"], "text_targets": ["q_proj"], "last_blocks": 2, "rank_pattern": {"a": 2},
       "alpha_pattern": {"b": 1.5}},
     "head": {"init": "zero_shot", "text_model": "/t.pt", "class_names": "/n.json", "templates": ["a {}"]},
@@ -756,6 +777,8 @@ TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {
   EXPECT_THROW_WITH(with({{"lora", {{"rank_pattern", {{"query", 0}}}}}}), InputError,
                     "lora.rank_pattern values must be at least 1 (got 0)");
   EXPECT_THROW_WITH(with({{"lora", {{"variant", "vera"}}}}), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
+  EXPECT_THROW_WITH(with({{"lora", {{"init", "eva"}}}}), InputError,
+                    "lora.init must be kaiming_uniform, gaussian, pissa or olora (got \"eva\")");
   EXPECT_THROW_WITH(with({{"schedule", {{"min_lr_ratio", 1.5}}}}), InputError, "schedule.min_lr_ratio must be in [0, 1]");
   EXPECT_NO_THROW(with({{"seed", -3}}));  // seeds have no range
   // The LoRA rules are the same ones a target list and an adapter file are checked with (test_untrusted_input).
@@ -766,6 +789,8 @@ TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {
   // --help-config is made from the records: the variant registry's names, each range.
   const std::string help = config_reference();
   EXPECT_NE(help.find("one of: lora | dora"), std::string::npos) << help;
+  EXPECT_NE(help.find("one of: kaiming_uniform | gaussian | pissa | olora"), std::string::npos);
+  EXPECT_NE(help.find("pissa: A and B from the r largest singular values"), std::string::npos);
   EXPECT_NE(help.find("one of: lora | full | linear_probe"), std::string::npos);
   EXPECT_NE(help.find("one of: auto | fp32 | bf16 | fp16"), std::string::npos);
   EXPECT_NE(help.find("each in [0, 1)"), std::string::npos);

@@ -195,6 +195,26 @@ TEST(UntrustedAdapter, PeftPatternsCannotHangOrCrash) {
   EXPECT_THROW_WITH(load_adapter(adapter), InputError, "alpha_pattern key");
 }
 
+// PEFT writes a PiSSA / OLoRA / CorDA / LoftQ adapter as trained, for a base it changed, unless converted on saving
+// (which writes init_lora_weights true): such a file is refused with the fix; starts that leave the base are read.
+TEST(UntrustedAdapter, PeftStartsThatChangedTheBaseAreRefusedWithTheFix) {
+  const fs::path adapter = write_peft_adapter(test::temp_dir("peft_starts"));
+  json config = json::parse(read_file(adapter / kAdapterConfigName));
+  for (const char* start : {"pissa", "pissa_niter_16", "olora", "corda", "loftq"}) {
+    config["init_lora_weights"] = start;
+    write_file_atomic(adapter / kAdapterConfigName, config.dump());
+    EXPECT_THROW_WITH(load_adapter(adapter), InputError,
+                      "init_lora_weights \"" + std::string(start) + "\" means the adapter applies to a base that PEFT "
+                      "changed at its start; save it in PEFT with save_pretrained(..., "
+                      "path_initial_model_for_weight_conversion=...)");
+  }
+  for (const json start : {json("gaussian"), json(true), json(false)}) {
+    config["init_lora_weights"] = start;
+    write_file_atomic(adapter / kAdapterConfigName, config.dump());
+    EXPECT_NO_THROW(load_adapter(adapter)) << start;
+  }
+}
+
 // PEFT 0.21 writes null for unset fields (seen on the GPU machine: a model built from a config has
 // "base_model_name_or_path": null); null reads as absent, a wrong type is still an error.
 TEST(UntrustedAdapter, PeftConfigNullsReadAsUnset) {
