@@ -15,7 +15,7 @@
 
 namespace loratune {
 
-class AdapterHost;
+class AdaptedTower;
 class BlockOffload;
 
 // What stays in host memory during training (meant for CUDA; see Model::set_offload).
@@ -32,8 +32,8 @@ class Model {
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
-  const Bundle& bundle() const { return bundle_; }
-  torch::jit::Module& module() { return bundle_.module; }
+  const Bundle& bundle() const;
+  torch::jit::Module& module();
   const c10::Device& device() const { return device_; }
 
   // Adapters: prepares the model's types (before the first forward) and binds the tensors. `settings` are the ones
@@ -42,7 +42,7 @@ class Model {
   // Prepares module types for targets that will be attached later (several adapters for one base).
   void prepare_adapters(const std::vector<LoraTarget>& targets);
   void clear_adapters();
-  const std::vector<LoraTarget>& adapters() const { return targets_; }
+  const std::vector<LoraTarget>& adapters() const;
   const LoraSettings& lora_settings() const { return lora_settings_; }
   // Whether lora_settings().dropout reaches any adapter: not where adapters change the weight itself (DoRA, weights
   // read outside nn.Linear), and the adapter file then records dropout 0.
@@ -128,16 +128,14 @@ class Model {
   void refresh_block_parameters();
   // Runs blocks [first, last) on `h`, checkpointed where `checkpoint` and gradients are on, offloading if set.
   at::Tensor run_blocks(at::Tensor h, size_t first, size_t last, bool checkpoint);
-  struct TextTower;
-
-  Bundle bundle_;
-  std::unique_ptr<AdapterHost> host_;  // the graph rewrite (src/lora/adapter_host.h)
-  std::vector<LoraTarget> targets_;
+  // The two towers, adapted alike (src/model/adapted_tower.h); the image one is the backbone.
+  std::unique_ptr<AdaptedTower> image_;
+  std::unique_ptr<AdaptedTower> text_;
+  bool text_grad_dependent_ = false;  // see has_grad_mode_dependent_kernels
   LoraSettings lora_settings_;
   at::Tensor head_weight_, head_bias_;
   bool normalize_features_ = false;
   bool head_trainable_ = true;
-  std::unique_ptr<TextTower> text_;
   FrozenQuantization quantization_;
   OffloadSettings offload_settings_;
   c10::intrusive_ptr<BlockOffload> offload_;  // made by to()

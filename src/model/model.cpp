@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "lora/adapter_host.h"
+#include "model/adapted_tower.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
@@ -27,28 +28,16 @@ void store_frozen(torch::jit::Module module, at::ScalarType dtype) {
 
 }  // namespace
 
-struct Model::TextTower {
-  explicit TextTower(Bundle b) : bundle(std::move(b)), host(bundle.module), grad_dependent(has_grad_mode_dependent_kernels(bundle.module)) {}
-  Bundle bundle;
-  AdapterHost host;
-  bool grad_dependent;
-  std::vector<LoraTarget> targets;
-  std::vector<at::Tensor> tensors() const {
-    std::vector<at::Tensor> out;
-    for (const auto& t : targets) out.insert(out.end(), t.tensors.begin(), t.tensors.end());
-    return out;
-  }
-};
-
-Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(std::make_unique<AdapterHost>(bundle_.module)) {
-  if (bundle_.info.kind != "backbone")
-    throw InputError(bundle_.path.string() + " is a merged classifier, not a backbone bundle; train and merge on the "
+Model::Model(Bundle bundle) : image_(std::make_unique<AdaptedTower>(std::move(bundle))) {
+  const Bundle& b = image_->bundle();
+  if (b.info.kind != "backbone")
+    throw InputError(b.path.string() + " is a merged classifier, not a backbone bundle; train and merge on the "
                      "original model file");
-  if (bundle_.has_block_structure()) {
-    const auto blocks_module = bundle_.blocks_module();
+  if (b.has_block_structure()) {
+    const auto blocks_module = b.blocks_module();
     for (const auto& child : blocks_module.named_children()) {
       blocks_.push_back(child.value);
-      block_paths_.push_back(bundle_.info.blocks + "." + child.name);
+      block_paths_.push_back(b.info.blocks + "." + child.name);
       block_grad_dependent_.push_back(has_grad_mode_dependent_kernels(child.value));
     }
   }
@@ -57,77 +46,65 @@ Model::Model(Bundle bundle) : bundle_(std::move(bundle)), host_(std::make_unique
 
 Model::~Model() = default;
 
-bool Model::dropout_applies() const { return host_->dropout_applies(); }
-std::string Model::dropout_note() const { return host_->dropout_note(lora_settings_.dropout); }
+const Bundle& Model::bundle() const { return image_->bundle(); }
+torch::jit::Module& Model::module() { return image_->bundle().module; }
+const std::vector<LoraTarget>& Model::adapters() const { return image_->adapters(); }
 
-void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { host_->prepare(targets); }
+bool Model::dropout_applies() const { return image_->host().dropout_applies(); }
+std::string Model::dropout_note() const { return image_->host().dropout_note(lora_settings_.dropout); }
+
+void Model::prepare_adapters(const std::vector<LoraTarget>& targets) { image_->host().prepare(targets); }
 
 void Model::set_adapters(std::vector<LoraTarget> targets, const LoraSettings& settings) {
-  for (auto& t : targets) {
-    t.variant->check(t, "adapter");
-    for (auto& tensor : t.tensors)
-      if (tensor.device() != device_) tensor = tensor.to(device_).detach().requires_grad_(tensor.requires_grad());
-  }
-  host_->prepare(targets);
-  host_->attach(targets, settings.dropout);
-  targets_ = std::move(targets);
+  image_->set_adapters(std::move(targets), settings.dropout, device_, "adapter");
   lora_settings_ = settings;
   set_method(method_);
 }
 
 void Model::clear_adapters() {
-  host_->detach();
-  targets_.clear();
-  if (text_) {
-    text_->host.detach();
-    text_->targets.clear();
-  }
+  image_->clear_adapters();
+  if (text_) text_->clear_adapters();
   set_method(method_);
 }
 
 void Model::set_text_tower(Bundle text) {
   if (text.info.kind != "text_encoder")
     throw InputError(text.path.string() + " is not a text encoder bundle (kind \"" + text.info.kind + "\")");
-  if (text.info.feature_dim != bundle_.info.feature_dim)
+  if (text.info.feature_dim != bundle().info.feature_dim)
     throw InputError(text.path.string() + " gives " + std::to_string(text.info.feature_dim) + "-d embeddings, but " +
-                     bundle_.path.string() + " gives " + std::to_string(bundle_.info.feature_dim) + "-d ones");
+                     bundle().path.string() + " gives " + std::to_string(bundle().info.feature_dim) + "-d ones");
   for (const auto& p : text.module.parameters()) p.requires_grad_(false);
-  text_ = std::make_unique<TextTower>(std::move(text));
-  text_->bundle.module.to(device_);
+  text_grad_dependent_ = has_grad_mode_dependent_kernels(text.module);
+  text_ = std::make_unique<AdaptedTower>(std::move(text));
+  text_->bundle().module.to(device_);
 }
 
 const Bundle& Model::text_bundle() const {
   if (!text_) throw RuntimeFailure("internal: the model has no text tower");
-  return text_->bundle;
+  return text_->bundle();
 }
 
 const std::vector<LoraTarget>& Model::text_adapters() const {
   static const std::vector<LoraTarget> none;
-  return text_ ? text_->targets : none;
+  return text_ ? text_->adapters() : none;
 }
 
 void Model::set_text_adapters(std::vector<LoraTarget> targets) {
   if (!text_) throw RuntimeFailure("internal: text adapters without a text tower");
-  for (auto& t : targets) {
-    t.variant->check(t, "text adapter");
-    for (const auto& image : targets_)
+  for (const auto& t : targets)
+    for (const auto& image : adapters())
       if (image.name() == t.name())
         throw InputError("the text tower's " + t.module + " has the same path as an image tower weight; the towers "
                          "must name their modules apart (re-export them)");
-    for (auto& tensor : t.tensors)
-      if (tensor.device() != device_) tensor = tensor.to(device_).detach().requires_grad_(tensor.requires_grad());
-  }
-  text_->host.prepare(targets);
-  text_->host.attach(targets, lora_settings_.dropout);
-  text_->targets = std::move(targets);
+  text_->set_adapters(std::move(targets), lora_settings_.dropout, device_, "text adapter");
   set_method(method_);
 }
 
 at::Tensor Model::text_features(const at::Tensor& tokens, bool checkpoint) {
   if (!text_) throw RuntimeFailure("internal: the model has no text tower");
-  if (checkpoint && at::GradMode::is_enabled() && !text_->targets.empty())
-    return checkpointed_block(text_->bundle.module, tokens, text_->tensors(), text_->grad_dependent);
-  return run_block(text_->bundle.module, tokens);
+  if (checkpoint && at::GradMode::is_enabled() && !text_->adapters().empty())
+    return checkpointed_block(text_->bundle().module, tokens, text_->adapter_tensors(), text_grad_dependent_);
+  return run_block(text_->bundle().module, tokens);
 }
 
 void Model::set_head_trainable(bool on) {
@@ -139,7 +116,7 @@ void Model::set_head_trainable(bool on) {
 }
 
 void Model::init_head(int64_t num_classes) {
-  const int64_t d = bundle_.info.feature_dim;
+  const int64_t d = bundle().info.feature_dim;
   const double bound = 1.0 / std::sqrt(static_cast<double>(d));
   at::NoGradGuard no_grad;
   set_head(at::empty({num_classes, d}, at::kFloat).uniform_(-bound, bound),
@@ -147,7 +124,7 @@ void Model::init_head(int64_t num_classes) {
 }
 
 void Model::set_head(at::Tensor weight, at::Tensor bias) {
-  const int64_t d = bundle_.info.feature_dim;
+  const int64_t d = bundle().info.feature_dim;
   if (weight.dim() != 2 || weight.size(1) != d || bias.dim() != 1 || bias.size(0) != weight.size(0))
     throw InputError("classification head has shape [" + c10::str(weight.sizes()) + "] + [" + c10::str(bias.sizes()) +
                      "], but the model's features have " + std::to_string(d) + " dimensions");
@@ -157,10 +134,9 @@ void Model::set_head(at::Tensor weight, at::Tensor bias) {
 
 void Model::set_method(Method method) {
   method_ = method;
-  for (const auto& p : bundle_.module.parameters()) p.requires_grad_(method == Method::kFull);
-  for (const std::vector<LoraTarget>* targets : {&std::as_const(targets_), &text_adapters()})
-    for (const auto& t : *targets)
-      for (size_t k = 0; k < t.tensors.size(); ++k) t.tensors[k].requires_grad_(method == Method::kLora && t.trains(k));
+  for (const auto& p : module().parameters()) p.requires_grad_(method == Method::kFull);
+  image_->set_adapters_trainable(method);
+  if (text_) text_->set_adapters_trainable(method);
   refresh_block_parameters();
 }
 
@@ -171,7 +147,7 @@ void Model::refresh_block_parameters() {
     if (method_ == Method::kFull)
       for (const auto& p : blocks_[i].parameters()) block_parameters_[i].push_back(p);
     if (method_ == Method::kLora)
-      for (const auto& t : targets_)
+      for (const auto& t : adapters())
         if (t.module.compare(0, block_paths_[i].size() + 1, block_paths_[i] + ".") == 0)
           for (size_t k = 0; k < t.tensors.size(); ++k)
             if (t.trains(k)) block_parameters_[i].push_back(t.tensors[k]);
@@ -184,12 +160,11 @@ void Model::refresh_block_parameters() {
 std::vector<NamedTensor> Model::trainable() const {
   std::vector<NamedTensor> out;
   if (method_ == Method::kFull)
-    for (const auto& p : bundle_.module.named_parameters()) out.push_back({"base." + p.name, p.value});
-  if (method_ == Method::kLora)
-    for (const auto* targets : {&targets_, &text_adapters()})
-      for (const auto& t : *targets)
-        for (size_t k = 0; k < t.tensors.size(); ++k)
-          if (t.trains(k)) out.push_back({t.tensor_name(k), t.tensors[k]});
+    for (const auto& p : bundle().module.named_parameters()) out.push_back({"base." + p.name, p.value});
+  if (method_ == Method::kLora) {
+    image_->append_trainable(out);
+    if (text_) text_->append_trainable(out);
+  }
   if (has_head() && head_trainable_) {
     out.push_back({"head.weight", head_weight_});
     out.push_back({"head.bias", head_bias_});
@@ -206,18 +181,17 @@ int64_t Model::trainable_count() const {
 int64_t Model::base_parameter_count() const {
   int64_t n = quantization_.parameters;  // their dense weights are empty now
   if (offload_) n += offload_->host_parameter_count();  // so are the offloaded ones' slots
-  for (const auto& p : bundle_.module.parameters()) n += p.numel();
+  for (const auto& p : bundle().module.parameters()) n += p.numel();
   return n;
 }
 
 int64_t Model::total_count() const {
   int64_t n = base_parameter_count();
-  for (const auto& t : targets_)
-    for (const auto& tensor : t.tensors) n += tensor.numel();
+  n += image_->adapter_parameter_count();
   if (has_head()) n += head_weight_.numel() + head_bias_.numel();
   if (text_) {
-    for (const auto& p : text_->bundle.module.parameters()) n += p.numel();
-    for (const auto& tensor : text_->tensors()) n += tensor.numel();
+    for (const auto& p : text_->bundle().module.parameters()) n += p.numel();
+    n += text_->adapter_parameter_count();
   }
   return n;
 }
@@ -240,9 +214,9 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
   if (frozen_quant != QuantFormat::kNone && quantization_.format == QuantFormat::kNone) {
     if (method_ != Method::kLora) throw InputError("quantised frozen weights need method lora");
     if (block_paths_.empty())
-      throw InputError(bundle_.path.filename().string() + " has no block structure: its Linear weights cannot be "
+      throw InputError(bundle().path.filename().string() + " has no block structure: its Linear weights cannot be "
                        "quantised block by block (export it with blocks, or use frozen_dtype compute)");
-    quantization_ = quantize_frozen_linears(bundle_.module, block_paths_, frozen_quant, device);
+    quantization_ = quantize_frozen_linears(module(), block_paths_, frozen_quant, device);
     if (quantization_.modules == 0)
       throw InputError("frozen_dtype " + quant_format_name(frozen_quant) + ": no frozen Linear weight in the blocks "
                        "can be quantised (each is read outside nn.Linear, e.g. by DoRA adapters); use frozen_dtype "
@@ -251,10 +225,10 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
   if (offload_settings_.any() && !offload_) {
     if (method_ != Method::kLora) throw InputError("offload needs method lora (it moves frozen weights)");
     if (block_paths_.empty())
-      throw InputError(bundle_.path.filename().string() + " has no block structure: it cannot be offloaded block by "
+      throw InputError(bundle().path.filename().string() + " has no block structure: it cannot be offloaded block by "
                        "block (export it with blocks, or set offload to none)");
     // The host copies keep the storage dtype; what stays in the module (placeholders) moves below.
-    if (frozen_dtype != at::kFloat) store_frozen(bundle_.module, frozen_dtype);
+    if (frozen_dtype != at::kFloat) store_frozen(module(), frozen_dtype);
     offload_ = c10::make_intrusive<BlockOffload>(blocks_, device, offload_settings_.weights,
                                                  offload_settings_.activations, prefix_blocks_);
     release_cached_cpu_memory();
@@ -262,26 +236,21 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
     throw RuntimeFailure("internal: an offloaded model cannot move to another device");
   }
   device_ = device;
-  bundle_.module.to(device);
-  if (frozen_dtype != at::kFloat && method_ != Method::kFull) store_frozen(bundle_.module, frozen_dtype);
-  for (auto& t : targets_) {
-    for (auto& tensor : t.tensors) tensor = tensor.to(device).detach().requires_grad_(tensor.requires_grad());
-  }
-  if (!targets_.empty()) host_->attach(targets_, lora_settings_.dropout);
+  module().to(device);
+  if (frozen_dtype != at::kFloat && method_ != Method::kFull) store_frozen(module(), frozen_dtype);
+  image_->move_adapters(device, lora_settings_.dropout);
   if (text_) {
-    text_->bundle.module.to(device);
-    if (frozen_dtype != at::kFloat) store_frozen(text_->bundle.module, frozen_dtype);
-    for (auto& t : text_->targets)
-      for (auto& tensor : t.tensors) tensor = tensor.to(device).detach().requires_grad_(tensor.requires_grad());
-    if (!text_->targets.empty()) text_->host.attach(text_->targets, lora_settings_.dropout);
+    text_->bundle().module.to(device);
+    if (frozen_dtype != at::kFloat) store_frozen(text_->bundle().module, frozen_dtype);
+    text_->move_adapters(device, lora_settings_.dropout);
   }
   if (has_head()) set_head(head_weight_, head_bias_);
   refresh_block_parameters();
 }
 
 void Model::set_training(bool training) {
-  host_->set_training(training);
-  if (text_) text_->host.set_training(training);
+  image_->host().set_training(training);
+  if (text_) text_->host().set_training(training);
 }
 
 bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Method::kFull; }
@@ -289,8 +258,8 @@ bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Me
 at::Tensor Model::prefix(const at::Tensor& images) {
   if (!has_frozen_prefix()) throw RuntimeFailure("internal: the model has no frozen prefix");
   at::NoGradGuard no_grad;  // nothing here trains: keep no activations
-  at::Tensor h = run_blocks(bundle_.module.get_method("stem")({images}).toTensor(), 0, prefix_blocks_, false);
-  if (method_ == Method::kLinearProbe) h = bundle_.module.get_method("head")({h}).toTensor();
+  at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, prefix_blocks_, false);
+  if (method_ == Method::kLinearProbe) h = module().get_method("head")({h}).toTensor();
   // One memory layout, whether the next step gets this tensor or cached rows stacked again: kernels may
   // differ by layout and the results in their last bits.
   return h.contiguous();
@@ -299,7 +268,7 @@ at::Tensor Model::prefix(const at::Tensor& images) {
 at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint) {
   if (method_ == Method::kLinearProbe) return hidden;
   const at::Tensor h = run_blocks(hidden, prefix_blocks_, blocks_.size(), checkpoint);
-  return bundle_.module.get_method("head")({h}).toTensor();
+  return module().get_method("head")({h}).toTensor();
 }
 
 at::Tensor Model::run_blocks(at::Tensor h, size_t first, size_t last, bool checkpoint) {
@@ -319,12 +288,12 @@ at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
   if (blocks_.empty()) {
     // No per-block structure: one call, gradients only if something in the base trains.
     at::AutoGradMode mode(grad && method_ != Method::kLinearProbe);
-    return bundle_.module.forward({images}).toTensor();
+    return module().forward({images}).toTensor();
   }
   if (has_frozen_prefix()) return features_from_prefix(prefix(images), checkpoint);
   // Method full: everything trains.
-  const at::Tensor h = run_blocks(bundle_.module.get_method("stem")({images}).toTensor(), 0, blocks_.size(), checkpoint);
-  return bundle_.module.get_method("head")({h}).toTensor();
+  const at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, blocks_.size(), checkpoint);
+  return module().get_method("head")({h}).toTensor();
 }
 
 at::Tensor Model::classify(const at::Tensor& features) {
@@ -336,7 +305,7 @@ at::Tensor Model::classify(const at::Tensor& features) {
 int64_t Model::block_output_bytes(const at::Tensor& images) {
   if (blocks_.empty()) return 0;
   at::NoGradGuard no_grad;
-  const at::Tensor h = run_blocks(bundle_.module.get_method("stem")({images}).toTensor(), 0, 1, false);
+  const at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, 1, false);
   return static_cast<int64_t>(h.nbytes()) / std::max<int64_t>(1, images.size(0));
 }
 
