@@ -38,6 +38,73 @@ int exit_code_of(int status) {
   return exit_code::kRuntime;
 }
 
+// Worker `rank` of `workers`: this binary again with `argv` and torchrun's variables, in its own process group.
+pid_t start_worker(int rank, int workers, pid_t launcher, const std::string& store_file, std::vector<char*>& argv) {
+  const pid_t pid = ::fork();
+  if (pid < 0) throw RuntimeFailure("cannot start worker " + std::to_string(rank));
+  if (pid > 0) return pid;
+  // When the launcher dies (even by SIGKILL), its workers are asked to stop as Ctrl-C would: they checkpoint and
+  // exit instead of training on unsupervised.
+  ::prctl(PR_SET_PDEATHSIG, SIGINT);
+  if (::getppid() != launcher) ::_exit(exit_code::kInterrupted);  // it died before prctl
+  ::setpgid(0, 0);
+  ::signal(SIGINT, SIG_DFL);
+  ::signal(SIGTERM, SIG_DFL);
+  ::setenv("RANK", std::to_string(rank).c_str(), 1);
+  ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+  ::setenv("WORLD_SIZE", std::to_string(workers).c_str(), 1);
+  ::setenv("LOCAL_WORLD_SIZE", std::to_string(workers).c_str(), 1);
+  ::setenv("LORATUNE_STORE_FILE", store_file.c_str(), 1);
+  ::setenv("LORATUNE_NPROC", std::to_string(workers).c_str(), 1);  // for the resume hint
+  ::execv("/proc/self/exe", argv.data());
+  std::fprintf(stderr, "error: cannot start worker %d\n", rank);
+  ::_exit(exit_code::kRuntime);
+}
+
+// Waits for the workers and passes interrupts on; when one fails, the others get a grace period to notice, then
+// are stopped. The first failure's exit code, or 0.
+int supervise(const std::vector<pid_t>& pids) {
+  int result = exit_code::kOk, forwarded = 0;
+  size_t running = pids.size();
+  std::vector<bool> done(pids.size(), false);
+  std::chrono::steady_clock::time_point failed_at{};
+  bool failed = false, terminated = false;
+  auto signal_running = [&](int signal) {
+    for (size_t i = 0; i < pids.size(); ++i)
+      if (!done[i]) ::kill(pids[i], signal);
+  };
+  while (running > 0) {
+    if (g_interrupts > forwarded) {
+      forwarded = g_interrupts;
+      signal_running(SIGINT);
+    }
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid > 0) {
+      for (size_t i = 0; i < pids.size(); ++i)
+        if (pids[i] == pid && !done[i]) {
+          done[i] = true;
+          --running;
+          const int code = exit_code_of(status);
+          if (code != 0 && !failed) {
+            failed = true;
+            failed_at = std::chrono::steady_clock::now();
+            result = code;
+            if (code != exit_code::kInterrupted)
+              std::fprintf(stderr, "worker %zu (of %zu) exited with code %d; stopping the others\n", i, pids.size(), code);
+          }
+        }
+      continue;
+    }
+    if (failed && !terminated && std::chrono::steady_clock::now() - failed_at > std::chrono::seconds(15)) {
+      terminated = true;
+      signal_running(SIGKILL);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return result;
+}
+
 }  // namespace
 
 int launch_local_workers(int workers, const std::vector<std::string>& args) {
@@ -58,68 +125,8 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
     sigaction(SIGINT, &action, nullptr);
     sigaction(SIGTERM, &action, nullptr);
     std::vector<pid_t> pids;
-    const pid_t launcher = ::getpid();
-    for (int rank = 0; rank < workers; ++rank) {
-      const pid_t pid = ::fork();
-      if (pid < 0) throw RuntimeFailure("cannot start worker " + std::to_string(rank));
-      if (pid == 0) {
-        // When the launcher dies (even by SIGKILL), its workers are asked to stop as Ctrl-C would: they checkpoint
-        // and exit instead of training on unsupervised.
-        ::prctl(PR_SET_PDEATHSIG, SIGINT);
-        if (::getppid() != launcher) ::_exit(exit_code::kInterrupted);  // it died before prctl
-        ::setpgid(0, 0);
-        ::signal(SIGINT, SIG_DFL);
-        ::signal(SIGTERM, SIG_DFL);
-        ::setenv("RANK", std::to_string(rank).c_str(), 1);
-        ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-        ::setenv("WORLD_SIZE", std::to_string(workers).c_str(), 1);
-        ::setenv("LOCAL_WORLD_SIZE", std::to_string(workers).c_str(), 1);
-        ::setenv("LORATUNE_STORE_FILE", store_file.c_str(), 1);
-        ::setenv("LORATUNE_NPROC", std::to_string(workers).c_str(), 1);  // for the resume hint
-        ::execv("/proc/self/exe", argv.data());
-        std::fprintf(stderr, "error: cannot start worker %d\n", rank);
-        ::_exit(exit_code::kRuntime);
-      }
-      pids.push_back(pid);
-    }
-
-    // Wait; pass interrupts on; when a worker fails, the others get a grace period to notice, then are stopped.
-    int result = exit_code::kOk, forwarded = 0;
-    size_t running = pids.size();
-    std::vector<bool> done(pids.size(), false);
-    std::chrono::steady_clock::time_point failed_at{};
-    bool failed = false, terminated = false;
-    while (running > 0) {
-      if (g_interrupts > forwarded) {
-        forwarded = g_interrupts;
-        for (size_t i = 0; i < pids.size(); ++i)
-          if (!done[i]) ::kill(pids[i], SIGINT);
-      }
-      int status = 0;
-      const pid_t pid = ::waitpid(-1, &status, WNOHANG);
-      if (pid > 0) {
-        for (size_t i = 0; i < pids.size(); ++i)
-          if (pids[i] == pid && !done[i]) {
-            done[i] = true;
-            --running;
-            const int code = exit_code_of(status);
-            if (code != 0 && !failed) {
-              failed = true;
-              failed_at = std::chrono::steady_clock::now();
-              result = code;
-              if (code != exit_code::kInterrupted)
-                std::fprintf(stderr, "worker %zu (of %d) exited with code %d; stopping the others\n", i, workers, code);
-            }
-          }
-        continue;
-      }
-      if (failed && !terminated && std::chrono::steady_clock::now() - failed_at > std::chrono::seconds(15)) {
-        terminated = true;
-        for (size_t i = 0; i < pids.size(); ++i)
-          if (!done[i]) ::kill(pids[i], SIGKILL);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
+    for (int rank = 0; rank < workers; ++rank) pids.push_back(start_worker(rank, workers, ::getpid(), store_file, argv));
+    const int result = supervise(pids);
     remove_tree(store_folder);
     return result;
   });

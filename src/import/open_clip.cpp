@@ -41,6 +41,55 @@ bool is_text_key(const std::string& k) {
   return false;
 }
 
+// vision_cfg.image_size: a size or [size, size] (224 when absent).
+int64_t trained_image_size(const json& vc, const std::string& where) {
+  if (!vc.contains("image_size") || !vc["image_size"].is_array())
+    return config_size(vc, "image_size", where, 224, kMaxBundleImageSize);
+  const json& size = vc["image_size"];
+  if (size.empty() || size.size() > 2 || !size[0].is_number_integer() || size[0] != size.back() ||
+      size[0].get<int64_t>() < 1 || size[0].get<int64_t>() > kMaxBundleImageSize)
+    throw InputError(where + ": vision_cfg.image_size must be a size or [size, size] from 1 to " +
+                     std::to_string(kMaxBundleImageSize) + ", not " + size.dump());
+  return size[0].get<int64_t>();
+}
+
+// preprocess_cfg over CLIP's defaults (OpenAI mean and std, bicubic), at `image_size`.
+Preprocessing preprocessing(const json& pc, int64_t image_size, const std::string& where) {
+  Preprocessing pre;
+  pre.image_size = image_size;
+  pre.resize_size = pre.image_size;
+  pre.mean = {0.48145466f, 0.4578275f, 0.40821073f}, pre.std = {0.26862954f, 0.26130258f, 0.27577711f};
+  const std::string pwhere = where + " preprocess_cfg";
+  for (auto [key, target] : {std::pair<const char*, std::array<float, 3>*>{"mean", &pre.mean}, {"std", &pre.std}})
+    if (pc.contains(key)) {
+      try {
+        *target = pc[key].get<std::array<float, 3>>();
+      } catch (const json::exception&) {
+        throw InputError(pwhere + ": \"" + key + "\" must be three numbers");
+      }
+    }
+  pre.interpolation = config_string(pc, "interpolation", pwhere, "bicubic");
+  return pre;
+}
+
+// Patches, the class token and positions, then ln_pre where the model has it.
+std::string stem_source(int64_t width, bool ln_pre) {
+  std::string stem = "def stem(self, images):\n"
+                     "    x = self.visual.conv1.forward(images).flatten(2).transpose(1, 2)\n"
+                     "    cls = self.visual.class_embedding.reshape(1, 1, " + std::to_string(width) + ").expand(x.size(0), -1, -1)\n"
+                     "    x = torch.cat([cls, x], 1) + self.visual.positional_embedding.unsqueeze(0)\n";
+  return stem + (ln_pre ? "    return self.visual.ln_pre.forward(x)\n" : "    return x\n");
+}
+
+// Pooling (class token or the mean of the patches) with ln_post before or after it, then the projection.
+std::string head_source(const std::string& pool, bool ln_after_pool, bool proj) {
+  const std::string pooled = pool == "tok" ? "h[:, 0]" : "h[:, 1:].mean(1)";
+  std::string head = "def head(self, hidden):\n    h = hidden\n";
+  if (ln_after_pool) head += "    h = self.visual.ln_post.forward(" + pooled + ")\n";
+  else head += "    h = self.visual.ln_post.forward(h)\n    h = " + pooled + "\n";
+  return head + (proj ? "    return torch.matmul(h, self.visual.proj)\n" : "    return h\n");
+}
+
 ImportedModel vision(const Folder& folder, const json& mc, const json& pc, const ImportOptions& options) {
   const std::string where = folder.where("open_clip_config.json");
   const json vc = mc.value("vision_cfg", json::object());
@@ -54,17 +103,7 @@ ImportedModel vision(const Folder& folder, const json& mc, const json& pc, const
   ckpt.ignore_if(is_text_key);
   const int64_t W = config_size(vc, "width", where, 768), layers = config_size(vc, "layers", where, 12, kMaxImportedLayers);
   const int64_t patch = config_size(vc, "patch_size", where, 16), heads = heads_of(vc, W, where, false);
-  int64_t trained_size = 224;
-  if (vc.contains("image_size") && vc["image_size"].is_array()) {
-    const json& size = vc["image_size"];
-    if (size.empty() || size.size() > 2 || !size[0].is_number_integer() || size[0] != size.back() ||
-        size[0].get<int64_t>() < 1 || size[0].get<int64_t>() > kMaxBundleImageSize)
-      throw InputError(where + ": vision_cfg.image_size must be a size or [size, size] from 1 to " +
-                       std::to_string(kMaxBundleImageSize) + ", not " + size.dump());
-    trained_size = size[0].get<int64_t>();
-  } else {
-    trained_size = config_size(vc, "image_size", where, 224, kMaxBundleImageSize);
-  }
+  const int64_t trained_size = trained_image_size(vc, where);
   const int64_t mlp = static_cast<int64_t>(W * config_number(vc, "mlp_ratio", where, 4.0, 0.0, 64.0));
   const int64_t embed_dim = config_size(mc, "embed_dim", where);
   const bool quick = mc.value("quick_gelu", false);
@@ -72,20 +111,7 @@ ImportedModel vision(const Folder& folder, const json& mc, const json& pc, const
   const bool ln_after_pool = vc.value("final_ln_after_pool", false), ln_pre = !vc.value("no_ln_pre", false);
   if (pool != "tok" && pool != "avg") throw InputError(where + ": vision pool_type \"" + pool + "\" is not imported");
 
-  Preprocessing pre;
-  pre.image_size = options.image_size > 0 ? options.image_size : trained_size;
-  pre.resize_size = pre.image_size;
-  pre.mean = {0.48145466f, 0.4578275f, 0.40821073f}, pre.std = {0.26862954f, 0.26130258f, 0.27577711f};
-  const std::string pwhere = where + " preprocess_cfg";
-  for (auto [key, target] : {std::pair<const char*, std::array<float, 3>*>{"mean", &pre.mean}, {"std", &pre.std}})
-    if (pc.contains(key)) {
-      try {
-        *target = pc[key].get<std::array<float, 3>>();
-      } catch (const json::exception&) {
-        throw InputError(pwhere + ": \"" + key + "\" must be three numbers");
-      }
-    }
-  pre.interpolation = config_string(pc, "interpolation", pwhere, "bicubic");
+  const Preprocessing pre = preprocessing(pc, options.image_size > 0 ? options.image_size : trained_size, where);
   if (pre.image_size % patch != 0) throw InputError(where + ": image size is not a multiple of the patch size");
 
   ScriptBuilder b;
@@ -106,18 +132,8 @@ ImportedModel vision(const Folder& folder, const json& mc, const json& pc, const
   if (proj) add_parameter(visual, "proj", ckpt.take("visual.proj", {W, embed_dim}));
   ckpt.expect_all_taken();
 
-  std::string stem = "def stem(self, images):\n"
-                     "    x = self.visual.conv1.forward(images).flatten(2).transpose(1, 2)\n"
-                     "    cls = self.visual.class_embedding.reshape(1, 1, " + std::to_string(W) + ").expand(x.size(0), -1, -1)\n"
-                     "    x = torch.cat([cls, x], 1) + self.visual.positional_embedding.unsqueeze(0)\n";
-  stem += ln_pre ? "    return self.visual.ln_pre.forward(x)\n" : "    return x\n";
-  const std::string pooled = pool == "tok" ? "h[:, 0]" : "h[:, 1:].mean(1)";
-  std::string head = "def head(self, hidden):\n    h = hidden\n";
-  if (ln_after_pool) head += "    h = self.visual.ln_post.forward(" + pooled + ")\n";
-  else head += "    h = self.visual.ln_post.forward(h)\n    h = " + pooled + "\n";
-  head += proj ? "    return torch.matmul(h, self.visual.proj)\n" : "    return h\n";
-  b.define(root, stem);
-  b.define(root, head);
+  b.define(root, stem_source(W, ln_pre));
+  b.define(root, head_source(pool, ln_after_pool, proj));
   b.define(root, "def forward(self, images):\n    h = self.stem(images)\n" +
                      run_blocks_source("self.visual.transformer.resblocks", layers, "h") + "    return self.head(h)\n");
   json m = image_metadata("open_clip_vit", folder, proj ? embed_dim : W, "visual.transformer.resblocks", "", pre);

@@ -179,89 +179,127 @@ void place_parameter(ScriptBuilder& builder, torch::jit::Module& root, const std
   add_parameter(parent, name, value);
 }
 
-torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& ckpt, const std::string& key_prefix,
-                                     const BlockLayout& l, const BlockShape& s) {
-  using Bias = ScriptBuilder::Bias;
-  if (s.heads <= 0 || s.dim % s.heads != 0)
-    throw InputError(ckpt.origin() + ": " + std::to_string(s.heads) + " attention heads do not divide width " +
-                     std::to_string(s.dim));
-  const int64_t C = s.dim, H = s.heads, D = C / H;
-  const Bias proj_bias = l.qkv_bias ? Bias::yes : Bias::optional;
-  torch::jit::Module block = builder.container("Block");
-  auto add = [&](const std::string& path, const torch::jit::Module& m) { place(builder, block, path, m); };
-  add(l.norm1, builder.layer_norm(ckpt, key_prefix + l.norm1, C, l.eps));
+namespace {
 
+// A block being built: its modules come from the checkpoint under `key_prefix`, its forward is written into `src`.
+struct BlockBuild {
+  ScriptBuilder& builder;
+  CheckpointTensors& ckpt;
+  const std::string& key_prefix;
+  const BlockLayout& l;
+  torch::jit::Module block;
   std::ostringstream src;
+
+  void add(const std::string& path, const torch::jit::Module& m) { place(builder, block, path, m); }
+  torch::jit::Module linear(const std::string& path, int64_t out, int64_t in, ScriptBuilder::Bias bias) {
+    torch::jit::Module m = builder.linear(ckpt, key_prefix + path, out, in, bias);
+    add(path, m);
+    return m;
+  }
+  void layer_norm(const std::string& path, int64_t width) { add(path, builder.layer_norm(ckpt, key_prefix + path, width, l.eps)); }
   // Layer scale: `var` times the parameter at `path`, when the checkpoint has one.
-  auto scale = [&](const std::string& path, const char* var) {
+  void scale(const std::string& path, const char* var, int64_t C) {
     if (path.empty() || !ckpt.has(key_prefix + path)) return;
     place_parameter(builder, block, path, ckpt.take(key_prefix + path, {C}));
     src << "    " << var << " = " << var << " * self." << path << "\n";
-  };
+  }
+};
+
+// q, k and v [B, H, N, D] from h, by the block's projection layout.
+void attention_inputs(BlockBuild& b, int64_t C, int64_t H, int64_t D) {
+  const BlockLayout& l = b.l;
+  const auto proj_bias = l.qkv_bias ? ScriptBuilder::Bias::yes : ScriptBuilder::Bias::optional;
   // q, k and v from the rows [0:C], [C:2C], [2C:3C] of a fused projection.
   auto split_qkv = [&] {
-    src << "    qkv = self." << l.qkv << ".forward(h).reshape(B, N, 3, " << H << ", " << D << ").permute(2, 0, 3, 1, 4)\n"
-        << "    q = qkv[0]\n    k = qkv[1]\n    v = qkv[2]\n";
+    b.src << "    qkv = self." << l.qkv << ".forward(h).reshape(B, N, 3, " << H << ", " << D << ").permute(2, 0, 3, 1, 4)\n"
+          << "    q = qkv[0]\n    k = qkv[1]\n    v = qkv[2]\n";
   };
-  src << "def forward(self, x):\n"
-      << "    B = x.size(0)\n    N = x.size(1)\n"
-      << "    h = self." << l.norm1 << ".forward(x)\n";
   switch (l.attention) {
     case BlockLayout::Attention::separate:
       for (const auto& [var, path] : {std::pair<const char*, std::string>{"q", l.q}, {"k", l.k}, {"v", l.v}}) {
-        add(path, builder.linear(ckpt, key_prefix + path, C, C, proj_bias));
-        src << "    " << var << " = self." << path << ".forward(h).reshape(B, N, " << H << ", " << D
-            << ").transpose(1, 2)\n";
+        b.linear(path, C, C, proj_bias);
+        b.src << "    " << var << " = self." << path << ".forward(h).reshape(B, N, " << H << ", " << D
+              << ").transpose(1, 2)\n";
       }
       break;
     case BlockLayout::Attention::fused:
-      add(l.qkv, builder.linear(ckpt, key_prefix + l.qkv, 3 * C, C, proj_bias));
+      b.linear(l.qkv, 3 * C, C, proj_bias);
       split_qkv();
       break;
     case BlockLayout::Attention::in_proj: {
-      torch::jit::Module attn = builder.container("MultiheadAttention");
-      add_parameter(attn, "in_proj_weight", ckpt.take(key_prefix + l.qkv + ".in_proj_weight", {3 * C, C}));
-      add_parameter(attn, "in_proj_bias", ckpt.take(key_prefix + l.qkv + ".in_proj_bias", {3 * C}));
-      builder.define(attn, "def forward(self, x):\n    return torch.linear(x, self.in_proj_weight, self.in_proj_bias)\n");
-      add(l.qkv, attn);
+      torch::jit::Module attn = b.builder.container("MultiheadAttention");
+      add_parameter(attn, "in_proj_weight", b.ckpt.take(b.key_prefix + l.qkv + ".in_proj_weight", {3 * C, C}));
+      add_parameter(attn, "in_proj_bias", b.ckpt.take(b.key_prefix + l.qkv + ".in_proj_bias", {3 * C}));
+      b.builder.define(attn, "def forward(self, x):\n    return torch.linear(x, self.in_proj_weight, self.in_proj_bias)\n");
+      b.add(l.qkv, attn);
       split_qkv();
       break;
     }
   }
-  if (!l.q_norm.empty() && ckpt.has(key_prefix + l.q_norm + ".weight")) {
-    add(l.q_norm, builder.layer_norm(ckpt, key_prefix + l.q_norm, D, l.eps));
-    add(l.k_norm, builder.layer_norm(ckpt, key_prefix + l.k_norm, D, l.eps));
-    src << "    q = self." << l.q_norm << ".forward(q)\n    k = self." << l.k_norm << ".forward(k)\n";
+  if (!l.q_norm.empty() && b.ckpt.has(b.key_prefix + l.q_norm + ".weight")) {
+    b.layer_norm(l.q_norm, D);
+    b.layer_norm(l.k_norm, D);
+    b.src << "    q = self." << l.q_norm << ".forward(q)\n    k = self." << l.k_norm << ".forward(k)\n";
   }
+}
+
+// a = softmax(q k^T / sqrt(D)) v, causal where the layout says.
+std::string attention_source(bool causal, int64_t D) {
+  std::ostringstream src;
 #if LORATUNE_TORCH_HAS_SDPA
-  src << "    a = torch.scaled_dot_product_attention(q, k, v, None, 0.0, " << (l.causal ? "True" : "False") << ")\n";
+  (void)D;
+  src << "    a = torch.scaled_dot_product_attention(q, k, v, None, 0.0, " << (causal ? "True" : "False") << ")\n";
 #else
   src << "    s = torch.matmul(q, k.transpose(-2, -1)) * " << float_literal(1.0 / std::sqrt(static_cast<double>(D))) << "\n";
-  if (l.causal)
-    src << "    s = s + torch.triu(torch.full([N, N], float('-inf'), dtype=s.dtype, device=s.device), 1)\n";
+  if (causal) src << "    s = s + torch.triu(torch.full([N, N], float('-inf'), dtype=s.dtype, device=s.device), 1)\n";
   src << "    a = torch.matmul(torch.softmax(s, -1), v)\n";
 #endif
-  add(l.out, builder.linear(ckpt, key_prefix + l.out, C, C, Bias::optional));
-  src << "    a = self." << l.out << ".forward(a.transpose(1, 2).reshape(B, N, " << C << "))\n";
-  scale(l.scale1, "a");
-  src << "    x = x + a\n";
-  add(l.norm2, builder.layer_norm(ckpt, key_prefix + l.norm2, C, l.eps));
-  src << "    h = self." << l.norm2 << ".forward(x)\n";
+  return src.str();
+}
+
+// h = fc2(act(fc1(h))), or fc2(act(gate) * value) for SwiGLU.
+void mlp(BlockBuild& b, int64_t C, int64_t hidden) {
+  const BlockLayout& l = b.l;
+  using Bias = ScriptBuilder::Bias;
   if (l.swiglu) {
-    add(l.fc1, builder.linear(ckpt, key_prefix + l.fc1, 2 * s.mlp_hidden, C, Bias::optional));
-    src << "    gv = self." << l.fc1 << ".forward(h).chunk(2, -1)\n"
-        << "    h = " << activation_source(l.activation, "gv[0]") << " * gv[1]\n";
+    b.linear(l.fc1, 2 * hidden, C, Bias::optional);
+    b.src << "    gv = self." << l.fc1 << ".forward(h).chunk(2, -1)\n"
+          << "    h = " << activation_source(l.activation, "gv[0]") << " * gv[1]\n";
   } else {
-    add(l.fc1, builder.linear(ckpt, key_prefix + l.fc1, s.mlp_hidden, C, Bias::optional));
-    src << "    h = self." << l.fc1 << ".forward(h)\n"
-        << "    h = " << activation_source(l.activation, "h") << "\n";
+    b.linear(l.fc1, hidden, C, Bias::optional);
+    b.src << "    h = self." << l.fc1 << ".forward(h)\n"
+          << "    h = " << activation_source(l.activation, "h") << "\n";
   }
-  add(l.fc2, builder.linear(ckpt, key_prefix + l.fc2, C, s.mlp_hidden, Bias::optional));
-  src << "    h = self." << l.fc2 << ".forward(h)\n";
-  scale(l.scale2, "h");
-  src << "    return x + h\n";
-  builder.define(block, src.str());
-  return block;
+  b.linear(l.fc2, C, hidden, Bias::optional);
+  b.src << "    h = self." << l.fc2 << ".forward(h)\n";
+}
+
+}  // namespace
+
+torch::jit::Module transformer_block(ScriptBuilder& builder, CheckpointTensors& ckpt, const std::string& key_prefix,
+                                     const BlockLayout& l, const BlockShape& s) {
+  if (s.heads <= 0 || s.dim % s.heads != 0)
+    throw InputError(ckpt.origin() + ": " + std::to_string(s.heads) + " attention heads do not divide width " +
+                     std::to_string(s.dim));
+  const int64_t C = s.dim, H = s.heads, D = C / H;
+  BlockBuild b{builder, ckpt, key_prefix, l, builder.container("Block"), {}};
+  b.layer_norm(l.norm1, C);
+  b.src << "def forward(self, x):\n"
+        << "    B = x.size(0)\n    N = x.size(1)\n"
+        << "    h = self." << l.norm1 << ".forward(x)\n";
+  attention_inputs(b, C, H, D);
+  b.src << attention_source(l.causal, D);
+  b.linear(l.out, C, C, ScriptBuilder::Bias::optional);
+  b.src << "    a = self." << l.out << ".forward(a.transpose(1, 2).reshape(B, N, " << C << "))\n";
+  b.scale(l.scale1, "a", C);
+  b.src << "    x = x + a\n";
+  b.layer_norm(l.norm2, C);
+  b.src << "    h = self." << l.norm2 << ".forward(x)\n";
+  mlp(b, C, s.mlp_hidden);
+  b.scale(l.scale2, "h", C);
+  b.src << "    return x + h\n";
+  builder.define(b.block, b.src.str());
+  return b.block;
 }
 
 std::string run_blocks_source(const std::string& list_path, int64_t count, const std::string& var) {

@@ -48,6 +48,78 @@ bool reads_attribute(const Node* n, const std::string& name) {
   return n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == name;
 }
 
+// Attribute slots on every instance of `type`, disabled until attach.
+void register_slots(std::vector<std::pair<std::string, torch::jit::Module>>& modules, const c10::ClassTypePtr& type,
+                    const AdapterVariant& variant) {
+  for (auto& [path, module] : modules) {
+    if (module.type() != type) continue;
+    module.register_attribute("lora_enabled", c10::BoolType::get(), false);
+    module.register_attribute("lora_training", c10::BoolType::get(), false);
+    module.register_attribute("lora_dropout", c10::FloatType::get(), 0.0);
+    for (const auto& name : tensor_attributes(variant))
+      module.register_attribute(name, c10::ListType::ofTensors(), c10::List<at::Tensor>());
+    module.register_attribute("lora_scale", c10::ListType::ofFloats(), c10::List<double>());
+    module.register_attribute("lora_rows", c10::ListType::ofInts(), c10::List<int64_t>());
+  }
+}
+
+// Activation wiring: after each aten::linear fed by a read of the weight, y = self.lora_forward(x, y).
+void add_after_linears(const std::shared_ptr<Graph>& graph, const std::vector<Node*>& getters) {
+  Value* self = graph->inputs()[0];
+  for (Node* get : getters) {
+    std::vector<Node*> linears;
+    for (const auto& use : get->output()->uses()) linears.push_back(use.user);
+    for (Node* linear : linears) {
+      Node* call = graph->create(c10::prim::CallMethod, {self, linear->input(0), linear->output()}, 1);
+      call->s_(c10::attr::name, "lora_forward");
+      call->output()->setType(c10::TensorType::get());
+      call->insertAfter(linear);
+      linear->output()->replaceAllUsesAfterNodeWith(call, call->output());
+    }
+  }
+}
+
+// Weight wiring: one W + s*B@A per call of the method, at its top, seen by every read (`getters`, removed).
+void adapt_weight_at_top(const std::shared_ptr<Graph>& graph, const std::string& param, const std::vector<Node*>& getters) {
+  Value* self = graph->inputs()[0];
+  Node* first = *graph->nodes().begin();
+  Node* get = graph->create(c10::prim::GetAttr, {self}, 1);
+  get->s_(c10::attr::name, param);
+  get->output()->setType(c10::TensorType::get());
+  get->insertBefore(first);
+  Node* call = graph->create(c10::prim::CallMethod, {self, get->output()}, 1);
+  call->s_(c10::attr::name, "lora_weight");
+  call->output()->setType(c10::TensorType::get());
+  call->insertAfter(get);
+  for (Node* old : getters) {
+    old->output()->replaceAllUsesWith(call->output());
+    old->destroy();
+  }
+}
+
+// Reads of the weight by another module's code (`reader`): what they get passes through the adapted module's
+// lora_weight.
+void adapt_foreign_reads(const torch::jit::Module& reader, const c10::ClassTypePtr& type, const std::string& param) {
+  for (const auto& method : reader.get_methods()) {
+    if (is_lora_method(method.name())) continue;
+    auto graph = compat::method_graph(method.function());
+    std::vector<Node*> getters;
+    for_each_node(graph, [&](Node* n) {
+      if (reads_attribute(n, param) && n->input(0)->type() == type &&
+          !(reader.type() == type && n->input(0) == graph->inputs()[0]))
+        getters.push_back(n);
+    });
+    for (Node* get : getters) {
+      Node* call = graph->create(c10::prim::CallMethod, {get->input(0), get->output()}, 1);
+      call->s_(c10::attr::name, "lora_weight");
+      call->output()->setType(c10::TensorType::get());
+      call->insertAfter(get);
+      get->output()->replaceAllUsesAfterNodeWith(call, call->output());
+    }
+    graph->lint();
+  }
+}
+
 }  // namespace
 
 bool weight_is_read(const torch::jit::Module& root, const std::string& module_path, const std::string& param) {
@@ -137,80 +209,24 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
   const LoraWiring wiring =
       only_linear && variant.activation_code() != nullptr ? LoraWiring::kActivation : LoraWiring::kWeightDelta;
 
-  // Attribute slots on every instance of the type, disabled until `attach`.
-  for (auto& [path, module] : modules_) {
-    if (module.type() != type) continue;
-    module.register_attribute("lora_enabled", c10::BoolType::get(), false);
-    module.register_attribute("lora_training", c10::BoolType::get(), false);
-    module.register_attribute("lora_dropout", c10::FloatType::get(), 0.0);
-    for (const auto& name : tensor_attributes(variant))
-      module.register_attribute(name, c10::ListType::ofTensors(), c10::List<at::Tensor>());
-    module.register_attribute("lora_scale", c10::ListType::ofFloats(), c10::List<double>());
-    module.register_attribute("lora_rows", c10::ListType::ofInts(), c10::List<int64_t>());
-  }
+  register_slots(modules_, type, variant);
   auto owner = std::find_if(modules_.begin(), modules_.end(), [&](const auto& m) { return m.second.type() == type; });
   owner->second.define(wiring == LoraWiring::kActivation ? variant.activation_code() : variant.weight_code());
-
   for (torch::jit::Function* fn : type->methods()) {
     if (is_lora_method(fn->name())) continue;
     auto graph = compat::method_graph(*fn);
-    Value* self = graph->inputs()[0];
     std::vector<Node*> getters;
     for_each_node(graph, [&](Node* n) {
-      if (reads_attribute(n, param) && n->input(0) == self) getters.push_back(n);
+      if (reads_attribute(n, param) && n->input(0) == graph->inputs()[0]) getters.push_back(n);
     });
     if (getters.empty()) continue;
-    if (wiring == LoraWiring::kActivation) {
-      for (Node* get : getters) {
-        std::vector<Node*> linears;
-        for (const auto& use : get->output()->uses()) linears.push_back(use.user);
-        for (Node* linear : linears) {
-          Node* call = graph->create(c10::prim::CallMethod, {self, linear->input(0), linear->output()}, 1);
-          call->s_(c10::attr::name, "lora_forward");
-          call->output()->setType(c10::TensorType::get());
-          call->insertAfter(linear);
-          linear->output()->replaceAllUsesAfterNodeWith(call, call->output());
-        }
-      }
-    } else {
-      // One W + s*B@A per call of the method, at its top, seen by every read.
-      Node* first = *graph->nodes().begin();
-      Node* get = graph->create(c10::prim::GetAttr, {self}, 1);
-      get->s_(c10::attr::name, param);
-      get->output()->setType(c10::TensorType::get());
-      get->insertBefore(first);
-      Node* call = graph->create(c10::prim::CallMethod, {self, get->output()}, 1);
-      call->s_(c10::attr::name, "lora_weight");
-      call->output()->setType(c10::TensorType::get());
-      call->insertAfter(get);
-      for (Node* old : getters) {
-        old->output()->replaceAllUsesWith(call->output());
-        old->destroy();
-      }
-    }
+    if (wiring == LoraWiring::kActivation)
+      add_after_linears(graph, getters);
+    else
+      adapt_weight_at_top(graph, param, getters);
     graph->lint();
   }
-  // Reads by other modules' code: the weight they get passes through the adapted module's lora_weight.
-  for (auto& reader : reads.foreign_readers) {
-    for (const auto& method : reader.get_methods()) {
-      if (is_lora_method(method.name())) continue;
-      auto graph = compat::method_graph(method.function());
-      std::vector<Node*> getters;
-      for_each_node(graph, [&](Node* n) {
-        if (reads_attribute(n, param) && n->input(0)->type() == type &&
-            !(reader.type() == type && n->input(0) == graph->inputs()[0]))
-          getters.push_back(n);
-      });
-      for (Node* get : getters) {
-        Node* call = graph->create(c10::prim::CallMethod, {get->input(0), get->output()}, 1);
-        call->s_(c10::attr::name, "lora_weight");
-        call->output()->setType(c10::TensorType::get());
-        call->insertAfter(get);
-        get->output()->replaceAllUsesAfterNodeWith(call, call->output());
-      }
-      graph->lint();
-    }
-  }
+  for (auto& reader : reads.foreign_readers) adapt_foreign_reads(reader, type, param);
   prepared_[type.get()] = wiring;
   prepared_param_[type.get()] = param;
   prepared_variant_[type.get()] = &variant;

@@ -82,69 +82,92 @@ size_t char_length(unsigned char lead) {
 
 bool is_ascii_punctuation(char c) { return std::strchr("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", c) != nullptr && c != 0; }
 
-}  // namespace
-
-SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, SentencePieceOptions options)
-    : options_(options) {
-  Wire w(model.data(), model.size());
+// The fields of a ModelProto that the tokenizer reads.
+struct ParsedModel {
+  struct Entry {
+    std::string text;  // empty: a piece that never matches text (control, unknown, unused)
+    int64_t id;
+    float score;
+  };
+  std::vector<Entry> pieces;
   int64_t model_type = 1, unk = 0, eos = 2, pad = -1;
-  float min_score = std::numeric_limits<float>::max();
-  std::vector<std::pair<std::string, Piece>> listed;
+  float min_score = std::numeric_limits<float>::max();  // over the normal pieces
   std::string normalizer = "nmt_nfkc";
+  bool dummy_prefix = true, collapse_whitespace = true;
+};
+
+// ModelProto.pieces: one SentencePiece (text, score, type).
+void read_piece(Wire p, ParsedModel& m) {
+  std::string text;
+  float score = 0;
+  uint64_t kind = 1;
+  while (!p.done()) {
+    const uint64_t t = p.varint();
+    if ((t >> 3) == 1 && (t & 7) == 2) text = p.string();
+    else if ((t >> 3) == 2 && (t & 7) == 5) score = p.fixed32();
+    else if ((t >> 3) == 3 && (t & 7) == 0) kind = p.varint();
+    else p.skip(static_cast<int>(t & 7));
+  }
+  const auto id = static_cast<int64_t>(m.pieces.size());
+  if (kind == 2) m.unk = id;
+  // Normal and user-defined pieces take part in segmentation; control and unused ones never match text.
+  const bool matches = (kind == 1 || kind == 4) && !text.empty();
+  if (matches && kind == 1) m.min_score = std::min(m.min_score, score);
+  m.pieces.push_back({matches ? text : "", id, score});
+}
+
+// TrainerSpec: the model type and the special token ids.
+void read_trainer_spec(Wire t, ParsedModel& m) {
+  while (!t.done()) {
+    const uint64_t tt = t.varint();
+    const auto f = tt >> 3;
+    if ((tt & 7) != 0) {
+      t.skip(static_cast<int>(tt & 7));
+      continue;
+    }
+    const auto v = static_cast<int64_t>(static_cast<int32_t>(t.varint()));
+    if (f == 3) m.model_type = v;
+    else if (f == 40) m.unk = v;
+    else if (f == 42) m.eos = v;
+    else if (f == 43) m.pad = v;
+  }
+}
+
+// NormalizerSpec: its name and the whitespace rules.
+void read_normalizer_spec(Wire n, ParsedModel& m) {
+  while (!n.done()) {
+    const uint64_t tt = n.varint();
+    const auto f = tt >> 3;
+    if (f == 1 && (tt & 7) == 2) m.normalizer = n.string();
+    else if (f == 3 && (tt & 7) == 0) m.dummy_prefix = n.varint() != 0;
+    else if (f == 4 && (tt & 7) == 0) m.collapse_whitespace = n.varint() != 0;
+    else n.skip(static_cast<int>(tt & 7));
+  }
+}
+
+ParsedModel parse_model(const std::string& bytes) {
+  ParsedModel m;
+  Wire w(bytes.data(), bytes.size());
   while (!w.done()) {
     const uint64_t tag = w.varint();
     const auto field = tag >> 3;
     const int type = static_cast<int>(tag & 7);
-    if (field == 1 && type == 2) {  // SentencePiece
-      Wire p = w.bytes();
-      std::string text;
-      float score = 0;
-      uint64_t kind = 1;
-      while (!p.done()) {
-        const uint64_t t = p.varint();
-        if ((t >> 3) == 1 && (t & 7) == 2) text = p.string();
-        else if ((t >> 3) == 2 && (t & 7) == 5) score = p.fixed32();
-        else if ((t >> 3) == 3 && (t & 7) == 0) kind = p.varint();
-        else p.skip(static_cast<int>(t & 7));
-      }
-      const auto id = static_cast<int64_t>(listed.size());
-      if (kind == 2) unk = id;
-      // Normal and user-defined pieces take part in segmentation; control and unused ones never match text.
-      if ((kind == 1 || kind == 4) && !text.empty()) {
-        listed.push_back({text, {id, score}});
-        if (kind == 1) min_score = std::min(min_score, score);
-      } else {
-        listed.push_back({"", {id, score}});
-      }
-    } else if (field == 2 && type == 2) {  // TrainerSpec
-      Wire t = w.bytes();
-      while (!t.done()) {
-        const uint64_t tt = t.varint();
-        const auto f = tt >> 3;
-        if ((tt & 7) != 0) {
-          t.skip(static_cast<int>(tt & 7));
-          continue;
-        }
-        const auto v = static_cast<int64_t>(static_cast<int32_t>(t.varint()));
-        if (f == 3) model_type = v;
-        else if (f == 40) unk = v;
-        else if (f == 42) eos = v;
-        else if (f == 43) pad = v;
-      }
-    } else if (field == 3 && type == 2) {  // NormalizerSpec
-      Wire n = w.bytes();
-      while (!n.done()) {
-        const uint64_t tt = n.varint();
-        const auto f = tt >> 3;
-        if (f == 1 && (tt & 7) == 2) normalizer = n.string();
-        else if (f == 3 && (tt & 7) == 0) dummy_prefix_ = n.varint() != 0;
-        else if (f == 4 && (tt & 7) == 0) collapse_whitespace_ = n.varint() != 0;
-        else n.skip(static_cast<int>(tt & 7));
-      }
-    } else {
-      w.skip(type);
-    }
+    if (field == 1 && type == 2) read_piece(w.bytes(), m);
+    else if (field == 2 && type == 2) read_trainer_spec(w.bytes(), m);
+    else if (field == 3 && type == 2) read_normalizer_spec(w.bytes(), m);
+    else w.skip(type);
   }
+  return m;
+}
+
+}  // namespace
+
+SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, SentencePieceOptions options)
+    : options_(options) {
+  const ParsedModel parsed = parse_model(model);
+  const auto& listed = parsed.pieces;
+  const int64_t unk = parsed.unk, eos = parsed.eos, pad = parsed.pad;
+  const int64_t model_type = parsed.model_type;
   if (listed.empty()) throw InputError("the SentencePiece model holds no pieces");
   if (model_type != 1)
     throw InputError("the SentencePiece model is not a unigram model (type " + std::to_string(model_type) + ")");
@@ -155,7 +178,7 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, Sentenc
     throw InputError("the SentencePiece model holds " + std::to_string(listed.size()) + " pieces (limit " +
                      std::to_string(kMaxPieces) + ")");
   piece_of_.push_back({-1, 0});
-  for (const auto& [text, piece] : listed) {
+  for (const auto& [text, id, score] : listed) {
     if (text.empty()) continue;
     if (text.size() > kMaxPieceBytes)
       throw InputError("the SentencePiece model has a piece of " + std::to_string(text.size()) + " bytes (limit " +
@@ -166,9 +189,12 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model, Sentenc
       if (added) piece_of_.push_back({-1, 0});
       node = it->second;
     }
-    if (piece_of_[node].id < 0) piece_of_[node] = piece;  // the first of duplicate pieces wins
+    if (piece_of_[node].id < 0) piece_of_[node] = {id, score};  // the first of duplicate pieces wins
   }
-  nfkc_ = normalizer.find("nfkc") != std::string::npos;
+  nfkc_ = parsed.normalizer.find("nfkc") != std::string::npos;
+  dummy_prefix_ = parsed.dummy_prefix;
+  collapse_whitespace_ = parsed.collapse_whitespace;
+  const float min_score = parsed.min_score;
   unknown_score_ = (min_score == std::numeric_limits<float>::max() ? 0.0f : min_score) - kUnknownPenalty;
   unk_ = unk, eos_ = eos, vocab_size_ = count;
   pad_ = options.pad_with_end || pad < 0 ? eos : pad;
