@@ -53,9 +53,9 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
   // Targets whose start took a part of the weight are written as changes of the unmodified base.
   if (std::any_of(model.adapters().begin(), model.adapters().end(), [](const LoraTarget& t) { return t.taken_A.defined(); }))
     a.lora = settings_on_unmodified_base(a.lora);
-  a.head_weight = model.head_weight().detach().to(at::kCPU);
-  a.normalize_features = model.normalize_features();
-  a.head_bias = model.head_bias().detach().to(at::kCPU);
+  a.head_weight = model.head().weight().detach().to(at::kCPU);
+  a.normalize_features = model.head().normalize_features();
+  a.head_bias = model.head().bias().detach().to(at::kCPU);
   a.classes = classes;
   a.base_fingerprint = model.bundle().fingerprint;
   a.base_name = model.bundle().info.name.empty() ? model.bundle().path.filename().string() : model.bundle().info.name;
@@ -173,8 +173,8 @@ void apply_adapter(Model& model, const Adapter& given, const std::string& origin
   // Without the text tower, text adapters live on in the head they made.
   if (model.has_text_tower() && !a.text_targets.empty())
     model.set_text_adapters(bind_text_targets(a, model.text_bundle(), origin));
-  if (a.head_weight.defined()) model.set_head(a.head_weight, a.head_bias);
-  model.set_normalize_features(a.normalize_features);
+  if (a.head_weight.defined()) model.head().set(a.head_weight, a.head_bias);
+  model.head().set_normalize_features(a.normalize_features);
 }
 
 }  // namespace loratune

@@ -143,7 +143,7 @@ at::Tensor expected_output(const fs::path& base_path, const Adapter& adapter, co
                            const at::Tensor& probe) {
   Model adapted(load_bundle(base_path));
   apply_adapter(adapted, adapter, origin);
-  if (!adapter.head_weight.defined() || options.features_only) adapted.init_head(1);
+  if (!adapter.head_weight.defined() || options.features_only) adapted.head().init(1);
   if (options.strength != 1.0) {
     fold_targets(adapted.module(), bind_targets(adapter, fresh, origin), options.strength, nullptr);
     adapted.clear_adapters();
@@ -156,7 +156,7 @@ at::Tensor expected_output(const fs::path& base_path, const Adapter& adapter, co
         p.value.copy_(originals[p.name] + (p.value - originals[p.name]) * options.strength);
     }
   }
-  if (!options.features_only && (options.strength != 1.0 || head.from_text)) adapted.set_head(head.weight, head.bias);
+  if (!options.features_only && (options.strength != 1.0 || head.from_text)) adapted.head().set(head.weight, head.bias);
   at::NoGradGuard no_grad;
   return options.features_only ? adapted.features(probe) : adapted.logits(probe);
 }

@@ -1,7 +1,6 @@
 #include "loratune/model.h"
 
 #include <ATen/core/grad_mode.h>
-#include <cmath>
 #include <utility>
 
 #include "lora/adapter_host.h"
@@ -9,7 +8,6 @@
 #include "loratune/adapter_variant.h"
 #include "loratune/cpu_allocator.h"
 #include "loratune/errors.h"
-#include "model/block_offload.h"
 #include "model/gradient_checkpoint.h"
 #include "quant/frozen_weights.h"
 
@@ -28,19 +26,14 @@ void store_frozen(torch::jit::Module module, at::ScalarType dtype) {
 
 }  // namespace
 
-Model::Model(Bundle bundle) : image_(std::make_unique<AdaptedTower>(std::move(bundle))) {
+Model::Model(Bundle bundle)
+    : image_(std::make_unique<AdaptedTower>(std::move(bundle))),
+      head_(image_->bundle().info.feature_dim),
+      stack_(image_->bundle()) {
   const Bundle& b = image_->bundle();
   if (b.info.kind != "backbone")
     throw InputError(b.path.string() + " is a merged classifier, not a backbone bundle; train and merge on the "
                      "original model file");
-  if (b.has_block_structure()) {
-    const auto blocks_module = b.blocks_module();
-    for (const auto& child : blocks_module.named_children()) {
-      blocks_.push_back(child.value);
-      block_paths_.push_back(b.info.blocks + "." + child.name);
-      block_grad_dependent_.push_back(has_grad_mode_dependent_kernels(child.value));
-    }
-  }
   set_method(Method::kLora);
 }
 
@@ -107,31 +100,6 @@ at::Tensor Model::text_features(const at::Tensor& tokens, bool checkpoint) {
   return run_block(text_->bundle().module, tokens);
 }
 
-void Model::set_head_trainable(bool on) {
-  head_trainable_ = on;
-  if (has_head()) {
-    head_weight_.requires_grad_(on);
-    head_bias_.requires_grad_(on);
-  }
-}
-
-void Model::init_head(int64_t num_classes) {
-  const int64_t d = bundle().info.feature_dim;
-  const double bound = 1.0 / std::sqrt(static_cast<double>(d));
-  at::NoGradGuard no_grad;
-  set_head(at::empty({num_classes, d}, at::kFloat).uniform_(-bound, bound),
-           at::empty({num_classes}, at::kFloat).uniform_(-bound, bound));
-}
-
-void Model::set_head(at::Tensor weight, at::Tensor bias) {
-  const int64_t d = bundle().info.feature_dim;
-  if (weight.dim() != 2 || weight.size(1) != d || bias.dim() != 1 || bias.size(0) != weight.size(0))
-    throw InputError("classification head has shape [" + c10::str(weight.sizes()) + "] + [" + c10::str(bias.sizes()) +
-                     "], but the model's features have " + std::to_string(d) + " dimensions");
-  head_weight_ = weight.to(device_, at::kFloat).detach().requires_grad_(head_trainable_);
-  head_bias_ = bias.to(device_, at::kFloat).detach().requires_grad_(head_trainable_);
-}
-
 void Model::set_method(Method method) {
   method_ = method;
   for (const auto& p : module().parameters()) p.requires_grad_(method == Method::kFull);
@@ -140,22 +108,7 @@ void Model::set_method(Method method) {
   refresh_block_parameters();
 }
 
-void Model::refresh_block_parameters() {
-  block_parameters_.assign(blocks_.size(), {});
-  prefix_blocks_ = 0;
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    if (method_ == Method::kFull)
-      for (const auto& p : blocks_[i].parameters()) block_parameters_[i].push_back(p);
-    if (method_ == Method::kLora)
-      for (const auto& t : adapters())
-        if (t.module.compare(0, block_paths_[i].size() + 1, block_paths_[i] + ".") == 0)
-          for (size_t k = 0; k < t.tensors.size(); ++k)
-            if (t.trains(k)) block_parameters_[i].push_back(t.tensors[k]);
-  }
-  if (method_ != Method::kFull)
-    while (prefix_blocks_ < static_cast<int64_t>(blocks_.size()) && block_parameters_[prefix_blocks_].empty()) ++prefix_blocks_;
-  if (offload_) offload_->set_first_recomputed(prefix_blocks_);
-}
+void Model::refresh_block_parameters() { stack_.assign_trainable(method_, adapters()); }
 
 std::vector<NamedTensor> Model::trainable() const {
   std::vector<NamedTensor> out;
@@ -165,10 +118,7 @@ std::vector<NamedTensor> Model::trainable() const {
     image_->append_trainable(out);
     if (text_) text_->append_trainable(out);
   }
-  if (has_head() && head_trainable_) {
-    out.push_back({"head.weight", head_weight_});
-    out.push_back({"head.bias", head_bias_});
-  }
+  head_.append_trainable(out);
   return out;
 }
 
@@ -180,7 +130,7 @@ int64_t Model::trainable_count() const {
 
 int64_t Model::base_parameter_count() const {
   int64_t n = quantization_.parameters;  // their dense weights are empty now
-  if (offload_) n += offload_->host_parameter_count();  // so are the offloaded ones' slots
+  n += stack_.offloaded_parameter_count();  // so are the offloaded ones' slots
   for (const auto& p : bundle().module.parameters()) n += p.numel();
   return n;
 }
@@ -188,7 +138,7 @@ int64_t Model::base_parameter_count() const {
 int64_t Model::total_count() const {
   int64_t n = base_parameter_count();
   n += image_->adapter_parameter_count();
-  if (has_head()) n += head_weight_.numel() + head_bias_.numel();
+  n += head_.parameter_count();
   if (text_) {
     for (const auto& p : text_->bundle().module.parameters()) n += p.numel();
     n += text_->adapter_parameter_count();
@@ -196,43 +146,28 @@ int64_t Model::total_count() const {
   return n;
 }
 
-void Model::set_offload(OffloadSettings settings) {
-  if (offload_) throw RuntimeFailure("internal: offload is set before the model moves to its device");
-  offload_settings_ = settings;
-}
-
-int64_t Model::offloaded_weight_bytes() const { return offload_ ? offload_->host_weight_bytes() : 0; }
-
-int64_t Model::take_peak_resident_blocks() {
-  if (!offload_) return 0;
-  const int64_t peak = offload_->peak_resident_blocks();
-  offload_->reset_peak();
-  return peak;
-}
-
 void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantFormat frozen_quant) {
   if (frozen_quant != QuantFormat::kNone && quantization_.format == QuantFormat::kNone) {
     if (method_ != Method::kLora) throw InputError("quantised frozen weights need method lora");
-    if (block_paths_.empty())
+    if (stack_.empty())
       throw InputError(bundle().path.filename().string() + " has no block structure: its Linear weights cannot be "
                        "quantised block by block (export it with blocks, or use frozen_dtype compute)");
-    quantization_ = quantize_frozen_linears(module(), block_paths_, frozen_quant, device);
+    quantization_ = quantize_frozen_linears(module(), stack_.paths(), frozen_quant, device);
     if (quantization_.modules == 0)
       throw InputError("frozen_dtype " + quant_format_name(frozen_quant) + ": no frozen Linear weight in the blocks "
                        "can be quantised (each is read outside nn.Linear, e.g. by DoRA adapters); use frozen_dtype "
                        "compute");
   }
-  if (offload_settings_.any() && !offload_) {
+  if (stack_.offload().any() && !stack_.offloading()) {
     if (method_ != Method::kLora) throw InputError("offload needs method lora (it moves frozen weights)");
-    if (block_paths_.empty())
+    if (stack_.empty())
       throw InputError(bundle().path.filename().string() + " has no block structure: it cannot be offloaded block by "
                        "block (export it with blocks, or set offload to none)");
     // The host copies keep the storage dtype; what stays in the module (placeholders) moves below.
     if (frozen_dtype != at::kFloat) store_frozen(module(), frozen_dtype);
-    offload_ = c10::make_intrusive<BlockOffload>(blocks_, device, offload_settings_.weights,
-                                                 offload_settings_.activations, prefix_blocks_);
+    stack_.start_offload(device);
     release_cached_cpu_memory();
-  } else if (offload_ && device != device_) {
+  } else if (stack_.offloading() && device != device_) {
     throw RuntimeFailure("internal: an offloaded model cannot move to another device");
   }
   device_ = device;
@@ -244,7 +179,7 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
     if (frozen_dtype != at::kFloat) store_frozen(text_->bundle().module, frozen_dtype);
     text_->move_adapters(device, lora_settings_.dropout);
   }
-  if (has_head()) set_head(head_weight_, head_bias_);
+  head_.to(device);
   refresh_block_parameters();
 }
 
@@ -253,12 +188,12 @@ void Model::set_training(bool training) {
   if (text_) text_->host().set_training(training);
 }
 
-bool Model::has_frozen_prefix() const { return !blocks_.empty() && method_ != Method::kFull; }
+bool Model::has_frozen_prefix() const { return !stack_.empty() && method_ != Method::kFull; }
 
 at::Tensor Model::prefix(const at::Tensor& images) {
   if (!has_frozen_prefix()) throw RuntimeFailure("internal: the model has no frozen prefix");
   at::NoGradGuard no_grad;  // nothing here trains: keep no activations
-  at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, prefix_blocks_, false);
+  at::Tensor h = stack_.run(module().get_method("stem")({images}).toTensor(), 0, stack_.frozen_prefix(), false);
   if (method_ == Method::kLinearProbe) h = module().get_method("head")({h}).toTensor();
   // One memory layout, whether the next step gets this tensor or cached rows stacked again: kernels may
   // differ by layout and the results in their last bits.
@@ -267,52 +202,34 @@ at::Tensor Model::prefix(const at::Tensor& images) {
 
 at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint) {
   if (method_ == Method::kLinearProbe) return hidden;
-  const at::Tensor h = run_blocks(hidden, prefix_blocks_, blocks_.size(), checkpoint);
+  const at::Tensor h = stack_.run(hidden, stack_.frozen_prefix(), stack_.size(), checkpoint);
   return module().get_method("head")({h}).toTensor();
-}
-
-at::Tensor Model::run_blocks(at::Tensor h, size_t first, size_t last, bool checkpoint) {
-  const bool recompute = checkpoint && at::GradMode::is_enabled();
-  for (size_t i = first; i < last; ++i) {
-    const bool final_block = i + 1 == blocks_.size();
-    if (offload_) offload_->enter(i, final_block ? -1 : static_cast<int64_t>(i + 1));
-    h = recompute ? checkpointed_block(blocks_[i], h, block_parameters_[i], block_grad_dependent_[i], offload_, i)
-                  : run_block(blocks_[i], h);
-    if (offload_) offload_->leave(i, /*keep=*/recompute && final_block);  // backward starts with it
-  }
-  return h;
 }
 
 at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
   const bool grad = at::GradMode::is_enabled();
-  if (blocks_.empty()) {
+  if (stack_.empty()) {
     // No per-block structure: one call, gradients only if something in the base trains.
     at::AutoGradMode mode(grad && method_ != Method::kLinearProbe);
     return module().forward({images}).toTensor();
   }
   if (has_frozen_prefix()) return features_from_prefix(prefix(images), checkpoint);
   // Method full: everything trains.
-  const at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, blocks_.size(), checkpoint);
+  const at::Tensor h = stack_.run(module().get_method("stem")({images}).toTensor(), 0, stack_.size(), checkpoint);
   return module().get_method("head")({h}).toTensor();
 }
 
-at::Tensor Model::classify(const at::Tensor& features) {
-  if (!has_head()) throw InputError("the model has no classification head");
-  const at::Tensor f = normalize_features_ ? features / features.pow(2).sum(-1, true).sqrt() : features;
-  return at::linear(f, head_weight_, head_bias_);
-}
-
 int64_t Model::block_output_bytes(const at::Tensor& images) {
-  if (blocks_.empty()) return 0;
+  if (stack_.empty()) return 0;
   at::NoGradGuard no_grad;
-  const at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, 1, false);
+  const at::Tensor h = stack_.run(module().get_method("stem")({images}).toTensor(), 0, 1, false);
   return static_cast<int64_t>(h.nbytes()) / std::max<int64_t>(1, images.size(0));
 }
 
-at::Tensor Model::logits(const at::Tensor& images, bool checkpoint) { return classify(features(images, checkpoint)); }
+at::Tensor Model::logits(const at::Tensor& images, bool checkpoint) { return head_.logits(features(images, checkpoint)); }
 
 at::Tensor Model::logits_from_prefix(const at::Tensor& prefix_output, bool checkpoint) {
-  return classify(features_from_prefix(prefix_output, checkpoint));
+  return head_.logits(features_from_prefix(prefix_output, checkpoint));
 }
 
 }  // namespace loratune

@@ -224,10 +224,10 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
   const TensorBytes before_model = tensor_bytes(p.device);
   reset_peak_memory(p.device);
   auto model = build_training_model(c, names);
-  if (p.device.is_cuda()) model->set_offload(offload_settings_for(c));
+  if (p.device.is_cuda()) model->blocks().set_offload(offload_settings_for(c));
   model->to(p.device, frozen_dtype, frozen_quant);
   if (!p.device.is_cuda()) p.load_peak_rss = read_memory(p.device).peak_rss;
-  p.host_offload_fixed = model->offloaded_weight_bytes();
+  p.host_offload_fixed = model->blocks().offloaded_weight_bytes();
   model->set_training(true);
   for (const auto& t : model->trainable()) p.trainable_parameters += t.tensor.numel();
   p.frozen_by_dtype = frozen_by_dtype(*model, frozen_quant);
@@ -251,13 +251,13 @@ MemoryProfile probe_memory(const TrainConfig& config, int64_t classes, Precision
     p.process_baseline = std::max<int64_t>(0, read_memory(p.device).peak_rss - tensor_bytes(p.device).peak);
   p.kept = line_through(r2.kept, r4.kept);
   p.extra = line_through(r2.peak - r2.kept, r4.peak - r4.kept);
-  p.trained_blocks = model->trained_block_count();
+  p.trained_blocks = model->blocks().trained_count();
   {
     at::NoGradGuard no_grad;
     AutocastScope autocast(p.device, precision);
     p.block_output_per_image = model->block_output_bytes(at::randn({1, 3, size, size}).to(p.device));
   }
-  if (model->offload().activations) p.host_offload_per_image = p.trained_blocks * p.block_output_per_image;
+  if (model->blocks().offload().activations) p.host_offload_per_image = p.trained_blocks * p.block_output_per_image;
   return p;
 }
 

@@ -124,8 +124,8 @@ void apply_zero_shot_head(Model& model, const std::vector<std::string>& classes,
                      model.bundle().path.string() + " gives " + std::to_string(model.bundle().info.feature_dim) + "-d ones");
   const auto names = class_prompt_names(classes, class_names);
   auto [weight, bias] = zero_shot_head(text, classes, names, templates.empty() ? default_templates() : templates);
-  model.set_head(weight, bias);
-  model.set_normalize_features(true);
+  model.head().set(weight, bias);
+  model.head().set_normalize_features(true);
   spdlog::info("zero-shot head from {} ({} classes, logit scale {})", text_path.string(), classes.size(), text.logit_scale);
 }
 

@@ -7,7 +7,7 @@ namespace loratune {
 bool Trainer::Impl::decide_prefix_cache() const {
   const CacheMode mode = config_.data.prefix_cache;
   if (mode == CacheMode::kOff || !model_.has_frozen_prefix() || config_.data.augment.enabled) return false;
-  return mode == CacheMode::kMemory || model_.frozen_prefix_blocks() > 0 || model_.method() == Method::kLinearProbe;
+  return mode == CacheMode::kMemory || model_.blocks().frozen_prefix() > 0 || model_.method() == Method::kLinearProbe;
 }
 
 at::Tensor Trainer::Impl::prefix_for(PrefixCache& cache, const Batch& batch) {

@@ -89,9 +89,9 @@ Trainer::Impl::Impl(const TrainConfig& config, Model& model, BatchSource& train,
   check_train_config(config);  // a config filled in code gets the checks a file gets
   optimizer_ = make_optimizer(config, model);
   scaler_ = make_loss_scaler(config, precision);
-  if (config.head.init == HeadInit::kZeroShot && model.has_head()) {  // as built, also on resume: before the checkpoint loads
-    initial_head_weight_ = model.head_weight().detach().to(at::kCPU).clone();
-    initial_head_bias_ = model.head_bias().detach().to(at::kCPU).clone();
+  if (config.head.init == HeadInit::kZeroShot && model.head().defined()) {  // as built, also on resume: before the checkpoint loads
+    initial_head_weight_ = model.head().weight().detach().to(at::kCPU).clone();
+    initial_head_bias_ = model.head().bias().detach().to(at::kCPU).clone();
   }
   contrastive_ = config.loss == TrainingLoss::kContrastive;
   if (contrastive_) {
@@ -210,7 +210,7 @@ TrainSummary Trainer::Impl::run(bool resume) {
   if (use_prefix_cache_)
     reporter_->message(fmt::format(
         "caching the frozen prefix ({} block{} before the first adapter{}) per image: later epochs skip it",
-        model_.frozen_prefix_blocks(), model_.frozen_prefix_blocks() == 1 ? "" : "s",
+        model_.blocks().frozen_prefix(), model_.blocks().frozen_prefix() == 1 ? "" : "s",
         model_.method() == Method::kLinearProbe ? ", and the head: the whole backbone" : ""));
   TrainSummary summary;
   summary.method = method_name(config_.method);

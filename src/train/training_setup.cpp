@@ -60,7 +60,7 @@ std::unique_ptr<Model> model_on_device(const TrainConfig& c, const std::vector<s
                                        const ZeroShotHeadInit& zero_shot, const c10::Device& device,
                                        at::ScalarType frozen, QuantFormat quant) {
   auto model = build_training_model(c, classes, zero_shot);
-  if (device.is_cuda()) model->set_offload(offload_settings_for(c));
+  if (device.is_cuda()) model->blocks().set_offload(offload_settings_for(c));
   model->to(device, frozen, quant);
   return model;
 }
@@ -90,9 +90,9 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     auto text_targets = resolve_targets(text, text_settings, model->text_bundle().info.blocks);
     init_adapter_tensors(text_targets, text, adapter_init_by_name(c.lora.init));
     model->set_text_adapters(text_targets);
-    model->set_head_trainable(false);
+    model->head().set_trainable(false);
   }
-  model->init_head(static_cast<int64_t>(classes.size()));
+  model->head().init(static_cast<int64_t>(classes.size()));
   if (c.head.init == HeadInit::kZeroShot) {
     if (!zero_shot)
       throw InputError("head.init zero_shot needs the CLIP text encoder: link loratune_text and pass "
@@ -168,8 +168,8 @@ TrainingSetup prepare_training(const TrainConfig& c, const std::vector<std::stri
   if (s.frozen_quant != QuantFormat::kNone) s.notes.push_back(quantization_note(s.model->frozen_quantization()));
   if (c.offload != OffloadMode::kNone && !s.device.is_cuda())
     s.notes.push_back("offload " + enum_name(c.offload) + " applies on CUDA; on the CPU it does nothing");
-  if (s.model->offload().weights) s.notes.push_back("offload: two blocks' frozen weights on the GPU at a time");
-  if (s.model->offload().activations) s.notes.push_back("offload: checkpointed blocks keep their inputs in host memory");
+  if (s.model->blocks().offload().weights) s.notes.push_back("offload: two blocks' frozen weights on the GPU at a time");
+  if (s.model->blocks().offload().activations) s.notes.push_back("offload: checkpointed blocks keep their inputs in host memory");
 
   s.train_loader.batch_size = c.batch_size;
   s.train_loader.shuffle = s.train_loader.augment = true;  // the last, smaller batch trains too

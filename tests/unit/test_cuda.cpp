@@ -33,8 +33,8 @@ class Cuda : public ::testing::Test {
     auto targets = resolve_targets(m->module(), LoraSettings{});
     init_adapter_tensors(targets, m->module());
     m->set_adapters(targets, LoraSettings{});
-    m->init_head(3);
-    m->set_offload(offload);
+    m->head().init(3);
+    m->blocks().set_offload(offload);
     m->to(gpu, frozen);
     return m;
   }
@@ -62,11 +62,11 @@ TEST_F(Cuda, Fp16StepWithLossScalerSkipsAnInjectedInf) {
     return finite;
   };
   EXPECT_TRUE(step(false));
-  const at::Tensor before = model->head_weight().detach().clone();
+  const at::Tensor before = model->head().weight().detach().clone();
   const double scale = scaler.scale();
   EXPECT_FALSE(step(true));
   EXPECT_EQ(scaler.scale(), scale / 2);
-  EXPECT_TRUE(at::equal(before, model->head_weight())) << "the step with inf was skipped";
+  EXPECT_TRUE(at::equal(before, model->head().weight())) << "the step with inf was skipped";
   EXPECT_TRUE(step(false));
 }
 
@@ -133,7 +133,7 @@ TEST_F(Cuda, OffloadedStepMatchesWithLessOnTheGpu) {
     }
     r.peak = read_memory(gpu).device_peak_allocated - empty;
     for (const auto& t : model->trainable()) r.grads.push_back(t.tensor.grad().to(at::kCPU));
-    if (offload.weights) EXPECT_LE(model->take_peak_resident_blocks(), 2);
+    if (offload.weights) EXPECT_LE(model->blocks().take_peak_resident_blocks(), 2);
     return r;
   };
   const Result plain = run({});

@@ -81,8 +81,8 @@ void expect_matches_reference(const std::filesystem::path& bundle, const std::fi
             << specs[k].name;
       }
     }
-    EXPECT_LT(scaled_diff(model.head_weight().grad(), ref.at("grad.head.weight")), 1e-5);
-    EXPECT_LT(scaled_diff(model.head_bias().grad(), ref.at("grad.head.bias")), 1e-5);
+    EXPECT_LT(scaled_diff(model.head().weight().grad(), ref.at("grad.head.weight")), 1e-5);
+    EXPECT_LT(scaled_diff(model.head().bias().grad(), ref.at("grad.head.bias")), 1e-5);
     for (const auto& p : model.module().parameters()) EXPECT_FALSE(p.grad().defined());
   }
 }
@@ -146,7 +146,7 @@ TEST_P(LoraReference, OnlyAdaptersAndHeadTrainAndLossFalls) {
   auto targets = resolve_targets(model.module(), LoraSettings{});
   init_adapter_tensors(targets, model.module());
   model.set_adapters(targets, LoraSettings{});
-  model.init_head(3);
+  model.head().init(3);
   const at::Tensor x = ref.at("input");
   const at::Tensor labels = at::tensor({0, 2}, at::kLong);
   auto loss_now = [&] { return at::cross_entropy_loss(model.logits(x), labels); };
@@ -239,7 +239,7 @@ TEST_P(LoraReference, TakenStartsAreGivenBackInTheFile) {
           for (auto& tensor : t.tensors) tensor.add_(at::randn_like(tensor) * 0.05 * tensor.abs().mean());
       }
       trained.set_adapters(targets, settings);
-      trained.init_head(3);
+      trained.head().init(3);
       at::Tensor expected;
       {
         at::NoGradGuard no_grad;

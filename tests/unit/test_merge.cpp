@@ -137,7 +137,7 @@ TEST(Merge, AllLinearTargetsOnEveryLayoutMergeToTheAdaptedModel) {
       for (auto& t : targets) t.B().normal_(0, 0.05);
     }
     m.set_adapters(targets, settings);
-    m.init_head(3);
+    m.head().init(3);
     const at::Tensor x = at::randn({2, 3, m.bundle().info.image_size, m.bundle().info.image_size});
     at::Tensor adapted, base;
     {

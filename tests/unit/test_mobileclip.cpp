@@ -41,8 +41,8 @@ TEST(MobileClip, ZeroShotHeadPredictsTheAgreedClasses) {
   TextEncoder text = load_text_encoder(text_model_for(model.bundle()));
   EXPECT_EQ(text.tokenizer->end_token(), 521);
   auto [weight, bias] = zero_shot_head(text, folder.classes, class_prompt_names(folder.classes, {}), default_templates());
-  model.set_head(weight, bias);
-  model.set_normalize_features(true);
+  model.head().set(weight, bias);
+  model.head().set_normalize_features(true);
   LoaderOptions o;
   o.batch_size = 4;
   ImageBatchSource source(folder, Preprocess::from_bundle(model.bundle().info), o);
@@ -126,7 +126,7 @@ TEST(MobileClip, PrefixCacheGivesIdenticalTrainingWithoutAugmentation) {
     const TrainConfig c = mobileclip_config(dir, {{"data", {{"prefix_cache", cached ? "memory" : "off"}}},
                                                   {"lora", {{"targets", {"network.7.1.token_mixer.qkv:q,v"}}}}});
     auto model = lora_model(c);
-    EXPECT_EQ(model->frozen_prefix_blocks(), 1);
+    EXPECT_EQ(model->blocks().frozen_prefix(), 1);
     TensorBatchSource train(data.x, data.y, 4, true, true, 0);
     TensorBatchSource validation(val.x, val.y, 5, false, false, 0);
     Trainer(c, *model, train, &validation, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false);
@@ -189,7 +189,7 @@ TEST(Contrastive, LossAndGradientsThroughBothTowersMatchPython) {
 
 TEST(Contrastive, AdapterFilesMarkTheTextTowerAndModelsWithoutItKeepOnlyTheHead) {
   auto model = contrastive_model();
-  model->init_head(3);
+  model->head().init(3);
   const auto dir = test::temp_dir("contrastive_adapter");
   save_adapter(dir / "a", adapter_from_model(*model, {"blue", "green", "red"}, json::object()));
   const Adapter a = load_adapter(dir / "a");

@@ -42,8 +42,8 @@ std::unique_ptr<Model> lora_model(const std::string& name, bool last_block_only,
       for (auto& tensor : t.tensors) tensor.normal_(0, 0.1);  // B starts at zero: make every adapter count
   }
   m->set_adapters(targets, LoraSettings{});
-  m->init_head(3);
-  m->set_offload(offload);
+  m->head().init(3);
+  m->blocks().set_offload(offload);
   m->to(c10::Device(c10::kCPU), at::kFloat, quant);
   return m;
 }
@@ -77,7 +77,7 @@ TEST_P(Offload, StepEqualsTheOrdinaryStepWithTwoBlocksInPlaceAtMost) {
     auto plain = lora_model(layout, last_block_only, quant, {});
     auto offloaded = lora_model(layout, last_block_only, quant, settings);
     EXPECT_EQ(offloaded->base_parameter_count(), plain->base_parameter_count());
-    const int64_t blocks = plain->trained_block_count() + plain->frozen_prefix_blocks();
+    const int64_t blocks = plain->blocks().size();
     ASSERT_GE(blocks, 2);
     if (settings.weights) EXPECT_EQ(block_weights_in_place(*offloaded), 0) << "weights wait in host memory";
     const at::Tensor input = at::randn({2, 3, 32, 32}), probe = at::randn({2, 3});
@@ -87,7 +87,7 @@ TEST_P(Offload, StepEqualsTheOrdinaryStepWithTwoBlocksInPlaceAtMost) {
       ASSERT_EQ(a.grads.size(), b.grads.size());
       for (size_t k = 0; k < a.grads.size(); ++k) EXPECT_TRUE(at::equal(a.grads[k], b.grads[k])) << k;
       if (settings.weights) {
-        const int64_t peak = offloaded->take_peak_resident_blocks();
+        const int64_t peak = offloaded->blocks().take_peak_resident_blocks();
         EXPECT_GE(peak, 1);
         EXPECT_LE(peak, 2) << "the running block and the next one only";
         if (blocks > 2) EXPECT_EQ(peak, 2) << "the next block's copy starts while one runs";
@@ -96,7 +96,7 @@ TEST_P(Offload, StepEqualsTheOrdinaryStepWithTwoBlocksInPlaceAtMost) {
     }
     at::NoGradGuard no_grad;  // evaluation: no recompute
     EXPECT_TRUE(at::equal(plain->logits(input), offloaded->logits(input)));
-    if (settings.weights) EXPECT_LE(offloaded->take_peak_resident_blocks(), 2);
+    if (settings.weights) EXPECT_LE(offloaded->blocks().take_peak_resident_blocks(), 2);
   }
 }
 
@@ -121,7 +121,7 @@ TEST(OffloadSchedule, ABlockWhoseWeightsWereNotBroughtInFails) {
 TEST(OffloadSchedule, NeedsMethodLoraAndBlocks) {
   Model full(load_bundle(fixture("models/timm_script.pt")));
   full.set_method(Method::kFull);
-  full.set_offload({true, false});
+  full.blocks().set_offload({true, false});
   EXPECT_THROW(full.to(c10::Device(c10::kCPU)), InputError);
 }
 

@@ -135,7 +135,7 @@ TEST_P(QuantizedGrid, QuantisedModelGivesThePythonReference) {
         ASSERT_TRUE(t.tensors[k].grad().defined()) << key;
         EXPECT_LT(scaled_diff(t.tensors[k].grad(), ref.at(key)), 1e-5) << key;
       }
-    EXPECT_LT(scaled_diff(model.head_weight().grad(), ref.at("grad.head.weight")), 1e-5);
+    EXPECT_LT(scaled_diff(model.head().weight().grad(), ref.at("grad.head.weight")), 1e-5);
   }
 }
 
@@ -152,7 +152,7 @@ QuantizedStep adapted_step(Model& model, const at::Tensor& input, const at::Tens
   (s.logits * probe).sum().backward();
   for (const auto& t : model.adapters())
     for (const auto& tensor : t.tensors) s.grads.push_back(tensor.grad().clone());
-  s.grads.push_back(model.head_weight().grad().clone());
+  s.grads.push_back(model.head().weight().grad().clone());
   s.logits = s.logits.detach();
   return s;
 }

@@ -213,10 +213,10 @@ TEST(Training, ZeroShotHeadsNeedTheTextLibrarysInitializer) {
   int calls = 0;
   auto model = build_training_model(c, {"a", "b"}, [&](Model& m, const std::vector<std::string>& classes, const HeadConfig&) {
     ++calls;
-    m.set_head(at::ones({static_cast<int64_t>(classes.size()), m.bundle().info.feature_dim}), at::zeros({2}));
+    m.head().set(at::ones({static_cast<int64_t>(classes.size()), m.bundle().info.feature_dim}), at::zeros({2}));
   });
   EXPECT_EQ(calls, 1);
-  EXPECT_TRUE(at::equal(model->head_weight(), at::ones({2, model->bundle().info.feature_dim})));
+  EXPECT_TRUE(at::equal(model->head().weight(), at::ones({2, model->bundle().info.feature_dim})));
 }
 
 TEST(Recipes, LoraPlusGivesTheBMatricesRatioTimesTheLearningRate) {
@@ -271,7 +271,7 @@ TEST(Recipes, LastBlocksAdaptOnlyThemAndFreezeThePrefix) {
   auto model = make_model(c, 3);
   ASSERT_EQ(model->adapters().size(), 2u);  // q and v of the last of 2 blocks
   for (const auto& t : model->adapters()) EXPECT_EQ(t.module.rfind("vit.encoder.layer.1.", 0), 0u) << t.module;
-  EXPECT_EQ(model->frozen_prefix_blocks(), 1);
+  EXPECT_EQ(model->blocks().frozen_prefix(), 1);
   const TrainConfig too_many = make_config(test::temp_dir("last3"), {{"lora", {{"last_blocks", 3}}}});
   EXPECT_THROW_WITH(make_model(too_many, 3), InputError, "lora.last_blocks 3 is more than the 2 blocks");
 }
@@ -520,11 +520,11 @@ TEST(Training, PersistentNanLossStopsWithAHint) {
   data.images[0].fill_(std::nan(""));  // every batch of 8 holds this image
   const TrainConfig c = make_config(test::temp_dir("nan"), {{"batch_size", 8}, {"epochs", 5}});
   auto model = make_model(c, 3);
-  const at::Tensor before = model->head_weight().detach().clone();
+  const at::Tensor before = model->head().weight().detach().clone();
   TensorBatchSource train(data.images, data.labels, 8, true, true, 0);
   EXPECT_THROW_WITH(Trainer(c, *model, train, nullptr, {"a", "b", "c"}, c10::Device(c10::kCPU), Precision::kFp32).run(false),
                     RuntimeFailure, "the loss was NaN/inf for 3 steps in a row (at step 3): the learning rate");
-  EXPECT_TRUE(at::equal(before, model->head_weight())) << "steps with NaN gradients are skipped";
+  EXPECT_TRUE(at::equal(before, model->head().weight())) << "steps with NaN gradients are skipped";
 }
 
 TEST(LossScaler, InfSkipsAndHalvesThenGrowsAfterTheInterval) {

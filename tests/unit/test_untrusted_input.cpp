@@ -76,7 +76,7 @@ fs::path write_adapter(const fs::path& dir) {
     for (auto& t : targets) t.B().normal_(0, 0.1);
   }
   model.set_adapters(targets, LoraSettings{});
-  model.init_head(3);
+  model.head().init(3);
   save_adapter(dir / "adapter", adapter_from_model(model, {"a", "b", "c"}, {}));
   return dir / "adapter";
 }
