@@ -79,6 +79,24 @@ std::unique_ptr<Model> benchmark_model(const Args& a, const c10::Device& device,
   return model;
 }
 
+// The median of `v` after the warm-up steps (the first fifth, at least 2), and how many steps it covers.
+std::pair<double, size_t> median_after_warmup(std::vector<double> v) {
+  v.erase(v.begin(), v.begin() + std::min<size_t>(std::max<size_t>(2, v.size() / 5), v.size() - 1));
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.size()};
+}
+
+// --save: the adapter as trained; --probe FILE: the logits of FILE's "input" into FILE.logits.safetensors.
+void write_requested_outputs(const Args& a, Model& model, const std::vector<std::string>& class_names,
+                             const c10::Device& device) {
+  if (a.count("save")) save_adapter(a.at("save"), adapter_from_model(model, class_names, {}));
+  if (a.count("probe")) {
+    const auto input = safetensors::read(a.at("probe")).tensors.at("input");
+    at::NoGradGuard no_grad;
+    safetensors::write(a.at("probe") + ".logits.safetensors", {{"logits", model.logits(input.to(device)).to(at::kCPU)}});
+  }
+}
+
 int step_benchmark(const Args& a) {
   const c10::Device device = resolve_device(get(a, "device", "cpu"));
   const int64_t batch = std::stoll(get(a, "batch"));
@@ -130,11 +148,6 @@ int step_benchmark(const Args& a) {
     times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     threads.record(times.back(), batch);
   }
-  auto median_after_warmup = [&](std::vector<double> v) {
-    v.erase(v.begin(), v.begin() + std::min<size_t>(std::max(2, steps / 5), v.size() - 1));
-    std::sort(v.begin(), v.end());
-    return std::make_pair(v[v.size() / 2], v.size());
-  };
   const auto [median, timed_steps] = median_after_warmup(times);
   // The mean over the same steps: what a run pays, probes of threads=auto included.
   const double mean = std::accumulate(times.end() - static_cast<std::ptrdiff_t>(timed_steps), times.end(), 0.0) /
@@ -146,14 +159,7 @@ int step_benchmark(const Args& a) {
   const int phase_steps = std::stoi(get(a, "phase_steps", "0"));
   std::vector<double> phases(3, 0.0);
   for (int i = 0; i < phase_steps; ++i) train_step(&phases);
-  if (a.count("save")) {
-    save_adapter(a.at("save"), adapter_from_model(model, class_names, {}));
-  }
-  if (a.count("probe")) {
-    const auto input = safetensors::read(a.at("probe")).tensors.at("input");
-    at::NoGradGuard no_grad;
-    safetensors::write(a.at("probe") + ".logits.safetensors", {{"logits", model.logits(input.to(device)).to(at::kCPU)}});
-  }
+  write_requested_outputs(a, model, class_names, device);
   const MemoryReading m = read_memory(device);
   const int64_t peak_tensors = tensor_bytes(device).peak;
   const double per_step = std::max(phase_steps, 1);

@@ -223,19 +223,30 @@ void RendezvousServer::serve() {
   }
 }
 
+bool RendezvousServer::store(const std::string& key, const std::string& value) {
+  const auto it = values_.find(key);
+  const size_t old = it == values_.end() ? 0 : key.size() + it->second.size();
+  if (stored_bytes_ - old + key.size() + value.size() > kMaxStoreBytes) return false;
+  stored_bytes_ = stored_bytes_ - old + key.size() + value.size();
+  values_[key] = value;
+  return true;
+}
+
 bool RendezvousServer::answer(Client& client, const std::string& request) {
-  Reader in(request);
-  const uint8_t op = in.byte();
   std::string out(1, '\0');
-  auto store = [&](const std::string& key, const std::string& value) {
-    const auto it = values_.find(key);
-    const size_t old = it == values_.end() ? 0 : key.size() + it->second.size();
-    if (stored_bytes_ - old + key.size() + value.size() > kMaxStoreBytes) return false;
-    stored_bytes_ = stored_bytes_ - old + key.size() + value.size();
-    values_[key] = value;
-    return true;
-  };
-  switch (op) {
+  if (!reply(request, out)) return false;
+  // Answers are small but for values; a client that does not read them in time is dropped.
+  try {
+    send_all(client.fd, frame(out), Clock::now() + std::chrono::seconds(5));
+  } catch (const std::exception&) {
+    return false;
+  }
+  return true;
+}
+
+bool RendezvousServer::reply(const std::string& request, std::string& out) {
+  Reader in(request);
+  switch (in.byte()) {
     case kSet: {
       const std::string key = in.string(kMaxStoreKey), value = in.string(kMaxStoreValue);
       if (!in.done() || !store(key, value)) return false;
@@ -297,12 +308,6 @@ bool RendezvousServer::answer(Client& client, const std::string& request) {
       break;
     default:
       return false;
-  }
-  // Answers are small but for values; a client that does not read them in time is dropped.
-  try {
-    send_all(client.fd, frame(out), Clock::now() + std::chrono::seconds(5));
-  } catch (const std::exception&) {
-    return false;
   }
   return true;
 }

@@ -43,6 +43,10 @@ class RendezvousServer {
   void serve();
   // Handles one complete request; false closes the client (malformed or over a limit).
   bool answer(Client& client, const std::string& request);
+  // The answer's payload to `request` into `out`; false when it is malformed or over a limit.
+  bool reply(const std::string& request, std::string& out);
+  // Sets key to value within kMaxStoreBytes in all; false (nothing changed) beyond it.
+  bool store(const std::string& key, const std::string& value);
 
   int listen_fd_ = -1;
   int wake_[2] = {-1, -1};

@@ -337,87 +337,121 @@ std::string fit_cost_note(const MemoryFit& f) {
   return note;
 }
 
-FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget) {
-  const c10::Device device = resolve_device(config.device);
-  const int64_t usable = usable_memory(budget, device);
-  const int64_t effective = config.batch_size * config.grad_accum_steps;
-  FitResult result;
-  double best_score = 0;
-  int64_t smallest_need = -1, smallest_frozen = -1;
-  std::string smallest_settings, smallest_frozen_settings;
-  std::string last_error;
-  std::map<std::tuple<Precision, at::ScalarType, bool>, double> unquantized_seconds;
-  auto settings_text = [](const Candidate& cand) {
-    return precision_name(cand.precision) + ", frozen weights " +
-           (cand.quant != QuantFormat::kNone ? quant_format_name(cand.quant) : precision_name(cand.frozen_dtype)) +
-           (cand.checkpoint ? ", checkpointing" : "") + (cand.offload ? ", offload both" : "");
-  };
-  auto consider = [&](const Candidate& cand) {
+namespace {
+
+// "fp16, frozen weights int8, checkpointing, offload both".
+std::string settings_text(const Candidate& cand) {
+  return precision_name(cand.precision) + ", frozen weights " +
+         (cand.quant != QuantFormat::kNone ? quant_format_name(cand.quant) : precision_name(cand.frozen_dtype)) +
+         (cand.checkpoint ? ", checkpointing" : "") + (cand.offload ? ", offload both" : "");
+}
+
+// Throughput model: 16-bit steps about twice as fast, checkpointing costs a quarter, tiny micro-batches waste.
+double throughput_score(const Candidate& cand, int64_t micro_batch) {
+  return static_cast<double>(std::min<int64_t>(micro_batch, 32)) * (cand.precision == Precision::kFp32 ? 1.0 : 2.0) *
+         (cand.checkpoint ? 0.75 : 1.0) * (cand.frozen_dtype == at::kFloat ? 1.0 : 1.01);
+}
+
+// The search over candidate settings: each is probed; the best-scoring one that fits is kept, and the smallest needs
+// are remembered to say what would be needed when nothing fits.
+class FitSearch {
+ public:
+  FitSearch(const TrainConfig& config, int64_t classes, const c10::Device& device, int64_t usable)
+      : config_(config), classes_(classes), device_(device), usable_(usable),
+        effective_(config.batch_size * config.grad_accum_steps) {}
+
+  bool found() const { return result_.fit.has_value(); }
+
+  void consider(const Candidate& cand) {
     MemoryProfile p;
     try {
-      TrainConfig c = config;
+      TrainConfig c = config_;
       if (cand.offload) c.offload = OffloadMode::kBoth;
-      p = probe_memory(c, classes, cand.precision, cand.frozen_dtype, cand.checkpoint, cand.quant);
+      p = probe_memory(c, classes_, cand.precision, cand.frozen_dtype, cand.checkpoint, cand.quant);
     } catch (const c10::Error& e) {  // e.g. a graph that breaks with 16-bit frozen weights: train would not use it
-      last_error = e.what_without_backtrace();
+      last_error_ = e.what_without_backtrace();
       return;
     }
     if (cand.quant == QuantFormat::kNone && !cand.offload)
-      unquantized_seconds[{cand.precision, cand.frozen_dtype, cand.checkpoint}] = p.step_seconds;
-    if (smallest_frozen < 0 || frozen_bytes(p) < smallest_frozen) {
-      smallest_frozen = frozen_bytes(p);
-      smallest_frozen_settings = settings_text(cand);
+      unquantized_seconds_[{cand.precision, cand.frozen_dtype, cand.checkpoint}] = p.step_seconds;
+    if (smallest_frozen_ < 0 || frozen_bytes(p) < smallest_frozen_) {
+      smallest_frozen_ = frozen_bytes(p);
+      smallest_frozen_settings_ = settings_text(cand);
     }
-    if (frozen_bytes(p) > usable) return;
+    if (frozen_bytes(p) > usable_) return;
     const MemoryEstimate one = estimate_memory(p, 1);
-    if (smallest_need < 0 || planned_bytes(one, device) < smallest_need) {
-      smallest_need = planned_bytes(one, device);
-      smallest_settings = settings_text(cand) + ", micro-batch 1";
+    if (smallest_need_ < 0 || planned_bytes(one, device_) < smallest_need_) {
+      smallest_need_ = planned_bytes(one, device_);
+      smallest_settings_ = settings_text(cand) + ", micro-batch 1";
     }
-    int64_t m = std::min(largest_micro_batch(p, usable), effective);
-    while (m > 0 && effective % m != 0) --m;  // micro-batches that divide the effective batch keep it
+    int64_t m = std::min(largest_micro_batch(p, usable_), effective_);
+    while (m > 0 && effective_ % m != 0) --m;  // micro-batches that divide the effective batch keep it
     if (m == 0) return;
-    // Throughput model: 16-bit steps about twice as fast, checkpointing costs a quarter, tiny micro-batches waste.
-    const double score = static_cast<double>(std::min<int64_t>(m, 32)) * (cand.precision == Precision::kFp32 ? 1.0 : 2.0) *
-                         (cand.checkpoint ? 0.75 : 1.0) * (cand.frozen_dtype == at::kFloat ? 1.0 : 1.01);
-    if (score <= best_score) return;
-    best_score = score;
+    const double score = throughput_score(cand, m);
+    if (score <= best_score_) return;
+    best_score_ = score;
+    result_.fit = fit_of(cand, p, m);
+  }
+
+  // The best fit, or what the smallest run would need.
+  FitResult result(int64_t budget) const {
+    if (smallest_frozen_ < 0) throw RuntimeFailure("no setting could run a training step: " + first_line(last_error_));
+    if (smallest_need_ < 0)
+      throw InputError("memory " + human_bytes(static_cast<double>(budget)) + " is below what the frozen weights alone "
+                       "take (" + human_bytes(static_cast<double>(smallest_frozen_)) + " with " +
+                       smallest_frozen_settings_ + ", of " + human_bytes(static_cast<double>(usable_)) +
+                       " usable): choose a smaller model");
+    FitResult out = result_;
+    if (!out.fit)
+      out.failure = "nothing fits in " + human_bytes(static_cast<double>(budget)) + " (" +
+                    human_bytes(static_cast<double>(usable_)) + " usable): the smallest run needs " +
+                    human_bytes(static_cast<double>(smallest_need_)) + " (" + smallest_settings_ + ")";
+    return out;
+  }
+
+ private:
+  MemoryFit fit_of(const Candidate& cand, const MemoryProfile& p, int64_t m) const {
     MemoryFit f;
     f.micro_batch = m;
-    f.accumulation = effective / m;
+    f.accumulation = effective_ / m;
     f.checkpoint = cand.checkpoint;
     f.precision = cand.precision;
     f.frozen_dtype = cand.frozen_dtype;
     f.frozen_quant = cand.quant;
     f.offload = cand.offload;
-    const auto plain = unquantized_seconds.find({cand.precision, cand.frozen_dtype, cand.checkpoint});
-    if ((cand.quant != QuantFormat::kNone || cand.offload) && plain != unquantized_seconds.end() && plain->second > 0)
+    const auto plain = unquantized_seconds_.find({cand.precision, cand.frozen_dtype, cand.checkpoint});
+    if ((cand.quant != QuantFormat::kNone || cand.offload) && plain != unquantized_seconds_.end() && plain->second > 0)
       f.step_time_ratio = p.step_seconds / plain->second;
     f.estimate = estimate_memory(p, m);
-    f.overrides = overrides_for(config, f);
-    result.fit = f;
-  };
-  for (const Candidate& cand : candidates(config, device)) consider(cand);
-  if (!result.fit)  // the cheaper choices do not fit: quantise the frozen weights, int8 before nf4
-    for (const Candidate& cand : quantized_candidates(config, device)) {
-      consider(cand);
-      if (result.fit) break;
+    f.overrides = overrides_for(config_, f);
+    return f;
+  }
+
+  const TrainConfig& config_;
+  int64_t classes_;
+  c10::Device device_;
+  int64_t usable_, effective_;
+  FitResult result_;
+  double best_score_ = 0;
+  int64_t smallest_need_ = -1, smallest_frozen_ = -1;
+  std::string smallest_settings_, smallest_frozen_settings_, last_error_;
+  std::map<std::tuple<Precision, at::ScalarType, bool>, double> unquantized_seconds_;  // step time without quant/offload
+};
+
+}  // namespace
+
+FitResult fit_memory(const TrainConfig& config, int64_t classes, int64_t budget) {
+  const c10::Device device = resolve_device(config.device);
+  FitSearch search(config, classes, device, usable_memory(budget, device));
+  for (const Candidate& cand : candidates(config, device)) search.consider(cand);
+  // When the cheaper choices do not fit: quantise the frozen weights (int8 before nf4); when that does not either,
+  // keep the blocks' weights and saved inputs in host memory.
+  for (const auto& more : {quantized_candidates(config, device), offload_candidates(config, device)})
+    for (const Candidate& cand : more) {
+      if (search.found()) break;
+      search.consider(cand);
     }
-  if (!result.fit)  // nor that: keep the blocks' weights and saved inputs in host memory
-    for (const Candidate& cand : offload_candidates(config, device)) {
-      consider(cand);
-      if (result.fit) break;
-    }
-  if (smallest_frozen < 0) throw RuntimeFailure("no setting could run a training step: " + first_line(last_error));
-  if (smallest_need < 0)
-    throw InputError("memory " + human_bytes(static_cast<double>(budget)) + " is below what the frozen weights alone "
-                     "take (" + human_bytes(static_cast<double>(smallest_frozen)) + " with " + smallest_frozen_settings +
-                     ", of " + human_bytes(static_cast<double>(usable)) + " usable): choose a smaller model");
-  if (!result.fit)
-    result.failure = "nothing fits in " + human_bytes(static_cast<double>(budget)) + " (" +
-                     human_bytes(static_cast<double>(usable)) + " usable): the smallest run needs " +
-                     human_bytes(static_cast<double>(smallest_need)) + " (" + smallest_settings + ")";
-  return result;
+  return search.result(budget);
 }
 
 }  // namespace loratune
