@@ -17,6 +17,7 @@ PACKAGES=(
   dataset-fashion-mnist        # real images for the demo
   fonts-nanum                  # a font with Hangul, so Korean class names render in plots
   chromium python3-websocket   # the report's tests open it in headless Chromium (DevTools protocol)
+  python3-onnx                 # the ONNX checker, for the export tests (ONNX Runtime itself comes from npm)
 )
 
 missing=()

@@ -24,6 +24,7 @@
 #include "loratune/method.h"
 #include "loratune/metrics.h"
 #include "loratune/model.h"
+#include "loratune/onnx_export.h"
 #include "loratune/named_enum.h"
 #include "loratune/named_tensor.h"
 #include "loratune/optim.h"

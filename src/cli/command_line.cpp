@@ -22,6 +22,7 @@ struct Parsed {
   EvalCommand eval;
   PredictCommand predict;
   MergeCommand merge;
+  ExportCommand export_;
   InfoCommand info;
   PlanCommand plan;
   ImportCommand import;
@@ -111,6 +112,7 @@ std::vector<Command> commands() {
   const auto E = &Parsed::eval;
   const auto P = &Parsed::predict;
   const auto M = &Parsed::merge;
+  const auto X = &Parsed::export_;
   const auto I = &Parsed::info;
   const auto PL = &Parsed::plan;
   const auto IM = &Parsed::import;
@@ -206,6 +208,23 @@ std::vector<Command> commands() {
         "loratune merge --base models/vit_base.pt --adapter runs/vit_base/best --output half.pt --strength 0.5"},
        {"The merged file loads in Python with torch.jit.load(path) and maps normalised images [N,3,H,W] to logits."},
        [](Parsed& p) { return run_merge(p.merge); }},
+      {"export", "write the model for other runtimes: ONNX (ONNX Runtime, phones, browsers), no Python",
+       {Flag("-m,--model", "a merged classifier, a backbone bundle, or the base of --adapter",
+             value(X, &ExportCommand::model)).required(),
+        Flag("-a,--adapter", "adapter folder or .safetensors, merged into --model on the way",
+             value(X, &ExportCommand::adapter)),
+        Flag("-o,--output", "the .onnx file to write", value(X, &ExportCommand::output)).required(),
+        Flag("-f,--format", "what to write", value(X, &ExportCommand::format)).show_default().one_of({"onnx"}),
+        Flag("--features-only", "with --adapter: the backbone (images -> features) instead of the classifier",
+             on_off(X, &ExportCommand::features_only)),
+        Flag("--external-data", "tensors in <output>.data beside the model (needed over 2 GB)",
+             on_off(X, &ExportCommand::external_data)),
+        threads_flag(X)},
+       {"loratune export --model vit_base_photos.pt --output vit_base_photos.onnx",
+        "loratune export --model models/vit_base.pt --adapter runs/vit_base/best --output photos.onnx"},
+       {"The ONNX file maps normalised images [N,3,S,S] (N free) to logits or features; its metadata_props hold the "
+        "preprocessing (mean, std, image_size, resize_size, interpolation) and the class names."},
+       [](Parsed& p) { return run_export(p.export_); }},
       {"info", "describe a model bundle or an adapter; show what a config would adapt",
        {Flag("path", "model bundle (.pt), merged classifier, or adapter (folder or .safetensors)",
              value(I, &InfoCommand::path)).required(),

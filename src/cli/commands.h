@@ -64,6 +64,16 @@ struct MergeCommand {
   std::string threads = "auto";
 };
 
+struct ExportCommand {
+  std::string model;    // a bundle: merged classifier, backbone, or the base of `adapter`
+  std::string adapter;  // optional: merged into `model` on the fly
+  std::string output;
+  std::string format = "onnx";
+  bool features_only = false;  // with an adapter: the backbone (images -> features) instead of the classifier
+  bool external_data = false;
+  std::string threads = "auto";
+};
+
 struct InfoCommand {
   std::string path;                   // model bundle, merged classifier or adapter
   std::string config;                 // optional: show what this config would adapt
@@ -89,6 +99,7 @@ int run_train(const TrainCommand& command);
 int run_eval(const EvalCommand& command);
 int run_predict(const PredictCommand& command);
 int run_merge(const MergeCommand& command);
+int run_export(const ExportCommand& command);
 int run_info(const InfoCommand& command);
 int run_report(const ReportCommand& command);
 int run_plan(const PlanCommand& command);

@@ -23,15 +23,6 @@ namespace {
 volatile sig_atomic_t g_interrupts = 0;
 void count_interrupt(int) { g_interrupts = g_interrupts + 1; }
 
-// A folder only this user can open, for the workers' store file.
-std::filesystem::path private_folder() {
-  std::string pattern = (std::filesystem::temp_directory_path() / "loratune-workers-XXXXXX").string();
-  if (!::mkdtemp(pattern.data()))
-    throw RuntimeFailure("cannot make a folder under " + std::filesystem::temp_directory_path().string() +
-                         " for the workers' store file");
-  return pattern;
-}
-
 int exit_code_of(int status) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
@@ -111,8 +102,8 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
   return guarded([&] {
     if (workers < 1 || workers > 1024) throw InputError("--nproc must be from 1 to 1024");
     if (std::getenv("WORLD_SIZE")) throw InputError("--nproc starts workers itself: do not combine it with torchrun");
-    const std::filesystem::path store_folder = private_folder();
-    const std::string store_file = (store_folder / "store").string();
+    const PrivateFolder store_folder("loratune-workers");  // for the workers' store file
+    const std::string store_file = (store_folder.path() / "store").string();
     std::vector<char*> argv;
     std::vector<std::string> storage = args;
     storage.insert(storage.begin(), "loratune");
@@ -126,9 +117,7 @@ int launch_local_workers(int workers, const std::vector<std::string>& args) {
     sigaction(SIGTERM, &action, nullptr);
     std::vector<pid_t> pids;
     for (int rank = 0; rank < workers; ++rank) pids.push_back(start_worker(rank, workers, ::getpid(), store_file, argv));
-    const int result = supervise(pids);
-    remove_tree(store_folder);
-    return result;
+    return supervise(pids);
   });
 }
 

@@ -99,6 +99,16 @@ void write_file_durable(const fs::path& path, const std::string& bytes) {
   if (::close(fd) != 0) fail_io("write", path);
 }
 
+PrivateFolder::PrivateFolder(const std::string& prefix) {
+  std::string pattern = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
+  if (!::mkdtemp(pattern.data()))
+    throw RuntimeFailure("cannot make a folder under " + fs::temp_directory_path().string() + " (" +
+                         std::strerror(errno) + ")");
+  path_ = pattern;
+}
+
+PrivateFolder::~PrivateFolder() { remove_tree(path_); }
+
 bool remove_tree(const fs::path& path) {
   auto remove_entry = [](const char* entry, const struct stat*, int, struct FTW*) { return ::remove(entry) == 0 ? 0 : -1; };
   if (::nftw(path.c_str(), remove_entry, 16, FTW_DEPTH | FTW_PHYS) == 0) return true;

@@ -34,6 +34,20 @@ void write_atomic_with(const std::filesystem::path& path,
 void write_directory_atomic(const std::filesystem::path& path,
                             const std::function<void(const std::filesystem::path&)>& fill);
 
+// A new folder under the system's temporary folder that only this user can open, removed with its contents when
+// the object goes (RuntimeFailure when it cannot be made).
+class PrivateFolder {
+ public:
+  explicit PrivateFolder(const std::string& prefix);
+  ~PrivateFolder();
+  PrivateFolder(const PrivateFolder&) = delete;
+  PrivateFolder& operator=(const PrivateFolder&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
 // "~" or "~/..." with the home folder ($HOME) put in; other paths unchanged (the shell does not expand "~" in
 // "key=~/photos" or inside JSON files).
 std::string expand_home(const std::string& path);

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-ORDER = ["common", "io", "import", "lora", "quant", "model", "data", "eval", "distributed", "train", "plan", "run", "text",
+ORDER = ["common", "io", "import", "lora", "quant", "model", "export", "data", "eval", "distributed", "train", "plan", "run", "text",
          "plot", "report", "cli", "apps"]
 OWNER = {
     "common": ["amp", "cpu_allocator", "device", "errors", "memory", "method", "named_enum", "named_tensor", "threads"],
@@ -27,6 +27,7 @@ OWNER = {
     "lora": ["adapter", "adapter_init", "adapter_variant", "lora", "targets"],
     "quant": ["quantize"],
     "model": ["adapter_binding", "block_stack", "bundle", "classifier_head", "merge", "model"],
+    "export": ["onnx_export"],
     "data": ["batch_source", "image", "image_folder", "loader", "transform"],
     "eval": ["evaluate", "metrics"],
     "distributed": ["process_group"],

@@ -1,0 +1,47 @@
+#include <cstdio>
+#include <filesystem>
+
+#include "cli/common.h"
+#include "cli/commands.h"
+#include "common/files.h"
+#include "common/strings.h"
+#include "loratune/errors.h"
+#include "loratune/merge.h"
+#include "loratune/onnx_export.h"
+#include "loratune/threads.h"
+#include "loratune/zero_shot.h"
+
+namespace fs = std::filesystem;
+
+namespace loratune {
+
+int run_export(const ExportCommand& command) {
+  return guarded([&] {
+    cli::setup_logging();
+    set_compute_threads(parse_threads(command.threads));
+    if (command.features_only && command.adapter.empty())
+      throw InputError("--features-only applies with --adapter (a backbone bundle exports as features already)");
+    OnnxExportOptions options;
+    options.external_data = command.external_data;
+    OnnxExportReport report;
+    if (command.adapter.empty()) {
+      report = export_onnx(load_bundle(command.model), command.output, options);
+    } else {
+      // Merged into a private temporary file first, checked as `merge` checks it.
+      const PrivateFolder folder("loratune-export");
+      MergeOptions merge;
+      merge.features_only = command.features_only;
+      merge.text_head = prompt_head_maker();
+      const fs::path merged = folder.path() / "merged.pt";
+      merge_adapter(command.model, command.adapter, merged, merge);
+      report = export_onnx(load_bundle(merged), command.output, options);
+    }
+    std::printf("wrote %s (ONNX opset %lld: %lld nodes, %lld tensors, %s; input %s [batch,3,H,W] -> %s)\n",
+                command.output.c_str(), static_cast<long long>(options.opset), static_cast<long long>(report.nodes),
+                static_cast<long long>(report.initializers), human_bytes(static_cast<double>(report.bytes)).c_str(),
+                report.input.c_str(), report.output.c_str());
+    return exit_code::kOk;
+  });
+}
+
+}  // namespace loratune
