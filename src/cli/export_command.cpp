@@ -36,7 +36,7 @@ int run_export(const ExportCommand& command) {
       merge_adapter(command.model, command.adapter, merged, merge);
       report = export_onnx(load_bundle(merged), command.output, options);
     }
-    std::printf("wrote %s (ONNX opset %lld: %lld nodes, %lld tensors, %s; input %s [batch,3,H,W] -> %s)\n",
+    std::printf("wrote %s (ONNX opset %lld: %lld nodes, %lld tensors, %s; %s -> %s, batch size free)\n",
                 command.output.c_str(), static_cast<long long>(options.opset), static_cast<long long>(report.nodes),
                 static_cast<long long>(report.initializers), human_bytes(static_cast<double>(report.bytes)).c_str(),
                 report.input.c_str(), report.output.c_str());

@@ -9,6 +9,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/jit/api/function_impl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -504,7 +505,8 @@ class Converter {
   void list_construct(Node* n) {
     std::vector<std::string> elements;
     for (const Value* in : n->inputs()) elements.push_back(at(in).a.isTensor() ? tensor(in) : operand(in, at::kLong));
-    if (at(n->output()).a.isTensorList()) {
+    const bool of_tensors = std::any_of(n->inputs().begin(), n->inputs().end(), [&](const Value* in) { return at(in).a.isTensor(); });
+    if (of_tensors) {
       env_[n->output()].names = elements;
       return;
     }
@@ -520,6 +522,80 @@ class Converter {
                         {Attribute::integer("axis", 0)}), i);
     }
   }
+  void batch_norm(Node* n) {  // (x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+    if (at(n->input(5)).a.toBool()) fail_on(n, "batch statistics (training mode)");
+    const at::Tensor mean = at(n->input(3)).a.toTensor();
+    auto or_default = [&](size_t i, double fill) {
+      return at(n->input(i)).a.isNone() ? initializer(at::full_like(mean, fill)) : tensor(n->input(i));
+    };
+    produce(n, emit("BatchNormalization", {tensor(n->input(0)), or_default(1, 1.0), or_default(2, 0.0),
+                                           tensor(n->input(3)), tensor(n->input(4))},
+                    {Attribute::real("epsilon", at(n->input(7)).a.toDouble())}));
+  }
+  void embedding(Node* n) {  // (weight, indices, ...): rows of the table
+    produce(n, emit("Gather", {tensor(n->input(0)), tensor(n->input(1))}, {Attribute::integer("axis", 0)}));
+  }
+  void argmax(Node* n) {
+    const at::Tensor x = at(n->input(0)).a.toTensor();
+    if (at(n->input(1)).a.isNone()) fail_on(n, "an argmax over all elements");
+    produce(n, emit("ArgMax", {tensor(n->input(0))},
+                    {Attribute::integer("axis", dim_arg(n, 1, x.dim())),
+                     Attribute::integer("keepdims", at(n->input(2)).a.toBool())}));
+  }
+  void arange(Node* n) {  // arange(end, ...), arange(start, end, ...), arange(start, end, step, ...)
+    const size_t count = n->inputs().size();
+    const at::ScalarType type = ta(n).scalar_type();
+    std::string start, end, step;
+    if (count == 5) {
+      start = initializer(at::scalar_tensor(0, type)), end = operand(n->input(0), type);
+      step = initializer(at::scalar_tensor(1, type));
+    } else {
+      start = operand(n->input(0), type), end = operand(n->input(1), type);
+      step = count == 7 ? operand(n->input(2), type) : initializer(at::scalar_tensor(1, type));
+    }
+    produce(n, emit("Range", {start, end, step}));
+  }
+  void index(Node* n) {  // x[i0, i1, ...] with 1-D index tensors of one length on the leading dimensions
+    const auto indices = at(n->input(1)).a.toListRef();
+    std::vector<std::string> columns;
+    for (size_t k = 0; k < indices.size(); ++k) {
+      if (indices[k].isNone() || indices[k].toTensor().dim() != 1) fail_on(n, "indices other than 1-D tensors");
+      const std::string& name = at(n->input(1)).names.empty() ? "" : at(n->input(1)).names[k];
+      const std::string column = name.empty() ? initializer(indices[k].toTensor()) : name;
+      columns.push_back(emit("Unsqueeze", {column, int64s({1})}));
+    }
+    produce(n, emit("GatherND", {tensor(n->input(0)), emit("Concat", columns, {Attribute::integer("axis", 1)})}));
+  }
+  void unsqueeze(Node* n) {
+    int64_t d = constant_int(n->input(1));
+    if (d < 0) d += ta(n).dim();
+    produce(n, emit("Unsqueeze", {tensor(n->input(0)), int64s({d})}));
+  }
+  void avg_pool(Node* n) {  // adaptive to 1x1, or avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
+    const bool adaptive = n->kind() == c10::Symbol::fromQualString("aten::adaptive_avg_pool2d");
+    if (adaptive) {
+      if (constant_ints(n->input(1)) != std::vector<int64_t>{1, 1}) fail_on(n, "an adaptive output other than 1x1");
+      return produce(n, emit("GlobalAveragePool", {tensor(n->input(0))}));
+    }
+    auto pair = [&](std::vector<int64_t> v) { return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : v; };
+    const auto kernel = pair(constant_ints(n->input(1)));
+    auto stride = constant_ints(n->input(2));
+    stride = stride.empty() ? kernel : pair(stride);
+    const auto padding = pair(constant_ints(n->input(3)));
+    if (n->inputs().size() > 6 && !at(n->input(6)).a.isNone()) fail_on(n, "a divisor override");
+    produce(n, emit("AveragePool", {tensor(n->input(0))},
+                    {Attribute::integers("kernel_shape", kernel), Attribute::integers("strides", stride),
+                     Attribute::integers("pads", {padding[0], padding[1], padding[0], padding[1]}),
+                     Attribute::integer("ceil_mode", at(n->input(4)).a.toBool()),
+                     Attribute::integer("count_include_pad", at(n->input(5)).a.toBool())}));
+  }
+  void hardswish(Node* n) { unary(n, "HardSwish"); }
+  void hardsigmoid(Node* n) {  // relu6(x + 3) / 6
+    produce(n, emit("HardSigmoid", {tensor(n->input(0))}, {Attribute::real("alpha", 1.0 / 6), Attribute::real("beta", 0.5)}));
+  }
+  void erf(Node* n) { unary(n, "Erf"); }
+  void sqrt(Node* n) { unary(n, "Sqrt"); }
+  void exp(Node* n) { unary(n, "Exp"); }
   void tuple_construct(Node* n) {  // elements: run-time tensors by name, constants as "" (their values in a)
     auto& names = env_[n->output()].names;
     names.clear();
@@ -605,74 +681,133 @@ const std::unordered_map<std::string, Converter::Handler>& Converter::handlers()
       {"prim::TupleIndex", &Converter::tuple_index},
       {"prim::TupleUnpack", &Converter::tuple_unpack},
       {"prim::unchecked_cast", &Converter::identity},
+      {"aten::batch_norm", &Converter::batch_norm},
+      {"aten::embedding", &Converter::embedding},
+      {"aten::argmax", &Converter::argmax},
+      {"aten::arange", &Converter::arange},
+      {"aten::index", &Converter::index},
+      {"aten::unsqueeze", &Converter::unsqueeze},
+      {"aten::avg_pool2d", &Converter::avg_pool},
+      {"aten::adaptive_avg_pool2d", &Converter::avg_pool},
+      {"aten::hardswish", &Converter::hardswish},
+      {"aten::hardsigmoid", &Converter::hardsigmoid},
+      {"aten::erf", &Converter::erf},
+      {"aten::sqrt", &Converter::sqrt},
+      {"aten::exp", &Converter::exp},
   };
   return table;
 }
 
-std::vector<std::pair<std::string, std::string>> preprocessing_metadata(const BundleInfo& info) {
-  return {{"loratune.kind", info.kind},
-          {"loratune.architecture", info.architecture},
-          {"image_size", std::to_string(info.image_size)},
-          {"resize_size", std::to_string(info.resize_size)},
-          {"interpolation", info.interpolation},
-          {"mean", nlohmann::json(info.mean).dump()},
-          {"std", nlohmann::json(info.std).dump()},
-          {"classes", nlohmann::json(info.classes).dump()},
-          {"input_layout", "NCHW float32 RGB in [0, 1], normalised (x - mean) / std"}};
+// What the graph takes: its input's name, type and shape, and the two example batches it runs on.
+struct GraphInput {
+  std::string name;
+  onnx::DataType type = onnx::DataType::kFloat;
+  std::vector<std::pair<int64_t, std::string>> dims;
+  at::Tensor a, b;
+};
+
+GraphInput graph_input(const Bundle& bundle) {
+  torch::manual_seed(0);
+  if (bundle.info.kind == "text_encoder") {
+    // Token rows as the tokenizer writes them: start, some words, end (the largest id: pooling finds it), padding.
+    // Without start and end tokens (SigLIP pools the last position), ids below 3, which every vocabulary has.
+    const int64_t context = bundle.info.extra.value("context_length", int64_t{77});
+    const int64_t sot = bundle.info.extra.value("sot", int64_t{0}), eot = bundle.info.extra.value("eot", int64_t{0});
+    if (context < 3) throw InputError("ONNX export: " + bundle.path.string() + " has a context length under 3");
+    auto tokens = [&](int64_t rows) {
+      if (eot <= 1) return at::randint(0, 3, {rows, context}, at::kLong);
+      at::Tensor t = at::zeros({rows, context}, at::kLong);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t words = 1 + (r * 7) % std::max<int64_t>(1, context - 2);
+        t[r][0] = sot;
+        t[r].narrow(0, 1, words).copy_(at::randint(1, eot, {words}, at::kLong));
+        t[r][words + 1] = eot;
+      }
+      return t;
+    };
+    return {"tokens", onnx::DataType::kInt64, {{0, "batch"}, {context, ""}}, tokens(kBatchA), tokens(kBatchB)};
+  }
+  const int64_t s = bundle.info.image_size;
+  return {"images", onnx::DataType::kFloat, {{0, "batch"}, {3, ""}, {s, ""}, {s, ""}},
+          at::randn({kBatchA, 3, s, s}).requires_grad_(true), at::randn({kBatchB, 3, s, s}).requires_grad_(true)};
+}
+
+std::string output_name(const BundleInfo& info) {
+  return info.kind == "classifier" ? "logits" : info.kind == "text_encoder" ? "embeddings" : "features";
+}
+
+std::vector<std::pair<std::string, std::string>> metadata(const BundleInfo& info) {
+  std::vector<std::pair<std::string, std::string>> m = {{"loratune.kind", info.kind},
+                                                        {"loratune.architecture", info.architecture},
+                                                        {"loratune.family", info.family}};
+  if (info.kind == "text_encoder") {
+    for (const char* key : {"tokenizer", "context_length", "sot", "eot", "logit_scale"})
+      if (info.extra.contains(key)) m.emplace_back(key, info.extra.at(key).dump());
+    m.emplace_back("input_layout", "NL int64 token ids: start, tokens, end, zero padding");
+    return m;
+  }
+  const std::vector<std::pair<std::string, std::string>> image = {
+      {"image_size", std::to_string(info.image_size)},
+      {"resize_size", std::to_string(info.resize_size)},
+      {"interpolation", info.interpolation},
+      {"mean", nlohmann::json(info.mean).dump()},
+      {"std", nlohmann::json(info.std).dump()},
+      {"classes", nlohmann::json(info.classes).dump()},
+      {"input_layout", "NCHW float32 RGB: resize the short side to resize_size, center-crop image_size, scale to "
+                       "[0, 1], then (x - mean) / std"}};
+  m.insert(m.end(), image.begin(), image.end());
+  return m;
 }
 
 }  // namespace
 
 OnnxExportReport export_onnx(const Bundle& bundle, const std::filesystem::path& output, const OnnxExportOptions& options) {
-  if (bundle.info.kind != "backbone" && bundle.info.kind != "classifier")
-    throw InputError("ONNX export takes image bundles (backbone or classifier); " + bundle.path.string() + " is a " +
-                     bundle.info.kind);
+  const std::string& kind = bundle.info.kind;
+  if (kind != "backbone" && kind != "classifier" && kind != "text_encoder")
+    throw InputError("ONNX export takes model bundles (backbone, classifier or text encoder); " +
+                     bundle.path.string() + " is a " + kind);
   torch::jit::Module module = bundle.module;
   module.eval();
   const auto graph = module.get_method("forward").graph();
   if (graph->inputs().size() != 2)
     throw InputError("ONNX export: " + bundle.path.string() + "'s forward takes " +
-                     std::to_string(graph->inputs().size() - 1) + " inputs, not one batch of images");
+                     std::to_string(graph->inputs().size() - 1) + " inputs, not one batch");
 
   onnx::Model model;
   model.graph_name = bundle.info.architecture.empty() ? "loratune" : bundle.info.architecture;
   model.opset = options.opset;
   model.producer_version = LORATUNE_VERSION;
-  model.metadata = preprocessing_metadata(bundle.info);
-  const std::string input = "images";
-  const int64_t s = bundle.info.image_size;
-  model.inputs.push_back({input, onnx::DataType::kFloat, {{0, "batch"}, {3, ""}, {s, ""}, {s, ""}}});
+  model.metadata = metadata(bundle.info);
+  GraphInput in = graph_input(bundle);
+  model.inputs.push_back({in.name, in.type, in.dims});
 
   Converter c(model);
   at::AutoGradMode grad(true);  // the code paths training takes (no inference-only fused kernels)
-  torch::manual_seed(0);
-  const at::Tensor xa = at::randn({kBatchA, 3, s, s}).requires_grad_(true);
-  const at::Tensor xb = at::randn({kBatchB, 3, s, s}).requires_grad_(true);
   c.bind(graph->inputs()[0], {module._ivalue(), module._ivalue(), "", {}});
-  c.bind(graph->inputs()[1], {xa, xb, input, {}});
-  c.batch_ = {kBatchA, kBatchB, c.emit("Gather", {c.emit("Shape", {input}), c.initializer(at::scalar_tensor(0, at::kLong))},
+  c.bind(graph->inputs()[1], {in.a, in.b, in.name, {}});
+  c.batch_ = {kBatchA, kBatchB, c.emit("Gather", {c.emit("Shape", {in.name}), c.initializer(at::scalar_tensor(0, at::kLong))},
                                        {Attribute::integer("axis", 0)}), {}};
   c.run(graph->block());
 
   const Val& out = c.at(graph->outputs()[0]);
   if (out.name.empty() || !out.a.isTensor())
-    throw InputError("ONNX export: " + bundle.path.string() + "'s forward does not return a tensor computed from the images");
-  const std::string output_name = bundle.info.kind == "classifier" ? "logits" : "features";
-  model.nodes.push_back({"Identity", {out.name}, {output_name}, {}, ""});
+    throw InputError("ONNX export: " + bundle.path.string() + "'s forward does not return a tensor computed from its input");
+  const std::string result = output_name(bundle.info);
+  model.nodes.push_back({"Identity", {out.name}, {result}, {}, ""});
   std::vector<std::pair<int64_t, std::string>> dims = {{0, "batch"}};
   for (int64_t d = 1; d < out.a.toTensor().dim(); ++d) dims.push_back({out.a.toTensor().size(d), ""});
-  model.outputs.push_back({output_name, onnx::DataType::kFloat, dims});
+  model.outputs.push_back({result, onnx::DataType::kFloat, dims});
 
   const std::string data_file = output.filename().string() + ".data";
   const onnx::Serialized bytes =
       onnx::serialize(model, options.external_data ? data_file : "", options.external_data_threshold);
-  if (!options.external_data && bytes.model.size() >= (int64_t{1} << 31))
+  if (!options.external_data && bytes.model.size() >= (size_t{1} << 31))
     throw InputError("ONNX export: the model is " + std::to_string(bytes.model.size() >> 20) +
                      " MB, over protobuf's 2 GB: export with external data (--external-data)");
   if (options.external_data) write_file_atomic(output.parent_path() / data_file, bytes.external_data);
   write_file_atomic(output, bytes.model);
   return {static_cast<int64_t>(model.nodes.size()), static_cast<int64_t>(model.initializers.size()),
-          static_cast<int64_t>(bytes.model.size() + bytes.external_data.size()), input, output_name};
+          static_cast<int64_t>(bytes.model.size() + bytes.external_data.size()), in.name, result};
 }
 
 }  // namespace loratune

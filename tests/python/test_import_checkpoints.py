@@ -30,6 +30,7 @@ if not os.path.isdir(os.path.join(UPSTREAM, "open_clip")):
 # The upstream test's helpers; importing it puts the real open_clip (with the stand-ins it needs on torch 1.13) and
 # timm on the path.
 import test_upstream_models as up  # noqa: E402
+import onnx_runtime  # noqa: E402
 import open_clip  # noqa: E402
 from test_upstream_models import BIN, TMP, relative_error, run  # noqa: E402
 import safetensors_lite  # noqa: E402
@@ -342,6 +343,8 @@ class TransformersLayouts(Pipeline):
         with torch.no_grad():
             got = torch.jit.load(bundle.replace(".pt", "_text.pt"))(tokens)
             self.assertLess(relative_error(got, text(tokens)), 1e-5)
+        exported = onnx_runtime.exported_outputs(BIN, bundle.replace(".pt", "_text.pt"), tokens.numpy())
+        self.assertLess(relative_error(torch.from_numpy(exported), got), 1e-4, "SigLIP text: ONNX Runtime vs TorchScript")
         out = run(BIN, "eval", "--model", folder, "--zero-shot", "--data", os.path.join(up.photos(), "val"),
                   "--output", os.path.join(TMP, "siglip_zero_shot"))
         self.assertIn("(zero-shot)", out)
@@ -371,6 +374,8 @@ class OpenClip(Pipeline):
         with torch.no_grad():
             text = torch.jit.load(bundle.replace(".pt", "_text.pt"))(tokens)
             self.assertLess(relative_error(text, model.encode_text(tokens)), 1e-5)
+        exported = onnx_runtime.exported_outputs(BIN, bundle.replace(".pt", "_text.pt"), tokens.numpy())
+        self.assertLess(relative_error(torch.from_numpy(exported), text), 1e-4, "text tower: ONNX Runtime vs TorchScript")
 
     def test_transformers_clip_folder_equals_open_clip(self):
         # A transformers CLIP folder (both towers, quick GELU, causal text) written from an open_clip CLIP.
@@ -433,6 +438,8 @@ class OpenClip(Pipeline):
         causal = model.text.attn_mask
         self.assertIsNone(causal, "MobileCLIP2-S0's text tower attends both ways")
         self.assertLess(relative_error(got, ref), 1e-5)
+        exported = onnx_runtime.exported_outputs(BIN, text_file, tokens.numpy())
+        self.assertLess(relative_error(torch.from_numpy(exported), got), 1e-4, "text: ONNX Runtime vs TorchScript")
         p = subprocess.run([BIN, "import", folder, "--output", os.path.join(TMP, "mobileclip2_s0.pt")],
                            capture_output=True, text=True)
         self.assertEqual(p.returncode, 3, p.stderr)

@@ -3,9 +3,8 @@ npm) and give the TorchScript model's outputs (torch.jit.load of the same file, 
 export never saw; the ONNX checker (Debian's python3-onnx) passes with shape inference; the preprocessing is in the
 metadata; an operator with no mapping is named with its module and nothing is written.
 
-usage: test_onnx_export.py LORATUNE_BINARY FIXTURE_DIR RUNTIME_DIR ORT_RUN_JS [TestClass ...]
+usage: test_onnx_export.py LORATUNE_BINARY FIXTURE_DIR [TestClass ...]
 """
-import fcntl
 import json
 import os
 import shutil
@@ -19,8 +18,10 @@ import onnx
 import torch
 from PIL import Image
 
-BIN, FIX, RUNTIME, ORT_RUN = sys.argv[1:5]
-HERE = os.path.dirname(os.path.abspath(__file__))
+BIN, FIX = sys.argv[1:3]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import onnx_runtime  # noqa: E402
+
 MODELS = os.path.join(FIX, "models")
 TMP = tempfile.mkdtemp(prefix="loratune_onnx_")
 LAYOUTS = ["hf_script", "hf_trace", "timm_script", "timm_trace", "torchvision_script", "torchvision_trace"]
@@ -32,29 +33,8 @@ def run(*args):
     return p.returncode, p.stdout, p.stderr
 
 
-def ensure_runtime():
-    """onnxruntime-node, pinned in tests/js/package.json, installed once into RUNTIME (test classes run side by side:
-    the first installs under a lock, the others wait). Its install script only fetches GPU builds: skipped."""
-    os.makedirs(RUNTIME, exist_ok=True)
-    with open(os.path.join(RUNTIME, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isdir(os.path.join(RUNTIME, "node_modules", "onnxruntime-node")):
-            shutil.copy(os.path.join(os.path.dirname(ORT_RUN), "package.json"), RUNTIME)
-            subprocess.run(["npm", "install", "--prefix", RUNTIME, "--ignore-scripts", "--no-audit", "--no-fund",
-                            "--loglevel=error"], check=True, timeout=900)
-
-
-def onnx_runtime(model, x):
-    """The first output of `model` in ONNX Runtime for the float32 batch `x`."""
-    inp, out = os.path.join(TMP, "in.f32"), os.path.join(TMP, f"out_{os.getpid()}.f32")
-    np.ascontiguousarray(x, dtype=np.float32).tofile(inp)
-    env = dict(os.environ, NODE_PATH=os.path.join(RUNTIME, "node_modules"))
-    p = subprocess.run(["node", ORT_RUN, model, inp, out, *map(str, x.shape)], capture_output=True, text=True,
-                       env=env, timeout=300)
-    if p.returncode:
-        raise AssertionError(f"ONNX Runtime failed on {model}: {p.stderr}")
-    dims = json.loads(p.stdout)["dims"]
-    return np.fromfile(out, dtype=np.float32).reshape(dims)
+def onnx_runtime_outputs(model, x):
+    return onnx_runtime.run_onnx(BIN, model, x)
 
 
 def torchscript(path, x):
@@ -84,7 +64,7 @@ def bundle_info(path):
 
 
 def setUpModule():
-    ensure_runtime()
+    onnx_runtime.ensure_runtime(BIN)
 
 
 class FixtureLayouts(unittest.TestCase):
@@ -110,7 +90,7 @@ class FixtureLayouts(unittest.TestCase):
                 size = info["image_size"]
                 for batch in (1, 3, 7):  # the export ran batches of 2 and 5
                     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-                    got, want = onnx_runtime(out, x), torchscript(classifier, x)
+                    got, want = onnx_runtime_outputs(out, x), torchscript(classifier, x)
                     self.assertEqual(got.shape, want.shape)
                     self.assertLess(relative(got, want), TOLERANCE, f"batch {batch}")
 
@@ -123,7 +103,7 @@ class FixtureLayouts(unittest.TestCase):
         self.assertTrue(os.path.getsize(out + ".data") > os.path.getsize(out))
         onnx.checker.check_model(out, full_check=True)
         x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
-        self.assertLess(relative(onnx_runtime(out, x), torchscript(classifier, x)), TOLERANCE)
+        self.assertLess(relative(onnx_runtime_outputs(out, x), torchscript(classifier, x)), TOLERANCE)
 
 
 class AdapterOnTheFly(unittest.TestCase):
@@ -134,7 +114,7 @@ class AdapterOnTheFly(unittest.TestCase):
         out = os.path.join(TMP, "on_the_fly.onnx")
         code, _, err = run("export", "--model", base, "--adapter", adapter, "--output", out)
         self.assertEqual(code, 0, err)
-        self.assertLess(relative(onnx_runtime(out, x), torchscript(merged(layout), x)), TOLERANCE)
+        self.assertLess(relative(onnx_runtime_outputs(out, x), torchscript(merged(layout), x)), TOLERANCE)
 
         features = os.path.join(TMP, "features.onnx")
         code, _, err = run("export", "--model", base, "--adapter", adapter, "--output", features, "--features-only")
@@ -142,7 +122,7 @@ class AdapterOnTheFly(unittest.TestCase):
         merged_features = os.path.join(TMP, "features.pt")
         code, _, err = run("merge", "--base", base, "--adapter", adapter, "--output", merged_features, "--features-only")
         self.assertEqual(code, 0, err)
-        got = onnx_runtime(features, x)
+        got = onnx_runtime_outputs(features, x)
         self.assertEqual(got.shape[1], bundle_info(base)["feature_dim"])
         self.assertLess(relative(got, torchscript(merged_features, x)), TOLERANCE)
         self.assertEqual(onnx.load(features).graph.output[0].name, "features")
@@ -171,7 +151,7 @@ class Photos(unittest.TestCase):
                 batch.append(((a - mean) / std).transpose(2, 0, 1))
         x = np.stack(batch).astype(np.float32)
         self.assertGreaterEqual(len(x), 10)
-        got, want = onnx_runtime(out, x), torchscript(classifier, x)
+        got, want = onnx_runtime_outputs(out, x), torchscript(classifier, x)
         self.assertLess(relative(got, want), TOLERANCE)
         self.assertEqual(got.argmax(1).tolist(), want.argmax(1).tolist())
 
@@ -221,6 +201,6 @@ class Refusals(unittest.TestCase):
 
 if __name__ == "__main__":
     try:
-        unittest.main(argv=[sys.argv[0]] + sys.argv[5:], verbosity=2)
+        unittest.main(argv=[sys.argv[0]] + sys.argv[3:], verbosity=2)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)

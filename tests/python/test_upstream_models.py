@@ -44,6 +44,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(PATHS))
 import open_clip_torch113  # noqa: E402,F401
 import loratune_export  # noqa: E402
 import mobileclip  # noqa: E402
+import onnx_runtime  # noqa: E402
 import open_clip  # noqa: E402
 import safetensors_lite  # noqa: E402
 import timm  # noqa: E402
@@ -140,6 +141,9 @@ class Pipeline:
         self.assertEqual(tuple(got.shape), tuple(ref.shape))
         self.assertGreater(float(ref.std(0).mean()), 1e-4, "features depend on the image, so the comparison means something")
         self.assertLess(relative_error(got, ref), tol, bundle_path)
+        # The same bundle exported as ONNX and run in ONNX Runtime gives the bundle's output.
+        exported = torch.from_numpy(onnx_runtime.exported_outputs(BIN, bundle_path, x.numpy()))
+        self.assertLess(relative_error(exported, got), 1e-4, f"ONNX Runtime vs TorchScript: {bundle_path}")
         return x
 
     def train_eval_merge(self, name, bundle_path, features_of, model, x, expect_targets, module_prefix="",
@@ -413,6 +417,8 @@ class OpenClipMobileCLIP(unittest.TestCase, Pipeline):
                     text_ref = reference.encode_text(tokens)
                 self.assertGreater(float((text_ref[0] - text_ref[1]).abs().max()), 1e-3)
                 self.assertLess(relative_error(text, text_ref), 1e-4)
+                text_onnx = torch.from_numpy(onnx_runtime.exported_outputs(BIN, prefix + "_text.pt", tokens.numpy()))
+                self.assertLess(relative_error(text_onnx, text), 1e-4, "text tower: ONNX Runtime vs TorchScript")
                 if pipeline or everything:
                     self.train_eval_merge(name, prefix + "_image.pt", lambda m, v: m.encode_image(v), reference, x, targets)
                 else:
