@@ -32,4 +32,15 @@ struct OnnxExportReport {
 OnnxExportReport export_onnx(const Bundle& bundle, const std::filesystem::path& output,
                              const OnnxExportOptions& options = {});
 
+// Writes `folder` (atomically, replaced as a whole): model.onnx as export_onnx writes it, index.html (drop photos on
+// it: top classes by name, computed in the browser) and ort/ with onnxruntime-web's single-threaded WebAssembly build
+// copied from `web_runtime` (the dist folder of the npm package onnxruntime-web). Image classifiers and backbones.
+OnnxExportReport export_web_page(const Bundle& bundle, const std::filesystem::path& folder,
+                                 const std::filesystem::path& web_runtime, const OnnxExportOptions& options = {});
+
+// Where onnxruntime-web's dist folder is when none is given: $LORATUNE_ONNXRUNTIME_WEB, then beside `executable`
+// (<prefix>/share/loratune/onnxruntime-web, or a build folder's onnx_runtime/node_modules/onnxruntime-web/dist).
+// Empty when none holds it.
+std::filesystem::path find_web_runtime(const std::filesystem::path& executable);
+
 }  // namespace loratune

@@ -213,15 +213,20 @@ std::vector<Command> commands() {
              value(X, &ExportCommand::model)).required(),
         Flag("-a,--adapter", "adapter folder or .safetensors, merged into --model on the way",
              value(X, &ExportCommand::adapter)),
-        Flag("-o,--output", "the .onnx file to write", value(X, &ExportCommand::output)).required(),
-        Flag("-f,--format", "what to write", value(X, &ExportCommand::format)).show_default().one_of({"onnx"}),
+        Flag("-o,--output", "the .onnx file to write (--format web: the folder)", value(X, &ExportCommand::output))
+            .required(),
+        Flag("-f,--format", "onnx: one ONNX file; web: a folder with it and a page that classifies dropped photos in "
+             "the browser (onnxruntime-web)", value(X, &ExportCommand::format)).show_default().one_of({"onnx", "web"}),
+        Flag("--web-runtime", "--format web: onnxruntime-web's dist folder (default: $LORATUNE_ONNXRUNTIME_WEB or the "
+             "one installed beside loratune)", value(X, &ExportCommand::web_runtime)),
         Flag("--features-only", "with --adapter: the backbone (images -> features) instead of the classifier",
              on_off(X, &ExportCommand::features_only)),
         Flag("--external-data", "tensors in <output>.data beside the model (needed over 2 GB)",
              on_off(X, &ExportCommand::external_data)),
         threads_flag(X)},
        {"loratune export --model vit_base_photos.pt --output vit_base_photos.onnx",
-        "loratune export --model models/vit_base.pt --adapter runs/vit_base/best --output photos.onnx"},
+        "loratune export --model models/vit_base.pt --adapter runs/vit_base/best --output photos.onnx",
+        "loratune export --model vit_base_photos.pt --format web --output photos_page/   # then serve the folder"},
        {"The ONNX file maps normalised images [N,3,S,S] (N free) to logits or features; its metadata_props hold the "
         "preprocessing (mean, std, image_size, resize_size, interpolation) and the class names."},
        [](Parsed& p) { return run_export(p.export_); }},

@@ -68,9 +68,10 @@ struct ExportCommand {
   std::string model;    // a bundle: merged classifier, backbone, or the base of `adapter`
   std::string adapter;  // optional: merged into `model` on the fly
   std::string output;
-  std::string format = "onnx";
+  std::string format = "onnx";  // or "web": a folder with the ONNX file and a page that runs it in the browser
   bool features_only = false;  // with an adapter: the backbone (images -> features) instead of the classifier
   bool external_data = false;
+  std::string web_runtime;  // onnxruntime-web's dist folder (default: find_web_runtime)
   std::string threads = "auto";
 };
 

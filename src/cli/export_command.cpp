@@ -24,8 +24,14 @@ int run_export(const ExportCommand& command) {
     OnnxExportOptions options;
     options.external_data = command.external_data;
     OnnxExportReport report;
+    const auto write = [&](const Bundle& bundle) {
+      if (command.format == "onnx") return export_onnx(bundle, command.output, options);
+      const fs::path runtime = command.web_runtime.empty() ? find_web_runtime(fs::read_symlink("/proc/self/exe"))
+                                                           : fs::path(command.web_runtime);
+      return export_web_page(bundle, command.output, runtime, options);
+    };
     if (command.adapter.empty()) {
-      report = export_onnx(load_bundle(command.model), command.output, options);
+      report = write(load_bundle(command.model));
     } else {
       // Merged into a private temporary file first, checked as `merge` checks it.
       const PrivateFolder folder("loratune-export");
@@ -34,10 +40,14 @@ int run_export(const ExportCommand& command) {
       merge.text_head = prompt_head_maker();
       const fs::path merged = folder.path() / "merged.pt";
       merge_adapter(command.model, command.adapter, merged, merge);
-      report = export_onnx(load_bundle(merged), command.output, options);
+      report = write(load_bundle(merged));
     }
+    if (command.format == "web")
+      std::printf("wrote %s/ (index.html, model.onnx, ort/): serve the folder and open index.html\n",
+                  command.output.c_str());
     std::printf("wrote %s (ONNX opset %lld: %lld nodes, %lld tensors, %s; %s -> %s, batch size free)\n",
-                command.output.c_str(), static_cast<long long>(options.opset), static_cast<long long>(report.nodes),
+                (command.format == "web" ? (fs::path(command.output) / "model.onnx").string() : command.output).c_str(),
+                static_cast<long long>(options.opset), static_cast<long long>(report.nodes),
                 static_cast<long long>(report.initializers), human_bytes(static_cast<double>(report.bytes)).c_str(),
                 report.input.c_str(), report.output.c_str());
     return exit_code::kOk;

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <map>
 #include <unordered_map>
 
 #include "common/files.h"
@@ -115,10 +116,11 @@ class Converter {
       const at::ScalarType onnx_have = have == at::kDouble ? at::kFloat : have;
       return cast_to_type && onnx_have != scalar_type ? cast(x.name, scalar_type) : x.name;
     }
-    if (x.a.isTensor()) {  // a weight: one initializer however often it is read
+    if (x.a.isTensor()) {  // a weight: one initializer however often it is read (traced scalars: 0-d tensors)
       const at::Tensor t = x.a.toTensor();
-      auto& name = constants_[t.unsafeGetTensorImpl()];
-      if (name.empty()) name = initializer(t.scalar_type() == at::kDouble ? t.to(at::kFloat) : t, "weight");
+      const at::ScalarType type = cast_to_type ? scalar_type : t.scalar_type() == at::kDouble ? at::kFloat : t.scalar_type();
+      auto& name = constants_[{t.unsafeGetTensorImpl(), type}];
+      if (name.empty()) name = initializer(t.to(type), "weight");
       return name;
     }
     if (x.a.isInt()) return initializer(at::scalar_tensor(x.a.toInt(), scalar_type));
@@ -286,10 +288,16 @@ class Converter {
   // Output `i` of `n` becomes the run-time value `name`.
   void produce(const Node* n, const std::string& name, size_t i = 0) { env_[n->outputs()[i]].name = name; }
 
+  // In-place operators (relu_, add_) as their plain forms; later reads of the input see the result.
   void convert(Node* n, const std::string& kind) {
-    const auto handler = handlers().find(kind);
+    const bool in_place = kind.size() > 1 && kind.back() == '_' && kind[kind.size() - 2] != '_';
+    const auto handler = handlers().find(in_place ? kind.substr(0, kind.size() - 1) : kind);
     if (handler == handlers().end()) fail_on(n, "an operator the exporter does not map");
     (this->*handler->second)(n);
+    if (in_place) {
+      env_[n->input(0)].name = env_[n->output()].name;
+      env_[n->input(0)].names = env_[n->output()].names;
+    }
   }
 
   using Handler = void (Converter::*)(Node*);
@@ -621,7 +629,7 @@ class Converter {
 
   onnx::Model& model_;
   std::unordered_map<const Value*, Val> env_;
-  std::unordered_map<const c10::TensorImpl*, std::string> constants_;  // constant tensor -> its initializer
+  std::map<std::pair<const c10::TensorImpl*, at::ScalarType>, std::string> constants_;  // constant -> initializer
   std::unordered_map<const c10::ivalue::Object*, std::string> module_paths_;  // submodule -> "blocks.3.attn"
   std::vector<std::string> calls_;  // the modules whose code runs, innermost last
   int64_t counter_ = 0;

@@ -8,14 +8,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/html_text.h"
+
 namespace loratune::html {
-
-// `s` for an HTML text node or a quoted attribute value: & < > " ' escaped; invalid UTF-8 bytes shown as \xNN.
-std::string escape(const std::string& s);
-
-// `j` as JSON that can sit inside <script type="application/json">: < > & written as \u003c \u003e \u0026 (no
-// "</script>" can end the element early), invalid UTF-8 replaced.
-std::string script_json(const nlohmann::json& j);
 
 std::string base64(const std::string& bytes);
 

@@ -1,5 +1,5 @@
-"""ONNX Runtime for the tests: onnxruntime-node (npm, pinned in tests/js/package.json) installed once into the build
-folder, and `exported_outputs`, which exports a bundle with `loratune export`, checks the file with the ONNX checker
+"""ONNX Runtime for the tests: onnxruntime-node and onnxruntime-web (npm, pinned in tests/js/package.json) installed
+once into the build folder, and `exported_outputs`, which exports a bundle with `loratune export`, checks the file with the ONNX checker
 (python3-onnx) and runs it on a batch in ONNX Runtime."""
 import fcntl
 import json
@@ -21,14 +21,21 @@ def runtime_dir(binary):
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(binary))), "onnx_runtime")
 
 
+def web_runtime(binary):
+    """onnxruntime-web's dist folder, as `loratune export --format web` finds it in a build folder."""
+    return os.path.join(ensure_runtime(binary), "node_modules", "onnxruntime-web", "dist")
+
+
 def ensure_runtime(binary):
-    """Installs onnxruntime-node once (suites run side by side: the first installs under a lock, the others wait).
+    """Installs the packages once (suites run side by side: the first installs under a lock, the others wait).
     Its install script only fetches GPU builds; the CPU binaries ship inside the package, so it is skipped."""
     target = runtime_dir(binary)
     os.makedirs(target, exist_ok=True)
     with open(os.path.join(target, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isdir(os.path.join(target, "node_modules", "onnxruntime-node")):
+        with open(os.path.join(JS, "package.json")) as f:
+            packages = json.load(f)["dependencies"]
+        if not all(os.path.isdir(os.path.join(target, "node_modules", p)) for p in packages):
             shutil.copy(os.path.join(JS, "package.json"), target)
             subprocess.run(["npm", "install", "--prefix", target, "--ignore-scripts", "--no-audit", "--no-fund",
                             "--loglevel=error"], check=True, timeout=900)

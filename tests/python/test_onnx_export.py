@@ -29,7 +29,8 @@ TOLERANCE = 1e-4  # max |onnx - torchscript| / max(1, max |torchscript|), fp32
 
 
 def run(*args):
-    p = subprocess.run([BIN, *args, "--threads", "1"], capture_output=True, text=True, timeout=600)
+    threads = [] if args[0] == "train" else ["--threads", "1"]  # train takes its threads from the config
+    p = subprocess.run([BIN, *args, *threads], capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -154,6 +155,78 @@ class Photos(unittest.TestCase):
         got, want = onnx_runtime_outputs(out, x), torchscript(classifier, x)
         self.assertLess(relative(got, want), TOLERANCE)
         self.assertEqual(got.argmax(1).tolist(), want.argmax(1).tolist())
+
+
+class WebPage(unittest.TestCase):
+    """`export --format web` in a real browser (Debian's headless Chromium) from a loopback server: photos dropped on
+    the page are classified in the browser with onnxruntime-web and the page's top-1 is `loratune predict`'s, Korean
+    class names included; a screenshot is kept in test-artifacts/."""
+
+    def classifier_with_korean_classes(self):
+        toy = os.path.join(FIX, "images", "toy")
+        run_dir = os.path.join(TMP, "web_run")
+        config = {"model": os.path.join(MODELS, "hf_script.pt"), "output_dir": run_dir, "epochs": 6, "batch_size": 4,
+                  "threads": 2, "data": {"train": os.path.join(toy, "train"), "val": os.path.join(toy, "val")},
+                  "optim": {"lr": 0.01}}
+        config_path = run_dir + ".json"
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        code, _, err = run("train", "--config", config_path)
+        self.assertEqual(code, 0, err)
+        merged_path = os.path.join(TMP, "web_classifier.pt")
+        code, _, err = run("merge", "--base", config["model"], "--adapter", os.path.join(run_dir, "adapter"),
+                           "--output", merged_path)
+        self.assertEqual(code, 0, err)
+        return merged_path, os.path.join(toy, "val")
+
+    def test_dropped_photos_get_predicts_classes_in_the_browser(self):
+        import browser  # Chromium over the DevTools protocol (python3-websocket)
+        classifier, photos = self.classifier_with_korean_classes()
+        site = os.path.join(TMP, "site")
+        code, stdout, err = run("export", "--model", classifier, "--format", "web", "--output", site)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(os.listdir(site)), ["index.html", "model.onnx", "ort"])
+        # Photos predict is sure about (top-1 at least 0.2 above the runner-up): canvas and OpenCV resize alike but
+        # not bit for bit.
+        code, stdout, err = run("predict", "--model", classifier, photos, "-f", "json")
+        self.assertEqual(code, 0, err)
+        clear = [p for p in json.loads(stdout) if p["top"][0]["probability"] - p["top"][1]["probability"] >= 0.2]
+        self.assertGreaterEqual(len(clear), 3)
+        self.assertTrue(any(p["top"][0]["label"] == "빨간_사각형" for p in clear), "a Korean class among them")
+        dropped = os.path.join(site, "dropped")
+        os.makedirs(dropped)
+        for k, p in enumerate(clear):
+            shutil.copy(p["path"], os.path.join(dropped, f"{k}.png"))
+        server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", site],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            port = int(server.stdout.readline().split("port ")[1].split()[0])
+            with browser.Browser() as b:
+                b.open(f"http://127.0.0.1:{port}/index.html")
+                state = b.js("new Promise(r => { const t = setInterval(() => { if (document.body.dataset.ready) "
+                             "{ clearInterval(t); r(document.body.dataset.ready); } }, 50); })")
+                self.assertEqual(state, "1", b.js("document.getElementById('status').textContent"))
+                names = json.dumps([f"{k}.png" for k in range(len(clear))])
+                b.js(f"""(async () => {{
+                    const dt = new DataTransfer();
+                    for (const name of {names}) {{
+                      const blob = await (await fetch("dropped/" + name)).blob();
+                      dt.items.add(new File([blob], name, {{type: "image/png"}}));
+                    }}
+                    document.getElementById("drop").dispatchEvent(new DragEvent("drop", {{dataTransfer: dt}}));
+                  }})()""")
+                b.js(f"new Promise(r => {{ const t = setInterval(() => {{ if (document.body.dataset.classified == "
+                     f"'{len(clear)}') {{ clearInterval(t); r(); }} }}, 50); }})")
+                shown = b.js("Object.fromEntries([...document.querySelectorAll('.result')]"
+                             ".map(e => [e.dataset.file, e.dataset.top1]))")
+                listed = b.js("[...document.querySelectorAll('.result .name')].map(e => e.textContent)")
+                artifacts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(BIN))), "test-artifacts")
+                b.screenshot(os.path.join(artifacts, "onnx_web_page.png"))
+        finally:
+            server.terminate()
+            server.wait()
+        self.assertEqual(shown, {f"{k}.png": p["top"][0]["label"] for k, p in enumerate(clear)})
+        self.assertIn("빨간_사각형", listed)
 
 
 class Refusals(unittest.TestCase):
