@@ -17,6 +17,8 @@ struct OnnxExportOptions {
   // must stay under protobuf's 2 GB.
   int64_t external_data_threshold = 1024;
   bool external_data = false;  // false: every tensor inside the model file, which must then stay under 2 GB
+  // Weights and computation in float16 (half the file); the graph's image input and its output stay float32.
+  bool fp16 = false;
 };
 
 struct OnnxExportReport {

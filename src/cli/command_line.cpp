@@ -223,6 +223,8 @@ std::vector<Command> commands() {
              on_off(X, &ExportCommand::features_only)),
         Flag("--external-data", "tensors in <output>.data beside the model (needed over 2 GB)",
              on_off(X, &ExportCommand::external_data)),
+        Flag("--precision", "fp32, or fp16: half the file, weights and computation in float16 (input and output stay "
+             "float32)", value(X, &ExportCommand::precision)).show_default().one_of({"fp32", "fp16"}),
         threads_flag(X)},
        {"loratune export --model vit_base_photos.pt --output vit_base_photos.onnx",
         "loratune export --model models/vit_base.pt --adapter runs/vit_base/best --output photos.onnx",

@@ -71,6 +71,7 @@ struct ExportCommand {
   std::string format = "onnx";  // or "web": a folder with the ONNX file and a page that runs it in the browser
   bool features_only = false;  // with an adapter: the backbone (images -> features) instead of the classifier
   bool external_data = false;
+  std::string precision = "fp32";  // or "fp16": weights and computation in float16
   std::string web_runtime;  // onnxruntime-web's dist folder (default: find_web_runtime)
   std::string threads = "auto";
 };

@@ -23,6 +23,7 @@ int run_export(const ExportCommand& command) {
       throw InputError("--features-only applies with --adapter (a backbone bundle exports as features already)");
     OnnxExportOptions options;
     options.external_data = command.external_data;
+    options.fp16 = command.precision == "fp16";
     OnnxExportReport report;
     const auto write = [&](const Bundle& bundle) {
       if (command.format == "onnx") return export_onnx(bundle, command.output, options);

@@ -14,6 +14,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <set>
 #include <unordered_map>
 
 #include "common/files.h"
@@ -740,6 +741,46 @@ GraphInput graph_input(const Bundle& bundle) {
           at::randn({kBatchA, 3, s, s}).requires_grad_(true), at::randn({kBatchB, 3, s, s}).requires_grad_(true)};
 }
 
+// Float tensors and computation in float16: casts to float made casts to float16, float initializers converted,
+// the float input cast once on the way in (`input`, empty for token ids) and the result cast back to float on the
+// way out. BatchNormalization stays float32 between two casts: ONNX Runtime's CPU kernels take no float16 statistics.
+void to_float16(onnx::Model& model, const std::string& input, const std::string& result) {
+  const auto cast = [](const std::string& from, const std::string& to, onnx::DataType type) {
+    return onnx::Node{"Cast", {from}, {to}, {Attribute::integer("to", static_cast<int64_t>(type))}, ""};
+  };
+  std::set<std::string> kept;  // initializers that stay float32
+  std::vector<onnx::Node> nodes;
+  for (auto& node : model.nodes) {
+    if (node.op_type == "Cast")
+      for (auto& a : node.attributes)
+        if (a.name == "to" && a.i == static_cast<int64_t>(onnx::DataType::kFloat))
+          a.i = static_cast<int64_t>(onnx::DataType::kFloat16);
+    if (node.op_type != "BatchNormalization") {
+      nodes.push_back(std::move(node));
+      continue;
+    }
+    kept.insert(node.inputs.begin() + 1, node.inputs.end());
+    const std::string x = node.inputs[0], y = node.outputs[0];
+    nodes.push_back(cast(x, x + "_fp32", onnx::DataType::kFloat));
+    node.inputs[0] = x + "_fp32";
+    node.outputs[0] = y + "_fp32";
+    nodes.push_back(std::move(node));
+    nodes.push_back(cast(y + "_fp32", y, onnx::DataType::kFloat16));
+  }
+  model.nodes = std::move(nodes);
+  for (auto& [name, t] : model.initializers)
+    if (t.scalar_type() == at::kFloat && kept.count(name) == 0) t = t.to(at::kHalf);
+  if (!input.empty()) {
+    const std::string half = input + "_fp16";
+    for (auto& node : model.nodes)
+      for (auto& i : node.inputs)
+        if (i == input) i = half;
+    model.nodes.insert(model.nodes.begin(), cast(input, half, onnx::DataType::kFloat16));
+  }
+  onnx::Node& last = model.nodes.back();  // Identity(out -> result)
+  last = cast(last.inputs.front(), result, onnx::DataType::kFloat);
+}
+
 std::string output_name(const BundleInfo& info) {
   return info.kind == "classifier" ? "logits" : info.kind == "text_encoder" ? "embeddings" : "features";
 }
@@ -786,6 +827,7 @@ OnnxExportReport export_onnx(const Bundle& bundle, const std::filesystem::path& 
   model.opset = options.opset;
   model.producer_version = LORATUNE_VERSION;
   model.metadata = metadata(bundle.info);
+  model.metadata.emplace_back("precision", options.fp16 ? "fp16" : "fp32");
   GraphInput in = graph_input(bundle);
   model.inputs.push_back({in.name, in.type, in.dims});
 
@@ -802,6 +844,7 @@ OnnxExportReport export_onnx(const Bundle& bundle, const std::filesystem::path& 
     throw InputError("ONNX export: " + bundle.path.string() + "'s forward does not return a tensor computed from its input");
   const std::string result = output_name(bundle.info);
   model.nodes.push_back({"Identity", {out.name}, {result}, {}, ""});
+  if (options.fp16) to_float16(model, in.type == onnx::DataType::kFloat ? in.name : "", result);
   std::vector<std::pair<int64_t, std::string>> dims = {{0, "batch"}};
   for (int64_t d = 1; d < out.a.toTensor().dim(); ++d) dims.push_back({out.a.toTensor().size(d), ""});
   model.outputs.push_back({result, onnx::DataType::kFloat, dims});

@@ -42,14 +42,15 @@ def ensure_runtime(binary):
     return target
 
 
-def run_onnx(binary, model, x):
-    """The first output of `model` in ONNX Runtime for the batch `x` (float32 images or int64 tokens)."""
+def run_onnx(binary, model, x, optimization="all"):
+    """The first output of `model` in ONNX Runtime for the batch `x` (float32 images or int64 tokens), with ONNX
+    Runtime's graph optimizations at `optimization` (disabled, basic, extended, all)."""
     target = ensure_runtime(binary)
     with tempfile.TemporaryDirectory(prefix="loratune_ort_") as tmp:
         tokens = x.dtype == np.int64
         inp, out = os.path.join(tmp, "in.i64" if tokens else "in.f32"), os.path.join(tmp, "out.f32")
         np.ascontiguousarray(x, dtype=np.int64 if tokens else np.float32).tofile(inp)
-        env = dict(os.environ, NODE_PATH=os.path.join(target, "node_modules"))
+        env = dict(os.environ, NODE_PATH=os.path.join(target, "node_modules"), ORT_OPTIMIZATION=optimization)
         p = subprocess.run(["node", ORT_RUN, model, inp, out, *map(str, x.shape)], capture_output=True, text=True,
                            env=env, timeout=600)
         if p.returncode:
