@@ -402,10 +402,8 @@ class Converter {
                      Attribute::real("epsilon", at(n->input(4)).a.toDouble())}));
   }
   void linear(Node* n) {
-    const Val& w = at(n->input(1));
-    std::string weight;
-    if (w.dynamic()) weight = emit("Transpose", {w.name}, {Attribute::integers("perm", {1, 0})});
-    else weight = initializer(w.a.toTensor().t().contiguous(), "linear_weight_t");
+    // W^T by a Transpose of the weight as stored (ONNX Runtime folds it when it loads the file): no copy here.
+    const std::string weight = emit("Transpose", {tensor(n->input(1))}, {Attribute::integers("perm", {1, 0})});
     std::string y = emit("MatMul", {tensor(n->input(0)), weight});
     if (n->inputs().size() > 2 && !at(n->input(2)).a.isNone()) y = emit("Add", {y, tensor(n->input(2))});
     produce(n, y);
@@ -849,16 +847,13 @@ OnnxExportReport export_onnx(const Bundle& bundle, const std::filesystem::path& 
   for (int64_t d = 1; d < out.a.toTensor().dim(); ++d) dims.push_back({out.a.toTensor().size(d), ""});
   model.outputs.push_back({result, onnx::DataType::kFloat, dims});
 
-  const std::string data_file = output.filename().string() + ".data";
-  const onnx::Serialized bytes =
-      onnx::serialize(model, options.external_data ? data_file : "", options.external_data_threshold);
-  if (!options.external_data && bytes.model.size() >= (size_t{1} << 31))
-    throw InputError("ONNX export: the model is " + std::to_string(bytes.model.size() >> 20) +
-                     " MB, over protobuf's 2 GB: export with external data (--external-data)");
-  if (options.external_data) write_file_atomic(output.parent_path() / data_file, bytes.external_data);
-  write_file_atomic(output, bytes.model);
+  const std::filesystem::path data_file =
+      options.external_data ? output.parent_path() / (output.filename().string() + ".data") : std::filesystem::path();
+  onnx::write_model(model, output, data_file, options.external_data_threshold);
+  std::error_code ec;
+  const auto data_bytes = data_file.empty() ? 0 : std::filesystem::file_size(data_file, ec);
   return {static_cast<int64_t>(model.nodes.size()), static_cast<int64_t>(model.initializers.size()),
-          static_cast<int64_t>(bytes.model.size() + bytes.external_data.size()), in.name, result};
+          static_cast<int64_t>(std::filesystem::file_size(output) + (ec ? 0 : data_bytes)), in.name, result};
 }
 
 }  // namespace loratune

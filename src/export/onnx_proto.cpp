@@ -1,6 +1,9 @@
 #include "export/onnx_proto.h"
 
 #include <cstring>
+#include <fstream>
+
+#include "common/files.h"
 
 #include "loratune/errors.h"
 
@@ -74,25 +77,37 @@ std::string entry_bytes(const std::string& key, const std::string& value) {
   return w.str();
 }
 
-std::string tensor_bytes(const std::string& name, const at::Tensor& t, const std::string& external_file,
-                         int64_t external_threshold, std::string& external_data) {
+// A piece of the serialized graph: protobuf bytes, then (for a tensor kept inside) its data, written from memory.
+struct Piece {
+  std::string bytes;
+  const char* data = nullptr;
+  size_t data_size = 0;
+};
+
+// GraphProto.initializer entry for `t`: inside (raw_data) or in the external file at `offset`.
+Piece tensor_piece(const std::string& name, const at::Tensor& t, const std::string& location, int64_t offset) {
   Writer w;
   for (const int64_t d : t.sizes()) w.int_field(1, d);
   w.int_field(2, static_cast<int64_t>(data_type_of(t)));
   w.bytes_field(8, name);
-  const auto* data = static_cast<const char*>(t.data_ptr());
-  const auto size = static_cast<int64_t>(t.nbytes());
-  if (!external_file.empty() && size > external_threshold) {
-    external_data.append(static_cast<size_t>(-external_data.size() % 64), '\0');  // aligned for memory mapping
-    w.bytes_field(13, entry_bytes("location", external_file));
-    w.bytes_field(13, entry_bytes("offset", std::to_string(external_data.size())));
+  const size_t size = t.nbytes();
+  Piece piece;
+  if (!location.empty()) {
+    w.bytes_field(13, entry_bytes("location", location));
+    w.bytes_field(13, entry_bytes("offset", std::to_string(offset)));
     w.bytes_field(13, entry_bytes("length", std::to_string(size)));
     w.int_field(14, 1);  // EXTERNAL
-    external_data.append(data, static_cast<size_t>(size));
   } else {
-    w.bytes_field(9, std::string(data, static_cast<size_t>(size)));
+    w.tag(9, 2);
+    w.varint(size);
+    piece.data = static_cast<const char*>(t.data_ptr());
+    piece.data_size = size;
   }
-  return w.str();
+  Writer field;  // graph field 5, length-delimited: the header above plus the data
+  field.tag(5, 2);
+  field.varint(w.str().size() + piece.data_size);
+  piece.bytes = field.str() + w.str();
+  return piece;
 }
 
 std::string value_info_bytes(const ValueInfo& v) {
@@ -148,28 +163,69 @@ Attribute Attribute::integers(std::string name, std::vector<int64_t> values) {
   return a;
 }
 
-Serialized serialize(const Model& m, const std::string& external_file, int64_t external_threshold) {
-  Serialized out;
-  Writer graph;
-  for (const auto& n : m.nodes) graph.bytes_field(1, node_bytes(n));
-  graph.bytes_field(2, m.graph_name);
-  for (const auto& [name, t] : m.initializers)
-    graph.bytes_field(5, tensor_bytes(name, t, external_file, external_threshold, out.external_data));
-  for (const auto& v : m.inputs) graph.bytes_field(11, value_info_bytes(v));
-  for (const auto& v : m.outputs) graph.bytes_field(12, value_info_bytes(v));
+void write_model(const Model& m, const std::filesystem::path& path, const std::filesystem::path& external_data,
+                 int64_t external_threshold) {
+  std::vector<Piece> graph;
+  auto add = [&](int field, const std::string& bytes) {
+    Writer w;
+    w.bytes_field(field, bytes);
+    graph.push_back({w.str()});
+  };
+  for (const auto& n : m.nodes) add(1, node_bytes(n));
+  add(2, m.graph_name);
+  std::vector<const at::Tensor*> outside;  // tensors for the external file, in order
+  int64_t offset = 0;
+  for (const auto& [name, t] : m.initializers) {
+    const bool external = !external_data.empty() && static_cast<int64_t>(t.nbytes()) > external_threshold;
+    if (external) offset += static_cast<int64_t>(-static_cast<uint64_t>(offset) % 64);  // aligned for mapping
+    graph.push_back(tensor_piece(name, t, external ? external_data.filename().string() : "", offset));
+    if (external) {
+      outside.push_back(&t);
+      offset += static_cast<int64_t>(t.nbytes());
+    }
+  }
+  for (const auto& v : m.inputs) add(11, value_info_bytes(v));
+  for (const auto& v : m.outputs) add(12, value_info_bytes(v));
+  size_t graph_size = 0;
+  for (const auto& p : graph) graph_size += p.bytes.size() + p.data_size;
 
-  Writer model;
-  model.int_field(1, 8);  // IR version 8: opsets up to 18
-  model.bytes_field(2, "loratune");
-  model.bytes_field(3, m.producer_version);
-  model.bytes_field(7, graph.str());
+  Writer head, tail;
+  head.int_field(1, 8);  // IR version 8: opsets up to 18
+  head.bytes_field(2, "loratune");
+  head.bytes_field(3, m.producer_version);
+  head.tag(7, 2);
+  head.varint(graph_size);
   Writer opset;
   opset.bytes_field(1, "");
   opset.int_field(2, m.opset);
-  model.bytes_field(8, opset.str());
-  for (const auto& [key, value] : m.metadata) model.bytes_field(14, entry_bytes(key, value));
-  out.model = model.str();
-  return out;
+  tail.bytes_field(8, opset.str());
+  for (const auto& [key, value] : m.metadata) tail.bytes_field(14, entry_bytes(key, value));
+  if (head.str().size() + graph_size + tail.str().size() >= (size_t{1} << 31))
+    throw InputError("ONNX export: the model is " + std::to_string(graph_size >> 20) + " MB, over protobuf's 2 GB: "
+                     "export with external data (--external-data)");
+
+  if (!external_data.empty())
+    write_atomic_with(external_data, [&](const std::filesystem::path& temporary) {
+      std::ofstream out(temporary, std::ios::binary);
+      int64_t at = 0;
+      for (const at::Tensor* t : outside) {
+        const int64_t pad = static_cast<int64_t>(-static_cast<uint64_t>(at) % 64);
+        out.write(std::string(static_cast<size_t>(pad), '\0').data(), pad);
+        out.write(static_cast<const char*>(t->data_ptr()), static_cast<std::streamsize>(t->nbytes()));
+        at += pad + static_cast<int64_t>(t->nbytes());
+      }
+      if (!out.flush()) throw RuntimeFailure("cannot write " + external_data.string() + " (disk full?)");
+    });
+  write_atomic_with(path, [&](const std::filesystem::path& temporary) {
+    std::ofstream out(temporary, std::ios::binary);
+    out << head.str();
+    for (const auto& p : graph) {
+      out << p.bytes;
+      if (p.data_size > 0) out.write(p.data, static_cast<std::streamsize>(p.data_size));
+    }
+    out << tail.str();
+    if (!out.flush()) throw RuntimeFailure("cannot write " + path.string() + " (disk full?)");
+  });
 }
 
 }  // namespace loratune::onnx

@@ -5,6 +5,7 @@
 #include <ATen/Tensor.h>
 
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,12 +56,11 @@ struct Model {
   std::string producer_version;
 };
 
-// The serialized ModelProto. Initializers above `external_threshold` bytes go to `external_file` (written by the
-// caller from `external_data`) with their offsets, as ONNX's external data format; 0 keeps them inside.
-struct Serialized {
-  std::string model;
-  std::string external_data;
-};
-Serialized serialize(const Model& model, const std::string& external_file = "", int64_t external_threshold = 0);
+// Writes the ModelProto to `path` atomically, streamed: tensor data goes from the tensors' memory to the file with no
+// copy. With `external_data`, tensors over `external_threshold` bytes go to `external_data` (ONNX's external data
+// format: location, offset, length; written first, also atomically) and the model names it by file name. InputError
+// when the model file would reach protobuf's 2 GB limit (nothing written).
+void write_model(const Model& model, const std::filesystem::path& path, const std::filesystem::path& external_data = {},
+                 int64_t external_threshold = 0);
 
 }  // namespace loratune::onnx
