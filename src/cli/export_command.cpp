@@ -4,6 +4,7 @@
 #include "cli/common.h"
 #include "cli/commands.h"
 #include "common/files.h"
+#include "common/output_paths.h"
 #include "common/strings.h"
 #include "loratune/errors.h"
 #include "loratune/merge.h"
@@ -15,12 +16,38 @@ namespace fs = std::filesystem;
 
 namespace loratune {
 
+namespace {
+
+// An existing --output is replaced only when it is an earlier export: a .onnx file, or a folder holding exactly what
+// --format web writes (never a photo folder or anything else that happens to have that name).
+void refuse_replacing_other_output(const fs::path& output, const std::string& format) {
+  std::error_code ec;
+  if (!fs::exists(output, ec)) return;
+  if (format == "onnx") {
+    if (fs::is_regular_file(output, ec) && output.extension() == ".onnx") return;
+    throw InputError("--output " + output.string() + " exists and is not an .onnx file; choose another path");
+  }
+  bool earlier_page = fs::is_directory(output, ec);
+  if (earlier_page)
+    for (const auto& entry : fs::directory_iterator(output, ec)) {
+      const std::string name = entry.path().filename().string();
+      earlier_page = earlier_page && (name == "index.html" || name == "model.onnx" || name == "ort");
+    }
+  if (!earlier_page)
+    throw InputError("--output " + output.string() + " exists and is not a folder export --format web wrote (it is "
+                     "replaced as a whole); choose a new folder");
+}
+
+}  // namespace
+
 int run_export(const ExportCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     set_compute_threads(parse_threads(command.threads));
     if (command.features_only && command.adapter.empty())
       throw InputError("--features-only applies with --adapter (a backbone bundle exports as features already)");
+    refuse_output_over_inputs(command.output, "--output", {command.model, command.adapter, command.web_runtime});
+    refuse_replacing_other_output(command.output, command.format);
     OnnxExportOptions options;
     options.external_data = command.external_data;
     options.fp16 = command.precision == "fp16";

@@ -300,6 +300,24 @@ class Refusals(unittest.TestCase):
         code, _, err = run("export", "--model", os.path.join(MODELS, "hf_script.pt"), "--output", out, "--format", "tflite")
         self.assertEqual(code, 2, err)
         self.assertFalse(os.path.exists(out))
+        # Outputs never replace inputs or other files: the model itself, a photo, a folder export did not write.
+        model = shutil.copy(os.path.join(MODELS, "hf_script.pt"), os.path.join(TMP, "mine.pt"))
+        before = open(model, "rb").read()
+        code, _, err = run("export", "--model", model, "--output", model)
+        self.assertEqual(code, 3, err)
+        self.assertIn("is the input", err)
+        photo = shutil.copy(os.path.join(FIX, "images", "toy", "val", "circle", "000.png"), os.path.join(TMP, "p.png"))
+        code, _, err = run("export", "--model", model, "--output", photo)
+        self.assertEqual(code, 3, err)
+        self.assertIn("exists and is not an .onnx file", err)
+        folder = os.path.join(TMP, "my_photos")
+        os.makedirs(folder)
+        shutil.copy(photo, folder)
+        code, _, err = run("export", "--model", model, "--format", "web", "--output", folder)
+        self.assertEqual(code, 3, err)
+        self.assertIn("exists and is not a folder export --format web wrote", err)
+        self.assertEqual(os.listdir(folder), ["p.png"])
+        self.assertEqual(open(model, "rb").read(), before)
 
 
 if __name__ == "__main__":
