@@ -86,7 +86,7 @@ struct NamedEnum<FrozenStorage> {
       {FrozenStorage::kInt8, "int8"}, {FrozenStorage::kNf4, "nf4"}};
 };
 
-// What moves to the host during training (CUDA; Model::set_offload).
+// What moves to the host during training (CUDA; BlockStack::set_offload).
 enum class OffloadMode { kNone, kWeights, kActivations, kBoth };
 template <>
 struct NamedEnum<OffloadMode> {
