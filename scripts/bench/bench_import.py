@@ -9,25 +9,13 @@ usage: /usr/bin/python3 scripts/bench/bench_import.py [--binary build/bin/loratu
 import argparse
 import os
 import pathlib
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-def measured(args):
-    """Wall time and peak RSS (bytes) of one child process."""
-    code = ("import resource, subprocess, sys, time; t = time.time(); "
-            "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, p.returncode)")
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout.split()
-    if out[2] != "0":
-        raise SystemExit(f"{' '.join(args)} failed")
-    return float(out[0]), int(out[1])
+sys.path.insert(0, HERE)
+from process_peak import measured  # noqa: E402
 
 
 def main():

@@ -16,8 +16,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+sys.path[:0] = [HERE, os.path.join(ROOT, "tests", "python")]
 import onnx_runtime  # noqa: E402
+from process_peak import measured  # noqa: E402
 
 NODE_BENCH = r"""
 const ort = require("onnxruntime-node");
@@ -48,17 +49,6 @@ with torch.no_grad():
         t = time.perf_counter(); m(x); times.append(time.perf_counter() - t)
 print(json.dumps({"median_s": sorted(times)[len(times) // 2]}))
 """
-
-
-def measured(args):
-    """Wall time and peak RSS (bytes) of one child process."""
-    code = ("import resource, subprocess, sys, time; t = time.time(); "
-            "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, p.returncode)")
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout.split()
-    if out[2] != "0":
-        raise SystemExit(f"{' '.join(args)} failed")
-    return float(out[0]), int(out[1])
 
 
 def bundles(tmp, upstream):
