@@ -17,7 +17,6 @@
 #include <set>
 #include <unordered_map>
 
-#include "common/files.h"
 #include "export/onnx_proto.h"
 #include "loratune/errors.h"
 
@@ -145,8 +144,8 @@ class Converter {
     if (x.dynamic()) fail_on(v->node(), "an argument that changes with the batch size");
     return x.a.isInt() ? std::vector<int64_t>{x.a.toInt()} : x.a.toIntVector();
   }
-  // The shape of output `i` as an ONNX input: fixed dimensions as they are, the one that changes with the batch as
-  // -1 (Reshape) or, where `batch_dims` gives it, from there.
+  // The shape of the output whose example values are `a` and `b` as an ONNX input: fixed dimensions as they are; the
+  // one that changes with the batch as -1 where that is allowed (Reshape), else as the batch times its size per image.
   std::string shape_of(const Node* n, const at::Tensor& a, const at::Tensor& b, bool minus_one_allowed) {
     std::vector<int64_t> dims = a.sizes().vec();
     std::vector<size_t> moving;
