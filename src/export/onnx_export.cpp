@@ -430,7 +430,7 @@ class Converter {
                     {Attribute::integers("strides", expand(stride)), Attribute::integers("pads", pads),
                      Attribute::integers("dilations", expand(dilation)), Attribute::integer("group", groups)}));
   }
-  void reshape(Node* n) {  // flatten, view, reshape, unflatten: to the output's shape
+  void reshape(Node* n) {  // flatten, view, reshape, unflatten, squeeze: to the output's shape
     produce(n, emit("Reshape", {tensor(n->input(0)), shape_of(n, ta(n), tb(n), true)}));
   }
   void expand(Node* n) {
@@ -661,6 +661,7 @@ const std::unordered_map<std::string, Converter::Handler>& Converter::handlers()
       {"aten::view", &Converter::reshape},
       {"aten::reshape", &Converter::reshape},
       {"aten::unflatten", &Converter::reshape},
+      {"aten::squeeze", &Converter::reshape},  // the batch axis (2 or 5 in the examples) is never squeezed
       {"aten::expand", &Converter::expand},
       {"aten::transpose", &Converter::transpose},
       {"aten::permute", &Converter::permute},

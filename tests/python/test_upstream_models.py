@@ -336,6 +336,8 @@ class MobileCLIP(unittest.TestCase, Pipeline):
                     text = torch.jit.load(prefix + "_text.pt")(tokens)
                     text_ref = reference.text_encoder(tokens)
                 self.assertLess(relative_error(text, text_ref), 1e-4)
+                text_onnx = torch.from_numpy(onnx_runtime.exported_outputs(BIN, prefix + "_text.pt", tokens.numpy()))
+                self.assertLess(relative_error(text_onnx, text), 1e-4, "text tower: ONNX Runtime vs TorchScript")
                 self.assertIn("tokens -> text embeddings", run(BIN, "info", prefix + "_text.pt"))
                 if pipeline:
                     self.train_eval_merge(name, prefix + "_image.pt", lambda m, v: m.image_encoder(v), reference, x, targets)
