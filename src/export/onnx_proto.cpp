@@ -48,10 +48,6 @@ std::string attribute_bytes(const Attribute& a) {
   switch (a.kind) {
     case Attribute::Kind::kFloat: w.float_field(2, static_cast<float>(a.f)); break;
     case Attribute::Kind::kInt: w.int_field(3, a.i); break;
-    case Attribute::Kind::kString: w.bytes_field(4, a.s); break;
-    case Attribute::Kind::kFloats:
-      for (const double f : a.floats) w.float_field(7, static_cast<float>(f));
-      break;
     case Attribute::Kind::kInts:
       for (const int64_t i : a.ints) w.int_field(8, i);
       break;
@@ -150,11 +146,6 @@ Attribute Attribute::integer(std::string name, int64_t value) {
 Attribute Attribute::real(std::string name, double value) {
   Attribute a;
   a.name = std::move(name), a.kind = Kind::kFloat, a.f = value;
-  return a;
-}
-Attribute Attribute::text(std::string name, std::string value) {
-  Attribute a;
-  a.name = std::move(name), a.kind = Kind::kString, a.s = std::move(value);
   return a;
 }
 Attribute Attribute::integers(std::string name, std::vector<int64_t> values) {

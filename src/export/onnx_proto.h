@@ -17,18 +17,15 @@ enum class DataType : int32_t { kFloat = 1, kInt64 = 7, kBool = 9, kFloat16 = 10
 DataType data_type_of(const at::Tensor& tensor);  // InputError for dtypes the exporter does not write
 
 struct Attribute {
-  enum class Kind { kFloat = 1, kInt = 2, kString = 3, kFloats = 6, kInts = 7 };
+  enum class Kind { kFloat = 1, kInt = 2, kInts = 7 };  // AttributeProto.AttributeType values
   std::string name;
   Kind kind = Kind::kInt;
   double f = 0;
   int64_t i = 0;
-  std::string s;
-  std::vector<double> floats;
   std::vector<int64_t> ints;
 
   static Attribute integer(std::string name, int64_t value);
   static Attribute real(std::string name, double value);
-  static Attribute text(std::string name, std::string value);
   static Attribute integers(std::string name, std::vector<int64_t> values);
 };
 
