@@ -1,6 +1,7 @@
 // Adapter variants: what one adapter on a weight is made of and how it acts. A variant owns its tensors (names,
 // shapes, which ones LoRA+ speeds up), its PEFT flag, its initialisation, the TorchScript code that applies it inside
-// the rewritten graph and how it folds into the weight at merge. The file format, the config, `loratune info` and
+// the rewritten graph and how it folds into the weight (and bias) at merge. Low-rank variants (LoRA, DoRA, LoRA-FA)
+// start with A and B; SSF is a per-row scale and shift of the weight's outputs. The file format, the config, `loratune info` and
 // the optimiser ask the registry; a new variant is one class, one line in adapter_variants() and its reference
 // fixture.
 #pragma once
@@ -38,19 +39,25 @@ class AdapterVariant {
   virtual std::string summary() const = 0;
   // The key in PEFT's adapter_config.json that is true for this variant ("use_dora"); empty for plain LoRA.
   virtual std::string peft_flag() const = 0;
-  // Its tensors, in order; every variant starts with LoRA's A [rank, in_features] and B [rows, rank].
+  // Its tensors, in order; a low-rank variant's start with LoRA's A [rank, in_features] and B [rows, rank].
   virtual const std::vector<AdapterTensorSpec>& tensor_specs() const = 0;
+  // Whether it has LoRA's A and B: rank, alpha, lora.init and PEFT's LoRA config apply to it.
+  virtual bool low_rank() const { return true; }
   // Creates the tensors of `target` (fp32, requiring gradients where their specs train), A and B as `start` gives
   // them; `base_rows` are the adapted rows of the frozen weight as they were before the start took anything.
   virtual void init(LoraTarget& target, const at::Tensor& base_rows, const AdapterInit& start) const = 0;
   // TorchScript methods added to each rewritten module type. `lora_forward(self, x, y)` adds the adapter's output
   // to y = linear(x, W, b) (activation wiring; nullptr: the variant needs the weight wiring everywhere);
-  // `lora_weight(self, w)` returns the adapted weight (weight wiring).
-  // Both read lora_enabled, lora_training, lora_dropout, lora_scale, lora_rows and the tensor lists.
+  // `lora_weight(self, w)` returns the adapted weight (weight wiring); with the weight wiring, a variant that changes
+  // the bias also defines `lora_bias(self, b)` (bias_code; nullptr: the bias stays as it is).
+  // They read lora_enabled, lora_training, lora_dropout, lora_scale, lora_rows and the tensor lists.
   virtual const char* activation_code() const = 0;
   virtual const char* weight_code() const = 0;
-  // The adapted rows after merging at `strength` (0: base, 1: adapted), computed in fp32.
+  virtual const char* bias_code() const { return nullptr; }
+  // The adapted rows after merging at `strength` (0: base, 1: adapted), computed in fp32; the same for the bias
+  // (only called when bias_code() is set).
   virtual at::Tensor merged_rows(const LoraTarget& target, const at::Tensor& base_rows, double strength) const = 0;
+  virtual at::Tensor merged_bias_rows(const LoraTarget& target, const at::Tensor& base_rows, double strength) const;
 
   // Trained values per target: the sum of its tensors' sizes.
   int64_t parameter_count(const LoraTarget& target) const;

@@ -39,6 +39,8 @@ struct TargetKey {
   std::string name() const;
   // First row and number of rows in a weight of `weight_rows` rows (a slice is a third of a fused weight).
   std::pair<int64_t, int64_t> rows_in(int64_t weight_rows) const;
+  // The bias beside the weight: "bias" for "weight", "in_proj_bias" for "in_proj_weight".
+  std::string bias_param() const;
   bool operator<(const TargetKey& other) const;
   bool operator==(const TargetKey& other) const;
 };

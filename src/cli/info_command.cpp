@@ -30,7 +30,12 @@ void print_adapter(const fs::path& path) {
   std::printf("base           %s (fingerprint %s)\n", a.base_name.c_str(),
               a.base_fingerprint.empty() ? "not recorded: written by another tool" : a.base_fingerprint.c_str());
   std::printf("classes        %zu: %s\n", a.classes.size(), join(a.classes, ", ", 20).c_str());
-  if (!a.targets.empty()) {
+  if (!a.targets.empty() && !a.targets.front().variant->low_rank()) {
+    std::printf("adapters       %zu weights, variant %s (%s), %s parameters\n", a.targets.size(),
+                a.targets.front().variant->name().c_str(), a.targets.front().variant->summary().c_str(),
+                human_count(static_cast<double>(params)).c_str());
+    for (const auto& t : a.targets) std::printf("  %s\n", t.describe().c_str());
+  } else if (!a.targets.empty()) {
     const std::string start = a.lora.init == default_adapter_init().name() ? "" : ", started with " + a.lora.init;
     std::printf("LoRA           %zu weights, variant %s%s, rank %lld, alpha %g%s, dropout %g, %s parameters\n",
                 a.targets.size(), a.targets.front().variant->name().c_str(), start.c_str(), static_cast<long long>(a.lora.rank),

@@ -192,7 +192,10 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
                                           {"loratune", meta.dump(-1, ' ', false, json::error_handler_t::replace)},
                                           {"tensors_hash", tensors_hash(tensors)}};
   const std::string weights = safetensors::serialize(tensors, metadata);
-  const std::string config = peft_config(a).dump(2, ' ', false, json::error_handler_t::replace) + "\n";
+  // PEFT has no counterpart of a variant without A and B (SSF): no adapter_config.json that it would misread.
+  const bool peft_readable = variant_by_name(a.lora.variant).low_rank();
+  const std::string config =
+      peft_readable ? peft_config(a).dump(2, ' ', false, json::error_handler_t::replace) + "\n" : "";
   std::string initial_head;
   if (a.initial_head_weight.defined()) {
     const safetensors::Tensors head = {{"weight", a.initial_head_weight.detach().to(at::kCPU, at::kFloat)},
@@ -201,7 +204,7 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   }
   write_directory_atomic(dir, [&](const fs::path& tmp) {
     write_file_durable(tmp / kAdapterWeightsName, weights);
-    write_file_durable(tmp / kAdapterConfigName, config);
+    if (peft_readable) write_file_durable(tmp / kAdapterConfigName, config);
     if (!initial_head.empty()) write_file_durable(tmp / kInitialHeadName, initial_head);
   });
 }
@@ -418,6 +421,15 @@ void place_adapter_tensor(std::map<TargetKey, LoraTarget>& found, const LoraKey&
 
 // A target whose tensors are all there: its rank and sizes from their shapes, its alpha from the patterns.
 void complete_target(LoraTarget& t, const Adapter& a, const PeftPatterns& alpha_patterns, const std::string& origin) {
+  t.rslora = a.lora.rslora;
+  if (!t.variant->low_rank()) {  // vectors over the rows: their length is the rows
+    const auto first = std::find_if(t.tensors.begin(), t.tensors.end(), [](const at::Tensor& x) { return x.defined(); });
+    t.rows = first == t.tensors.end() || first->dim() != 1 ? 0 : first->size(0);
+    if (t.rows == 0) throw InputError(origin + ": " + t.variant->name() + " adapter " + t.module + " is empty; the file is damaged");
+    t.variant->check(t, origin);
+    t.alpha = a.lora.alpha;
+    return;
+  }
   if (!t.A().defined() || !t.B().defined())
     throw InputError(origin + ": adapter " + t.module + " has only one of lora_A / lora_B");
   if (t.A().size(0) != t.B().size(1))
@@ -429,7 +441,6 @@ void complete_target(LoraTarget& t, const Adapter& a, const PeftPatterns& alpha_
   t.in_features = t.A().size(1);
   t.rows = t.B().size(0);
   t.variant->check(t, origin);
-  t.rslora = a.lora.rslora;
   const double* alpha = alpha_patterns.find(t.module);
   t.alpha = alpha ? *alpha : a.lora.alpha;
 }
@@ -469,6 +480,8 @@ void apply_recorded_targets(Adapter& a, const json& meta, const std::string& ori
     auto match = std::find_if(a.targets.begin(), a.targets.end(), [&](const LoraTarget& t) { return t == key; });
     if (match == a.targets.end()) throw InputError(origin + ": adapter " + module + " is listed but has no tensors");
     match->alpha = jt.at("alpha").get<double>();
+    if (!match->variant->low_rank() && jt.contains("in_features") && jt.at("in_features").is_number_integer())
+      match->in_features = jt.at("in_features").get<int64_t>();  // no A to tell it; binding checks it again
     if (!(match->alpha > 0)) throw InputError(origin + ": adapter " + module + " has alpha <= 0");
   }
   if (a.targets.size() != meta.at("targets").size())

@@ -79,8 +79,10 @@ void add_after_linears(const std::shared_ptr<Graph>& graph, const std::vector<No
   }
 }
 
-// Weight wiring: one W + s*B@A per call of the method, at its top, seen by every read (`getters`, removed).
-void adapt_weight_at_top(const std::shared_ptr<Graph>& graph, const std::string& param, const std::vector<Node*>& getters) {
+// Weight wiring: one W + s*B@A per call of the method, at its top, seen by every read (`getters`, removed); `method`
+// is lora_weight, or lora_bias for the bias of a variant that changes it.
+void adapt_weight_at_top(const std::shared_ptr<Graph>& graph, const std::string& param, const std::vector<Node*>& getters,
+                         const char* method) {
   Value* self = graph->inputs()[0];
   Node* first = *graph->nodes().begin();
   Node* get = graph->create(c10::prim::GetAttr, {self}, 1);
@@ -88,7 +90,7 @@ void adapt_weight_at_top(const std::shared_ptr<Graph>& graph, const std::string&
   get->output()->setType(c10::TensorType::get());
   get->insertBefore(first);
   Node* call = graph->create(c10::prim::CallMethod, {self, get->output()}, 1);
-  call->s_(c10::attr::name, "lora_weight");
+  call->s_(c10::attr::name, method);
   call->output()->setType(c10::TensorType::get());
   call->insertAfter(get);
   for (Node* old : getters) {
@@ -98,11 +100,12 @@ void adapt_weight_at_top(const std::shared_ptr<Graph>& graph, const std::string&
 }
 
 // Reads of the weight by another module's code (`reader`): what they get passes through the adapted module's
-// lora_weight.
-void adapt_foreign_reads(const torch::jit::Module& reader, const c10::ClassTypePtr& type, const std::string& param) {
-  for (const auto& method : reader.get_methods()) {
-    if (is_lora_method(method.name())) continue;
-    auto graph = compat::method_graph(method.function());
+// `method` (lora_weight, or lora_bias).
+void adapt_foreign_reads(const torch::jit::Module& reader, const c10::ClassTypePtr& type, const std::string& param,
+                         const char* method) {
+  for (const auto& code : reader.get_methods()) {
+    if (is_lora_method(code.name())) continue;
+    auto graph = compat::method_graph(code.function());
     std::vector<Node*> getters;
     for_each_node(graph, [&](Node* n) {
       if (reads_attribute(n, param) && n->input(0)->type() == type &&
@@ -111,7 +114,7 @@ void adapt_foreign_reads(const torch::jit::Module& reader, const c10::ClassTypeP
     });
     for (Node* get : getters) {
       Node* call = graph->create(c10::prim::CallMethod, {get->input(0), get->output()}, 1);
-      call->s_(c10::attr::name, "lora_weight");
+      call->s_(c10::attr::name, method);
       call->output()->setType(c10::TensorType::get());
       call->insertAfter(get);
       get->output()->replaceAllUsesAfterNodeWith(call, call->output());
@@ -209,36 +212,54 @@ void AdapterHost::prepare_type(const c10::ClassTypePtr& type, const std::string&
   const LoraWiring wiring =
       only_linear && variant.activation_code() != nullptr ? LoraWiring::kActivation : LoraWiring::kWeightDelta;
 
-  register_slots(modules_, type, variant);
+  // A variant that changes the bias (SSF's shift) needs one to fold into at merge, and the weight wiring rewrites
+  // its reads as well.
   auto owner = std::find_if(modules_.begin(), modules_.end(), [&](const auto& m) { return m.second.type() == type; });
+  const std::string bias = TargetKey{example, param, ""}.bias_param();
+  const bool adapts_bias = variant.bias_code() != nullptr;
+  if (adapts_bias && (!owner->second.hasattr(bias) || !owner->second.attr(bias).isTensor()))
+    throw InputError("lora.variant " + variant.name() + " cannot adapt " + example + ": it has no " + bias +
+                     " to fold the shift into; choose targets with a bias, or another variant");
+
+  register_slots(modules_, type, variant);
   owner->second.define(wiring == LoraWiring::kActivation ? variant.activation_code() : variant.weight_code());
+  const bool wires_bias = adapts_bias && wiring == LoraWiring::kWeightDelta;
+  if (wires_bias) owner->second.define(variant.bias_code());
   for (torch::jit::Function* fn : type->methods()) {
     if (is_lora_method(fn->name())) continue;
     auto graph = compat::method_graph(*fn);
-    std::vector<Node*> getters;
-    for_each_node(graph, [&](Node* n) {
-      if (reads_attribute(n, param) && n->input(0) == graph->inputs()[0]) getters.push_back(n);
-    });
-    if (getters.empty()) continue;
-    if (wiring == LoraWiring::kActivation)
-      add_after_linears(graph, getters);
-    else
-      adapt_weight_at_top(graph, param, getters);
+    auto own_reads = [&](const std::string& name) {
+      std::vector<Node*> getters;
+      for_each_node(graph, [&](Node* n) {
+        if (reads_attribute(n, name) && n->input(0) == graph->inputs()[0]) getters.push_back(n);
+      });
+      return getters;
+    };
+    const std::vector<Node*> getters = own_reads(param);
+    const std::vector<Node*> bias_getters = wires_bias ? own_reads(bias) : std::vector<Node*>{};
+    if (!getters.empty() && wiring == LoraWiring::kActivation) add_after_linears(graph, getters);
+    if (!getters.empty() && wiring == LoraWiring::kWeightDelta) adapt_weight_at_top(graph, param, getters, "lora_weight");
+    if (!bias_getters.empty()) adapt_weight_at_top(graph, bias, bias_getters, "lora_bias");
     graph->lint();
   }
-  for (auto& reader : reads.foreign_readers) adapt_foreign_reads(reader, type, param);
+  for (auto& reader : reads.foreign_readers) adapt_foreign_reads(reader, type, param, "lora_weight");
+  if (wires_bias)
+    for (auto& reader : weight_reads(modules_, type, bias).foreign_readers)
+      adapt_foreign_reads(reader, type, bias, "lora_bias");
   prepared_[type.get()] = wiring;
   prepared_param_[type.get()] = param;
   prepared_variant_[type.get()] = &variant;
   // Traced models have a type per module instance: one kind per class name and reason.
-  if (wiring == LoraWiring::kWeightDelta)
+  if (wiring == LoraWiring::kWeightDelta && variant.low_rank())  // only LoRA's A takes dropout
     weight_delta_kinds_.emplace(
         type->name()->name() + (only_linear ? ", " + variant.name() : ", " + param + " read outside nn.Linear"), example);
 }
 
 bool AdapterHost::dropout_applies() const {
   for (const auto& [path, module] : modules_)
-    if (attached_.count(path) && prepared_.at(module.type().get()) == LoraWiring::kActivation) return true;
+    if (attached_.count(path) && prepared_.at(module.type().get()) == LoraWiring::kActivation &&
+        prepared_variant_.at(module.type().get())->low_rank())
+      return true;
   return false;
 }
 

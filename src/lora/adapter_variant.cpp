@@ -1,4 +1,5 @@
-// The adapter variants and their registry: plain LoRA, W' = W + s * B @ A on the target's rows, DoRA and LoRA-FA.
+// The adapter variants and their registry: plain LoRA, W' = W + s * B @ A on the target's rows, DoRA, LoRA-FA and
+// SSF.
 #include "loratune/adapter_variant.h"
 
 #include <ATen/core/grad_mode.h>
@@ -30,7 +31,7 @@ int64_t AdapterVariant::parameter_count(const LoraTarget& t) const {
 void AdapterVariant::check(const LoraTarget& t, const std::string& origin) const {
   const auto& specs = tensor_specs();
   for (size_t k = 0; k < specs.size(); ++k) {
-    const std::string what = origin + ": " + name() + " adapter " + t.describe();
+    const std::string what = origin + ": adapter " + t.describe();  // names the variant unless plain LoRA
     if (k >= t.tensors.size() || !t.tensors[k].defined())
       throw InputError(what + " has no lora_" + specs[k].name + " (a " + name() + " adapter has " +
                        std::to_string(specs.size()) + " tensors per weight)");
@@ -39,6 +40,10 @@ void AdapterVariant::check(const LoraTarget& t, const std::string& origin) const
       throw InputError(what + " has lora_" + specs[k].name + " of shape " + c10::str(t.tensors[k].sizes()) + ", not " +
                        c10::str(at::IntArrayRef(expected)));
   }
+}
+
+at::Tensor AdapterVariant::merged_bias_rows(const LoraTarget&, const at::Tensor& base_rows, double) const {
+  return base_rows.to(at::kFloat);
 }
 
 namespace {
@@ -181,6 +186,90 @@ class LoraFa : public Lora {
   }
 };
 
+// SSF (Lian et al. 2022): the target's outputs scaled and shifted per row, y' = y * scale + shift, i.e.
+// W' = diag(scale) W and b' = scale * b + shift, so it folds into the weight and bias. Starts as the paper's code:
+// scale ~ N(1, 0.02), shift ~ N(0, 0.02). It has no rank, alpha or dropout.
+constexpr const char* kSsfVectorCode = R"(
+def lora_vector(self, parts: List[Tensor], fill: float, n: int, like: Tensor) -> Tensor:
+    if len(parts) == 1 and parts[0].size(0) == n:
+        return parts[0].to(like.dtype)
+    pieces: List[Tensor] = []
+    pos = 0
+    for i in range(len(parts)):
+        start = self.lora_rows[i]
+        if start > pos:
+            pieces.append(torch.full([start - pos], fill, dtype=like.dtype, device=like.device))
+        pieces.append(parts[i].to(like.dtype))
+        pos = start + parts[i].size(0)
+    if pos < n:
+        pieces.append(torch.full([n - pos], fill, dtype=like.dtype, device=like.device))
+    return torch.cat(pieces, 0)
+)";
+
+class Ssf : public AdapterVariant {
+ public:
+  std::string name() const override { return "ssf"; }
+  std::string summary() const override {
+    return "a trained scale and shift of each output row, y * scale + shift; no rank (Lian et al. 2022)";
+  }
+  std::string peft_flag() const override { return ""; }
+  bool low_rank() const override { return false; }
+
+  const std::vector<AdapterTensorSpec>& tensor_specs() const override {
+    static const std::vector<AdapterTensorSpec> specs = {{"ssf_scale", {AdapterDim::kRows}},
+                                                         {"ssf_shift", {AdapterDim::kRows}}};
+    return specs;
+  }
+
+  void init(LoraTarget& t, const at::Tensor&, const AdapterInit&) const override {
+    at::NoGradGuard no_grad;
+    t.tensors = {(at::randn({t.rows}) * kInitStd + 1.0).requires_grad_(true),
+                 (at::randn({t.rows}) * kInitStd).requires_grad_(true)};
+  }
+
+  const char* activation_code() const override {
+    static const std::string code = std::string(kSsfVectorCode) + R"(
+def lora_forward(self, x: Tensor, y: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return y
+    n = y.size(-1)
+    return y * self.lora_vector(self.lora_ssf_scale, 1.0, n, y) + self.lora_vector(self.lora_ssf_shift, 0.0, n, y)
+)";
+    return code.c_str();
+  }
+  const char* weight_code() const override {
+    static const std::string code = std::string(kSsfVectorCode) + R"(
+def lora_weight(self, w: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return w
+    return w * self.lora_vector(self.lora_ssf_scale, 1.0, w.size(0), w).unsqueeze(1)
+)";
+    return code.c_str();
+  }
+  const char* bias_code() const override {
+    return R"(
+def lora_bias(self, b: Tensor) -> Tensor:
+    if not self.lora_enabled:
+        return b
+    n = b.size(0)
+    return b * self.lora_vector(self.lora_ssf_scale, 1.0, n, b) + self.lora_vector(self.lora_ssf_shift, 0.0, n, b)
+)";
+  }
+
+  at::Tensor merged_rows(const LoraTarget& t, const at::Tensor& base_rows, double strength) const override {
+    const at::Tensor base = base_rows.to(at::kFloat);
+    return base + (base * t.tensors[0].to(at::kFloat).unsqueeze(1) - base) * strength;
+  }
+  at::Tensor merged_bias_rows(const LoraTarget& t, const at::Tensor& base_rows, double strength) const override {
+    const at::Tensor base = base_rows.to(at::kFloat);
+    const at::Tensor adapted = base * t.tensors[0].to(at::kFloat) + t.tensors[1].to(at::kFloat);
+    return base + (adapted - base) * strength;
+  }
+
+ private:
+  static constexpr double kInitStd = 0.02;
+};
+
 }  // namespace
 
 const AdapterVariant& lora_variant() {
@@ -191,7 +280,8 @@ const AdapterVariant& lora_variant() {
 const std::vector<const AdapterVariant*>& adapter_variants() {
   static const Dora dora;
   static const LoraFa lora_fa;
-  static const std::vector<const AdapterVariant*> all = {&lora_variant(), &dora, &lora_fa};
+  static const Ssf ssf;
+  static const std::vector<const AdapterVariant*> all = {&lora_variant(), &dora, &lora_fa, &ssf};
   return all;
 }
 

@@ -19,6 +19,12 @@ std::pair<int64_t, int64_t> TargetKey::rows_in(int64_t weight_rows) const {
   return {(slice == "q" ? 0 : slice == "k" ? 1 : 2) * third, third};
 }
 
+std::string TargetKey::bias_param() const {
+  const std::string weight = "weight";
+  const bool suffix = param.size() >= weight.size() && param.compare(param.size() - weight.size(), weight.size(), weight) == 0;
+  return suffix ? param.substr(0, param.size() - weight.size()) + "bias" : param + "_bias";
+}
+
 bool TargetKey::operator<(const TargetKey& o) const {
   return std::tie(module, param, slice) < std::tie(o.module, o.param, o.slice);
 }
@@ -27,11 +33,15 @@ bool TargetKey::operator==(const TargetKey& o) const {
   return module == o.module && param == o.param && slice == o.slice;
 }
 
-double LoraTarget::scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank; }
+double LoraTarget::scale() const {
+  if (!variant->low_rank()) return 1.0;
+  return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
+}
 
 std::string LoraTarget::describe() const {
   return module + (param == "weight" ? "" : "." + param) + (slice.empty() ? "" : "[" + slice + "]") + " [" +
-         std::to_string(rows) + "x" + std::to_string(in_features) + "] r=" + std::to_string(rank) +
+         std::to_string(rows) + (in_features > 0 ? "x" + std::to_string(in_features) : "") + "]" +
+         (variant->low_rank() ? " r=" + std::to_string(rank) : "") +
          (variant == &lora_variant() ? "" : " " + variant->name());
 }
 
@@ -54,6 +64,9 @@ void check_lora_settings(const LoraSettings& s, const std::string& origin) {
     throw InputError(origin + ": lora.variant must be " + choices_text(variant_names()) + " (got \"" + s.variant + "\")");
   if (find_adapter_init(s.init) == nullptr)
     throw InputError(origin + ": lora.init must be " + choices_text(adapter_init_names()) + " (got \"" + s.init + "\")");
+  if (!variant_by_name(s.variant).low_rank() && s.init != default_adapter_init().name())
+    throw InputError(origin + ": lora.init \"" + s.init + "\" starts LoRA's A and B; lora.variant " + s.variant +
+                     " has none (remove lora.init)");
 }
 
 }  // namespace loratune

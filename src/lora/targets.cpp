@@ -199,7 +199,7 @@ std::vector<LoraTarget> targets_of(const std::vector<Choice>& chosen, const Lora
       t.slice = slice;
       t.in_features = w.cols;
       std::tie(t.row_begin, t.rows) = t.rows_in(w.rows);
-      t.rank = ranks.value(w.module, slice, settings.rank);
+      t.rank = variant.low_rank() ? ranks.value(w.module, slice, settings.rank) : 0;
       t.alpha = alphas.value(w.module, slice, settings.alpha);
       t.rslora = settings.rslora;
       t.variant = &variant;
@@ -232,7 +232,7 @@ std::vector<LoraTarget> resolve_targets(const torch::jit::Module& module, const 
   for (const auto& t : out) {
     if (std::any_of(out.begin(), out.end(), [&](const LoraTarget& o) { return o.module == t.module && o.param != t.param; }))
       throw InputError("LoRA targets select two different weights of module " + t.module + "; adapt one of them");
-    if (t.rank > std::min(t.rows, t.in_features))
+    if (variant.low_rank() && t.rank > std::min(t.rows, t.in_features))
       throw InputError("LoRA rank " + std::to_string(t.rank) + " is larger than the weight " + t.describe() + " allows");
   }
   std::sort(out.begin(), out.end(), [](const LoraTarget& a, const LoraTarget& b) {
@@ -252,7 +252,7 @@ void init_adapter_tensors(std::vector<LoraTarget>& targets, const torch::jit::Mo
     }
     const at::Tensor rows = owner.attr(t.param).toTensor().detach().narrow(0, t.row_begin, t.rows);
     t.variant->init(t, rows, start);
-    if (!start.takes_from_weight()) continue;
+    if (!start.takes_from_weight() || !t.variant->low_rank()) continue;
     at::NoGradGuard no_grad;
     t.taken_A = t.A().detach().clone();
     t.taken_B = t.B().detach().clone();

@@ -91,6 +91,8 @@ std::vector<LoraTarget> bind_target_list(const std::vector<LoraTarget>& targets,
       throw InputError(origin + " was made for another base: " + t.module + " has no weight " + b.param);
     const at::Tensor w = m.attr(b.param).toTensor();
     const int64_t rows = b.rows_in(w.size(0)).second;
+    // A variant without A has no tensor that tells in_features: files written by another tool leave them 0.
+    if (!b.variant->low_rank() && b.in_features == 0 && w.dim() == 2) b.in_features = w.size(1);
     if (w.dim() != 2 || w.size(1) != b.in_features || rows != b.rows || (!b.slice.empty() && w.size(0) % 3 != 0))
       throw InputError(origin + " was made for another base: adapter " + t.describe() + " does not fit the weight " +
                        b.module + " [" + std::to_string(w.size(0)) + "x" + std::to_string(w.size(1)) + "]");

@@ -43,8 +43,16 @@ void fold_targets(const torch::jit::Module& module, const std::vector<LoraTarget
   for (const auto& t : targets) {
     at::Tensor w = submodule_at(module, t.module).attr(t.param).toTensor();
     at::Tensor rows = w.narrow(0, t.row_begin, t.rows);
+    if (t.variant->bias_code() != nullptr) {  // the bias first: SSF's merged bias reads nothing of the weight
+      at::Tensor b = submodule_at(module, t.module).attr(t.bias_param()).toTensor();
+      at::Tensor bias_rows = b.narrow(0, t.row_begin, t.rows);
+      bias_rows.copy_(t.variant->merged_bias_rows(t, bias_rows, strength).to(b.scalar_type()));
+    }
     rows.copy_(t.variant->merged_rows(t, rows, strength).to(w.scalar_type()));
-    if (report) report->push_back(tower + t.describe() + " += " + std::to_string(t.scale() * strength) + " * B@A");
+    if (report)
+      report->push_back(tower + t.describe() +
+                        (t.variant->low_rank() ? " += " + std::to_string(t.scale() * strength) + " * B@A"
+                                               : " folded at strength " + std::to_string(strength)));
   }
 }
 

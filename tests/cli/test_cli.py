@@ -503,7 +503,7 @@ class Hardening(unittest.TestCase, ExpectsInputError):
 
     def test_recipe_settings_that_cannot_work(self):
         cfg, _ = write_config("recipes")
-        self.assert_input_error(("train", "--config", cfg, "--set", "lora.variant=dorra"), "lora.variant must be lora, dora or lora_fa")
+        self.assert_input_error(("train", "--config", cfg, "--set", "lora.variant=dorra"), "lora.variant must be lora, dora, lora_fa or ssf")
         self.assert_input_error(("train", "--config", cfg, "--set", "optim.lora_plus_ratio=-1"),
                                 "optim.lora_plus_ratio must be positive")
         self.assert_input_error(("train", "--config", cfg, "--set", "lora.last_blocks=9"),
@@ -1334,6 +1334,60 @@ class QuantizedBase(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("quantised to int8: 6 layers", err)
         self.assertIn("2 Linear-shaped weights kept, e.g. model.blocks.0.attn.qkv (its weight is read by other code", err)
+
+
+class Ssf(unittest.TestCase):
+    """lora.variant ssf end to end: on int8 weights with checkpointing, in bf16, on two workers, planned; its file is
+    loratune's own (no adapter_config.json: PEFT has no SSF), eval and merge agree with training."""
+
+    def eval_loss(self, name, *args):
+        out = os.path.join(TMP, "ssf_eval_" + name)
+        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "metrics.json")) as f:
+            return json.load(f)["loss"]
+
+    def test_quantised_training_eval_merge_and_info(self):
+        cfg, out = write_config("ssf_int8", frozen_dtype="int8", gradient_checkpointing=True, epochs=2,
+                                lora={"variant": "ssf"})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("quantised to int8: 12 layers", err)
+        self.assertNotIn("dropout", err)  # SSF has none; nothing to warn about
+        adapter = os.path.join(out, "adapter")
+        self.assertFalse(os.path.exists(os.path.join(adapter, "adapter_config.json")))
+        with open(os.path.join(out, "summary.json")) as f:
+            val = json.load(f)["final_val_loss"]
+        self.assertAlmostEqual(self.eval_loss("int8", "--model", BASE, "--adapter", adapter, "--frozen-dtype", "int8"),
+                               val, delta=1e-5 * max(1.0, val))
+        dense = self.eval_loss("dense", "--model", BASE, "--adapter", adapter)
+        merged = os.path.join(TMP, "ssf_merged.pt")
+        code, text, err = run("merge", "--base", BASE, "--adapter", adapter, "--output", merged)
+        self.assertEqual(code, 0, err)
+        self.assertAlmostEqual(self.eval_loss("merged", "--model", merged), dense, delta=1e-5 * max(1.0, dense))
+        code, info, err = run("info", adapter)
+        self.assertEqual(code, 0, err)
+        self.assertIn("4 weights, variant ssf", info)
+        self.assertIn("256 parameters", info)  # scale and shift of 32 rows, on q and v of 2 blocks
+        self.assertIn("vit.encoder.layer.0.attention.attention.query [32x32] ssf", info)
+
+    def test_bf16_two_workers_and_plan(self):
+        cfg, out = write_config("ssf_bf16", precision="bf16", epochs=1, lora={"variant": "ssf"})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        lines = metric_lines(out, "train")
+        self.assertTrue(lines and all(np.isfinite(line["loss"]) for line in lines))
+        cfg, one = write_config("ssf_dp", batch_size=6, grad_accum_steps=2, epochs=2,
+                                model=os.path.join(FIX, "models", "torchvision_script.pt"), lora={"variant": "ssf"})
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
+        self.assertEqual(code, 0, err)
+        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        code, text, err = run("plan", "--config", cfg, "--json")
+        self.assertEqual(code, 0, err)
+        items = {item["name"]: item for item in json.loads(text)["items"]}
+        # q and v slices (32 rows each) of 2 blocks, scale and shift, and the head (3 x 32 + 3).
+        self.assertIn("parameters: 355 x", items["trainable tensors, gradients, AdamW"]["detail"])
 
 
 if __name__ == "__main__":

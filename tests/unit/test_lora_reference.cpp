@@ -1,6 +1,6 @@
-// LoRA and DoRA on every layout and export mode, compared with eager PyTorch in float64 on the same weights and
-// inputs (tests/fixtures/reference.py computes W + s*B@A, and m * (W + s*B@A) / ||W + s*B@A|| for DoRA, and the
-// PiSSA and OLoRA starts as PEFT does).
+// LoRA, DoRA and SSF on every layout and export mode, compared with eager PyTorch in float64 on the same weights and
+// inputs (tests/fixtures/reference.py computes W + s*B@A, m * (W + s*B@A) / ||W + s*B@A|| for DoRA, the scaled
+// and shifted outputs of SSF, and the PiSSA and OLoRA starts as PEFT does).
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
@@ -10,6 +10,7 @@
 #include "loratune/adapter_variant.h"
 #include "loratune/targets.h"
 #include "loratune/errors.h"
+#include "loratune/merge.h"
 #include "loratune/model.h"
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
@@ -97,6 +98,76 @@ TEST_P(LoraReference, DoraForwardAndGradientsMatchPython) {
   const auto adapter_dir = fixture("models/adapter_" + GetParam() + "_dora");
   ASSERT_EQ(load_adapter(adapter_dir).lora.variant, "dora");
   expect_matches_reference(bundle_path(), adapter_dir, ref, "dora");
+}
+
+// SSF against the float64 reference, with and without checkpointing; its file (loratune's own, no PEFT config) gives
+// the same logits, and merge folds scale and shift into the weight and bias: the merged file gives the reference
+// logits, and at strength 0 the base's. The MobileCLIP stage's qkv has no bias to take the shift: refused.
+TEST_P(LoraReference, SsfForwardGradientsFileAndMergeMatchPython) {
+  LoraSettings settings;
+  settings.variant = "ssf";
+  if (GetParam() == "mobileclip_trace") {
+    Model model(load_bundle(bundle_path()));
+    auto targets = resolve_targets(model.module(), settings);
+    init_adapter_tensors(targets, model.module());
+    EXPECT_THROW_WITH(model.set_adapters(targets, settings), InputError,
+                      "lora.variant ssf cannot adapt image_encoder.model.network.7.0.token_mixer.qkv: it has no bias");
+    return;
+  }
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_ssf.safetensors")).tensors;
+  auto adapted_model = [&] {
+    auto model = std::make_unique<Model>(load_bundle(bundle_path()));
+    auto targets = resolve_targets(model->module(), settings);
+    init_adapter_tensors(targets, model->module());
+    const std::string& prefix = model->bundle().info.module_prefix;
+    {
+      at::NoGradGuard no_grad;
+      for (auto& t : targets)
+        for (size_t k = 0; k < t.tensors.size(); ++k)
+          t.tensors[k].copy_(ref.at("ssf." + peft_key(t, prefix, t.variant->tensor_specs()[k].name)));
+    }
+    model->set_adapters(targets, settings);
+    model->head().set(ref.at("head.weight").clone().requires_grad_(), ref.at("head.bias").clone().requires_grad_());
+    return model;
+  };
+  for (bool checkpoint : {false, true}) {
+    SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
+    auto model = adapted_model();
+    ASSERT_EQ(model->adapters().size(), 4u);
+    const at::Tensor logits = model->logits(ref.at("input"), checkpoint);
+    EXPECT_LT(scaled_diff(logits, ref.at("adapted_logits")), 1e-5);
+    (logits * ref.at("probe")).sum().backward();
+    const std::string& prefix = model->bundle().info.module_prefix;
+    for (const auto& t : model->adapters()) {
+      SCOPED_TRACE(t.describe());
+      for (size_t k = 0; k < t.tensors.size(); ++k) {
+        const std::string name = t.variant->tensor_specs()[k].name;
+        ASSERT_TRUE(t.tensors[k].grad().defined()) << name;
+        EXPECT_LT(scaled_diff(t.tensors[k].grad(), ref.at("grad." + peft_key(t, prefix, name))), 1e-5) << name;
+      }
+    }
+    EXPECT_LT(scaled_diff(model->head().weight().grad(), ref.at("grad.head.weight")), 1e-5);
+    for (const auto& p : model->module().parameters()) EXPECT_FALSE(p.grad().defined());
+  }
+
+  const auto dir = test::temp_dir("ssf_" + GetParam());
+  save_adapter(dir / "adapter", adapter_from_model(*adapted_model(), {"a", "b", "c"}, nlohmann::json::object()));
+  EXPECT_FALSE(std::filesystem::exists(dir / "adapter" / "adapter_config.json"));
+  const Adapter file = load_adapter(dir / "adapter");
+  EXPECT_EQ(file.lora.variant, "ssf");
+  Model applied(load_bundle(bundle_path()));
+  apply_adapter(applied, file, "ssf file");
+  at::NoGradGuard no_grad;
+  const at::Tensor x = ref.at("input");
+  EXPECT_LT(scaled_diff(applied.logits(x), ref.at("adapted_logits")), 1e-5);
+  EXPECT_LT(merge_adapter(bundle_path(), dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
+  EXPECT_LT(scaled_diff(load_bundle(dir / "merged.pt").module.forward({x}).toTensor(), ref.at("adapted_logits")), 1e-5);
+  MergeOptions zero;
+  zero.strength = 0.0;
+  merge_adapter(bundle_path(), dir / "adapter", dir / "zero.pt", zero);
+  Model plain(load_bundle(bundle_path()));
+  const at::Tensor base = at::linear(plain.features(x), ref.at("head.weight"), ref.at("head.bias"));
+  EXPECT_LT(scaled_diff(load_bundle(dir / "zero.pt").module.forward({x}).toTensor(), base), 1e-5);
 }
 
 // LoRA-FA against the LoRA reference (its forward is LoRA's): B's gradient is Python's, A is fixed (no gradient, not
@@ -343,12 +414,12 @@ TEST(AdapterVariants, SpecsDescribeTheTensorsEachVariantMakes) {
       EXPECT_NO_THROW(variant->check(t, "f"));
       LoraTarget missing = t;
       missing.tensors.back() = at::Tensor();
-      EXPECT_THROW_WITH(variant->check(missing, "f"), InputError, "f: " + variant->name() + " adapter " + t.describe() +
+      EXPECT_THROW_WITH(variant->check(missing, "f"), InputError, "f: adapter " + t.describe() +
                         " has no lora_" + specs.back().name);
     }
   }
   EXPECT_EQ(find_variant("vera"), nullptr);
-  EXPECT_THROW_WITH(variant_by_name("vera"), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
+  EXPECT_THROW_WITH(variant_by_name("vera"), InputError, "lora.variant must be lora, dora, lora_fa or ssf (got \"vera\")");
 }
 
 // The starts that draw A: PEFT's default (uniform in +-1/sqrt(in)) and Gaussian (std 1/r); B = 0 for both, the

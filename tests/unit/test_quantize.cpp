@@ -13,6 +13,7 @@
 #include "loratune/model.h"
 #include "loratune/quantize.h"
 #include "loratune/safetensors.h"
+#include "loratune/targets.h"
 #include "test_support.h"
 
 namespace loratune {
@@ -258,6 +259,37 @@ TEST(QuantizedModel, DoraLayersStayDenseTheOthersAreQuantised) {
   logits.sum().backward();
   for (const auto& t : model.adapters())
     for (const auto& tensor : t.tensors) EXPECT_TRUE(tensor.grad().defined());
+}
+
+// SSF scales and shifts the outputs of each adapted Linear, so the quantised weights stay quantised (the call
+// replacing aten::linear is followed by the scale and shift) and the step stays near the float64 SSF reference.
+TEST(QuantizedModel, SsfLayersAreQuantisedAndMatchTheReference) {
+  const auto ref = safetensors::read(fixture("models/ref_timm_script_ssf.safetensors")).tensors;
+  Model model(load_bundle(fixture("models/timm_script.pt")));
+  LoraSettings settings;
+  settings.variant = "ssf";
+  auto targets = resolve_targets(model.module(), settings);
+  init_adapter_tensors(targets, model.module());
+  {
+    at::NoGradGuard no_grad;
+    for (auto& t : targets) {
+      const std::string key = "ssf.base_model.model." + t.module.substr(model.bundle().info.module_prefix.size()) +
+                              ".lora_ssf_scale." + t.slice + ".weight";
+      t.tensors[0].copy_(ref.at(key));
+      t.tensors[1].copy_(ref.at(std::string(key).replace(key.find("ssf_scale"), 9, "ssf_shift")));
+    }
+  }
+  model.set_adapters(targets, settings);
+  model.head().set(ref.at("head.weight").clone().requires_grad_(), ref.at("head.bias").clone().requires_grad_());
+  model.to(c10::Device(c10::kCPU), at::kFloat, QuantFormat::kInt8);
+  const FrozenQuantization& q = model.frozen_quantization();
+  EXPECT_EQ(q.modules, 8);
+  EXPECT_TRUE(q.kept.empty());
+  const at::Tensor logits = model.logits(ref.at("input"));
+  EXPECT_LT(scaled_diff(logits, ref.at("adapted_logits")), 0.02);
+  logits.sum().backward();
+  for (const auto& t : model.adapters())
+    for (const auto& tensor : t.tensors) EXPECT_TRUE(tensor.grad().defined() && tensor.grad().abs().sum().item<double>() > 0);
 }
 
 }  // namespace

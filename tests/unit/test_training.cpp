@@ -479,6 +479,29 @@ TEST(Training, PissaResumesToTheUninterruptedAdapter) {
   }
 }
 
+// SSF through the loop: scale and shift train (both move off their start), a stopped run resumes to the
+// uninterrupted adapter, and the file says ssf.
+TEST(Training, SsfTrainsScaleAndShiftAndResumesToTheUninterruptedAdapter) {
+  StoppedRun r;
+  r.settings["lora"] = {{"variant", "ssf"}};
+  const auto straight = test::temp_dir("ssf_straight"), dir = test::temp_dir("ssf_resumed");
+  r.run(straight, false);
+  r.stop_after_4(dir);
+  r.run(dir, true);
+  EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+            bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+  const auto start = make_model(make_config(test::temp_dir("ssf_start"), r.settings), 3);
+  const Adapter trained = load_adapter(straight / Trainer::kLastAdapter);
+  EXPECT_EQ(trained.lora.variant, "ssf");
+  ASSERT_EQ(trained.targets.size(), start->adapters().size());
+  for (size_t i = 0; i < trained.targets.size(); ++i)
+    for (size_t k = 0; k < 2; ++k) {
+      SCOPED_TRACE(trained.targets[i].describe() + (k == 0 ? " scale" : " shift"));
+      const at::Tensor moved = trained.targets[i].tensors[k] - start->adapters()[i].tensors[k];
+      EXPECT_GT(moved.abs().max().item<float>(), 1e-4f);
+    }
+}
+
 TEST(Training, AdaptersRecordFileNamesNotTheOwnersFolders) {
   StoppedRun r;
   r.settings["data"] = {{"train", "/home/someone/private/photos/train/"}, {"val", "/home/someone/private/val"}};
@@ -776,7 +799,7 @@ TEST(Config, KeyRecordsHoldTheRulesAndTheHelpSaysThem) {
   EXPECT_THROW_WITH(with({{"optim", {{"betas", {0.9, 1.0}}}}}), InputError, "optim.betas entries must be in [0, 1) (got 1.0)");
   EXPECT_THROW_WITH(with({{"lora", {{"rank_pattern", {{"query", 0}}}}}}), InputError,
                     "lora.rank_pattern values must be at least 1 (got 0)");
-  EXPECT_THROW_WITH(with({{"lora", {{"variant", "vera"}}}}), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
+  EXPECT_THROW_WITH(with({{"lora", {{"variant", "vera"}}}}), InputError, "lora.variant must be lora, dora, lora_fa or ssf (got \"vera\")");
   EXPECT_THROW_WITH(with({{"lora", {{"init", "eva"}}}}), InputError,
                     "lora.init must be kaiming_uniform, gaussian, pissa or olora (got \"eva\")");
   EXPECT_THROW_WITH(with({{"schedule", {{"min_lr_ratio", 1.5}}}}), InputError, "schedule.min_lr_ratio must be in [0, 1]");

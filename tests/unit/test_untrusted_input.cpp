@@ -91,6 +91,42 @@ void rewrite_weights(const fs::path& adapter, const std::function<void(safetenso
 
 json loratune_meta(const safetensors::Contents& c) { return json::parse(c.metadata.at("loratune")); }
 
+// SSF files: vectors that disagree with each other or with the base, a missing shift, LoRA tensors in an SSF file and
+// SSF tensors in a LoRA file are refused by name.
+TEST(UntrustedAdapter, DamagedSsfFilesAreRefusedByName) {
+  const fs::path dir = test::temp_dir("hostile_ssf");
+  Model model(load_bundle(test::fixture("models/hf_script.pt")));
+  LoraSettings settings;
+  settings.variant = "ssf";
+  auto targets = resolve_targets(model.module(), settings);
+  init_adapter_tensors(targets, model.module());
+  model.set_adapters(targets, settings);
+  model.head().init(3);
+  save_adapter(dir / "good", adapter_from_model(model, {"a", "b", "c"}, {}));
+  ASSERT_NO_THROW(load_adapter(dir / "good"));
+  auto edited = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
+    fs::copy(dir / "good", dir / name, fs::copy_options::recursive);
+    rewrite_weights(dir / name, edit);
+    return dir / name;
+  };
+  const std::string shift = "base_model.model.vit.encoder.layer.0.attention.attention.query.lora_ssf_shift.weight";
+  EXPECT_THROW_WITH(load_adapter(edited("short_shift", [&](safetensors::Contents& c) { c.tensors[shift] = at::zeros({31}); })),
+                    InputError, "adapter vit.encoder.layer.0.attention.attention.query [32] ssf has lora_ssf_shift of shape [31], not [32]");
+  EXPECT_THROW_WITH(load_adapter(edited("no_shift", [&](safetensors::Contents& c) { c.tensors.erase(shift); })), InputError,
+                    "has no lora_ssf_shift");
+  EXPECT_THROW_WITH(load_adapter(edited("lora_in_ssf", [&](safetensors::Contents& c) { c.tensors[std::string(shift).replace(shift.find("ssf_shift"), 9, "A")] = at::zeros({4, 32}); })),
+                    InputError, "belongs to another adapter variant than ssf");
+  const fs::path wide = edited("wide", [&](safetensors::Contents& c) {
+    for (auto& [k, t] : c.tensors)
+      if (k.find("lora_ssf") != std::string::npos) t = at::ones({64});
+  });
+  Model other(load_bundle(test::fixture("models/hf_script.pt")));
+  EXPECT_THROW_WITH(apply_adapter(other, load_adapter(wide), "wide"), InputError, "was made for another base");
+  const fs::path lora = write_adapter(dir / "lora");
+  rewrite_weights(lora, [&](safetensors::Contents& c) { c.tensors[shift] = at::zeros({32}); });
+  EXPECT_THROW_WITH(load_adapter(lora), InputError, "belongs to another adapter variant than lora");
+}
+
 TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   const fs::path dir = test::temp_dir("hostile_adapter");
   const fs::path good = write_adapter(dir);
@@ -135,8 +171,8 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
     c.metadata["loratune"] = m.dump();
   });
   EXPECT_THROW_WITH(load_adapter(other_variant / kAdapterWeightsName), InputError,
-                    "lora.variant must be lora, dora or lora_fa (got \"vera\")");
-  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "lora.variant must be lora, dora or lora_fa (got \"vera\")");
+                    "lora.variant must be lora, dora, lora_fa or ssf (got \"vera\")");
+  EXPECT_THROW_WITH(load_adapter(other_variant), InputError, "lora.variant must be lora, dora, lora_fa or ssf (got \"vera\")");
   const fs::path future = variant("future", [](safetensors::Contents& c) { c.metadata["format"] = "loratune.adapter/999"; });
   EXPECT_THROW_WITH(load_adapter(future), InputError, "is a loratune.adapter/999 adapter; this loratune reads loratune.adapter/1");
   const fs::path rank_key = variant("rank_key", [](safetensors::Contents& c) {
