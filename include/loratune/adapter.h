@@ -40,6 +40,10 @@ struct Adapter {
   at::Tensor initial_head_weight, initial_head_bias;
   std::vector<std::string> classes;
   std::map<std::string, at::Tensor> full_weights;  // method "full": every base parameter, by path
+  // Method vpt: the settings and the prompt sets ([tokens, width]; one, or one per block when deep), stored under
+  // PEFT's prompt-tuning key "prompt_embeddings" (deep: "prompt_embeddings.<block>").
+  PromptSettings vpt;
+  std::vector<at::Tensor> prompt_sets;
   std::string base_fingerprint;  // empty for adapters written by other tools
   std::string base_name;
   nlohmann::json training = nlohmann::json::object();  // settings that produced it (no timestamps: reproducible bytes)

@@ -100,6 +100,7 @@ struct TrainConfig {
   DataConfig data;
   Method method = Method::kLora;
   LoraSettings lora;
+  PromptSettings vpt;  // method vpt
   HeadConfig head;
   OptimConfig optim;
   ScheduleConfig schedule;

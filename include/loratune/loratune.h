@@ -29,6 +29,7 @@
 #include "loratune/named_tensor.h"
 #include "loratune/optim.h"
 #include "loratune/process_group.h"
+#include "loratune/prompt_tokens.h"
 #include "loratune/quantize.h"
 #include "loratune/safetensors.h"
 #include "loratune/targets.h"

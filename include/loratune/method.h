@@ -1,6 +1,8 @@
-// What training changes: adapters on a frozen base, every weight, or only the classification head.
+// What training changes: adapters on a frozen base, learned prompt tokens before its blocks, every weight, or only
+// the classification head.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,17 +15,27 @@ enum class Method {
   kLora,         // adapters on the base, base frozen
   kFull,         // every base weight trained
   kLinearProbe,  // only the head trained, base frozen
+  kVpt,          // prompt tokens appended to the blocks' input (prompt_tokens.h), base frozen
 };
 
 template <>
 struct NamedEnum<Method> {
   static constexpr std::pair<Method, const char*> names[] = {
-      {Method::kLora, "lora"}, {Method::kFull, "full"}, {Method::kLinearProbe, "linear_probe"}};
+      {Method::kLora, "lora"}, {Method::kFull, "full"}, {Method::kLinearProbe, "linear_probe"}, {Method::kVpt, "vpt"}};
 };
 
-// "lora", "full", "linear_probe"; parse_method throws InputError for anything else.
+// "lora", "full", "linear_probe", "vpt"; parse_method throws InputError for anything else.
 inline std::vector<std::string> method_names() { return enum_names<Method>(); }
 inline Method parse_method(const std::string& name) { return parse_enum<Method>(name, "method"); }
 inline std::string method_name(Method method) { return enum_name(method); }
+// Whether the base's own weights stay as they are (everything but full fine-tuning): they may be quantised, offloaded
+// or kept in 16 bits.
+inline bool freezes_base(Method method) { return method != Method::kFull; }
+
+// Method vpt's prompt tokens (prompt_tokens.h).
+struct PromptSettings {
+  int64_t tokens = 10;  // prompt tokens per set
+  bool deep = true;     // a set before every block (VPT-deep); false: one set before the first block (VPT-shallow)
+};
 
 }  // namespace loratune

@@ -13,6 +13,7 @@
 #include "loratune/lora.h"
 #include "loratune/method.h"
 #include "loratune/named_tensor.h"
+#include "loratune/prompt_tokens.h"
 #include "loratune/quantize.h"
 
 namespace loratune {
@@ -55,11 +56,18 @@ class Model {
   // With `checkpoint`, the tower is one recomputed segment: only the tokens are kept for backward.
   at::Tensor text_features(const at::Tensor& tokens, bool checkpoint = false);
 
+  // Prompt tokens before the blocks (method vpt): fresh ones, or ones from a file (InputError naming `origin` where
+  // they do not fit); they train under method vpt.
+  void init_prompts(const PromptSettings& settings);
+  void set_prompts(const PromptSettings& settings, const std::vector<at::Tensor>& sets, const std::string& origin);
+  void clear_prompts();
+  const PromptTokens& prompts() const { return prompts_; }
+
   // The classification head on the features (its tensors follow to(); it joins trainable() while it trains).
   ClassifierHead& head() { return head_; }
   const ClassifierHead& head() const { return head_; }
 
-  // Which tensors train; the rest of the base gets requires_grad = false.
+  // Which tensors train (adapters, prompts, every weight, the head); the rest of the base gets requires_grad = false.
   void set_method(Method method);
   Method method() const { return method_; }
   std::vector<NamedTensor> trainable() const;
@@ -102,6 +110,8 @@ class Model {
 
  private:
   void refresh_block_parameters();
+  // Blocks [first, end) on `h`, prompt tokens joined before them and dropped after the last.
+  at::Tensor run_blocks(at::Tensor h, int64_t first, bool checkpoint);
   // The two towers, adapted alike (src/model/adapted_tower.h); the image one is the backbone.
   std::unique_ptr<AdaptedTower> image_;
   std::unique_ptr<AdaptedTower> text_;
@@ -109,6 +119,7 @@ class Model {
   LoraSettings lora_settings_;
   ClassifierHead head_;
   BlockStack stack_;
+  PromptTokens prompts_;
   FrozenQuantization quantization_;
   Method method_ = Method::kLora;
   c10::Device device_{c10::kCPU};

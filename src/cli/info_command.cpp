@@ -48,6 +48,11 @@ void print_adapter(const fs::path& path) {
     for (const auto& t : a.text_targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
   }
   if (!a.full_weights.empty()) std::printf("full weights   %zu tensors\n", a.full_weights.size());
+  if (!a.prompt_sets.empty())
+    std::printf("prompts        VPT-%s: %zu set(s) of %lld tokens x %lld, %s parameters\n", a.vpt.deep ? "deep" : "shallow",
+                a.prompt_sets.size(), static_cast<long long>(a.vpt.tokens),
+                static_cast<long long>(a.prompt_sets.front().size(1)),
+                human_count(static_cast<double>(a.prompt_sets.size() * a.prompt_sets.front().numel())).c_str());
   if (a.head_weight.defined())
     std::printf("head           %lld classes x %lld features\n", static_cast<long long>(a.head_weight.size(0)),
                 static_cast<long long>(a.head_weight.size(1)));

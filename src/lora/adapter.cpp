@@ -46,6 +46,10 @@ json settings_json(const LoraSettings& s) {
   return j;
 }
 
+// PEFT's prompt-tuning key for the one set of shallow prompts; deep prompts add the block: "prompt_embeddings.3".
+constexpr const char* kPromptKey = "prompt_embeddings";
+std::string prompt_key(int64_t block) { return block < 0 ? kPromptKey : kPromptKey + ("." + std::to_string(block)); }
+
 constexpr size_t kMaxNameLength = 4096;   // bytes of a tensor key or module path
 constexpr size_t kMaxPatternKeys = 10000;  // rank_pattern / alpha_pattern entries
 
@@ -177,6 +181,8 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
     tensors[std::string(kKeyPrefix) + kHeadModule + ".bias"] = a.head_bias.detach().to(at::kCPU, at::kFloat);
   }
   for (const auto& [name, w] : a.full_weights) tensors[std::string(kKeyPrefix) + name] = w.detach().to(at::kCPU);
+  for (size_t i = 0; i < a.prompt_sets.size(); ++i)
+    tensors[prompt_key(a.vpt.deep ? static_cast<int64_t>(i) : -1)] = a.prompt_sets[i].detach().to(at::kCPU, at::kFloat);
   json meta = {{"method", method_name(a.method)},     {"lora", settings_json(a.lora)},
                      {"targets", targets},     {"classes", a.classes},
                      {"base_fingerprint", a.base_fingerprint}, {"base_name", a.base_name},
@@ -188,12 +194,14 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
     meta["text_base_name"] = a.text_base_name;
   }
   if (!a.prompts.is_null()) meta["prompts"] = a.prompts;
+  if (a.method == Method::kVpt) meta["vpt"] = {{"tokens", a.vpt.tokens}, {"deep", a.vpt.deep}};
   const safetensors::Metadata metadata = {{"format", kAdapterFormat},
                                           {"loratune", meta.dump(-1, ' ', false, json::error_handler_t::replace)},
                                           {"tensors_hash", tensors_hash(tensors)}};
   const std::string weights = safetensors::serialize(tensors, metadata);
-  // PEFT has no counterpart of a variant without A and B (SSF): no adapter_config.json that it would misread.
-  const bool peft_readable = variant_by_name(a.lora.variant).low_rank();
+  // PEFT has no counterpart of a variant without A and B (SSF), nor of prompts for vision transformers: no
+  // adapter_config.json that it would misread.
+  const bool peft_readable = variant_by_name(a.lora.variant).low_rank() && a.method != Method::kVpt;
   const std::string config =
       peft_readable ? peft_config(a).dump(2, ' ', false, json::error_handler_t::replace) + "\n" : "";
   std::string initial_head;
@@ -234,6 +242,10 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     a.text_base_fingerprint = meta.value("text_base_fingerprint", "");
     a.text_base_name = meta.value("text_base_name", "");
     if (meta.contains("prompts")) a.prompts = meta.at("prompts");
+    if (meta.contains("vpt")) {
+      a.vpt.tokens = meta.at("vpt").at("tokens").get<int64_t>();
+      a.vpt.deep = meta.at("vpt").at("deep").get<bool>();
+    }
     a.classes = meta.at("classes").get<std::vector<std::string>>();
     a.base_fingerprint = meta.at("base_fingerprint");
     a.base_name = meta.at("base_name");
@@ -445,7 +457,38 @@ void complete_target(LoraTarget& t, const Adapter& a, const PeftPatterns& alpha_
   t.alpha = alpha ? *alpha : a.lora.alpha;
 }
 
-// Tensors: adapters by key, the head, full weights.
+constexpr int64_t kNotPrompt = -2;
+
+// The block of a prompt key (-1: the shallow set), or kNotPrompt.
+int64_t prompt_block(const std::string& key) {
+  const std::string stem = kPromptKey;
+  if (key == stem) return -1;
+  if (key.size() <= stem.size() + 1 || key.compare(0, stem.size() + 1, stem + ".") != 0) return kNotPrompt;
+  const std::string digits = key.substr(stem.size() + 1);
+  if (digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos) return kNotPrompt;
+  return std::stoll(digits);
+}
+
+// Method vpt's sets: the one shallow set, or deep sets for blocks 0, 1, ... without gaps; none for other methods.
+void read_prompt_sets(Adapter& a, const std::map<int64_t, at::Tensor>& sets, const std::string& origin) {
+  if (a.method != Method::kVpt) {
+    if (!sets.empty()) throw InputError(origin + " holds prompt tokens, but its method is " + method_name(a.method));
+    return;
+  }
+  if (sets.empty()) throw InputError(origin + ": method vpt but no prompt tokens stored");
+  const bool shallow_key = sets.count(-1) != 0;
+  if (shallow_key != !a.vpt.deep || (shallow_key && sets.size() != 1))
+    throw InputError(origin + ": its prompt keys do not match vpt.deep " + (a.vpt.deep ? "true" : "false") +
+                     " in its metadata; the file is damaged");
+  int64_t next = shallow_key ? -1 : 0;
+  for (const auto& [block, tensor] : sets) {
+    if (block != next) throw InputError(origin + ": prompts for block " + std::to_string(next) + " are missing");
+    a.prompt_sets.push_back(tensor);
+    next = shallow_key ? 0 : next + 1;
+  }
+}
+
+// Tensors: adapters by key, the head, full weights, prompts.
 void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::string& origin) {
   const PeftPatterns alpha_patterns(a.lora.alpha_pattern, "alpha_pattern", origin);
   // Ranks come from the tensors' shapes; the keys must still be patterns PEFT can read.
@@ -453,11 +496,16 @@ void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::
   const AdapterVariant* variant = find_variant(a.lora.variant);
   std::map<TargetKey, LoraTarget> found;
   const std::string head_prefix = std::string(kKeyPrefix) + kHeadModule + ".";
+  std::map<int64_t, at::Tensor> prompt_sets;  // by block; -1: the shallow set
   for (const auto& [key, tensor] : contents.tensors) {
     if (key.size() > kMaxNameLength)
       throw InputError(origin + ": a tensor name is " + std::to_string(key.size()) + " bytes long (limit " +
                        std::to_string(kMaxNameLength) + "); not an adapter file");
     check_finite(tensor, origin, key);
+    if (const int64_t block = prompt_block(key); block != kNotPrompt) {
+      prompt_sets[block] = tensor.to(at::kFloat);
+      continue;
+    }
     std::string name = key;
     if (name.compare(0, std::strlen(kKeyPrefix), kKeyPrefix) == 0) name = name.substr(std::strlen(kKeyPrefix));
     const LoraKey k = parse_lora_key(name);
@@ -470,6 +518,7 @@ void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::
     complete_target(t, a, alpha_patterns, origin);
     a.targets.push_back(std::move(t));
   }
+  read_prompt_sets(a, prompt_sets, origin);
 }
 
 // loratune's metadata lists every target: exact alphas as recorded, slice by slice, and the text tower's targets.

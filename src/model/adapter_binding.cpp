@@ -35,6 +35,10 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
       for (auto& tensor : c.tensors) tensor = tensor.detach().to(at::kCPU);
       a.targets.push_back(std::move(c));
     }
+  if (model.method() == Method::kVpt) {
+    a.vpt = model.prompts().settings();
+    for (const auto& set : model.prompts().sets()) a.prompt_sets.push_back(set.detach().to(at::kCPU));
+  }
   if (model.method() == Method::kFull) {
     auto module = model.bundle().module;
     for (const auto& p : module.named_parameters()) a.full_weights[strip_prefix(p.name, prefix)] = p.value.detach().to(at::kCPU);
@@ -172,6 +176,8 @@ void apply_adapter(Model& model, const Adapter& given, const std::string& origin
   }
   if (!a.targets.empty()) model.set_adapters(bind_targets(a, model.bundle(), origin), a.lora);
   else model.clear_adapters();
+  if (!a.prompt_sets.empty()) model.set_prompts(a.vpt, a.prompt_sets, origin);
+  else model.clear_prompts();
   // Without the text tower, text adapters live on in the head they made.
   if (model.has_text_tower() && !a.text_targets.empty())
     model.set_text_adapters(bind_text_targets(a, model.text_bundle(), origin));

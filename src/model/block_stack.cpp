@@ -17,7 +17,7 @@ BlockStack::BlockStack(const Bundle& bundle) {
 
 BlockStack::~BlockStack() = default;
 
-void BlockStack::assign_trainable(Method method, const std::vector<LoraTarget>& adapters) {
+void BlockStack::assign_trainable(Method method, const std::vector<LoraTarget>& adapters, bool prompted) {
   trains_.assign(blocks_.size(), {});
   prefix_ = 0;
   for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -29,7 +29,7 @@ void BlockStack::assign_trainable(Method method, const std::vector<LoraTarget>& 
           for (size_t k = 0; k < t.tensors.size(); ++k)
             if (t.trains(k)) trains_[i].push_back(t.tensors[k]);
   }
-  if (method != Method::kFull)
+  if (freezes_base(method) && !prompted)
     while (prefix_ < size() && trains_[prefix_].empty()) ++prefix_;
   if (offload_) offload_->set_first_recomputed(prefix_);
 }

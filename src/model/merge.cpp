@@ -2,6 +2,7 @@
 #include "loratune/adapter_variant.h"
 
 #include <ATen/core/grad_mode.h>
+#include <cctype>
 #include <sstream>
 #include <tuple>
 
@@ -34,6 +35,55 @@ def forward(self, images: Tensor) -> Tensor:
 )");
   classifier.eval();
   return classifier;
+}
+
+// A TorchScript module path as an expression on `root`: getattr for names that are not identifiers ("0").
+std::string module_expression(const std::string& root, const std::string& path) {
+  std::string expr = root;
+  for (size_t start = 0; start < path.size();) {
+    const size_t dot = path.find('.', start);
+    const std::string name = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    const bool identifier = !name.empty() && !std::isdigit(static_cast<unsigned char>(name[0])) &&
+                            name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") ==
+                                std::string::npos;
+    expr = identifier ? expr + "." + name : "getattr(" + expr + ", \"" + name + "\")";
+    start = dot == std::string::npos ? path.size() : dot + 1;
+  }
+  return expr;
+}
+
+// The base with method vpt's prompt sets inside: images -> features, computed as Model runs it (stem, the sets
+// joined before the blocks, dropped before the head). Prompts cannot fold into weights.
+torch::jit::Module make_prompted_backbone(const Bundle& base, const Adapter& adapter) {
+  const TokenLayout layout = token_layout(base);
+  torch::jit::Module m("loratune.PromptedBackbone");
+  m.register_module("base", base.module);
+  for (size_t i = 0; i < adapter.prompt_sets.size(); ++i)
+    m.register_parameter("prompts_" + std::to_string(i), adapter.prompt_sets[i].to(at::kFloat).clone(), false);
+  const std::string seq = std::to_string(layout.sequence_dim);
+  const std::string expand = layout.batch_dim == 0 ? ".unsqueeze(0).expand(h.size(0), -1, -1)"
+                                                   : ".unsqueeze(1).expand(-1, h.size(1), -1)";
+  const std::string base_tokens = layout.sequence_dim == 1 ? "h[:, :n]" : "h[:n]";  // slices: ONNX export maps them
+  std::ostringstream code;
+  code << "def forward(self, images: Tensor) -> Tensor:\n"
+       << "    h = self.base.stem(images)\n"
+       << "    n = h.size(" << seq << ")\n";
+  size_t i = 0;
+  for (const auto& block : base.blocks_module().named_children()) {
+    if (i == 0 || adapter.vpt.deep) {
+      const std::string set = "self.prompts_" + std::to_string(adapter.vpt.deep ? i : 0);
+      code << "    h = torch.cat([" << base_tokens << ", " << set << ".to(h.dtype)" << expand << "], " << seq << ")\n";
+    }
+    const bool tuple = block.value.get_method("forward").function().getSchema().returns().at(0).type()->kind() ==
+                       c10::TypeKind::TupleType;
+    code << "    h = " << module_expression("self.base", base.info.blocks + "." + block.name) << ".forward(h)"
+         << (tuple ? "[0]" : "") << "\n";
+    ++i;
+  }
+  code << "    return self.base.head(" << base_tokens << ")\n";
+  m.define(code.str());
+  m.eval();
+  return m;
 }
 
 // Folds each target's adapter into its rows of `module`'s weights at `strength`; `report` (if given) lists them.
@@ -185,6 +235,9 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
   refuse_overwriting_inputs(base_path, adapter_path, output);
   Adapter adapter = load_adapter(adapter_path);
   const std::string origin = adapter_path.string();
+  if (adapter.method == Method::kVpt && options.strength != 1.0)
+    throw InputError("merge --strength moves weights from the base towards the trained ones; " + origin +
+                     " is method vpt, whose prompt tokens go in whole: leave --strength at 1");
   if (!options.features_only && !adapter.head_weight.defined())
     throw InputError(origin + " has no classification head; merge with --features-only to write a backbone");
 
@@ -229,14 +282,24 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
   BundleInfo info = fresh.info;
   info.name = (info.name.empty() ? base_path.filename().string() : info.name) + " + " + adapter_path.filename().string();
   info.extra["merged_into"] = fresh.fingerprint;  // adapters are refused on it: they apply to that base
+  torch::jit::Module backbone = fresh.module;
+  if (adapter.method == Method::kVpt) {
+    // The prompts sit in the module's own forward: block by block training of the file would skip them.
+    backbone = make_prompted_backbone(fresh, adapter);
+    info.blocks = "";
+    info.module_prefix = "base." + info.module_prefix;
+    report.merged.push_back(std::to_string(adapter.prompt_sets.size()) + " prompt set(s) of " +
+                            std::to_string(adapter.vpt.tokens) + " tokens kept inside the model (they cannot fold "
+                            "into weights)");
+  }
   if (options.features_only) {
-    save_bundle(fresh.module, info, output, check);
+    save_bundle(backbone, info, output, check);
   } else {
     info.kind = "classifier";
     info.classes = adapter.classes;
     info.blocks = info.blocks.empty() ? "" : "backbone." + info.blocks;
     info.module_prefix = "backbone." + info.module_prefix;
-    auto classifier = make_classifier(fresh.module, head.weight, head.bias, adapter.normalize_features);
+    auto classifier = make_classifier(backbone, head.weight, head.bias, adapter.normalize_features);
     save_bundle(classifier, info, output, check);
   }
   report.output = output.string();

@@ -105,10 +105,30 @@ void Model::set_method(Method method) {
   for (const auto& p : module().parameters()) p.requires_grad_(method == Method::kFull);
   image_->set_adapters_trainable(method);
   if (text_) text_->set_adapters_trainable(method);
+  prompts_.set_trainable(method == Method::kVpt);
   refresh_block_parameters();
 }
 
-void Model::refresh_block_parameters() { stack_.assign_trainable(method_, adapters()); }
+void Model::init_prompts(const PromptSettings& settings) {
+  prompts_.init(settings, token_layout(bundle()), stack_.size());
+  prompts_.to(device_);
+  prompts_.set_trainable(method_ == Method::kVpt);
+  refresh_block_parameters();
+}
+
+void Model::set_prompts(const PromptSettings& settings, const std::vector<at::Tensor>& sets, const std::string& origin) {
+  prompts_.set(settings, token_layout(bundle()), stack_.size(), sets, origin);
+  prompts_.to(device_);
+  prompts_.set_trainable(method_ == Method::kVpt);
+  refresh_block_parameters();
+}
+
+void Model::clear_prompts() {
+  prompts_.clear();
+  refresh_block_parameters();
+}
+
+void Model::refresh_block_parameters() { stack_.assign_trainable(method_, adapters(), prompts_.defined()); }
 
 std::vector<NamedTensor> Model::trainable() const {
   std::vector<NamedTensor> out;
@@ -118,6 +138,7 @@ std::vector<NamedTensor> Model::trainable() const {
     image_->append_trainable(out);
     if (text_) text_->append_trainable(out);
   }
+  if (method_ == Method::kVpt) prompts_.append_trainable(out);
   head_.append_trainable(out);
   return out;
 }
@@ -138,6 +159,7 @@ int64_t Model::base_parameter_count() const {
 int64_t Model::total_count() const {
   int64_t n = base_parameter_count();
   n += image_->adapter_parameter_count();
+  n += prompts_.parameter_count();
   n += head_.parameter_count();
   if (text_) {
     for (const auto& p : text_->bundle().module.parameters()) n += p.numel();
@@ -148,7 +170,7 @@ int64_t Model::total_count() const {
 
 void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantFormat frozen_quant) {
   if (frozen_quant != QuantFormat::kNone && quantization_.format == QuantFormat::kNone) {
-    if (method_ != Method::kLora) throw InputError("quantised frozen weights need method lora");
+    if (!freezes_base(method_)) throw InputError("quantised frozen weights need a frozen base (not method full)");
     if (stack_.empty())
       throw InputError(bundle().path.filename().string() + " has no block structure: its Linear weights cannot be "
                        "quantised block by block (export it with blocks, or use frozen_dtype compute)");
@@ -159,7 +181,7 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
                        "compute");
   }
   if (stack_.offload().any() && !stack_.offloading()) {
-    if (method_ != Method::kLora) throw InputError("offload needs method lora (it moves frozen weights)");
+    if (!freezes_base(method_)) throw InputError("offload needs a frozen base, not method full (it moves frozen weights)");
     if (stack_.empty())
       throw InputError(bundle().path.filename().string() + " has no block structure: it cannot be offloaded block by "
                        "block (export it with blocks, or set offload to none)");
@@ -172,8 +194,9 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
   }
   device_ = device;
   module().to(device);
-  if (frozen_dtype != at::kFloat && method_ != Method::kFull) store_frozen(module(), frozen_dtype);
+  if (frozen_dtype != at::kFloat && freezes_base(method_)) store_frozen(module(), frozen_dtype);
   image_->move_adapters(device, lora_settings_.dropout);
+  prompts_.to(device);
   if (text_) {
     text_->bundle().module.to(device);
     if (frozen_dtype != at::kFloat) store_frozen(text_->bundle().module, frozen_dtype);
@@ -188,7 +211,7 @@ void Model::set_training(bool training) {
   if (text_) text_->host().set_training(training);
 }
 
-bool Model::has_frozen_prefix() const { return !stack_.empty() && method_ != Method::kFull; }
+bool Model::has_frozen_prefix() const { return !stack_.empty() && freezes_base(method_); }
 
 at::Tensor Model::prefix(const at::Tensor& images) {
   if (!has_frozen_prefix()) throw RuntimeFailure("internal: the model has no frozen prefix");
@@ -202,8 +225,18 @@ at::Tensor Model::prefix(const at::Tensor& images) {
 
 at::Tensor Model::features_from_prefix(const at::Tensor& hidden, bool checkpoint) {
   if (method_ == Method::kLinearProbe) return hidden;
-  const at::Tensor h = stack_.run(hidden, stack_.frozen_prefix(), stack_.size(), checkpoint);
-  return module().get_method("head")({h}).toTensor();
+  return module().get_method("head")({run_blocks(hidden, stack_.frozen_prefix(), checkpoint)}).toTensor();
+}
+
+at::Tensor Model::run_blocks(at::Tensor h, int64_t first, bool checkpoint) {
+  if (!prompts_.defined()) return stack_.run(std::move(h), first, stack_.size(), checkpoint);
+  if (first != 0) throw RuntimeFailure("internal: prompt tokens join before the first block");
+  const int64_t tokens = h.size(prompts_.layout().sequence_dim);
+  for (int64_t i = 0; i < stack_.size(); ++i) {
+    if (prompts_.joins_before(i)) h = prompts_.join(h, tokens, i);
+    h = stack_.run(h, i, i + 1, checkpoint);
+  }
+  return prompts_.drop(h, tokens);
 }
 
 at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
@@ -215,7 +248,7 @@ at::Tensor Model::features(const at::Tensor& images, bool checkpoint) {
   }
   if (has_frozen_prefix()) return features_from_prefix(prefix(images), checkpoint);
   // Method full: everything trains.
-  const at::Tensor h = stack_.run(module().get_method("stem")({images}).toTensor(), 0, stack_.size(), checkpoint);
+  const at::Tensor h = run_blocks(module().get_method("stem")({images}).toTensor(), 0, checkpoint);
   return module().get_method("head")({h}).toTensor();
 }
 

@@ -47,6 +47,10 @@ void report_model(const TrainConfig& c, const TrainingSetup& setup, TrainingRepo
       for (const auto& t : model.text_adapters()) reporter.message("  " + t.describe());
     }
   }
+  if (c.method == Method::kVpt)
+    reporter.message(fmt::format("VPT-{}: {} prompt tokens before {}", c.vpt.deep ? "deep" : "shallow", c.vpt.tokens,
+                                 c.vpt.deep ? fmt::format("each of the {} blocks", model.blocks().size())
+                                            : std::string("the first block")));
   const int64_t trainable = model.trainable_count(), total = model.total_count();
   reporter.message(fmt::format("method {}: {} trainable of {} parameters ({})", method_name(c.method),
                                human_count(static_cast<double>(trainable)), human_count(static_cast<double>(total)),

@@ -81,6 +81,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     init_adapter_tensors(targets, model->module(), adapter_init_by_name(c.lora.init));
     model->set_adapters(targets, c.lora);
   }
+  if (c.method == Method::kVpt) model->init_prompts(c.vpt);
   if (c.loss == TrainingLoss::kContrastive) {
     model->set_text_tower(load_bundle(c.head.text_model.empty() ? text_model_for(model->bundle())
                                                                 : text_tower_path(c.head.text_model)));

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+import onnx_runtime  # noqa: E402
 import safetensors_lite  # noqa: E402
 
 BIN, FIX = sys.argv[1], sys.argv[2]
@@ -1327,7 +1328,7 @@ class QuantizedBase(unittest.TestCase):
         cfg, _ = self.config("quant_full", "nf4", method="full")
         code, _, err = run("train", "--config", cfg)
         self.assertEqual(code, 3, err)
-        self.assertIn("frozen_dtype nf4 quantises the frozen base under LoRA adapters: set method to lora", err)
+        self.assertIn("frozen_dtype nf4 quantises the frozen base under adapters or prompts: set method to lora or vpt", err)
         # DoRA reads its layers' weights: those stay dense and are named, the others are quantised.
         cfg, _ = self.config("quant_dora", "int8", model=OTHER_BASE, lora={"variant": "dora", "dropout": 0.0}, epochs=1)
         code, _, err = run("train", "--config", cfg)
@@ -1388,6 +1389,78 @@ class Ssf(unittest.TestCase):
         items = {item["name"]: item for item in json.loads(text)["items"]}
         # q and v slices (32 rows each) of 2 blocks, scale and shift, and the head (3 x 32 + 3).
         self.assertIn("parameters: 355 x", items["trainable tensors, gradients, AdamW"]["detail"])
+
+
+class Vpt(unittest.TestCase):
+    """method vpt end to end, shallow and deep: eval gives training's validation loss; the merged file (prompts inside)
+    scores the same, loads in Python and exports to ONNX (ONNX Runtime gives its logits); int8 weights, bf16, two
+    workers and plan work as for adapters; MobileCLIP's convolutional stages are refused with the reason."""
+
+    def eval_loss(self, name, *args):
+        out = os.path.join(TMP, "vpt_eval_" + name)
+        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "metrics.json")) as f:
+            return json.load(f)["loss"]
+
+    def test_train_eval_merge_export(self):
+        for deep in (False, True):
+            with self.subTest(deep=deep):
+                name = "vpt_deep" if deep else "vpt_shallow"
+                cfg, out = write_config(name, model=OTHER_BASE, method="vpt", vpt={"tokens": 4, "deep": deep},
+                                        epochs=2, optim={"lr": 0.01})
+                code, _, err = run("train", "--config", cfg)
+                self.assertEqual(code, 0, err)
+                self.assertIn(f"VPT-{'deep' if deep else 'shallow'}: 4 prompt tokens before", err)
+                adapter = os.path.join(out, "adapter")
+                self.assertFalse(os.path.exists(os.path.join(adapter, "adapter_config.json")))
+                tensors, _ = safetensors_lite.load(os.path.join(adapter, "adapter_model.safetensors"))
+                self.assertEqual(sorted(k for k in tensors if k.startswith("prompt_embeddings")),
+                                 ["prompt_embeddings.0", "prompt_embeddings.1"] if deep else ["prompt_embeddings"])
+                with open(os.path.join(out, "summary.json")) as f:
+                    val = json.load(f)["final_val_loss"]
+                self.assertAlmostEqual(self.eval_loss(name, "--model", OTHER_BASE, "--adapter", adapter), val,
+                                       delta=1e-5 * max(1.0, val))
+                merged = os.path.join(TMP, name + "_merged.pt")
+                code, text, err = run("merge", "--base", OTHER_BASE, "--adapter", adapter, "--output", merged)
+                self.assertEqual(code, 0, err)
+                self.assertIn("prompt set(s) of 4 tokens kept inside the model", text + err)
+                self.assertAlmostEqual(self.eval_loss(name + "_merged", "--model", merged), val, delta=1e-5 * max(1.0, val))
+                x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+                with torch.no_grad():
+                    expected = torch.jit.load(merged)(x).numpy()
+                got = onnx_runtime.exported_outputs(BIN, merged, x.numpy())
+                self.assertLess(float(np.abs(got - expected).max()), 1e-4)
+                code, info, err = run("info", adapter)
+                self.assertEqual(code, 0, err)
+                self.assertIn(f"VPT-{'deep' if deep else 'shallow'}: {2 if deep else 1} set(s) of 4 tokens x 32", info)
+
+    def test_frozen_base_settings_and_refusals(self):
+        cfg, out = write_config("vpt_int8", method="vpt", frozen_dtype="int8", epochs=1)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("quantised to int8: 12 layers", err)
+        cfg, out = write_config("vpt_bf16", method="vpt", precision="bf16", epochs=1)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        self.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
+        cfg, one = write_config("vpt_dp", method="vpt", batch_size=6, grad_accum_steps=2, epochs=2)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
+        self.assertEqual(code, 0, err)
+        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        code, text, err = run("plan", "--config", cfg, "--json")
+        self.assertEqual(code, 0, err)
+        items = {item["name"]: item for item in json.loads(text)["items"]}
+        # 10 tokens x 32 before each of 2 blocks, and the head (3 x 32 + 3).
+        self.assertIn("parameters: 739 x", items["trainable tensors, gradients, AdamW"]["detail"])
+        cfg, _ = write_config("vpt_mobileclip", method="vpt", model=os.path.join(FIX, "models", "mobileclip_trace.pt"))
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 3, err)
+        self.assertIn("take 4-D inputs", err)
+        cfg, _ = write_config("vpt_contrastive", method="vpt", loss="contrastive", head={"init": "zero_shot"})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 3, err)
+        self.assertIn("prompt tokens reach the image tower only", err)
 
 
 if __name__ == "__main__":

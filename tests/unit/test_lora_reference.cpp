@@ -170,6 +170,71 @@ TEST_P(LoraReference, SsfForwardGradientsFileAndMergeMatchPython) {
   EXPECT_LT(scaled_diff(load_bundle(dir / "zero.pt").module.forward({x}).toTensor(), base), 1e-5);
 }
 
+// VPT, shallow and deep, against the float64 reference, which puts the prompts after the class token as the paper
+// does (loratune appends them: blocks treat tokens as a set), with and without checkpointing; the file and the merged
+// model (prompts inside) give the same logits. MobileCLIP's stages see 4-D maps: refused.
+TEST_P(LoraReference, VptForwardGradientsFileAndMergeMatchPython) {
+  if (GetParam() == "mobileclip_trace") {
+    Model model(load_bundle(bundle_path()));
+    EXPECT_THROW_WITH(model.init_prompts(PromptSettings{}), InputError,
+                      "method vpt joins prompt tokens to a token sequence, but the blocks of mobileclip_trace.pt take 4-D");
+    return;
+  }
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_vpt.safetensors")).tensors;
+  const at::Tensor x = ref.at("input");
+  for (const bool deep : {false, true}) {
+    const std::string kind = deep ? "deep" : "shallow";
+    SCOPED_TRACE(kind);
+    const PromptSettings settings{3, deep};
+    auto prompted = [&] {
+      auto model = std::make_unique<Model>(load_bundle(bundle_path()));
+      model->set_method(Method::kVpt);
+      std::vector<at::Tensor> sets;
+      for (int64_t i = 0; i < (deep ? model->blocks().size() : 1); ++i)
+        sets.push_back(ref.at(kind + ".prompts." + std::to_string(i)));
+      model->set_prompts(settings, sets, "reference");
+      model->head().set(ref.at("head.weight").clone().requires_grad_(), ref.at("head.bias").clone().requires_grad_());
+      return model;
+    };
+    for (const bool checkpoint : {false, true}) {
+      SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
+      auto model = prompted();
+      EXPECT_EQ(model->blocks().frozen_prefix(), 0);
+      const at::Tensor logits = model->logits(x, checkpoint);
+      EXPECT_LT(scaled_diff(logits, ref.at(kind + ".adapted_logits")), 1e-5);
+      (logits * ref.at("probe")).sum().backward();
+      const auto& sets = model->prompts().sets();
+      ASSERT_EQ(sets.size(), deep ? 2u : 1u);
+      for (size_t i = 0; i < sets.size(); ++i) {
+        ASSERT_TRUE(sets[i].grad().defined()) << i;
+        EXPECT_LT(scaled_diff(sets[i].grad(), ref.at(kind + ".grad.prompts." + std::to_string(i))), 1e-5) << i;
+      }
+      EXPECT_LT(scaled_diff(model->head().weight().grad(), ref.at(kind + ".grad.head.weight")), 1e-5);
+      for (const auto& p : model->module().parameters()) EXPECT_FALSE(p.grad().defined());
+      EXPECT_EQ(model->trainable().size(), sets.size() + 2);
+    }
+    const auto dir = test::temp_dir("vpt_" + GetParam()) / kind;
+    save_adapter(dir / "adapter", adapter_from_model(*prompted(), {"a", "b", "c"}, nlohmann::json::object()));
+    EXPECT_FALSE(std::filesystem::exists(dir / "adapter" / "adapter_config.json"));
+    const Adapter file = load_adapter(dir / "adapter");
+    EXPECT_EQ(file.method, Method::kVpt);
+    EXPECT_EQ(file.vpt.deep, deep);
+    Model applied(load_bundle(bundle_path()));
+    apply_adapter(applied, file, "vpt file");
+    at::NoGradGuard no_grad;
+    EXPECT_LT(scaled_diff(applied.logits(x), ref.at(kind + ".adapted_logits")), 1e-5);
+    EXPECT_LT(merge_adapter(bundle_path(), dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
+    const Bundle merged = load_bundle(dir / "merged.pt");
+    EXPECT_TRUE(merged.info.blocks.empty()) << "the prompts live in the merged forward";
+    auto merged_module = merged.module;
+    EXPECT_LT(scaled_diff(merged_module.forward({x}).toTensor(), ref.at(kind + ".adapted_logits")), 1e-5);
+    MergeOptions half;
+    half.strength = 0.5;
+    EXPECT_THROW_WITH(merge_adapter(bundle_path(), dir / "adapter", dir / "half.pt", half), InputError,
+                      "is method vpt, whose prompt tokens go in whole: leave --strength at 1");
+  }
+}
+
 // LoRA-FA against the LoRA reference (its forward is LoRA's): B's gradient is Python's, A is fixed (no gradient, not
 // trained); one AdamW step with weight decay moves B as AdamW moves it on Python's gradient and leaves A bit-identical.
 TEST_P(LoraReference, LoraFaTrainsOnlyBAgainstPython) {

@@ -502,6 +502,32 @@ TEST(Training, SsfTrainsScaleAndShiftAndResumesToTheUninterruptedAdapter) {
     }
 }
 
+// VPT through the loop, shallow and deep: only the prompts and the head train (every block runs with gradients:
+// no frozen prefix), and a stopped run resumes to the uninterrupted prompts.
+TEST(Training, VptTrainsPromptsAndResumesToTheUninterruptedAdapter) {
+  for (const bool deep : {false, true}) {
+    SCOPED_TRACE(deep ? "deep" : "shallow");
+    StoppedRun r;
+    r.settings["method"] = "vpt";
+    r.settings["vpt"] = {{"tokens", 2}, {"deep", deep}};
+    const std::string kind = deep ? "deep" : "shallow";
+    const auto straight = test::temp_dir("vpt_straight_" + kind), dir = test::temp_dir("vpt_resumed_" + kind);
+    r.run(straight, false);
+    r.stop_after_4(dir);
+    r.run(dir, true);
+    EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+              bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+    const auto start = make_model(make_config(test::temp_dir("vpt_start_" + kind), r.settings), 3);
+    EXPECT_EQ(start->blocks().frozen_prefix(), 0);
+    EXPECT_EQ(start->trainable().size(), start->prompts().sets().size() + 2);
+    const Adapter trained = load_adapter(straight / Trainer::kLastAdapter);
+    ASSERT_EQ(trained.method, Method::kVpt);
+    ASSERT_EQ(trained.prompt_sets.size(), start->prompts().sets().size());
+    for (size_t i = 0; i < trained.prompt_sets.size(); ++i)
+      EXPECT_GT((trained.prompt_sets[i] - start->prompts().sets()[i]).abs().max().item<float>(), 1e-4f) << i;
+  }
+}
+
 TEST(Training, AdaptersRecordFileNamesNotTheOwnersFolders) {
   StoppedRun r;
   r.settings["data"] = {{"train", "/home/someone/private/photos/train/"}, {"val", "/home/someone/private/val"}};
@@ -651,7 +677,7 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rank", "8"}}}}, "c.json"),
                     InputError, "c.json: lora.rank must be an integer, not \"8\"");
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"method", "lorra"}}, "c.json"),
-                    InputError, "method must be lora, full or linear_probe");
+                    InputError, "method must be lora, full, linear_probe or vpt");
   EXPECT_THROW_WITH(parse_train_config({{"data", {{"train", "p"}}}}, "c.json"), InputError, "\"model\" is required");
   const auto dir = test::temp_dir("config");
   write_file_atomic(dir / "c.json", R"({"model": "m.pt", "data": {"train": "p"}, "lora": {"rank": 4}})");
@@ -672,6 +698,7 @@ TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
     "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora", "init": "olora",
       "targets": ["qkv:q"], "text_targets": ["q_proj"], "last_blocks": 2, "rank_pattern": {"a": 2},
       "alpha_pattern": {"b": 1.5}},
+    "vpt": {"tokens": 5, "deep": false},
     "head": {"init": "zero_shot", "text_model": "/t.pt", "class_names": "/n.json", "templates": ["a {}"]},
     "optim": {"lr": 0.02, "head_lr": 0.03, "weight_decay": 0.5, "betas": [0.8, 0.9], "eps": 1e-6, "grad_clip": 2.0,
       "lora_plus_ratio": null},

@@ -127,6 +127,44 @@ TEST(UntrustedAdapter, DamagedSsfFilesAreRefusedByName) {
   EXPECT_THROW_WITH(load_adapter(lora), InputError, "belongs to another adapter variant than lora");
 }
 
+// VPT files: missing or extra prompt sets, sets of another width, prompts under another method are refused by name.
+TEST(UntrustedAdapter, DamagedVptFilesAreRefusedByName) {
+  const fs::path dir = test::temp_dir("hostile_vpt");
+  Model model(load_bundle(test::fixture("models/hf_script.pt")));
+  model.set_method(Method::kVpt);
+  model.init_prompts(PromptSettings{4, true});
+  model.head().init(3);
+  save_adapter(dir / "good", adapter_from_model(model, {"a", "b", "c"}, {}));
+  ASSERT_NO_THROW(load_adapter(dir / "good"));
+  auto edited = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
+    fs::copy(dir / "good", dir / name, fs::copy_options::recursive);
+    rewrite_weights(dir / name, edit);
+    return dir / name;
+  };
+  EXPECT_THROW_WITH(load_adapter(edited("gap", [](safetensors::Contents& c) { c.tensors.erase("prompt_embeddings.0"); })),
+                    InputError, "prompts for block 0 are missing");
+  EXPECT_THROW_WITH(load_adapter(edited("shallow_key", [](safetensors::Contents& c) {
+                      c.tensors["prompt_embeddings"] = at::zeros({4, 32});
+                    })),
+                    InputError, "its prompt keys do not match vpt.deep true");
+  EXPECT_THROW_WITH(load_adapter(edited("not_vpt", [](safetensors::Contents& c) {
+                      json m = loratune_meta(c);
+                      m["method"] = "linear_probe";
+                      c.metadata["loratune"] = m.dump();
+                    })),
+                    InputError, "holds prompt tokens, but its method is linear_probe");
+  const fs::path wide = edited("wide", [](safetensors::Contents& c) {
+    for (auto& [k, t] : c.tensors)
+      if (k.rfind("prompt_embeddings", 0) == 0) t = at::zeros({4, 64});
+  });
+  Model other(load_bundle(test::fixture("models/hf_script.pt")));
+  EXPECT_THROW_WITH(apply_adapter(other, load_adapter(wide), "wide"), InputError,
+                    "wide holds prompts of shape [4, 64]; the model takes [4, 32]: it was made for another base");
+  const fs::path extra = edited("extra", [](safetensors::Contents& c) { c.tensors["prompt_embeddings.2"] = at::zeros({4, 32}); });
+  EXPECT_THROW_WITH(apply_adapter(other, load_adapter(extra), "extra"), InputError,
+                    "extra holds 3 prompt sets; deep prompts need one per block (2)");
+}
+
 TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   const fs::path dir = test::temp_dir("hostile_adapter");
   const fs::path good = write_adapter(dir);
