@@ -7,6 +7,7 @@
 #include "loratune/training_setup.h"
 #include "loratune/threads.h"
 #include "loratune/import.h"
+#include "loratune/prompt_tokens.h"
 #include "loratune/safetensors.h"
 #include "common/strings.h"
 
@@ -95,19 +96,30 @@ void print_model(const fs::path& path, const InfoCommand& command) {
   const auto candidates = candidate_modules(b.module);
   std::printf("candidate LoRA targets (%zu modules with 2-D weights):\n", candidates.size());
   for (const auto& c : candidates) std::printf("  %s\n", c.c_str());
-  LoraSettings settings;
+  TrainConfig config;
   if (!command.config.empty() || !command.overrides.empty()) {
     auto overrides = command.overrides;
     if (command.config.empty()) overrides.insert(overrides.begin(), {"model=" + path.string(), "data.train=-"});
-    settings = load_train_config(command.config, overrides).lora;
+    config = load_train_config(command.config, overrides);
   }
-  const auto targets = adapted_targets(b, settings);
-  int64_t lora_params = 0;
-  for (const auto& t : targets) lora_params += t.variant->parameter_count(t);
-  std::printf("%s would adapt %zu weights, %s LoRA parameters (%s of the base):\n",
-              command.config.empty() && command.overrides.empty() ? "the default LoRA settings" : "this config",
-              targets.size(), human_count(static_cast<double>(lora_params)).c_str(),
-              percent(static_cast<double>(lora_params) / params, 3).c_str());
+  const char* who = command.config.empty() && command.overrides.empty() ? "the default LoRA settings" : "this config";
+  if (config.method == Method::kVpt) {
+    const TokenLayout layout = token_layout(b);
+    const int64_t sets = config.vpt.deep ? static_cast<int64_t>(b.blocks().size()) : 1;
+    const int64_t prompt_params = sets * config.vpt.tokens * layout.width;
+    std::printf("%s would train %lld prompt tokens x %lld before %s (VPT-%s), %s parameters (%s of the base)\n", who,
+                static_cast<long long>(config.vpt.tokens), static_cast<long long>(layout.width),
+                config.vpt.deep ? "every block" : "the first block", config.vpt.deep ? "deep" : "shallow",
+                human_count(static_cast<double>(prompt_params)).c_str(),
+                percent(static_cast<double>(prompt_params) / params, 3).c_str());
+    return;
+  }
+  const auto targets = adapted_targets(b, config.lora);
+  int64_t adapter_params = 0;
+  for (const auto& t : targets) adapter_params += t.variant->parameter_count(t);
+  std::printf("%s would adapt %zu weights, %s adapter parameters (%s of the base):\n", who, targets.size(),
+              human_count(static_cast<double>(adapter_params)).c_str(),
+              percent(static_cast<double>(adapter_params) / params, 3).c_str());
   for (const auto& t : targets) std::printf("  %s\n", t.describe().c_str());
 }
 

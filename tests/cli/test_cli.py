@@ -975,12 +975,15 @@ class Predict(unittest.TestCase):
         self.assertEqual(code, 3)
         code, out, _ = run("info", BASE, "--set", "lora.rank=4")
         self.assertEqual(code, 0)
-        self.assertIn("would adapt 4 weights, 1024 LoRA parameters", out)
+        self.assertIn("would adapt 4 weights, 1024 adapter parameters", out)
         # Resolved as training resolves them: lora.last_blocks keeps the last block's q and v.
         code, out, err = run("info", BASE, "--set", "lora.rank=4", "--set", "lora.last_blocks=1")
         self.assertEqual(code, 0, err)
-        self.assertIn("would adapt 2 weights, 512 LoRA parameters", out)
+        self.assertIn("would adapt 2 weights, 512 adapter parameters", out)
         self.assertNotIn("layer.0.", out.split("would adapt")[1])
+        code, out, err = run("info", BASE, "--set", "method=vpt", "--set", "vpt.tokens=5")
+        self.assertEqual(code, 0, err)
+        self.assertIn("would train 5 prompt tokens x 32 before every block (VPT-deep), 320 parameters", out)
         code, out, err = run("report", run_dir)
         self.assertEqual(code, 0, err)
         for png in ("loss.png", "lr.png", "val_accuracy.png"):
