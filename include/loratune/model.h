@@ -75,7 +75,7 @@ class Model {
   int64_t total_count() const;  // base + adapters + head
 
   // Moves everything to `device`; frozen base weights are stored as `frozen_dtype` (fp16/bf16 halves them). With
-  // `frozen_quant` (method lora, once, after the adapters are set), the frozen Linear weights inside the blocks are
+  // `frozen_quant` (a frozen base, once, after the adapters are set), the frozen Linear weights inside the blocks are
   // quantised one by one on `device` and dequantised only while their layer runs; the rest stays `frozen_dtype`.
   void to(const c10::Device& device, at::ScalarType frozen_dtype = at::kFloat,
           QuantFormat frozen_quant = QuantFormat::kNone);
