@@ -170,24 +170,18 @@ TEST_P(LoraReference, SsfForwardGradientsFileAndMergeMatchPython) {
   EXPECT_LT(scaled_diff(load_bundle(dir / "zero.pt").module.forward({x}).toTensor(), base), 1e-5);
 }
 
-// VPT, shallow and deep, against the float64 reference, which puts the prompts after the class token as the paper
-// does (loratune appends them: blocks treat tokens as a set), with and without checkpointing; the file and the merged
-// model (prompts inside) give the same logits. MobileCLIP's stages see 4-D maps: refused.
-TEST_P(LoraReference, VptForwardGradientsFileAndMergeMatchPython) {
-  if (GetParam() == "mobileclip_trace") {
-    Model model(load_bundle(bundle_path()));
-    EXPECT_THROW_WITH(model.init_prompts(PromptSettings{}), InputError,
-                      "method vpt joins prompt tokens to a token sequence, but the blocks of mobileclip_trace.pt take 4-D");
-    return;
-  }
-  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_vpt.safetensors")).tensors;
+// VPT on `bundle`, shallow and deep, against its float64 reference `ref`, which puts the prompts after the class token
+// as the paper does (loratune appends them: blocks treat tokens as a set), with and without checkpointing; the file
+// and the merged model (prompts inside) give the same logits.
+void expect_vpt_matches_reference(const std::filesystem::path& bundle, const safetensors::Tensors& ref,
+                                  const std::string& name) {
   const at::Tensor x = ref.at("input");
   for (const bool deep : {false, true}) {
     const std::string kind = deep ? "deep" : "shallow";
     SCOPED_TRACE(kind);
     const PromptSettings settings{3, deep};
     auto prompted = [&] {
-      auto model = std::make_unique<Model>(load_bundle(bundle_path()));
+      auto model = std::make_unique<Model>(load_bundle(bundle));
       model->set_method(Method::kVpt);
       std::vector<at::Tensor> sets;
       for (int64_t i = 0; i < (deep ? model->blocks().size() : 1); ++i)
@@ -213,26 +207,47 @@ TEST_P(LoraReference, VptForwardGradientsFileAndMergeMatchPython) {
       for (const auto& p : model->module().parameters()) EXPECT_FALSE(p.grad().defined());
       EXPECT_EQ(model->trainable().size(), sets.size() + 2);
     }
-    const auto dir = test::temp_dir("vpt_" + GetParam()) / kind;
+    const auto dir = test::temp_dir("vpt_" + name) / kind;
     save_adapter(dir / "adapter", adapter_from_model(*prompted(), {"a", "b", "c"}, nlohmann::json::object()));
     EXPECT_FALSE(std::filesystem::exists(dir / "adapter" / "adapter_config.json"));
     const Adapter file = load_adapter(dir / "adapter");
     EXPECT_EQ(file.method, Method::kVpt);
     EXPECT_EQ(file.vpt.deep, deep);
-    Model applied(load_bundle(bundle_path()));
+    Model applied(load_bundle(bundle));
     apply_adapter(applied, file, "vpt file");
     at::NoGradGuard no_grad;
     EXPECT_LT(scaled_diff(applied.logits(x), ref.at(kind + ".adapted_logits")), 1e-5);
-    EXPECT_LT(merge_adapter(bundle_path(), dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
+    EXPECT_LT(merge_adapter(bundle, dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
     const Bundle merged = load_bundle(dir / "merged.pt");
     EXPECT_TRUE(merged.info.blocks.empty()) << "the prompts live in the merged forward";
     auto merged_module = merged.module;
     EXPECT_LT(scaled_diff(merged_module.forward({x}).toTensor(), ref.at(kind + ".adapted_logits")), 1e-5);
     MergeOptions half;
     half.strength = 0.5;
-    EXPECT_THROW_WITH(merge_adapter(bundle_path(), dir / "adapter", dir / "half.pt", half), InputError,
+    EXPECT_THROW_WITH(merge_adapter(bundle, dir / "adapter", dir / "half.pt", half), InputError,
                       "is method vpt, whose prompt tokens go in whole: leave --strength at 1");
   }
+}
+
+// Every layout; MobileCLIP's stages see 4-D maps: refused.
+TEST_P(LoraReference, VptForwardGradientsFileAndMergeMatchPython) {
+  if (GetParam() == "mobileclip_trace") {
+    Model model(load_bundle(bundle_path()));
+    EXPECT_THROW_WITH(model.init_prompts(PromptSettings{}), InputError,
+                      "method vpt joins prompt tokens to a token sequence, but the blocks of mobileclip_trace.pt take 4-D");
+    return;
+  }
+  expect_vpt_matches_reference(bundle_path(), safetensors::read(fixture("models/ref_" + GetParam() + "_vpt.safetensors")).tensors,
+                               GetParam());
+}
+
+// Blocks that see [tokens, batch, width] (open_clip before batch_first, OpenAI's CLIP): prompts join along the first
+// dimension.
+TEST(Vpt, SequenceFirstBlocksMatchPython) {
+  const auto bundle = fixture("models/seqfirst_script.pt");
+  EXPECT_EQ(token_layout(load_bundle(bundle)).sequence_dim, 0);
+  expect_vpt_matches_reference(bundle, safetensors::read(fixture("models/ref_seqfirst_script_vpt.safetensors")).tensors,
+                               "seqfirst");
 }
 
 // LoRA-FA against the LoRA reference (its forward is LoRA's): B's gradient is Python's, A is fixed (no gradient, not
