@@ -44,6 +44,10 @@ struct Adapter {
   // PEFT's prompt-tuning key "prompt_embeddings" (deep: "prompt_embeddings.<block>").
   PromptSettings vpt;
   std::vector<at::Tensor> prompt_sets;
+  // Method adaptformer: the settings and, per block, adaptformer_tensor_names()'s tensors, stored as
+  // "adaptformer.<block>.<tensor>".
+  AdaptFormerSettings adaptformer;
+  std::vector<std::vector<at::Tensor>> mlp_adapters;
   std::string base_fingerprint;  // empty for adapters written by other tools
   std::string base_name;
   nlohmann::json training = nlohmann::json::object();  // settings that produced it (no timestamps: reproducible bytes)

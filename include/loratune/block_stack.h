@@ -36,9 +36,11 @@ class BlockStack {
   const std::vector<std::string>& paths() const { return paths_; }
 
   // The tensors that train in each block: all its parameters under method full, the trainable tensors of the
-  // `adapters` inside it under method lora. The frozen prefix follows: none under method full, nor when prompt
-  // tokens join before the first block (`prompted`), since every block then runs on them.
-  void assign_trainable(Method method, const std::vector<LoraTarget>& adapters, bool prompted);
+  // `adapters` inside it under method lora, `block_tensors[i]` (AdaptFormer's) in block i. The frozen prefix
+  // follows: none under method full, nor when prompt tokens join before the first block (`prompted`), since every
+  // block then runs on them.
+  void assign_trainable(Method method, const std::vector<LoraTarget>& adapters, bool prompted,
+                        const std::vector<std::vector<at::Tensor>>& block_tensors = {});
   // Leading blocks with nothing to train, and the blocks after them.
   int64_t frozen_prefix() const { return prefix_; }
   int64_t trained_count() const { return size() - prefix_; }

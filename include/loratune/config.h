@@ -101,6 +101,7 @@ struct TrainConfig {
   Method method = Method::kLora;
   LoraSettings lora;
   PromptSettings vpt;  // method vpt
+  AdaptFormerSettings adaptformer;  // method adaptformer
   HeadConfig head;
   OptimConfig optim;
   ScheduleConfig schedule;

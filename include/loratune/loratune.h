@@ -23,6 +23,7 @@
 #include "loratune/merge.h"
 #include "loratune/method.h"
 #include "loratune/metrics.h"
+#include "loratune/mlp_adapters.h"
 #include "loratune/model.h"
 #include "loratune/onnx_export.h"
 #include "loratune/named_enum.h"

@@ -12,6 +12,7 @@
 #include "loratune/classifier_head.h"
 #include "loratune/lora.h"
 #include "loratune/method.h"
+#include "loratune/mlp_adapters.h"
 #include "loratune/named_tensor.h"
 #include "loratune/prompt_tokens.h"
 #include "loratune/quantize.h"
@@ -62,6 +63,14 @@ class Model {
   void set_prompts(const PromptSettings& settings, const std::vector<at::Tensor>& sets, const std::string& origin);
   void clear_prompts();
   const PromptTokens& prompts() const { return prompts_; }
+
+  // AdaptFormer's adapters beside each block's MLP (method adaptformer): fresh ones, or ones from a file; they train
+  // under method adaptformer.
+  void init_mlp_adapters(const AdaptFormerSettings& settings);
+  void set_mlp_adapters(const AdaptFormerSettings& settings, const std::vector<std::vector<at::Tensor>>& tensors,
+                        const std::string& origin);
+  void clear_mlp_adapters();
+  const MlpAdapters& mlp_adapters() const { return mlp_adapters_; }
 
   // The classification head on the features (its tensors follow to(); it joins trainable() while it trains).
   ClassifierHead& head() { return head_; }
@@ -120,6 +129,7 @@ class Model {
   ClassifierHead head_;
   BlockStack stack_;
   PromptTokens prompts_;
+  MlpAdapters mlp_adapters_;
   FrozenQuantization quantization_;
   Method method_ = Method::kLora;
   c10::Device device_{c10::kCPU};

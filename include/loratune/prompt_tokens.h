@@ -23,8 +23,8 @@ struct TokenLayout {
 };
 
 // The stem's output layout, probed on two batch sizes; InputError where the blocks do not see a token sequence
-// (MobileCLIP's convolutional stages) or the bundle has no stem/blocks/head structure.
-TokenLayout token_layout(const Bundle& bundle);
+// (MobileCLIP's convolutional stages) or the bundle has no stem/blocks/head structure, naming `method`.
+TokenLayout token_layout(const Bundle& bundle, Method method = Method::kVpt);
 
 class PromptTokens {
  public:

@@ -49,6 +49,14 @@ void print_adapter(const fs::path& path) {
     for (const auto& t : a.text_targets) std::printf("  %s scale %g\n", t.describe().c_str(), t.scale());
   }
   if (!a.full_weights.empty()) std::printf("full weights   %zu tensors\n", a.full_weights.size());
+  if (!a.mlp_adapters.empty()) {
+    int64_t n = 0;
+    for (const auto& block : a.mlp_adapters)
+      for (const auto& t : block) n += t.numel();
+    std::printf("adapters       AdaptFormer beside the MLP of %zu blocks: bottleneck %lld, scale %g, %s parameters\n",
+                a.mlp_adapters.size(), static_cast<long long>(a.adaptformer.bottleneck), a.adaptformer.scale,
+                human_count(static_cast<double>(n)).c_str());
+  }
   if (!a.prompt_sets.empty())
     std::printf("prompts        VPT-%s: %zu set(s) of %lld tokens x %lld, %s parameters\n", a.vpt.deep ? "deep" : "shallow",
                 a.prompt_sets.size(), static_cast<long long>(a.vpt.tokens),
@@ -112,6 +120,14 @@ void print_model(const fs::path& path, const InfoCommand& command) {
                 config.vpt.deep ? "every block" : "the first block", config.vpt.deep ? "deep" : "shallow",
                 human_count(static_cast<double>(prompt_params)).c_str(),
                 percent(static_cast<double>(prompt_params) / params, 3).c_str());
+    return;
+  }
+  if (config.method == Method::kAdaptFormer) {
+    const int64_t width = token_layout(b, Method::kAdaptFormer).width, r = config.adaptformer.bottleneck;
+    const int64_t n = static_cast<int64_t>(b.blocks().size()) * (2 * r * width + r + width);
+    std::printf("%s would train AdaptFormer adapters (bottleneck %lld, scale %g) beside the MLP of each of %zu blocks, "
+                "%s parameters (%s of the base)\n", who, static_cast<long long>(r), config.adaptformer.scale,
+                b.blocks().size(), human_count(static_cast<double>(n)).c_str(), percent(static_cast<double>(n) / params, 3).c_str());
     return;
   }
   const auto targets = adapted_targets(b, config.lora);

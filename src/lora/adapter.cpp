@@ -50,6 +50,9 @@ json settings_json(const LoraSettings& s) {
 constexpr const char* kPromptKey = "prompt_embeddings";
 std::string prompt_key(int64_t block) { return block < 0 ? kPromptKey : kPromptKey + ("." + std::to_string(block)); }
 
+// AdaptFormer's tensors: "adaptformer.<block>.down.weight" and so on (adaptformer_tensor_names()).
+constexpr const char* kAdaptFormerPrefix = "adaptformer.";
+
 constexpr size_t kMaxNameLength = 4096;   // bytes of a tensor key or module path
 constexpr size_t kMaxPatternKeys = 10000;  // rank_pattern / alpha_pattern entries
 
@@ -183,6 +186,10 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   for (const auto& [name, w] : a.full_weights) tensors[std::string(kKeyPrefix) + name] = w.detach().to(at::kCPU);
   for (size_t i = 0; i < a.prompt_sets.size(); ++i)
     tensors[prompt_key(a.vpt.deep ? static_cast<int64_t>(i) : -1)] = a.prompt_sets[i].detach().to(at::kCPU, at::kFloat);
+  for (size_t i = 0; i < a.mlp_adapters.size(); ++i)
+    for (size_t k = 0; k < a.mlp_adapters[i].size(); ++k)
+      tensors[kAdaptFormerPrefix + std::to_string(i) + "." + adaptformer_tensor_names()[k]] =
+          a.mlp_adapters[i][k].detach().to(at::kCPU, at::kFloat);
   json meta = {{"method", method_name(a.method)},     {"lora", settings_json(a.lora)},
                      {"targets", targets},     {"classes", a.classes},
                      {"base_fingerprint", a.base_fingerprint}, {"base_name", a.base_name},
@@ -195,13 +202,16 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   }
   if (!a.prompts.is_null()) meta["prompts"] = a.prompts;
   if (a.method == Method::kVpt) meta["vpt"] = {{"tokens", a.vpt.tokens}, {"deep", a.vpt.deep}};
+  if (a.method == Method::kAdaptFormer)
+    meta["adaptformer"] = {{"bottleneck", a.adaptformer.bottleneck}, {"scale", a.adaptformer.scale}};
   const safetensors::Metadata metadata = {{"format", kAdapterFormat},
                                           {"loratune", meta.dump(-1, ' ', false, json::error_handler_t::replace)},
                                           {"tensors_hash", tensors_hash(tensors)}};
   const std::string weights = safetensors::serialize(tensors, metadata);
-  // PEFT has no counterpart of a variant without A and B (SSF), nor of prompts for vision transformers: no
-  // adapter_config.json that it would misread.
-  const bool peft_readable = variant_by_name(a.lora.variant).low_rank() && a.method != Method::kVpt;
+  // PEFT has no counterpart of a variant without A and B (SSF), of prompts for vision transformers or of AdaptFormer:
+  // no adapter_config.json that it would misread.
+  const bool peft_readable =
+      variant_by_name(a.lora.variant).low_rank() && a.method != Method::kVpt && a.method != Method::kAdaptFormer;
   const std::string config =
       peft_readable ? peft_config(a).dump(2, ' ', false, json::error_handler_t::replace) + "\n" : "";
   std::string initial_head;
@@ -242,6 +252,10 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     a.text_base_fingerprint = meta.value("text_base_fingerprint", "");
     a.text_base_name = meta.value("text_base_name", "");
     if (meta.contains("prompts")) a.prompts = meta.at("prompts");
+    if (meta.contains("adaptformer")) {
+      a.adaptformer.bottleneck = meta.at("adaptformer").at("bottleneck").get<int64_t>();
+      a.adaptformer.scale = meta.at("adaptformer").at("scale").get<double>();
+    }
     if (meta.contains("vpt")) {
       a.vpt.tokens = meta.at("vpt").at("tokens").get<int64_t>();
       a.vpt.deep = meta.at("vpt").at("deep").get<bool>();
@@ -488,7 +502,42 @@ void read_prompt_sets(Adapter& a, const std::map<int64_t, at::Tensor>& sets, con
   }
 }
 
-// Tensors: adapters by key, the head, full weights, prompts.
+// "adaptformer.<block>.<tensor>" into its slot.
+void place_mlp_adapter_tensor(std::map<int64_t, std::vector<at::Tensor>>& blocks, const std::string& key,
+                              const at::Tensor& tensor, const std::string& origin) {
+  const std::string rest = key.substr(std::strlen(kAdaptFormerPrefix));
+  const size_t dot = rest.find('.');
+  const std::string digits = rest.substr(0, dot);
+  const auto& names = adaptformer_tensor_names();
+  const auto slot = std::find(names.begin(), names.end(), dot == std::string::npos ? "" : rest.substr(dot + 1));
+  if (digits.empty() || digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos ||
+      slot == names.end() || !tensor.is_floating_point())
+    throw InputError(origin + ": tensor " + key + " is not an AdaptFormer tensor (adaptformer.<block>.down.weight, "
+                     "down.bias, up.weight or up.bias)");
+  auto& block = blocks[std::stoll(digits)];
+  block.resize(names.size());
+  block[static_cast<size_t>(slot - names.begin())] = tensor.to(at::kFloat);
+}
+
+// Method adaptformer's adapters: all four tensors of blocks 0, 1, ... without gaps; none for other methods.
+void read_mlp_adapters(Adapter& a, const std::map<int64_t, std::vector<at::Tensor>>& blocks, const std::string& origin) {
+  if (a.method != Method::kAdaptFormer) {
+    if (!blocks.empty()) throw InputError(origin + " holds AdaptFormer adapters, but its method is " + method_name(a.method));
+    return;
+  }
+  if (blocks.empty()) throw InputError(origin + ": method adaptformer but no adapters stored");
+  int64_t next = 0;
+  for (const auto& [block, tensors] : blocks) {
+    if (block != next) throw InputError(origin + ": the adapter of block " + std::to_string(next) + " is missing");
+    for (size_t k = 0; k < tensors.size(); ++k)
+      if (!tensors[k].defined())
+        throw InputError(origin + ": the adapter of block " + std::to_string(block) + " has no " + adaptformer_tensor_names()[k]);
+    a.mlp_adapters.push_back(tensors);
+    ++next;
+  }
+}
+
+// Tensors: adapters by key, the head, full weights, prompts, AdaptFormer's adapters.
 void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::string& origin) {
   const PeftPatterns alpha_patterns(a.lora.alpha_pattern, "alpha_pattern", origin);
   // Ranks come from the tensors' shapes; the keys must still be patterns PEFT can read.
@@ -497,6 +546,7 @@ void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::
   std::map<TargetKey, LoraTarget> found;
   const std::string head_prefix = std::string(kKeyPrefix) + kHeadModule + ".";
   std::map<int64_t, at::Tensor> prompt_sets;  // by block; -1: the shallow set
+  std::map<int64_t, std::vector<at::Tensor>> mlp_adapters;  // by block
   for (const auto& [key, tensor] : contents.tensors) {
     if (key.size() > kMaxNameLength)
       throw InputError(origin + ": a tensor name is " + std::to_string(key.size()) + " bytes long (limit " +
@@ -504,6 +554,10 @@ void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::
     check_finite(tensor, origin, key);
     if (const int64_t block = prompt_block(key); block != kNotPrompt) {
       prompt_sets[block] = tensor.to(at::kFloat);
+      continue;
+    }
+    if (key.rfind(kAdaptFormerPrefix, 0) == 0) {
+      place_mlp_adapter_tensor(mlp_adapters, key, tensor, origin);
       continue;
     }
     std::string name = key;
@@ -519,6 +573,7 @@ void read_tensors(Adapter& a, const safetensors::Contents& contents, const std::
     a.targets.push_back(std::move(t));
   }
   read_prompt_sets(a, prompt_sets, origin);
+  read_mlp_adapters(a, mlp_adapters, origin);
 }
 
 // loratune's metadata lists every target: exact alphas as recorded, slice by slice, and the text tower's targets.

@@ -39,6 +39,13 @@ Adapter adapter_from_model(const Model& model, const std::vector<std::string>& c
     a.vpt = model.prompts().settings();
     for (const auto& set : model.prompts().sets()) a.prompt_sets.push_back(set.detach().to(at::kCPU));
   }
+  if (model.method() == Method::kAdaptFormer) {
+    a.adaptformer = model.mlp_adapters().settings();
+    for (const auto& block : model.mlp_adapters().tensors()) {
+      a.mlp_adapters.emplace_back();
+      for (const auto& t : block) a.mlp_adapters.back().push_back(t.detach().to(at::kCPU));
+    }
+  }
   if (model.method() == Method::kFull) {
     auto module = model.bundle().module;
     for (const auto& p : module.named_parameters()) a.full_weights[strip_prefix(p.name, prefix)] = p.value.detach().to(at::kCPU);
@@ -178,6 +185,8 @@ void apply_adapter(Model& model, const Adapter& given, const std::string& origin
   else model.clear_adapters();
   if (!a.prompt_sets.empty()) model.set_prompts(a.vpt, a.prompt_sets, origin);
   else model.clear_prompts();
+  if (!a.mlp_adapters.empty()) model.set_mlp_adapters(a.adaptformer, a.mlp_adapters, origin);
+  else if (model.mlp_adapters().defined()) model.clear_mlp_adapters();
   // Without the text tower, text adapters live on in the head they made.
   if (model.has_text_tower() && !a.text_targets.empty())
     model.set_text_adapters(bind_text_targets(a, model.text_bundle(), origin));

@@ -17,7 +17,8 @@ BlockStack::BlockStack(const Bundle& bundle) {
 
 BlockStack::~BlockStack() = default;
 
-void BlockStack::assign_trainable(Method method, const std::vector<LoraTarget>& adapters, bool prompted) {
+void BlockStack::assign_trainable(Method method, const std::vector<LoraTarget>& adapters, bool prompted,
+                                  const std::vector<std::vector<at::Tensor>>& block_tensors) {
   trains_.assign(blocks_.size(), {});
   prefix_ = 0;
   for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -28,6 +29,9 @@ void BlockStack::assign_trainable(Method method, const std::vector<LoraTarget>& 
         if (t.module.compare(0, paths_[i].size() + 1, paths_[i] + ".") == 0)
           for (size_t k = 0; k < t.tensors.size(); ++k)
             if (t.trains(k)) trains_[i].push_back(t.tensors[k]);
+    if (i < block_tensors.size())
+      for (const auto& t : block_tensors[i])
+        if (t.requires_grad()) trains_[i].push_back(t);
   }
   if (freezes_base(method) && !prompted)
     while (prefix_ < size() && trains_[prefix_].empty()) ++prefix_;

@@ -238,6 +238,9 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
   if (adapter.method == Method::kVpt && options.strength != 1.0)
     throw InputError("merge --strength moves weights from the base towards the trained ones; " + origin +
                      " is method vpt, whose prompt tokens go in whole: leave --strength at 1");
+  if (adapter.method == Method::kAdaptFormer && options.strength != 1.0)
+    throw InputError("merge --strength moves weights from the base towards the trained ones; " + origin +
+                     " is method adaptformer, whose adapters go in whole: leave --strength at 1");
   if (!options.features_only && !adapter.head_weight.defined())
     throw InputError(origin + " has no classification head; merge with --features-only to write a backbone");
 
@@ -283,6 +286,13 @@ MergeReport merge_adapter(const fs::path& base_path, const fs::path& adapter_pat
   info.name = (info.name.empty() ? base_path.filename().string() : info.name) + " + " + adapter_path.filename().string();
   info.extra["merged_into"] = fresh.fingerprint;  // adapters are refused on it: they apply to that base
   torch::jit::Module backbone = fresh.module;
+  if (adapter.method == Method::kAdaptFormer) {
+    // The blocks' rewritten code and the adapters' tensors go into the file with them.
+    MlpAdapters inside;
+    inside.set(adapter.adaptformer, fresh, adapter.mlp_adapters, origin);
+    report.merged.push_back("AdaptFormer adapters of " + std::to_string(adapter.mlp_adapters.size()) +
+                            " blocks kept inside the model (they cannot fold into weights)");
+  }
   if (adapter.method == Method::kVpt) {
     // The prompts sit in the module's own forward: block by block training of the file would skip them.
     backbone = make_prompted_backbone(fresh, adapter);

@@ -106,6 +106,7 @@ void Model::set_method(Method method) {
   image_->set_adapters_trainable(method);
   if (text_) text_->set_adapters_trainable(method);
   prompts_.set_trainable(method == Method::kVpt);
+  mlp_adapters_.set_trainable(method == Method::kAdaptFormer);
   refresh_block_parameters();
 }
 
@@ -128,7 +129,29 @@ void Model::clear_prompts() {
   refresh_block_parameters();
 }
 
-void Model::refresh_block_parameters() { stack_.assign_trainable(method_, adapters(), prompts_.defined()); }
+void Model::init_mlp_adapters(const AdaptFormerSettings& settings) {
+  mlp_adapters_.init(settings, bundle());
+  mlp_adapters_.set_trainable(method_ == Method::kAdaptFormer);
+  mlp_adapters_.to(device_);
+  refresh_block_parameters();
+}
+
+void Model::set_mlp_adapters(const AdaptFormerSettings& settings, const std::vector<std::vector<at::Tensor>>& tensors,
+                             const std::string& origin) {
+  mlp_adapters_.set(settings, bundle(), tensors, origin);
+  mlp_adapters_.set_trainable(method_ == Method::kAdaptFormer);
+  mlp_adapters_.to(device_);
+  refresh_block_parameters();
+}
+
+void Model::clear_mlp_adapters() {
+  mlp_adapters_.clear();
+  refresh_block_parameters();
+}
+
+void Model::refresh_block_parameters() {
+  stack_.assign_trainable(method_, adapters(), prompts_.defined(), mlp_adapters_.tensors());
+}
 
 std::vector<NamedTensor> Model::trainable() const {
   std::vector<NamedTensor> out;
@@ -139,6 +162,7 @@ std::vector<NamedTensor> Model::trainable() const {
     if (text_) text_->append_trainable(out);
   }
   if (method_ == Method::kVpt) prompts_.append_trainable(out);
+  if (method_ == Method::kAdaptFormer) mlp_adapters_.append_trainable(out);
   head_.append_trainable(out);
   return out;
 }
@@ -160,6 +184,7 @@ int64_t Model::total_count() const {
   int64_t n = base_parameter_count();
   n += image_->adapter_parameter_count();
   n += prompts_.parameter_count();
+  n += mlp_adapters_.parameter_count();
   n += head_.parameter_count();
   if (text_) {
     for (const auto& p : text_->bundle().module.parameters()) n += p.numel();
@@ -197,6 +222,7 @@ void Model::to(const c10::Device& device, at::ScalarType frozen_dtype, QuantForm
   if (frozen_dtype != at::kFloat && freezes_base(method_)) store_frozen(module(), frozen_dtype);
   image_->move_adapters(device, lora_settings_.dropout);
   prompts_.to(device);
+  mlp_adapters_.to(device);
   if (text_) {
     text_->bundle().module.to(device);
     if (frozen_dtype != at::kFloat) store_frozen(text_->bundle().module, frozen_dtype);

@@ -9,11 +9,12 @@
 
 namespace loratune {
 
-TokenLayout token_layout(const Bundle& bundle) {
+TokenLayout token_layout(const Bundle& bundle, Method method) {
   const std::string name = bundle.path.filename().string();
+  const std::string what = method == Method::kVpt ? "method vpt joins prompt tokens to the blocks' tokens"
+                                                  : "method " + method_name(method) + " adapts the blocks' tokens";
   if (!bundle.has_block_structure())
-    throw InputError("method vpt joins prompt tokens to the blocks' input: " + name + " has no stem/blocks/head "
-                     "structure (export it with blocks)");
+    throw InputError(what + ": " + name + " has no stem/blocks/head structure (export it with blocks)");
   at::NoGradGuard no_grad;
   auto module = bundle.module;
   c10::Device device(c10::kCPU);
@@ -32,7 +33,7 @@ TokenLayout token_layout(const Bundle& bundle) {
   else if (one.dim() == 3 && two.dim() == 3 && one.size(1) == 1 && two.size(1) == 2 && one.size(0) == two.size(0))
     layout = {0, 1, one.size(2)};
   else
-    throw InputError("method vpt joins prompt tokens to a token sequence, but the blocks of " + name + " take " +
+    throw InputError(what + ", but the blocks of " + name + " take " +
                      std::to_string(one.dim()) + "-D inputs of shape " + c10::str(one.sizes()) + " for one image " +
                      "(convolutional stages, such as MobileCLIP's); use method lora there");
   return layout;

@@ -290,7 +290,7 @@ std::vector<Candidate> candidates(const TrainConfig& c, const c10::Device& devic
 
 // Quantised frozen weights when nothing else fits: int8, then nf4, with checkpointing, in the first precision tried.
 std::vector<Candidate> quantized_candidates(const TrainConfig& c, const c10::Device& device) {
-  if ((c.method != Method::kLora && c.method != Method::kVpt) || frozen_quant_for(c) != QuantFormat::kNone) return {};
+  if (!adapts_frozen_base(c.method) || frozen_quant_for(c) != QuantFormat::kNone) return {};
   const Candidate first = candidates(c, device).front();
   return {{first.precision, first.frozen_dtype, true, QuantFormat::kInt8},
           {first.precision, first.frozen_dtype, true, QuantFormat::kNf4}};
@@ -298,7 +298,7 @@ std::vector<Candidate> quantized_candidates(const TrainConfig& c, const c10::Dev
 
 // On CUDA, when quantising is not enough either: offload both, without and then with nf4 weights.
 std::vector<Candidate> offload_candidates(const TrainConfig& c, const c10::Device& device) {
-  if (!device.is_cuda() || (c.method != Method::kLora && c.method != Method::kVpt) || c.offload != OffloadMode::kNone)
+  if (!device.is_cuda() || !adapts_frozen_base(c.method) || c.offload != OffloadMode::kNone)
     return {};
   const Candidate first = candidates(c, device).front();
   return {{first.precision, first.frozen_dtype, true, frozen_quant_for(c), true},

@@ -126,6 +126,7 @@ const std::vector<Key>& schema() {
   using A = AugmentConfig;
   using L = LoraSettings;
   using P = PromptSettings;
+  using AF = AdaptFormerSettings;
   using H = HeadConfig;
   using O = OptimConfig;
   using S = ScheduleConfig;
@@ -160,7 +161,7 @@ const std::vector<Key>& schema() {
        "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max, &C::data, &D::augment), Range::positive()},
       {"data.augment.hflip", Kind::kBool, false, kResult, "random horizontal flip",
        field(&C::data, &D::augment, &A::hflip)},
-      {"method", Kind::kString, false, kResult, "what trains: adapters on a frozen base (lora), every weight (full), the head alone (linear_probe) or prompt tokens before the blocks (vpt)", field(&C::method), Range::any(), method_names()},
+      {"method", Kind::kString, false, kResult, "what trains: adapters on a frozen base (lora), every weight (full), the head alone (linear_probe), prompt tokens before the blocks (vpt) or bottleneck adapters beside the blocks' MLPs (adaptformer)", field(&C::method), Range::any(), method_names()},
       {"lora.rank", Kind::kInt, false, kResult, "adapter rank r", field(&C::lora, &L::rank), lora_rules::kRank},
       {"lora.alpha", Kind::kNumber, false, kResult, "scale s = alpha / r (alpha / sqrt(r) with rslora)",
        field(&C::lora, &L::alpha), lora_rules::kAlpha},
@@ -191,6 +192,10 @@ const std::vector<Key>& schema() {
       {"vpt.deep", Kind::kBool, false, kResult,
        "method vpt: a set of prompts before every block (VPT-deep); false: one set before the first block (VPT-shallow)",
        field(&C::vpt, &P::deep)},
+      {"adaptformer.bottleneck", Kind::kInt, false, kResult, "method adaptformer: the adapters' inner width",
+       field(&C::adaptformer, &AF::bottleneck), Range::at_least(1)},
+      {"adaptformer.scale", Kind::kNumber, false, kResult, "method adaptformer: the adapters' output scale s",
+       field(&C::adaptformer, &AF::scale), Range::positive()},
       {"head.init", Kind::kString, false, kResult,
        "how the head starts; zero_shot: from the text encoder's class embeddings (cosine classifier, CLIP models)",
        field(&C::head, &H::init), Range::any(), enum_names<HeadInit>()},
@@ -399,19 +404,19 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
   if (c.optim.lora_plus_ratio > 0 && c.method != Method::kLora)
     fail("optim.lora_plus_ratio applies to method lora only (it sets the learning rate of the B matrices)");
   if (c.output_dir.empty()) fail("output_dir must not be empty");
-  const bool adapts_frozen_base = c.method == Method::kLora || c.method == Method::kVpt;
-  if ((c.frozen_dtype == FrozenStorage::kInt8 || c.frozen_dtype == FrozenStorage::kNf4) && !adapts_frozen_base)
+  if ((c.frozen_dtype == FrozenStorage::kInt8 || c.frozen_dtype == FrozenStorage::kNf4) && !adapts_frozen_base(c.method))
     fail("frozen_dtype " + enum_name(c.frozen_dtype) + " quantises the frozen base under adapters or prompts: set "
-         "method to lora or vpt");
-  if (c.offload != OffloadMode::kNone && !adapts_frozen_base)
-    fail("offload " + enum_name(c.offload) + " moves the frozen base under adapters or prompts: set method to lora or vpt");
+         "method to lora, vpt or adaptformer");
+  if (c.offload != OffloadMode::kNone && !adapts_frozen_base(c.method))
+    fail("offload " + enum_name(c.offload) + " moves the frozen base under adapters or prompts: set method to lora, vpt or "
+         "adaptformer");
   if (c.offload != OffloadMode::kNone && !c.gradient_checkpointing)
     fail("offload " + enum_name(c.offload) + " needs gradient_checkpointing true: without it backward keeps every block's "
          "weights and activations on the GPU");
   if (c.loss == TrainingLoss::kContrastive) {
     if (c.method != Method::kLora)
-      fail("loss contrastive trains LoRA adapters on both towers (prompt tokens reach the image tower only): set "
-           "method to lora");
+      fail("loss contrastive trains LoRA adapters on both towers (prompt tokens and AdaptFormer's adapters reach the "
+           "image tower only): set method to lora");
     if (c.head.init != HeadInit::kZeroShot)
       fail("loss contrastive scores classes with the text tower: set head.init to zero_shot");
     if (c.label_smoothing > 0) fail("label_smoothing applies to loss cross_entropy; set it to 0");

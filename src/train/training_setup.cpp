@@ -82,6 +82,7 @@ std::unique_ptr<Model> build_training_model(const TrainConfig& c, const std::vec
     model->set_adapters(targets, c.lora);
   }
   if (c.method == Method::kVpt) model->init_prompts(c.vpt);
+  if (c.method == Method::kAdaptFormer) model->init_mlp_adapters(c.adaptformer);
   if (c.loss == TrainingLoss::kContrastive) {
     model->set_text_tower(load_bundle(c.head.text_model.empty() ? text_model_for(model->bundle())
                                                                 : text_tower_path(c.head.text_model)));

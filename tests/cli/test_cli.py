@@ -1331,7 +1331,7 @@ class QuantizedBase(unittest.TestCase):
         cfg, _ = self.config("quant_full", "nf4", method="full")
         code, _, err = run("train", "--config", cfg)
         self.assertEqual(code, 3, err)
-        self.assertIn("frozen_dtype nf4 quantises the frozen base under adapters or prompts: set method to lora or vpt", err)
+        self.assertIn("frozen_dtype nf4 quantises the frozen base under adapters or prompts: set method to lora, vpt or adaptformer", err)
         # DoRA reads its layers' weights: those stay dense and are named, the others are quantised.
         cfg, _ = self.config("quant_dora", "int8", model=OTHER_BASE, lora={"variant": "dora", "dropout": 0.0}, epochs=1)
         code, _, err = run("train", "--config", cfg)
@@ -1463,7 +1463,73 @@ class Vpt(unittest.TestCase):
         cfg, _ = write_config("vpt_contrastive", method="vpt", loss="contrastive", head={"init": "zero_shot"})
         code, _, err = run("train", "--config", cfg)
         self.assertEqual(code, 3, err)
-        self.assertIn("prompt tokens reach the image tower only", err)
+        self.assertIn("prompt tokens and AdaptFormer's adapters reach the image tower only", err)
+
+
+class AdaptFormer(unittest.TestCase):
+    """method adaptformer end to end: eval gives training's validation loss; the merged file (adapters inside the
+    blocks' code) scores the same and exports to ONNX (ONNX Runtime gives its logits); int8 weights stay quantised
+    beside the adapters; bf16, two workers and plan as for adapters; MobileCLIP's stages are refused."""
+
+    def eval_loss(self, name, *args):
+        out = os.path.join(TMP, "af_eval_" + name)
+        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "metrics.json")) as f:
+            return json.load(f)["loss"]
+
+    def test_train_eval_merge_export(self):
+        cfg, out = write_config("af", model=OTHER_BASE, method="adaptformer", adaptformer={"bottleneck": 4}, epochs=2,
+                                optim={"lr": 0.01})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("AdaptFormer: bottleneck 4, scale 0.1 beside the MLP of each of the 2 blocks", err)
+        adapter = os.path.join(out, "adapter")
+        self.assertFalse(os.path.exists(os.path.join(adapter, "adapter_config.json")))
+        with open(os.path.join(out, "summary.json")) as f:
+            val = json.load(f)["final_val_loss"]
+        self.assertAlmostEqual(self.eval_loss("af", "--model", OTHER_BASE, "--adapter", adapter), val,
+                               delta=1e-5 * max(1.0, val))
+        merged = os.path.join(TMP, "af_merged.pt")
+        code, text, err = run("merge", "--base", OTHER_BASE, "--adapter", adapter, "--output", merged)
+        self.assertEqual(code, 0, err)
+        self.assertIn("AdaptFormer adapters of 2 blocks kept inside the model", text + err)
+        self.assertAlmostEqual(self.eval_loss("af_merged", "--model", merged), val, delta=1e-5 * max(1.0, val))
+        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            expected = torch.jit.load(merged)(x).numpy()
+        got = onnx_runtime.exported_outputs(BIN, merged, x.numpy())
+        self.assertLess(float(np.abs(got - expected).max()), 1e-4)
+        code, info, err = run("info", adapter)
+        self.assertEqual(code, 0, err)
+        self.assertIn("AdaptFormer beside the MLP of 2 blocks: bottleneck 4, scale 0.1, 584 parameters", info)
+        code, info, err = run("info", OTHER_BASE, "--set", "method=adaptformer", "--set", "adaptformer.bottleneck=4")
+        self.assertEqual(code, 0, err)
+        self.assertIn("would train AdaptFormer adapters (bottleneck 4, scale 0.1) beside the MLP of each of 2 blocks, "
+                      "584 parameters", info)
+
+    def test_frozen_base_settings_and_refusals(self):
+        cfg, _ = write_config("af_int8", method="adaptformer", frozen_dtype="int8", epochs=1)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("quantised to int8: 12 layers", err)
+        cfg, out = write_config("af_bf16", method="adaptformer", precision="bf16", epochs=1)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        self.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
+        cfg, one = write_config("af_dp", method="adaptformer", batch_size=6, grad_accum_steps=2, epochs=2)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
+        self.assertEqual(code, 0, err)
+        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        code, text, err = run("plan", "--config", cfg, "--json")
+        self.assertEqual(code, 0, err)
+        items = {item["name"]: item for item in json.loads(text)["items"]}
+        # Down 64 x 32 + 64, Up 32 x 64 + 32 in each of 2 blocks (4192 each), and the head (3 x 32 + 3).
+        self.assertIn("parameters: 8483 x", items["trainable tensors, gradients, AdamW"]["detail"])
+        cfg, _ = write_config("af_mobileclip", method="adaptformer", model=os.path.join(FIX, "models", "mobileclip_trace.pt"))
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 3, err)
+        self.assertIn("take 4-D inputs", err)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ OWNER = {
     "import": ["import"],
     "lora": ["adapter", "adapter_init", "adapter_variant", "lora", "targets"],
     "quant": ["quantize"],
-    "model": ["adapter_binding", "block_stack", "bundle", "classifier_head", "merge", "model", "prompt_tokens"],
+    "model": ["adapter_binding", "block_stack", "bundle", "classifier_head", "merge", "mlp_adapters", "model", "prompt_tokens"],
     "export": ["onnx_export"],
     "data": ["batch_source", "image", "image_folder", "loader", "transform"],
     "eval": ["evaluate", "metrics"],

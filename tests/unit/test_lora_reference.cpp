@@ -234,7 +234,7 @@ TEST_P(LoraReference, VptForwardGradientsFileAndMergeMatchPython) {
   if (GetParam() == "mobileclip_trace") {
     Model model(load_bundle(bundle_path()));
     EXPECT_THROW_WITH(model.init_prompts(PromptSettings{}), InputError,
-                      "method vpt joins prompt tokens to a token sequence, but the blocks of mobileclip_trace.pt take 4-D");
+                      "method vpt joins prompt tokens to the blocks' tokens, but the blocks of mobileclip_trace.pt take 4-D");
     return;
   }
   expect_vpt_matches_reference(bundle_path(), safetensors::read(fixture("models/ref_" + GetParam() + "_vpt.safetensors")).tensors,
@@ -248,6 +248,65 @@ TEST(Vpt, SequenceFirstBlocksMatchPython) {
   EXPECT_EQ(token_layout(load_bundle(bundle)).sequence_dim, 0);
   expect_vpt_matches_reference(bundle, safetensors::read(fixture("models/ref_seqfirst_script_vpt.safetensors")).tensors,
                                "seqfirst");
+}
+
+// AdaptFormer against the float64 reference (hooks on the Python modules: the LayerNorm's input x', the MLP's output
+// plus s * Up(ReLU(Down(x')))), with and without checkpointing; the file and the merged model (adapters inside, the
+// rewritten blocks saved with them) give the same logits. MobileCLIP's stages see 4-D maps: refused.
+TEST_P(LoraReference, AdaptFormerForwardGradientsFileAndMergeMatchPython) {
+  const AdaptFormerSettings settings{4, 0.5};
+  if (GetParam() == "mobileclip_trace") {
+    Model model(load_bundle(bundle_path()));
+    EXPECT_THROW_WITH(model.init_mlp_adapters(settings), InputError,
+                      "method adaptformer adapts the blocks' tokens, but the blocks of mobileclip_trace.pt take 4-D");
+    return;
+  }
+  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_adaptformer.safetensors")).tensors;
+  const at::Tensor x = ref.at("input");
+  const auto& names = adaptformer_tensor_names();
+  auto adapted = [&] {
+    auto model = std::make_unique<Model>(load_bundle(bundle_path()));
+    model->set_method(Method::kAdaptFormer);
+    std::vector<std::vector<at::Tensor>> tensors(static_cast<size_t>(model->blocks().size()));
+    for (size_t i = 0; i < tensors.size(); ++i)
+      for (const auto& name : names) tensors[i].push_back(ref.at("adaptformer." + std::to_string(i) + "." + name));
+    model->set_mlp_adapters(settings, tensors, "reference");
+    model->head().set(ref.at("head.weight").clone().requires_grad_(), ref.at("head.bias").clone().requires_grad_());
+    return model;
+  };
+  for (const bool checkpoint : {false, true}) {
+    SCOPED_TRACE(checkpoint ? "with checkpointing" : "without checkpointing");
+    auto model = adapted();
+    EXPECT_EQ(model->blocks().frozen_prefix(), 0);
+    const at::Tensor logits = model->logits(x, checkpoint);
+    EXPECT_LT(scaled_diff(logits, ref.at("adapted_logits")), 1e-5);
+    (logits * ref.at("probe")).sum().backward();
+    const auto& tensors = model->mlp_adapters().tensors();
+    for (size_t i = 0; i < tensors.size(); ++i)
+      for (size_t k = 0; k < names.size(); ++k) {
+        const std::string key = "adaptformer." + std::to_string(i) + "." + names[k];
+        ASSERT_TRUE(tensors[i][k].grad().defined()) << key;
+        EXPECT_LT(scaled_diff(tensors[i][k].grad(), ref.at("grad." + key)), 1e-5) << key;
+      }
+    EXPECT_LT(scaled_diff(model->head().weight().grad(), ref.at("grad.head.weight")), 1e-5);
+    for (const auto& p : model->module().parameters()) EXPECT_FALSE(p.grad().defined());
+    EXPECT_EQ(model->trainable().size(), 4 * tensors.size() + 2);
+  }
+  const auto dir = test::temp_dir("adaptformer_" + GetParam());
+  save_adapter(dir / "adapter", adapter_from_model(*adapted(), {"a", "b", "c"}, nlohmann::json::object()));
+  EXPECT_FALSE(std::filesystem::exists(dir / "adapter" / "adapter_config.json"));
+  const Adapter file = load_adapter(dir / "adapter");
+  EXPECT_EQ(file.method, Method::kAdaptFormer);
+  Model applied(load_bundle(bundle_path()));
+  apply_adapter(applied, file, "adaptformer file");
+  at::NoGradGuard no_grad;
+  EXPECT_LT(scaled_diff(applied.logits(x), ref.at("adapted_logits")), 1e-5);
+  applied.clear_mlp_adapters();
+  Model plain(load_bundle(bundle_path()));
+  EXPECT_TRUE(at::equal(applied.features(x), plain.features(x))) << "cleared: the base again";
+  EXPECT_LT(merge_adapter(bundle_path(), dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
+  auto merged = load_bundle(dir / "merged.pt").module;
+  EXPECT_LT(scaled_diff(merged.forward({x}).toTensor(), ref.at("adapted_logits")), 1e-5);
 }
 
 // LoRA-FA against the LoRA reference (its forward is LoRA's): B's gradient is Python's, A is fixed (no gradient, not

@@ -528,6 +528,26 @@ TEST(Training, VptTrainsPromptsAndResumesToTheUninterruptedAdapter) {
   }
 }
 
+// AdaptFormer through the loop: only the adapters and the head train, Up moves off its zero start, and a stopped run
+// resumes to the uninterrupted adapters.
+TEST(Training, AdaptFormerTrainsAndResumesToTheUninterruptedAdapter) {
+  StoppedRun r;
+  r.settings["method"] = "adaptformer";
+  r.settings["adaptformer"] = {{"bottleneck", 4}};
+  const auto straight = test::temp_dir("adaptformer_straight"), dir = test::temp_dir("adaptformer_resumed");
+  r.run(straight, false);
+  r.stop_after_4(dir);
+  r.run(dir, true);
+  EXPECT_EQ(bytes_of(straight / Trainer::kLastAdapter / kAdapterWeightsName),
+            bytes_of(dir / Trainer::kLastAdapter / kAdapterWeightsName));
+  const auto start = make_model(make_config(test::temp_dir("adaptformer_start"), r.settings), 3);
+  EXPECT_EQ(start->trainable().size(), 4 * static_cast<size_t>(start->blocks().size()) + 2);
+  const Adapter trained = load_adapter(straight / Trainer::kLastAdapter);
+  ASSERT_EQ(trained.method, Method::kAdaptFormer);
+  ASSERT_EQ(trained.mlp_adapters.size(), static_cast<size_t>(start->blocks().size()));
+  for (const auto& block : trained.mlp_adapters) EXPECT_GT(block[2].abs().max().item<float>(), 0.0f) << "Up trained";
+}
+
 TEST(Training, AdaptersRecordFileNamesNotTheOwnersFolders) {
   StoppedRun r;
   r.settings["data"] = {{"train", "/home/someone/private/photos/train/"}, {"val", "/home/someone/private/val"}};
@@ -677,7 +697,7 @@ TEST(Config, DefaultsTypesAndSuggestions) {
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"lora", {{"rank", "8"}}}}, "c.json"),
                     InputError, "c.json: lora.rank must be an integer, not \"8\"");
   EXPECT_THROW_WITH(parse_train_config({{"model", "m"}, {"data", {{"train", "p"}}}, {"method", "lorra"}}, "c.json"),
-                    InputError, "method must be lora, full, linear_probe or vpt");
+                    InputError, "method must be lora, full, linear_probe, vpt or adaptformer");
   EXPECT_THROW_WITH(parse_train_config({{"data", {{"train", "p"}}}}, "c.json"), InputError, "\"model\" is required");
   const auto dir = test::temp_dir("config");
   write_file_atomic(dir / "c.json", R"({"model": "m.pt", "data": {"train": "p"}, "lora": {"rank": 4}})");
@@ -698,7 +718,7 @@ TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
     "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora", "init": "olora",
       "targets": ["qkv:q"], "text_targets": ["q_proj"], "last_blocks": 2, "rank_pattern": {"a": 2},
       "alpha_pattern": {"b": 1.5}},
-    "vpt": {"tokens": 5, "deep": false},
+    "vpt": {"tokens": 5, "deep": false}, "adaptformer": {"bottleneck": 7, "scale": 0.25},
     "head": {"init": "zero_shot", "text_model": "/t.pt", "class_names": "/n.json", "templates": ["a {}"]},
     "optim": {"lr": 0.02, "head_lr": 0.03, "weight_decay": 0.5, "betas": [0.8, 0.9], "eps": 1e-6, "grad_clip": 2.0,
       "lora_plus_ratio": null},

@@ -165,6 +165,45 @@ TEST(UntrustedAdapter, DamagedVptFilesAreRefusedByName) {
                     "extra holds 3 prompt sets; deep prompts need one per block (2)");
 }
 
+// AdaptFormer files: a missing tensor or block, a stray key, adapters under another method or of another width are
+// refused by name.
+TEST(UntrustedAdapter, DamagedAdaptFormerFilesAreRefusedByName) {
+  const fs::path dir = test::temp_dir("hostile_adaptformer");
+  Model model(load_bundle(test::fixture("models/hf_script.pt")));
+  model.set_method(Method::kAdaptFormer);
+  model.init_mlp_adapters(AdaptFormerSettings{4, 0.1});
+  model.head().init(3);
+  save_adapter(dir / "good", adapter_from_model(model, {"a", "b", "c"}, {}));
+  ASSERT_NO_THROW(load_adapter(dir / "good"));
+  auto edited = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
+    fs::copy(dir / "good", dir / name, fs::copy_options::recursive);
+    rewrite_weights(dir / name, edit);
+    return dir / name;
+  };
+  EXPECT_THROW_WITH(load_adapter(edited("no_up", [](safetensors::Contents& c) { c.tensors.erase("adaptformer.1.up.weight"); })),
+                    InputError, "the adapter of block 1 has no up.weight");
+  EXPECT_THROW_WITH(load_adapter(edited("gap", [](safetensors::Contents& c) {
+                      for (const auto& n : adaptformer_tensor_names()) c.tensors.erase("adaptformer.0." + n);
+                    })),
+                    InputError, "the adapter of block 0 is missing");
+  EXPECT_THROW_WITH(load_adapter(edited("stray", [](safetensors::Contents& c) { c.tensors["adaptformer.0.side.weight"] = at::zeros({2}); })),
+                    InputError, "tensor adaptformer.0.side.weight is not an AdaptFormer tensor");
+  EXPECT_THROW_WITH(load_adapter(edited("not_af", [](safetensors::Contents& c) {
+                      json m = loratune_meta(c);
+                      m["method"] = "linear_probe";
+                      c.metadata["loratune"] = m.dump();
+                    })),
+                    InputError, "holds AdaptFormer adapters, but its method is linear_probe");
+  const fs::path wide = edited("wide", [](safetensors::Contents& c) {
+    json m = loratune_meta(c);
+    m["adaptformer"]["bottleneck"] = 8;
+    c.metadata["loratune"] = m.dump();
+  });
+  Model other(load_bundle(test::fixture("models/hf_script.pt")));
+  EXPECT_THROW_WITH(apply_adapter(other, load_adapter(wide), "wide"), InputError,
+                    "wide holds an adapter down.weight that does not fit [8, 32] (bottleneck 8, width 32)");
+}
+
 TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   const fs::path dir = test::temp_dir("hostile_adapter");
   const fs::path good = write_adapter(dir);
