@@ -1,7 +1,8 @@
 // AdaptFormer (Chen et al. 2022, method adaptformer): a bottleneck adapter beside each block's MLP. With x' the
 // MLP's input before its LayerNorm (the block's state after attention), the block's MLP output y becomes
 // y + scale * Up(ReLU(Down(x'))). The blocks' TorchScript graphs are rewritten once per block type: after the MLP's
-// call (timm, torchvision, open_clip: `mlp`; transformers: `intermediate` then `output`, which adds the residual, so
+// last call (a module under the child `mlp` in timm, torchvision and open_clip, the MLP itself or its layers as
+// loratune's imports call them; `intermediate` then `output` in transformers, whose `output` adds the residual, so
 // the sum is the same) comes adaptformer_forward(x', y). Up starts at zero: the adapted model starts as the base.
 #pragma once
 

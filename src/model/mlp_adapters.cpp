@@ -32,11 +32,13 @@ def adaptformer_forward(self, x: Tensor, y: Tensor) -> Tensor:
     return y + torch.linear(h, self.adaptformer_up_weight.to(x.dtype), self.adaptformer_up_bias.to(x.dtype)) * self.adaptformer_scale
 )";
 
-// The name of the child module whose forward `n` calls on the graph's own module, or "".
+// The child of the graph's own module under which `n` calls a module's forward (`self.mlp(x)` and
+// `self.mlp.c_fc(x)`, as loratune's own imports write blocks, both give "mlp"), or "".
 std::string called_child(const Node* n, const Value* self) {
   if (n->kind() != c10::prim::CallMethod || n->s(c10::attr::name) != "forward") return "";
   const Node* get = n->input(0)->node();
-  return get->kind() == c10::prim::GetAttr && get->input(0) == self ? get->s(c10::attr::name) : "";
+  while (get->kind() == c10::prim::GetAttr && get->input(0) != self) get = get->input(0)->node();
+  return get->kind() == c10::prim::GetAttr ? get->s(c10::attr::name) : "";
 }
 
 // The block type's forward: after the MLP's call, y = self.adaptformer_forward(x', y).
@@ -52,8 +54,8 @@ void rewrite_block(torch::jit::Module& block, const std::string& path) {
   }
   if (first == nullptr || last == nullptr)
     throw InputError("method adaptformer puts an adapter beside each block's MLP, but block " + path + " calls no "
-                     "child named mlp (timm, torchvision, open_clip) or intermediate and output (transformers); use "
-                     "method lora");
+                     "module under a child named mlp (timm, torchvision, open_clip) or intermediate and output "
+                     "(transformers); use method lora");
   // AdaptFormer's input is the state the MLP's LayerNorm normalises.
   Value* input = first->input(1);
   const std::string norm = called_child(input->node(), self);
