@@ -44,6 +44,7 @@ inline bool adapts_frozen_base(Method method) {
 struct AdaptFormerSettings {
   int64_t bottleneck = 64;  // Down's output width
   double scale = 0.1;       // the paper's s
+  bool sequential = false;  // its ffn_option sequential: the adapter reads the MLP's output y instead of x'
 };
 // The tensors of one block's adapter, in order: Down [bottleneck, width], its bias, Up [width, bottleneck], its bias
 // (nn.Linear's layout).

@@ -3,7 +3,8 @@
 // y + scale * Up(ReLU(Down(x'))). The blocks' TorchScript graphs are rewritten once per block type: after the MLP's
 // last call (a module under the child `mlp` in timm, torchvision and open_clip, the MLP itself or its layers as
 // loratune's imports call them; `intermediate` then `output` in transformers, whose `output` adds the residual, so
-// the sum is the same) comes adaptformer_forward(x', y). Up starts at zero: the adapted model starts as the base.
+// the sum is the same) comes adaptformer_forward(x', y); in the sequential form, adaptformer_forward(y, y). Up starts
+// at zero: the adapted model starts as the base.
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -40,11 +41,12 @@ class MlpAdapters {
   int64_t parameter_count() const;
 
  private:
-  void prepare(const Bundle& bundle);
+  void prepare(const Bundle& bundle, bool sequential);
   void attach();
 
   AdaptFormerSettings settings_;
   std::vector<torch::jit::Module> blocks_;
+  bool sequential_ = false;  // the form the blocks were rewritten for
   std::vector<std::vector<at::Tensor>> tensors_;
 };
 

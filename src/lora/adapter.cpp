@@ -203,7 +203,8 @@ void save_adapter(const fs::path& dir, const Adapter& a) {
   if (!a.prompts.is_null()) meta["prompts"] = a.prompts;
   if (a.method == Method::kVpt) meta["vpt"] = {{"tokens", a.vpt.tokens}, {"deep", a.vpt.deep}};
   if (a.method == Method::kAdaptFormer)
-    meta["adaptformer"] = {{"bottleneck", a.adaptformer.bottleneck}, {"scale", a.adaptformer.scale}};
+    meta["adaptformer"] = {{"bottleneck", a.adaptformer.bottleneck}, {"scale", a.adaptformer.scale},
+                           {"sequential", a.adaptformer.sequential}};
   const safetensors::Metadata metadata = {{"format", kAdapterFormat},
                                           {"loratune", meta.dump(-1, ' ', false, json::error_handler_t::replace)},
                                           {"tensors_hash", tensors_hash(tensors)}};
@@ -255,6 +256,7 @@ json read_loratune_metadata(Adapter& a, const std::string& text, const std::stri
     if (meta.contains("adaptformer")) {
       a.adaptformer.bottleneck = meta.at("adaptformer").at("bottleneck").get<int64_t>();
       a.adaptformer.scale = meta.at("adaptformer").at("scale").get<double>();
+      a.adaptformer.sequential = meta.at("adaptformer").value("sequential", false);
     }
     if (meta.contains("vpt")) {
       a.vpt.tokens = meta.at("vpt").at("tokens").get<int64_t>();

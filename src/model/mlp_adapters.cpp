@@ -41,8 +41,8 @@ std::string called_child(const Node* n, const Value* self) {
   return get->kind() == c10::prim::GetAttr ? get->s(c10::attr::name) : "";
 }
 
-// The block type's forward: after the MLP's call, y = self.adaptformer_forward(x', y).
-void rewrite_block(torch::jit::Module& block, const std::string& path) {
+// The block type's forward: after the MLP's call, y = self.adaptformer_forward(x', y), or (y, y) when `sequential`.
+void rewrite_block(torch::jit::Module& block, const std::string& path, bool sequential) {
   auto graph = compat::method_graph(block.get_method("forward").function());
   Value* self = graph->inputs()[0];
   Node* first = nullptr;
@@ -56,10 +56,14 @@ void rewrite_block(torch::jit::Module& block, const std::string& path) {
     throw InputError("method adaptformer puts an adapter beside each block's MLP, but block " + path + " calls no "
                      "module under a child named mlp (timm, torchvision, open_clip) or intermediate and output "
                      "(transformers); use method lora");
-  // AdaptFormer's input is the state the MLP's LayerNorm normalises.
-  Value* input = first->input(1);
+  // transformers' ViTOutput adds the residual inside: its output is not the MLP's alone.
+  if (sequential && last->input(0)->node()->input(0) == self && called_child(last, self) == "output")
+    throw InputError("adaptformer.sequential reads the MLP's output, but block " + path + " adds the residual inside "
+                     "its `output` module; use the parallel form (adaptformer.sequential false) there");
+  // AdaptFormer's input is the state the MLP's LayerNorm normalises (parallel), or the MLP's output (sequential).
+  Value* input = sequential ? last->output() : first->input(1);
   const std::string norm = called_child(input->node(), self);
-  if (!norm.empty() && block.attr(norm).isModule() &&
+  if (!sequential && !norm.empty() && block.attr(norm).isModule() &&
       block.attr(norm).toModule().type()->name()->name().find("LayerNorm") != std::string::npos)
     input = input->node()->input(1);
   Node* call = graph->create(c10::prim::CallMethod, {self, input, last->output()}, 1);
@@ -72,8 +76,13 @@ void rewrite_block(torch::jit::Module& block, const std::string& path) {
 
 }  // namespace
 
-void MlpAdapters::prepare(const Bundle& bundle) {
-  if (!blocks_.empty()) return;
+void MlpAdapters::prepare(const Bundle& bundle, bool sequential) {
+  if (!blocks_.empty()) {
+    if (sequential != sequential_)
+      throw InputError(std::string("the blocks carry ") + (sequential_ ? "sequential" : "parallel") + " AdaptFormer "
+                       "adapters already; load the model anew for the other form");
+    return;
+  }
   std::vector<torch::jit::Module> blocks = bundle.blocks();
   const auto names = bundle.blocks_module().named_children();
   std::set<const c10::ClassType*> rewritten;
@@ -88,10 +97,11 @@ void MlpAdapters::prepare(const Bundle& bundle) {
     block.register_attribute(kScale, c10::FloatType::get(), 0.0);
     if (first_of_type) {
       block.define(kForwardCode);
-      rewrite_block(block, path);
+      rewrite_block(block, path, sequential);
     }
   }
   blocks_ = std::move(blocks);
+  sequential_ = sequential;
 }
 
 void MlpAdapters::init(const AdaptFormerSettings& settings, const Bundle& bundle) {
@@ -121,7 +131,7 @@ void MlpAdapters::set(const AdaptFormerSettings& settings, const Bundle& bundle,
         throw InputError(origin + " holds an adapter " + adaptformer_tensor_names()[k] + " that does not fit " +
                          c10::str(at::IntArrayRef(shapes[k])) + " (bottleneck " + std::to_string(settings.bottleneck) +
                          ", width " + std::to_string(width) + "): it was made for another base");
-  prepare(bundle);
+  prepare(bundle, settings.sequential);
   settings_ = settings;
   tensors_.clear();
   for (const auto& block : tensors) {

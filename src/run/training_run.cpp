@@ -52,8 +52,9 @@ void report_model(const TrainConfig& c, const TrainingSetup& setup, TrainingRepo
                                  c.vpt.deep ? fmt::format("each of the {} blocks", model.blocks().size())
                                             : std::string("the first block")));
   if (c.method == Method::kAdaptFormer)
-    reporter.message(fmt::format("AdaptFormer: bottleneck {}, scale {} beside the MLP of each of the {} blocks",
-                                 c.adaptformer.bottleneck, c.adaptformer.scale, model.blocks().size()));
+    reporter.message(fmt::format("AdaptFormer: bottleneck {}, scale {} {} the MLP of each of the {} blocks",
+                                 c.adaptformer.bottleneck, c.adaptformer.scale,
+                                 c.adaptformer.sequential ? "after" : "beside", model.blocks().size()));
   const int64_t trainable = model.trainable_count(), total = model.total_count();
   reporter.message(fmt::format("method {}: {} trainable of {} parameters ({})", method_name(c.method),
                                human_count(static_cast<double>(trainable)), human_count(static_cast<double>(total)),

@@ -196,6 +196,10 @@ const std::vector<Key>& schema() {
        field(&C::adaptformer, &AF::bottleneck), Range::at_least(1)},
       {"adaptformer.scale", Kind::kNumber, false, kResult, "method adaptformer: the adapters' output scale s",
        field(&C::adaptformer, &AF::scale), Range::positive()},
+      {"adaptformer.sequential", Kind::kBool, false, kResult,
+       "method adaptformer: the adapter reads the MLP's output (AdaptFormer's sequential form); false: the MLP's input "
+       "before its LayerNorm, beside the MLP (parallel)",
+       field(&C::adaptformer, &AF::sequential)},
       {"head.init", Kind::kString, false, kResult,
        "how the head starts; zero_shot: from the text encoder's class embeddings (cosine classifier, CLIP models)",
        field(&C::head, &H::init), Range::any(), enum_names<HeadInit>()},

@@ -1526,6 +1526,20 @@ class AdaptFormer(unittest.TestCase):
         items = {item["name"]: item for item in json.loads(text)["items"]}
         # Down 64 x 32 + 64, Up 32 x 64 + 32 in each of 2 blocks (4192 each), and the head (3 x 32 + 3).
         self.assertIn("parameters: 8483 x", items["trainable tensors, gradients, AdamW"]["detail"])
+        # The sequential form: the merged file scores as the adapter did; transformers' blocks refuse it with the reason.
+        cfg, out = write_config("af_seq", method="adaptformer", model=OTHER_BASE, adaptformer={"sequential": True}, epochs=1)
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("scale 0.1 after the MLP of each of the 2 blocks", err)
+        merged = os.path.join(TMP, "af_seq_merged.pt")
+        self.assertEqual(run("merge", "--base", OTHER_BASE, "--adapter", os.path.join(out, "adapter"), "--output", merged)[0], 0)
+        self.assertAlmostEqual(self.eval_loss("af_seq_merged", "--model", merged),
+                               self.eval_loss("af_seq", "--model", OTHER_BASE, "--adapter", os.path.join(out, "adapter")),
+                               delta=1e-5)
+        cfg, _ = write_config("af_seq_hf", method="adaptformer", adaptformer={"sequential": True})
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 3, err)
+        self.assertIn("use the parallel form", err)
         cfg, _ = write_config("af_mobileclip", method="adaptformer", model=os.path.join(FIX, "models", "mobileclip_trace.pt"))
         code, _, err = run("train", "--config", cfg)
         self.assertEqual(code, 3, err)

@@ -250,26 +250,20 @@ TEST(Vpt, SequenceFirstBlocksMatchPython) {
                                "seqfirst");
 }
 
-// AdaptFormer against the float64 reference (hooks on the Python modules: the LayerNorm's input x', the MLP's output
-// plus s * Up(ReLU(Down(x')))), with and without checkpointing; the file and the merged model (adapters inside, the
-// rewritten blocks saved with them) give the same logits. MobileCLIP's stages see 4-D maps: refused.
-TEST_P(LoraReference, AdaptFormerForwardGradientsFileAndMergeMatchPython) {
-  const AdaptFormerSettings settings{4, 0.5};
-  if (GetParam() == "mobileclip_trace") {
-    Model model(load_bundle(bundle_path()));
-    EXPECT_THROW_WITH(model.init_mlp_adapters(settings), InputError,
-                      "method adaptformer adapts the blocks' tokens, but the blocks of mobileclip_trace.pt take 4-D");
-    return;
-  }
-  const auto ref = safetensors::read(fixture("models/ref_" + GetParam() + "_adaptformer.safetensors")).tensors;
+// AdaptFormer (`settings`) on `bundle` against its float64 reference `ref` (hooks on the Python modules: the
+// LayerNorm's input x' or, sequential, the MLP's output; the MLP's output plus s * Up(ReLU(Down(.)))), with and without
+// checkpointing; the file and the merged model (adapters inside, the rewritten blocks saved with them) give the same
+// logits, and cleared adapters give the base.
+void expect_adaptformer_matches_reference(const std::filesystem::path& bundle, const safetensors::Tensors& ref,
+                                          const AdaptFormerSettings& settings, const std::string& name) {
   const at::Tensor x = ref.at("input");
   const auto& names = adaptformer_tensor_names();
   auto adapted = [&] {
-    auto model = std::make_unique<Model>(load_bundle(bundle_path()));
+    auto model = std::make_unique<Model>(load_bundle(bundle));
     model->set_method(Method::kAdaptFormer);
     std::vector<std::vector<at::Tensor>> tensors(static_cast<size_t>(model->blocks().size()));
     for (size_t i = 0; i < tensors.size(); ++i)
-      for (const auto& name : names) tensors[i].push_back(ref.at("adaptformer." + std::to_string(i) + "." + name));
+      for (const auto& tensor : names) tensors[i].push_back(ref.at("adaptformer." + std::to_string(i) + "." + tensor));
     model->set_mlp_adapters(settings, tensors, "reference");
     model->head().set(ref.at("head.weight").clone().requires_grad_(), ref.at("head.bias").clone().requires_grad_());
     return model;
@@ -292,21 +286,47 @@ TEST_P(LoraReference, AdaptFormerForwardGradientsFileAndMergeMatchPython) {
     for (const auto& p : model->module().parameters()) EXPECT_FALSE(p.grad().defined());
     EXPECT_EQ(model->trainable().size(), 4 * tensors.size() + 2);
   }
-  const auto dir = test::temp_dir("adaptformer_" + GetParam());
+  const auto dir = test::temp_dir("adaptformer_" + name);
   save_adapter(dir / "adapter", adapter_from_model(*adapted(), {"a", "b", "c"}, nlohmann::json::object()));
   EXPECT_FALSE(std::filesystem::exists(dir / "adapter" / "adapter_config.json"));
   const Adapter file = load_adapter(dir / "adapter");
   EXPECT_EQ(file.method, Method::kAdaptFormer);
-  Model applied(load_bundle(bundle_path()));
+  EXPECT_EQ(file.adaptformer.sequential, settings.sequential);
+  Model applied(load_bundle(bundle));
   apply_adapter(applied, file, "adaptformer file");
   at::NoGradGuard no_grad;
   EXPECT_LT(scaled_diff(applied.logits(x), ref.at("adapted_logits")), 1e-5);
   applied.clear_mlp_adapters();
-  Model plain(load_bundle(bundle_path()));
+  Model plain(load_bundle(bundle));
   EXPECT_TRUE(at::equal(applied.features(x), plain.features(x))) << "cleared: the base again";
-  EXPECT_LT(merge_adapter(bundle_path(), dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
+  EXPECT_LT(merge_adapter(bundle, dir / "adapter", dir / "merged.pt", MergeOptions{}).max_abs_diff, 1e-5);
   auto merged = load_bundle(dir / "merged.pt").module;
   EXPECT_LT(scaled_diff(merged.forward({x}).toTensor(), ref.at("adapted_logits")), 1e-5);
+}
+
+// Both forms on every layout. MobileCLIP's stages see 4-D maps: refused; transformers' ViTOutput adds the residual
+// inside, so the sequential form (which reads the MLP's output) is refused there.
+TEST_P(LoraReference, AdaptFormerForwardGradientsFileAndMergeMatchPython) {
+  for (const bool sequential : {false, true}) {
+    SCOPED_TRACE(sequential ? "sequential" : "parallel");
+    const AdaptFormerSettings settings{4, 0.5, sequential};
+    if (GetParam() == "mobileclip_trace") {
+      Model model(load_bundle(bundle_path()));
+      EXPECT_THROW_WITH(model.init_mlp_adapters(settings), InputError,
+                        "method adaptformer adapts the blocks' tokens, but the blocks of mobileclip_trace.pt take 4-D");
+      continue;
+    }
+    if (sequential && GetParam().rfind("hf_", 0) == 0) {
+      Model model(load_bundle(bundle_path()));
+      EXPECT_THROW_WITH(model.init_mlp_adapters(settings), InputError,
+                        "adds the residual inside its `output` module; use the parallel form");
+      continue;
+    }
+    const std::string form = sequential ? "_sequential" : "";
+    expect_adaptformer_matches_reference(
+        bundle_path(), safetensors::read(fixture("models/ref_" + GetParam() + "_adaptformer" + form + ".safetensors")).tensors,
+        settings, GetParam() + form);
+  }
 }
 
 // LoRA-FA against the LoRA reference (its forward is LoRA's): B's gradient is Python's, A is fixed (no gradient, not

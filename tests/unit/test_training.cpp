@@ -718,7 +718,7 @@ TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
     "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora", "init": "olora",
       "targets": ["qkv:q"], "text_targets": ["q_proj"], "last_blocks": 2, "rank_pattern": {"a": 2},
       "alpha_pattern": {"b": 1.5}},
-    "vpt": {"tokens": 5, "deep": false}, "adaptformer": {"bottleneck": 7, "scale": 0.25},
+    "vpt": {"tokens": 5, "deep": false}, "adaptformer": {"bottleneck": 7, "scale": 0.25, "sequential": true},
     "head": {"init": "zero_shot", "text_model": "/t.pt", "class_names": "/n.json", "templates": ["a {}"]},
     "optim": {"lr": 0.02, "head_lr": 0.03, "weight_decay": 0.5, "betas": [0.8, 0.9], "eps": 1e-6, "grad_clip": 2.0,
       "lora_plus_ratio": null},
