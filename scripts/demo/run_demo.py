@@ -60,6 +60,9 @@ VARIANTS = {
     "ssf_all_linear": {"method": "lora", "optim": {"lr": 3e-2}, "lora": {"variant": "ssf", "targets": ["all-linear"]}},
     "vpt_shallow": {"method": "vpt", "optim": {"lr": 3e-2}, "vpt": {"tokens": 10, "deep": False}},
     "vpt_deep": {"method": "vpt", "optim": {"lr": 1e-2}, "vpt": {"tokens": 10, "deep": True}},
+    # AdaptFormer, bottleneck 16 (an eighth of the width, as 64 of ViT-B's 768 is about a twelfth): lr from 3e-3, 1e-2,
+    # 3e-2 on the validation split (seed 0): 90 / 92 / 92%, the tie to the lower validation loss.
+    "adaptformer": {"method": "adaptformer", "optim": {"lr": 1e-2}, "adaptformer": {"bottleneck": 16}},
     "full": METHODS["full"],
 }
 
