@@ -153,13 +153,19 @@ def evaluate(binary, work, name, model_args, data):
 
 # (key, table label, settings over the shared ones). Learning rates of SSF, VPT and AdaptFormer chosen on the
 # validation split of the target photos (seed 0): SSF 3e-3 / 1e-2 / 3e-2 / 1e-1 gave 42 / 52 / 58 / 59%, VPT 3e-3 /
-# 1e-2 / 3e-2 51 / 54 / 52%, AdaptFormer (bottleneck 16) 3e-3 / 1e-2 / 3e-2 / 1e-1 47 / 56 / 58 / 54%.
+# 1e-2 / 3e-2 51 / 54 / 52%, AdaptFormer (bottleneck 16) 3e-3 / 1e-2 / 3e-2 / 1e-1 47 / 56 / 58 / 54%. DoRA takes
+# LoRA's, VPT-shallow VPT-deep's; full fine-tuning 1e-4, a tenth of LoRA's (not swept).
 METHODS = [("ce", "cross-entropy LoRA (zero-shot head)", {}),
            ("flyp", "contrastive LoRA, both towers (FLYP)", {"loss": "contrastive"}),
            ("ssf", "cross-entropy SSF q/v (zero-shot head)", {"lora": {"variant": "ssf"}, "optim": {"lr": 1e-1}}),
            ("vpt", "cross-entropy VPT-deep, 10 tokens (zero-shot head)", {"method": "vpt", "optim": {"lr": 1e-2}}),
            ("adaptformer", "cross-entropy AdaptFormer, bottleneck 16 (zero-shot head)",
-            {"method": "adaptformer", "adaptformer": {"bottleneck": 16}, "optim": {"lr": 3e-2}})]
+            {"method": "adaptformer", "adaptformer": {"bottleneck": 16}, "optim": {"lr": 3e-2}}),
+           ("dora", "cross-entropy DoRA q/v (zero-shot head)",
+            {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "variant": "dora"}}),
+           ("vpt_shallow", "cross-entropy VPT-shallow, 10 tokens (zero-shot head)",
+            {"method": "vpt", "vpt": {"deep": False}, "optim": {"lr": 1e-2}}),
+           ("full", "cross-entropy full fine-tuning (zero-shot head)", {"method": "full", "optim": {"lr": 1e-4}})]
 
 
 def main():

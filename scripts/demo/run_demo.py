@@ -34,6 +34,7 @@ PROFILES = {
                   seeds=[0, 1, 2]),
 }
 
+BATCH_SIZE = 16  # adaptation runs
 BACKBONE = ["--image-size", "28", "--patch-size", "7", "--layers", "4", "--heads", "4", "--hidden", "128", "--mlp", "256"]
 
 # Settings per method, chosen on the validation split of the training photos (never on the held-out folder).
@@ -154,7 +155,7 @@ def main():
     for seed in prof["seeds"]:
         for name, settings in methods.items():
             config = {"model": backbone, "data": {"train": photos_train, "val_fraction": 0.1},
-                      "epochs": prof["epochs"], "batch_size": 16, "precision": "fp32", "seed": seed,
+                      "epochs": prof["epochs"], "batch_size": BATCH_SIZE, "precision": "fp32", "seed": seed,
                       "gradient_checkpointing": False, **settings}
             run_name = f"{name}_seed{seed}"
             run_dir, summary = train(a.binary, out, run_name, config)
@@ -186,8 +187,8 @@ def main():
                      f"({100 * s['trainable_params'] / s['total_params']:.2f}%) | {100 * r['top1']:.2f}% | "
                      f"{s['peak_memory_bytes'] / 2**20:.0f} MB | {s['seconds']:.1f} s |")
     if len(prof["seeds"]) > 1:
-        lines += ["", "| method | mean top-1 | min | max | trainable params | peak memory | wall time (mean) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| method | mean top-1 | min | max | trainable params | peak memory | "
+                      f"s / step ({BATCH_SIZE} images) | wall time (mean) |", "|---|---|---|---|---|---|---|---|"]
         for name in methods:
             runs = [r for r in results if r["method"] == name]
             accs = [100 * r["top1"] for r in runs]
@@ -195,6 +196,7 @@ def main():
             lines.append(f"| {name} | {sum(accs) / len(accs):.2f}% | {min(accs):.2f}% | {max(accs):.2f}% | "
                          f"{human(s['trainable_params'])} ({100 * s['trainable_params'] / s['total_params']:.2f}%) | "
                          f"{max(r['summary']['peak_memory_bytes'] for r in runs) / 2**20:.0f} MB | "
+                         f"{sum(BATCH_SIZE / r['summary']['train_images_per_second'] for r in runs) / len(runs):.4f} | "
                          f"{sum(r['summary']['seconds'] for r in runs) / len(runs):.1f} s |")
     # The page to look at: LoRA's run and evaluation beside the second method's (same held-out photos).
     page = os.path.join(out, "report.html")
