@@ -612,6 +612,15 @@ class MemoryPlan(unittest.TestCase, ExpectsInputError):
         self.assertIn("ViT-g/14", small["4GB"])
 
 
+def eval_loss(test, name, *args):
+    """The loss `loratune eval ARGS` reports on the toy validation photos (its output under TMP/<name>_eval)."""
+    out = os.path.join(TMP, name + "_eval")
+    code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
+    test.assertEqual(code, 0, err)
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)["loss"]
+
+
 def adapter_difference(dir_a, dir_b):
     """Largest |a - b| / max|a| over the tensors of two adapters (same keys)."""
     a = safetensors_lite.load(os.path.join(dir_a, "adapter_model.safetensors"))[0]
@@ -1228,11 +1237,7 @@ class QuantizedBase(unittest.TestCase):
         return write_config(name, **settings)
 
     def eval_loss(self, name, *args):
-        out = os.path.join(TMP, "quant_eval_" + name)
-        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
-        self.assertEqual(code, 0, err)
-        with open(os.path.join(out, "metrics.json")) as f:
-            return json.load(f)["loss"]
+        return eval_loss(self, "quant_" + name, *args)
 
     def test_adapters_trained_on_a_quantised_base_are_ordinary_files(self):
         for fmt in ("int8", "nf4"):
@@ -1345,11 +1350,7 @@ class Ssf(unittest.TestCase):
     loratune's own (no adapter_config.json: PEFT has no SSF), eval and merge agree with training."""
 
     def eval_loss(self, name, *args):
-        out = os.path.join(TMP, "ssf_eval_" + name)
-        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
-        self.assertEqual(code, 0, err)
-        with open(os.path.join(out, "metrics.json")) as f:
-            return json.load(f)["loss"]
+        return eval_loss(self, "ssf_" + name, *args)
 
     def test_quantised_training_eval_merge_and_info(self):
         cfg, out = write_config("ssf_int8", frozen_dtype="int8", gradient_checkpointing=True, epochs=2,
@@ -1400,11 +1401,7 @@ class Vpt(unittest.TestCase):
     workers and plan work as for adapters; MobileCLIP's convolutional stages are refused with the reason."""
 
     def eval_loss(self, name, *args):
-        out = os.path.join(TMP, "vpt_eval_" + name)
-        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
-        self.assertEqual(code, 0, err)
-        with open(os.path.join(out, "metrics.json")) as f:
-            return json.load(f)["loss"]
+        return eval_loss(self, "vpt_" + name, *args)
 
     def test_train_eval_merge_export(self):
         for deep in (False, True):
@@ -1472,11 +1469,7 @@ class AdaptFormer(unittest.TestCase):
     beside the adapters; bf16, two workers and plan as for adapters; MobileCLIP's stages are refused."""
 
     def eval_loss(self, name, *args):
-        out = os.path.join(TMP, "af_eval_" + name)
-        code, _, err = run("eval", *args, "--data", os.path.join(IMAGES, "toy", "val"), "--output", out)
-        self.assertEqual(code, 0, err)
-        with open(os.path.join(out, "metrics.json")) as f:
-            return json.load(f)["loss"]
+        return eval_loss(self, "af_" + name, *args)
 
     def test_train_eval_merge_export(self):
         cfg, out = write_config("af", model=OTHER_BASE, method="adaptformer", adaptformer={"bottleneck": 4}, epochs=2,

@@ -91,6 +91,14 @@ void rewrite_weights(const fs::path& adapter, const std::function<void(safetenso
 
 json loratune_meta(const safetensors::Contents& c) { return json::parse(c.metadata.at("loratune")); }
 
+// A copy of the adapter folder `good`, beside it under `name`, with its tensors rewritten by `edit`.
+fs::path edited_copy(const fs::path& good, const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
+  const fs::path copy = good.parent_path() / name;
+  fs::copy(good, copy, fs::copy_options::recursive);
+  rewrite_weights(copy, edit);
+  return copy;
+}
+
 // SSF files: vectors that disagree with each other or with the base, a missing shift, LoRA tensors in an SSF file and
 // SSF tensors in a LoRA file are refused by name.
 TEST(UntrustedAdapter, DamagedSsfFilesAreRefusedByName) {
@@ -105,9 +113,7 @@ TEST(UntrustedAdapter, DamagedSsfFilesAreRefusedByName) {
   save_adapter(dir / "good", adapter_from_model(model, {"a", "b", "c"}, {}));
   ASSERT_NO_THROW(load_adapter(dir / "good"));
   auto edited = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
-    fs::copy(dir / "good", dir / name, fs::copy_options::recursive);
-    rewrite_weights(dir / name, edit);
-    return dir / name;
+    return edited_copy(dir / "good", name, edit);
   };
   const std::string shift = "base_model.model.vit.encoder.layer.0.attention.attention.query.lora_ssf_shift.weight";
   EXPECT_THROW_WITH(load_adapter(edited("short_shift", [&](safetensors::Contents& c) { c.tensors[shift] = at::zeros({31}); })),
@@ -137,9 +143,7 @@ TEST(UntrustedAdapter, DamagedVptFilesAreRefusedByName) {
   save_adapter(dir / "good", adapter_from_model(model, {"a", "b", "c"}, {}));
   ASSERT_NO_THROW(load_adapter(dir / "good"));
   auto edited = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
-    fs::copy(dir / "good", dir / name, fs::copy_options::recursive);
-    rewrite_weights(dir / name, edit);
-    return dir / name;
+    return edited_copy(dir / "good", name, edit);
   };
   EXPECT_THROW_WITH(load_adapter(edited("gap", [](safetensors::Contents& c) { c.tensors.erase("prompt_embeddings.0"); })),
                     InputError, "prompts for block 0 are missing");
@@ -176,9 +180,7 @@ TEST(UntrustedAdapter, DamagedAdaptFormerFilesAreRefusedByName) {
   save_adapter(dir / "good", adapter_from_model(model, {"a", "b", "c"}, {}));
   ASSERT_NO_THROW(load_adapter(dir / "good"));
   auto edited = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
-    fs::copy(dir / "good", dir / name, fs::copy_options::recursive);
-    rewrite_weights(dir / name, edit);
-    return dir / name;
+    return edited_copy(dir / "good", name, edit);
   };
   EXPECT_THROW_WITH(load_adapter(edited("no_up", [](safetensors::Contents& c) { c.tensors.erase("adaptformer.1.up.weight"); })),
                     InputError, "the adapter of block 1 has no up.weight");
@@ -209,10 +211,7 @@ TEST(UntrustedAdapter, DamagedFilesAreInputErrorsNamingTheFile) {
   const fs::path good = write_adapter(dir);
   ASSERT_NO_THROW(load_adapter(good));
   auto variant = [&](const std::string& name, const std::function<void(safetensors::Contents&)>& edit) {
-    const fs::path copy = dir / name;
-    fs::copy(good, copy, fs::copy_options::recursive);
-    rewrite_weights(copy, edit);
-    return copy;
+    return edited_copy(good, name, edit);
   };
   const fs::path long_name = variant("long_name", [](safetensors::Contents& c) {
     c.tensors["base_model.model." + std::string(30000, 'x') + ".lora_A.weight"] = at::zeros({2, 2});
