@@ -25,8 +25,7 @@ ImageFolder collect_inputs(const std::vector<std::string>& inputs) {
   f.classes = {""};
   const auto& ext = image_extensions();
   auto add = [&](const fs::path& p) {
-    std::string e = p.extension().string();
-    std::transform(e.begin(), e.end(), e.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    const std::string e = to_lower(p.extension().string());
     if (std::find(ext.begin(), ext.end(), e) == ext.end()) return f.skipped.push_back({p.string(), "not an image (extension)"});
     const std::string problem = quick_image_check(p);
     if (problem.empty()) f.samples.push_back({p, 0});

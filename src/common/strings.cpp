@@ -1,5 +1,7 @@
 #include "common/strings.h"
 
+#include "loratune/errors.h"
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -178,6 +180,57 @@ std::string csv_field(const std::string& s) {
   std::string out = "\"";
   for (char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
   return out + "\"";
+}
+
+std::vector<DelimitedRecord> parse_delimited(const std::string& text, char separator, const std::string& origin) {
+  std::vector<DelimitedRecord> records;
+  DelimitedRecord record{1, {}};
+  std::string field;
+  bool quoted = false, started = false;  // started: the record has a separator or a quoted field
+  int64_t line = 1;
+  const auto end_record = [&] {
+    if (started || !field.empty()) {
+      record.fields.push_back(field);
+      records.push_back(std::move(record));
+    }
+    record = {line, {}};
+    field.clear();
+    started = false;
+  };
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (quoted) {
+      if (ch == '"' && i + 1 < text.size() && text[i + 1] == '"') field += '"', ++i;
+      else if (ch == '"') quoted = false;
+      else field += ch, line += ch == '\n';
+    } else if (ch == '"' && field.empty()) {
+      quoted = started = true;
+    } else if (ch == separator) {
+      record.fields.push_back(field);
+      field.clear();
+      started = true;
+    } else if (ch == '\n') {
+      ++line;
+      end_record();
+    } else if (ch != '\r') {
+      field += ch;
+    }
+  }
+  if (quoted) throw InputError(origin + ": a quoted field is not closed");
+  end_record();
+  return records;
+}
+
+std::string to_lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string trim(const std::string& s) {
+  const char* space = " \t\r\n";
+  const size_t first = s.find_first_not_of(space);
+  if (first == std::string::npos) return "";
+  return s.substr(first, s.find_last_not_of(space) - first + 1);
 }
 
 }  // namespace loratune

@@ -17,11 +17,6 @@ namespace fs = std::filesystem;
 namespace loratune {
 namespace {
 
-std::string lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  return s;
-}
-
 bool is_hidden(const fs::path& p) { return !p.filename().empty() && p.filename().string()[0] == '.'; }
 
 // Images below a class folder, sorted by path; everything else goes to `skipped`.
@@ -42,7 +37,7 @@ std::vector<fs::path> images_below(const fs::path& dir, SkippedFiles& skipped) {
       skipped.push_back({escape_invalid_utf8(f.string()), "file name is not valid UTF-8 (rename it, e.g. with convmv)"});
       continue;
     }
-    if (std::find(ext.begin(), ext.end(), lower(f.extension().string())) == ext.end()) {
+    if (std::find(ext.begin(), ext.end(), to_lower(f.extension().string())) == ext.end()) {
       skipped.push_back({f.string(), is_hidden(f) ? "hidden file" : "not an image (extension " + f.extension().string() + ")"});
       continue;
     }

@@ -29,15 +29,10 @@ struct TimmVit {
   int64_t prefix() const { return (class_token ? 1 : 0) + (distilled ? 1 : 0) + registers; }
 };
 
-std::string lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
 // The parts of timm's VisionTransformer the builder does not make, in words; empty when it makes them all.
 std::vector<std::string> unsupported_parts(const json& a) {
   std::vector<std::string> parts;
-  auto layer = [&](const char* key) { return a.contains(key) && a[key].is_string() ? lower(a[key].get<std::string>()) : ""; };
+  auto layer = [&](const char* key) { return a.contains(key) && a[key].is_string() ? to_lower(a[key].get<std::string>()) : ""; };
   auto set = [&](const char* key) { return a.contains(key) && !a[key].is_null() && a[key] != false && a[key] != ""; };
   if (const std::string n = layer("norm_layer"); set("norm_layer") && n != "layernorm")
     parts.push_back(n == "rmsnorm" ? "RMSNorm" : "norm_layer " + n);
@@ -121,7 +116,7 @@ TimmVit timm_vit(const std::string& arch, const json& config, const std::string&
     v.eps = a["norm_eps"].get<double>();
   }
   if (a.contains("act_layer") && a["act_layer"].is_string())
-    v.activation = activation_from_name(lower(a["act_layer"].get<std::string>()), where);
+    v.activation = activation_from_name(to_lower(a["act_layer"].get<std::string>()), where);
   if (a.contains("global_pool")) v.pool = a["global_pool"].get<std::string>();
   v.class_token = flag_arg(a, "class_token", v.class_token, where);
   v.no_embed_class = flag_arg(a, "no_embed_class", v.no_embed_class, where);

@@ -31,32 +31,6 @@ json read_json(const fs::path& path) {
   }
 }
 
-// RFC 4180 records: fields split at commas, quoted fields may hold commas, quotes ("") and line breaks.
-std::vector<std::vector<std::string>> parse_csv(const std::string& text, const fs::path& path) {
-  std::vector<std::vector<std::string>> rows(1, std::vector<std::string>(1));
-  bool quoted = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char ch = text[i];
-    std::string& field = rows.back().back();
-    if (quoted) {
-      if (ch != '"') field += ch;
-      else if (i + 1 < text.size() && text[i + 1] == '"') field += '"', ++i;
-      else quoted = false;
-    } else if (ch == '"' && field.empty()) {
-      quoted = true;
-    } else if (ch == ',') {
-      rows.back().emplace_back();
-    } else if (ch == '\n') {
-      rows.emplace_back(1);
-    } else if (ch != '\r') {
-      field += ch;
-    }
-  }
-  if (quoted) throw InputError(path.string() + ": a quoted field is not closed");
-  if (rows.back().size() == 1 && rows.back()[0].empty()) rows.pop_back();
-  return rows;
-}
-
 const json& field(const json& j, const char* key, bool (json::*is)() const, const char* kind, const fs::path& path) {
   if (!j.contains(key) || !(j[key].*is)()) throw InputError(path.string() + ": \"" + key + "\" is not " + kind);
   return j[key];
@@ -175,7 +149,9 @@ EvalRecord read_eval(const fs::path& dir) {
     throw InputError(dir.string() + " has no " + EvalFiles::kPredictions + ": evaluate again with this loratune");
   std::map<std::string, int64_t> index;
   for (size_t k = 0; k < e.classes.size(); ++k) index[e.classes[k]] = static_cast<int64_t>(k);
-  const auto rows = parse_csv(read_file(predictions_path), predictions_path);
+  std::vector<std::vector<std::string>> rows;
+  for (auto& record : parse_delimited(read_file(predictions_path), ',', predictions_path.string()))
+    rows.push_back(std::move(record.fields));
   const std::vector<std::string> header = {"path", "true", "predicted", "confidence"};
   if (rows.empty() || rows[0] != header)
     throw InputError(predictions_path.string() + ": the first line is not \"path,true,predicted,confidence\"");
