@@ -29,6 +29,8 @@ struct DataConfig {
   CacheMode prefix_cache = CacheMode::kAuto;  // reuse the frozen prefix's output across epochs
   int64_t max_image_pixels = kDefaultMaxImagePixels;  // larger images are skipped and listed; 0: no limit
   AugmentConfig augment;
+  std::string captions;        // loss contrastive: a caption file (captions.h); empty: class prompts
+  std::string caption_column;  // its text column; empty: the first of caption_columns() it has
 };
 
 // How the classification head starts: random, or from the text tower's class embeddings (CLIP-like models).
@@ -95,6 +97,19 @@ struct NamedEnum<OffloadMode> {
       {OffloadMode::kBoth, "both"}};
 };
 
+// Which pairs are a contrastive row's negatives: every other pair of the optimiser step (embeddings cached across the
+// micro-batches: the memory of one), or those of its micro-batch only.
+enum class ContrastiveNegatives { kStep, kMicroBatch };
+template <>
+struct NamedEnum<ContrastiveNegatives> {
+  static constexpr std::pair<ContrastiveNegatives, const char*> names[] = {
+      {ContrastiveNegatives::kStep, "step"}, {ContrastiveNegatives::kMicroBatch, "micro_batch"}};
+};
+
+struct ContrastiveConfig {
+  ContrastiveNegatives negatives = ContrastiveNegatives::kStep;
+};
+
 struct TrainConfig {
   std::string model;
   DataConfig data;
@@ -110,6 +125,7 @@ struct TrainConfig {
   int64_t epochs = 10;
   int64_t max_steps = -1;         // optimiser steps; < 0: from epochs
   TrainingLoss loss = TrainingLoss::kCrossEntropy;
+  ContrastiveConfig contrastive;
   double label_smoothing = 0.0;
   std::string precision = "auto";
   FrozenStorage frozen_dtype = FrozenStorage::kAuto;

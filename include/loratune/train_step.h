@@ -5,6 +5,7 @@
 
 #include <ATen/Tensor.h>
 
+#include <functional>
 #include <vector>
 
 #include "loratune/amp.h"
@@ -22,8 +23,27 @@ double backward_micro_batch(const at::Tensor& logits, const at::Tensor& labels, 
 double backward_loss(const at::Tensor& loss, double share, const LossScaler& scaler);
 
 // CLIP's symmetric contrastive loss on paired rows: image i's positive is text i and the other texts are its
-// negatives, and the same for each text; features are L2-normalised, logits = logit_scale * cosine. Computed in fp32.
-at::Tensor contrastive_loss(const at::Tensor& image_features, const at::Tensor& text_features, double logit_scale);
+// negatives, and the same for each text; features are L2-normalised, logits = logit_scale * cosine. Computed in fp32
+// (float64 stays float64). With `groups` ([N] int64), rows of one group are not each other's negatives (photos of one
+// class paired with prompts of that class; one caption given to two photos).
+at::Tensor contrastive_loss(const at::Tensor& image_features, const at::Tensor& text_features, double logit_scale,
+                            const at::Tensor& groups = {});
+
+// The embeddings of one micro-batch for the contrastive loss.
+struct PairedFeatures {
+  at::Tensor image, text;  // [n, D] each
+};
+
+// Backward of the contrastive loss over the rows of all `micro_batches` at once, at the memory of one (cached
+// embeddings, as GradCache and open_clip's --accum-freq): each micro-batch is embedded without a graph, the loss and
+// its gradients with respect to the embeddings are computed over all rows, then each micro-batch is embedded again
+// with a graph and the embeddings' gradients flow back through it. `embed(k)` must give the same values both times:
+// the random generators are set back before the second pass (dropout draws alike). The gradients are those of
+// `weight` x the loss, scaled by `scaler`; `groups` as contrastive_loss, all rows in order; `device`: where embed
+// runs (its generator is set back too). Returns weight x loss.
+double backward_contrastive_cached(int64_t micro_batches, const std::function<PairedFeatures(int64_t k)>& embed,
+                                   double logit_scale, const at::Tensor& groups, double weight,
+                                   const LossScaler& scaler, const c10::Device& device);
 
 struct StepOutcome {
   bool applied = false;      // false: inf/NaN in the gradients or the loss, the update was skipped

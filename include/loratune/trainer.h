@@ -1,9 +1,11 @@
 // The training loop: micro-batches with gradient accumulation, mixed precision with loss scaling, gradient
 // checkpointing, AdamW with warm-up + cosine, validation, best/last adapters, checkpoints that resume exactly.
 // loss contrastive (FLYP): each image is paired with one prompt of its class (drawn per image and step from the
-// class's names x templates, reproducibly); CLIP's symmetric loss over each micro-batch, its other pairs the
-// negatives (a micro-batch is its own set: accumulation and data-parallel shares add losses, not negatives).
-// Validation and saved adapters score classes by the adapted text tower's class embeddings.
+// class's names x templates, reproducibly) or, with captions, one of its captions (drawn per image and epoch);
+// CLIP's symmetric loss, the other pairs of the optimiser step the negatives (contrastive.negatives step: embeddings
+// cached over the micro-batches, backward_contrastive_cached in train_step.h) or of the micro-batch only; pairs of
+// one class (class prompts) or one caption text are not each other's negatives. A data-parallel worker's negatives
+// are those of its share. Validation and saved adapters score classes by the adapted text tower's class embeddings.
 #pragma once
 
 #include <filesystem>
@@ -88,6 +90,10 @@ struct TrainerHooks {
   // adapted text tower for validation and saved adapters (zero_shot_head_initializer()).
   ClassPromptMaker class_prompts;
   ZeroShotHeadInit text_head;
+  // loss contrastive on captions (data.captions): each training sample's captions, by its index in the training
+  // source, and the text tower's tokenizer (text_tokenizer_for()). Empty: class prompts.
+  std::vector<std::vector<std::string>> captions;
+  TextTokenizerFor tokenize;
 };
 
 // Refuses to start over a run (its checkpoint exists) or to resume nothing: InputError saying what to do.

@@ -21,6 +21,7 @@ struct TrainingRunOptions {
   int64_t memory_budget = 0;    // bytes; > 0: first choose the settings that fit it (fit_memory)
   ZeroShotHeadInit zero_shot;   // for head.init zero_shot: loratune::zero_shot_head_initializer() (zero_shot.h)
   ClassPromptMaker class_prompts;  // for loss contrastive: loratune::class_prompt_maker() (zero_shot.h)
+  TextTokenizerFor tokenize;       // for data.captions: loratune::text_tokenizer_for() (zero_shot.h)
   std::shared_ptr<TrainingReporter> reporter;  // empty: console_reporter
   // Called after each optimiser step; true stops the run (checkpoint, Interrupted): TrainerHooks::stop_after_step.
   std::function<bool(int64_t step)> stop_after_step;

@@ -35,6 +35,15 @@ struct ClassPrompts {
 using ClassPromptMaker =
     std::function<ClassPrompts(const Model& model, const std::vector<std::string>& classes, const HeadConfig& head)>;
 
+// Texts as the model's text tower takes them (loss contrastive on captions, retrieval): tokens [N, context] int64 on
+// the CPU, and how many texts were longer than the context and cut (loratune_text: text_tokenizer_for() in
+// zero_shot.h).
+struct TokenizedTexts {
+  at::Tensor tokens;
+  int64_t truncated = 0;
+};
+using TextTokenizerFor = std::function<TokenizedTexts(const Model& model, const std::vector<std::string>& texts)>;
+
 // The weights LoRA adapts in `bundle` under `settings`: lora.targets resolved, then kept to the last
 // lora.last_blocks blocks. Training and `loratune info` both ask this (InputError when nothing is left).
 std::vector<LoraTarget> adapted_targets(const Bundle& bundle, const LoraSettings& settings);

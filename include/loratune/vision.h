@@ -2,6 +2,7 @@
 // on photo folders (run_training). Needs OpenCV; includes the core library.
 #pragma once
 
+#include "loratune/captions.h"
 #include "loratune/image.h"
 #include "loratune/image_folder.h"
 #include "loratune/loader.h"

@@ -69,5 +69,10 @@ std::function<std::pair<at::Tensor, at::Tensor>(const std::filesystem::path&, co
 prompt_head_maker();
 // The class prompts of loss contrastive (TrainingRunOptions::class_prompts, TrainerHooks::class_prompts).
 ClassPromptMaker class_prompt_maker();
+// The tokenizer of a model's text tower (TrainingRunOptions::tokenize, TrainerHooks::tokenize): texts cut to its
+// context, counted.
+TextTokenizerFor text_tokenizer_for();
+// Texts as `text`'s tokens; `truncated`: how many were longer than its context.
+TokenizedTexts tokenize_texts(const TextEncoder& text, const std::vector<std::string>& texts);
 
 }  // namespace loratune

@@ -67,6 +67,7 @@ int run_train(const TrainCommand& command) {
     options.memory_budget = command.fit_memory.empty() ? 0 : parse_memory_size(command.fit_memory);
     options.zero_shot = zero_shot_head_initializer();
     options.class_prompts = class_prompt_maker();
+    options.tokenize = text_tokenizer_for();
     options.stop_after_step = [](int64_t) { return g_interrupted.load(); };
     const WorkerEnvironment worker = worker_environment();
     std::unique_ptr<RunFolderLock> lock;

@@ -4,6 +4,7 @@
 
 #include "common/output_paths.h"
 #include "common/strings.h"
+#include "loratune/captions.h"
 #include "loratune/device.h"
 #include "loratune/errors.h"
 #include "loratune/image_folder.h"
@@ -17,13 +18,29 @@ namespace {
 
 std::string percent(double fraction) { return fmt::format("{:.3f}%", 100.0 * fraction); }
 
-// The training and validation folders: data.val, or a seeded split of data.train.
-std::pair<ImageFolder, ImageFolder> scan_folders(const TrainConfig& c, TrainingReporter& reporter) {
-  ImageFolder train = scan_image_folder(c.data.train), val;
+struct ScannedData {
+  ImageFolder train, val;
+  std::vector<std::vector<std::string>> captions;  // data.captions: each training photo's
+};
+
+// The training and validation folders: data.val, or a seeded split of data.train; with data.captions, the training
+// photos that have captions, and theirs.
+ScannedData scan_folders(const TrainConfig& c, TrainingReporter& reporter) {
+  ScannedData data;
+  ImageFolder& train = data.train;
+  ImageFolder& val = data.val;
+  train = scan_image_folder(c.data.train);
   if (c.data.val.empty()) {
     std::tie(train, val) = stratified_split(train, c.data.val_fraction, c.data.split_seed);
   } else {
     val = scan_image_folder_for(c.data.val, train.classes);
+  }
+  if (!c.data.captions.empty()) {
+    const CaptionFile captions = read_captions(c.data.captions, c.data.caption_column);
+    for (const auto& line : describe_skipped(captions.skipped, c.data.captions + " (rows)")) reporter.warning(line);
+    reporter.message(fmt::format("{} captions of {} photos in {} (column \"{}\")", captions.caption_count(),
+                                 captions.captions.size(), c.data.captions, captions.column));
+    data.captions = attach_captions(train, captions);
   }
   for (const auto& line : describe_skipped(train.skipped, c.data.train)) reporter.warning(line);
   if (!c.data.val.empty())
@@ -31,7 +48,7 @@ std::pair<ImageFolder, ImageFolder> scan_folders(const TrainConfig& c, TrainingR
   reporter.message(fmt::format("{} classes: {}", train.classes.size(), join(train.classes, ", ", 12)));
   reporter.message(fmt::format("{} training images, {} validation images ({})", train.samples.size(), val.samples.size(),
                                c.data.val.empty() ? "held out of " + c.data.train : c.data.val));
-  return {std::move(train), std::move(val)};
+  return data;
 }
 
 // What the run adapts and trains.
@@ -101,7 +118,9 @@ TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& op
     reporter->message(fmt::format("data-parallel worker {} of {} (Gloo, {})", group->rank(), group->size(),
                                   worker.rendezvous()));
   const ComputeThreadsScope threads(c.threads);  // the caller's count comes back when the run ends
-  auto [train_folder, val_folder] = scan_folders(c, *reporter);  // a bad folder fails before any model work
+  ScannedData data = scan_folders(c, *reporter);  // a bad folder fails before any model work
+  const ImageFolder& train_folder = data.train;
+  const ImageFolder& val_folder = data.val;
 
   if (options.memory_budget > 0) {
     reporter->message(fmt::format("fitting the run to {}: measuring small training steps for each setting...",
@@ -134,6 +153,8 @@ TrainingRun run_training(const TrainConfig& config, const TrainingRunOptions& op
   hooks.stop_after_step = options.stop_after_step;
   hooks.class_prompts = options.class_prompts;
   hooks.text_head = options.zero_shot;
+  hooks.captions = std::move(data.captions);
+  hooks.tokenize = options.tokenize;
   Trainer trainer(c, *setup.model, train, val.get(), train_folder.classes, setup.device, setup.precision, hooks);
   run.summary = trainer.run(options.resume);
   return run;

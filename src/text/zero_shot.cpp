@@ -152,6 +152,23 @@ ClassPromptMaker class_prompt_maker() {
   };
 }
 
+TokenizedTexts tokenize_texts(const TextEncoder& text, const std::vector<std::string>& texts) {
+  TokenizedTexts out;
+  out.tokens = text.tokenizer->tokenize(texts, text.context_length);
+  // A text that was cut differs from its tokens in a longer context within the first `context` positions (the end
+  // token took the last place); one that fits gives the same row.
+  const at::Tensor longer = text.tokenizer->tokenize(texts, 4 * text.context_length).narrow(1, 0, text.context_length);
+  out.truncated = out.tokens.ne(longer).any(1).sum().item<int64_t>();
+  return out;
+}
+
+TextTokenizerFor text_tokenizer_for() {
+  return [](const Model& model, const std::vector<std::string>& texts) {
+    if (!model.has_text_tower()) throw RuntimeFailure("internal: captions without a text tower");
+    return tokenize_texts(text_encoder_of(model.text_bundle()), texts);
+  };
+}
+
 std::function<std::pair<at::Tensor, at::Tensor>(const fs::path&, const json&, const std::vector<std::string>&)>
 prompt_head_maker() {
   return [](const fs::path& text_model, const json& prompts, const std::vector<std::string>& classes) {

@@ -12,6 +12,7 @@
 #include "loratune/adapter_init.h"
 #include "loratune/adapter_variant.h"
 #include "loratune/amp.h"
+#include "loratune/captions.h"
 #include "loratune/errors.h"
 #include "loratune/threads.h"
 
@@ -161,6 +162,15 @@ const std::vector<Key>& schema() {
        "random resized crop: aspect ratio range", pair_field(&A::ratio_min, &A::ratio_max, &C::data, &D::augment), Range::positive()},
       {"data.augment.hflip", Kind::kBool, false, kResult, "random horizontal flip",
        field(&C::data, &D::augment, &A::hflip)},
+      {"data.captions", Kind::kPath, true, kResult,
+       "loss contrastive: a caption file (metadata.jsonl or metadata.csv as Hugging Face imagefolder has them, or a "
+       "CSV/TSV of path and caption; paths relative to the file's folder); each photo of data.train pairs with its "
+       "caption (one of several, drawn per epoch) instead of a class prompt, photos without one are skipped and "
+       "listed; null: class prompts",
+       path_field(&C::data, &D::captions)},
+      {"data.caption_column", Kind::kString, true, kResult,
+       "the caption file's text column; null: the first of " + join(caption_columns(), ", ") + " it has",
+       field(&C::data, &D::caption_column)},
       {"method", Kind::kString, false, kResult, "what trains: adapters on a frozen base (lora), every weight (full), the head alone (linear_probe), prompt tokens before the blocks (vpt) or bottleneck adapters beside the blocks' MLPs (adaptformer)", field(&C::method), Range::any(), method_names()},
       {"lora.rank", Kind::kInt, false, kResult, "adapter rank r", field(&C::lora, &L::rank), lora_rules::kRank},
       {"lora.alpha", Kind::kNumber, false, kResult, "scale s = alpha / r (alpha / sqrt(r) with rslora)",
@@ -240,6 +250,10 @@ const std::vector<Key>& schema() {
        "cross_entropy: train the head on class labels; contrastive: CLIP's image-text loss on a class prompt per "
        "image (FLYP), LoRA on both towers, classes scored by the adapted text tower",
        field(&C::loss), Range::any(), enum_names<TrainingLoss>()},
+      {"contrastive.negatives", Kind::kString, false, kResult,
+       "loss contrastive: a pair's negatives are the other pairs of the whole optimiser step (batch_size x "
+       "grad_accum_steps, embeddings cached: the memory of one micro-batch) or of its micro-batch only",
+       field(&C::contrastive, &ContrastiveConfig::negatives), Range::any(), enum_names<ContrastiveNegatives>()},
       {"label_smoothing", Kind::kNumber, false, kResult, "cross-entropy label smoothing", field(&C::label_smoothing), Range::between(0, 1, false, true)},
       {"precision", Kind::kString, false, kResult,
        "compute precision (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)", field(&C::precision), Range::any(), precision_choices()},
@@ -426,6 +440,8 @@ void check_combinations(const TrainConfig& c, const std::string& origin) {
     if (c.label_smoothing > 0) fail("label_smoothing applies to loss cross_entropy; set it to 0");
     if (c.optim.head_lr > 0) fail("optim.head_lr: with loss contrastive the head is not trained (the text tower "
                                   "gives it); remove it");
+  } else if (!c.data.captions.empty()) {
+    fail("data.captions pairs photos with their captions for loss contrastive: set loss to contrastive, or remove it");
   }
 }
 

@@ -2,7 +2,13 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/core/grad_mode.h>
+
 #include <cmath>
+#include <limits>
+#include <utility>
+
+#include "common/torch_compat.h"
 
 namespace loratune {
 
@@ -18,14 +24,63 @@ double backward_loss(const at::Tensor& loss, double share, const LossScaler& sca
   return loss.item<double>() / share;
 }
 
-at::Tensor contrastive_loss(const at::Tensor& image_features, const at::Tensor& text_features, double logit_scale) {
+at::Tensor contrastive_loss(const at::Tensor& image_features, const at::Tensor& text_features, double logit_scale,
+                            const at::Tensor& groups) {
   auto normalized = [](const at::Tensor& x) {
-    const at::Tensor f = x.to(at::kFloat);
+    const at::Tensor f = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
     return f / f.pow(2).sum(-1, true).sqrt();
   };
-  const at::Tensor logits = at::matmul(normalized(image_features), normalized(text_features).t()) * logit_scale;
+  at::Tensor logits = at::matmul(normalized(image_features), normalized(text_features).t()) * logit_scale;
   const at::Tensor pairs = at::arange(logits.size(0), at::TensorOptions().dtype(at::kLong).device(logits.device()));
+  if (groups.defined()) {
+    const at::Tensor g = groups.to(logits.device());
+    const at::Tensor same_group_elsewhere = g.unsqueeze(1).eq(g.unsqueeze(0)).logical_and(
+        at::eye(logits.size(0), at::TensorOptions().dtype(at::kBool).device(logits.device())).logical_not());
+    logits = logits.masked_fill(same_group_elsewhere, -std::numeric_limits<double>::infinity());
+  }
   return (at::cross_entropy_loss(logits, pairs) + at::cross_entropy_loss(logits.t(), pairs)) / 2;
+}
+
+double backward_contrastive_cached(int64_t micro_batches, const std::function<PairedFeatures(int64_t k)>& embed,
+                                   double logit_scale, const at::Tensor& groups, double weight,
+                                   const LossScaler& scaler, const c10::Device& device) {
+  // The random state both passes start from, so that dropout draws the same masks in each.
+  std::vector<std::pair<at::Generator, at::Tensor>> random_states;
+  for (const c10::Device& d : {c10::Device(c10::kCPU), device}) {
+    if (!random_states.empty() && d.is_cpu()) continue;
+    at::Generator generator = compat::default_generator(d);
+    random_states.emplace_back(generator, generator.get_state());
+  }
+
+  std::vector<at::Tensor> images, texts;
+  {
+    at::NoGradGuard no_grad;
+    for (int64_t k = 0; k < micro_batches; ++k) {
+      const PairedFeatures f = embed(k);
+      images.push_back(f.image.detach());
+      texts.push_back(f.text.detach());
+    }
+  }
+  const auto at_least_fp32 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
+  };
+  const at::Tensor all_images = at_least_fp32(at::cat(images)).requires_grad_();
+  const at::Tensor all_texts = at_least_fp32(at::cat(texts)).requires_grad_();
+  const at::Tensor loss = contrastive_loss(all_images, all_texts, logit_scale, groups);
+  loss.backward();
+  const double value = loss.item<double>() * weight;
+
+  for (auto& [generator, state] : random_states) generator.set_state(state);
+  int64_t row = 0;
+  for (int64_t k = 0; k < micro_batches; ++k) {
+    const PairedFeatures f = embed(k);
+    const int64_t n = f.image.size(0);
+    const at::Tensor surrogate = (at_least_fp32(f.image) * all_images.grad().narrow(0, row, n)).sum() +
+                                 (at_least_fp32(f.text) * all_texts.grad().narrow(0, row, n)).sum();
+    scaler.scale_loss(surrogate * weight).backward();
+    row += n;
+  }
+  return value;
 }
 
 StepOutcome apply_step(AdamW& optimizer, LossScaler& scaler, double lr, double grad_clip, bool loss_finite) {

@@ -100,7 +100,37 @@ Trainer::Impl::Impl(const TrainConfig& config, Model& model, BatchSource& train,
                        "link loratune_text and pass class_prompt_maker() and zero_shot_head_initializer()");
     prompts_ = hooks_.class_prompts(model, classes_, config.head);
     text_head_stale_ = true;  // on resume the adapters the head must follow are loaded later
+    if (!hooks_.captions.empty()) tokenize_captions();
   }
+}
+
+void Trainer::Impl::tokenize_captions() {
+  if (!hooks_.tokenize) throw InputError("captions need the text tower's tokenizer: pass text_tokenizer_for()");
+  if (static_cast<int64_t>(hooks_.captions.size()) != train_.num_samples())
+    throw RuntimeFailure("internal: " + std::to_string(hooks_.captions.size()) + " caption lists for " +
+                         std::to_string(train_.num_samples()) + " training samples");
+  std::vector<std::string> texts;
+  std::map<std::string, int64_t> text_ids;
+  for (const auto& captions : hooks_.captions) {
+    std::vector<int64_t> groups;
+    for (const auto& caption : captions) {
+      groups.push_back(text_ids.emplace(caption, static_cast<int64_t>(text_ids.size())).first->second);
+      texts.push_back(caption);
+    }
+    caption_groups_.push_back(std::move(groups));
+  }
+  const TokenizedTexts tokenized = hooks_.tokenize(model_, texts);
+  int64_t row = 0;
+  for (const auto& groups : caption_groups_) {
+    caption_tokens_.push_back(tokenized.tokens.narrow(0, row, static_cast<int64_t>(groups.size())));
+    row += static_cast<int64_t>(groups.size());
+  }
+  reporter_->message(fmt::format("{} captions ({} different) for {} training photos", texts.size(), text_ids.size(),
+                                 caption_groups_.size()));
+  if (tokenized.truncated > 0)
+    reporter_->warning(fmt::format("{} of {} captions are longer than the text tower's {} tokens and were cut (CLIP's "
+                                   "tokenizer is made for English: other scripts take more tokens per word)",
+                                   tokenized.truncated, texts.size(), tokenized.tokens.size(1)));
 }
 
 void Trainer::Impl::refresh_text_head() {
@@ -265,7 +295,7 @@ void Trainer::Impl::train_epoch(const Schedule& schedule, Progress& p, TrainSumm
     const int64_t micro_batches = std::min(schedule.accum, schedule.batches_per_epoch - p.step_in_epoch * schedule.accum);
     const int64_t step_images =
         schedule.images_before_step(p.step_in_epoch + 1) - schedule.images_before_step(p.step_in_epoch);
-    StepResult step = forward_backward(micro_batches, step_images, p.step);
+    StepResult step = forward_backward(micro_batches, step_images, p.step, p.epoch);
     bool stop = hooks_.stop_after_step && hooks_.stop_after_step(p.step + 1);
     if (hooks_.data_parallel) reduce_step(step.loss, step.images_done, stop);  // every worker agrees to stop
     const double lr = scheduled_lr(p.step, schedule.total_steps, schedule.warmup, config_.optim.lr,
@@ -302,43 +332,83 @@ void Trainer::Impl::train_epoch(const Schedule& schedule, Progress& p, TrainSumm
   reporter_->epoch_end();
 }
 
-Trainer::Impl::StepResult Trainer::Impl::forward_backward(int64_t micro_batches, int64_t step_images, int64_t step) {
+Trainer::Impl::StepResult Trainer::Impl::forward_backward(int64_t micro_batches, int64_t step_images, int64_t step,
+                                                          int64_t epoch) {
   StepResult result;
+  const bool step_negatives = contrastive_ && config_.contrastive.negatives == ContrastiveNegatives::kStep &&
+                              micro_batches > 1;
+  std::vector<Batch> step_batches;  // step negatives: the micro-batches, embedded together after they are read
   for (int64_t k = 0; k < micro_batches; ++k) {
     auto batch = train_.next();
     if (!batch) throw RuntimeFailure("the training data ended before the epoch did");
     if (batch->indices.empty()) continue;  // every image of it failed to decode (skipped and listed)
+    result.images_done += static_cast<int64_t>(batch->indices.size());
+    if (step_negatives) {
+      step_batches.push_back(std::move(*batch));
+      continue;
+    }
     // Each micro-batch weighs by its images: a mean over the step's images (exactly loss / accum when full).
     const double share = static_cast<double>(step_images) / static_cast<double>(batch->indices.size());
     if (contrastive_) {
-      result.loss += backward_loss(contrastive_loss_of(*batch, step), share, *scaler_);
+      const PairedTexts texts = texts_for(*batch, step, epoch);
+      const PairedFeatures f = embed_pairs(*batch, texts.tokens);
+      result.loss += backward_loss(contrastive_loss(f.image, f.text, logit_scale(), texts.groups), share, *scaler_);
     } else {
       const at::Tensor y = batch->labels.to(device_, /*non_blocking=*/true);
       const at::Tensor logits = forward_logits(*batch, use_prefix_cache_ ? &train_cache_ : nullptr);
       result.loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
     }
-    result.images_done += static_cast<int64_t>(batch->indices.size());
   }
+  if (!step_batches.empty()) result.loss += backward_contrastive_step(step_batches, step_images, step, epoch);
   return result;
 }
 
-at::Tensor Trainer::Impl::contrastive_loss_of(const Batch& batch, int64_t step) {
-  // One prompt per image, a function of the seed, the step and the image: the same after a resume.
-  std::vector<at::Tensor> rows;
-  for (size_t k = 0; k < batch.indices.size(); ++k) {
-    const at::Tensor& prompts = prompts_.tokens.at(static_cast<size_t>(batch.labels[static_cast<int64_t>(k)].item<int64_t>()));
-    const uint64_t draw = mix_bits(config_.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(batch.indices[k]));
-    rows.push_back(prompts[static_cast<int64_t>(draw % static_cast<uint64_t>(prompts.size(0)))]);
+double Trainer::Impl::backward_contrastive_step(const std::vector<Batch>& batches, int64_t step_images, int64_t step,
+                                                int64_t epoch) {
+  std::vector<at::Tensor> tokens, groups;
+  int64_t images = 0;
+  for (const Batch& batch : batches) {
+    PairedTexts texts = texts_for(batch, step, epoch);
+    tokens.push_back(texts.tokens);
+    groups.push_back(texts.groups);
+    images += static_cast<int64_t>(batch.indices.size());
   }
-  const at::Tensor tokens = at::stack(rows).to(device_, /*non_blocking=*/true);
-  const at::Tensor images = forward_features(batch, use_prefix_cache_ ? &train_cache_ : nullptr);
-  at::Tensor texts;
-  {
-    AutocastScope autocast(device_, precision_);
-    texts = model_.text_features(tokens, config_.gradient_checkpointing);
-  }
-  return contrastive_loss(images, texts, model_.text_bundle().info.extra.value("logit_scale", 100.0));
+  // This worker's rows weigh by their share of the step's images (all of them in one process).
+  const double weight = static_cast<double>(images) / static_cast<double>(step_images);
+  return backward_contrastive_cached(
+      static_cast<int64_t>(batches.size()),
+      [&](int64_t k) { return embed_pairs(batches[static_cast<size_t>(k)], tokens[static_cast<size_t>(k)]); },
+      logit_scale(), at::cat(groups), weight, *scaler_, device_);
 }
+
+Trainer::Impl::PairedTexts Trainer::Impl::texts_for(const Batch& batch, int64_t step, int64_t epoch) const {
+  // Class prompts: one per image, a function of the seed, the step and the image; captions: of the seed, the epoch
+  // and the image. The same after a resume.
+  std::vector<at::Tensor> rows;
+  std::vector<int64_t> groups;
+  for (size_t k = 0; k < batch.indices.size(); ++k) {
+    const int64_t index = batch.indices[k];
+    const bool captioned = !caption_tokens_.empty();
+    const int64_t label = batch.labels[static_cast<int64_t>(k)].item<int64_t>();
+    const at::Tensor& choices = captioned ? caption_tokens_.at(static_cast<size_t>(index))
+                                          : prompts_.tokens.at(static_cast<size_t>(label));
+    const uint64_t draw = mix_bits(config_.seed, static_cast<uint64_t>(captioned ? epoch : step),
+                                   static_cast<uint64_t>(index)) % static_cast<uint64_t>(choices.size(0));
+    rows.push_back(choices[static_cast<int64_t>(draw)]);
+    groups.push_back(captioned ? caption_groups_[static_cast<size_t>(index)][draw] : label);
+  }
+  return {at::stack(rows).to(device_, /*non_blocking=*/true), at::tensor(groups, at::kLong)};
+}
+
+PairedFeatures Trainer::Impl::embed_pairs(const Batch& batch, const at::Tensor& tokens) {
+  PairedFeatures f;
+  f.image = forward_features(batch, use_prefix_cache_ ? &train_cache_ : nullptr);
+  AutocastScope autocast(device_, precision_);
+  f.text = model_.text_features(tokens, config_.gradient_checkpointing);
+  return f;
+}
+
+double Trainer::Impl::logit_scale() const { return model_.text_bundle().info.extra.value("logit_scale", 100.0); }
 
 void Trainer::Impl::stop_on_nonfinite_streak(const Progress& p) const {
   if (precision_ == Precision::kFp16 && p.nonfinite_streak >= kMaxNonFiniteStepsFp16)

@@ -6,6 +6,7 @@
 #include <map>
 #include <unordered_map>
 
+#include "loratune/train_step.h"
 #include "loratune/trainer.h"
 
 namespace loratune {
@@ -61,9 +62,20 @@ class Trainer::Impl {
   // The optimiser steps of one epoch from p.step_in_epoch on, with metric lines, checkpoints and stop requests.
   void train_epoch(const Schedule& schedule, Progress& p, TrainSummary& summary, Throughput& throughput);
   // Forward and backward over one optimiser step's micro-batches: the step's loss and the images it used.
-  StepResult forward_backward(int64_t micro_batches, int64_t step_images, int64_t step);
-  // loss contrastive: the symmetric CLIP loss of one micro-batch and its prompts, unscaled.
-  at::Tensor contrastive_loss_of(const Batch& batch, int64_t step);
+  StepResult forward_backward(int64_t micro_batches, int64_t step_images, int64_t step, int64_t epoch);
+  // loss contrastive: the contrastive loss over the step's micro-batches at once (cached embeddings); returns the
+  // step's loss share of this worker.
+  double backward_contrastive_step(const std::vector<Batch>& batches, int64_t step_images, int64_t step, int64_t epoch);
+  // loss contrastive: each image's text (a class prompt or a caption, drawn reproducibly) and its negative group.
+  struct PairedTexts {
+    at::Tensor tokens;  // [n, context] on the device
+    at::Tensor groups;  // [n] int64: pairs of one group are not each other's negatives
+  };
+  PairedTexts texts_for(const Batch& batch, int64_t step, int64_t epoch) const;
+  PairedFeatures embed_pairs(const Batch& batch, const at::Tensor& tokens);
+  double logit_scale() const;
+  // loss contrastive on captions: each training sample's captions as tokens, and their texts' group ids.
+  void tokenize_captions();
   // loss contrastive: the head from the text tower as adapted now, if training changed it since the last time.
   void refresh_text_head();
   // RuntimeFailure when too many steps in a row were skipped for inf/NaN gradients.
@@ -105,6 +117,8 @@ class Trainer::Impl {
   bool use_prefix_cache_ = false;
   bool contrastive_ = false;
   ClassPrompts prompts_;          // loss contrastive
+  std::vector<at::Tensor> caption_tokens_;           // loss contrastive on captions: per sample [captions, context]
+  std::vector<std::vector<int64_t>> caption_groups_;  // per sample: each caption's text id
   bool text_head_stale_ = false;  // the text adapters changed since the head was made from them
   PrefixCache train_cache_, val_cache_;
   std::shared_ptr<TrainingReporter> reporter_;

@@ -28,7 +28,7 @@ OWNER = {
     "quant": ["quantize"],
     "model": ["adapter_binding", "block_stack", "bundle", "classifier_head", "merge", "mlp_adapters", "model", "prompt_tokens"],
     "export": ["onnx_export"],
-    "data": ["batch_source", "image", "image_folder", "loader", "transform"],
+    "data": ["batch_source", "captions", "image", "image_folder", "loader", "transform"],
     "eval": ["evaluate", "metrics"],
     "distributed": ["process_group"],
     "train": ["config", "optim", "train_step", "trainer", "training_setup"],

@@ -16,6 +16,7 @@
 #include "loratune/optim.h"
 #include "loratune/safetensors.h"
 #include "loratune/threads.h"
+#include "loratune/train_step.h"
 #include "loratune/trainer.h"
 #include "loratune/training_setup.h"
 #include "train/checkpoint.h"
@@ -596,6 +597,49 @@ TEST(Training, PersistentNanLossStopsWithAHint) {
   EXPECT_TRUE(at::equal(before, model->head().weight())) << "steps with NaN gradients are skipped";
 }
 
+// Cached embeddings (contrastive.negatives step) give the gradients of the whole batch at once, in float64: two
+// linear towers with dropout (the second pass must draw the first pass's masks), micro-batches of 3, 2 and 3 rows,
+// rows of one group not each other's negatives, and the loss scale and weight passed through.
+TEST(ContrastiveLoss, CachedMicroBatchesEqualTheWholeBatchInFloat64) {
+  at::manual_seed(5);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({8, 6}, f64), y = at::randn({8, 5}, f64);
+  const at::Tensor groups = at::tensor({0, 1, 2, 0, 3, 4, 1, 5}, at::kLong);
+  const std::vector<std::pair<int64_t, int64_t>> parts = {{0, 3}, {3, 2}, {5, 3}};
+  const double weight = 0.75;
+  const auto run = [&](bool cached) {
+    at::manual_seed(11);  // the same towers and dropout draws in both runs
+    const at::Tensor w_image = at::randn({6, 4}, f64).requires_grad_(), w_text = at::randn({5, 4}, f64).requires_grad_();
+    const auto embed = [&](int64_t k) {
+      const auto [begin, n] = parts[static_cast<size_t>(k)];
+      return PairedFeatures{at::dropout(x.narrow(0, begin, n), 0.3, true).matmul(w_image),
+                            at::dropout(y.narrow(0, begin, n), 0.3, true).matmul(w_text)};
+    };
+    const LossScaler scaler(true, {});
+    double loss = 0;
+    if (cached) {
+      loss = backward_contrastive_cached(3, embed, 7.0, groups, weight, scaler, c10::Device(c10::kCPU));
+    } else {  // the draws of the micro-batches in order, then one loss over all rows
+      std::vector<at::Tensor> images, texts;
+      for (int64_t k = 0; k < 3; ++k) {
+        const PairedFeatures f = embed(k);
+        images.push_back(f.image);
+        texts.push_back(f.text);
+      }
+      const at::Tensor whole = contrastive_loss(at::cat(images), at::cat(texts), 7.0, groups);
+      scaler.scale_loss(whole * weight).backward();
+      loss = whole.item<double>() * weight;
+    }
+    return std::make_tuple(loss, w_image.grad(), w_text.grad());
+  };
+  const auto [cached_loss, cached_image, cached_text] = run(true);
+  const auto [whole_loss, whole_image, whole_text] = run(false);
+  EXPECT_NEAR(cached_loss, whole_loss, 1e-12);
+  EXPECT_LT(max_abs_diff(cached_image, whole_image), 1e-9 * whole_image.abs().max().item<double>());
+  EXPECT_LT(max_abs_diff(cached_text, whole_text), 1e-9 * whole_text.abs().max().item<double>());
+  EXPECT_GT(whole_image.abs().max().item<double>(), 1.0);  // scaled by the loss scale (65536): not vanishing
+}
+
 TEST(LossScaler, InfSkipsAndHalvesThenGrowsAfterTheInterval) {
   LossScaler::Options o;
   o.init_scale = 1024;
@@ -714,7 +758,8 @@ TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
   const json document = json::parse(R"({
     "model": "/m.pt", "data": {"train": "/p", "val": "/v", "val_fraction": 0.2, "split_seed": 3, "workers": 2,
       "prefetch_batches": 5, "cache": "memory", "prefix_cache": "off", "max_image_pixels": 7,
-      "augment": {"enabled": false, "scale": [0.5, 0.9], "ratio": [0.5, 2.0], "hflip": false}},
+      "augment": {"enabled": false, "scale": [0.5, 0.9], "ratio": [0.5, 2.0], "hflip": false}, "captions": null,
+      "caption_column": "caption"},
     "method": "full", "lora": {"rank": 4, "alpha": 3.5, "dropout": 0.25, "rslora": true, "variant": "dora", "init": "olora",
       "targets": ["qkv:q"], "text_targets": ["q_proj"], "last_blocks": 2, "rank_pattern": {"a": 2},
       "alpha_pattern": {"b": 1.5}},
@@ -723,7 +768,7 @@ TEST(Config, EveryKeyRoundTripsThroughTheStructAndDefaultsAreTheStructs) {
     "optim": {"lr": 0.02, "head_lr": 0.03, "weight_decay": 0.5, "betas": [0.8, 0.9], "eps": 1e-6, "grad_clip": 2.0,
       "lora_plus_ratio": null},
     "schedule": {"warmup_fraction": 0.2, "min_lr_ratio": 0.1}, "batch_size": 3, "grad_accum_steps": 2, "epochs": 4,
-    "max_steps": 9, "loss": "cross_entropy", "label_smoothing": 0.1, "precision": "bf16", "frozen_dtype": "compute",
+    "max_steps": 9, "loss": "cross_entropy", "contrastive": {"negatives": "micro_batch"}, "label_smoothing": 0.1, "precision": "bf16", "frozen_dtype": "compute",
     "gradient_checkpointing": false, "offload": "none", "loss_scale": {"init": 128.0, "growth_interval": 7},
     "early_stopping": {"patience": 2}, "device": "cpu", "threads": 3, "seed": 11, "output_dir": "/o",
     "eval_every_epochs": 2, "checkpoint_every_steps": 5, "log_every_steps": 6})");
