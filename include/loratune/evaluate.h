@@ -6,6 +6,7 @@
 
 #include "loratune/amp.h"
 #include "loratune/batch_source.h"
+#include "loratune/metrics.h"
 
 namespace loratune {
 
@@ -29,5 +30,14 @@ Predictions predict_all(const ForwardFn& forward, BatchSource& source, const c10
 // whose finite weights overflow (or a DoRA one with a zero row norm), or a 16-bit precision too narrow for them.
 // Metrics and predictions are never made from them.
 void require_finite(const Predictions& predictions, const std::string& what, Precision precision);
+
+class Model;
+
+// Image <-> text retrieval with `model`'s towers (its text tower set): the photos of `photos` (sample i: photo i)
+// against the texts `tokens` [M, context], text j being a caption of photo text_image[j]. Photos that fail to decode
+// leave with their texts. RuntimeFailure naming `what` for inf/NaN embeddings.
+RetrievalMetrics evaluate_retrieval(Model& model, BatchSource& photos, const at::Tensor& tokens,
+                                    const std::vector<int64_t>& text_image, const c10::Device& device,
+                                    Precision precision, const std::string& what);
 
 }  // namespace loratune

@@ -44,4 +44,29 @@ struct ClassificationMetrics {
 // `logits` [N,C] (any float dtype, any device), `labels` [N].
 ClassificationMetrics compute_metrics(const at::Tensor& logits, const at::Tensor& labels);
 
+// The K of the recall@K that retrieval reports.
+inline const std::vector<int64_t>& retrieval_recall_ks() {
+  static const std::vector<int64_t> ks = {1, 5, 10};
+  return ks;
+}
+
+// One direction of retrieval: the fraction of queries whose match ranks within K (recall_ks order), and the mean of
+// each query's rank (1: first).
+struct RetrievalDirection {
+  std::vector<double> recall;
+  double mean_rank = 0;
+};
+
+// Image-text retrieval by cosine similarity: image -> text (a query's match: the best ranked of its captions) and
+// text -> image (its photo). Ties rank in the query's favour.
+struct RetrievalMetrics {
+  int64_t images = 0, texts = 0;
+  RetrievalDirection image_to_text, text_to_image;
+  nlohmann::json to_json() const;
+};
+
+// `image_features` [N, D], `text_features` [M, D], `text_image`: the image of each text (every image has one or more).
+RetrievalMetrics retrieval_metrics(const at::Tensor& image_features, const at::Tensor& text_features,
+                                   const std::vector<int64_t>& text_image);
+
 }  // namespace loratune

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "loratune/captions.h"
 #include "common/strings.h"
 #include "loratune/errors.h"
 #include "loratune/import.h"
@@ -164,6 +165,11 @@ std::vector<Command> commands() {
            Flag("--text-model", "zero-shot: text encoder bundle (default: the one the model names)",
                 value(E, &EvalCommand::text_model)),
            Flag("--class-names", "zero-shot: JSON file {\"folder\": \"name\" or [names]}", value(E, &EvalCommand::class_names)),
+           Flag("--retrieval", "also image <-> text retrieval on a caption file (metadata.jsonl, metadata.csv, CSV/TSV: "
+                "as data.captions): recall@1/5/10 and mean rank, of the base and of the adapted towers",
+                value(E, &EvalCommand::retrieval)),
+           Flag("--caption-column", "--retrieval: the caption column (default: the first of " +
+                join(caption_columns(), ", ") + " the file has)", value(E, &EvalCommand::caption_column)),
            Flag("--frozen-dtype", "score the adapter on the base quantised as a run with that frozen_dtype trained it "
                 "(default: the base as stored, as merge folds it)", value(E, &EvalCommand::frozen_dtype))
                .one_of({"int8", "nf4"}),
@@ -176,7 +182,9 @@ std::vector<Command> commands() {
        {"loratune eval --model models/vit_base.pt --adapter runs/vit_base/best --data photos/test",
         "loratune eval --model vit_base_photos.pt --data photos/test --output eval_merged",
         "loratune eval --model models/mobileclip_s0_image.pt --zero-shot --data photos/test   # before any training",
-        "loratune eval --model vit_base_photos.pt --data photos/test --report   # + eval/report.html"},
+        "loratune eval --model vit_base_photos.pt --data photos/test --report   # + eval/report.html",
+        "loratune eval --model models/mobileclip_s0_image.pt --adapter runs/captions/best --data photos/test "
+        "--retrieval photos/test/metadata.jsonl"},
        {},
        [](Parsed& p) { return run_eval(p.eval); }},
       {"predict", "top-k labels for images, with one or several adapters on one base",

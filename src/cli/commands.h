@@ -35,6 +35,8 @@ struct EvalCommand {
   bool zero_shot = false;       // no adapter: classify with the text encoder's class embeddings (CLIP models)
   std::string text_model;       // zero-shot: text encoder bundle (default: the one the model names)
   std::string class_names;      // zero-shot: JSON file mapping folder names to prompt names
+  std::string retrieval;        // caption file: also image <-> text retrieval, base and adapted
+  std::string caption_column;   // its text column (empty: the first of caption_columns())
   std::string frozen_dtype;     // int8 | nf4: the base's block Linear weights quantised, as a run trained them
   std::string output = "eval";
   bool report = false;          // also write report.html (the evaluation part of `loratune report`)

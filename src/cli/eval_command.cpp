@@ -4,6 +4,7 @@
 #include <iterator>
 
 #include "cli/common.h"
+#include "loratune/captions.h"
 #include "loratune/zero_shot.h"
 #include "cli/commands.h"
 #include "loratune/device.h"
@@ -82,14 +83,79 @@ std::vector<EvaluatedPhoto> evaluated_photos(const Predictions& pr, const ImageF
   return photos;
 }
 
+// One model for retrieval: the bundle and its text tower, with `adapter` on both when given.
+std::unique_ptr<Model> retrieval_model(const EvalCommand& command, const std::string& adapter, const c10::Device& device) {
+  auto model = std::make_unique<Model>(load_bundle(command.model));
+  const auto& bundle = model->bundle();
+  model->set_text_tower(load_bundle(command.text_model.empty() ? text_model_for(bundle)
+                                                               : text_tower_path(command.text_model)));
+  if (!adapter.empty()) apply_adapter(*model, load_adapter(adapter), adapter);
+  model->to(device);
+  return model;
+}
+
+// eval --retrieval: image <-> caption retrieval of the base and (with --adapter) the adapted towers, printed and
+// returned for metrics.json.
+nlohmann::json evaluate_retrieval_of(const EvalCommand& command, const c10::Device& device, Precision precision) {
+  const CaptionFile captions = read_captions(command.retrieval, command.caption_column);
+  log_skipped(captions.skipped, command.retrieval + " (rows)");
+  ImageFolder photos = caption_photos(captions);
+  const auto photo_captions = attach_captions(photos, captions);
+  log_skipped(photos.skipped, command.retrieval);
+  std::vector<std::string> texts;
+  std::vector<int64_t> text_image;
+  for (size_t i = 0; i < photo_captions.size(); ++i)
+    for (const auto& caption : photo_captions[i]) {
+      texts.push_back(caption);
+      text_image.push_back(static_cast<int64_t>(i));
+    }
+  LoaderOptions options;
+  options.batch_size = command.batch_size;
+  options.workers = command.workers;
+  options.pin_memory = device.is_cuda();
+
+  nlohmann::json out = {{"captions", command.retrieval}, {"column", captions.column}};
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::pair<std::string, std::string>> variants = {{"base", ""}};
+  if (!command.adapter.empty()) variants.emplace_back("adapted", command.adapter);
+  for (const auto& [name, adapter] : variants) {
+    auto model = retrieval_model(command, adapter, device);
+    const TokenizedTexts tokens = tokenize_texts(text_encoder_of(model->text_bundle()), texts);
+    if (name == "base" && tokens.truncated > 0)
+      spdlog::warn("{} of {} captions are longer than the text tower's {} tokens and were cut", tokens.truncated,
+                   texts.size(), tokens.tokens.size(1));
+    ImageBatchSource source(photos, Preprocess::from_bundle(model->bundle().info), options);
+    const RetrievalMetrics r = evaluate_retrieval(*model, source, tokens.tokens, text_image, device, precision,
+                                                  adapter.empty() ? command.model : adapter);
+    out[name] = r.to_json();
+    out["images"] = r.images;
+    out["texts"] = r.texts;
+    std::vector<std::string> row = {name};
+    for (const RetrievalDirection* d : {&r.image_to_text, &r.text_to_image}) {
+      for (double recall : d->recall) row.push_back(percent(recall, 1));
+      row.push_back(fmt::format("{:.2f}", d->mean_rank));
+    }
+    rows.push_back(row);
+  }
+  std::vector<std::string> header = {""};
+  for (const char* direction : {"image->text", "text->image"}) {
+    for (int64_t k : retrieval_recall_ks()) header.push_back(std::string(direction) + " R@" + std::to_string(k));
+    header.push_back(std::string(direction) + " mean rank");
+  }
+  std::printf("\nretrieval on %s (%lld photos, %lld captions):\n%s", command.retrieval.c_str(),
+              static_cast<long long>(out["images"].get<int64_t>()), static_cast<long long>(out["texts"].get<int64_t>()),
+              cli::format_table(header, rows).c_str());
+  return out;
+}
+
 }  // namespace
 
 int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
     if (command.data.empty()) throw InputError("--data is required: the held-out photo folder");
-    refuse_output_over_inputs(command.output, "--output",
-                              {command.model, command.adapter, command.data, command.text_model, command.class_names});
+    refuse_output_over_inputs(command.output, "--output", {command.model, command.adapter, command.data,
+                                                           command.text_model, command.class_names, command.retrieval});
     ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
@@ -122,6 +188,7 @@ int run_eval(const EvalCommand& command) {
     j["data"] = command.data;
     j["classes_without_images"] = missing;
     j["skipped_files"] = source.skipped().size();
+    if (!command.retrieval.empty()) j["retrieval"] = evaluate_retrieval_of(command, device, precision);
     write_file_atomic(out / EvalFiles::kMetrics, j.dump(2) + "\n");
     const auto legend = write_confusion_matrix(out / EvalFiles::kConfusionPng, m.confusion, model.classes,
                                                "confusion matrix: " + fs::path(command.data).filename().string());

@@ -4,9 +4,11 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <map>
 
 #include "loratune/errors.h"
 #include "loratune/memory.h"
+#include "loratune/model.h"
 #include "loratune/threads.h"
 #include "common/progress.h"
 
@@ -51,6 +53,30 @@ void require_finite(const Predictions& predictions, const std::string& what, Pre
                        (precision == Precision::kFp32 ? ": its weights overflow (damaged, or a diverged training run); "
                                                         "use another adapter or retrain it"
                                                       : ": try --precision fp32; if that fails too, its weights overflow"));
+}
+
+RetrievalMetrics evaluate_retrieval(Model& model, BatchSource& photos, const at::Tensor& tokens,
+                                    const std::vector<int64_t>& text_image, const c10::Device& device,
+                                    Precision precision, const std::string& what) {
+  model.set_training(false);
+  Predictions images = predict_all([&](const at::Tensor& x) { return model.features(x); }, photos, device, precision,
+                                   "photos");
+  require_finite(images, what, precision);
+  std::map<int64_t, int64_t> row_of;  // photo -> its row among those decoded
+  for (size_t r = 0; r < images.indices.size(); ++r) row_of[images.indices[r]] = static_cast<int64_t>(r);
+  std::vector<int64_t> kept, owner;
+  for (size_t j = 0; j < text_image.size(); ++j)
+    if (const auto it = row_of.find(text_image[j]); it != row_of.end()) {
+      kept.push_back(static_cast<int64_t>(j));
+      owner.push_back(it->second);
+    }
+  if (kept.empty()) throw InputError("no photo of the caption file could be decoded");
+  TensorBatchSource texts(tokens.index_select(0, at::tensor(kept, at::kLong)), at::zeros({static_cast<int64_t>(kept.size())}, at::kLong),
+                          64, false, false, 0);
+  Predictions text = predict_all([&](const at::Tensor& t) { return model.text_features(t); }, texts, device, precision,
+                                 "captions");
+  require_finite(text, what, precision);
+  return retrieval_metrics(images.logits, text.logits, owner);
 }
 
 }  // namespace loratune

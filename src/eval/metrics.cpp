@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "loratune/errors.h"
 
@@ -93,6 +94,55 @@ nlohmann::json ClassificationMetrics::to_json(const std::vector<std::string>& cl
   j["calibration"] = bins;
   j["ece"] = ece;
   return j;
+}
+
+namespace {
+
+// Recall@K and mean rank of 1-based ranks [Q] int64.
+RetrievalDirection direction_of(const at::Tensor& ranks) {
+  RetrievalDirection d;
+  for (const int64_t k : retrieval_recall_ks()) d.recall.push_back(ranks.le(k).to(at::kDouble).mean().item<double>());
+  d.mean_rank = ranks.to(at::kDouble).mean().item<double>();
+  return d;
+}
+
+nlohmann::json direction_json(const RetrievalDirection& d) {
+  nlohmann::json j = {{"mean_rank", d.mean_rank}};
+  for (size_t i = 0; i < d.recall.size(); ++i) j["recall@" + std::to_string(retrieval_recall_ks()[i])] = d.recall[i];
+  return j;
+}
+
+}  // namespace
+
+nlohmann::json RetrievalMetrics::to_json() const {
+  return {{"images", images},
+          {"texts", texts},
+          {"image_to_text", direction_json(image_to_text)},
+          {"text_to_image", direction_json(text_to_image)}};
+}
+
+RetrievalMetrics retrieval_metrics(const at::Tensor& image_features, const at::Tensor& text_features,
+                                   const std::vector<int64_t>& text_image) {
+  const auto normalized = [](const at::Tensor& x) {
+    const at::Tensor f = x.to(at::kCPU, at::kDouble);
+    return f / f.norm(2, {1}, true);
+  };
+  const at::Tensor similarity = at::matmul(normalized(image_features), normalized(text_features).t());  // [N, M]
+  const int64_t n = similarity.size(0), m = similarity.size(1);
+  const at::Tensor owner = at::tensor(text_image, at::kLong);
+  const at::Tensor own = at::zeros({n, m}, at::kBool).index_put_({owner, at::arange(m)}, true);
+  // Image -> text: texts scoring above the image's best caption; text -> image: images above its own.
+  const at::Tensor best_caption =
+      similarity.masked_fill(own.logical_not(), -std::numeric_limits<double>::infinity()).amax(1, true);
+  const at::Tensor image_ranks = similarity.gt(best_caption).sum(1) + 1;
+  const at::Tensor own_image = similarity.gather(0, owner.unsqueeze(0));  // [1, M]
+  const at::Tensor text_ranks = similarity.gt(own_image).sum(0) + 1;
+  RetrievalMetrics r;
+  r.images = n;
+  r.texts = m;
+  r.image_to_text = direction_of(image_ranks);
+  r.text_to_image = direction_of(text_ranks);
+  return r;
 }
 
 }  // namespace loratune

@@ -194,6 +194,39 @@ std::string runs_section(const std::vector<RunRecord>& runs, const std::vector<s
   return out + "</section>";
 }
 
+// eval --retrieval: recall@K and mean rank in both directions, base and adapted.
+std::string retrieval_table(const json& retrieval) {
+  const auto text = [&](const char* key) {
+    const json v = retrieval.value(key, json());
+    return v.is_string() ? v.get<std::string>() : v.is_number_integer() ? std::to_string(v.get<int64_t>()) : "?";
+  };
+  std::string out = "<h3>Retrieval</h3><p class=\"muted\">" + html::escape(text("captions")) + ": " +
+                    html::escape(text("images")) + " photos, " + html::escape(text("texts")) +
+                    " captions; recall@K: the share of queries whose match ranks K or better.</p>"
+                    "<table class=\"retrieval\"><thead><tr><th></th>";
+  for (const char* direction : {"image &rarr; text", "text &rarr; image"}) {
+    for (int64_t k : retrieval_recall_ks()) out += "<th>" + std::string(direction) + " R@" + std::to_string(k) + "</th>";
+    out += "<th>" + std::string(direction) + " mean rank</th>";
+  }
+  out += "</tr></thead><tbody>";
+  for (const char* variant : {"base", "adapted"}) {
+    if (!retrieval.contains(variant) || !retrieval[variant].is_object()) continue;
+    out += "<tr data-variant=\"" + std::string(variant) + "\"><th>" + variant + "</th>";
+    for (const char* direction : {"image_to_text", "text_to_image"}) {
+      json d = retrieval[variant].value(direction, json::object());
+      if (!d.is_object()) d = json::object();
+      for (int64_t k : retrieval_recall_ks()) {
+        const json v = d.value("recall@" + std::to_string(k), json());
+        out += "<td>" + (v.is_number() ? percent(v.get<double>(), 1) : std::string("n/a")) + "</td>";
+      }
+      const json rank = d.value("mean_rank", json());
+      out += "<td>" + (rank.is_number() ? fixed(rank.get<double>(), 2) : std::string("n/a")) + "</td>";
+    }
+    out += "</tr>";
+  }
+  return out + "</tbody></table>";
+}
+
 std::string evaluation_section(const EvalRecord& e, const std::string& name, size_t k) {
   const ClassificationMetrics& m = e.metrics;
   const std::string id = std::to_string(k);
@@ -215,6 +248,7 @@ std::string evaluation_section(const EvalRecord& e, const std::string& name, siz
   for (const auto& [key, label, value] : numbers)
     out += "<td><div class=\"value\" data-metric=\"" + key + "\">" + value + "</div><div class=\"label\">" + label + "</div></td>";
   out += "</tr></table>";
+  if (e.info.contains("retrieval") && e.info["retrieval"].is_object()) out += retrieval_table(e.info["retrieval"]);
 
   // Per-class table.
   out += "<div class=\"columns\"><div><h3>Per class</h3><table class=\"per-class\"><thead><tr><th>class</th><th>precision</th>"

@@ -1227,6 +1227,143 @@ class Contrastive(unittest.TestCase):
             self.assertIn(message, err)
 
 
+def caption_of(cls, i):
+    """Words for the toy photos: a class's name in English or Korean and the photo's number."""
+    words = {"circle": "a round circle", "stripes": "a pattern of stripes", "빨간_사각형": "빨간 사각형, a red square"}
+    return f"{words[cls]} number {i}"
+
+
+class Captions(unittest.TestCase):
+    """data.captions: loss contrastive on each photo's own captions (Hugging Face metadata.jsonl / metadata.csv, a
+    CSV/TSV), bad rows skipped and listed; eval --retrieval on the same layouts, base and adapted, in the report."""
+    IMAGE = MobileClip.IMAGE
+    VAL = os.path.join(IMAGES, "toy", "val")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.photos = os.path.join(TMP, "captioned")
+        if not os.path.isdir(cls.photos):
+            shutil.copytree(os.path.join(IMAGES, "toy", "train"), cls.photos)
+        cls.rows = []  # (relative path, [captions])
+        for c in sorted(os.listdir(cls.photos)):
+            for i, name in enumerate(sorted(os.listdir(os.path.join(cls.photos, c)))):
+                if c == "circle" and i == 0:
+                    continue  # one photo without a caption
+                texts = [caption_of(c, i)] + ([f"another view of {caption_of(c, i)}"] if i % 4 == 0 else [])
+                cls.rows.append((f"{c}/{name}", texts))
+        with open(os.path.join(cls.photos, "metadata.jsonl"), "wb") as f:
+            for path, texts in cls.rows:
+                f.write((json.dumps({"file_name": path, "text": texts if len(texts) > 1 else texts[0]},
+                                    ensure_ascii=False) + "\n").encode())
+            f.write(b'{"file_name": "circle/missing.png", "text": "no such photo"}\n')
+            f.write(b'{"file_name": "stripes/000.png", "text": "   "}\n')
+            f.write(b'{"file_name": "stripes/001.png", "text": "broken \xff\xfe bytes"}\n')
+
+    def layout(self, name, header, sep, path_key, text_key):
+        """The same captions as a delimited file in the photo folder (fields quoted where they need it)."""
+        path = os.path.join(self.photos, name)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f, delimiter=sep)
+            writer.writerow(header)
+            for photo, texts in self.rows:
+                for text in texts:
+                    writer.writerow({path_key: photo, text_key: text}.get(h, "x") for h in header)
+        return path
+
+    def config(self, name, **extra):
+        settings = {"model": self.IMAGE, "data": {"train": self.photos, "val": self.VAL, "workers": 2,
+                                                  "captions": os.path.join(self.photos, "metadata.jsonl")},
+                    "loss": "contrastive", "head": {"init": "zero_shot"}, "epochs": 3, "batch_size": 4,
+                    "grad_accum_steps": 3, "optim": {"lr": 0.02}, "log_every_steps": 1, "lora": {"dropout": 0.0}}
+        settings.update(extra)
+        return write_config(name, **settings)
+
+    def retrieval(self, name, captions, *args):
+        out = os.path.join(TMP, "retrieval_" + name)
+        code, stdout, err = run("eval", "--model", self.IMAGE, "--data", self.VAL, "--retrieval", captions,
+                                "--output", out, "--threads", "2", *args)
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "metrics.json")) as f:
+            return json.load(f), stdout, err, out
+
+    def test_training_on_captions_lists_bad_rows_and_improves_retrieval(self):
+        cfg, out = self.config("captions")
+        code, _, err = run("train", "--config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertIn("skipped 3 files", err)
+        self.assertIn("no such photo", err)
+        self.assertIn("an empty caption", err)
+        self.assertIn("not UTF-8", err)
+        self.assertIn("circle/000.png: no caption in metadata.jsonl", err)
+        captions = sum(len(texts) for _, texts in self.rows)
+        self.assertIn(f"{captions} captions ({captions} different) for {len(self.rows)} training photos", err)
+        adapter = os.path.join(out, "adapter")
+        tensors, _ = safetensors_lite.load(os.path.join(adapter, "adapter_model.safetensors"))
+        text_b = [k for k in tensors if k.startswith("base_model.model.text_encoder.") and ".lora_B." in k]
+        self.assertTrue(text_b and all(float(tensors[k].abs().max()) > 0 for k in text_b), "the text adapters trained")
+        metrics, stdout, err, _ = self.retrieval("trained", os.path.join(self.photos, "metadata.jsonl"),
+                                                 "--adapter", adapter, "--report")
+        r = metrics["retrieval"]
+        self.assertEqual((r["images"], r["texts"]), (len(self.rows), captions))
+        for variant in ("base", "adapted"):
+            for direction in ("image_to_text", "text_to_image"):
+                d = r[variant][direction]
+                self.assertLessEqual(d["recall@1"], d["recall@5"])
+                self.assertLessEqual(d["recall@5"], d["recall@10"])
+        # Trained on these pairs: the adapted towers find them better than the random base does.
+        for direction in ("image_to_text", "text_to_image"):
+            self.assertLess(r["adapted"][direction]["mean_rank"], r["base"][direction]["mean_rank"], direction)
+        self.assertIn("image->text R@1", stdout)
+        self.assertIn("metadata.jsonl (rows): skipped 3 files", err)
+        # Zero-shot classification of the class folders still works on the same model (metrics.json's top-1).
+        self.assertGreaterEqual(metrics["top1"], 0.0)
+        with open(os.path.join(TMP, "retrieval_trained", "report.html")) as f:
+            html = f.read()
+        self.assertIn("<h3>Retrieval</h3>", html)
+        self.assertIn('data-variant="adapted"', html)
+
+    def test_interrupted_caption_run_resumes_to_the_uninterrupted_result(self):
+        cfg, whole = self.config("captions_whole", epochs=6)
+        self.assertEqual(run("train", "--config", cfg)[0], 0)
+        cfg, out = self.config("captions_resumed", epochs=6)
+        interrupt_and_resume(self, cfg, out)
+        self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
+
+    def test_csv_and_tsv_layouts_give_the_jsonl_file_s_retrieval(self):
+        jsonl, _, _, _ = self.retrieval("jsonl", os.path.join(self.photos, "metadata.jsonl"), "--zero-shot")
+        hf_csv = self.layout("metadata.csv", ["file_name", "text"], ",", "file_name", "text")
+        open_clip_tsv = self.layout("train.tsv", ["title", "filepath", "extra"], "\t", "filepath", "title")
+        for name, path, args in (("csv", hf_csv, ()), ("tsv", open_clip_tsv, ("--caption-column", "title"))):
+            got, _, _, _ = self.retrieval(name, path, "--zero-shot", *args)
+            self.assertEqual(got["retrieval"]["base"], jsonl["retrieval"]["base"], name)
+        # A caption with the separator, quotes and a line break in it survives the quoting.
+        with open(hf_csv, "a", newline="") as f:
+            csv.writer(f).writerow(["circle/000.png", 'a "quoted", two-line\ncaption'])
+        got, _, _, _ = self.retrieval("csv_quoted", hf_csv, "--zero-shot")
+        self.assertEqual(got["retrieval"]["texts"], jsonl["retrieval"]["texts"] + 1)
+        self.assertEqual(got["retrieval"]["images"], jsonl["retrieval"]["images"] + 1)
+
+    def test_captions_it_cannot_use_are_named(self):
+        bad_column = self.layout("no_text.csv", ["file_name", "words"], ",", "file_name", "words")
+        nothing = os.path.join(TMP, "captions_elsewhere.jsonl")
+        with open(nothing, "w") as f:
+            f.write(json.dumps({"file_name": os.path.join(self.VAL, "circle", "000.png"), "text": "a val photo"}) + "\n")
+        for data, extra, message in (
+                ({"captions": bad_column}, {}, "has no caption column (text, caption, title); its columns: file_name, "
+                                               "words; name one with data.caption_column"),
+                ({"captions": nothing}, {}, "no photo of " + self.photos + " has a caption in " + nothing),
+                ({}, {"loss": "cross_entropy", "head": {"init": "random"}}, "set loss to contrastive")):
+            cfg, _ = self.config("captions_bad", **extra)
+            with open(cfg) as f:
+                settings = json.load(f)
+            settings["data"].update(data)
+            with open(cfg, "w") as f:
+                json.dump(settings, f)
+            code, _, err = run("train", "--config", cfg)
+            self.assertEqual(code, 3, err)
+            self.assertIn(message, err)
+
+
 class QuantizedBase(unittest.TestCase):
     """frozen_dtype int8 / nf4: the blocks' Linear weights quantised under the adapters (hf_script: query, key, value,
     attention output, intermediate and output of 2 blocks)."""

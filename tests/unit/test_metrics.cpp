@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+
 #include "loratune/metrics.h"
 
 namespace loratune {
@@ -44,6 +46,52 @@ TEST(Metrics, TopOneTopFivePerClassAndMacro) {
   const auto j = m.to_json({"a", "b", "c", "d", "e", "f", "g"});
   EXPECT_EQ(j["per_class"][1]["class"], "b");
   EXPECT_DOUBLE_EQ(j["top5"].get<double>(), 0.75);
+}
+
+// Retrieval ranks against a reference that sorts each query's candidates and walks the order (ties: none at random).
+TEST(Metrics, RetrievalRecallAndMeanRankMatchSortedRanks) {
+  at::manual_seed(3);
+  const int64_t n = 12;
+  std::vector<int64_t> owner;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c <= i % 3; ++c) owner.push_back(i);  // one, two or three captions per photo
+  const int64_t m = static_cast<int64_t>(owner.size());
+  const at::Tensor images = at::randn({n, 4}, at::kDouble), texts = at::randn({m, 4}, at::kDouble) * 3;
+  const RetrievalMetrics r = retrieval_metrics(images, texts, owner);
+  ASSERT_EQ(r.images, n);
+  ASSERT_EQ(r.texts, m);
+  const at::Tensor sim = at::matmul(images / images.norm(2, {1}, true), (texts / texts.norm(2, {1}, true)).t());
+  const auto rank_of_first_match = [](const at::Tensor& scores, const std::function<bool(int64_t)>& is_match) {
+    const at::Tensor order = scores.argsort(0, /*descending=*/true);
+    for (int64_t k = 0; k < order.size(0); ++k)
+      if (is_match(order[k].item<int64_t>())) return k + 1;
+    return int64_t{-1};
+  };
+  std::vector<double> i2t, t2i;
+  for (int64_t i = 0; i < n; ++i)
+    i2t.push_back(static_cast<double>(rank_of_first_match(sim[i], [&](int64_t j) { return owner[j] == i; })));
+  for (int64_t j = 0; j < m; ++j)
+    t2i.push_back(static_cast<double>(rank_of_first_match(sim.select(1, j), [&](int64_t i) { return owner[j] == i; })));
+  const auto check = [](const RetrievalDirection& d, const std::vector<double>& ranks) {
+    double mean = 0;
+    for (double x : ranks) mean += x / static_cast<double>(ranks.size());
+    EXPECT_NEAR(d.mean_rank, mean, 1e-12);
+    for (size_t k = 0; k < retrieval_recall_ks().size(); ++k) {
+      double within = 0;
+      for (double x : ranks) within += x <= static_cast<double>(retrieval_recall_ks()[k]);
+      EXPECT_NEAR(d.recall[k], within / static_cast<double>(ranks.size()), 1e-12) << "recall@" << retrieval_recall_ks()[k];
+    }
+  };
+  check(r.image_to_text, i2t);
+  check(r.text_to_image, t2i);
+  EXPECT_GT(r.image_to_text.mean_rank, 1.0);  // random features: not every match first
+  // Texts that are their images: everything first.
+  std::vector<int64_t> identity(n);
+  for (int64_t i = 0; i < n; ++i) identity[static_cast<size_t>(i)] = i;
+  const RetrievalMetrics perfect = retrieval_metrics(images, images * 2, identity);
+  EXPECT_DOUBLE_EQ(perfect.image_to_text.recall[0], 1.0);
+  EXPECT_DOUBLE_EQ(perfect.text_to_image.mean_rank, 1.0);
+  EXPECT_EQ(perfect.to_json()["text_to_image"]["recall@10"], 1.0);
 }
 
 TEST(Metrics, NoTopFiveForFiveClassesOrFewer) {
