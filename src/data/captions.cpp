@@ -23,10 +23,12 @@ int64_t CaptionFile::caption_count() const {
 
 namespace {
 
-// One row of the file: its line number, and each column's text (JSON lines: a caption list may give several).
+// One row of the file: its line number, and each column's text (JSON lines: a caption list may give several), or
+// why it cannot be read.
 struct Row {
   int64_t line = 0;
   std::map<std::string, std::vector<std::string>> fields;
+  std::string problem;
 };
 
 std::string first_present(const std::vector<std::string>& wanted, const std::vector<std::string>& present) {
@@ -43,7 +45,7 @@ std::pair<std::vector<std::string>, std::vector<Row>> read_delimited(const std::
   for (auto& h : header) h = trim(h);
   std::vector<Row> rows;
   for (size_t r = 1; r < records.size(); ++r) {
-    Row row{records[r].line, {}};
+    Row row{records[r].line, {}, ""};
     const auto& values = records[r].fields;
     for (size_t k = 0; k < header.size() && k < values.size(); ++k) row.fields[header[k]] = {values[k]};
     rows.push_back(std::move(row));
@@ -51,31 +53,28 @@ std::pair<std::vector<std::string>, std::vector<Row>> read_delimited(const std::
   return {header, rows};
 }
 
-std::pair<std::vector<std::string>, std::vector<Row>> read_json_lines(const std::string& text, const fs::path& file,
-                                                                       SkippedFiles& skipped) {
+std::pair<std::vector<std::string>, std::vector<Row>> read_json_lines(const std::string& text) {
   std::vector<std::string> columns;
   std::vector<Row> rows;
   std::istringstream in(text);
   std::string line;
   for (int64_t n = 1; std::getline(in, line); ++n) {
     if (trim(line).empty()) continue;
-    const std::string where = file.string() + ":" + std::to_string(n);
-    if (!is_valid_utf8(line)) {
-      skipped.emplace_back(where, "not UTF-8 (save the file as UTF-8)");
-      continue;
-    }
+    Row row{n, {}, ""};
     json object;
-    try {
-      object = json::parse(line);
-    } catch (const json::exception&) {
-      skipped.emplace_back(where, "not a JSON object");
+    if (!is_valid_utf8(line)) {
+      row.problem = "not UTF-8 (save the file as UTF-8)";
+    } else {
+      try {
+        object = json::parse(line);
+      } catch (const json::exception&) {  // stays null: not an object
+      }
+      if (!object.is_object()) row.problem = "not a JSON object";
+    }
+    if (!row.problem.empty()) {
+      rows.push_back(std::move(row));
       continue;
     }
-    if (!object.is_object()) {
-      skipped.emplace_back(where, "not a JSON object");
-      continue;
-    }
-    Row row{n, {}};
     for (const auto& [key, value] : object.items()) {
       if (std::find(columns.begin(), columns.end(), key) == columns.end()) columns.push_back(key);
       if (value.is_string()) row.fields[key] = {value.get<std::string>()};
@@ -119,7 +118,7 @@ CaptionFile read_captions(const fs::path& file, const std::string& column) {
   out.path = file;
   const std::string text = read_text(file);
   const Layout layout = layout_of(file, text);
-  auto [columns, rows] = layout == Layout::kJsonLines ? read_json_lines(text, file, out.skipped)
+  auto [columns, rows] = layout == Layout::kJsonLines ? read_json_lines(text)
                                                       : read_delimited(text, layout == Layout::kTsv ? '\t' : ',', file);
   const std::string path_column = first_present(path_columns(), columns);
   if (path_column.empty())
@@ -134,6 +133,10 @@ CaptionFile read_captions(const fs::path& file, const std::string& column) {
   const fs::path folder = file.parent_path();
   for (const Row& row : rows) {
     const std::string where = file.string() + ":" + std::to_string(row.line);
+    if (!row.problem.empty()) {
+      out.skipped.emplace_back(where, row.problem);
+      continue;
+    }
     const auto path = row.fields.find(path_column);
     const auto texts = row.fields.find(out.column);
     if (path == row.fields.end() || path->second.empty() || trim(path->second[0]).empty()) {

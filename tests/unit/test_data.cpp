@@ -7,7 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <random>
+
 #include "loratune/adapter.h"
+#include "loratune/captions.h"
 #include "loratune/errors.h"
 #include "loratune/image.h"
 #include "loratune/transform.h"
@@ -66,6 +69,90 @@ TEST(ImageFolders, StratifiedSplitHoldsOutEachClass) {
   EXPECT_EQ(train.class_counts(), (std::vector<int64_t>{18, 18, 18}));
   const auto [train2, val2] = stratified_split(f, 0.25, 7);
   for (size_t i = 0; i < val.samples.size(); ++i) EXPECT_EQ(val.samples[i].path, val2.samples[i].path);
+}
+
+// A copy of the toy training folder with a caption file in it, `name` holding `text`.
+std::filesystem::path captioned_copy(const std::string& name, const std::string& text) {
+  const auto dir = test::temp_dir("captions");
+  if (!std::filesystem::exists(dir / "photos"))
+    std::filesystem::copy(images("toy/train"), dir / "photos", std::filesystem::copy_options::recursive);
+  write_file_atomic(dir / "photos" / name, text);
+  return dir / "photos" / name;
+}
+
+TEST(Captions, JsonLinesCsvAndTsvLayoutsGiveTheSameCaptionsAndListBadRows) {
+  const std::string ko = "빨간_사각형";
+  const auto jsonl = captioned_copy(
+      "metadata.jsonl", "\xEF\xBB\xBF{\"file_name\": \"circle/000.png\", \"text\": \"a round one\"}\n"
+                        "{\"file_name\": \"circle/000.png\", \"text\": [\"again, round\", \"\"]}\r\n"
+                        "\n"
+                        "{\"file_name\": \"" + ko + "/001.png\", \"text\": \"빨간 사각형\", \"extra\": 3}\n"
+                        "{\"file_name\": \"circle/nope.png\", \"text\": \"missing\"}\n"
+                        "{\"file_name\": \"circle/001.png\", \"text\": \"bad \xFF byte\"}\n"
+                        "[1, 2]\n"
+                        "{\"file_name\": \"circle/002.png\"}\n");
+  const CaptionFile j = read_captions(jsonl, "");
+  EXPECT_EQ(j.column, "text");
+  ASSERT_EQ(j.captions.size(), 2u);
+  const auto photos = jsonl.parent_path();
+  EXPECT_EQ(j.captions.at(photos / "circle/000.png"), (std::vector<std::string>{"a round one", "again, round"}));
+  EXPECT_EQ(j.captions.at(photos / (ko + "/001.png")), (std::vector<std::string>{"빨간 사각형"}));
+  ASSERT_EQ(j.skipped.size(), 4u);
+  EXPECT_EQ(j.skipped[0].first, jsonl.string() + ":5");
+  EXPECT_EQ(j.skipped[0].second, "no such photo: " + (photos / "circle/nope.png").string());
+  EXPECT_EQ(j.skipped[1], std::make_pair(jsonl.string() + ":6", std::string("not UTF-8 (save the file as UTF-8)")));
+  EXPECT_EQ(j.skipped[2].second, "not a JSON object");
+  EXPECT_EQ(j.skipped[3], std::make_pair(jsonl.string() + ":8", std::string("no text")));
+
+  const auto csv = captioned_copy("metadata.csv", "file_name,caption\r\ncircle/000.png,a round one\n"
+                                                  "circle/000.png,\"again, round\"\n" + ko + "/001.png,\"빨간 사각형\"\n"
+                                                  "circle/002.png\n");
+  const CaptionFile c = read_captions(csv, "");
+  EXPECT_EQ(c.column, "caption");
+  EXPECT_EQ(c.captions, j.captions);
+  ASSERT_EQ(c.skipped.size(), 1u);
+  EXPECT_EQ(c.skipped[0], std::make_pair(csv.string() + ":5", std::string("no caption")));
+
+  const auto tsv = captioned_copy("train.tsv", "title\tfilepath\n\"a round\none\"\t" + (photos / "circle/000.png").string() + "\n");
+  const CaptionFile t = read_captions(tsv, "title");
+  EXPECT_EQ(t.captions.at(photos / "circle/000.png"), (std::vector<std::string>{"a round\none"}));
+
+  // Attached to the folder: photos without a caption leave it, listed.
+  ImageFolder folder = scan_image_folder(photos);
+  const size_t photos_before = folder.samples.size(), skipped_before = folder.skipped.size();
+  const auto attached = attach_captions(folder, j);
+  ASSERT_EQ(folder.samples.size(), 2u);
+  EXPECT_EQ(attached.size(), 2u);
+  EXPECT_EQ(folder.skipped.size(), skipped_before + photos_before - 2);
+  EXPECT_EQ(reason_for(folder.skipped, "002.png"), "no caption in metadata.jsonl");
+}
+
+TEST(Captions, FilesThatCannotBeUsedSayWhy) {
+  EXPECT_THROW_WITH(read_captions(captioned_copy("a.csv", "path,words\ncircle/000.png,round\n"), ""), InputError,
+                    "has no caption column (text, caption, title); its columns: path, words; name one with "
+                    "data.caption_column");
+  EXPECT_THROW_WITH(read_captions(captioned_copy("b.csv", "name,text\ncircle/000.png,round\n"), ""), InputError,
+                    "has no photo column (file_name, filepath, path, image)");
+  EXPECT_THROW_WITH(read_captions(captioned_copy("c.csv", "file_name,text\nnope.png,round\n"), ""), InputError,
+                    "has no usable caption (1 rows skipped, the first: no such photo");
+  EXPECT_THROW_WITH(read_captions(captioned_copy("d.csv", "file_name,text\n\"circle/000.png,round\n"), ""), InputError,
+                    "a quoted field is not closed");
+  EXPECT_THROW_WITH(read_captions(captioned_copy("e.csv", ""), ""), InputError, "is empty");
+  EXPECT_THROW_WITH(read_captions(captioned_copy("f.csv", "file_name,text\n"), "words"), InputError,
+                    "has no caption column \"words\"");
+  EXPECT_THROW_WITH(read_captions(test::temp_dir("captions") / "none.jsonl", ""), InputError, "cannot read");
+  // Mutated bytes: a list of skipped rows or one InputError, never anything else.
+  const std::string good = "file_name,text\ncircle/000.png,\"a round, one\"\ncircle/001.png,two\n";
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 100; ++trial) {
+    std::string bytes = good;
+    for (int k = 0; k < 3; ++k) bytes[rng() % bytes.size()] = static_cast<char>(rng() % 256);
+    const auto path = captioned_copy("fuzz.csv", bytes);
+    try {
+      read_captions(path, "");
+    } catch (const InputError&) {
+    }
+  }
 }
 
 TEST(Decoding, GreyRgbaSixteenBitAndExifRotation) {
