@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 
 import numpy as np
@@ -165,24 +164,14 @@ def main():
                                                  summary["peak_memory_bytes"]))
             record(label, ["--model", model, "--adapter", os.path.join(run_dir, "adapter")], f"{key}_{seed}")
 
-    def cell(values):
-        values = [100 * v for v in values]
-        return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-
+    cell = shift.cell
     lines = ["| method | image->text R@1 | text->image R@1 | image->text R@5 | target top-1 | original top-1 | "
              "s / step (32 photos) | peak memory |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        t = timing.get(name, [])
-        step = f"{statistics.mean(x[0] for x in t):.3f}" if t else ""
-        rss = f"{max(x[1] for x in t) / 2**20:.0f} MiB" if t else ""
+        step, rss = shift.timing_cells(timing.get(name, []))
         lines.append(f"| {name} | {cell(r['i2t1'])} | {cell(r['t2i1'])} | {cell(r['i2t5'])} | {cell(r['target'])} | "
                      f"{cell(r['original'])} | {step} | {rss} |")
-    table = "\n".join(lines) + "\n\n" + ceiling
-    print(table)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(table + "\n")
-
+    shift.publish("\n".join(lines) + "\n\n" + ceiling, args.report)
 
 if __name__ == "__main__":
     main()

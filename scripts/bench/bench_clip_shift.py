@@ -137,6 +137,26 @@ def pretrain(work, upstream, epochs):
     return folder
 
 
+def cell(values):
+    """Fractions over seeds as a table cell: mean ± standard deviation, in percent."""
+    values = [100 * v for v in values]
+    return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def timing_cells(timing):
+    """(seconds per step, peak bytes) over seeds as two cells; empty for rows without training."""
+    if not timing:
+        return "", ""
+    return f"{statistics.mean(x[0] for x in timing):.3f}", f"{max(x[1] for x in timing) / 2**20:.0f} MiB"
+
+
+def publish(table, report):
+    print(table)
+    if report:
+        with open(report, "w") as f:
+            f.write(table + "\n")
+
+
 def run(*args):
     p = subprocess.run(list(args), capture_output=True, text=True)
     if p.returncode != 0:
@@ -225,23 +245,12 @@ def main():
                     rows.setdefault(f"{label} + WiSE-FT 0.5", {"target": [], "original": []})[split].append(
                         evaluate(args.binary, work, f"{key}_wise_{seed}_{split}", ["--model", merged], test))
 
-    def cell(values):
-        values = [100 * v for v in values]
-        return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-
     lines = ["| method | target rendering top-1 (%) | original rendering top-1 (%) | s / step (32 images) | peak memory |",
              "|---|---|---|---|---|"]
     for name, r in rows.items():
-        t = timing.get(name, [])
-        step = f"{statistics.mean(x[0] for x in t):.3f}" if t else ""
-        rss = f"{max(x[1] for x in t) / 2**20:.0f} MiB" if t else ""
+        step, rss = timing_cells(timing.get(name, []))
         lines.append(f"| {name} | {cell(r['target'])} | {cell(r['original'])} | {step} | {rss} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(table + "\n")
-
+    publish("\n".join(lines), args.report)
 
 if __name__ == "__main__":
     main()
