@@ -35,8 +35,10 @@ ScannedData scan_folders(const TrainConfig& c, TrainingReporter& reporter) {
   } else {
     val = scan_image_folder_for(c.data.val, train.classes);
   }
+  SkippedFiles caption_rows;
   if (!c.data.captions.empty()) {
     const CaptionFile captions = read_captions(c.data.captions, c.data.caption_column);
+    caption_rows = captions.skipped;
     for (const auto& line : describe_skipped(captions.skipped, c.data.captions + " (rows)")) reporter.warning(line);
     reporter.message(fmt::format("{} captions of {} photos in {} (column \"{}\")", captions.caption_count(),
                                  captions.captions.size(), c.data.captions, captions.column));
@@ -45,6 +47,8 @@ ScannedData scan_folders(const TrainConfig& c, TrainingReporter& reporter) {
   for (const auto& line : describe_skipped(train.skipped, c.data.train)) reporter.warning(line);
   if (!c.data.val.empty())
     for (const auto& line : describe_skipped(val.skipped, c.data.val)) reporter.warning(line);
+  // The caption file's skipped rows join the run's list of what it could not use (summary.json), as photos do.
+  train.skipped.insert(train.skipped.end(), caption_rows.begin(), caption_rows.end());
   reporter.message(fmt::format("{} classes: {}", train.classes.size(), join(train.classes, ", ", 12)));
   reporter.message(fmt::format("{} training images, {} validation images ({})", train.samples.size(), val.samples.size(),
                                c.data.val.empty() ? "held out of " + c.data.train : c.data.val));

@@ -1297,6 +1297,10 @@ class Captions(unittest.TestCase):
         self.assertIn("circle/000.png: no caption in metadata.jsonl", err)
         captions = sum(len(texts) for _, texts in self.rows)
         self.assertIn(f"{captions} captions ({captions} different) for {len(self.rows)} training photos", err)
+        with open(os.path.join(out, "summary.json")) as f:
+            reasons = sorted(s["reason"].split(":")[0] for s in json.load(f)["skipped_files"])
+        self.assertEqual(reasons, ["an empty caption", "no caption in metadata.jsonl", "no such photo",
+                                   "not UTF-8 (save the file as UTF-8)"])
         adapter = os.path.join(out, "adapter")
         tensors, _ = safetensors_lite.load(os.path.join(adapter, "adapter_model.safetensors"))
         text_b = [k for k in tensors if k.startswith("base_model.model.text_encoder.") and ".lora_B." in k]
