@@ -158,15 +158,17 @@ std::vector<Command> commands() {
        std::vector<Flag>{
            Flag("-m,--model", "backbone bundle (with --adapter) or merged classifier", value(E, &EvalCommand::model)).required(),
            Flag("-a,--adapter", "adapter folder or .safetensors from loratune train", value(E, &EvalCommand::adapter)),
-           Flag("-d,--data", "held-out photo folder: one subfolder per class", value(E, &EvalCommand::data)).required(),
+           Flag("-d,--data", "held-out photo folder: one subfolder per class (required unless --retrieval)",
+                value(E, &EvalCommand::data)),
            Flag("--zero-shot", "classify with a CLIP text encoder's class embeddings of this folder's classes; with "
                 "--adapter the adapted towers (the text tower too when trained with loss contrastive)",
                 on_off(E, &EvalCommand::zero_shot)),
            Flag("--text-model", "zero-shot: text encoder bundle (default: the one the model names)",
                 value(E, &EvalCommand::text_model)),
            Flag("--class-names", "zero-shot: JSON file {\"folder\": \"name\" or [names]}", value(E, &EvalCommand::class_names)),
-           Flag("--retrieval", "also image <-> text retrieval on a caption file (metadata.jsonl, metadata.csv, CSV/TSV: "
-                "as data.captions): recall@1/5/10 and mean rank, of the base and of the adapted towers",
+           Flag("--retrieval", "image <-> text retrieval on a caption file (metadata.jsonl, metadata.csv, CSV/TSV: as "
+                "data.captions): recall@1/5/10 and mean rank, of the base and of the adapted towers; with --data "
+                "besides the classification",
                 value(E, &EvalCommand::retrieval)),
            Flag("--caption-column", "--retrieval: the caption column (default: the first of " +
                 join(caption_columns(), ", ") + " the file has)", value(E, &EvalCommand::caption_column)),

@@ -148,17 +148,38 @@ nlohmann::json evaluate_retrieval_of(const EvalCommand& command, const c10::Devi
   return out;
 }
 
+// The report of an evaluation folder, beside its metrics.json (eval --report).
+void write_eval_report(const fs::path& out) {
+  const std::string html = render_report({}, {read_eval(out)});
+  write_file_atomic(out / EvalFiles::kReport, html);
+  std::printf("report: %s (%s)\n", (out / EvalFiles::kReport).c_str(), human_bytes(static_cast<double>(html.size())).c_str());
+}
+
+// eval --retrieval without --data: the caption file's photos only, no classification.
+int run_retrieval_alone(const EvalCommand& command, const c10::Device& device, Precision precision) {
+  nlohmann::json j = {{"model", command.model}, {"adapter", command.adapter},
+                      {"retrieval", evaluate_retrieval_of(command, device, precision)}};
+  const fs::path out = command.output;
+  fs::create_directories(out);
+  write_file_atomic(out / EvalFiles::kMetrics, j.dump(2) + "\n");
+  std::printf("wrote %s\n", (out / EvalFiles::kMetrics).c_str());
+  if (command.report) write_eval_report(out);
+  return exit_code::kOk;
+}
+
 }  // namespace
 
 int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
-    if (command.data.empty()) throw InputError("--data is required: the held-out photo folder");
+    if (command.data.empty() && command.retrieval.empty())
+      throw InputError("--data is required: the held-out photo folder (or --retrieval CAPTIONS for retrieval alone)");
     refuse_output_over_inputs(command.output, "--output", {command.model, command.adapter, command.data,
                                                            command.text_model, command.class_names, command.retrieval});
     ThreadTuner threads(parse_threads(command.threads));
     const c10::Device device = resolve_device(command.device);
     const Precision precision = resolve_precision(command.precision, device);
+    if (command.data.empty()) return run_retrieval_alone(command, device, precision);
     cli::InferenceModel model = load_eval_model(command, device);
 
     const ImageFolder folder = scan_image_folder_for(command.data, model.classes);
@@ -201,11 +222,7 @@ int run_eval(const EvalCommand& command) {
     std::printf("wrote %s, %s, %s, %s (%zu misclassified)\n", (out / EvalFiles::kMetrics).c_str(),
                 (out / EvalFiles::kPredictions).c_str(), (out / EvalFiles::kMisclassified).c_str(),
                 (out / EvalFiles::kConfusionPng).c_str(), wrong.size());
-    if (command.report) {
-      const std::string html = render_report({}, {read_eval(out)});
-      write_file_atomic(out / EvalFiles::kReport, html);
-      std::printf("report: %s (%s)\n", (out / EvalFiles::kReport).c_str(), human_bytes(static_cast<double>(html.size())).c_str());
-    }
+    if (command.report) write_eval_report(out);
     return exit_code::kOk;
   });
 }

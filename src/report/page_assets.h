@@ -74,6 +74,7 @@ inline constexpr const char* kScript = R"JS(
   }
   function byConfidence(ev) { return (a, b) => ev.photos[b][3] - ev.photos[a][3]; }
   data.evals.forEach((ev, k) => {
+    if (!ev.classes.length) return;  // retrieval alone: no photos to show
     const errors = [];
     ev.photos.forEach((p, i) => { if (p[1] !== p[2]) errors.push(i); });
     grid(document.getElementById("errors-" + k), errors.sort(byConfidence(ev)), (i) => photoTile(ev, i));

@@ -138,6 +138,7 @@ EvalRecord read_eval(const fs::path& dir) {
   const fs::path metrics_path = dir / EvalFiles::kMetrics;
   e.info = read_json(metrics_path);
   if (!e.info.is_object()) throw InputError(metrics_path.string() + ": not a JSON object");
+  if (!e.info.contains("classes") && e.info.contains("retrieval")) return e;  // eval --retrieval alone
   for (const json& c : field(e.info, "classes", &json::is_array, "a list", metrics_path)) {
     if (!c.is_string()) throw InputError(metrics_path.string() + ": a class name is not a string");
     e.classes.push_back(c.get<std::string>());

@@ -113,7 +113,7 @@ std::pair<int, int> comparable_pair(const std::vector<EvalRecord>& evals) {
   };
   for (size_t a = 0; a < evals.size(); ++a)
     for (size_t b = a + 1; b < evals.size(); ++b)
-      if (evals[a].classes == evals[b].classes && photos(evals[a]) == photos(evals[b]))
+      if (!evals[a].classes.empty() && evals[a].classes == evals[b].classes && photos(evals[a]) == photos(evals[b]))
         return {static_cast<int>(a), static_cast<int>(b)};
   return {-1, -1};
 }
@@ -236,6 +236,11 @@ std::string evaluation_section(const EvalRecord& e, const std::string& name, siz
   std::string out = "<section class=\"evaluation\" id=\"evaluation-" + id + "\"><h2>Evaluation: " + html::escape(name) + "</h2>";
   out += "<p class=\"muted\">model " + html::escape(info("model"));
   if (!info("adapter").empty()) out += ", adapter " + html::escape(info("adapter"));
+  if (e.classes.empty()) {  // retrieval alone
+    out += "</p>";
+    if (e.info["retrieval"].is_object()) out += retrieval_table(e.info["retrieval"]);
+    return out + "</section>";
+  }
   out += ", photos " + html::escape(info("data")) + "</p>";
   int64_t errors = 0;
   for (const auto& p : e.photos) errors += p.truth != p.predicted;

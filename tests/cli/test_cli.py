@@ -1326,6 +1326,29 @@ class Captions(unittest.TestCase):
         self.assertIn("<h3>Retrieval</h3>", html)
         self.assertIn('data-variant="adapted"', html)
 
+    def test_retrieval_alone_needs_no_class_folders_and_is_reported(self):
+        captions = os.path.join(self.photos, "metadata.jsonl")
+        with_classes, _, _, _ = self.retrieval("with_classes", captions, "--zero-shot")
+        out = os.path.join(TMP, "retrieval_alone")
+        code, stdout, err = run("eval", "--model", self.IMAGE, "--retrieval", captions, "--output", out,
+                                "--threads", "2", "--report")
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(out, "metrics.json")) as f:
+            alone = json.load(f)
+        self.assertNotIn("top1", alone)
+        self.assertEqual(alone["retrieval"]["base"], with_classes["retrieval"]["base"])
+        # Its report, and one that also holds a classification evaluation, show the table and run their scripts' data.
+        for args in ((out,), (out, os.path.join(TMP, "retrieval_with_classes"))):
+            page = os.path.join(TMP, "retrieval_alone.html")
+            code, _, err = run("report", *args, "--output", page)
+            self.assertEqual(code, 0, err)
+            with open(page) as f:
+                html = f.read()
+            self.assertEqual(html.count("<h3>Retrieval</h3>"), len(args))
+        code, _, err = run("eval", "--model", self.IMAGE, "--output", out)
+        self.assertEqual(code, 3, err)
+        self.assertIn("--data is required: the held-out photo folder (or --retrieval CAPTIONS", err)
+
     def test_interrupted_caption_run_resumes_to_the_uninterrupted_result(self):
         cfg, whole = self.config("captions_whole", epochs=6)
         self.assertEqual(run("train", "--config", cfg)[0], 0)
