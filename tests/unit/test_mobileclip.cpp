@@ -35,6 +35,20 @@ TEST(MobileClip, DefaultTargetsAreQAndVSlicesOfTheLastStage) {
   EXPECT_EQ(t[1].row_begin, 96);
 }
 
+// Captions longer than the text context are cut and counted; English words take a token each, Korean syllables more.
+TEST(MobileClip, CaptionsLongerThanTheContextAreCountedWhenCut) {
+  const TextEncoder text = load_text_encoder(fixture("models/mobileclip_text.pt"));
+  std::string long_english, long_korean, fits;
+  for (int i = 0; i < 100; ++i) long_english += "photo ";
+  for (int i = 0; i < 40; ++i) long_korean += "빨간 사각형 ";
+  for (int i = 0; i < 10; ++i) fits += "photo ";
+  const std::vector<std::string> texts = {"a photo", long_english, fits, long_korean, ""};
+  const TokenizedTexts t = tokenize_texts(text, texts);
+  EXPECT_EQ(t.truncated, 2);
+  EXPECT_TRUE(at::equal(t.tokens, text.tokenizer->tokenize(texts, text.context_length)));
+  EXPECT_EQ(t.tokens.size(1), text.context_length);
+}
+
 TEST(MobileClip, ZeroShotHeadPredictsTheAgreedClasses) {
   Model model(load_bundle(fixture("models/mobileclip_trace.pt")));
   const ImageFolder folder = scan_image_folder(fixture("models/zeroshot"));
