@@ -7,6 +7,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace loratune {
@@ -45,6 +46,9 @@ class ProcessGroup {
   void sum(const std::vector<at::Tensor>& tensors);
   // Sums plain numbers over the ranks (a small all-reduce).
   std::vector<double> sum(const std::vector<double>& values);
+  // Every rank's rows (a CPU tensor [n, width], float32 or float64; n may be 0, and then any width), concatenated in
+  // rank order, and the row where this rank's begin (two all-reduces).
+  std::pair<at::Tensor, int64_t> gather_rows(const at::Tensor& rows);
   void barrier();
 
  private:

@@ -11,6 +11,7 @@
 #include "loratune/amp.h"
 #include "loratune/named_tensor.h"
 #include "loratune/optim.h"
+#include "loratune/process_group.h"
 
 namespace loratune {
 
@@ -40,10 +41,13 @@ struct PairedFeatures {
 // with a graph and the embeddings' gradients flow back through it. `embed(k)` must give the same values both times:
 // the random generators are set back before the second pass (dropout draws alike). The gradients are those of
 // `weight` x the loss, scaled by `scaler`; `groups` as contrastive_loss, all rows in order; `device`: where embed
-// runs (its generator is set back too). Returns weight x loss.
+// runs (its generator is set back too). With `workers` (data parallel), every worker's rows join the loss (gathered;
+// each worker calls this once per step, with no micro-batches too) and each worker's gradients are those of its own
+// rows: summed over the workers they are the whole loss's. Returns weight x loss.
 double backward_contrastive_cached(int64_t micro_batches, const std::function<PairedFeatures(int64_t k)>& embed,
                                    double logit_scale, const at::Tensor& groups, double weight,
-                                   const LossScaler& scaler, const c10::Device& device);
+                                   const LossScaler& scaler, const c10::Device& device,
+                                   ProcessGroup* workers = nullptr);
 
 struct StepOutcome {
   bool applied = false;      // false: inf/NaN in the gradients or the loss, the update was skipped

@@ -4,8 +4,9 @@
 // class's names x templates, reproducibly) or, with captions, one of its captions (drawn per image and epoch);
 // CLIP's symmetric loss, the other pairs of the optimiser step the negatives (contrastive.negatives step: embeddings
 // cached over the micro-batches, backward_contrastive_cached in train_step.h) or of the micro-batch only; pairs of
-// one class (class prompts) or one caption text are not each other's negatives. A data-parallel worker's negatives
-// are those of its share. Validation and saved adapters score classes by the adapted text tower's class embeddings.
+// one class (class prompts) or one caption text are not each other's negatives. Data-parallel workers gather the
+// step's embeddings (step) or keep their share of each micro-batch (micro_batch). Validation and saved adapters score
+// classes by the adapted text tower's class embeddings.
 #pragma once
 
 #include <filesystem>

@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -199,6 +200,25 @@ std::vector<double> ProcessGroup::sum(const std::vector<double>& values) {
 
 void ProcessGroup::barrier() { sum(std::vector<double>{0.0}); }
 
+std::pair<at::Tensor, int64_t> ProcessGroup::gather_rows(const at::Tensor& rows) {
+  // Each rank's row count and width in its own places; then the rows, each rank's in its place of a zero buffer.
+  std::vector<double> shape(2 * static_cast<size_t>(size_), 0.0);
+  shape[2 * static_cast<size_t>(rank_)] = static_cast<double>(rows.size(0));
+  shape[2 * static_cast<size_t>(rank_) + 1] = rows.size(0) > 0 ? static_cast<double>(rows.size(1)) : 0.0;
+  shape = sum(shape);
+  int64_t total = 0, offset = 0, width = 0;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) offset = total;
+    total += static_cast<int64_t>(shape[2 * static_cast<size_t>(r)]);
+    width = std::max(width, static_cast<int64_t>(shape[2 * static_cast<size_t>(r) + 1]));
+  }
+  at::Tensor buffer = at::zeros({total, width}, rows.options().device(at::kCPU));
+  if (rows.size(0) > 0) buffer.narrow(0, offset, rows.size(0)).copy_(rows);
+  at::Tensor flat = buffer.view({-1});
+  all_reduce(flat);
+  return {buffer, offset};
+}
+
 #else
 
 bool distributed_available() { return false; }
@@ -216,6 +236,7 @@ void ProcessGroup::all_reduce(at::Tensor&) {}
 void ProcessGroup::sum(const std::vector<at::Tensor>&) {}
 std::vector<double> ProcessGroup::sum(const std::vector<double>& values) { return values; }
 void ProcessGroup::barrier() {}
+std::pair<at::Tensor, int64_t> ProcessGroup::gather_rows(const at::Tensor& rows) { return {rows, 0}; }
 
 #endif
 

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <utility>
 
 #include "common/torch_compat.h"
@@ -43,7 +44,7 @@ at::Tensor contrastive_loss(const at::Tensor& image_features, const at::Tensor& 
 
 double backward_contrastive_cached(int64_t micro_batches, const std::function<PairedFeatures(int64_t k)>& embed,
                                    double logit_scale, const at::Tensor& groups, double weight,
-                                   const LossScaler& scaler, const c10::Device& device) {
+                                   const LossScaler& scaler, const c10::Device& device, ProcessGroup* workers) {
   // The random state both passes start from, so that dropout draws the same masks in each.
   std::vector<std::pair<at::Generator, at::Tensor>> random_states;
   for (const c10::Device& d : {c10::Device(c10::kCPU), device}) {
@@ -52,26 +53,40 @@ double backward_contrastive_cached(int64_t micro_batches, const std::function<Pa
     random_states.emplace_back(generator, generator.get_state());
   }
 
+  const auto at_least_fp32 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
+  };
   std::vector<at::Tensor> images, texts;
   {
     at::NoGradGuard no_grad;
     for (int64_t k = 0; k < micro_batches; ++k) {
       const PairedFeatures f = embed(k);
-      images.push_back(f.image.detach());
-      texts.push_back(f.text.detach());
+      images.push_back(at_least_fp32(f.image.detach()));
+      texts.push_back(at_least_fp32(f.text.detach()));
     }
   }
-  const auto at_least_fp32 = [](const at::Tensor& t) {
-    return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
-  };
-  const at::Tensor all_images = at_least_fp32(at::cat(images)).requires_grad_();
-  const at::Tensor all_texts = at_least_fp32(at::cat(texts)).requires_grad_();
-  const at::Tensor loss = contrastive_loss(all_images, all_texts, logit_scale, groups);
+  at::Tensor all_images = images.empty() ? at::empty({0, 0}) : at::cat(images);
+  at::Tensor all_texts = texts.empty() ? at::empty({0, 0}) : at::cat(texts);
+  at::Tensor all_groups = groups.defined() ? groups : at::Tensor();
+  int64_t first_row = 0;  // where this worker's rows begin among all
+  if (workers) {
+    const c10::Device where = all_images.device();
+    std::tie(all_images, first_row) = workers->gather_rows(all_images.cpu());
+    all_texts = workers->gather_rows(all_texts.cpu()).first;
+    if (all_groups.defined())
+      all_groups = workers->gather_rows(all_groups.to(at::kDouble).unsqueeze(1)).first.squeeze(1).round().to(at::kLong);
+    all_images = all_images.to(where);
+    all_texts = all_texts.to(where);
+  }
+  if (all_images.size(0) == 0) return 0.0;
+  all_images.requires_grad_();
+  all_texts.requires_grad_();
+  const at::Tensor loss = contrastive_loss(all_images, all_texts, logit_scale, all_groups);
   loss.backward();
   const double value = loss.item<double>() * weight;
 
   for (auto& [generator, state] : random_states) generator.set_state(state);
-  int64_t row = 0;
+  int64_t row = first_row;
   for (int64_t k = 0; k < micro_batches; ++k) {
     const PairedFeatures f = embed(k);
     const int64_t n = f.image.size(0);

@@ -335,8 +335,9 @@ void Trainer::Impl::train_epoch(const Schedule& schedule, Progress& p, TrainSumm
 Trainer::Impl::StepResult Trainer::Impl::forward_backward(int64_t micro_batches, int64_t step_images, int64_t step,
                                                           int64_t epoch) {
   StepResult result;
+  // One micro-batch in one process is its own step: the plain loss, without the second pass.
   const bool step_negatives = contrastive_ && config_.contrastive.negatives == ContrastiveNegatives::kStep &&
-                              micro_batches > 1;
+                              (micro_batches > 1 || hooks_.data_parallel);
   std::vector<Batch> step_batches;  // step negatives: the micro-batches, embedded together after they are read
   for (int64_t k = 0; k < micro_batches; ++k) {
     auto batch = train_.next();
@@ -359,7 +360,9 @@ Trainer::Impl::StepResult Trainer::Impl::forward_backward(int64_t micro_batches,
       result.loss += backward_micro_batch(logits, y, share, *scaler_, config_.label_smoothing);
     }
   }
-  if (!step_batches.empty()) result.loss += backward_contrastive_step(step_batches, step_images, step, epoch);
+  // Data parallel: every worker joins the step's gathering, with no photos of its own too.
+  if (!step_batches.empty() || (step_negatives && hooks_.data_parallel))
+    result.loss += backward_contrastive_step(step_batches, step_images, step, epoch);
   return result;
 }
 
@@ -373,12 +376,20 @@ double Trainer::Impl::backward_contrastive_step(const std::vector<Batch>& batche
     groups.push_back(texts.groups);
     images += static_cast<int64_t>(batch.indices.size());
   }
-  // This worker's rows weigh by their share of the step's images (all of them in one process).
+  const auto embed = [&](int64_t k) {
+    return embed_pairs(batches[static_cast<size_t>(k)], tokens[static_cast<size_t>(k)]);
+  };
+  const at::Tensor all_groups = groups.empty() ? at::empty({0}, at::kLong) : at::cat(groups);
+  if (ProcessGroup* workers = hooks_.data_parallel) {
+    // The loss over every worker's pairs; each worker's gradients are those of its rows, summed after the step. The
+    // loss is counted once over the workers.
+    const double loss = backward_contrastive_cached(static_cast<int64_t>(batches.size()), embed, logit_scale(),
+                                                    all_groups, 1.0, *scaler_, device_, workers);
+    return loss / workers->size();
+  }
   const double weight = static_cast<double>(images) / static_cast<double>(step_images);
-  return backward_contrastive_cached(
-      static_cast<int64_t>(batches.size()),
-      [&](int64_t k) { return embed_pairs(batches[static_cast<size_t>(k)], tokens[static_cast<size_t>(k)]); },
-      logit_scale(), at::cat(groups), weight, *scaler_, device_);
+  return backward_contrastive_cached(static_cast<int64_t>(batches.size()), embed, logit_scale(), all_groups, weight,
+                                     *scaler_, device_);
 }
 
 Trainer::Impl::PairedTexts Trainer::Impl::texts_for(const Batch& batch, int64_t step, int64_t epoch) const {
