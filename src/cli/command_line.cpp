@@ -188,7 +188,11 @@ std::vector<Command> commands() {
         "loratune eval --model models/mobileclip_s0_image.pt --adapter runs/captions/best --data photos/test "
         "--retrieval photos/test/metadata.jsonl"},
        {},
-       [](Parsed& p) { return run_eval(p.eval); }},
+       [](Parsed& p) {
+         if (p.eval.data.empty() && p.eval.retrieval.empty())
+           return usage_error("eval needs --data PHOTOS (or --retrieval CAPTIONS for retrieval alone)");
+         return run_eval(p.eval);
+       }},
       {"predict", "top-k labels for images, with one or several adapters on one base",
        std::vector<Flag>{
            Flag("-m,--model", "backbone bundle (with --adapter) or merged classifier", value(P, &PredictCommand::model)).required(),

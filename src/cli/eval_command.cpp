@@ -172,8 +172,6 @@ int run_retrieval_alone(const EvalCommand& command, const c10::Device& device, P
 int run_eval(const EvalCommand& command) {
   return guarded([&] {
     cli::setup_logging();
-    if (command.data.empty() && command.retrieval.empty())
-      throw InputError("--data is required: the held-out photo folder (or --retrieval CAPTIONS for retrieval alone)");
     refuse_output_over_inputs(command.output, "--output", {command.model, command.adapter, command.data,
                                                            command.text_model, command.class_names, command.retrieval});
     ThreadTuner threads(parse_threads(command.threads));

@@ -1346,8 +1346,8 @@ class Captions(unittest.TestCase):
                 html = f.read()
             self.assertEqual(html.count("<h3>Retrieval</h3>"), len(args))
         code, _, err = run("eval", "--model", self.IMAGE, "--output", out)
-        self.assertEqual(code, 3, err)
-        self.assertIn("--data is required: the held-out photo folder (or --retrieval CAPTIONS", err)
+        self.assertEqual(code, 2, err)
+        self.assertIn("eval needs --data PHOTOS (or --retrieval CAPTIONS for retrieval alone)", err)
 
     def test_interrupted_caption_run_resumes_to_the_uninterrupted_result(self):
         cfg, whole = self.config("captions_whole", epochs=6)
