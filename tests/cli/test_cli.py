@@ -644,6 +644,17 @@ def start_training(args, out, env=None):
     return p
 
 
+def two_workers_equal_one_process(test, cfg, one):
+    """Trains CFG in one process (into ONE) and in two workers (into ONE_two): their adapters agree to float32
+    rounding."""
+    code, _, err = run("train", "--config", cfg)
+    test.assertEqual(code, 0, err)
+    code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
+    test.assertEqual(code, 0, err)
+    test.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+    return err
+
+
 def interrupt_and_resume(test, cfg, out):
     """Starts `train --config CFG`, interrupts it with Ctrl-C after its first metrics line, then resumes it to the end."""
     p = start_training(["--config", cfg], out)
@@ -666,13 +677,9 @@ class DataParallel(unittest.TestCase):
 
     def test_two_workers_equal_one_process(self):
         cfg, one = self.config("dp_one")
-        code, _, err = run("train", "--config", cfg)
-        self.assertEqual(code, 0, err)
-        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
-        self.assertEqual(code, 0, err)
-        self.assertIn("data-parallel worker 0 of 2", err)
         # Two shares summed against one batch: float32 rounding only (measured 3e-6 here).
-        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        err = two_workers_equal_one_process(self, cfg, one)
+        self.assertIn("data-parallel worker 0 of 2", err)
         for kind, keys in (("val", ("val_loss", "val_top1")), ("train", ("loss", "grad_norm"))):
             for a, b in zip(metric_lines(one, kind), metric_lines(one + "_two", kind), strict=True):
                 for k in keys:
@@ -1360,11 +1367,7 @@ class Captions(unittest.TestCase):
         # 71 photos in micro-batches of 6 x 2: the last micro-batch has 5 photos, shared 3 + 2. (Not a share of one
         # photo: LibTorch 1.13's CPU backward through the fixture's BatchNorm is wrong for a batch of one.)
         cfg, one = self.config("captions_dp_one", epochs=2, threads=1, batch_size=6, grad_accum_steps=2)
-        code, _, err = run("train", "--config", cfg)
-        self.assertEqual(code, 0, err)
-        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
-        self.assertEqual(code, 0, err)
-        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        two_workers_equal_one_process(self, cfg, one)
         for a, b in zip(metric_lines(one, "train"), metric_lines(one + "_two", "train"), strict=True):
             self.assertAlmostEqual(a["loss"], b["loss"], delta=1e-4 * max(1.0, abs(a["loss"])))
         # Negatives per micro-batch share (3 photos): another loss.
@@ -1462,10 +1465,7 @@ class QuantizedBase(unittest.TestCase):
         self.assertEqual(adapter_difference(os.path.join(whole, "adapter"), os.path.join(out, "adapter")), 0.0)
 
         cfg, one = self.config("quant_dp", "nf4", batch_size=6, grad_accum_steps=2)
-        self.assertEqual(run("train", "--config", cfg)[0], 0)
-        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
-        self.assertEqual(code, 0, err)
-        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        two_workers_equal_one_process(self, cfg, one)
 
         # Only the last block trains: the first, quantised too, is the frozen prefix, cached once.
         outs = {}
@@ -1565,10 +1565,7 @@ class Ssf(unittest.TestCase):
         self.assertTrue(lines and all(np.isfinite(line["loss"]) for line in lines))
         cfg, one = write_config("ssf_dp", batch_size=6, grad_accum_steps=2, epochs=2,
                                 model=os.path.join(FIX, "models", "torchvision_script.pt"), lora={"variant": "ssf"})
-        self.assertEqual(run("train", "--config", cfg)[0], 0)
-        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
-        self.assertEqual(code, 0, err)
-        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        two_workers_equal_one_process(self, cfg, one)
         code, text, err = run("plan", "--config", cfg, "--json")
         self.assertEqual(code, 0, err)
         items = {item["name"]: item for item in json.loads(text)["items"]}
@@ -1625,10 +1622,7 @@ class Vpt(unittest.TestCase):
         self.assertEqual(run("train", "--config", cfg)[0], 0)
         self.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
         cfg, one = write_config("vpt_dp", method="vpt", batch_size=6, grad_accum_steps=2, epochs=2)
-        self.assertEqual(run("train", "--config", cfg)[0], 0)
-        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
-        self.assertEqual(code, 0, err)
-        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        two_workers_equal_one_process(self, cfg, one)
         code, text, err = run("plan", "--config", cfg, "--json")
         self.assertEqual(code, 0, err)
         items = {item["name"]: item for item in json.loads(text)["items"]}
@@ -1691,10 +1685,7 @@ class AdaptFormer(unittest.TestCase):
         self.assertEqual(run("train", "--config", cfg)[0], 0)
         self.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
         cfg, one = write_config("af_dp", method="adaptformer", batch_size=6, grad_accum_steps=2, epochs=2)
-        self.assertEqual(run("train", "--config", cfg)[0], 0)
-        code, _, err = run("train", "--config", cfg, "--set", "output_dir=" + one + "_two", "--nproc", "2")
-        self.assertEqual(code, 0, err)
-        self.assertLess(adapter_difference(os.path.join(one, "adapter"), os.path.join(one + "_two", "adapter")), 1e-4)
+        two_workers_equal_one_process(self, cfg, one)
         code, text, err = run("plan", "--config", cfg, "--json")
         self.assertEqual(code, 0, err)
         items = {item["name"]: item for item in json.loads(text)["items"]}
