@@ -460,6 +460,11 @@ class OpenClipMobileCLIP(unittest.TestCase, Pipeline):
         self.assertFalse(os.path.exists(os.path.join(TMP, "vit_b_32_image.pt")))
 
 
+def sorted_photos(folder, classes):
+    """The photos of a class folder in loratune's order: class by class, file names sorted."""
+    return [os.path.join(folder, c, fn) for c in classes for fn in sorted(os.listdir(os.path.join(folder, c)))]
+
+
 class OpenClipZeroShot(unittest.TestCase):
     def test_zero_shot_eval_equals_open_clip(self):
         """`eval --zero-shot` on a MobileCLIP2-S0 export equals open_clip's own zero-shot classifier: open_clip's
@@ -505,6 +510,37 @@ class OpenClipZeroShot(unittest.TestCase):
                 logits = torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ head.t()
                 return logits, float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels)))
 
+        # eval --retrieval's reference: open_clip's towers on the same photos and captions (metadata.jsonl as Hugging
+        # Face lays it out, one or two captions per photo, Korean too); ranks count what scores strictly higher.
+        captions, owner = [], []
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            for i, (label, path) in enumerate(zip(labels, sorted_photos(folder, classes))):
+                texts = [f"a photo of {classes[label]} number {i}"] + ([f"{classes[label]}, seen again"] if i % 2 else [])
+                f.write(json.dumps({"file_name": os.path.relpath(path, folder), "text": texts}, ensure_ascii=False) + "\n")
+                captions += texts
+                owner += [i] * len(texts)
+
+        def open_clip_retrieval(model):
+            with torch.no_grad():
+                x = (torch.stack(images) - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+                img = torch.nn.functional.normalize(model.encode_image(x).double(), dim=-1)
+                txt = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)).double(), dim=-1)
+            sim, own = img @ txt.t(), torch.zeros(len(images), len(captions), dtype=torch.bool)
+            own[torch.tensor(owner), torch.arange(len(captions))] = True
+            best = sim.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+            ranks = {"image_to_text": (sim > best).sum(1) + 1,
+                     "text_to_image": (sim > sim[torch.tensor(owner), torch.arange(len(captions))]).sum(0) + 1}
+            return {d: {"mean_rank": float(r.double().mean()), **{f"recall@{k}": float((r <= k).double().mean())
+                                                                  for k in (1, 5, 10)}} for d, r in ranks.items()}
+
+        def assert_retrieval_equal(got, expected):
+            for direction, values in expected.items():
+                queries = len(images) if direction == "image_to_text" else len(captions)
+                for key, value in values.items():  # a near tie may fall either way at float32: one query
+                    self.assertAlmostEqual(got[direction][key], value, delta=(2 if key == "mean_rank" else 1) / queries
+                                           + 1e-9, msg=f"{direction} {key}")
+
+        base_retrieval = open_clip_retrieval(model)
         logits, loss = open_clip_zero_shot(model)
         self.assertTrue(any(not c.isascii() for c in classes), "a Korean class name goes through both tokenizers")
         self.assertGreater(float(logits.std()), 1e-3, "the logits depend on image and class")
@@ -530,6 +566,16 @@ class OpenClipZeroShot(unittest.TestCase):
             run(BIN, "eval", "--model", prefix + "_image.pt", "--adapter", adapter, *extra, "--data", folder, "--output", out)
             with open(os.path.join(out, "metrics.json")) as f:
                 self.assertAlmostEqual(json.load(f)["loss"], adapted_loss, delta=1e-4 * max(1.0, adapted_loss), msg=extra)
+        # Retrieval of the base and of the adapted towers: open_clip's, before and after folding the adapter in.
+        out = os.path.join(TMP, "flyp_s0_retrieval")
+        run(BIN, "eval", "--model", prefix + "_image.pt", "--adapter", adapter, "--retrieval",
+            os.path.join(folder, "metadata.jsonl"), "--output", out, "--threads", "2")
+        with open(os.path.join(out, "metrics.json")) as f:
+            got = json.load(f)["retrieval"]
+        self.assertEqual((got["images"], got["texts"]), (len(images), len(captions)))
+        assert_retrieval_equal(got["base"], base_retrieval)
+        assert_retrieval_equal(got["adapted"], open_clip_retrieval(model))
+        self.assertNotEqual(got["base"], got["adapted"])
 
 
 if __name__ == "__main__":
