@@ -655,6 +655,38 @@ def two_workers_equal_one_process(test, cfg, one):
     return err
 
 
+def merged_file_scores_and_exports(test, adapter, merged, val, kept, seed, eval_loss_of):
+    """`merge` of OTHER_BASE and ADAPTER into MERGED says what it KEPT inside the model; the file scores training's
+    validation loss VAL, and its ONNX export gives its logits in ONNX Runtime."""
+    code, text, err = run("merge", "--base", OTHER_BASE, "--adapter", adapter, "--output", merged)
+    test.assertEqual(code, 0, err)
+    test.assertIn(kept, text + err)
+    test.assertAlmostEqual(eval_loss_of(merged), val, delta=1e-5 * max(1.0, val))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = torch.jit.load(merged)(x).numpy()
+    got = onnx_runtime.exported_outputs(BIN, merged, x.numpy())
+    test.assertLess(float(np.abs(got - expected).max()), 1e-4)
+
+
+def frozen_base_settings_train(test, method, prefix, trainable):
+    """A method on a frozen base trains with int8 base weights (all 12 Linear layers quantised) and in bf16; two
+    workers equal one process; plan counts its `trainable` parameters."""
+    cfg, _ = write_config(prefix + "_int8", method=method, frozen_dtype="int8", epochs=1)
+    code, _, err = run("train", "--config", cfg)
+    test.assertEqual(code, 0, err)
+    test.assertIn("quantised to int8: 12 layers", err)
+    cfg, out = write_config(prefix + "_bf16", method=method, precision="bf16", epochs=1)
+    test.assertEqual(run("train", "--config", cfg)[0], 0)
+    test.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
+    cfg, one = write_config(prefix + "_dp", method=method, batch_size=6, grad_accum_steps=2, epochs=2)
+    two_workers_equal_one_process(test, cfg, one)
+    code, text, err = run("plan", "--config", cfg, "--json")
+    test.assertEqual(code, 0, err)
+    items = {item["name"]: item for item in json.loads(text)["items"]}
+    test.assertIn(f"parameters: {trainable} x", items["trainable tensors, gradients, AdamW"]["detail"])
+
+
 def interrupt_and_resume(test, cfg, out):
     """Starts `train --config CFG`, interrupts it with Ctrl-C after its first metrics line, then resumes it to the end."""
     p = start_training(["--config", cfg], out)
@@ -1599,35 +1631,16 @@ class Vpt(unittest.TestCase):
                     val = json.load(f)["final_val_loss"]
                 self.assertAlmostEqual(self.eval_loss(name, "--model", OTHER_BASE, "--adapter", adapter), val,
                                        delta=1e-5 * max(1.0, val))
-                merged = os.path.join(TMP, name + "_merged.pt")
-                code, text, err = run("merge", "--base", OTHER_BASE, "--adapter", adapter, "--output", merged)
-                self.assertEqual(code, 0, err)
-                self.assertIn("prompt set(s) of 4 tokens kept inside the model", text + err)
-                self.assertAlmostEqual(self.eval_loss(name + "_merged", "--model", merged), val, delta=1e-5 * max(1.0, val))
-                x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-                with torch.no_grad():
-                    expected = torch.jit.load(merged)(x).numpy()
-                got = onnx_runtime.exported_outputs(BIN, merged, x.numpy())
-                self.assertLess(float(np.abs(got - expected).max()), 1e-4)
+                merged_file_scores_and_exports(self, adapter, os.path.join(TMP, name + "_merged.pt"), val,
+                                               "prompt set(s) of 4 tokens kept inside the model", 5,
+                                               lambda m: self.eval_loss(name + "_merged", "--model", m))
                 code, info, err = run("info", adapter)
                 self.assertEqual(code, 0, err)
                 self.assertIn(f"VPT-{'deep' if deep else 'shallow'}: {2 if deep else 1} set(s) of 4 tokens x 32", info)
 
     def test_frozen_base_settings_and_refusals(self):
-        cfg, out = write_config("vpt_int8", method="vpt", frozen_dtype="int8", epochs=1)
-        code, _, err = run("train", "--config", cfg)
-        self.assertEqual(code, 0, err)
-        self.assertIn("quantised to int8: 12 layers", err)
-        cfg, out = write_config("vpt_bf16", method="vpt", precision="bf16", epochs=1)
-        self.assertEqual(run("train", "--config", cfg)[0], 0)
-        self.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
-        cfg, one = write_config("vpt_dp", method="vpt", batch_size=6, grad_accum_steps=2, epochs=2)
-        two_workers_equal_one_process(self, cfg, one)
-        code, text, err = run("plan", "--config", cfg, "--json")
-        self.assertEqual(code, 0, err)
-        items = {item["name"]: item for item in json.loads(text)["items"]}
         # 10 tokens x 32 before each of 2 blocks, and the head (3 x 32 + 3).
-        self.assertIn("parameters: 739 x", items["trainable tensors, gradients, AdamW"]["detail"])
+        frozen_base_settings_train(self, "vpt", "vpt", 739)
         cfg, _ = write_config("vpt_mobileclip", method="vpt", model=os.path.join(FIX, "models", "mobileclip_trace.pt"))
         code, _, err = run("train", "--config", cfg)
         self.assertEqual(code, 3, err)
@@ -1658,16 +1671,9 @@ class AdaptFormer(unittest.TestCase):
             val = json.load(f)["final_val_loss"]
         self.assertAlmostEqual(self.eval_loss("af", "--model", OTHER_BASE, "--adapter", adapter), val,
                                delta=1e-5 * max(1.0, val))
-        merged = os.path.join(TMP, "af_merged.pt")
-        code, text, err = run("merge", "--base", OTHER_BASE, "--adapter", adapter, "--output", merged)
-        self.assertEqual(code, 0, err)
-        self.assertIn("AdaptFormer adapters of 2 blocks kept inside the model", text + err)
-        self.assertAlmostEqual(self.eval_loss("af_merged", "--model", merged), val, delta=1e-5 * max(1.0, val))
-        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-        with torch.no_grad():
-            expected = torch.jit.load(merged)(x).numpy()
-        got = onnx_runtime.exported_outputs(BIN, merged, x.numpy())
-        self.assertLess(float(np.abs(got - expected).max()), 1e-4)
+        merged_file_scores_and_exports(self, adapter, os.path.join(TMP, "af_merged.pt"), val,
+                                       "AdaptFormer adapters of 2 blocks kept inside the model", 6,
+                                       lambda m: self.eval_loss("af_merged", "--model", m))
         code, info, err = run("info", adapter)
         self.assertEqual(code, 0, err)
         self.assertIn("AdaptFormer beside the MLP of 2 blocks: bottleneck 4, scale 0.1, 584 parameters", info)
@@ -1677,20 +1683,8 @@ class AdaptFormer(unittest.TestCase):
                       "584 parameters", info)
 
     def test_frozen_base_settings_and_refusals(self):
-        cfg, _ = write_config("af_int8", method="adaptformer", frozen_dtype="int8", epochs=1)
-        code, _, err = run("train", "--config", cfg)
-        self.assertEqual(code, 0, err)
-        self.assertIn("quantised to int8: 12 layers", err)
-        cfg, out = write_config("af_bf16", method="adaptformer", precision="bf16", epochs=1)
-        self.assertEqual(run("train", "--config", cfg)[0], 0)
-        self.assertTrue(all(np.isfinite(line["loss"]) for line in metric_lines(out, "train")))
-        cfg, one = write_config("af_dp", method="adaptformer", batch_size=6, grad_accum_steps=2, epochs=2)
-        two_workers_equal_one_process(self, cfg, one)
-        code, text, err = run("plan", "--config", cfg, "--json")
-        self.assertEqual(code, 0, err)
-        items = {item["name"]: item for item in json.loads(text)["items"]}
         # Down 64 x 32 + 64, Up 32 x 64 + 32 in each of 2 blocks (4192 each), and the head (3 x 32 + 3).
-        self.assertIn("parameters: 8483 x", items["trainable tensors, gradients, AdamW"]["detail"])
+        frozen_base_settings_train(self, "adaptformer", "af", 8483)
         # The sequential form: the merged file scores as the adapter did; transformers' blocks refuse it with the reason.
         cfg, out = write_config("af_seq", method="adaptformer", model=OTHER_BASE, adaptformer={"sequential": True}, epochs=1)
         code, _, err = run("train", "--config", cfg)
